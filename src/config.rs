@@ -1,0 +1,737 @@
+//! Configuration: `config.yaml`, `COURIER_*` environment overrides and validation.
+//!
+//! The file is read into a YAML tree, the environment is laid over it, and only then is it
+//! deserialized with `deny_unknown_fields`, so a typo in a key is an error that names it
+//! rather than a default silently used. Every section has named defaults (the `Default`
+//! impls below mirror the shipped `config.yaml`). `validate` rejects impossible values with
+//! the dotted key in the message. URLs are kept as [`SecretUrl`], whose `Display` and
+//! `Debug` redact the password, so no log line or error can leak it.
+
+use std::{fmt, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+
+/// A problem with the configuration. Every variant names the key (or the file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// The file that was asked for.
+        path: String,
+        /// Why it could not be read.
+        reason: String,
+    },
+    /// The YAML is malformed, has an unknown key or a value of the wrong type.
+    #[error("invalid config {origin}: {message}")]
+    Parse {
+        /// The file (or "environment") the bad value came from.
+        origin: String,
+        /// The parser's message, which names the key and the problem.
+        message: String,
+    },
+    /// A value parsed but is not allowed.
+    #[error("invalid config: `{key}` {problem}")]
+    Invalid {
+        /// The dotted key, e.g. `publisher.max_in_flight`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A URL that may hold a password. `Display`/`Debug` never show the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL string.
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    /// The full URL, password included: only for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced by `***` (or a placeholder when it is unparsable).
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+
+    /// The URL's scheme, if it parses.
+    fn scheme(&self) -> Option<String> {
+        url::Url::parse(&self.0)
+            .ok()
+            .map(|u| u.scheme().to_string())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({})", self.redacted())
+    }
+}
+
+/// Replaces the password of a URL with `***`. An unparsable URL is not echoed at all,
+/// since it may still contain a password in a shape the parser did not understand.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                // set_password only fails for URLs that cannot have one (then there is none).
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable url>".to_string(),
+    }
+}
+
+/// The whole engine configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PostgreSQL: where the outbox lives.
+    pub database: DatabaseConfig,
+    /// RabbitMQ: where messages go.
+    pub broker: BrokerConfig,
+    /// Publishing: pipelining bounds.
+    pub publisher: PublisherConfig,
+    /// Retries: confirm timeout, attempts, backoff.
+    pub retry: RetryConfig,
+    /// Claiming: sweep, leases, batch size.
+    pub scheduler: SchedulerConfig,
+    /// Dead letters: the optional exchange.
+    pub dead_letter: DeadLetterConfig,
+    /// Logging: level and format.
+    pub logging: LoggingConfig,
+}
+
+/// `database.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://` or `postgresql://` URL.
+    pub url: SecretUrl,
+    /// Connections in the pool.
+    pub pool_size: u32,
+    /// Schema holding Courier's tables.
+    pub schema: String,
+    /// Run migrations when the engine starts.
+    pub auto_migrate: bool,
+    /// Bound on one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// LISTEN for the insert trigger's NOTIFY.
+    pub listen: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: SecretUrl::new("postgres://postgres@127.0.0.1:5432/postgres"),
+            pool_size: 8,
+            schema: "courier".into(),
+            auto_migrate: true,
+            connect_timeout: Duration::from_secs(5),
+            listen: true,
+        }
+    }
+}
+
+/// `broker.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `amqp://` or `amqps://` URL.
+    pub url: SecretUrl,
+    /// Heartbeat interval negotiated with the broker.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Name shown in the management UI.
+    pub connection_name: String,
+    /// Bound on one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            heartbeat: Duration::from_secs(10),
+            connection_name: "courier".into(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `publisher.*` (mandatory and persistent are always on and not configurable).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublisherConfig {
+    /// Most unconfirmed publishes at once.
+    pub max_in_flight: u32,
+    /// Most rows handed to the publisher in one message.
+    pub publish_batch: u32,
+    /// Larger payloads fail without being sent.
+    pub max_payload_bytes: u64,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            max_in_flight: 4096,
+            publish_batch: 512,
+            max_payload_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// `retry.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// A publish not confirmed within this is a failed attempt.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Attempts before dead-lettering, unless the row says otherwise.
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    pub backoff: BackoffConfig,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            confirm_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+/// `retry.backoff.*`: exponential, capped, with jitter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    /// Delay after the first failed attempt.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Cap on every delay, jitter included.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// Growth factor per attempt (>= 1.0).
+    pub multiplier: f64,
+    /// Random spread as a fraction of the delay (0.0..=1.0).
+    pub jitter: f64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+/// `scheduler.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Safety-net sweep period.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Lease given to claimed rows (renewed while they are in flight).
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// Most rows per claim statement.
+    pub claim_batch: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            sweep_interval: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(60),
+            claim_batch: 1000,
+        }
+    }
+}
+
+/// `dead_letter.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// Exchange that also receives dead-lettered messages.
+    pub exchange: Option<String>,
+}
+
+/// `logging.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A `tracing_subscriber::EnvFilter` directive.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, for development.
+    Pretty,
+    /// One JSON object per line, for production log collectors.
+    Json,
+}
+
+/// The prefix of every environment override.
+pub const ENV_PREFIX: &str = "COURIER_";
+
+impl Config {
+    /// Reads `path`, applies `COURIER_*` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_yaml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses YAML text, lays the given `COURIER_*` variables over it, validates.
+    /// `origin` names the source in error messages.
+    pub fn from_yaml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree: Value = if text.trim().is_empty() {
+            Value::Mapping(Default::default())
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| parse_error(origin, e))?
+        };
+        if tree.is_null() {
+            tree = Value::Mapping(Default::default());
+        }
+        apply_env(&mut tree, env)?;
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Parse {
+                origin: origin.to_string(),
+                message: if path == "." {
+                    e.inner().to_string()
+                } else {
+                    format!("`{path}`: {}", e.inner())
+                },
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values that parse but cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_url_scheme(
+            "database.url",
+            &self.database.url,
+            &["postgres", "postgresql"],
+        )?;
+        check_url_scheme("broker.url", &self.broker.url, &["amqp", "amqps"])?;
+        crate::store::check_schema_name(&self.database.schema)
+            .map_err(|problem| ConfigError::invalid("database.schema", problem))?;
+        positive("database.pool_size", self.database.pool_size as u64)?;
+        positive_duration("database.connect_timeout", self.database.connect_timeout)?;
+        positive_duration("broker.connect_timeout", self.broker.connect_timeout)?;
+        if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return Err(ConfigError::invalid(
+                "broker.heartbeat",
+                "must be at most 65535s",
+            ));
+        }
+        positive(
+            "publisher.max_in_flight",
+            self.publisher.max_in_flight as u64,
+        )?;
+        positive(
+            "publisher.publish_batch",
+            self.publisher.publish_batch as u64,
+        )?;
+        positive(
+            "publisher.max_payload_bytes",
+            self.publisher.max_payload_bytes,
+        )?;
+        positive_duration("retry.confirm_timeout", self.retry.confirm_timeout)?;
+        positive("retry.max_attempts", self.retry.max_attempts as u64)?;
+        if self.retry.max_attempts > i32::MAX as u32 {
+            return Err(ConfigError::invalid("retry.max_attempts", "is too large"));
+        }
+        self.retry.backoff.validate()?;
+        positive_duration("scheduler.sweep_interval", self.scheduler.sweep_interval)?;
+        positive_duration("scheduler.lease_duration", self.scheduler.lease_duration)?;
+        if self.scheduler.lease_duration <= self.retry.confirm_timeout {
+            return Err(ConfigError::invalid(
+                "scheduler.lease_duration",
+                format!(
+                    "must be longer than retry.confirm_timeout ({}), or another engine could take a row whose confirm is still awaited",
+                    humantime::format_duration(self.retry.confirm_timeout)
+                ),
+            ));
+        }
+        positive("scheduler.claim_batch", self.scheduler.claim_batch as u64)?;
+        if let Some(exchange) = &self.dead_letter.exchange {
+            if exchange.is_empty() || exchange.len() > 255 {
+                return Err(ConfigError::invalid(
+                    "dead_letter.exchange",
+                    "must be a non-empty exchange name of at most 255 bytes, or null",
+                ));
+            }
+        }
+        if self.broker.connection_name.len() > 255 {
+            return Err(ConfigError::invalid(
+                "broker.connection_name",
+                "must be at most 255 bytes",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.logging.level).map_err(|e| {
+            ConfigError::invalid("logging.level", format!("is not a valid filter: {e}"))
+        })?;
+        Ok(())
+    }
+}
+
+impl BackoffConfig {
+    /// Checks the backoff section on its own (also used by property tests).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        positive_duration("retry.backoff.initial", self.initial)?;
+        if self.max < self.initial {
+            return Err(ConfigError::invalid(
+                "retry.backoff.max",
+                "must be at least retry.backoff.initial",
+            ));
+        }
+        if !self.multiplier.is_finite() || self.multiplier < 1.0 {
+            return Err(ConfigError::invalid(
+                "retry.backoff.multiplier",
+                "must be a number >= 1.0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(ConfigError::invalid(
+                "retry.backoff.jitter",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_error(origin: &str, e: serde_yaml_ng::Error) -> ConfigError {
+    ConfigError::Parse {
+        origin: origin.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn positive_duration(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::invalid(
+            key,
+            "must be a duration greater than 0",
+        ));
+    }
+    Ok(())
+}
+
+fn check_url_scheme(key: &str, url: &SecretUrl, allowed: &[&str]) -> Result<(), ConfigError> {
+    match url.scheme() {
+        Some(scheme) if allowed.contains(&scheme.as_str()) => Ok(()),
+        Some(scheme) => Err(ConfigError::invalid(
+            key,
+            format!(
+                "has scheme `{scheme}`, expected {} (url: {url})",
+                allowed.join(" or ")
+            ),
+        )),
+        None => Err(ConfigError::invalid(key, "is not a valid URL")),
+    }
+}
+
+/// Every leaf key of the configuration as a dotted path, from the defaults' shape.
+pub fn leaf_keys() -> Vec<Vec<String>> {
+    let defaults = serde_yaml_ng::to_value(Config::default()).unwrap_or(Value::Null);
+    let mut out = Vec::new();
+    collect_leaves(&defaults, &mut Vec::new(), &mut out);
+    out
+}
+
+fn collect_leaves(value: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match value {
+        Value::Mapping(map) => {
+            for (k, v) in map {
+                if let Some(k) = k.as_str() {
+                    path.push(k.to_string());
+                    collect_leaves(v, path, out);
+                    path.pop();
+                }
+            }
+        }
+        _ => out.push(path.clone()),
+    }
+}
+
+/// The environment variable that overrides a dotted key: `retry.backoff.initial` →
+/// `COURIER_RETRY_BACKOFF_INITIAL`.
+pub fn env_name(path: &[String]) -> String {
+    format!("{ENV_PREFIX}{}", path.join("_").to_uppercase())
+}
+
+/// Lays `COURIER_*` variables over the YAML tree. A `COURIER_` variable that names no key
+/// is an error, so a misspelt override is not silently ignored.
+fn apply_env(
+    tree: &mut Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let leaves = leaf_keys();
+    let defaults = serde_yaml_ng::to_value(Config::default()).unwrap_or(Value::Null);
+    for (name, raw) in env {
+        let Some(_) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if ENV_NOT_CONFIG.contains(&name.as_str()) {
+            continue;
+        }
+        let Some(path) = leaves.iter().find(|p| env_name(p) == name) else {
+            return Err(ConfigError::Parse {
+                origin: "environment".into(),
+                message: format!("`{name}` names no configuration key"),
+            });
+        };
+        let default_leaf = lookup(&defaults, path);
+        // Strings (and optional strings) are taken verbatim, so a URL or a password with
+        // YAML-special characters stays intact; other values are parsed as YAML scalars.
+        let value = if matches!(default_leaf, Some(Value::String(_)) | Some(Value::Null)) {
+            Value::String(raw)
+        } else {
+            serde_yaml_ng::from_str::<Value>(&raw).map_err(|e| ConfigError::Parse {
+                origin: "environment".into(),
+                message: format!("`{name}`: {e}"),
+            })?
+        };
+        insert(tree, path, value)
+            .map_err(|problem| ConfigError::invalid(&path.join("."), problem))?;
+    }
+    Ok(())
+}
+
+/// `COURIER_*` variables that are read elsewhere, not configuration keys.
+pub const ENV_NOT_CONFIG: &[&str] = &[
+    "COURIER_CONFIG",
+    "COURIER_TEST_DATABASE_URL",
+    "COURIER_TEST_BROKER_URL",
+    "COURIER_SOAK",
+];
+
+fn lookup<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter()
+        .try_fold(tree, |node, key| node.get(key.as_str()))
+}
+
+fn insert(tree: &mut Value, path: &[String], value: Value) -> Result<(), String> {
+    let mut node = tree;
+    for key in &path[..path.len() - 1] {
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| "is not a mapping in the file".to_string())?;
+        node = map
+            .entry(Value::String(key.clone()))
+            .or_insert_with(|| Value::Mapping(Default::default()));
+    }
+    let map = node
+        .as_mapping_mut()
+        .ok_or_else(|| "is not a mapping in the file".to_string())?;
+    map.insert(Value::String(path[path.len() - 1].clone()), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_with_env(yaml, "test.yaml", Vec::new())
+    }
+
+    fn parse_env(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_yaml_with_env(yaml, "test.yaml", env.collect::<Vec<_>>())
+    }
+
+    fn err(yaml: &str) -> String {
+        parse(yaml)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_config_yaml_parses_and_equals_defaults() {
+        let text = include_str!("../config.yaml");
+        let from_file = parse(text).expect("config.yaml is valid");
+        let defaults = serde_yaml_ng::to_value(Config::default()).unwrap();
+        assert_eq!(serde_yaml_ng::to_value(from_file).unwrap(), defaults);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.database.schema, "courier");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let msg = err("database:\n  poolsize: 3\n");
+        assert!(msg.contains("poolsize"), "{msg}");
+        let msg = err("bogus: 1\n");
+        assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let msg = err("retry:\n  confirm_timeout: soon\n");
+        assert!(msg.contains("confirm_timeout"), "{msg}");
+    }
+
+    #[test]
+    fn zero_and_negative_sizes_are_rejected() {
+        assert!(err("publisher:\n  max_in_flight: 0\n").contains("publisher.max_in_flight"));
+        let msg = err("database:\n  pool_size: -2\n");
+        assert!(msg.contains("pool_size"), "{msg}");
+        assert!(err("scheduler:\n  claim_batch: 0\n").contains("scheduler.claim_batch"));
+    }
+
+    #[test]
+    fn zero_max_attempts_is_rejected() {
+        assert!(err("retry:\n  max_attempts: 0\n").contains("retry.max_attempts"));
+    }
+
+    #[test]
+    fn wrong_url_scheme_is_rejected_without_the_password() {
+        let msg = err("database:\n  url: mysql://bob:hunter2@db/x\n");
+        assert!(msg.contains("database.url"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let msg = err("broker:\n  url: http://guest:s3cret@localhost\n");
+        assert!(
+            msg.contains("broker.url") && !msg.contains("s3cret"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn backoff_must_be_sane() {
+        assert!(err("retry:\n  backoff:\n    multiplier: 0.5\n").contains("multiplier"));
+        assert!(err("retry:\n  backoff:\n    jitter: 1.5\n").contains("jitter"));
+        assert!(err("retry:\n  backoff:\n    initial: 10s\n    max: 1s\n").contains("backoff.max"));
+    }
+
+    #[test]
+    fn schema_name_is_checked() {
+        assert!(err("database:\n  schema: \"a;drop\"\n").contains("database.schema"));
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = parse_env(
+            "database:\n  url: postgres://a@h/db\n",
+            &[
+                ("COURIER_DATABASE_URL", "postgres://u:p@other/db"),
+                ("COURIER_BROKER_URL", "amqp://x:y@rabbit/%2f"),
+                ("COURIER_PUBLISHER_MAX_IN_FLIGHT", "17"),
+                ("COURIER_RETRY_BACKOFF_INITIAL", "250ms"),
+                ("COURIER_DEAD_LETTER_EXCHANGE", "dlx"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.database.url.expose(), "postgres://u:p@other/db");
+        assert_eq!(c.broker.url.expose(), "amqp://x:y@rabbit/%2f");
+        assert_eq!(c.publisher.max_in_flight, 17);
+        assert_eq!(c.retry.backoff.initial, Duration::from_millis(250));
+        assert_eq!(c.dead_letter.exchange.as_deref(), Some("dlx"));
+    }
+
+    #[test]
+    fn unknown_env_override_is_an_error() {
+        let e = parse_env("", &[("COURIER_PUBLISHER_MAX_INFLIGHT", "3")]).unwrap_err();
+        assert!(e.to_string().contains("COURIER_PUBLISHER_MAX_INFLIGHT"));
+    }
+
+    #[test]
+    fn bad_env_value_is_named() {
+        let e = parse_env("", &[("COURIER_RETRY_MAX_ATTEMPTS", "0")]).unwrap_err();
+        assert!(e.to_string().contains("retry.max_attempts"), "{e}");
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        let u = SecretUrl::new("amqp://guest:topsecret@host:5672/%2f");
+        assert!(!format!("{u} {u:?}").contains("topsecret"));
+        assert!(u.to_string().contains("***"));
+        assert_eq!(redact_url("not a url :: pass"), "<unparsable url>");
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+    }
+
+    #[test]
+    fn lease_must_outlast_confirm_timeout() {
+        let msg = err("retry:\n  confirm_timeout: 2m\nscheduler:\n  lease_duration: 1m\n");
+        assert!(msg.contains("scheduler.lease_duration"), "{msg}");
+    }
+
+    #[test]
+    fn bad_log_format_is_named() {
+        let msg = err("logging:\n  format: xml\n");
+        assert!(msg.contains("format") || msg.contains("xml"), "{msg}");
+    }
+}

@@ -1,0 +1,33 @@
+//! # Courier: a transactional outbox relay from PostgreSQL to RabbitMQ
+//!
+//! Services lose messages when they write to their database and then publish to a broker:
+//! the process dies in between, the broker is down, a confirm never comes. With Courier the
+//! application writes its business rows **and** an outbox row in one transaction; Courier
+//! publishes the row with publisher confirms (persistent, `mandatory`), marks it `confirmed`
+//! only on the broker's ack, retries with backoff what was nacked, returned, timed out or
+//! lost with a connection, and moves what exhausted its attempts to a dead-letter table.
+//! Delivery is at least once.
+//!
+//! The crate is laid out like the engine:
+//! - [`config`]: `config.yaml`, `COURIER_*` overrides, validation.
+//! - [`state`]: the typed state machine (`Pending → InFlight → Confirmed`, `Retrying`, `Failed`).
+//! - [`backoff`]: the retry delay schedule.
+//! - [`message`]: the outbox row and its AMQP form.
+//! - [`store`]: the database layer: every SQL statement, migrations, the pool.
+//!
+//! Producers in other languages enqueue with plain SQL (see README.md, "SQL contract");
+//! Rust applications call [`enqueue`] inside their own diesel-async transaction.
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
+mod enqueue;
+pub mod message;
+pub mod state;
+pub mod store;
+
+pub use config::Config;
+pub use enqueue::{enqueue, enqueue_in};
+pub use message::OutboxMessage;
+pub use state::{Delivery, Status};
+pub use store::{Store, StoreError};

@@ -1,0 +1,437 @@
+//! The typed state machine every outbox message goes through.
+//!
+//! ```text
+//! Pending ──publish──► InFlight ──ack──► Confirmed
+//!    ▲                    │ └─release (never sent)──► Pending
+//!    │                    └─fail──► Retrying ──publish──► InFlight …
+//!  requeue                │            └─exhaust──► Failed
+//!  (operator)             └─fail, attempts exhausted──► Failed (moved to dead_letters)
+//! ```
+//!
+//! The database column holds the same names ([`Status::as_str`]). Transitions are methods
+//! that return the next state or a [`TransitionError`]: an illegal move such as
+//! `Confirmed → Retrying` is an error the caller must handle, never silently applied.
+//! [`Delivery`] is the in-flight form the engine holds for each claimed message.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use crate::{backoff, config::BackoffConfig, message::OutboxMessage};
+
+/// A message's lifecycle state; the `status` column of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Committed by a producer, waiting for its first publish.
+    Pending,
+    /// Claimed by an engine (leased) and published or about to be; awaiting the confirm.
+    InFlight,
+    /// The broker acknowledged it and it was routed: done.
+    Confirmed,
+    /// An attempt failed; it waits for `next_attempt_at`.
+    Retrying,
+    /// Attempts exhausted: it belongs in `dead_letters`.
+    Failed,
+}
+
+/// Every status, in lifecycle order.
+pub const ALL_STATUSES: [Status; 5] = [
+    Status::Pending,
+    Status::InFlight,
+    Status::Confirmed,
+    Status::Retrying,
+    Status::Failed,
+];
+
+/// An event that the current state does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("illegal transition: {event} from {from}")]
+pub struct TransitionError {
+    /// The state the message was in.
+    pub from: Status,
+    /// What was attempted.
+    pub event: &'static str,
+}
+
+impl Status {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::InFlight => "in_flight",
+            Status::Confirmed => "confirmed",
+            Status::Retrying => "retrying",
+            Status::Failed => "failed",
+        }
+    }
+
+    /// No further transition is possible.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Confirmed | Status::Failed)
+    }
+
+    fn illegal(self, event: &'static str) -> TransitionError {
+        TransitionError { from: self, event }
+    }
+
+    /// Pending/Retrying → InFlight: the message is claimed and handed to the publisher.
+    pub fn publish(self) -> Result<Status, TransitionError> {
+        match self {
+            Status::Pending | Status::Retrying => Ok(Status::InFlight),
+            other => Err(other.illegal("publish")),
+        }
+    }
+
+    /// InFlight → Confirmed: the broker acked and did not return it.
+    pub fn ack(self) -> Result<Status, TransitionError> {
+        match self {
+            Status::InFlight => Ok(Status::Confirmed),
+            other => Err(other.illegal("ack")),
+        }
+    }
+
+    /// InFlight → Retrying, or → Failed when `attempts` has reached `max_attempts`.
+    pub fn fail(self, attempts: u32, max_attempts: u32) -> Result<Status, TransitionError> {
+        match self {
+            Status::InFlight if attempts >= max_attempts => Ok(Status::Failed),
+            Status::InFlight => Ok(Status::Retrying),
+            other => Err(other.illegal("fail")),
+        }
+    }
+
+    /// Retrying → Failed: attempts were already used up (e.g. by leases that expired).
+    pub fn exhaust(self) -> Result<Status, TransitionError> {
+        match self {
+            Status::Retrying => Ok(Status::Failed),
+            other => Err(other.illegal("exhaust")),
+        }
+    }
+
+    /// InFlight → Pending: the lease is given back before the message was published
+    /// (shutdown), so the attempt does not count.
+    pub fn release(self) -> Result<Status, TransitionError> {
+        match self {
+            Status::InFlight => Ok(Status::Pending),
+            other => Err(other.illegal("release")),
+        }
+    }
+
+    /// Failed → Pending: an operator requeues a dead letter.
+    pub fn requeue(self) -> Result<Status, TransitionError> {
+        match self {
+            Status::Failed => Ok(Status::Pending),
+            other => Err(other.illegal("requeue")),
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status name that is not one of the five.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status `{0}`")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ALL_STATUSES
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
+/// Why an attempt did not succeed. Stored (as text) in `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The broker answered `basic.nack`.
+    Nacked,
+    /// The broker returned it (`basic.return`, e.g. 312 NO_ROUTE): no queue got it.
+    Returned {
+        /// AMQP reply code.
+        code: u16,
+        /// AMQP reply text.
+        text: String,
+    },
+    /// No confirm arrived within `retry.confirm_timeout`.
+    ConfirmTimeout(Duration),
+    /// The channel or connection failed before the confirm arrived.
+    ChannelLost(String),
+    /// The message could not be sent at all (missing exchange, bad headers, too large…).
+    Rejected(String),
+    /// Its lease expired while another engine (or a crashed one) held it.
+    LeaseExpired,
+}
+
+impl FailureReason {
+    /// Failures caused by another message or by the connection, not by this message: the
+    /// attempt is refunded so a neighbour's fault never dead-letters a good message.
+    pub fn is_collateral(&self) -> bool {
+        matches!(self, FailureReason::ChannelLost(_))
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureReason::Nacked => f.write_str("nacked by broker"),
+            FailureReason::Returned { code, text } => {
+                write!(f, "returned by broker (unroutable): {code} {text}")
+            }
+            FailureReason::ConfirmTimeout(d) => {
+                write!(f, "no confirm within {}", humantime::format_duration(*d))
+            }
+            FailureReason::ChannelLost(why) => write!(f, "channel lost before confirm: {why}"),
+            FailureReason::Rejected(why) => write!(f, "not publishable: {why}"),
+            FailureReason::LeaseExpired => {
+                f.write_str("lease expired before a confirm was recorded")
+            }
+        }
+    }
+}
+
+/// What the engine does with a message after a failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterFailure {
+    /// Back to `retrying`, due after `delay`; `refund` when the attempt should not count.
+    Retry {
+        /// Backoff delay until `next_attempt_at`.
+        delay: Duration,
+        /// The attempt is given back (collateral failure).
+        refund: bool,
+    },
+    /// Attempts exhausted: to `dead_letters`.
+    DeadLetter,
+}
+
+/// A claimed message as the engine holds it while it is in flight: the row plus its state.
+/// Every change of state goes through the [`Status`] transitions.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The claimed row.
+    pub message: OutboxMessage,
+    state: Status,
+    max_attempts: u32,
+}
+
+impl Delivery {
+    /// A freshly claimed row: it was `pending` or `retrying` and the claim made it
+    /// `in_flight` (the claim already counted the attempt).
+    pub fn claimed(message: OutboxMessage, default_max_attempts: u32) -> Delivery {
+        let max_attempts = message.max_attempts.unwrap_or(default_max_attempts).max(1);
+        Delivery {
+            message,
+            state: Status::InFlight,
+            max_attempts,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Status {
+        self.state
+    }
+
+    /// Attempts so far, this one included.
+    pub fn attempts(&self) -> u32 {
+        self.message.attempts
+    }
+
+    /// The effective maximum (row value, else config).
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The claim went past `max_attempts` (earlier attempts ended by expired leases):
+    /// it must be dead-lettered without another publish.
+    pub fn over_budget(&self) -> bool {
+        self.message.attempts > self.max_attempts
+    }
+
+    /// The broker acked it: InFlight → Confirmed.
+    pub fn ack(&mut self) -> Result<(), TransitionError> {
+        self.state = self.state.ack()?;
+        Ok(())
+    }
+
+    /// The attempt failed: InFlight → Retrying (with a backoff delay) or → Failed.
+    pub fn fail(
+        &mut self,
+        reason: &FailureReason,
+        backoff: &BackoffConfig,
+    ) -> Result<AfterFailure, TransitionError> {
+        let refund = reason.is_collateral();
+        let counted = if refund {
+            self.attempts().saturating_sub(1)
+        } else {
+            self.attempts()
+        };
+        self.state = self.state.fail(counted, self.max_attempts)?;
+        Ok(match self.state {
+            Status::Failed => AfterFailure::DeadLetter,
+            _ => AfterFailure::Retry {
+                delay: backoff::delay(backoff, counted.max(1)),
+                refund,
+            },
+        })
+    }
+
+    /// Claimed while already past its budget: InFlight → Retrying → Failed.
+    pub fn exhaust(&mut self) -> Result<(), TransitionError> {
+        self.state = self.state.fail(0, 1)?; // to Retrying: the lease-expired attempt failed
+        self.state = self.state.exhaust()?;
+        Ok(())
+    }
+
+    /// Given back unpublished: InFlight → Pending.
+    pub fn release(&mut self) -> Result<(), TransitionError> {
+        self.state = self.state.release()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Status::*;
+
+    #[test]
+    fn legal_transitions() {
+        assert_eq!(Pending.publish(), Ok(InFlight));
+        assert_eq!(Retrying.publish(), Ok(InFlight));
+        assert_eq!(InFlight.ack(), Ok(Confirmed));
+        assert_eq!(InFlight.fail(1, 3), Ok(Retrying));
+        assert_eq!(InFlight.fail(3, 3), Ok(Failed));
+        assert_eq!(Retrying.exhaust(), Ok(Failed));
+        assert_eq!(InFlight.release(), Ok(Pending));
+        assert_eq!(Failed.requeue(), Ok(Pending));
+    }
+
+    #[test]
+    fn illegal_transitions_are_errors() {
+        for s in [InFlight, Confirmed, Failed] {
+            assert_eq!(
+                s.publish(),
+                Err(TransitionError {
+                    from: s,
+                    event: "publish"
+                })
+            );
+        }
+        for s in [Pending, Confirmed, Retrying, Failed] {
+            assert!(s.ack().is_err(), "{s} ack");
+            assert!(s.fail(1, 3).is_err(), "{s} fail");
+            assert!(s.release().is_err(), "{s} release");
+        }
+        for s in [Pending, InFlight, Confirmed, Failed] {
+            assert!(s.exhaust().is_err(), "{s} exhaust");
+        }
+        for s in [Pending, InFlight, Confirmed, Retrying] {
+            assert!(s.requeue().is_err(), "{s} requeue");
+        }
+        // The example from the issue: a confirmed message can never go back to retrying.
+        assert!(Confirmed.fail(1, 3).is_err());
+        assert!(Confirmed.exhaust().is_err());
+    }
+
+    #[test]
+    fn terminal_states_have_no_way_out_but_requeue() {
+        for s in ALL_STATUSES {
+            let moves = [
+                s.publish().is_ok(),
+                s.ack().is_ok(),
+                s.fail(1, 2).is_ok(),
+                s.exhaust().is_ok(),
+                s.release().is_ok(),
+            ];
+            if s.is_terminal() {
+                assert!(moves.iter().all(|m| !m), "{s} must be terminal");
+            } else {
+                assert!(moves.iter().any(|m| *m), "{s} must have a way forward");
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in ALL_STATUSES {
+            assert_eq!(s.as_str().parse::<Status>(), Ok(s));
+        }
+        assert!("done".parse::<Status>().is_err());
+    }
+
+    fn delivery(attempts: u32, max: Option<u32>) -> Delivery {
+        let mut m = OutboxMessage::new("ex", "rk", b"x".to_vec());
+        m.attempts = attempts;
+        m.max_attempts = max;
+        Delivery::claimed(m, 3)
+    }
+
+    #[test]
+    fn delivery_retries_then_dead_letters() {
+        let b = BackoffConfig::default();
+        let mut d = delivery(1, None);
+        assert!(matches!(
+            d.fail(&FailureReason::Nacked, &b),
+            Ok(AfterFailure::Retry { refund: false, .. })
+        ));
+        assert_eq!(d.state(), Retrying);
+        assert!(d.ack().is_err(), "no ack from Retrying");
+
+        let mut d = delivery(3, None);
+        assert_eq!(
+            d.fail(&FailureReason::Nacked, &b),
+            Ok(AfterFailure::DeadLetter)
+        );
+        assert_eq!(d.state(), Failed);
+    }
+
+    #[test]
+    fn row_max_attempts_wins() {
+        let b = BackoffConfig::default();
+        let mut d = delivery(1, Some(1));
+        assert_eq!(
+            d.fail(&FailureReason::Nacked, &b),
+            Ok(AfterFailure::DeadLetter)
+        );
+        let mut d = delivery(3, Some(5));
+        assert!(matches!(
+            d.fail(&FailureReason::Nacked, &b),
+            Ok(AfterFailure::Retry { .. })
+        ));
+    }
+
+    #[test]
+    fn collateral_failures_are_refunded() {
+        let b = BackoffConfig::default();
+        let mut d = delivery(3, None);
+        let r = d.fail(&FailureReason::ChannelLost("404".into()), &b);
+        assert!(
+            matches!(r, Ok(AfterFailure::Retry { refund: true, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn over_budget_claims_are_exhausted() {
+        let mut d = delivery(4, None);
+        assert!(d.over_budget());
+        d.exhaust().unwrap();
+        assert_eq!(d.state(), Failed);
+        assert!(d.exhaust().is_err());
+    }
+
+    #[test]
+    fn ack_is_once() {
+        let mut d = delivery(1, None);
+        d.ack().unwrap();
+        assert_eq!(d.state(), Confirmed);
+        assert!(d.ack().is_err());
+        assert!(d
+            .fail(&FailureReason::Nacked, &BackoffConfig::default())
+            .is_err());
+    }
+}

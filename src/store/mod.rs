@@ -1,0 +1,568 @@
+//! The database layer: the connection pool and every named operation on the outbox.
+//!
+//! The Store actor (in `actors/store.rs`) owns one [`Store`]; the CLI and tests use it
+//! directly. All SQL text lives in [`sql`]; this file binds parameters and maps rows.
+//! Every operation works on a bounded batch: the engine never loads the whole table.
+
+mod migrate;
+pub mod sql;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    sql_types::{Array, BigInt, Bool, Bytea, Double, Integer, Jsonb, Nullable, Text, Timestamptz},
+    QueryableByName,
+};
+use diesel_async::{
+    pooled_connection::{deadpool::Pool, AsyncDieselConnectionManager},
+    AsyncConnection, AsyncPgConnection, RunQueryDsl,
+};
+use uuid::Uuid;
+
+pub use migrate::{migrate, MIGRATION_NAMES};
+pub use sql::Sql;
+
+use crate::{
+    config::{redact_url, DatabaseConfig, SecretUrl},
+    message::OutboxMessage,
+    state::{Status, ALL_STATUSES},
+};
+
+/// A database failure. Messages never contain a password.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection could be made.
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Connect {
+        /// The redacted URL that was tried.
+        target: String,
+        /// Why (refused, timed out, authentication…).
+        reason: String,
+    },
+    /// The pool could not hand out a connection.
+    #[error("database pool: {0}")]
+    Pool(String),
+    /// A statement failed.
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// Migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// The schema name is unusable.
+    #[error("invalid schema name: {0}")]
+    Schema(String),
+}
+
+impl StoreError {
+    /// Errors that may pass (connection lost, pool exhausted): worth retrying.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect { .. } | StoreError::Pool(_) => true,
+            StoreError::Query(diesel::result::Error::DatabaseError(kind, _)) => matches!(
+                kind,
+                diesel::result::DatabaseErrorKind::ClosedConnection
+                    | diesel::result::DatabaseErrorKind::SerializationFailure
+            ),
+            StoreError::Query(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Checks a schema name: a plain lower-case SQL identifier that leaves room for the NOTIFY
+/// channel name (`<schema>.outbox`, 63 bytes at most).
+pub fn check_schema_name(schema: &str) -> Result<(), String> {
+    let mut chars = schema.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok {
+        return Err(format!(
+            "`{schema}` must start with a-z or _ and contain only a-z, 0-9 and _"
+        ));
+    }
+    if schema.len() > 50 {
+        return Err(format!("`{schema}` is longer than 50 bytes"));
+    }
+    Ok(())
+}
+
+/// A retry decision for one message, written in a batch by [`Store::mark_retrying`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryUpdate {
+    /// The row.
+    pub id: Uuid,
+    /// Delay from now until `next_attempt_at`.
+    pub delay: Duration,
+    /// Stored in `last_error`.
+    pub error: String,
+    /// Give the attempt back (the failure was not this message's fault).
+    pub refund: bool,
+}
+
+/// A dead-letter decision for one message, written by [`Store::move_to_dead_letters`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterUpdate {
+    /// The row.
+    pub id: Uuid,
+    /// The final reason, stored in `dead_letters.last_error`.
+    pub error: String,
+}
+
+/// Counts by status and the age of the oldest undelivered row.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Stats {
+    /// Rows in the outbox by status (every status present, zero included).
+    pub outbox: BTreeMap<String, i64>,
+    /// Rows in `dead_letters`.
+    pub dead_letters: i64,
+    /// Age of the oldest row not yet confirmed (pending, retrying or in flight).
+    pub oldest_pending_age: Option<Duration>,
+}
+
+impl Stats {
+    /// The count for one status.
+    pub fn count(&self, status: Status) -> i64 {
+        self.outbox.get(status.as_str()).copied().unwrap_or(0)
+    }
+}
+
+/// Where a message is now, as the database says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageState {
+    /// In the outbox with this status (`last_error` if any).
+    Outbox(Status, Option<String>),
+    /// In `dead_letters`, with the reason.
+    DeadLettered(Option<String>),
+}
+
+#[derive(QueryableByName)]
+struct ClaimedRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    exchange: String,
+    #[diesel(sql_type = Text)]
+    routing_key: String,
+    #[diesel(sql_type = Bytea)]
+    payload: Vec<u8>,
+    #[diesel(sql_type = Jsonb)]
+    headers: serde_json::Value,
+    #[diesel(sql_type = Nullable<Text>)]
+    content_type: Option<String>,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Nullable<Integer>)]
+    max_attempts: Option<i32>,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+}
+
+impl From<ClaimedRow> for OutboxMessage {
+    fn from(r: ClaimedRow) -> Self {
+        OutboxMessage {
+            id: r.id,
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            payload: r.payload,
+            headers: r.headers,
+            content_type: r.content_type,
+            // CHECK constraints keep these positive; a negative value read anyway is
+            // clamped rather than trusted.
+            attempts: u32::try_from(r.attempts).unwrap_or(0),
+            max_attempts: r.max_attempts.and_then(|m| u32::try_from(m).ok()),
+            created_at: r.created_at,
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+}
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct TotalRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct AgeRow {
+    #[diesel(sql_type = Nullable<Double>)]
+    age: Option<f64>,
+}
+
+#[derive(QueryableByName)]
+struct StatusRow {
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+}
+
+/// The connection pool plus the schema's statements. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool<AsyncPgConnection>,
+    sql: std::sync::Arc<Sql>,
+    url: SecretUrl,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("schema", &self.sql.schema)
+            .finish()
+    }
+}
+
+/// Opens one connection outside any pool (LISTEN, migrations), bounded by `timeout`.
+pub async fn establish(
+    url: &SecretUrl,
+    timeout: Duration,
+) -> Result<AsyncPgConnection, StoreError> {
+    let connect = AsyncPgConnection::establish(url.expose());
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(StoreError::Connect {
+            target: url.redacted(),
+            reason: scrub(&e.to_string(), url),
+        }),
+        Err(_) => Err(StoreError::Connect {
+            target: url.redacted(),
+            reason: format!("no answer within {}", humantime::format_duration(timeout)),
+        }),
+    }
+}
+
+/// Removes the URL (and so its password) from a driver message, should it quote it.
+fn scrub(message: &str, url: &SecretUrl) -> String {
+    message.replace(url.expose(), &redact_url(url.expose()))
+}
+
+impl Store {
+    /// Builds the pool and checks that one connection can be made.
+    pub async fn connect(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
+        check_schema_name(&cfg.schema).map_err(StoreError::Schema)?;
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(cfg.url.expose());
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size as usize)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let store = Store {
+            pool,
+            sql: std::sync::Arc::new(Sql::new(&cfg.schema)),
+            url: cfg.url.clone(),
+            connect_timeout: cfg.connect_timeout,
+        };
+        drop(store.conn().await?);
+        Ok(store)
+    }
+
+    /// The schema's statements.
+    pub fn sql(&self) -> &Sql {
+        &self.sql
+    }
+
+    /// The schema name.
+    pub fn schema(&self) -> &str {
+        &self.sql.schema
+    }
+
+    /// The (secret) database URL, for opening dedicated connections.
+    pub fn url(&self) -> &SecretUrl {
+        &self.url
+    }
+
+    /// A pooled connection, bounded by the connect timeout.
+    pub async fn conn(
+        &self,
+    ) -> Result<diesel_async::pooled_connection::deadpool::Object<AsyncPgConnection>, StoreError>
+    {
+        match tokio::time::timeout(self.connect_timeout, self.pool.get()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(StoreError::Connect {
+                target: self.url.redacted(),
+                reason: scrub(&e.to_string(), &self.url),
+            }),
+            Err(_) => Err(StoreError::Connect {
+                target: self.url.redacted(),
+                reason: format!(
+                    "no connection within {}",
+                    humantime::format_duration(self.connect_timeout)
+                ),
+            }),
+        }
+    }
+
+    /// Claims up to `limit` due rows for `engine` with a lease of `lease`: rows that are
+    /// `pending`/`retrying` and due, and rows whose lease expired. Sets `in_flight`,
+    /// `locked_by`, `locked_until` and counts the attempt. Oldest first.
+    pub async fn claim(
+        &self,
+        engine: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim)
+            .bind::<BigInt, _>(i64::from(limit))
+            .bind::<Text, _>(engine)
+            .bind::<BigInt, _>(millis(lease))
+            .load(&mut conn)
+            .await?;
+        let mut messages: Vec<OutboxMessage> = rows.into_iter().map(OutboxMessage::from).collect();
+        messages.sort_by_key(|m| m.created_at);
+        Ok(messages)
+    }
+
+    /// Extends the lease of rows `engine` still holds. Returns how many it still held.
+    pub async fn renew_leases(
+        &self,
+        engine: &str,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(&self.sql.renew)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .bind::<Text, _>(engine)
+            .bind::<BigInt, _>(millis(lease))
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Marks a batch `confirmed` (one statement). Returns the rows changed.
+    pub async fn mark_confirmed(&self, ids: &[Uuid]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(&self.sql.confirm)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Marks a batch `retrying` with `next_attempt_at` and `last_error` (one statement),
+    /// for rows `engine` still holds.
+    pub async fn mark_retrying(
+        &self,
+        engine: &str,
+        updates: &[RetryUpdate],
+    ) -> Result<usize, StoreError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = updates.iter().map(|u| u.id).collect();
+        let delays: Vec<i64> = updates.iter().map(|u| millis(u.delay)).collect();
+        let errors: Vec<String> = updates.iter().map(|u| u.error.clone()).collect();
+        let refunds: Vec<bool> = updates.iter().map(|u| u.refund).collect();
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(&self.sql.retry)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .bind::<Array<BigInt>, _>(delays)
+            .bind::<Array<Text>, _>(errors)
+            .bind::<Array<Bool>, _>(refunds)
+            .bind::<Text, _>(engine)
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Gives back rows `engine` claimed but never published: they are due again at once and
+    /// the attempt is not counted.
+    pub async fn release(&self, engine: &str, ids: &[Uuid]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(&self.sql.release)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .bind::<Text, _>(engine)
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Moves failed rows `engine` holds to `dead_letters`, in one transaction, with their
+    /// final error. Returns the ids moved.
+    pub async fn move_to_dead_letters(
+        &self,
+        engine: &str,
+        updates: &[DeadLetterUpdate],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = updates.iter().map(|u| u.id).collect();
+        let errors: Vec<String> = updates.iter().map(|u| u.error.clone()).collect();
+        let mut conn = self.conn().await?;
+        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .bind::<Array<Text>, _>(errors)
+            .bind::<Text, _>(engine)
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
+    /// Moves dead letters back to the outbox as `pending` with `attempts = 0`, in one
+    /// transaction. Returns the ids moved (unknown ids are simply absent).
+    pub async fn requeue_dead_letters(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.requeue)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
+    /// Enqueues one message on a pooled connection (outside any application transaction).
+    /// Applications use [`enqueue`](crate::enqueue) inside their own transaction instead.
+    pub async fn enqueue(&self, message: &OutboxMessage) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        enqueue_with(&mut conn, &self.sql, message).await
+    }
+
+    /// Enqueues many messages in one statement.
+    pub async fn enqueue_many(&self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        enqueue_many_with(&mut conn, &self.sql, messages).await
+    }
+
+    /// Counts by status, dead letters, and the oldest undelivered row's age.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let mut conn = self.conn().await?;
+        let counts: Vec<CountRow> = diesel::sql_query(&self.sql.counts).load(&mut conn).await?;
+        let mut outbox: BTreeMap<String, i64> = ALL_STATUSES
+            .iter()
+            .map(|s| (s.as_str().to_string(), 0))
+            .collect();
+        for row in counts {
+            outbox.insert(row.status, row.n);
+        }
+        let dead: TotalRow = diesel::sql_query(&self.sql.dead_letter_count)
+            .get_result(&mut conn)
+            .await?;
+        let age: AgeRow = diesel::sql_query(&self.sql.oldest_pending)
+            .get_result(&mut conn)
+            .await?;
+        Ok(Stats {
+            outbox,
+            dead_letters: dead.n,
+            oldest_pending_age: age
+                .age
+                .filter(|a| a.is_finite())
+                .map(|a| Duration::from_secs_f64(a.max(0.0))),
+        })
+    }
+
+    /// Where one message is now, or `None` if it is in neither table.
+    pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
+        let mut conn = self.conn().await?;
+        let row: Option<StatusRow> = diesel::sql_query(&self.sql.outbox_status_of)
+            .bind::<diesel::sql_types::Uuid, _>(id)
+            .get_result(&mut conn)
+            .await
+            .map(Some)
+            .or_else(not_found_is_none)?;
+        if let Some(row) = row {
+            let status = row.status.parse::<Status>().map_err(|e| {
+                StoreError::Query(diesel::result::Error::DeserializationError(Box::new(e)))
+            })?;
+            return Ok(Some(MessageState::Outbox(status, row.last_error)));
+        }
+        let dead: Option<StatusRow> = diesel::sql_query(&self.sql.dead_letter_of)
+            .bind::<diesel::sql_types::Uuid, _>(id)
+            .get_result(&mut conn)
+            .await
+            .map(Some)
+            .or_else(not_found_is_none)?;
+        Ok(dead.map(|r| MessageState::DeadLettered(r.last_error)))
+    }
+}
+
+fn not_found_is_none<T>(e: diesel::result::Error) -> Result<Option<T>, diesel::result::Error> {
+    match e {
+        diesel::result::Error::NotFound => Ok(None),
+        other => Err(other),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Inserts one message on the given connection (which may be inside a transaction).
+pub(crate) async fn enqueue_with(
+    conn: &mut AsyncPgConnection,
+    sql: &Sql,
+    m: &OutboxMessage,
+) -> Result<(), StoreError> {
+    diesel::sql_query(&sql.enqueue)
+        .bind::<diesel::sql_types::Uuid, _>(m.id)
+        .bind::<Text, _>(&m.exchange)
+        .bind::<Text, _>(&m.routing_key)
+        .bind::<Bytea, _>(&m.payload)
+        .bind::<Jsonb, _>(&m.headers)
+        .bind::<Nullable<Text>, _>(m.content_type.as_deref())
+        .bind::<Nullable<Integer>, _>(max_attempts_sql(m.max_attempts))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Inserts many messages in one statement on the given connection.
+pub(crate) async fn enqueue_many_with(
+    conn: &mut AsyncPgConnection,
+    sql: &Sql,
+    messages: &[OutboxMessage],
+) -> Result<(), StoreError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+    let exchanges: Vec<&str> = messages.iter().map(|m| m.exchange.as_str()).collect();
+    let keys: Vec<&str> = messages.iter().map(|m| m.routing_key.as_str()).collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
+    let headers: Vec<&serde_json::Value> = messages.iter().map(|m| &m.headers).collect();
+    let types: Vec<Option<&str>> = messages.iter().map(|m| m.content_type.as_deref()).collect();
+    let maxes: Vec<Option<i32>> = messages
+        .iter()
+        .map(|m| max_attempts_sql(m.max_attempts))
+        .collect();
+    diesel::sql_query(&sql.enqueue_many)
+        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+        .bind::<Array<Text>, _>(exchanges)
+        .bind::<Array<Text>, _>(keys)
+        .bind::<Array<Bytea>, _>(payloads)
+        .bind::<Array<Jsonb>, _>(headers)
+        .bind::<Array<Nullable<Text>>, _>(types)
+        .bind::<Array<Nullable<Integer>>, _>(maxes)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn max_attempts_sql(m: Option<u32>) -> Option<i32> {
+    m.map(|v| i32::try_from(v).unwrap_or(i32::MAX))
+}

@@ -1,0 +1,164 @@
+//! Every SQL statement Courier runs, in one place, qualified with the configured schema.
+//!
+//! Statements are built once per schema when the [`Store`](super::Store) is created. The
+//! schema name was checked by [`check_schema_name`](super::check_schema_name) and is also
+//! double-quoted, so it cannot inject SQL.
+
+/// The schema-qualified statements.
+#[derive(Debug, Clone)]
+pub struct Sql {
+    pub(crate) schema: String,
+    pub(crate) claim: String,
+    pub(crate) renew: String,
+    pub(crate) confirm: String,
+    pub(crate) retry: String,
+    pub(crate) release: String,
+    pub(crate) dead_letter: String,
+    pub(crate) requeue: String,
+    pub(crate) enqueue: String,
+    pub(crate) enqueue_many: String,
+    pub(crate) counts: String,
+    pub(crate) oldest_pending: String,
+    pub(crate) dead_letter_count: String,
+    pub(crate) outbox_status_of: String,
+    pub(crate) dead_letter_of: String,
+}
+
+/// The columns a claimed message is read with (see `ClaimedRow`).
+const MESSAGE_COLUMNS: &str = "o.id, o.exchange, o.routing_key, o.payload, o.headers, \
+     o.content_type, o.attempts, o.max_attempts, o.created_at";
+
+impl Sql {
+    /// Builds the statements for `schema` (already validated).
+    pub fn new(schema: &str) -> Sql {
+        let s = format!("\"{schema}\"");
+        Sql {
+            schema: schema.to_string(),
+            // Two locked sets: due rows (partial index on next_attempt_at) and rows whose
+            // lease expired (a crashed or partitioned engine). The expired ones go first and
+            // the due ones fill the rest, so the batch never exceeds $1. SKIP LOCKED lets
+            // several engines claim at once without waiting on each other or sharing a row.
+            claim: format!(
+                "WITH expired AS (
+                    SELECT id FROM {s}.outbox
+                    WHERE status = 'in_flight' AND locked_until < now()
+                    ORDER BY locked_until
+                    LIMIT $1
+                    FOR UPDATE SKIP LOCKED
+                 ), due AS (
+                    SELECT id FROM {s}.outbox
+                    WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
+                    ORDER BY next_attempt_at
+                    LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
+                    FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE {s}.outbox o
+                 SET status = 'in_flight',
+                     locked_by = $2,
+                     locked_until = now() + $3 * interval '1 millisecond',
+                     attempts = o.attempts + 1,
+                     last_error = CASE WHEN o.status = 'in_flight'
+                                       THEN 'lease expired before a confirm was recorded'
+                                       ELSE o.last_error END,
+                     updated_at = now()
+                 FROM (SELECT id FROM expired UNION ALL SELECT id FROM due) c
+                 WHERE o.id = c.id
+                 RETURNING {MESSAGE_COLUMNS}"
+            ),
+            renew: format!(
+                "UPDATE {s}.outbox
+                 SET locked_until = now() + $3 * interval '1 millisecond'
+                 WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
+            ),
+            // An ack is a fact about delivery: it is recorded whoever holds the row now.
+            confirm: format!(
+                "UPDATE {s}.outbox
+                 SET status = 'confirmed', confirmed_at = now(), updated_at = now(),
+                     locked_by = NULL, locked_until = NULL
+                 WHERE id = ANY($1) AND status <> 'confirmed'"
+            ),
+            // Failures are fenced by the lease: an engine that lost a row must not undo the
+            // work of the engine that holds it now.
+            retry: format!(
+                "UPDATE {s}.outbox o
+                 SET status = 'retrying',
+                     next_attempt_at = now() + u.delay_ms * interval '1 millisecond',
+                     last_error = u.err,
+                     attempts = greatest(o.attempts - CASE WHEN u.refund THEN 1 ELSE 0 END, 0),
+                     locked_by = NULL, locked_until = NULL, updated_at = now()
+                 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bool[])
+                      AS u(id, delay_ms, err, refund)
+                 WHERE o.id = u.id AND o.status = 'in_flight' AND o.locked_by = $5"
+            ),
+            release: format!(
+                "UPDATE {s}.outbox
+                 SET status = CASE WHEN attempts > 1 THEN 'retrying'::{s}.outbox_status
+                                   ELSE 'pending'::{s}.outbox_status END,
+                     attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
+                     locked_by = NULL, locked_until = NULL, updated_at = now()
+                 WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
+            ),
+            // One statement, so one transaction: the row leaves the outbox only as it
+            // enters dead_letters.
+            dead_letter: format!(
+                "WITH moved AS (
+                    DELETE FROM {s}.outbox o
+                    USING unnest($1::uuid[], $2::text[]) AS u(id, err)
+                    WHERE o.id = u.id AND o.status = 'in_flight' AND o.locked_by = $3
+                    RETURNING o.*, u.err AS final_error
+                 )
+                 INSERT INTO {s}.dead_letters
+                    (id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                     attempts, last_error, created_at, failed_at)
+                 SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                        attempts, final_error, created_at, now()
+                 FROM moved
+                 RETURNING id"
+            ),
+            // DELETE takes the row lock, so two operators requeueing the same id at once
+            // move it once: the second finds nothing to delete and inserts nothing.
+            requeue: format!(
+                "WITH moved AS (
+                    DELETE FROM {s}.dead_letters WHERE id = ANY($1) RETURNING *
+                 )
+                 INSERT INTO {s}.outbox
+                    (id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                     status, attempts, next_attempt_at, last_error, created_at)
+                 SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                        'pending', 0, now(), last_error, created_at
+                 FROM moved
+                 RETURNING id"
+            ),
+            enqueue: format!(
+                "INSERT INTO {s}.outbox
+                    (id, exchange, routing_key, payload, headers, content_type, max_attempts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ),
+            enqueue_many: format!(
+                "INSERT INTO {s}.outbox
+                    (id, exchange, routing_key, payload, headers, content_type, max_attempts)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
+                                      $5::jsonb[], $6::text[], $7::int[])"
+            ),
+            counts: format!(
+                "SELECT status::text AS status, count(*) AS n FROM {s}.outbox GROUP BY status"
+            ),
+            oldest_pending: format!(
+                "SELECT EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS age
+                 FROM {s}.outbox WHERE status IN ('pending', 'retrying', 'in_flight')"
+            ),
+            dead_letter_count: format!("SELECT count(*) AS n FROM {s}.dead_letters"),
+            outbox_status_of: format!(
+                "SELECT status::text AS status, last_error FROM {s}.outbox WHERE id = $1"
+            ),
+            dead_letter_of: format!(
+                "SELECT 'failed'::text AS status, last_error FROM {s}.dead_letters WHERE id = $1"
+            ),
+        }
+    }
+
+    /// The NOTIFY channel of the insert trigger: `<schema>.outbox`.
+    pub fn notify_channel(&self) -> String {
+        format!("{}.outbox", self.schema)
+    }
+}

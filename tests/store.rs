@@ -1,0 +1,416 @@
+//! The Store against the real PostgreSQL: the SQL contract, claims and leases, batched
+//! state writes, dead letters and requeue, stats, and the NOTIFY trigger.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::{within, TestDb};
+use courier::{
+    store::{DeadLetterUpdate, MessageState, RetryUpdate},
+    OutboxMessage, Status,
+};
+use diesel::{sql_types::Text, QueryableByName};
+use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::StreamExt;
+use uuid::Uuid;
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[derive(QueryableByName, Debug)]
+struct Row {
+    #[diesel(sql_type = Text)]
+    v: String,
+}
+
+async fn query_text(db: &TestDb, sql: &str) -> Vec<String> {
+    let mut conn = db.raw().await;
+    let rows: Vec<Row> = diesel::sql_query(sql.replace("{s}", &format!("\"{}\"", db.schema)))
+        .load(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter().map(|r| r.v).collect()
+}
+
+fn messages(n: usize) -> Vec<OutboxMessage> {
+    (0..n)
+        .map(|i| OutboxMessage::new("ex", format!("rk.{i}"), format!("m{i}").into_bytes()))
+        .collect()
+}
+
+#[tokio::test]
+async fn contract_minimal_insert_reads_back_pending() {
+    let db = TestDb::new("contract").await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload)
+         VALUES ('orders', 'order.created', convert_to('{\"id\":42}', 'UTF8'));
+         INSERT INTO {s}.outbox (id, exchange, routing_key, payload, headers, content_type, max_attempts)
+         VALUES (gen_random_uuid(), 'orders', 'order.created', 'x', '{\"tenant\":\"a\"}', 'application/json', 5);",
+    )
+    .await;
+    let statuses = query_text(&db, "SELECT status::text AS v FROM {s}.outbox").await;
+    assert_eq!(statuses, vec!["pending", "pending"]);
+    let columns = query_text(
+        &db,
+        "SELECT column_name::text AS v FROM information_schema.columns
+         WHERE table_schema = replace('{s}', '\"', '') AND table_name = 'outbox' ORDER BY ordinal_position",
+    )
+    .await;
+    let expected = [
+        "id",
+        "exchange",
+        "routing_key",
+        "payload",
+        "headers",
+        "content_type",
+        "status",
+        "attempts",
+        "max_attempts",
+        "next_attempt_at",
+        "locked_by",
+        "locked_until",
+        "last_error",
+        "created_at",
+        "updated_at",
+        "confirmed_at",
+    ];
+    assert_eq!(columns, expected);
+    let enum_values = query_text(
+        &db,
+        "SELECT unnest(enum_range(NULL::{s}.outbox_status))::text AS v",
+    )
+    .await;
+    assert_eq!(
+        enum_values,
+        ["pending", "in_flight", "confirmed", "retrying", "failed"]
+    );
+}
+
+#[tokio::test]
+async fn contract_rejects_zero_max_attempts_at_insert() {
+    let db = TestDb::new("contract_check").await;
+    let mut conn = db.raw().await;
+    let err = conn
+        .batch_execute(&format!(
+            "INSERT INTO \"{}\".outbox (exchange, routing_key, payload, max_attempts) VALUES ('x', '', 'p', 0)",
+            db.schema
+        ))
+        .await
+        .expect_err("max_attempts 0 must be rejected");
+    assert!(err.to_string().contains("max_attempts"), "{err}");
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let db = TestDb::new("migrate").await;
+    let again = courier::store::migrate(&db.config.database.url, &db.schema, LONG)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "second run applied {again:?}");
+}
+
+#[tokio::test]
+async fn claim_leases_rows_and_counts_the_attempt() {
+    let db = TestDb::new("claim").await;
+    let store = db.store().await;
+    store.enqueue_many(&messages(5)).await.unwrap();
+    let claimed = store.claim("engine-a", 3, LONG).await.unwrap();
+    assert_eq!(claimed.len(), 3, "the batch limit holds");
+    assert!(claimed.iter().all(|m| m.attempts == 1));
+    let rows = query_text(
+        &db,
+        "SELECT status::text || ' ' || locked_by || ' ' || (locked_until > now() + interval '50 seconds')::text AS v
+         FROM {s}.outbox WHERE locked_by IS NOT NULL",
+    )
+    .await;
+    assert_eq!(rows, vec!["in_flight engine-a true"; 3]);
+    let rest = store.claim("engine-b", 100, LONG).await.unwrap();
+    assert_eq!(rest.len(), 2, "claimed rows are not claimable again");
+    assert!(store.claim("engine-b", 100, LONG).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_claimers_never_share_a_row() {
+    let db = TestDb::new("skiplocked").await;
+    let store = db.store().await;
+    for chunk in messages(3000).chunks(1000) {
+        store.enqueue_many(chunk).await.unwrap();
+    }
+    let claimer = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = store.claim(name, 50, LONG).await.unwrap();
+                if batch.is_empty() {
+                    return got;
+                }
+                got.extend(batch.into_iter().map(|m| m.id));
+            }
+        }
+    };
+    let (a, b, c) = within(60, "claimers", async {
+        tokio::join!(
+            tokio::spawn(claimer("a")),
+            tokio::spawn(claimer("b")),
+            tokio::spawn(claimer("c"))
+        )
+    })
+    .await;
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    let mut all: HashSet<Uuid> = HashSet::new();
+    for id in a.iter().chain(&b).chain(&c) {
+        assert!(all.insert(*id), "row {id} claimed twice");
+    }
+    assert_eq!(all.len(), 3000);
+}
+
+#[tokio::test]
+async fn expired_leases_are_claimable_and_renewal_keeps_them() {
+    let db = TestDb::new("lease").await;
+    let store = db.store().await;
+    store.enqueue_many(&messages(4)).await.unwrap();
+    // A live engine holds two rows and renews them.
+    let alive = store.claim("alive", 2, LONG).await.unwrap();
+    let alive_ids: Vec<Uuid> = alive.iter().map(|m| m.id).collect();
+    // A zero lease expires at once: this engine "crashed" holding the other two.
+    let crashed = store.claim("crashed", 2, Duration::ZERO).await.unwrap();
+    assert_eq!(crashed.len(), 2);
+    assert_eq!(
+        store.renew_leases("alive", &alive_ids, LONG).await.unwrap(),
+        2
+    );
+    // Renewing rows one does not hold changes nothing.
+    let crashed_ids: Vec<Uuid> = crashed.iter().map(|m| m.id).collect();
+    assert_eq!(
+        store
+            .renew_leases("alive", &crashed_ids, LONG)
+            .await
+            .unwrap(),
+        0
+    );
+
+    let rescued = store.claim("rescuer", 10, LONG).await.unwrap();
+    let rescued_ids: HashSet<Uuid> = rescued.iter().map(|m| m.id).collect();
+    assert_eq!(
+        rescued_ids,
+        crashed_ids.iter().copied().collect(),
+        "only expired leases move"
+    );
+    assert!(
+        rescued.iter().all(|m| m.attempts == 2),
+        "the lost attempt counts"
+    );
+    let errors = query_text(
+        &db,
+        "SELECT last_error AS v FROM {s}.outbox WHERE locked_by = 'rescuer'",
+    )
+    .await;
+    assert!(
+        errors.iter().all(|e| e.contains("lease expired")),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn batched_confirm_retry_and_release() {
+    let db = TestDb::new("writes").await;
+    let store = db.store().await;
+    store.enqueue_many(&messages(6)).await.unwrap();
+    let claimed = store.claim("e", 6, LONG).await.unwrap();
+    let ids: Vec<Uuid> = claimed.iter().map(|m| m.id).collect();
+
+    assert_eq!(store.mark_confirmed(&ids[0..2]).await.unwrap(), 2);
+    let retry = vec![
+        RetryUpdate {
+            id: ids[2],
+            delay: Duration::from_secs(3600),
+            error: "nacked by broker".into(),
+            refund: false,
+        },
+        RetryUpdate {
+            id: ids[3],
+            delay: Duration::ZERO,
+            error: "channel lost".into(),
+            refund: true,
+        },
+    ];
+    // Another engine cannot write failures for rows it does not hold.
+    assert_eq!(store.mark_retrying("intruder", &retry).await.unwrap(), 0);
+    assert_eq!(store.mark_retrying("e", &retry).await.unwrap(), 2);
+    assert_eq!(store.release("e", &ids[4..5]).await.unwrap(), 1);
+
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.count(Status::Confirmed), 2);
+    assert_eq!(stats.count(Status::Retrying), 2);
+    assert_eq!(stats.count(Status::Pending), 1);
+    assert_eq!(stats.count(Status::InFlight), 1);
+    assert!(stats.oldest_pending_age.is_some());
+
+    let confirmed_at = query_text(
+        &db,
+        "SELECT (confirmed_at IS NOT NULL)::text AS v FROM {s}.outbox WHERE status = 'confirmed'",
+    )
+    .await;
+    assert_eq!(confirmed_at, vec!["true", "true"]);
+    // The refunded retry and the released row are due now, with attempts given back;
+    // the nacked one waits an hour.
+    let again = store.claim("e", 10, LONG).await.unwrap();
+    let again_ids: HashSet<Uuid> = again.iter().map(|m| m.id).collect();
+    assert_eq!(again_ids, [ids[3], ids[4]].into_iter().collect());
+    assert!(again.iter().all(|m| m.attempts == 1), "{again:?}");
+    match store.message_state(ids[2]).await.unwrap() {
+        Some(MessageState::Outbox(Status::Retrying, Some(e))) => assert_eq!(e, "nacked by broker"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn dead_letter_move_and_requeue() {
+    let db = TestDb::new("dead").await;
+    let store = db.store().await;
+    let msg = OutboxMessage::new("ex", "rk", b"body".to_vec())
+        .with_header("tenant", "a")
+        .with_content_type("text/plain")
+        .with_max_attempts(2);
+    store.enqueue(&msg).await.unwrap();
+    store.claim("e", 1, LONG).await.unwrap();
+    let moved = store
+        .move_to_dead_letters(
+            "e",
+            &[DeadLetterUpdate {
+                id: msg.id,
+                error: "returned by broker".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, vec![msg.id]);
+    assert_eq!(
+        store.message_state(msg.id).await.unwrap(),
+        Some(MessageState::DeadLettered(Some(
+            "returned by broker".into()
+        )))
+    );
+    let copied = query_text(
+        &db,
+        "SELECT exchange || '|' || routing_key || '|' || convert_from(payload, 'UTF8') || '|' ||
+                (headers->>'tenant') || '|' || content_type || '|' || max_attempts || '|' || attempts AS v
+         FROM {s}.dead_letters",
+    )
+    .await;
+    assert_eq!(copied, vec!["ex|rk|body|a|text/plain|2|1"]);
+    assert_eq!(store.stats().await.unwrap().outbox.values().sum::<i64>(), 0);
+
+    // Two operators requeue the same id at once: it moves exactly once.
+    let ids = [msg.id];
+    let (a, b) = tokio::join!(
+        store.requeue_dead_letters(&ids),
+        store.requeue_dead_letters(&ids)
+    );
+    let total = a.unwrap().len() + b.unwrap().len();
+    assert_eq!(total, 1);
+    let back = query_text(
+        &db,
+        "SELECT status::text || ' ' || attempts AS v FROM {s}.outbox",
+    )
+    .await;
+    assert_eq!(back, vec!["pending 0"]);
+    assert_eq!(store.stats().await.unwrap().dead_letters, 0);
+    assert!(store
+        .requeue_dead_letters(&[Uuid::new_v4()])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn dead_letter_move_is_fenced_by_the_lease() {
+    let db = TestDb::new("deadfence").await;
+    let store = db.store().await;
+    let msg = OutboxMessage::new("ex", "rk", b"x".to_vec());
+    store.enqueue(&msg).await.unwrap();
+    store.claim("owner", 1, LONG).await.unwrap();
+    let moved = store
+        .move_to_dead_letters(
+            "other",
+            &[DeadLetterUpdate {
+                id: msg.id,
+                error: "x".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(moved.is_empty());
+    assert_eq!(store.stats().await.unwrap().count(Status::InFlight), 1);
+}
+
+#[tokio::test]
+async fn insert_trigger_notifies_once_per_statement() {
+    let db = TestDb::new("notify").await;
+    let store = db.store().await;
+    let mut listener = db.raw().await;
+    let channel = store.sql().notify_channel();
+    listener
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await
+        .unwrap();
+    store.enqueue_many(&messages(100)).await.unwrap();
+    let mut stream = Box::pin(listener.notifications_stream());
+    let first = within(10, "NOTIFY after insert", stream.next()).await;
+    let note = first.expect("stream open").expect("notification");
+    assert_eq!(note.channel, channel);
+}
+
+#[tokio::test]
+async fn enqueue_in_a_rolled_back_transaction_leaves_nothing() {
+    let db = TestDb::new("rollback").await;
+    let mut conn = db.raw().await;
+    let schema = db.schema.clone();
+    let kept = OutboxMessage::new("ex", "rk", b"kept".to_vec());
+    let result = conn
+        .transaction::<(), courier::StoreError, _>(async |tx| {
+            courier::enqueue_in(
+                tx,
+                &schema,
+                &OutboxMessage::new("ex", "rk", b"lost".to_vec()),
+            )
+            .await?;
+            Err(courier::StoreError::Migration(
+                "business write failed".into(),
+            ))
+        })
+        .await;
+    assert!(result.is_err());
+    conn.transaction::<(), courier::StoreError, _>(async |tx| {
+        courier::enqueue_in(tx, &schema, &kept).await
+    })
+    .await
+    .unwrap();
+    let payloads = query_text(
+        &db,
+        "SELECT convert_from(payload, 'UTF8') AS v FROM {s}.outbox",
+    )
+    .await;
+    assert_eq!(payloads, vec!["kept"]);
+}
+
+#[tokio::test]
+async fn claims_oldest_first_in_bounded_batches() {
+    let db = TestDb::new("order").await;
+    let store = db.store().await;
+    for m in messages(10) {
+        store.enqueue(&m).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    loop {
+        let batch = store.claim("e", 4, LONG).await.unwrap();
+        assert!(batch.len() <= 4);
+        if batch.is_empty() {
+            break;
+        }
+        seen.extend(batch);
+    }
+    assert_eq!(seen.len(), 10);
+    assert!(seen.windows(2).all(|w| w[0].created_at <= w[1].created_at));
+}
