@@ -124,6 +124,25 @@ pub struct Config {
     pub dead_letter: DeadLetterConfig,
     /// Logging: level and format.
     pub logging: LoggingConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `shutdown.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long SIGTERM waits for outstanding confirms before giving up on them.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            timeout: Duration::from_secs(15),
+        }
+    }
 }
 
 /// `database.*`
@@ -297,6 +316,9 @@ pub struct LoggingConfig {
     pub level: String,
     /// Output format.
     pub format: LogFormat,
+    /// Period of the engine's info-level summary line.
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
 }
 
 impl Default for LoggingConfig {
@@ -304,6 +326,7 @@ impl Default for LoggingConfig {
         LoggingConfig {
             level: "info".into(),
             format: LogFormat::Pretty,
+            summary_interval: Duration::from_secs(30),
         }
     }
 }
@@ -411,6 +434,8 @@ impl Config {
             ));
         }
         positive("scheduler.claim_batch", self.scheduler.claim_batch as u64)?;
+        positive_duration("logging.summary_interval", self.logging.summary_interval)?;
+        positive_duration("shutdown.timeout", self.shutdown.timeout)?;
         if let Some(exchange) = &self.dead_letter.exchange {
             if exchange.is_empty() || exchange.len() > 255 {
                 return Err(ConfigError::invalid(

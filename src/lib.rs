@@ -14,20 +14,28 @@
 //! - [`backoff`]: the retry delay schedule.
 //! - [`message`]: the outbox row and its AMQP form.
 //! - [`store`]: the database layer: every SQL statement, migrations, the pool.
+//! - [`actors`]: the engine: Scheduler, Store, Publisher, ConfirmTracker, DeadLetter.
+//! - [`Engine`] / [`EngineHandle`]: start the actors, enqueue, await outcomes, shut down.
+//! - [`events`]: what the engine announces (test signals) and its counters.
 //!
 //! Producers in other languages enqueue with plain SQL (see README.md, "SQL contract");
 //! Rust applications call [`enqueue`] inside their own diesel-async transaction.
 
+pub mod actors;
 pub mod backoff;
+pub mod broker;
 pub mod cli;
 pub mod config;
+mod engine;
 mod enqueue;
+pub mod events;
 pub mod message;
 pub mod state;
 pub mod store;
 
 pub use config::Config;
+pub use engine::{Engine, EngineError, EngineHandle};
 pub use enqueue::{enqueue, enqueue_in};
 pub use message::OutboxMessage;
 pub use state::{Delivery, Status};
-pub use store::{Store, StoreError};
+pub use store::{Outcome, Store, StoreError};

@@ -62,11 +62,25 @@ pub async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         database = %config.database.url,
         broker = %config.broker.url,
         schema = %config.database.schema,
+        auto_migrate = config.database.auto_migrate,
         "courier starting"
     );
-    if config.database.auto_migrate {
-        let applied = apply_migrations(&config).await?;
-        tracing::info!(applied = applied.len(), "migrations checked");
+    let engine = crate::Engine::start(config)
+        .await
+        .context("starting the engine")?;
+    wait_for_signal().await?;
+    tracing::info!("signal received");
+    engine.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
     }
-    anyhow::bail!("the delivery pipeline is not built yet: `courier run` migrated the schema and stops here without publishing")
+    Ok(())
 }

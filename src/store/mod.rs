@@ -7,7 +7,10 @@
 mod migrate;
 pub mod sql;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use diesel::{
@@ -182,6 +185,25 @@ impl From<ClaimedRow> for OutboxMessage {
 struct IdRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     id: Uuid,
+}
+
+#[derive(QueryableByName)]
+struct OutcomeRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+}
+
+/// A final outcome: delivered, or parked for a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The broker confirmed it (recorded `confirmed`).
+    Confirmed,
+    /// It is in `dead_letters`, with the reason.
+    DeadLettered(String),
 }
 
 #[derive(QueryableByName)]
@@ -474,6 +496,37 @@ impl Store {
                 .filter(|a| a.is_finite())
                 .map(|a| Duration::from_secs_f64(a.max(0.0))),
         })
+    }
+
+    /// The final outcomes reached so far by any of `ids` (ids still on their way are absent).
+    pub async fn outcomes(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Outcome>, StoreError> {
+        let mut out = HashMap::new();
+        let mut conn = self.conn().await?;
+        for chunk in ids.chunks(10_000) {
+            let rows: Vec<OutcomeRow> = diesel::sql_query(&self.sql.outcomes)
+                .bind::<Array<diesel::sql_types::Uuid>, _>(chunk)
+                .load(&mut conn)
+                .await?;
+            for r in rows {
+                let outcome = if r.status == "confirmed" {
+                    Outcome::Confirmed
+                } else {
+                    Outcome::DeadLettered(r.last_error.unwrap_or_default())
+                };
+                out.insert(r.id, outcome);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends a NOTIFY on the outbox channel with `payload` (the listener's self-check).
+    pub async fn notify(&self, payload: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        diesel::sql_query(&self.sql.notify)
+            .bind::<Text, _>(payload)
+            .execute(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Where one message is now, or `None` if it is in neither table.

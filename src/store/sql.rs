@@ -22,6 +22,8 @@ pub struct Sql {
     pub(crate) dead_letter_count: String,
     pub(crate) outbox_status_of: String,
     pub(crate) dead_letter_of: String,
+    pub(crate) notify: String,
+    pub(crate) outcomes: String,
 }
 
 /// The columns a claimed message is read with (see `ClaimedRow`).
@@ -154,6 +156,14 @@ impl Sql {
             dead_letter_of: format!(
                 "SELECT 'failed'::text AS status, last_error FROM {s}.dead_letters WHERE id = $1"
             ),
+            outcomes: format!(
+                "SELECT id, 'confirmed'::text AS status, NULL::text AS last_error
+                 FROM {s}.outbox WHERE id = ANY($1) AND status = 'confirmed'
+                 UNION ALL
+                 SELECT id, 'dead_lettered'::text, last_error
+                 FROM {s}.dead_letters WHERE id = ANY($1)"
+            ),
+            notify: format!("SELECT pg_notify('{schema}.outbox', $1)::text AS v"),
         }
     }
 

@@ -3,6 +3,9 @@
 //! see each other's rows.
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod proxy;
+
 use std::{future::Future, time::Duration};
 
 use courier::{
@@ -128,4 +131,45 @@ fn drop_schema(schema: String) {
         });
     })
     .join();
+}
+
+impl TestDb {
+    /// This schema's config, tuned for tests: short backoff, quick sweep, quick summary.
+    pub fn engine_config(&self) -> Config {
+        let mut c = self.config.clone();
+        c.database.auto_migrate = false;
+        c.database.pool_size = 4;
+        c.retry.backoff.initial = Duration::from_millis(20);
+        c.retry.backoff.max = Duration::from_millis(200);
+        c.retry.confirm_timeout = Duration::from_secs(10);
+        c.scheduler.sweep_interval = Duration::from_millis(250);
+        c.scheduler.lease_duration = Duration::from_secs(30);
+        c.shutdown.timeout = Duration::from_secs(10);
+        c
+    }
+
+    /// Inserts `n` rows with the contract's minimal SQL, routing keys from `key(i)`.
+    pub async fn insert_sql(&self, exchange: &str, n: usize, key: &str) -> Vec<uuid::Uuid> {
+        #[derive(diesel::QueryableByName)]
+        struct IdRow {
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            id: uuid::Uuid,
+        }
+        use diesel_async::RunQueryDsl;
+        let mut conn = self.raw().await;
+        let sql = format!(
+            "INSERT INTO \"{}\".outbox (exchange, routing_key, payload)
+             SELECT $1, replace($2, '{{i}}', i::text), convert_to('m' || i, 'UTF8')
+             FROM generate_series(1, $3) AS i RETURNING id",
+            self.schema
+        );
+        let rows: Vec<IdRow> = diesel::sql_query(sql)
+            .bind::<diesel::sql_types::Text, _>(exchange)
+            .bind::<diesel::sql_types::Text, _>(key)
+            .bind::<diesel::sql_types::Integer, _>(n as i32)
+            .load(&mut conn)
+            .await
+            .expect("insert rows");
+        rows.into_iter().map(|r| r.id).collect()
+    }
 }

@@ -1,0 +1,404 @@
+//! The ConfirmTracker: every published message until the broker settles it.
+//!
+//! It owns the in-flight table (`message id → Delivery`, publish token, confirm deadline)
+//! and decides each outcome through the state machine: an ack that was not returned →
+//! `Confirmed`; a nack, a return, a missed deadline or a lost channel → a failed attempt
+//! (`Retrying` with backoff, or `Failed` when attempts are exhausted).
+//!
+//! **Returns are matched by `message_id`, never by which confirm carried them.** lapin hands
+//! a `basic.return` to whichever pending confirm resolves next, in hash-map order, so an
+//! unroutable message often resolves as a plain `Ack(None)` while its return rides on a
+//! neighbour's confirm (LAPIN-NOTES.md). Two facts make exact correlation possible: the
+//! broker sends a message's return before its ack, and lapin resolves every confirm of one
+//! ack frame synchronously, the carrier no later than the message itself. So all confirm
+//! futures live in one `FuturesUnordered` (the *pump*), which yields them in wake order;
+//! the pump drains everything already resolved into one batch, and the tracker reads every
+//! return of a batch before it settles any ack in it. A return that names a message still
+//! in flight is remembered until that message's own confirm arrives.
+//!
+//! Outcomes go to the Store actor (batched writes) and the DeadLetter actor. The tracker
+//! also renews the leases of what it holds, so a slow engine's rows are never rescued from
+//! under it.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
+use lapin::{Confirmation, PublisherConfirm};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{
+    dead_letter::{Bury, DeadLetterActor},
+    store::{Record, RenewLeases, StoreActor},
+};
+use crate::{
+    config::Config,
+    events::{Counters, Signals},
+    state::{AfterFailure, Delivery, FailureReason},
+    store::RetryUpdate,
+};
+
+/// A message written to the channel, with its confirm.
+pub struct Published {
+    /// The message, in state `InFlight`.
+    pub delivery: Delivery,
+    /// Distinguishes this publish from an earlier one of the same row.
+    pub token: u64,
+    /// lapin's confirm future.
+    pub confirm: PublisherConfirm,
+}
+
+/// Track these publishes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Track(pub Vec<Published>);
+
+/// These could not be published; each is a failed attempt with its reason.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsent(pub Vec<(Delivery, FailureReason)>);
+
+/// The connection is gone: every tracked message failed with it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectionLost(pub String);
+
+/// How many messages are tracked.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct TrackedCount;
+
+/// One resolved confirm.
+struct Resolved {
+    id: Uuid,
+    token: u64,
+    result: lapin::Result<Confirmation>,
+}
+
+/// Confirms resolved together (see the module documentation).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ResolvedBatch(Vec<Resolved>);
+
+type ConfirmFuture = Pin<Box<dyn Future<Output = Resolved>>>;
+
+struct Tracked {
+    delivery: Delivery,
+    token: u64,
+    deadline: Instant,
+}
+
+/// See the module documentation.
+pub struct ConfirmTracker {
+    config: Arc<Config>,
+    store: Addr<StoreActor>,
+    dead_letter: Addr<DeadLetterActor>,
+    signals: Signals,
+    in_flight: HashMap<Uuid, Tracked>,
+    returned: HashMap<Uuid, FailureReason>,
+    pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
+}
+
+impl ConfirmTracker {
+    /// A tracker sending outcomes to `store` and `dead_letter`.
+    pub fn new(
+        config: Arc<Config>,
+        store: Addr<StoreActor>,
+        dead_letter: Addr<DeadLetterActor>,
+        signals: Signals,
+    ) -> Self {
+        ConfirmTracker {
+            config,
+            store,
+            dead_letter,
+            signals,
+            in_flight: HashMap::new(),
+            returned: HashMap::new(),
+            pump: None,
+        }
+    }
+
+    fn update_gauge(&self) {
+        let n = self.in_flight.len() as u64;
+        let counters = &self.signals.counters;
+        counters
+            .in_flight
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        counters
+            .peak_in_flight
+            .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Applies one failed attempt to `delivery`, adding the write to `out`.
+    fn fail(&self, mut delivery: Delivery, reason: FailureReason, out: &mut Outcomes) {
+        let id = delivery.message.id;
+        let counters = &self.signals.counters;
+        let counter = match &reason {
+            FailureReason::Nacked => &counters.nacked,
+            FailureReason::Returned { .. } => &counters.returned,
+            FailureReason::ConfirmTimeout(_) => &counters.timed_out,
+            FailureReason::ChannelLost(_) => &counters.channel_lost,
+            FailureReason::Rejected(_) | FailureReason::LeaseExpired => &counters.rejected,
+        };
+        Counters::add(counter, 1);
+        let _span =
+            tracing::debug_span!("message", message_id = %id, attempt = delivery.attempts())
+                .entered();
+        match delivery.fail(&reason, &self.config.retry.backoff) {
+            Ok(AfterFailure::Retry { delay, refund }) => {
+                tracing::debug!(reason = %reason, retry_in = ?delay, refund, "retrying");
+                out.record.retry.push(RetryUpdate {
+                    id,
+                    delay,
+                    error: reason.to_string(),
+                    refund,
+                });
+            }
+            Ok(AfterFailure::DeadLetter) => {
+                tracing::debug!(reason = %reason, "failed: attempts exhausted");
+                let why = format!(
+                    "{reason} (attempt {} of {})",
+                    delivery.attempts(),
+                    delivery.max_attempts()
+                );
+                out.dead.push((delivery, why));
+            }
+            Err(e) => tracing::error!(error = %e, "state machine refused a failure"),
+        }
+    }
+
+    fn settle(&mut self, r: Resolved, out: &mut Outcomes) {
+        match self.in_flight.get(&r.id) {
+            Some(t) if t.token == r.token => {}
+            _ => return, // an earlier publish of a message already settled (e.g. timed out)
+        }
+        let Some(tracked) = self.in_flight.remove(&r.id) else {
+            return;
+        };
+        let returned = self.returned.remove(&r.id);
+        let reason = match r.result {
+            Ok(Confirmation::Ack(_)) => returned,
+            Ok(Confirmation::Nack(_)) => Some(returned.unwrap_or(FailureReason::Nacked)),
+            Ok(Confirmation::NotRequested) => Some(FailureReason::ChannelLost(
+                "channel not in confirm mode".into(),
+            )),
+            Err(e) => Some(FailureReason::ChannelLost(e.to_string())),
+        };
+        let mut delivery = tracked.delivery;
+        match reason {
+            None => match delivery.ack() {
+                Ok(()) => {
+                    tracing::debug!(message_id = %r.id, attempt = delivery.attempts(), "confirmed");
+                    out.record.confirmed.push(r.id);
+                }
+                Err(e) => {
+                    tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")
+                }
+            },
+            Some(reason) => self.fail(delivery, reason, out),
+        }
+    }
+
+    /// Notes the return carried by a confirm, under the returned message's own id.
+    fn note_return(&mut self, r: &Resolved) {
+        let returned = match &r.result {
+            Ok(Confirmation::Ack(Some(m))) | Ok(Confirmation::Nack(Some(m))) => m,
+            _ => return,
+        };
+        let id = returned
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|s| Uuid::parse_str(s.as_str()).ok());
+        let Some(id) = id else {
+            tracing::warn!("a returned message carried no Courier message_id");
+            return;
+        };
+        let reason = FailureReason::Returned {
+            code: returned.reply_code,
+            text: returned.reply_text.to_string(),
+        };
+        if self.in_flight.contains_key(&id) {
+            self.returned.insert(id, reason);
+        } else {
+            Counters::add(&self.signals.counters.late_returns, 1);
+            tracing::warn!(message_id = %id, "a return arrived for a message no longer in flight");
+        }
+    }
+
+    fn send(&self, out: Outcomes) {
+        if !out.record.confirmed.is_empty() || !out.record.retry.is_empty() {
+            self.store.do_send(out.record);
+        }
+        if !out.dead.is_empty() {
+            self.dead_letter.do_send(Bury(out.dead));
+        }
+        self.update_gauge();
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let overdue: Vec<Uuid> = self
+            .in_flight
+            .iter()
+            .filter(|(_, t)| t.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        if overdue.is_empty() {
+            return;
+        }
+        let mut out = Outcomes::default();
+        let timeout = self.config.retry.confirm_timeout;
+        for id in overdue {
+            if let Some(t) = self.in_flight.remove(&id) {
+                self.returned.remove(&id);
+                self.fail(t.delivery, FailureReason::ConfirmTimeout(timeout), &mut out);
+            }
+        }
+        self.send(out);
+    }
+
+    fn renew_leases(&self) {
+        let ids: Vec<Uuid> = self.in_flight.keys().copied().collect();
+        if !ids.is_empty() {
+            self.store.do_send(RenewLeases(ids));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Outcomes {
+    record: Record,
+    dead: Vec<(Delivery, String)>,
+}
+
+/// Runs every confirm future; batches what resolved together.
+async fn pump(mut rx: mpsc::UnboundedReceiver<ConfirmFuture>, tracker: Addr<ConfirmTracker>) {
+    let mut pending: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            incoming = rx.recv() => match incoming {
+                Some(fut) => {
+                    pending.push(fut);
+                    while let Ok(fut) = rx.try_recv() {
+                        pending.push(fut);
+                    }
+                }
+                None if pending.is_empty() => return,
+                None => {
+                    // The tracker is gone; nothing can use the results.
+                    return;
+                }
+            },
+            Some(first) = pending.next(), if !pending.is_empty() => {
+                let mut batch = vec![first];
+                while let Some(Some(more)) = pending.next().now_or_never() {
+                    batch.push(more);
+                }
+                tracker.do_send(ResolvedBatch(batch));
+            }
+        }
+    }
+}
+
+impl Actor for ConfirmTracker {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.pump = Some(tx);
+        actix::spawn(pump(rx, ctx.address()));
+        let tick = (self.config.retry.confirm_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        ctx.run_interval(tick, |act, _| act.expire());
+        let renew = self.config.scheduler.lease_duration / 3;
+        ctx.run_interval(renew, |act, _| act.renew_leases());
+    }
+}
+
+impl Handler<Track> for ConfirmTracker {
+    type Result = ();
+
+    fn handle(&mut self, msg: Track, _: &mut Context<Self>) {
+        let deadline = Instant::now() + self.config.retry.confirm_timeout;
+        for p in msg.0 {
+            let id = p.delivery.message.id;
+            let token = p.token;
+            self.in_flight.insert(
+                id,
+                Tracked {
+                    delivery: p.delivery,
+                    token,
+                    deadline,
+                },
+            );
+            let fut: ConfirmFuture =
+                Box::pin(p.confirm.map(move |result| Resolved { id, token, result }));
+            if let Some(pump) = &self.pump {
+                let _ = pump.send(fut);
+            }
+        }
+        self.update_gauge();
+    }
+}
+
+impl Handler<ResolvedBatch> for ConfirmTracker {
+    type Result = ();
+
+    fn handle(&mut self, msg: ResolvedBatch, _: &mut Context<Self>) {
+        for r in &msg.0 {
+            self.note_return(r);
+        }
+        let mut out = Outcomes::default();
+        for r in msg.0 {
+            self.settle(r, &mut out);
+        }
+        self.send(out);
+    }
+}
+
+impl Handler<Unsent> for ConfirmTracker {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsent, _: &mut Context<Self>) {
+        let mut out = Outcomes::default();
+        for (delivery, reason) in msg.0 {
+            self.fail(delivery, reason, &mut out);
+        }
+        self.send(out);
+    }
+}
+
+impl Handler<ConnectionLost> for ConfirmTracker {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectionLost, _: &mut Context<Self>) {
+        let mut out = Outcomes::default();
+        self.returned.clear();
+        for (_, t) in std::mem::take(&mut self.in_flight) {
+            self.fail(
+                t.delivery,
+                FailureReason::ChannelLost(msg.0.clone()),
+                &mut out,
+            );
+        }
+        self.send(out);
+    }
+}
+
+impl Handler<TrackedCount> for ConfirmTracker {
+    type Result = usize;
+
+    fn handle(&mut self, _: TrackedCount, _: &mut Context<Self>) -> usize {
+        self.in_flight.len()
+    }
+}

@@ -1,0 +1,15 @@
+//! The engine's five actors, one per file, each owning one resource:
+//!
+//! - [`scheduler`]: when to claim and how much (sweep timer, LISTEN connection, credits);
+//! - [`store`]: the database pool (claims, batched outcome writes, leases);
+//! - [`publisher`]: the AMQP connection and confirm channel (supervised);
+//! - [`confirms`]: the in-flight table, confirm deadlines and return correlation;
+//! - [`dead_letter`]: the move to `dead_letters` and the optional dead-letter exchange.
+//!
+//! They talk only through the typed messages defined next to each actor.
+
+pub mod confirms;
+pub mod dead_letter;
+pub mod publisher;
+pub mod scheduler;
+pub mod store;

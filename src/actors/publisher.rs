@@ -1,0 +1,481 @@
+//! The Publisher: owns the AMQP connection and its confirm-mode channel.
+//!
+//! Every message is published persistent and `mandatory`, with `message_id` = row id. A
+//! batch is written in one go (each `basic_publish` future registers its confirm and queues
+//! its frames on first poll, so polling them together pipelines the whole batch), and each
+//! message's `PublisherConfirm` goes to the ConfirmTracker. Messages that cannot be sent at
+//! all — names over 255 bytes, headers AMQP cannot carry, payloads over the limit, a missing
+//! exchange — never reach the channel: one bad row must not close the channel under a
+//! thousand good ones (LAPIN-NOTES.md). Missing exchanges are found with a passive declare
+//! on a side channel, cached for a short while.
+//!
+//! The actor runs under an actix `Supervisor`. The publish handler is atomic (it blocks the
+//! mailbox until the batch is written), so a connection event is handled only between
+//! batches; a lost connection stops the actor, `restarting` drops the link and `started`
+//! reconnects with capped, jittered backoff. The tracker fails every unconfirmed message
+//! of the lost connection back to `retrying` (duplicates are allowed, loss is not).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
+    types::{FieldTable, ShortString},
+    BasicProperties, Channel, Connection, Event, ExchangeKind,
+};
+
+use super::{
+    confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
+    scheduler::{BrokerReady, Scheduler},
+};
+use crate::{
+    backoff,
+    broker::{self, BrokerError},
+    config::{BackoffConfig, Config},
+    events::{Counters, EngineEvent, Signals},
+    state::{Delivery, FailureReason},
+};
+
+/// Publish these claimed messages.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish(pub Vec<Delivery>);
+
+/// How long a positive passive-declare result is trusted.
+const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// Reconnect delays: 100 ms doubling to 10 s, ±30 %.
+fn reconnect_backoff() -> BackoffConfig {
+    BackoffConfig {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(10),
+        multiplier: 2.0,
+        jitter: 0.3,
+    }
+}
+
+struct Link {
+    conn: Arc<Connection>,
+    channel: Channel,
+    side: Option<Channel>,
+}
+
+/// See the module documentation.
+pub struct Publisher {
+    config: Arc<Config>,
+    tracker: Addr<ConfirmTracker>,
+    scheduler: Addr<Scheduler>,
+    signals: Signals,
+    link: Option<Link>,
+    known_exchanges: HashMap<String, Instant>,
+    next_token: u64,
+    failed_connects: u32,
+    ever_connected: bool,
+}
+
+impl Publisher {
+    /// A publisher that connects when started.
+    pub fn new(
+        config: Arc<Config>,
+        tracker: Addr<ConfirmTracker>,
+        scheduler: Addr<Scheduler>,
+        signals: Signals,
+    ) -> Self {
+        Publisher {
+            config,
+            tracker,
+            scheduler,
+            signals,
+            link: None,
+            known_exchanges: HashMap::new(),
+            next_token: 0,
+            failed_connects: 0,
+            ever_connected: false,
+        }
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        let cfg = self.config.broker.clone();
+        ctx.wait(
+            async move { open_link(&cfg).await }
+                .into_actor(self)
+                .map(|result, act, ctx| match result {
+                    Ok((link, events)) => {
+                        tracing::info!(broker = %act.config.broker.url, "connected to RabbitMQ");
+                        if act.ever_connected {
+                            Counters::add(&act.signals.counters.reconnects, 1);
+                        }
+                        act.ever_connected = true;
+                        act.failed_connects = 0;
+                        act.known_exchanges.clear();
+                        ctx.add_stream(events);
+                        act.link = Some(link);
+                        act.signals.emit(EngineEvent::BrokerConnected);
+                        act.scheduler.do_send(BrokerReady(true));
+                    }
+                    Err(e) => {
+                        act.failed_connects += 1;
+                        let delay = backoff::delay(&reconnect_backoff(), act.failed_connects);
+                        tracing::warn!(error = %e, retry_in = ?delay, "cannot reach RabbitMQ");
+                        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+                    }
+                }),
+        );
+    }
+
+    /// The connection is gone: fail what was in flight and start over.
+    fn lost(&mut self, ctx: &mut Context<Self>, why: String) {
+        if self.link.is_none() {
+            return;
+        }
+        tracing::warn!(reason = %why, "lost the RabbitMQ connection; unconfirmed messages go back to retrying");
+        self.link = None;
+        self.scheduler.do_send(BrokerReady(false));
+        self.tracker.do_send(ConnectionLost(why.clone()));
+        self.signals.emit(EngineEvent::BrokerDisconnected(why));
+        ctx.stop(); // the Supervisor restarts us: `restarting`, then `started` reconnects.
+    }
+
+    /// The publishing channel closed (e.g. 404 from a deleted exchange): open a new one on
+    /// the same connection, or start over if the connection is gone too.
+    fn reopen_channel(&mut self, ctx: &mut Context<Self>) {
+        let Some(link) = &self.link else { return };
+        self.known_exchanges.clear();
+        let conn = link.conn.clone();
+        let timeout = self.config.broker.connect_timeout;
+        ctx.wait(
+            async move {
+                tokio::time::timeout(timeout, confirm_channel(&conn))
+                    .await
+                    .unwrap_or_else(|_| Err(BrokerError::Amqp("no answer to channel.open".into())))
+            }
+            .into_actor(self)
+            .map(|result, act, ctx| match (result, act.link.as_mut()) {
+                (Ok(channel), Some(link)) => {
+                    tracing::info!("publishing channel closed by the broker; opened a new one");
+                    link.channel = channel;
+                }
+                (Err(e), _) => act.lost(ctx, format!("cannot reopen channel: {e}")),
+                (Ok(_), None) => {}
+            }),
+        );
+    }
+
+    fn exchange_known(&self, name: &str) -> bool {
+        name.is_empty()
+            || self
+                .known_exchanges
+                .get(name)
+                .is_some_and(|at| at.elapsed() < EXCHANGE_CACHE_TTL)
+    }
+}
+
+/// Connects, opens the confirm channel and subscribes to connection events.
+async fn open_link(
+    cfg: &crate::config::BrokerConfig,
+) -> Result<(Link, futures::stream::BoxStream<'static, Event>), BrokerError> {
+    use futures::StreamExt;
+    let conn = Arc::new(broker::connect(cfg, "").await?);
+    let events = conn.events_listener().boxed();
+    let channel = confirm_channel(&conn).await?;
+    Ok((
+        Link {
+            conn,
+            channel,
+            side: None,
+        },
+        events,
+    ))
+}
+
+async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// The AMQP form of one message, or why it cannot be sent.
+struct Prepared {
+    exchange: ShortString,
+    routing_key: ShortString,
+    properties: BasicProperties,
+}
+
+fn prepare(d: &Delivery, max_payload: u64) -> Result<Prepared, String> {
+    let m = &d.message;
+    if m.payload.len() as u64 > max_payload {
+        return Err(format!(
+            "payload of {} bytes is over publisher.max_payload_bytes ({max_payload})",
+            m.payload.len()
+        ));
+    }
+    Ok(Prepared {
+        exchange: m.amqp_exchange()?,
+        routing_key: m.amqp_routing_key()?,
+        properties: m.amqp_properties()?,
+    })
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404)
+}
+
+/// Passive declare on the side channel (reopened as needed: a 404 closes it).
+async fn exchange_exists(
+    conn: &Connection,
+    side: &mut Option<Channel>,
+    name: &str,
+) -> Result<bool, String> {
+    let channel = match side.as_ref().filter(|c| c.status().connected()) {
+        Some(c) => c.clone(),
+        None => {
+            let c = conn.create_channel().await.map_err(|e| e.to_string())?;
+            *side = Some(c.clone());
+            c
+        }
+    };
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let name = ShortString::try_new(name).map_err(|e| e.to_string())?;
+    match channel
+        .exchange_declare(name, ExchangeKind::Direct, options, FieldTable::default())
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if is_not_found(&e) => {
+            *side = None;
+            Ok(false)
+        }
+        Err(e) => {
+            *side = None;
+            Err(e.to_string())
+        }
+    }
+}
+
+/// What one publish round produced.
+struct Round {
+    published: Vec<Published>,
+    unsent: Vec<(Delivery, FailureReason)>,
+    side: Option<Channel>,
+    exchanges: HashMap<String, bool>,
+    channel_broken: bool,
+}
+
+async fn publish_round(
+    conn: Arc<Connection>,
+    channel: Channel,
+    mut side: Option<Channel>,
+    ready: Vec<(Delivery, Prepared, u64)>,
+    unknown: HashSet<String>,
+    check_timeout: Duration,
+) -> Round {
+    let mut exchanges = HashMap::new();
+    let mut unsent = Vec::new();
+    let mut check_failed: Option<String> = None;
+    for name in unknown {
+        // Bounded: a stalled broker must not hold the publisher (and its mailbox) forever.
+        match tokio::time::timeout(check_timeout, exchange_exists(&conn, &mut side, &name)).await {
+            Ok(Ok(exists)) => {
+                exchanges.insert(name, exists);
+            }
+            Ok(Err(e)) => check_failed = Some(e),
+            Err(_) => {
+                side = None;
+                check_failed = Some(format!(
+                    "no answer to a passive declare within {}",
+                    humantime::format_duration(check_timeout)
+                ));
+            }
+        }
+    }
+    let mut to_send = Vec::with_capacity(ready.len());
+    for (d, p, token) in ready {
+        let ex = &d.message.exchange;
+        match exchanges.get(ex) {
+            Some(false) => {
+                let why = format!("exchange `{ex}` does not exist (404 NOT_FOUND)");
+                unsent.push((d, FailureReason::Rejected(why)));
+            }
+            None if !ex.is_empty() && check_failed.is_some() && !exchanges.contains_key(ex) => {
+                let why = check_failed.clone().unwrap_or_default();
+                unsent.push((
+                    d,
+                    FailureReason::ChannelLost(format!("exchange check failed: {why}")),
+                ));
+            }
+            _ => to_send.push((d, p, token)),
+        }
+    }
+
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let mut metas = Vec::with_capacity(to_send.len());
+    let mut deliveries = Vec::with_capacity(to_send.len());
+    for (d, p, token) in to_send {
+        metas.push(p);
+        deliveries.push((d, token));
+    }
+    // Polled together: each future registers its confirm and queues its frames on its
+    // first poll, in order, so the batch is pipelined rather than one round trip each.
+    let results = futures::future::join_all(deliveries.iter().zip(metas).map(|((d, _), p)| {
+        channel.basic_publish(
+            p.exchange,
+            p.routing_key,
+            options,
+            &d.message.payload,
+            p.properties,
+        )
+    }))
+    .await;
+    let mut published = Vec::with_capacity(deliveries.len());
+    let mut channel_broken = false;
+    for ((delivery, token), result) in deliveries.into_iter().zip(results) {
+        match result {
+            Ok(confirm) => published.push(Published {
+                delivery,
+                token,
+                confirm,
+            }),
+            Err(e) => {
+                channel_broken = true;
+                unsent.push((delivery, FailureReason::ChannelLost(e.to_string())));
+            }
+        }
+    }
+    Round {
+        published,
+        unsent,
+        side,
+        exchanges,
+        channel_broken: channel_broken || !channel.status().connected(),
+    }
+}
+
+impl Actor for Publisher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.connect(ctx);
+    }
+}
+
+impl Supervised for Publisher {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        // Spawned futures are gone with the old context; the tracker was told to fail
+        // everything unconfirmed in `lost`. Drop the link so `started` makes a new one.
+        self.link = None;
+        self.scheduler.do_send(BrokerReady(false));
+    }
+}
+
+impl StreamHandler<Event> for Publisher {
+    fn handle(&mut self, event: Event, ctx: &mut Context<Self>) {
+        match event {
+            Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%reason, "RabbitMQ blocked publishers; pausing claims");
+                self.scheduler.do_send(BrokerReady(false));
+                self.signals.emit(EngineEvent::BrokerBlocked(reason));
+            }
+            Event::ConnectionUnblocked => {
+                tracing::info!("RabbitMQ unblocked publishers; resuming");
+                self.scheduler.do_send(BrokerReady(true));
+                self.signals.emit(EngineEvent::BrokerUnblocked);
+            }
+            Event::Error(e) => {
+                let alive = self
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.conn.status().connected());
+                if !alive {
+                    self.lost(ctx, e.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        // The event stream ends with its connection.
+        self.lost(ctx, "connection closed".into());
+    }
+}
+
+impl Handler<Publish> for Publisher {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
+        if self.link.is_none() {
+            let why = FailureReason::ChannelLost("broker not connected".into());
+            self.tracker.do_send(Unsent(
+                msg.0.into_iter().map(|d| (d, why.clone())).collect(),
+            ));
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
+        let max_payload = self.config.publisher.max_payload_bytes;
+        let mut ready = Vec::with_capacity(msg.0.len());
+        let mut rejected = Vec::new();
+        let mut unknown = HashSet::new();
+        for d in msg.0 {
+            match prepare(&d, max_payload) {
+                Ok(p) => {
+                    if !self.exchange_known(&d.message.exchange) {
+                        unknown.insert(d.message.exchange.clone());
+                    }
+                    self.next_token += 1;
+                    ready.push((d, p, self.next_token));
+                }
+                Err(why) => rejected.push((d, FailureReason::Rejected(why))),
+            }
+        }
+        if !rejected.is_empty() {
+            self.tracker.do_send(Unsent(rejected));
+        }
+        let Some(link) = self.link.as_mut() else {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        };
+        let round = publish_round(
+            link.conn.clone(),
+            link.channel.clone(),
+            link.side.take(),
+            ready,
+            unknown,
+            self.config.broker.connect_timeout,
+        );
+        AtomicResponse::new(Box::pin(round.into_actor(self).map(|round, act, ctx| {
+            let now = Instant::now();
+            for (name, exists) in round.exchanges {
+                if exists {
+                    act.known_exchanges.insert(name, now);
+                } else {
+                    act.known_exchanges.remove(&name);
+                }
+            }
+            if let Some(link) = act.link.as_mut() {
+                link.side = round.side;
+            }
+            Counters::add(&act.signals.counters.published, round.published.len());
+            if !round.published.is_empty() {
+                act.signals
+                    .emit(EngineEvent::Published(round.published.len()));
+                act.tracker.do_send(Track(round.published));
+            }
+            if !round.unsent.is_empty() {
+                act.tracker.do_send(Unsent(round.unsent));
+            }
+            if round.channel_broken {
+                act.reopen_channel(ctx);
+            }
+        })))
+    }
+}

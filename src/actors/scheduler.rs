@@ -1,0 +1,284 @@
+//! The Scheduler: decides when to claim and how much.
+//!
+//! It wakes on the insert trigger's NOTIFY (through its own LISTEN connection), on
+//! `EngineHandle::nudge()`, on the safety-net sweep, and when settled messages give credits
+//! back. It holds `publisher.max_in_flight` credits: a claim never asks for more rows than
+//! credits left, so the engine's in-flight bound holds end to end (claimed, published,
+//! awaiting confirm, awaiting its database write). Claims loop while they come back full;
+//! a wake-up during a claim is remembered, so a row committed mid-claim is not left for
+//! the sweep. Rows claimed past their attempt budget (earlier leases expired) go straight
+//! to the DeadLetter actor; the rest are handed to the Publisher in batches.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::{
+    dead_letter::{Bury, DeadLetterActor},
+    publisher::{Publish, Publisher},
+    store::{Claim, StoreActor},
+};
+use crate::{
+    config::Config,
+    events::{Counters, EngineEvent, Signals},
+    state::Delivery,
+    store::Store,
+};
+
+mod listen;
+
+/// Something may be due: claim if there are credits.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Wake;
+
+/// `n` messages reached a durable outcome: their credits come back.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Settled(pub usize);
+
+/// The broker can (or cannot) take publishes: connected and not blocked.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct BrokerReady(pub bool);
+
+/// Stop claiming (shutdown). Answers with the number of messages still unsettled.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "usize")]
+pub struct StopClaiming;
+
+/// How many claimed messages have not settled yet.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "usize")]
+pub struct Outstanding;
+
+/// The addresses the Scheduler hands work to.
+pub struct Peers {
+    /// Claims go here.
+    pub store: Addr<StoreActor>,
+    /// Claimed rows go here.
+    pub publisher: Addr<Publisher>,
+    /// Rows claimed past their budget go here.
+    pub dead_letter: Addr<DeadLetterActor>,
+}
+
+/// See the module documentation.
+pub struct Scheduler {
+    config: std::sync::Arc<Config>,
+    peers: Peers,
+    store: Store,
+    signals: Signals,
+    engine_id: String,
+    credits: usize,
+    claiming: bool,
+    more: bool,
+    broker_ready: bool,
+    stopping: bool,
+}
+
+impl Scheduler {
+    /// A scheduler with all of `publisher.max_in_flight` as credits.
+    pub fn new(
+        config: std::sync::Arc<Config>,
+        peers: Peers,
+        store: Store,
+        signals: Signals,
+        engine_id: String,
+    ) -> Self {
+        let credits = config.publisher.max_in_flight as usize;
+        Scheduler {
+            config,
+            peers,
+            store,
+            signals,
+            engine_id,
+            credits,
+            claiming: false,
+            more: true,
+            broker_ready: false,
+            stopping: false,
+        }
+    }
+
+    fn outstanding(&self) -> usize {
+        self.config.publisher.max_in_flight as usize - self.credits
+    }
+
+    fn maybe_claim(&mut self, ctx: &mut Context<Self>) {
+        if self.claiming {
+            self.more = true;
+            return;
+        }
+        if self.stopping || !self.broker_ready || self.credits == 0 {
+            return;
+        }
+        let limit = self.credits.min(self.config.scheduler.claim_batch as usize) as u32;
+        self.claiming = true;
+        self.more = false;
+        self.peers
+            .store
+            .send(Claim { limit })
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.claiming = false;
+                match result {
+                    Ok(Ok(rows)) => {
+                        let full = rows.len() == limit as usize;
+                        act.dispatch(rows);
+                        if full {
+                            act.more = true;
+                        }
+                        if act.more {
+                            act.maybe_claim(ctx);
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "claim failed; the next sweep tries again")
+                    }
+                    Err(e) => tracing::error!(error = %e, "store actor unavailable"),
+                }
+            })
+            .spawn(ctx);
+    }
+
+    fn dispatch(&mut self, rows: Vec<crate::OutboxMessage>) {
+        if rows.is_empty() {
+            return;
+        }
+        self.credits -= rows.len();
+        Counters::add(&self.signals.counters.claimed, rows.len());
+        self.signals.emit(EngineEvent::Claimed(rows.len()));
+        let max_attempts = self.config.retry.max_attempts;
+        let mut exhausted = Vec::new();
+        let mut to_publish = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut delivery = Delivery::claimed(row, max_attempts);
+            if delivery.over_budget() {
+                match delivery.exhaust() {
+                    Ok(()) => {
+                        let reason = format!(
+                            "attempts exhausted ({} of {}): the last lease expired before a confirm was recorded",
+                            delivery.attempts() - 1,
+                            delivery.max_attempts()
+                        );
+                        exhausted.push((delivery, reason));
+                    }
+                    Err(e) => tracing::error!(error = %e, "state machine refused exhaust"),
+                }
+            } else {
+                to_publish.push(delivery);
+            }
+        }
+        if !exhausted.is_empty() {
+            self.peers.dead_letter.do_send(Bury(exhausted));
+        }
+        let batch = self.config.publisher.publish_batch as usize;
+        let mut rest = to_publish;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(batch));
+            self.peers.publisher.do_send(Publish(rest));
+            rest = tail;
+        }
+    }
+
+    fn log_summary(&self, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let counters = self.signals.counters.snapshot();
+        let outstanding = self.outstanding();
+        ctx.spawn(
+            async move {
+                let oldest = store.stats().await.ok().and_then(|s| s.oldest_pending_age);
+                tracing::info!(
+                    published = counters.published,
+                    confirmed = counters.confirmed,
+                    retried = counters.retried,
+                    dead_lettered = counters.dead_lettered,
+                    in_flight = outstanding,
+                    oldest_pending = %oldest
+                        .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    "summary"
+                );
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Actor for Scheduler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.config.scheduler.sweep_interval, |act, ctx| {
+            act.more = true;
+            act.maybe_claim(ctx)
+        });
+        ctx.run_interval(self.config.logging.summary_interval, |act, ctx| {
+            act.log_summary(ctx)
+        });
+        if self.config.database.listen {
+            listen::start(
+                ctx,
+                self.store.clone(),
+                self.engine_id.clone(),
+                self.signals.clone(),
+            );
+        } else {
+            tracing::info!(
+                sweep = %humantime::format_duration(self.config.scheduler.sweep_interval),
+                "database.listen is off: polling with the sweep"
+            );
+        }
+    }
+}
+
+impl Handler<Wake> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.more = true;
+        self.maybe_claim(ctx);
+    }
+}
+
+impl Handler<Settled> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: Settled, ctx: &mut Context<Self>) {
+        let max = self.config.publisher.max_in_flight as usize;
+        self.credits = (self.credits + msg.0).min(max);
+        if self.more {
+            self.maybe_claim(ctx);
+        }
+    }
+}
+
+impl Handler<BrokerReady> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: BrokerReady, ctx: &mut Context<Self>) {
+        self.broker_ready = msg.0;
+        if msg.0 {
+            self.more = true;
+            self.maybe_claim(ctx);
+        }
+    }
+}
+
+impl Handler<StopClaiming> for Scheduler {
+    type Result = usize;
+
+    fn handle(&mut self, _: StopClaiming, _: &mut Context<Self>) -> usize {
+        self.stopping = true;
+        self.signals.emit(EngineEvent::ShuttingDown);
+        self.outstanding()
+    }
+}
+
+impl Handler<Outstanding> for Scheduler {
+    type Result = usize;
+
+    fn handle(&mut self, _: Outstanding, _: &mut Context<Self>) -> usize {
+        self.outstanding()
+    }
+}

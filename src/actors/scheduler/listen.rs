@@ -1,0 +1,91 @@
+//! The LISTEN side of immediate dispatch, owned by the Scheduler.
+//!
+//! `notifications_stream` borrows its connection for as long as it is read, so LISTEN gets
+//! a dedicated connection outside the pool. At start the listener sends itself a NOTIFY and
+//! waits for it: behind a transaction-mode pooler (PgBouncer) LISTEN succeeds but nothing
+//! ever arrives, and the only symptom would be latency. When the check fails the engine
+//! says so loudly and the sweep carries the load. A lost connection is re-established; the
+//! sweep covers the gap.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use diesel_async::SimpleAsyncConnection;
+use futures::StreamExt;
+
+use super::{Scheduler, Wake};
+use crate::{
+    events::{EngineEvent, Signals},
+    store::{establish, Store, StoreError},
+};
+
+const SELF_CHECK_WAIT: Duration = Duration::from_secs(2);
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Starts the listener task; it ends when the Scheduler stops.
+pub fn start(ctx: &mut Context<Scheduler>, store: Store, engine_id: String, signals: Signals) {
+    let addr = ctx.address();
+    actix::spawn(async move {
+        let mut first = true;
+        while addr.connected() {
+            if let Err(e) = listen(&addr, &store, &engine_id, &signals, first).await {
+                tracing::warn!(error = %e, "LISTEN connection lost; relying on the sweep until it is back");
+            }
+            first = false;
+            tokio::time::sleep(RECONNECT_DELAY).await;
+        }
+    });
+}
+
+async fn listen(
+    addr: &Addr<Scheduler>,
+    store: &Store,
+    engine_id: &str,
+    signals: &Signals,
+    first: bool,
+) -> Result<(), StoreError> {
+    let channel = store.sql().notify_channel();
+    let mut conn = establish(store.url(), Duration::from_secs(10)).await?;
+    conn.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
+    let token = format!("self-check:{engine_id}:{}", uuid::Uuid::new_v4());
+    store.notify(&token).await?;
+    let mut stream = Box::pin(conn.notifications_stream());
+
+    let receiving = tokio::time::timeout(SELF_CHECK_WAIT, async {
+        while let Some(note) = stream.next().await {
+            match note {
+                Ok(n) if n.payload == token => return true,
+                Ok(_) => addr.do_send(Wake),
+                Err(_) => return false,
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if receiving {
+        tracing::debug!(%channel, "LISTEN self-check received");
+    } else if first {
+        tracing::warn!(
+            %channel,
+            "LISTEN self-check: this engine's own NOTIFY never arrived. A transaction-mode \
+             connection pooler between Courier and PostgreSQL drops notifications. Falling \
+             back to the sweep (scheduler.sweep_interval); set database.listen: false to \
+             silence this"
+        );
+    }
+    signals.emit(EngineEvent::ListenerReady { receiving });
+    addr.do_send(Wake);
+
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            note = stream.next() => match note {
+                Some(Ok(_)) => addr.do_send(Wake),
+                Some(Err(e)) => return Err(StoreError::Query(e)),
+                None => return Err(StoreError::Pool("LISTEN connection closed".into())),
+            },
+            _ = alive.tick() => if !addr.connected() { return Ok(()) },
+        }
+    }
+}

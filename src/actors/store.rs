@@ -1,0 +1,254 @@
+//! The Store actor: the only owner of the database pool inside the engine.
+//!
+//! Claims are answered as they come (each on its own pooled connection). Outcomes —
+//! `confirmed` ids and `retrying` updates — are write-behind: they accumulate while one
+//! flush is running and go out together in the next, so under load one statement carries
+//! hundreds of rows and an idle engine still writes at once (group commit, no timer).
+//! A failed flush keeps its rows and is retried with backoff: a database outage delays the
+//! bookkeeping, it never drops an ack. Only after a flush commits are events announced and
+//! the Scheduler's in-flight credits returned.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use super::scheduler::{Scheduler, Settled};
+use crate::{
+    events::{Counters, EngineEvent, Signals},
+    message::OutboxMessage,
+    store::{DeadLetterUpdate, RetryUpdate, Store, StoreError},
+};
+
+/// Claim up to `limit` due rows for this engine.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<OutboxMessage>, StoreError>")]
+pub struct Claim {
+    /// Most rows to claim.
+    pub limit: u32,
+}
+
+/// Settled outcomes to write (batched with others).
+#[derive(Message, Default, Debug)]
+#[rtype(result = "()")]
+pub struct Record {
+    /// Acked and not returned.
+    pub confirmed: Vec<Uuid>,
+    /// Failed attempts with attempts left.
+    pub retry: Vec<RetryUpdate>,
+}
+
+/// Move failed rows to `dead_letters` (answered with the ids moved).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Uuid>, StoreError>")]
+pub struct MoveToDeadLetters(pub Vec<DeadLetterUpdate>);
+
+/// Extend the leases of rows this engine still holds.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RenewLeases(pub Vec<Uuid>);
+
+/// Give back rows claimed but never published (shutdown): due again at once.
+#[derive(Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct Release(pub Vec<Uuid>);
+
+/// Resolves once every recorded outcome is written (or `false` if writes keep failing
+/// when the caller gives up; the caller bounds the wait).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flushed;
+
+/// See the module documentation.
+pub struct StoreActor {
+    store: Store,
+    engine_id: String,
+    lease: Duration,
+    scheduler: Addr<Scheduler>,
+    signals: Signals,
+    pending: Record,
+    flushing: bool,
+    failures: u32,
+    flush_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl StoreActor {
+    /// A Store actor for `engine_id`, returning credits to `scheduler`.
+    pub fn new(
+        store: Store,
+        engine_id: String,
+        lease: Duration,
+        scheduler: Addr<Scheduler>,
+        signals: Signals,
+    ) -> Self {
+        StoreActor {
+            store,
+            engine_id,
+            lease,
+            scheduler,
+            signals,
+            pending: Record::default(),
+            flushing: false,
+            failures: 0,
+            flush_waiters: Vec::new(),
+        }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.flushing {
+            return;
+        }
+        if self.pending.confirmed.is_empty() && self.pending.retry.is_empty() {
+            for waiter in self.flush_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+            return;
+        }
+        self.flushing = true;
+        let batch = std::mem::take(&mut self.pending);
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        let write = async move {
+            let result = write_outcomes(&store, &engine, &batch).await;
+            (batch, result)
+        };
+        ctx.spawn(
+            write
+                .into_actor(self)
+                .map(|(batch, result), act, ctx| match result {
+                    Ok(()) => {
+                        act.failures = 0;
+                        act.flushing = false;
+                        act.announce(batch);
+                        act.flush(ctx);
+                    }
+                    Err(e) => {
+                        act.failures += 1;
+                        let delay = retry_delay(act.failures);
+                        tracing::warn!(
+                            error = %e,
+                            rows = batch.confirmed.len() + batch.retry.len(),
+                            retry_in = ?delay,
+                            "could not record outcomes; keeping them and retrying"
+                        );
+                        act.pending.confirmed.splice(0..0, batch.confirmed);
+                        act.pending.retry.splice(0..0, batch.retry);
+                        ctx.run_later(delay, |act, ctx| {
+                            act.flushing = false;
+                            act.flush(ctx);
+                        });
+                    }
+                }),
+        );
+    }
+
+    fn announce(&self, batch: Record) {
+        let settled = batch.confirmed.len() + batch.retry.len();
+        Counters::add(&self.signals.counters.confirmed, batch.confirmed.len());
+        Counters::add(&self.signals.counters.retried, batch.retry.len());
+        if !batch.confirmed.is_empty() {
+            self.signals
+                .emit(EngineEvent::Confirmed(std::sync::Arc::new(batch.confirmed)));
+        }
+        if !batch.retry.is_empty() {
+            let retried = batch.retry.into_iter().map(|u| (u.id, u.error)).collect();
+            self.signals
+                .emit(EngineEvent::Retrying(std::sync::Arc::new(retried)));
+        }
+        self.scheduler.do_send(Settled(settled));
+    }
+}
+
+async fn write_outcomes(store: &Store, engine: &str, batch: &Record) -> Result<(), StoreError> {
+    // Two idempotent statements: replaying both after a partial failure is harmless.
+    store.mark_confirmed(&batch.confirmed).await?;
+    store.mark_retrying(engine, &batch.retry).await?;
+    Ok(())
+}
+
+/// 100 ms, doubling, capped at 5 s.
+fn retry_delay(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << failures.min(6));
+    Duration::from_millis(ms.min(5_000))
+}
+
+impl Actor for StoreActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Claim> for StoreActor {
+    type Result = ResponseFuture<Result<Vec<OutboxMessage>, StoreError>>;
+
+    fn handle(&mut self, msg: Claim, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        let lease = self.lease;
+        Box::pin(async move { store.claim(&engine, msg.limit, lease).await })
+    }
+}
+
+impl Handler<Record> for StoreActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Record, ctx: &mut Context<Self>) {
+        self.pending.confirmed.extend(msg.confirmed);
+        self.pending.retry.extend(msg.retry);
+        self.flush(ctx);
+    }
+}
+
+impl Handler<MoveToDeadLetters> for StoreActor {
+    type Result = ResponseFuture<Result<Vec<Uuid>, StoreError>>;
+
+    fn handle(&mut self, msg: MoveToDeadLetters, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        Box::pin(async move { store.move_to_dead_letters(&engine, &msg.0).await })
+    }
+}
+
+impl Handler<RenewLeases> for StoreActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: RenewLeases, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        let lease = self.lease;
+        Box::pin(async move {
+            for chunk in msg.0.chunks(5_000) {
+                match store.renew_leases(&engine, chunk, lease).await {
+                    Ok(held) if held < chunk.len() => tracing::warn!(
+                        held,
+                        asked = chunk.len(),
+                        "some leases were lost (rows rescued by another engine?)"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                }
+            }
+        })
+    }
+}
+
+impl Handler<Release> for StoreActor {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+
+    fn handle(&mut self, msg: Release, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        Box::pin(async move { store.release(&engine, &msg.0).await })
+    }
+}
+
+impl Handler<Flushed> for StoreActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_waiters.push(tx);
+        self.flush(ctx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! Starting the engine and talking to it: [`Engine::start`] and [`EngineHandle`].
+//!
+//! The engine is a set of actors on the calling actix `System` (see [`crate::actors`]).
+//! `courier run` starts it in its own System; an application embeds it by calling
+//! [`Engine::start`] from inside its own (e.g. actix-web's) and keeps the handle.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = courier::Config::load("config.yaml".as_ref())?;
+//! let engine = courier::Engine::start(config).await?;
+//! let message = courier::OutboxMessage::new("orders", "order.created", b"{}".to_vec());
+//! engine.store().enqueue(&message).await?;
+//! engine.nudge(); // optional: NOTIFY already wakes it
+//! let outcome = engine.wait_for(message.id, std::time::Duration::from_secs(10)).await?;
+//! assert_eq!(outcome, courier::Outcome::Confirmed);
+//! engine.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::{prelude::*, Supervisor};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::{
+    actors::{
+        confirms::ConfirmTracker,
+        dead_letter::DeadLetterActor,
+        publisher::Publisher,
+        scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
+        store::{Flushed, StoreActor},
+    },
+    config::{Config, ConfigError},
+    events::{CounterSnapshot, EngineEvent, Signals},
+    store::{self, Outcome, Store, StoreError},
+};
+
+/// Why the engine could not start, or a wait failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database is unreachable or a statement failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Not called from inside a running actix `System`.
+    #[error("Engine::start must be called inside a running actix System")]
+    NoSystem,
+    /// A wait ran out of time; the ids not settled yet are listed.
+    #[error("timed out waiting for {} message(s)", .0.len())]
+    Timeout(Vec<Uuid>),
+}
+
+/// Entry point; see the module documentation.
+pub struct Engine;
+
+/// A handle on a running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    engine_id: String,
+    store: Store,
+    signals: Signals,
+    scheduler: Addr<Scheduler>,
+    store_actor: Addr<StoreActor>,
+}
+
+impl Engine {
+    /// Validates `config`, migrates (unless `database.auto_migrate` is off), connects to
+    /// PostgreSQL and starts the actors on the current actix System. The broker connection
+    /// is made in the background and retried until it succeeds.
+    pub async fn start(config: Config) -> Result<EngineHandle, EngineError> {
+        config.validate()?;
+        if System::try_current().is_none() {
+            return Err(EngineError::NoSystem);
+        }
+        if config.database.auto_migrate {
+            store::migrate(
+                &config.database.url,
+                &config.database.schema,
+                config.database.connect_timeout,
+            )
+            .await?;
+        }
+        let store = Store::connect(&config.database).await?;
+        let engine_id = format!(
+            "{}-{}-{}",
+            config.broker.connection_name,
+            std::process::id(),
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        let config = Arc::new(config);
+        let signals = Signals::new(16_384);
+
+        // The Scheduler and the actors that return credits to it refer to each other:
+        // make its context first, so its address exists before it runs.
+        let scheduler_ctx = Context::<Scheduler>::new();
+        let scheduler = scheduler_ctx.address();
+        let store_actor = StoreActor::new(
+            store.clone(),
+            engine_id.clone(),
+            config.scheduler.lease_duration,
+            scheduler.clone(),
+            signals.clone(),
+        )
+        .start();
+        let dead_letter = DeadLetterActor::new(
+            config.clone(),
+            store_actor.clone(),
+            scheduler.clone(),
+            signals.clone(),
+        )
+        .start();
+        let tracker = ConfirmTracker::new(
+            config.clone(),
+            store_actor.clone(),
+            dead_letter.clone(),
+            signals.clone(),
+        )
+        .start();
+        let publisher = {
+            let (config, tracker, scheduler, signals) =
+                (config.clone(), tracker, scheduler.clone(), signals.clone());
+            Supervisor::start(move |_| Publisher::new(config, tracker, scheduler, signals))
+        };
+        scheduler_ctx.run(Scheduler::new(
+            config.clone(),
+            Peers {
+                store: store_actor.clone(),
+                publisher,
+                dead_letter,
+            },
+            store.clone(),
+            signals.clone(),
+            engine_id.clone(),
+        ));
+        tracing::info!(engine = %engine_id, schema = %config.database.schema, "engine started");
+        Ok(EngineHandle {
+            inner: Arc::new(Inner {
+                config,
+                engine_id,
+                store,
+                signals,
+                scheduler,
+                store_actor,
+            }),
+        })
+    }
+}
+
+impl EngineHandle {
+    /// Wakes the scheduler now (for applications that enqueue without NOTIFY).
+    pub fn nudge(&self) {
+        self.inner.scheduler.do_send(Wake);
+    }
+
+    /// This engine's id (the `locked_by` of the rows it holds).
+    pub fn engine_id(&self) -> &str {
+        &self.inner.engine_id
+    }
+
+    /// The engine's store (for enqueueing outside a transaction, stats, tools).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
+        self.inner.signals.events.subscribe()
+    }
+
+    /// The counters now.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.inner.signals.counters.snapshot()
+    }
+
+    /// Waits until message `id` is confirmed or dead-lettered, up to `timeout`.
+    pub async fn wait_for(&self, id: Uuid, timeout: Duration) -> Result<Outcome, EngineError> {
+        let mut all = self.wait_for_all(&[id], timeout).await?;
+        all.remove(&id).ok_or(EngineError::Timeout(vec![id]))
+    }
+
+    /// Waits until every id is confirmed or dead-lettered, up to `timeout`. Listens to the
+    /// engine's events and falls back to the database when events were missed (a lagging
+    /// receiver) or announced by another engine.
+    pub async fn wait_for_all(
+        &self,
+        ids: &[Uuid],
+        timeout: Duration,
+    ) -> Result<HashMap<Uuid, Outcome>, EngineError> {
+        let deadline = Instant::now() + timeout;
+        let mut events = self.subscribe();
+        let mut waiting: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut done = HashMap::with_capacity(ids.len());
+        let mut recheck = true;
+        let mut poll = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            if recheck {
+                recheck = false;
+                let ids: Vec<Uuid> = waiting.iter().copied().collect();
+                for (id, outcome) in self.inner.store.outcomes(&ids).await? {
+                    waiting.remove(&id);
+                    done.insert(id, outcome);
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(done);
+            }
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = poll.tick() => { recheck = true; continue; }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(EngineError::Timeout(waiting.into_iter().collect()));
+                }
+            };
+            match event {
+                Ok(EngineEvent::Confirmed(settled)) => {
+                    for id in settled.iter() {
+                        if waiting.remove(id) {
+                            done.insert(*id, Outcome::Confirmed);
+                        }
+                    }
+                }
+                Ok(EngineEvent::DeadLettered(settled)) => {
+                    for (id, why) in settled.iter() {
+                        if waiting.remove(id) {
+                            done.insert(*id, Outcome::DeadLettered(why.clone()));
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => recheck = true,
+                Err(broadcast::error::RecvError::Closed) => recheck = true,
+            }
+        }
+    }
+
+    /// Messages claimed and not yet settled.
+    pub async fn outstanding(&self) -> usize {
+        self.inner.scheduler.send(Outstanding).await.unwrap_or(0)
+    }
+
+    /// Graceful stop: no more claims; waits (up to `shutdown.timeout`) for outstanding
+    /// confirms and their writes. Returns how many messages were still unsettled when it
+    /// gave up (their leases expire and another engine re-publishes them).
+    pub async fn shutdown(&self) -> usize {
+        let timeout = self.inner.config.shutdown.timeout;
+        let deadline = Instant::now() + timeout;
+        let mut events = self.subscribe();
+        let mut left = self.inner.scheduler.send(StopClaiming).await.unwrap_or(0);
+        tracing::info!(
+            outstanding = left,
+            "shutting down: claims stopped, draining"
+        );
+        while left > 0 && Instant::now() < deadline {
+            let _ = tokio::time::timeout_at(deadline.into(), events.recv()).await;
+            left = self.outstanding().await;
+        }
+        let _ =
+            tokio::time::timeout_at(deadline.into(), self.inner.store_actor.send(Flushed)).await;
+        if left > 0 {
+            tracing::warn!(
+                unsettled = left,
+                "shutdown timeout: leaving messages to lease expiry"
+            );
+        } else {
+            tracing::info!("shutdown complete: every claimed message settled");
+        }
+        left
+    }
+}

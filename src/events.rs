@@ -1,0 +1,151 @@
+//! What the engine tells the world: events on a broadcast channel and running counters.
+//!
+//! Events are announced only after the fact they report is durable (a `Confirmed` event
+//! follows the committed UPDATE), so an application or a test can await a message's
+//! outcome instead of sleeping (River's "test signals"). Counters feed the periodic summary
+//! log and `EngineHandle::counters`.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use uuid::Uuid;
+
+/// Something that happened in the engine.
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    /// The publisher connected (or reconnected) to the broker.
+    BrokerConnected,
+    /// The broker connection was lost; unconfirmed messages go back to `retrying`.
+    BrokerDisconnected(String),
+    /// The broker blocked publishers (memory or disk alarm).
+    BrokerBlocked(String),
+    /// The broker unblocked publishers.
+    BrokerUnblocked,
+    /// The LISTEN self-check finished: `receiving` is false behind a pooler that drops
+    /// notifications (the engine then relies on the sweep).
+    ListenerReady {
+        /// Whether the engine's own NOTIFY came back.
+        receiving: bool,
+    },
+    /// Rows were claimed.
+    Claimed(usize),
+    /// Messages were written to the broker (confirms pending).
+    Published(usize),
+    /// These messages are durably `confirmed`.
+    Confirmed(Arc<Vec<Uuid>>),
+    /// These messages are durably `retrying`, with the reason.
+    Retrying(Arc<Vec<(Uuid, String)>>),
+    /// These messages are durably in `dead_letters`, with the reason.
+    DeadLettered(Arc<Vec<(Uuid, String)>>),
+    /// The engine stopped claiming and is draining.
+    ShuttingDown,
+}
+
+/// Running totals since the engine started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Rows claimed.
+    pub claimed: AtomicU64,
+    /// Publishes written to the broker.
+    pub published: AtomicU64,
+    /// Messages recorded `confirmed`.
+    pub confirmed: AtomicU64,
+    /// Confirms that were `basic.nack`.
+    pub nacked: AtomicU64,
+    /// Messages returned as unroutable.
+    pub returned: AtomicU64,
+    /// Confirms that did not arrive in time.
+    pub timed_out: AtomicU64,
+    /// Confirms lost with a channel or connection.
+    pub channel_lost: AtomicU64,
+    /// Messages that could not be published at all.
+    pub rejected: AtomicU64,
+    /// Messages recorded `retrying`.
+    pub retried: AtomicU64,
+    /// Messages moved to `dead_letters`.
+    pub dead_lettered: AtomicU64,
+    /// Returns that arrived after their message was already recorded confirmed
+    /// (should stay 0; see the ConfirmTracker).
+    pub late_returns: AtomicU64,
+    /// Broker reconnects.
+    pub reconnects: AtomicU64,
+    /// Messages published and not yet settled (gauge).
+    pub in_flight: AtomicU64,
+    /// The highest `in_flight` seen.
+    pub peak_in_flight: AtomicU64,
+}
+
+impl Counters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A plain copy of every counter.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            claimed: get(&self.claimed),
+            published: get(&self.published),
+            confirmed: get(&self.confirmed),
+            nacked: get(&self.nacked),
+            returned: get(&self.returned),
+            timed_out: get(&self.timed_out),
+            channel_lost: get(&self.channel_lost),
+            rejected: get(&self.rejected),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            late_returns: get(&self.late_returns),
+            reconnects: get(&self.reconnects),
+            in_flight: get(&self.in_flight),
+            peak_in_flight: get(&self.peak_in_flight),
+        }
+    }
+}
+
+/// A copy of [`Counters`] at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[allow(missing_docs)]
+pub struct CounterSnapshot {
+    pub claimed: u64,
+    pub published: u64,
+    pub confirmed: u64,
+    pub nacked: u64,
+    pub returned: u64,
+    pub timed_out: u64,
+    pub channel_lost: u64,
+    pub rejected: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub late_returns: u64,
+    pub reconnects: u64,
+    pub in_flight: u64,
+    pub peak_in_flight: u64,
+}
+
+/// The sending side shared by the actors.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    /// Event fan-out; sending with no receiver is fine.
+    pub events: tokio::sync::broadcast::Sender<EngineEvent>,
+    /// Shared counters.
+    pub counters: Arc<Counters>,
+}
+
+impl Signals {
+    /// A fresh set with room for `capacity` unread events per receiver.
+    pub fn new(capacity: usize) -> Signals {
+        let (events, _) = tokio::sync::broadcast::channel(capacity);
+        Signals {
+            events,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// Announces an event (dropped when nobody listens).
+    pub fn emit(&self, event: EngineEvent) {
+        let _ = self.events.send(event);
+    }
+}

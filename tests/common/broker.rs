@@ -1,0 +1,232 @@
+//! A test's own exchange and queue on the real RabbitMQ, deleted afterwards.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures::StreamExt;
+use lapin::{
+    options::{
+        BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+};
+use uuid::Uuid;
+
+use super::{broker_url, unique_name, within};
+
+/// One delivery as a consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub id: Uuid,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+/// A topic exchange bound to one queue with `routed.#`: routing keys starting with
+/// `routed.` arrive, anything else is unroutable.
+pub struct TestBroker {
+    pub conn: Connection,
+    pub channel: Channel,
+    pub exchange: String,
+    pub queue: String,
+    extra_exchanges: Vec<String>,
+    extra_queues: Vec<String>,
+}
+
+impl TestBroker {
+    pub async fn new(prefix: &str) -> TestBroker {
+        let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        let exchange = unique_name(prefix);
+        let queue = format!("{exchange}.q");
+        let broker = TestBroker {
+            conn,
+            channel,
+            exchange: exchange.clone(),
+            queue: queue.clone(),
+            extra_exchanges: Vec::new(),
+            extra_queues: Vec::new(),
+        };
+        broker
+            .declare_exchange(&exchange, ExchangeKind::Topic)
+            .await;
+        broker.declare_queue(&queue, FieldTable::default()).await;
+        broker.bind(&queue, &exchange, "routed.#").await;
+        broker
+    }
+
+    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) {
+        self.channel
+            .exchange_declare(
+                name.into(),
+                kind,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+    }
+
+    pub async fn declare_queue(&self, name: &str, args: FieldTable) {
+        self.channel
+            .queue_declare(name.into(), QueueDeclareOptions::default(), args)
+            .await
+            .expect("declare queue");
+    }
+
+    pub async fn bind(&self, queue: &str, exchange: &str, key: &str) {
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+
+    /// Another exchange (deleted with the broker guard).
+    pub async fn extra_exchange(&mut self, suffix: &str, kind: ExchangeKind) -> String {
+        let name = format!("{}.{suffix}", self.exchange);
+        self.declare_exchange(&name, kind).await;
+        self.extra_exchanges.push(name.clone());
+        name
+    }
+
+    /// Another queue (deleted with the broker guard).
+    pub async fn extra_queue(&mut self, suffix: &str, args: FieldTable) -> String {
+        let name = format!("{}.{suffix}", self.exchange);
+        self.declare_queue(&name, args).await;
+        self.extra_queues.push(name.clone());
+        name
+    }
+
+    /// A queue that nacks every publish: max length 0 with reject-publish overflow.
+    pub async fn nacking_queue(&mut self, exchange: &str) {
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        let q = self.extra_queue("nack", args).await;
+        self.bind(&q, exchange, "#").await;
+    }
+
+    /// Ready messages in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        q.message_count()
+    }
+
+    /// Consumes exactly `n` messages from `queue` (auto-ack), failing after `secs`.
+    pub async fn take(&self, queue: &str, n: usize, secs: u64) -> Vec<Received> {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut got = Vec::with_capacity(n);
+        within(secs, &format!("{n} messages from {queue}"), async {
+            while got.len() < n {
+                let d = consumer
+                    .next()
+                    .await
+                    .expect("consumer open")
+                    .expect("delivery");
+                let id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .and_then(|s| Uuid::parse_str(s.as_str()).ok())
+                    .expect("message_id is a uuid");
+                got.push(Received {
+                    id,
+                    routing_key: d.routing_key.to_string(),
+                    payload: d.data.clone(),
+                    properties: d.properties.clone(),
+                });
+            }
+        })
+        .await;
+        let _ = ch.close(200, "done".into()).await;
+        got
+    }
+}
+
+/// Counts of each id; asserts none twice.
+pub fn assert_once(received: &[Received]) -> HashMap<Uuid, &Received> {
+    let mut seen = HashMap::new();
+    for r in received {
+        assert!(
+            seen.insert(r.id, r).is_none(),
+            "message {} delivered twice",
+            r.id
+        );
+    }
+    seen
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let mut exchanges = self.extra_exchanges.clone();
+        exchanges.push(self.exchange.clone());
+        let mut queues = self.extra_queues.clone();
+        queues.push(self.queue.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let Ok(Ok(conn)) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    Connection::connect(&broker_url(), ConnectionProperties::default()),
+                )
+                .await
+                else {
+                    return;
+                };
+                if let Ok(ch) = conn.create_channel().await {
+                    for q in queues {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    for e in exchanges {
+                        let _ = ch
+                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            });
+        })
+        .join();
+    }
+}

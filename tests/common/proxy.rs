@@ -1,0 +1,136 @@
+//! A TCP proxy inside the test, between the engine and RabbitMQ (no Docker here): it can
+//! stall the broker-to-client direction (confirms and heartbeats stop arriving) and cut
+//! every connection. It runs on its own thread and runtime, so it keeps working whatever
+//! the test's runtime is doing.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+struct Shared {
+    stalled: watch::Sender<bool>,
+    generation: watch::Sender<u64>,
+    connections: AtomicU64,
+}
+
+/// See the module documentation.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1 (a free port) and forwards to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Proxy {
+        let (stalled, _) = watch::channel(false);
+        let (generation, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            stalled,
+            generation,
+            connections: AtomicU64::new(0),
+        });
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("proxy runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("listener");
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        continue;
+                    };
+                    s.connections.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(pipe(client, server, s.clone()));
+                }
+            });
+        });
+        Proxy { addr, shared }
+    }
+
+    /// An AMQP URL through the proxy.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// Stops (true) or resumes (false) forwarding from the broker to the client.
+    pub fn stall(&self, on: bool) {
+        self.shared.stalled.send_replace(on);
+    }
+
+    /// Closes every open connection (new ones are accepted).
+    pub fn cut(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let mut gen = shared.generation.subscribe();
+    gen.borrow_and_update();
+    let mut stalled = shared.stalled.subscribe();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if sw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            while *stalled.borrow_and_update() {
+                if stalled.changed().await.is_err() {
+                    return;
+                }
+            }
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // Hold data read just before a stall until the stall ends.
+            while *stalled.borrow_and_update() {
+                if stalled.changed().await.is_err() {
+                    return;
+                }
+            }
+            if cw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = gen.changed() => {}
+    }
+}
