@@ -69,6 +69,8 @@ pub struct Counters {
     /// Returns that arrived after their message was already recorded confirmed
     /// (should stay 0; see the ConfirmTracker).
     pub late_returns: AtomicU64,
+    /// Returns that lapin delivered on another message's confirm (correlated by id).
+    pub returns_on_other_confirm: AtomicU64,
     /// Broker reconnects.
     pub reconnects: AtomicU64,
     /// Messages published and not yet settled (gauge).
@@ -98,6 +100,7 @@ impl Counters {
             retried: get(&self.retried),
             dead_lettered: get(&self.dead_lettered),
             late_returns: get(&self.late_returns),
+            returns_on_other_confirm: get(&self.returns_on_other_confirm),
             reconnects: get(&self.reconnects),
             in_flight: get(&self.in_flight),
             peak_in_flight: get(&self.peak_in_flight),
@@ -120,6 +123,7 @@ pub struct CounterSnapshot {
     pub retried: u64,
     pub dead_lettered: u64,
     pub late_returns: u64,
+    pub returns_on_other_confirm: u64,
     pub reconnects: u64,
     pub in_flight: u64,
     pub peak_in_flight: u64,

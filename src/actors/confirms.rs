@@ -222,6 +222,9 @@ impl ConfirmTracker {
             tracing::warn!("a returned message carried no Courier message_id");
             return;
         };
+        if id != r.id {
+            Counters::add(&self.signals.counters.returns_on_other_confirm, 1);
+        }
         let reason = FailureReason::Returned {
             code: returned.reply_code,
             text: returned.reply_text.to_string(),
