@@ -162,6 +162,9 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     /// LISTEN for the insert trigger's NOTIFY.
     pub listen: bool,
+    /// At start, keep retrying (with backoff) while PostgreSQL is unreachable; `false`
+    /// fails at once.
+    pub wait_at_start: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -173,6 +176,7 @@ impl Default for DatabaseConfig {
             auto_migrate: true,
             connect_timeout: Duration::from_secs(5),
             listen: true,
+            wait_at_start: true,
         }
     }
 }
@@ -424,15 +428,6 @@ impl Config {
         self.retry.backoff.validate()?;
         positive_duration("scheduler.sweep_interval", self.scheduler.sweep_interval)?;
         positive_duration("scheduler.lease_duration", self.scheduler.lease_duration)?;
-        if self.scheduler.lease_duration <= self.retry.confirm_timeout {
-            return Err(ConfigError::invalid(
-                "scheduler.lease_duration",
-                format!(
-                    "must be longer than retry.confirm_timeout ({}), or another engine could take a row whose confirm is still awaited",
-                    humantime::format_duration(self.retry.confirm_timeout)
-                ),
-            ));
-        }
         positive("scheduler.claim_batch", self.scheduler.claim_batch as u64)?;
         positive_duration("logging.summary_interval", self.logging.summary_interval)?;
         positive_duration("shutdown.timeout", self.shutdown.timeout)?;
@@ -746,12 +741,6 @@ mod tests {
             redact_url("postgres://postgres@127.0.0.1/x"),
             "postgres://postgres@127.0.0.1/x"
         );
-    }
-
-    #[test]
-    fn lease_must_outlast_confirm_timeout() {
-        let msg = err("retry:\n  confirm_timeout: 2m\nscheduler:\n  lease_duration: 1m\n");
-        assert!(msg.contains("scheduler.lease_duration"), "{msg}");
     }
 
     #[test]

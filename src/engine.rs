@@ -33,7 +33,7 @@ use crate::{
         dead_letter::DeadLetterActor,
         publisher::Publisher,
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
-        store::{Flushed, StoreActor},
+        store::{Flushed, ReleaseAll, StoreActor},
     },
     config::{Config, ConfigError},
     events::{CounterSnapshot, EngineEvent, Signals},
@@ -84,15 +84,7 @@ impl Engine {
         if System::try_current().is_none() {
             return Err(EngineError::NoSystem);
         }
-        if config.database.auto_migrate {
-            store::migrate(
-                &config.database.url,
-                &config.database.schema,
-                config.database.connect_timeout,
-            )
-            .await?;
-        }
-        let store = Store::connect(&config.database).await?;
+        let store = connect_database(&config).await?;
         let engine_id = format!(
             "{}-{}-{}",
             config.broker.connection_name,
@@ -129,9 +121,16 @@ impl Engine {
         )
         .start();
         let publisher = {
-            let (config, tracker, scheduler, signals) =
-                (config.clone(), tracker, scheduler.clone(), signals.clone());
-            Supervisor::start(move |_| Publisher::new(config, tracker, scheduler, signals))
+            let (config, tracker, scheduler, store_actor, signals) = (
+                config.clone(),
+                tracker,
+                scheduler.clone(),
+                store_actor.clone(),
+                signals.clone(),
+            );
+            Supervisor::start(move |_| {
+                Publisher::new(config, tracker, scheduler, store_actor, signals)
+            })
         };
         scheduler_ctx.run(Scheduler::new(
             config.clone(),
@@ -155,6 +154,43 @@ impl Engine {
                 store_actor,
             }),
         })
+    }
+}
+
+/// Migrates (if configured) and connects. While PostgreSQL is unreachable, retries with
+/// capped backoff when `database.wait_at_start` is on, saying so at each attempt; otherwise
+/// fails at once (the binary exits 1).
+async fn connect_database(config: &Config) -> Result<Store, EngineError> {
+    let backoff = crate::config::BackoffConfig {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(10),
+        multiplier: 2.0,
+        jitter: 0.2,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = async {
+            if config.database.auto_migrate {
+                store::migrate(
+                    &config.database.url,
+                    &config.database.schema,
+                    config.database.connect_timeout,
+                )
+                .await?;
+            }
+            Store::connect(&config.database).await
+        }
+        .await;
+        match result {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_transient() && config.database.wait_at_start => {
+                let delay = crate::backoff::delay(&backoff, attempt);
+                tracing::warn!(error = %e, attempt, retry_in = ?delay, "PostgreSQL not available yet; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -255,32 +291,46 @@ impl EngineHandle {
         self.inner.scheduler.send(Outstanding).await.unwrap_or(0)
     }
 
-    /// Graceful stop: no more claims; waits (up to `shutdown.timeout`) for outstanding
-    /// confirms and their writes. Returns how many messages were still unsettled when it
-    /// gave up (their leases expire and another engine re-publishes them).
+    /// Graceful stop. Claims stop at once; rows claimed but not yet published are given
+    /// back unpublished; outstanding confirms are awaited (up to `shutdown.timeout`) and
+    /// their outcomes written. Whatever is still unsettled then is released to the outbox,
+    /// so the next engine starts on it at once rather than after a lease expiry (its
+    /// confirm may still have been on the way: a possible duplicate, never a loss).
+    /// Returns how many rows were released that way.
     pub async fn shutdown(&self) -> usize {
         let timeout = self.inner.config.shutdown.timeout;
         let deadline = Instant::now() + timeout;
         let mut events = self.subscribe();
+        self.inner
+            .signals
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut left = self.inner.scheduler.send(StopClaiming).await.unwrap_or(0);
-        tracing::info!(
-            outstanding = left,
-            "shutting down: claims stopped, draining"
-        );
+        tracing::info!(outstanding = left, "shutting down: claims stopped, draining");
         while left > 0 && Instant::now() < deadline {
             let _ = tokio::time::timeout_at(deadline.into(), events.recv()).await;
             left = self.outstanding().await;
         }
-        let _ =
-            tokio::time::timeout_at(deadline.into(), self.inner.store_actor.send(Flushed)).await;
-        if left > 0 {
-            tracing::warn!(
-                unsettled = left,
-                "shutdown timeout: leaving messages to lease expiry"
-            );
-        } else {
+        let flush_by = deadline.max(Instant::now() + Duration::from_secs(1));
+        let _ = tokio::time::timeout_at(flush_by.into(), self.inner.store_actor.send(Flushed)).await;
+        if left == 0 {
             tracing::info!("shutdown complete: every claimed message settled");
+            return 0;
         }
-        left
+        match self.inner.store_actor.send(ReleaseAll).await {
+            Ok(Ok(released)) => {
+                tracing::warn!(
+                    unsettled = left,
+                    released,
+                    "shutdown timeout: released unconfirmed rows for the next engine"
+                );
+                released
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(unsettled = left, error = %e, "shutdown timeout: could not release rows; their leases will expire");
+                0
+            }
+            Err(_) => 0,
+        }
     }
 }

@@ -136,6 +136,8 @@ pub struct Signals {
     pub events: tokio::sync::broadcast::Sender<EngineEvent>,
     /// Shared counters.
     pub counters: Arc<Counters>,
+    /// Set when a graceful shutdown begins: nothing new is published.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Signals {
@@ -145,7 +147,13 @@ impl Signals {
         Signals {
             events,
             counters: Arc::new(Counters::default()),
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
+    }
+
+    /// Whether a graceful shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Announces an event (dropped when nobody listens).

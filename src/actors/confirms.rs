@@ -16,9 +16,7 @@
 //! return of a batch before it settles any ack in it. A return that names a message still
 //! in flight is remembered until that message's own confirm arrives.
 //!
-//! Outcomes go to the Store actor (batched writes) and the DeadLetter actor. The tracker
-//! also renews the leases of what it holds, so a slow engine's rows are never rescued from
-//! under it.
+//! Outcomes go to the Store actor (batched writes) and the DeadLetter actor.
 
 use std::{
     collections::HashMap,
@@ -36,7 +34,7 @@ use uuid::Uuid;
 
 use super::{
     dead_letter::{Bury, DeadLetterActor},
-    store::{Record, RenewLeases, StoreActor},
+    store::{Record, StoreActor},
 };
 use crate::{
     config::Config,
@@ -269,12 +267,6 @@ impl ConfirmTracker {
         self.send(out);
     }
 
-    fn renew_leases(&self) {
-        let ids: Vec<Uuid> = self.in_flight.keys().copied().collect();
-        if !ids.is_empty() {
-            self.store.do_send(RenewLeases(ids));
-        }
-    }
 }
 
 #[derive(Default)]
@@ -323,8 +315,6 @@ impl Actor for ConfirmTracker {
         let tick = (self.config.retry.confirm_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         ctx.run_interval(tick, |act, _| act.expire());
-        let renew = self.config.scheduler.lease_duration / 3;
-        ctx.run_interval(renew, |act, _| act.renew_leases());
     }
 }
 

@@ -10,10 +10,13 @@
 //! on a side channel, cached for a short while.
 //!
 //! The actor runs under an actix `Supervisor`. The publish handler is atomic (it blocks the
-//! mailbox until the batch is written), so a connection event is handled only between
-//! batches; a lost connection stops the actor, `restarting` drops the link and `started`
-//! reconnects with capped, jittered backoff. The tracker fails every unconfirmed message
-//! of the lost connection back to `retrying` (duplicates are allowed, loss is not).
+//! mailbox until the batch is written). Connection events are read by a small watcher task
+//! outside the mailbox: `connection.blocked` must reach the Scheduler even while a publish
+//! waits on the blocked socket. A lost connection stops the actor, `restarting` drops the
+//! link and `started` reconnects with capped, jittered backoff. The tracker fails every
+//! unconfirmed message of the lost connection back to `retrying` (duplicates are allowed,
+//! loss is not). Once a graceful shutdown begins, claimed rows that reach the publisher are
+//! given back to the outbox unpublished.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -31,6 +34,7 @@ use lapin::{
 use super::{
     confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
     scheduler::{BrokerReady, Scheduler},
+    store::{Release, StoreActor},
 };
 use crate::{
     backoff,
@@ -44,6 +48,14 @@ use crate::{
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Publish(pub Vec<Delivery>);
+
+/// The watcher saw connection `generation` fail.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ConnectionFailed {
+    generation: u64,
+    why: String,
+}
 
 /// How long a positive passive-declare result is trusted.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -69,6 +81,8 @@ pub struct Publisher {
     config: Arc<Config>,
     tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
+    store: Addr<StoreActor>,
+    generation: u64,
     signals: Signals,
     link: Option<Link>,
     known_exchanges: HashMap<String, Instant>,
@@ -83,12 +97,15 @@ impl Publisher {
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
         scheduler: Addr<Scheduler>,
+        store: Addr<StoreActor>,
         signals: Signals,
     ) -> Self {
         Publisher {
             config,
             tracker,
             scheduler,
+            store,
+            generation: 0,
             signals,
             link: None,
             known_exchanges: HashMap::new(),
@@ -112,7 +129,8 @@ impl Publisher {
                         act.ever_connected = true;
                         act.failed_connects = 0;
                         act.known_exchanges.clear();
-                        ctx.add_stream(events);
+                        act.generation += 1;
+                        watch(events, act.generation, ctx.address(), act.scheduler.clone(), act.signals.clone());
                         act.link = Some(link);
                         act.signals.emit(EngineEvent::BrokerConnected);
                         act.scheduler.do_send(BrokerReady(true));
@@ -190,6 +208,42 @@ async fn open_link(
         },
         events,
     ))
+}
+
+/// Reads connection events outside the Publisher's mailbox (see the module doc).
+fn watch(
+    mut events: futures::stream::BoxStream<'static, Event>,
+    generation: u64,
+    publisher: Addr<Publisher>,
+    scheduler: Addr<Scheduler>,
+    signals: Signals,
+) {
+    use futures::StreamExt;
+    actix::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                Event::ConnectionBlocked(reason) => {
+                    tracing::warn!(%reason, "RabbitMQ blocked publishers; pausing claims");
+                    scheduler.do_send(BrokerReady(false));
+                    signals.emit(EngineEvent::BrokerBlocked(reason));
+                }
+                Event::ConnectionUnblocked => {
+                    tracing::info!("RabbitMQ unblocked publishers; resuming");
+                    scheduler.do_send(BrokerReady(true));
+                    signals.emit(EngineEvent::BrokerUnblocked);
+                }
+                Event::Error(e) => publisher.do_send(ConnectionFailed {
+                    generation,
+                    why: e.to_string(),
+                }),
+                _ => {}
+            }
+        }
+        publisher.do_send(ConnectionFailed {
+            generation,
+            why: "connection closed".into(),
+        });
+    });
 }
 
 async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
@@ -379,35 +433,20 @@ impl Supervised for Publisher {
     }
 }
 
-impl StreamHandler<Event> for Publisher {
-    fn handle(&mut self, event: Event, ctx: &mut Context<Self>) {
-        match event {
-            Event::ConnectionBlocked(reason) => {
-                tracing::warn!(%reason, "RabbitMQ blocked publishers; pausing claims");
-                self.scheduler.do_send(BrokerReady(false));
-                self.signals.emit(EngineEvent::BrokerBlocked(reason));
-            }
-            Event::ConnectionUnblocked => {
-                tracing::info!("RabbitMQ unblocked publishers; resuming");
-                self.scheduler.do_send(BrokerReady(true));
-                self.signals.emit(EngineEvent::BrokerUnblocked);
-            }
-            Event::Error(e) => {
-                let alive = self
-                    .link
-                    .as_ref()
-                    .is_some_and(|l| l.conn.status().connected());
-                if !alive {
-                    self.lost(ctx, e.to_string());
-                }
-            }
-            _ => {}
-        }
-    }
+impl Handler<ConnectionFailed> for Publisher {
+    type Result = ();
 
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        // The event stream ends with its connection.
-        self.lost(ctx, "connection closed".into());
+    fn handle(&mut self, msg: ConnectionFailed, ctx: &mut Context<Self>) {
+        if msg.generation != self.generation {
+            return; // an old connection's last words
+        }
+        let alive = self
+            .link
+            .as_ref()
+            .is_some_and(|l| l.conn.status().connected());
+        if !alive {
+            self.lost(ctx, msg.why);
+        }
     }
 }
 
@@ -415,6 +454,11 @@ impl Handler<Publish> for Publisher {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
+        if self.signals.is_draining() {
+            let ids = msg.0.iter().map(|d| d.message.id).collect();
+            self.store.do_send(Release(ids));
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
         if self.link.is_none() {
             let why = FailureReason::ChannelLost("broker not connected".into());
             self.tracker.do_send(Unsent(

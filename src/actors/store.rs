@@ -43,18 +43,20 @@ pub struct Record {
 #[rtype(result = "Result<Vec<Uuid>, StoreError>")]
 pub struct MoveToDeadLetters(pub Vec<DeadLetterUpdate>);
 
-/// Extend the leases of rows this engine still holds.
+/// Give back rows claimed but never published (shutdown): due again at once, and their
+/// credits return to the Scheduler.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RenewLeases(pub Vec<Uuid>);
-
-/// Give back rows claimed but never published (shutdown): due again at once.
-#[derive(Message)]
-#[rtype(result = "Result<usize, StoreError>")]
 pub struct Release(pub Vec<Uuid>);
 
-/// Resolves once every recorded outcome is written (or `false` if writes keep failing
-/// when the caller gives up; the caller bounds the wait).
+/// Give back every row this engine still holds (end of a shutdown that timed out), so the
+/// next engine starts on them at once instead of waiting for the lease to expire.
+#[derive(Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct ReleaseAll;
+
+/// Resolves once every recorded outcome is written. While the database is down this waits;
+/// callers bound the wait.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Flushed;
@@ -174,6 +176,25 @@ fn retry_delay(failures: u32) -> Duration {
 
 impl Actor for StoreActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // A slow but alive engine keeps its rows: every row it holds, wherever it is in
+        // the pipeline, gets its lease extended well before it could expire. Rescue is for
+        // engines that stopped renewing (crashed, partitioned), never for slow ones.
+        ctx.run_interval(self.lease / 3, |act, ctx| {
+            let store = act.store.clone();
+            let engine = act.engine_id.clone();
+            let lease = act.lease;
+            ctx.spawn(
+                async move {
+                    if let Err(e) = store.renew_all(&engine, lease).await {
+                        tracing::warn!(error = %e, "lease renewal failed; retrying next period");
+                    }
+                }
+                .into_actor(act),
+            );
+        });
+    }
 }
 
 impl Handler<Claim> for StoreActor {
@@ -207,36 +228,31 @@ impl Handler<MoveToDeadLetters> for StoreActor {
     }
 }
 
-impl Handler<RenewLeases> for StoreActor {
-    type Result = ResponseFuture<()>;
+impl Handler<Release> for StoreActor {
+    type Result = ();
 
-    fn handle(&mut self, msg: RenewLeases, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
-        let lease = self.lease;
-        Box::pin(async move {
-            for chunk in msg.0.chunks(5_000) {
-                match store.renew_leases(&engine, chunk, lease).await {
-                    Ok(held) if held < chunk.len() => tracing::warn!(
-                        held,
-                        asked = chunk.len(),
-                        "some leases were lost (rows rescued by another engine?)"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
-                }
+        let n = msg.0.len();
+        let release = async move { store.release(&engine, &msg.0).await };
+        ctx.spawn(release.into_actor(self).map(move |result, act, _| {
+            match result {
+                Ok(released) => tracing::info!(released, "gave back unpublished rows"),
+                Err(e) => tracing::warn!(error = %e, rows = n, "could not give back unpublished rows; their leases will expire"),
             }
-        })
+            act.scheduler.do_send(Settled(n));
+        }));
     }
 }
 
-impl Handler<Release> for StoreActor {
+impl Handler<ReleaseAll> for StoreActor {
     type Result = ResponseFuture<Result<usize, StoreError>>;
 
-    fn handle(&mut self, msg: Release, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: ReleaseAll, _: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
-        Box::pin(async move { store.release(&engine, &msg.0).await })
+        Box::pin(async move { store.release_all(&engine).await })
     }
 }
 

@@ -67,7 +67,6 @@ impl StoreError {
                 diesel::result::DatabaseErrorKind::ClosedConnection
                     | diesel::result::DatabaseErrorKind::SerializationFailure
             ),
-            StoreError::Query(_) => true,
             _ => false,
         }
     }
@@ -371,6 +370,26 @@ impl Store {
             .await?)
     }
 
+    /// Extends the lease of every row `engine` holds. Returns how many.
+    pub async fn renew_all(&self, engine: &str, lease: Duration) -> Result<usize, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(&self.sql.renew_all)
+            .bind::<Text, _>(engine)
+            .bind::<BigInt, _>(millis(lease))
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Gives back every row `engine` still holds (shutdown): due again at once, attempt
+    /// refunded. Returns how many.
+    pub async fn release_all(&self, engine: &str) -> Result<usize, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(&self.sql.release_all)
+            .bind::<Text, _>(engine)
+            .execute(&mut conn)
+            .await?)
+    }
+
     /// Marks a batch `confirmed` (one statement). Returns the rows changed.
     pub async fn mark_confirmed(&self, ids: &[Uuid]) -> Result<usize, StoreError> {
         if ids.is_empty() {
@@ -517,6 +536,13 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Confirmed rows by the engine that published them (`locked_by` is kept on confirm).
+    pub async fn publishers_of_confirmed(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<CountRow> = diesel::sql_query(&self.sql.publishers).load(&mut conn).await?;
+        Ok(rows.into_iter().map(|r| (r.status, r.n)).collect())
     }
 
     /// Sends a NOTIFY on the outbox channel with `payload` (the listener's self-check).

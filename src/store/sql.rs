@@ -10,6 +10,8 @@ pub struct Sql {
     pub(crate) schema: String,
     pub(crate) claim: String,
     pub(crate) renew: String,
+    pub(crate) renew_all: String,
+    pub(crate) release_all: String,
     pub(crate) confirm: String,
     pub(crate) retry: String,
     pub(crate) release: String,
@@ -24,6 +26,7 @@ pub struct Sql {
     pub(crate) dead_letter_of: String,
     pub(crate) notify: String,
     pub(crate) outcomes: String,
+    pub(crate) publishers: String,
 }
 
 /// The columns a claimed message is read with (see `ClaimedRow`).
@@ -72,11 +75,27 @@ impl Sql {
                  SET locked_until = now() + $3 * interval '1 millisecond'
                  WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
             ),
+            // Every row this engine still holds, wherever it is in the pipeline (queued for
+            // the publisher, awaiting a confirm, awaiting its outcome write).
+            renew_all: format!(
+                "UPDATE {s}.outbox
+                 SET locked_until = now() + $2 * interval '1 millisecond'
+                 WHERE status = 'in_flight' AND locked_by = $1"
+            ),
+            release_all: format!(
+                "UPDATE {s}.outbox
+                 SET status = CASE WHEN attempts > 1 THEN 'retrying'::{s}.outbox_status
+                                   ELSE 'pending'::{s}.outbox_status END,
+                     attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
+                     locked_by = NULL, locked_until = NULL, updated_at = now()
+                 WHERE status = 'in_flight' AND locked_by = $1"
+            ),
             // An ack is a fact about delivery: it is recorded whoever holds the row now.
+            // `locked_by` is kept: on a confirmed row it names the engine that published it.
             confirm: format!(
                 "UPDATE {s}.outbox
                  SET status = 'confirmed', confirmed_at = now(), updated_at = now(),
-                     locked_by = NULL, locked_until = NULL
+                     locked_until = NULL
                  WHERE id = ANY($1) AND status <> 'confirmed'"
             ),
             // Failures are fenced by the lease: an engine that lost a row must not undo the
@@ -162,6 +181,10 @@ impl Sql {
                  UNION ALL
                  SELECT id, 'dead_lettered'::text, last_error
                  FROM {s}.dead_letters WHERE id = ANY($1)"
+            ),
+            publishers: format!(
+                "SELECT coalesce(locked_by, '') AS status, count(*) AS n
+                 FROM {s}.outbox WHERE status = 'confirmed' GROUP BY locked_by"
             ),
             notify: format!("SELECT pg_notify('{schema}.outbox', $1)::text AS v"),
         }

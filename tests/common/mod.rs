@@ -3,6 +3,7 @@
 //! see each other's rows.
 #![allow(dead_code)]
 
+pub mod audit;
 pub mod broker;
 pub mod proxy;
 
@@ -32,6 +33,16 @@ pub fn unique_name(prefix: &str) -> String {
     format!("t_{prefix}_{}", &id[..12])
 }
 
+/// Logs to the test output, filtered by `RUST_LOG` (silent by default).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// A test's own schema, migrated, and dropped (with everything in it) on drop.
 pub struct TestDb {
     pub schema: String,
@@ -41,6 +52,7 @@ pub struct TestDb {
 impl TestDb {
     /// Creates and migrates a fresh schema named after `prefix`.
     pub async fn new(prefix: &str) -> TestDb {
+        init_logs();
         let schema = unique_name(prefix);
         let mut config = Config::default();
         config.database.url = SecretUrl::new(database_url());
@@ -171,5 +183,83 @@ impl TestDb {
             .await
             .expect("insert rows");
         rows.into_iter().map(|r| r.id).collect()
+    }
+}
+
+/// A `courier run` process on a test schema; killed (SIGKILL) if still running on drop.
+pub struct EngineProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl EngineProcess {
+    /// Starts `courier run` with `COURIER_*` overrides; its log goes to a file.
+    pub fn spawn(name: &str, env: &[(&str, String)]) -> EngineProcess {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("engine-logs");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let log = dir.join(format!("{}.log", unique_name(name)));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("run")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn courier run");
+        EngineProcess { child, log }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub async fn terminate(&mut self, secs: u64) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        self.wait(secs).await
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn wait(&mut self, secs: u64) -> std::process::ExitStatus {
+        within(secs, "engine process exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("try_wait") {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestDb {
+    /// `COURIER_*` variables that point a `courier run` process at this schema.
+    pub fn process_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("COURIER_DATABASE_URL", database_url()),
+            ("COURIER_DATABASE_SCHEMA", self.schema.clone()),
+            ("COURIER_DATABASE_POOL_SIZE", "4".into()),
+            ("COURIER_BROKER_URL", broker_url()),
+            ("COURIER_SCHEDULER_SWEEP_INTERVAL", "100ms".into()),
+            ("COURIER_RETRY_BACKOFF_INITIAL", "20ms".into()),
+            ("COURIER_RETRY_BACKOFF_MAX", "200ms".into()),
+            ("COURIER_LOGGING_LEVEL", "info".into()),
+        ]
+    }
+
+    /// Rows by status right now.
+    pub async fn count(&self, status: courier::Status) -> i64 {
+        self.store().await.stats().await.expect("stats").count(status)
     }
 }

@@ -19,6 +19,7 @@ use tokio::{
 
 struct Shared {
     stalled: watch::Sender<bool>,
+    delay_ms: AtomicU64,
     generation: watch::Sender<u64>,
     connections: AtomicU64,
 }
@@ -36,6 +37,7 @@ impl Proxy {
         let (generation, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             stalled,
+            delay_ms: AtomicU64::new(0),
             generation,
             connections: AtomicU64::new(0),
         });
@@ -74,6 +76,11 @@ impl Proxy {
     /// Stops (true) or resumes (false) forwarding from the broker to the client.
     pub fn stall(&self, on: bool) {
         self.shared.stalled.send_replace(on);
+    }
+
+    /// Delays every chunk from the broker by `ms` milliseconds (0: no delay).
+    pub fn delay(&self, ms: u64) {
+        self.shared.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Closes every open connection (new ones are accepted).
@@ -117,6 +124,10 @@ async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            let delay = shared.delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
             // Hold data read just before a stall until the stall ends.
             while *stalled.borrow_and_update() {
                 if stalled.changed().await.is_err() {

@@ -1,0 +1,251 @@
+//! Faults that do not touch the shared services (they run beside the other tests): a TCP
+//! proxy that cuts, stalls and delays the broker connection; `kill -9` of a real engine
+//! process; graceful shutdown; several engines on one database; a slow engine. Every
+//! scenario ends with the audit: nothing committed is lost.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::{
+    audit::audit, broker::TestBroker, eventually, proxy::Proxy, within, EngineProcess, TestDb,
+};
+use courier::{config::SecretUrl, events::EngineEvent, Engine, EngineHandle, Outcome, Status};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(180);
+
+async fn wait_event(
+    rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>,
+    secs: u64,
+    what: &str,
+    pick: impl Fn(&EngineEvent) -> bool,
+) {
+    within(secs, what, async {
+        loop {
+            match rx.recv().await {
+                Ok(e) if pick(&e) => return,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Waits until at least `n` messages have been confirmed (by events).
+async fn confirmed_at_least(rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>, n: usize) {
+    let mut seen = 0;
+    within(60, &format!("{n} confirmations"), async {
+        while seen < n {
+            match rx.recv().await {
+                Ok(EngineEvent::Confirmed(ids)) => seen += ids.len(),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+async fn engine_via(db: &TestDb, proxy: &Proxy, heartbeat: Duration) -> EngineHandle {
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.heartbeat = heartbeat;
+    config.retry.max_attempts = 20;
+    Engine::start(config).await.expect("engine")
+}
+
+#[actix_rt::test]
+async fn tcp_cuts_mid_stream_lose_nothing() {
+    let db = TestDb::new("cut").await;
+    let broker = TestBroker::new("cut").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let ids = db.insert_sql(&broker.exchange, 5_000, "routed.{i}").await;
+    let engine = engine_via(&db, &proxy, Duration::from_secs(10)).await;
+    let mut events = engine.subscribe();
+    for round in 1..=3 {
+        confirmed_at_least(&mut events, 500).await;
+        proxy.cut();
+        wait_event(&mut events, 30, "reconnect after cut", |e| matches!(e, EngineEvent::BrokerConnected)).await;
+        eprintln!("cut {round} survived");
+    }
+    engine.wait_for_all(&ids, WAIT).await.expect("all settle after cuts");
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    assert!(engine.counters().reconnects >= 3);
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_stalled_connection_is_detected_by_heartbeat_and_replaced() {
+    let db = TestDb::new("stall").await;
+    let broker = TestBroker::new("stall").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let ids = db.insert_sql(&broker.exchange, 3_000, "routed.{i}").await;
+    let engine = engine_via(&db, &proxy, Duration::from_secs(1)).await;
+    let mut events = engine.subscribe();
+    confirmed_at_least(&mut events, 300).await;
+    proxy.stall(true);
+    wait_event(&mut events, 30, "disconnect on missed heartbeats", |e| matches!(e, EngineEvent::BrokerDisconnected(_))).await;
+    proxy.cut(); // drop the stalled socket; new connections flow again
+    proxy.stall(false);
+    engine.wait_for_all(&ids, WAIT).await.expect("all settle after the stall");
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_slow_link_only_slows_things_down() {
+    let db = TestDb::new("delay").await;
+    let broker = TestBroker::new("delay").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let engine = engine_via(&db, &proxy, Duration::from_secs(10)).await;
+    proxy.delay(30);
+    let ids = db.insert_sql(&broker.exchange, 1_000, "routed.{i}").await;
+    engine.wait_for_all(&ids, WAIT).await.expect("all settle on a slow link");
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!((a.confirmed, a.duplicates), (ids.len(), 0));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_then_restart_delivers_everything() {
+    let db = TestDb::new("crash").await;
+    let broker = TestBroker::new("crash").await;
+    let ids = db.insert_sql(&broker.exchange, 6_000, "routed.{i}").await;
+    let mut env = db.process_env();
+    env.push(("COURIER_SCHEDULER_LEASE_DURATION", "3s".into()));
+    env.push(("COURIER_RETRY_CONFIRM_TIMEOUT", "2s".into()));
+    env.push(("COURIER_PUBLISHER_MAX_IN_FLIGHT", "2000".into()));
+    let mut first = EngineProcess::spawn("crash-a", &env);
+    eventually(60, "the first engine confirms some rows", || async {
+        (db.count(Status::Confirmed).await >= 500).then_some(())
+    })
+    .await;
+    first.child.kill().expect("kill -9");
+    first.wait(10).await;
+    let stranded = db.count(Status::InFlight).await;
+    eprintln!("rows left in_flight by the killed engine: {stranded}");
+    assert!(stranded > 0, "the crash should strand leased rows");
+
+    let mut second = EngineProcess::spawn("crash-b", &env);
+    eventually(120, "every row confirmed after restart", || async {
+        (db.count(Status::Confirmed).await == ids.len() as i64).then_some(())
+    })
+    .await;
+    let exit = second.terminate(30).await;
+    assert!(exit.success(), "{}", second.log());
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+}
+
+#[actix_rt::test]
+async fn graceful_shutdown_releases_what_it_could_not_settle() {
+    let db = TestDb::new("shutdown").await;
+    let broker = TestBroker::new("shutdown").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.heartbeat = Duration::from_secs(60);
+    config.retry.confirm_timeout = Duration::from_secs(30);
+    config.scheduler.lease_duration = Duration::from_secs(120);
+    config.shutdown.timeout = Duration::from_secs(1);
+    let engine = Engine::start(config).await.unwrap();
+    let warm = db.insert_sql(&broker.exchange, 1, "routed.warm").await;
+    assert_eq!(engine.wait_for(warm[0], WAIT).await.unwrap(), Outcome::Confirmed);
+    proxy.stall(true); // confirms cannot arrive
+    let mut events = engine.subscribe();
+    let ids = db.insert_sql(&broker.exchange, 200, "routed.{i}").await;
+    wait_event(&mut events, 30, "publishes", |e| matches!(e, EngineEvent::Published(_))).await;
+    let released = within(30, "shutdown", engine.shutdown()).await;
+    assert!(released > 0, "unconfirmed rows are released at the shutdown timeout");
+    assert_eq!(db.count(Status::InFlight).await, 0, "no lease left behind");
+
+    // The next engine starts on them at once: a 120 s lease never has to expire.
+    proxy.stall(false);
+    let next = Engine::start(db.engine_config()).await.unwrap();
+    next.wait_for_all(&ids, Duration::from_secs(30)).await.expect("picked up at once");
+    let mut all = ids.clone();
+    all.extend(warm);
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    next.shutdown().await;
+}
+
+#[tokio::test]
+async fn three_engine_processes_share_the_load_without_duplicates() {
+    let db = TestDb::new("three").await;
+    let broker = TestBroker::new("three").await;
+    let ids = db.insert_sql(&broker.exchange, 10_000, "routed.{i}").await;
+    let mut env = db.process_env();
+    env.push(("COURIER_SCHEDULER_CLAIM_BATCH", "200".into()));
+    env.push(("COURIER_PUBLISHER_MAX_IN_FLIGHT", "1000".into()));
+    let mut engines: Vec<EngineProcess> = (0..3).map(|i| EngineProcess::spawn(&format!("three-{i}"), &env)).collect();
+    eventually(180, "every row confirmed by three engines", || async {
+        (db.count(Status::Confirmed).await == ids.len() as i64).then_some(())
+    })
+    .await;
+    for e in &mut engines {
+        let status = e.terminate(30).await;
+        assert!(status.success(), "{}", e.log());
+    }
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    assert_eq!(a.duplicates, 0, "no fault was injected: a duplicate is a bug");
+    let publishers = db
+        .store()
+        .await
+        .publishers_of_confirmed()
+        .await
+        .expect("publishers");
+    eprintln!("rows published per engine: {publishers:?}");
+    assert!(publishers.len() >= 2, "the load was not shared: {publishers:?}");
+}
+
+#[actix_rt::test]
+async fn a_slow_but_alive_engine_keeps_its_rows() {
+    let db = TestDb::new("slow").await;
+    let broker = TestBroker::new("slow").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let lease = Duration::from_secs(2);
+    let mut slow_cfg = db.engine_config();
+    slow_cfg.broker.url = SecretUrl::new(proxy.amqp_url());
+    slow_cfg.broker.heartbeat = Duration::from_secs(60);
+    slow_cfg.retry.confirm_timeout = Duration::from_secs(60);
+    slow_cfg.scheduler.lease_duration = lease;
+    let slow = Engine::start(slow_cfg).await.unwrap();
+    let warm = db.insert_sql(&broker.exchange, 1, "routed.warm").await;
+    assert_eq!(slow.wait_for(warm[0], WAIT).await.unwrap(), Outcome::Confirmed);
+    proxy.stall(true); // its confirms now take as long as the stall lasts
+    let mut events = slow.subscribe();
+    let ids = db.insert_sql(&broker.exchange, 300, "routed.{i}").await;
+    wait_event(&mut events, 30, "the slow engine publishes", |e| matches!(e, EngineEvent::Published(_))).await;
+
+    let mut fast_cfg = db.engine_config();
+    fast_cfg.scheduler.lease_duration = lease;
+    fast_cfg.scheduler.sweep_interval = Duration::from_millis(50);
+    let fast = Engine::start(fast_cfg).await.unwrap();
+    // Three lease periods pass while the slow engine waits for its confirms: had it not
+    // renewed, the fast engine would have rescued and re-published its rows.
+    let start = std::time::Instant::now();
+    eventually(30, "three lease periods with the rows still held", || async {
+        let held = db.count(Status::InFlight).await;
+        assert!(held > 0 || start.elapsed() < lease, "rows left the slow engine");
+        (start.elapsed() > lease * 3).then_some(())
+    })
+    .await;
+    assert_eq!(fast.counters().claimed, 0, "the fast engine took rows from the slow one");
+    proxy.stall(false);
+    slow.wait_for_all(&ids, WAIT).await.expect("the slow engine finishes");
+    let mut all = ids.clone();
+    all.extend(warm);
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    assert_eq!(a.duplicates, 0, "a rescue from a live engine doubled messages");
+    let seen: HashSet<Uuid> = all.iter().copied().collect();
+    assert_eq!(seen.len(), all.len());
+    fast.shutdown().await;
+    slow.shutdown().await;
+}
