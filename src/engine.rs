@@ -306,13 +306,17 @@ impl EngineHandle {
             .draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut left = self.inner.scheduler.send(StopClaiming).await.unwrap_or(0);
-        tracing::info!(outstanding = left, "shutting down: claims stopped, draining");
+        tracing::info!(
+            outstanding = left,
+            "shutting down: claims stopped, draining"
+        );
         while left > 0 && Instant::now() < deadline {
             let _ = tokio::time::timeout_at(deadline.into(), events.recv()).await;
             left = self.outstanding().await;
         }
         let flush_by = deadline.max(Instant::now() + Duration::from_secs(1));
-        let _ = tokio::time::timeout_at(flush_by.into(), self.inner.store_actor.send(Flushed)).await;
+        let _ =
+            tokio::time::timeout_at(flush_by.into(), self.inner.store_actor.send(Flushed)).await;
         if left == 0 {
             tracing::info!("shutdown complete: every claimed message settled");
             return 0;

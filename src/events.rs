@@ -50,6 +50,8 @@ pub struct Counters {
     pub claimed: AtomicU64,
     /// Publishes written to the broker.
     pub published: AtomicU64,
+    /// Acks received (before their write; see `confirmed`).
+    pub acked: AtomicU64,
     /// Messages recorded `confirmed`.
     pub confirmed: AtomicU64,
     /// Confirms that were `basic.nack`.
@@ -91,6 +93,7 @@ impl Counters {
         CounterSnapshot {
             claimed: get(&self.claimed),
             published: get(&self.published),
+            acked: get(&self.acked),
             confirmed: get(&self.confirmed),
             nacked: get(&self.nacked),
             returned: get(&self.returned),
@@ -114,6 +117,7 @@ impl Counters {
 pub struct CounterSnapshot {
     pub claimed: u64,
     pub published: u64,
+    pub acked: u64,
     pub confirmed: u64,
     pub nacked: u64,
     pub returned: u64,

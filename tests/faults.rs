@@ -67,10 +67,16 @@ async fn tcp_cuts_mid_stream_lose_nothing() {
     for round in 1..=3 {
         confirmed_at_least(&mut events, 500).await;
         proxy.cut();
-        wait_event(&mut events, 30, "reconnect after cut", |e| matches!(e, EngineEvent::BrokerConnected)).await;
+        wait_event(&mut events, 30, "reconnect after cut", |e| {
+            matches!(e, EngineEvent::BrokerConnected)
+        })
+        .await;
         eprintln!("cut {round} survived");
     }
-    engine.wait_for_all(&ids, WAIT).await.expect("all settle after cuts");
+    engine
+        .wait_for_all(&ids, WAIT)
+        .await
+        .expect("all settle after cuts");
     let a = audit(&db, &broker, &broker.queue, &ids).await;
     assert_eq!(a.confirmed, ids.len());
     assert!(engine.counters().reconnects >= 3);
@@ -87,10 +93,16 @@ async fn a_stalled_connection_is_detected_by_heartbeat_and_replaced() {
     let mut events = engine.subscribe();
     confirmed_at_least(&mut events, 300).await;
     proxy.stall(true);
-    wait_event(&mut events, 30, "disconnect on missed heartbeats", |e| matches!(e, EngineEvent::BrokerDisconnected(_))).await;
+    wait_event(&mut events, 30, "disconnect on missed heartbeats", |e| {
+        matches!(e, EngineEvent::BrokerDisconnected(_))
+    })
+    .await;
     proxy.cut(); // drop the stalled socket; new connections flow again
     proxy.stall(false);
-    engine.wait_for_all(&ids, WAIT).await.expect("all settle after the stall");
+    engine
+        .wait_for_all(&ids, WAIT)
+        .await
+        .expect("all settle after the stall");
     let a = audit(&db, &broker, &broker.queue, &ids).await;
     assert_eq!(a.confirmed, ids.len());
     engine.shutdown().await;
@@ -104,7 +116,10 @@ async fn a_slow_link_only_slows_things_down() {
     let engine = engine_via(&db, &proxy, Duration::from_secs(10)).await;
     proxy.delay(30);
     let ids = db.insert_sql(&broker.exchange, 1_000, "routed.{i}").await;
-    engine.wait_for_all(&ids, WAIT).await.expect("all settle on a slow link");
+    engine
+        .wait_for_all(&ids, WAIT)
+        .await
+        .expect("all settle on a slow link");
     let a = audit(&db, &broker, &broker.queue, &ids).await;
     assert_eq!((a.confirmed, a.duplicates), (ids.len(), 0));
     engine.shutdown().await;
@@ -154,19 +169,30 @@ async fn graceful_shutdown_releases_what_it_could_not_settle() {
     config.shutdown.timeout = Duration::from_secs(1);
     let engine = Engine::start(config).await.unwrap();
     let warm = db.insert_sql(&broker.exchange, 1, "routed.warm").await;
-    assert_eq!(engine.wait_for(warm[0], WAIT).await.unwrap(), Outcome::Confirmed);
+    assert_eq!(
+        engine.wait_for(warm[0], WAIT).await.unwrap(),
+        Outcome::Confirmed
+    );
     proxy.stall(true); // confirms cannot arrive
     let mut events = engine.subscribe();
     let ids = db.insert_sql(&broker.exchange, 200, "routed.{i}").await;
-    wait_event(&mut events, 30, "publishes", |e| matches!(e, EngineEvent::Published(_))).await;
+    wait_event(&mut events, 30, "publishes", |e| {
+        matches!(e, EngineEvent::Published(_))
+    })
+    .await;
     let released = within(30, "shutdown", engine.shutdown()).await;
-    assert!(released > 0, "unconfirmed rows are released at the shutdown timeout");
+    assert!(
+        released > 0,
+        "unconfirmed rows are released at the shutdown timeout"
+    );
     assert_eq!(db.count(Status::InFlight).await, 0, "no lease left behind");
 
     // The next engine starts on them at once: a 120 s lease never has to expire.
     proxy.stall(false);
     let next = Engine::start(db.engine_config()).await.unwrap();
-    next.wait_for_all(&ids, Duration::from_secs(30)).await.expect("picked up at once");
+    next.wait_for_all(&ids, Duration::from_secs(30))
+        .await
+        .expect("picked up at once");
     let mut all = ids.clone();
     all.extend(warm);
     let a = audit(&db, &broker, &broker.queue, &all).await;
@@ -182,7 +208,9 @@ async fn three_engine_processes_share_the_load_without_duplicates() {
     let mut env = db.process_env();
     env.push(("COURIER_SCHEDULER_CLAIM_BATCH", "200".into()));
     env.push(("COURIER_PUBLISHER_MAX_IN_FLIGHT", "1000".into()));
-    let mut engines: Vec<EngineProcess> = (0..3).map(|i| EngineProcess::spawn(&format!("three-{i}"), &env)).collect();
+    let mut engines: Vec<EngineProcess> = (0..3)
+        .map(|i| EngineProcess::spawn(&format!("three-{i}"), &env))
+        .collect();
     eventually(180, "every row confirmed by three engines", || async {
         (db.count(Status::Confirmed).await == ids.len() as i64).then_some(())
     })
@@ -193,7 +221,10 @@ async fn three_engine_processes_share_the_load_without_duplicates() {
     }
     let a = audit(&db, &broker, &broker.queue, &ids).await;
     assert_eq!(a.confirmed, ids.len());
-    assert_eq!(a.duplicates, 0, "no fault was injected: a duplicate is a bug");
+    assert_eq!(
+        a.duplicates, 0,
+        "no fault was injected: a duplicate is a bug"
+    );
     let publishers = db
         .store()
         .await
@@ -201,7 +232,10 @@ async fn three_engine_processes_share_the_load_without_duplicates() {
         .await
         .expect("publishers");
     eprintln!("rows published per engine: {publishers:?}");
-    assert!(publishers.len() >= 2, "the load was not shared: {publishers:?}");
+    assert!(
+        publishers.len() >= 2,
+        "the load was not shared: {publishers:?}"
+    );
 }
 
 #[actix_rt::test]
@@ -217,11 +251,17 @@ async fn a_slow_but_alive_engine_keeps_its_rows() {
     slow_cfg.scheduler.lease_duration = lease;
     let slow = Engine::start(slow_cfg).await.unwrap();
     let warm = db.insert_sql(&broker.exchange, 1, "routed.warm").await;
-    assert_eq!(slow.wait_for(warm[0], WAIT).await.unwrap(), Outcome::Confirmed);
+    assert_eq!(
+        slow.wait_for(warm[0], WAIT).await.unwrap(),
+        Outcome::Confirmed
+    );
     proxy.stall(true); // its confirms now take as long as the stall lasts
     let mut events = slow.subscribe();
     let ids = db.insert_sql(&broker.exchange, 300, "routed.{i}").await;
-    wait_event(&mut events, 30, "the slow engine publishes", |e| matches!(e, EngineEvent::Published(_))).await;
+    wait_event(&mut events, 30, "the slow engine publishes", |e| {
+        matches!(e, EngineEvent::Published(_))
+    })
+    .await;
 
     let mut fast_cfg = db.engine_config();
     fast_cfg.scheduler.lease_duration = lease;
@@ -230,22 +270,152 @@ async fn a_slow_but_alive_engine_keeps_its_rows() {
     // Three lease periods pass while the slow engine waits for its confirms: had it not
     // renewed, the fast engine would have rescued and re-published its rows.
     let start = std::time::Instant::now();
-    eventually(30, "three lease periods with the rows still held", || async {
-        let held = db.count(Status::InFlight).await;
-        assert!(held > 0 || start.elapsed() < lease, "rows left the slow engine");
-        (start.elapsed() > lease * 3).then_some(())
-    })
+    eventually(
+        30,
+        "three lease periods with the rows still held",
+        || async {
+            let held = db.count(Status::InFlight).await;
+            assert!(
+                held > 0 || start.elapsed() < lease,
+                "rows left the slow engine"
+            );
+            (start.elapsed() > lease * 3).then_some(())
+        },
+    )
     .await;
-    assert_eq!(fast.counters().claimed, 0, "the fast engine took rows from the slow one");
+    assert_eq!(
+        fast.counters().claimed,
+        0,
+        "the fast engine took rows from the slow one"
+    );
     proxy.stall(false);
-    slow.wait_for_all(&ids, WAIT).await.expect("the slow engine finishes");
+    slow.wait_for_all(&ids, WAIT)
+        .await
+        .expect("the slow engine finishes");
     let mut all = ids.clone();
     all.extend(warm);
     let a = audit(&db, &broker, &broker.queue, &all).await;
     assert_eq!(a.confirmed, all.len());
-    assert_eq!(a.duplicates, 0, "a rescue from a live engine doubled messages");
+    assert_eq!(
+        a.duplicates, 0,
+        "a rescue from a live engine doubled messages"
+    );
     let seen: HashSet<Uuid> = all.iter().copied().collect();
     assert_eq!(seen.len(), all.len());
     fast.shutdown().await;
     slow.shutdown().await;
+}
+
+#[tokio::test]
+async fn database_unreachable_at_start_is_retried_until_it_appears() {
+    let port = Proxy::free_port();
+    let schema = common::unique_name("pgstart");
+    let _drop_schema = common::TestDbGuard(schema.clone());
+    let broker = TestBroker::new("pgstart").await;
+    let env = vec![
+        (
+            "COURIER_DATABASE_URL",
+            format!("postgres://postgres:s3cret@127.0.0.1:{port}/postgres"),
+        ),
+        ("COURIER_DATABASE_SCHEMA", schema.clone()),
+        ("COURIER_DATABASE_CONNECT_TIMEOUT", "1s".into()),
+        ("COURIER_BROKER_URL", common::broker_url()),
+        ("COURIER_SCHEDULER_SWEEP_INTERVAL", "100ms".into()),
+    ];
+    let mut engine = EngineProcess::spawn("pgstart", &env);
+    eventually(30, "a retry line while PostgreSQL is unreachable", || {
+        let log = engine.log();
+        async move { log.contains("PostgreSQL not available yet").then_some(()) }
+    })
+    .await;
+    let log = engine.log();
+    assert!(log.contains(&format!("127.0.0.1:{port}")), "{log}");
+    assert!(!log.contains("s3cret"), "password leaked: {log}");
+    assert!(
+        engine.child.try_wait().unwrap().is_none(),
+        "the engine gave up instead of retrying"
+    );
+
+    // The database "comes back" on that port.
+    let _proxy = Proxy::start_on(port, "127.0.0.1:5432".parse().unwrap());
+    let mut config = courier::Config::default();
+    config.database.url = SecretUrl::new(common::database_url());
+    config.database.schema = schema.clone();
+    let store = eventually(
+        60,
+        "the engine migrates once PostgreSQL is reachable",
+        || {
+            let config = config.clone();
+            async move {
+                let store = courier::Store::connect(&config.database).await.ok()?;
+                store.stats().await.ok()?;
+                Some(store)
+            }
+        },
+    )
+    .await;
+    let m = courier::OutboxMessage::new(&broker.exchange, "routed.late", b"x".to_vec());
+    store.enqueue(&m).await.unwrap();
+    eventually(60, "the row is confirmed", || {
+        let store = store.clone();
+        async move {
+            let s = store.stats().await.ok()?;
+            (s.count(Status::Confirmed) == 1).then_some(())
+        }
+    })
+    .await;
+    let exit = engine.terminate(30).await;
+    assert!(exit.success(), "{}", engine.log());
+}
+
+#[tokio::test]
+async fn database_unreachable_with_wait_at_start_off_exits_1() {
+    let port = Proxy::free_port();
+    let env = vec![
+        (
+            "COURIER_DATABASE_URL",
+            format!("postgres://postgres:s3cret@127.0.0.1:{port}/postgres"),
+        ),
+        ("COURIER_DATABASE_WAIT_AT_START", "false".into()),
+        ("COURIER_DATABASE_CONNECT_TIMEOUT", "1s".into()),
+    ];
+    let mut engine = EngineProcess::spawn("pgfail", &env);
+    let status = engine.wait(30).await;
+    assert_eq!(status.code(), Some(1), "{}", engine.log());
+    let log = engine.log();
+    assert!(
+        log.contains(&format!("127.0.0.1:{port}")) && !log.contains("s3cret"),
+        "{log}"
+    );
+}
+
+/// A longer run behind a flag: `COURIER_SOAK=200000 cargo test --test faults soak -- --ignored`
+/// streams that many messages while the proxy cuts the connection after every few
+/// thousand confirmations, then audits.
+#[actix_rt::test]
+#[ignore = "soak mode: set COURIER_SOAK=<messages> and run with --ignored"]
+async fn soak_with_periodic_cuts() {
+    let n: usize = std::env::var("COURIER_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let db = TestDb::new("soak").await;
+    let broker = TestBroker::new("soak").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let engine = engine_via(&db, &proxy, Duration::from_secs(10)).await;
+    let mut events = engine.subscribe();
+    let mut ids = Vec::with_capacity(n);
+    for start in (0..n).step_by(10_000) {
+        let batch = (n - start).min(10_000);
+        ids.extend(db.insert_sql(&broker.exchange, batch, "routed.{i}").await);
+        confirmed_at_least(&mut events, batch / 5).await;
+        proxy.cut();
+    }
+    engine
+        .wait_for_all(&ids, Duration::from_secs(1800))
+        .await
+        .expect("soak settles");
+    let report = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(report.confirmed, ids.len());
+    engine.shutdown().await;
 }

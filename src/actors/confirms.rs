@@ -193,6 +193,7 @@ impl ConfirmTracker {
         match reason {
             None => match delivery.ack() {
                 Ok(()) => {
+                    Counters::add(&self.signals.counters.acked, 1);
                     tracing::debug!(message_id = %r.id, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
                 }
@@ -266,7 +267,6 @@ impl ConfirmTracker {
         }
         self.send(out);
     }
-
 }
 
 #[derive(Default)]

@@ -130,7 +130,13 @@ impl Publisher {
                         act.failed_connects = 0;
                         act.known_exchanges.clear();
                         act.generation += 1;
-                        watch(events, act.generation, ctx.address(), act.scheduler.clone(), act.signals.clone());
+                        watch(
+                            events,
+                            act.generation,
+                            ctx.address(),
+                            act.scheduler.clone(),
+                            act.signals.clone(),
+                        );
                         act.link = Some(link);
                         act.signals.emit(EngineEvent::BrokerConnected);
                         act.scheduler.do_send(BrokerReady(true));

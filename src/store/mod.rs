@@ -541,7 +541,9 @@ impl Store {
     /// Confirmed rows by the engine that published them (`locked_by` is kept on confirm).
     pub async fn publishers_of_confirmed(&self) -> Result<BTreeMap<String, i64>, StoreError> {
         let mut conn = self.conn().await?;
-        let rows: Vec<CountRow> = diesel::sql_query(&self.sql.publishers).load(&mut conn).await?;
+        let rows: Vec<CountRow> = diesel::sql_query(&self.sql.publishers)
+            .load(&mut conn)
+            .await?;
         Ok(rows.into_iter().map(|r| (r.status, r.n)).collect())
     }
 

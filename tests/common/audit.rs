@@ -25,14 +25,19 @@ pub async fn audit(db: &TestDb, broker: &TestBroker, queue: &str, committed: &[U
     let outcomes = store.outcomes(committed).await.expect("read outcomes");
     let mut confirmed = 0;
     let mut dead = 0;
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
     for id in committed {
         match outcomes.get(id) {
             Some(Outcome::Confirmed) => confirmed += 1,
             Some(Outcome::DeadLettered(why)) => {
                 assert!(!why.is_empty(), "dead letter {id} has no reason");
+                *reasons.entry(why.clone()).or_default() += 1;
                 dead += 1;
             }
-            None => panic!("LOST: committed message {id} is neither confirmed nor dead-lettered ({:?})", store.message_state(*id).await),
+            None => panic!(
+                "LOST: committed message {id} is neither confirmed nor dead-lettered ({:?})",
+                store.message_state(*id).await
+            ),
         }
     }
     let depth = broker.depth(queue).await as usize;
@@ -43,11 +48,23 @@ pub async fn audit(db: &TestDb, broker: &TestBroker, queue: &str, committed: &[U
     }
     for id in committed {
         if outcomes.get(id) == Some(&Outcome::Confirmed) {
-            assert!(counts.contains_key(id), "LOST: {id} is confirmed but no consumer received it");
+            assert!(
+                counts.contains_key(id),
+                "LOST: {id} is confirmed but no consumer received it"
+            );
         }
     }
     let duplicates = received.len() - counts.len();
-    let a = Audit { committed: committed.len(), confirmed, dead_lettered: dead, received: received.len(), duplicates };
+    let a = Audit {
+        committed: committed.len(),
+        confirmed,
+        dead_lettered: dead,
+        received: received.len(),
+        duplicates,
+    };
     eprintln!("audit: {a:?}");
+    for (why, n) in reasons.iter().take(5) {
+        eprintln!("audit: {n} dead-lettered: {why}");
+    }
     a
 }

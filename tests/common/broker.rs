@@ -59,21 +59,26 @@ impl TestBroker {
         broker
     }
 
+    /// Durable, so a broker restart in a fault test keeps it.
     pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         self.channel
-            .exchange_declare(
-                name.into(),
-                kind,
-                ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            )
+            .exchange_declare(name.into(), kind, options, FieldTable::default())
             .await
             .expect("declare exchange");
     }
 
+    /// Durable, so persistent messages survive a broker restart in a fault test.
     pub async fn declare_queue(&self, name: &str, args: FieldTable) {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         self.channel
-            .queue_declare(name.into(), QueueDeclareOptions::default(), args)
+            .queue_declare(name.into(), options, args)
             .await
             .expect("declare queue");
     }
@@ -119,9 +124,17 @@ impl TestBroker {
         self.bind(&q, exchange, "#").await;
     }
 
+    /// A fresh connection (the setup one may have died with a broker restart).
+    async fn fresh(&self) -> Connection {
+        Connection::connect(&broker_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ")
+    }
+
     /// Ready messages in `queue`.
     pub async fn depth(&self, queue: &str) -> u32 {
-        let ch = self.conn.create_channel().await.expect("channel");
+        let conn = self.fresh().await;
+        let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -138,7 +151,8 @@ impl TestBroker {
 
     /// Consumes exactly `n` messages from `queue` (auto-ack), failing after `secs`.
     pub async fn take(&self, queue: &str, n: usize, secs: u64) -> Vec<Received> {
-        let ch = self.conn.create_channel().await.expect("channel");
+        let conn = self.fresh().await;
+        let ch = conn.create_channel().await.expect("channel");
         let mut consumer = ch
             .basic_consume(
                 queue.into(),
@@ -174,7 +188,7 @@ impl TestBroker {
             }
         })
         .await;
-        let _ = ch.close(200, "done".into()).await;
+        let _ = conn.close(200, "done".into()).await;
         got
     }
 }

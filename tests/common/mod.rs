@@ -213,7 +213,9 @@ impl EngineProcess {
     /// SIGTERM, then waits (bounded) for the exit status.
     pub async fn terminate(&mut self, secs: u64) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
         self.wait(secs).await
     }
 
@@ -260,6 +262,11 @@ impl TestDb {
 
     /// Rows by status right now.
     pub async fn count(&self, status: courier::Status) -> i64 {
-        self.store().await.stats().await.expect("stats").count(status)
+        self.store()
+            .await
+            .stats()
+            .await
+            .expect("stats")
+            .count(status)
     }
 }

@@ -33,6 +33,11 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on 127.0.0.1 (a free port) and forwards to `upstream`.
     pub fn start(upstream: SocketAddr) -> Proxy {
+        Self::start_on(0, upstream)
+    }
+
+    /// Listens on 127.0.0.1:`port` (0: any free port) and forwards to `upstream`.
+    pub fn start_on(port: u16, upstream: SocketAddr) -> Proxy {
         let (stalled, _) = watch::channel(false);
         let (generation, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
@@ -41,7 +46,7 @@ impl Proxy {
             generation,
             connections: AtomicU64::new(0),
         });
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let std_listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind proxy");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("addr");
         let s = shared.clone();
@@ -66,6 +71,12 @@ impl Proxy {
             });
         });
         Proxy { addr, shared }
+    }
+
+    /// A port nothing listens on right now (for "not reachable yet" tests).
+    pub fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
     }
 
     /// An AMQP URL through the proxy.
