@@ -17,6 +17,7 @@
 //! - [`actors`]: the engine: Scheduler, Store, Publisher, ConfirmTracker, DeadLetter.
 //! - [`Engine`] / [`EngineHandle`]: start the actors, enqueue, await outcomes, shut down.
 //! - [`events`]: what the engine announces (test signals) and its counters.
+//! - [`inflight`]: the ConfirmTracker's table: tokens, return correlation, deadlines.
 //!
 //! Producers in other languages enqueue with plain SQL (see README.md, "SQL contract");
 //! Rust applications call [`enqueue`] inside their own diesel-async transaction.
@@ -29,6 +30,7 @@ pub mod config;
 mod engine;
 mod enqueue;
 pub mod events;
+pub mod inflight;
 pub mod message;
 pub mod state;
 pub mod store;

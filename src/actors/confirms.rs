@@ -19,7 +19,6 @@
 //! Outcomes go to the Store actor (batched writes) and the DeadLetter actor.
 
 use std::{
-    collections::HashMap,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -39,6 +38,7 @@ use super::{
 use crate::{
     config::Config,
     events::{Counters, Signals},
+    inflight::{Answer, InFlightTable, ReturnNote, Settled},
     state::{AfterFailure, Delivery, FailureReason},
     store::RetryUpdate,
 };
@@ -87,20 +87,13 @@ struct ResolvedBatch(Vec<Resolved>);
 
 type ConfirmFuture = Pin<Box<dyn Future<Output = Resolved>>>;
 
-struct Tracked {
-    delivery: Delivery,
-    token: u64,
-    deadline: Instant,
-}
-
 /// See the module documentation.
 pub struct ConfirmTracker {
     config: Arc<Config>,
     store: Addr<StoreActor>,
     dead_letter: Addr<DeadLetterActor>,
     signals: Signals,
-    in_flight: HashMap<Uuid, Tracked>,
-    returned: HashMap<Uuid, FailureReason>,
+    in_flight: InFlightTable,
     pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
 }
 
@@ -117,8 +110,7 @@ impl ConfirmTracker {
             store,
             dead_letter,
             signals,
-            in_flight: HashMap::new(),
-            returned: HashMap::new(),
+            in_flight: InFlightTable::new(),
             pump: None,
         }
     }
@@ -173,25 +165,15 @@ impl ConfirmTracker {
     }
 
     fn settle(&mut self, r: Resolved, out: &mut Outcomes) {
-        match self.in_flight.get(&r.id) {
-            Some(t) if t.token == r.token => {}
-            _ => return, // an earlier publish of a message already settled (e.g. timed out)
-        }
-        let Some(tracked) = self.in_flight.remove(&r.id) else {
-            return;
+        let answer = match r.result {
+            Ok(Confirmation::Ack(_)) => Answer::Ack,
+            Ok(Confirmation::Nack(_)) => Answer::Nack,
+            Ok(Confirmation::NotRequested) => Answer::Lost("channel not in confirm mode".into()),
+            Err(e) => Answer::Lost(e.to_string()),
         };
-        let returned = self.returned.remove(&r.id);
-        let reason = match r.result {
-            Ok(Confirmation::Ack(_)) => returned,
-            Ok(Confirmation::Nack(_)) => Some(returned.unwrap_or(FailureReason::Nacked)),
-            Ok(Confirmation::NotRequested) => Some(FailureReason::ChannelLost(
-                "channel not in confirm mode".into(),
-            )),
-            Err(e) => Some(FailureReason::ChannelLost(e.to_string())),
-        };
-        let mut delivery = tracked.delivery;
-        match reason {
-            None => match delivery.ack() {
+        match self.in_flight.settle(r.id, r.token, answer) {
+            None => {} // an earlier publish of a message already settled (e.g. timed out)
+            Some(Settled::Ack(mut delivery)) => match delivery.ack() {
                 Ok(()) => {
                     Counters::add(&self.signals.counters.acked, 1);
                     tracing::debug!(message_id = %r.id, attempt = delivery.attempts(), "confirmed");
@@ -201,7 +183,7 @@ impl ConfirmTracker {
                     tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")
                 }
             },
-            Some(reason) => self.fail(delivery, reason, out),
+            Some(Settled::Failed(delivery, reason)) => self.fail(delivery, reason, out),
         }
     }
 
@@ -228,9 +210,7 @@ impl ConfirmTracker {
             code: returned.reply_code,
             text: returned.reply_text.to_string(),
         };
-        if self.in_flight.contains_key(&id) {
-            self.returned.insert(id, reason);
-        } else {
+        if self.in_flight.note_return(id, reason) == ReturnNote::Late {
             Counters::add(&self.signals.counters.late_returns, 1);
             tracing::warn!(message_id = %id, "a return arrived for a message no longer in flight");
         }
@@ -247,23 +227,14 @@ impl ConfirmTracker {
     }
 
     fn expire(&mut self) {
-        let now = Instant::now();
-        let overdue: Vec<Uuid> = self
-            .in_flight
-            .iter()
-            .filter(|(_, t)| t.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        let overdue = self.in_flight.expire(Instant::now());
         if overdue.is_empty() {
             return;
         }
         let mut out = Outcomes::default();
         let timeout = self.config.retry.confirm_timeout;
-        for id in overdue {
-            if let Some(t) = self.in_flight.remove(&id) {
-                self.returned.remove(&id);
-                self.fail(t.delivery, FailureReason::ConfirmTimeout(timeout), &mut out);
-            }
+        for delivery in overdue {
+            self.fail(delivery, FailureReason::ConfirmTimeout(timeout), &mut out);
         }
         self.send(out);
     }
@@ -326,14 +297,7 @@ impl Handler<Track> for ConfirmTracker {
         for p in msg.0 {
             let id = p.delivery.message.id;
             let token = p.token;
-            self.in_flight.insert(
-                id,
-                Tracked {
-                    delivery: p.delivery,
-                    token,
-                    deadline,
-                },
-            );
+            self.in_flight.insert(p.delivery, token, deadline);
             let fut: ConfirmFuture =
                 Box::pin(p.confirm.map(move |result| Resolved { id, token, result }));
             if let Some(pump) = &self.pump {
@@ -376,10 +340,9 @@ impl Handler<ConnectionLost> for ConfirmTracker {
 
     fn handle(&mut self, msg: ConnectionLost, _: &mut Context<Self>) {
         let mut out = Outcomes::default();
-        self.returned.clear();
-        for (_, t) in std::mem::take(&mut self.in_flight) {
+        for delivery in self.in_flight.drain() {
             self.fail(
-                t.delivery,
+                delivery,
                 FailureReason::ChannelLost(msg.0.clone()),
                 &mut out,
             );

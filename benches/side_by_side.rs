@@ -1,0 +1,552 @@
+//! The side-by-side bench: in one run on one machine, against the real PostgreSQL and
+//! RabbitMQ, it measures and prints a table with ratios:
+//!
+//! - **raw lapin** (the limit): the same messages published with pipelined confirms, no
+//!   database;
+//! - **naive**: the design of older articles — select one row, publish, wait for its
+//!   confirm, update the row, one at a time;
+//! - **Courier** end to end (rows committed to the outbox → all confirmed and marked) with
+//!   1, 2 and 3 `courier run` processes, classic and quorum queues;
+//! - commit→confirmed latency of single messages on an idle engine (p50, p99);
+//!
+//! with peak RSS and CPU seconds per 10k messages for each (every variant runs as its own
+//! process, measured from `/proc`).
+//!
+//! ```sh
+//! cargo bench --bench side_by_side                 # BENCH_N=50000 messages per variant
+//! BENCH_N=200000 cargo bench --bench side_by_side
+//! ```
+
+use std::{
+    collections::HashMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use diesel::{sql_types::BigInt, QueryableByName};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::{stream::FuturesUnordered, StreamExt};
+use lapin::{
+    options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+
+const DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const EXCHANGE: &str = "courier.bench";
+const PAYLOAD: usize = 256;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What one variant measured.
+#[derive(Debug, Clone)]
+struct Row {
+    name: String,
+    messages: usize,
+    seconds: f64,
+    rss_mb: f64,
+    cpu_per_10k: f64,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.seconds
+    }
+}
+
+/// Peak RSS (MB) and CPU seconds of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the state field.
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    (hwm_kb / 1024.0, cpu)
+}
+
+fn self_usage() -> (f64, f64) {
+    proc_usage(std::process::id())
+}
+
+// ---------------------------------------------------------------- broker and database setup
+
+async fn amqp() -> Connection {
+    Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672")
+}
+
+/// (Re)creates the bench queue of `kind` bound to the bench exchange, empty.
+async fn fresh_queue(kind: &str) -> String {
+    let conn = amqp().await;
+    let ch = conn.create_channel().await.expect("channel");
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        EXCHANGE.into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    let queue = format!("courier.bench.{kind}");
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.as_str().into(), opts, args)
+        .await
+        .expect("queue");
+    ch.queue_bind(
+        queue.as_str().into(),
+        EXCHANGE.into(),
+        "bench.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    let _ = conn.close(200, "ok".into()).await;
+    queue
+}
+
+async fn purge(queue: &str) {
+    let conn = amqp().await;
+    let ch = conn.create_channel().await.expect("channel");
+    let _ = ch
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await;
+    let _ = conn.close(200, "ok".into()).await;
+}
+
+async fn db() -> AsyncPgConnection {
+    AsyncPgConnection::establish(DB)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432")
+}
+
+async fn fresh_schema(schema: &str) {
+    let mut c = db().await;
+    c.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await
+        .expect("drop");
+    courier::store::migrate(
+        &courier::config::SecretUrl::new(DB),
+        schema,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("migrate");
+}
+
+async fn insert_rows(schema: &str, n: usize) {
+    let mut c = db().await;
+    let payload = "x".repeat(PAYLOAD);
+    for start in (0..n).step_by(50_000) {
+        let count = (n - start).min(50_000);
+        c.batch_execute(&format!(
+            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload)
+             SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8')
+             FROM generate_series(1, {count}) i"
+        ))
+        .await
+        .expect("insert");
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn confirmed(c: &mut AsyncPgConnection, schema: &str) -> i64 {
+    let r: Count = diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM \"{schema}\".outbox WHERE status = 'confirmed'"
+    ))
+    .get_result(c)
+    .await
+    .expect("count");
+    r.n
+}
+
+// ---------------------------------------------------------------- child modes
+
+fn props() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    ch
+}
+
+/// Raw lapin: pipelined confirms, `window` outstanding, no database.
+async fn mode_raw(n: usize, window: usize) -> f64 {
+    let conn = amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let payload = vec![b'x'; PAYLOAD];
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let start = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        if pending.len() >= window {
+            let r: Result<Confirmation, lapin::Error> = pending.next().await.expect("confirm");
+            assert!(r.expect("confirm").is_ack());
+        }
+        let confirm = ch
+            .basic_publish(
+                EXCHANGE.into(),
+                format!("bench.{i}").into(),
+                opts,
+                &payload,
+                props(),
+            )
+            .await
+            .expect("publish");
+        pending.push(confirm);
+    }
+    while let Some(r) = pending.next().await {
+        assert!(r.expect("confirm").is_ack());
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// The naive design: one row at a time, select, publish, wait, update.
+async fn mode_naive(schema: &str, n: usize) -> f64 {
+    let conn = amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let mut c = db().await;
+    #[derive(QueryableByName)]
+    struct One {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        id: uuid::Uuid,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        routing_key: String,
+        #[diesel(sql_type = diesel::sql_types::Bytea)]
+        payload: Vec<u8>,
+    }
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let start = Instant::now();
+    for _ in 0..n {
+        let row: One = diesel::sql_query(format!(
+            "SELECT id, routing_key, payload FROM \"{schema}\".outbox
+             WHERE status = 'pending' ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+        ))
+        .get_result(&mut c)
+        .await
+        .expect("select");
+        let confirm = ch
+            .basic_publish(
+                EXCHANGE.into(),
+                row.routing_key.into(),
+                opts,
+                &row.payload,
+                props(),
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack());
+        diesel::sql_query(format!(
+            "UPDATE \"{schema}\".outbox SET status = 'confirmed', confirmed_at = now() WHERE id = $1"
+        ))
+        .bind::<diesel::sql_types::Uuid, _>(row.id)
+        .execute(&mut c)
+        .await
+        .expect("update");
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// Runs this bench binary in a child mode and reads back "seconds rss cpu".
+fn child(mode: &[&str]) -> (f64, f64, f64) {
+    let exe = std::env::current_exe().expect("current exe");
+    let out = Command::new(exe)
+        .arg("--child")
+        .args(mode)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run child");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("RESULT "))
+        .unwrap_or_else(|| panic!("child {mode:?} printed no result: {text}"));
+    let v: Vec<f64> = line[7..]
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v[0], v[1], v[2])
+}
+
+fn run_child(args: &[String]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seconds = rt.block_on(async {
+        match args[0].as_str() {
+            "raw" => {
+                mode_raw(
+                    args[1].parse().expect("n"),
+                    args[2].parse().expect("window"),
+                )
+                .await
+            }
+            "naive" => mode_naive(&args[1], args[2].parse().expect("n")).await,
+            other => panic!("unknown mode {other}"),
+        }
+    });
+    let (rss, cpu) = self_usage();
+    println!("RESULT {seconds} {rss} {cpu}");
+}
+
+// ---------------------------------------------------------------- Courier processes
+
+fn courier_env(schema: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("COURIER_DATABASE_URL", DB.into()),
+        ("COURIER_DATABASE_SCHEMA", schema.into()),
+        ("COURIER_DATABASE_AUTO_MIGRATE", "false".into()),
+        ("COURIER_BROKER_URL", AMQP.into()),
+        ("COURIER_LOGGING_LEVEL", "warn".into()),
+    ]
+}
+
+fn spawn_engine(schema: &str, extra: &[(&str, String)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("run")
+        .envs(courier_env(schema).into_iter().chain(extra.iter().cloned()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn courier run")
+}
+
+fn stop(children: Vec<Child>) -> (f64, f64) {
+    let mut rss: f64 = 0.0;
+    let mut cpu = 0.0;
+    for mut c in children {
+        let (r, u) = proc_usage(c.id());
+        rss = rss.max(r);
+        cpu += u;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    (rss, cpu)
+}
+
+/// Starts `engines` idle engines, commits `n` rows, times until all are confirmed.
+async fn courier_drain(schema: &str, queue: &str, n: usize, engines: usize) -> Row {
+    fresh_schema(schema).await;
+    purge(queue).await;
+    let children: Vec<Child> = (0..engines).map(|_| spawn_engine(schema, &[])).collect();
+    let mut c = db().await;
+    // Engines are idle and listening once their first sweep has run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = Instant::now();
+    insert_rows(schema, n).await;
+    while confirmed(&mut c, schema).await < n as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let (rss, cpu) = stop(children);
+    Row {
+        name: format!(
+            "Courier, {engines} engine{}",
+            if engines > 1 { "s" } else { "" }
+        ),
+        messages: n,
+        seconds,
+        rss_mb: rss,
+        cpu_per_10k: cpu / (n as f64 / 10_000.0),
+    }
+}
+
+/// Commit→confirmed latency of single rows on an idle engine: p50, p99 in ms.
+async fn courier_latency(schema: &str, samples: usize) -> (f64, f64, f64) {
+    fresh_schema(schema).await;
+    let child = spawn_engine(schema, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut c = db().await;
+    #[derive(QueryableByName)]
+    struct Lat {
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        ms: f64,
+    }
+    let mut lat = Vec::with_capacity(samples);
+    for i in 0..samples {
+        c.batch_execute(&format!(
+            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload) VALUES ('{EXCHANGE}', 'bench.lat.{i}', 'x')"
+        ))
+        .await
+        .expect("insert");
+        // Poll the row; the measured latency is the database's own clock difference
+        // between the commit (created_at) and the recorded confirm.
+        loop {
+            let done: Vec<Lat> = diesel::sql_query(format!(
+                "SELECT EXTRACT(EPOCH FROM (confirmed_at - created_at)) * 1000 AS ms
+                 FROM \"{schema}\".outbox WHERE routing_key = 'bench.lat.{i}' AND status = 'confirmed'"
+            ))
+            .load(&mut c)
+            .await
+            .expect("poll");
+            if let Some(d) = done.as_slice().first() {
+                lat.push(d.ms);
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    let (rss, _) = stop(vec![child]);
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    (pct(0.5), pct(0.99), rss)
+}
+
+/// Engine RSS with `n` rows waiting and the broker unreachable (so nothing drains).
+async fn courier_rss_with_backlog(schema: &str, n: usize) -> f64 {
+    fresh_schema(schema).await;
+    insert_rows(schema, n).await;
+    let child = spawn_engine(
+        schema,
+        &[(
+            "COURIER_BROKER_URL",
+            "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+        )],
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rss, _) = stop(vec![child]);
+    rss
+}
+
+fn print_table(rows: &[Row], limit: f64, naive: f64) {
+    println!();
+    println!("| variant | messages | msg/s | × raw lapin | × naive | peak RSS MB | CPU s / 10k |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} |",
+            r.name,
+            r.messages,
+            r.rate(),
+            r.rate() / limit,
+            r.rate() / naive,
+            r.rss_mb,
+            r.cpu_per_10k
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        return run_child(&args[i + 1..]);
+    }
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing we need.
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let n = env_usize("BENCH_N", 50_000);
+    let naive_n = env_usize("BENCH_NAIVE_N", 2_000);
+    let backlog = env_usize("BENCH_BACKLOG", 1_000_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let schema = "courier_bench";
+    let mut results: HashMap<&str, Vec<Row>> = HashMap::new();
+    for kind in ["classic", "quorum"] {
+        let queue = rt.block_on(fresh_queue(kind));
+        let mut rows = Vec::new();
+        let (secs, rss, cpu) = child(&["raw", &n.to_string(), "1024"]);
+        rows.push(Row {
+            name: format!("raw lapin, window 1024 ({kind})"),
+            messages: n,
+            seconds: secs,
+            rss_mb: rss,
+            cpu_per_10k: cpu / (n as f64 / 1e4),
+        });
+        rt.block_on(purge(&queue));
+        rt.block_on(async {
+            fresh_schema(schema).await;
+            insert_rows(schema, naive_n).await;
+        });
+        let (secs, rss, cpu) = child(&["naive", schema, &naive_n.to_string()]);
+        rows.push(Row {
+            name: format!("naive one-at-a-time ({kind})"),
+            messages: naive_n,
+            seconds: secs,
+            rss_mb: rss,
+            cpu_per_10k: cpu / (naive_n as f64 / 1e4),
+        });
+        for engines in [1, 2, 3] {
+            let mut r = rt.block_on(courier_drain(schema, &queue, n, engines));
+            r.name = format!("{} ({kind})", r.name);
+            rows.push(r);
+        }
+        rt.block_on(purge(&queue));
+        let limit = rows[0].rate();
+        let naive = rows[1].rate();
+        println!("\n{kind} queue: raw limit {limit:.0} msg/s, naive {naive:.0} msg/s");
+        print_table(&rows, limit, naive);
+        results.insert(kind, rows);
+    }
+    let queue = rt.block_on(fresh_queue("classic"));
+    let (p50, p99, rss) = rt.block_on(courier_latency(schema, 500));
+    println!("\ncommit→confirmed on an idle engine, 500 single messages: p50 {p50:.2} ms, p99 {p99:.2} ms (engine RSS {rss:.1} MB)");
+    rt.block_on(purge(&queue));
+    if backlog > 0 {
+        let rss = rt.block_on(courier_rss_with_backlog(schema, backlog));
+        println!("engine peak RSS with {backlog} rows waiting in the outbox: {rss:.1} MB");
+    }
+    rt.block_on(async {
+        let mut c = db().await;
+        let _ = c
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await;
+    });
+}
