@@ -126,6 +126,58 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Removal of old confirmed rows.
+    pub retention: RetentionConfig,
+    /// The admin HTTP API and dashboard.
+    pub admin: AdminConfig,
+}
+
+/// `retention.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Confirmed rows older than this are removed.
+    #[serde(with = "humantime_serde")]
+    pub confirmed: Duration,
+    /// `delete` them, or `archive` them to `outbox_archive`.
+    pub mode: RetentionMode,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rows per statement (small batches never hold the hot path up).
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            confirmed: Duration::from_secs(7 * 24 * 3600),
+            mode: RetentionMode::Delete,
+            interval: Duration::from_secs(60),
+            batch_size: 1000,
+        }
+    }
+}
+
+/// What retention does with old confirmed rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetentionMode {
+    /// Delete them.
+    Delete,
+    /// Move them to `outbox_archive`.
+    Archive,
+}
+
+/// `admin.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to serve the admin API and dashboard on (`127.0.0.1:8081`); null: off.
+    pub bind: Option<String>,
+    /// Bearer token for the mutating endpoints; null: they are disabled.
+    /// `COURIER_ADMIN_TOKEN` sets it without writing it to a file.
+    pub token: Option<String>,
 }
 
 /// `shutdown.*`
@@ -431,6 +483,16 @@ impl Config {
         positive("scheduler.claim_batch", self.scheduler.claim_batch as u64)?;
         positive_duration("logging.summary_interval", self.logging.summary_interval)?;
         positive_duration("shutdown.timeout", self.shutdown.timeout)?;
+        positive_duration("retention.interval", self.retention.interval)?;
+        positive("retention.batch_size", self.retention.batch_size as u64)?;
+        if let Some(bind) = &self.admin.bind {
+            bind.parse::<std::net::SocketAddr>().map_err(|_| {
+                ConfigError::invalid("admin.bind", format!("`{bind}` is not a host:port address"))
+            })?;
+        }
+        if self.admin.token.as_deref() == Some("") {
+            return Err(ConfigError::invalid("admin.token", "must not be empty (use null to disable)"));
+        }
         if let Some(exchange) = &self.dead_letter.exchange {
             if exchange.is_empty() || exchange.len() > 255 {
                 return Err(ConfigError::invalid(

@@ -32,6 +32,7 @@ use crate::{
         confirms::ConfirmTracker,
         dead_letter::DeadLetterActor,
         publisher::Publisher,
+        retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
         store::{Flushed, ReleaseAll, StoreActor},
     },
@@ -73,6 +74,7 @@ struct Inner {
     signals: Signals,
     scheduler: Addr<Scheduler>,
     store_actor: Addr<StoreActor>,
+    retention: Addr<Retention>,
 }
 
 impl Engine {
@@ -132,6 +134,8 @@ impl Engine {
                 Publisher::new(config, tracker, scheduler, store_actor, signals)
             })
         };
+        let retention =
+            Retention::new(store.clone(), config.retention.clone(), signals.clone()).start();
         scheduler_ctx.run(Scheduler::new(
             config.clone(),
             Peers {
@@ -152,6 +156,7 @@ impl Engine {
                 signals,
                 scheduler,
                 store_actor,
+                retention,
             }),
         })
     }
@@ -283,6 +288,14 @@ impl EngineHandle {
                 Err(broadcast::error::RecvError::Lagged(_)) => recheck = true,
                 Err(broadcast::error::RecvError::Closed) => recheck = true,
             }
+        }
+    }
+
+    /// Runs retention now; returns the confirmed rows removed.
+    pub async fn run_retention(&self) -> Result<usize, EngineError> {
+        match self.inner.retention.send(RunRetention).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Ok(0),
         }
     }
 

@@ -75,6 +75,8 @@ pub struct Counters {
     pub returns_on_other_confirm: AtomicU64,
     /// Broker reconnects.
     pub reconnects: AtomicU64,
+    /// Confirmed rows removed by retention.
+    pub retention_removed: AtomicU64,
     /// Messages published and not yet settled (gauge).
     pub in_flight: AtomicU64,
     /// The highest `in_flight` seen.
@@ -105,6 +107,7 @@ impl Counters {
             late_returns: get(&self.late_returns),
             returns_on_other_confirm: get(&self.returns_on_other_confirm),
             reconnects: get(&self.reconnects),
+            retention_removed: get(&self.retention_removed),
             in_flight: get(&self.in_flight),
             peak_in_flight: get(&self.peak_in_flight),
         }
@@ -129,6 +132,7 @@ pub struct CounterSnapshot {
     pub late_returns: u64,
     pub returns_on_other_confirm: u64,
     pub reconnects: u64,
+    pub retention_removed: u64,
     pub in_flight: u64,
     pub peak_in_flight: u64,
 }

@@ -4,12 +4,15 @@
 //! - [`store`]: the database pool (claims, batched outcome writes, leases);
 //! - [`publisher`]: the AMQP connection and confirm channel (supervised);
 //! - [`confirms`]: the in-flight table, confirm deadlines and return correlation;
-//! - [`dead_letter`]: the move to `dead_letters` and the optional dead-letter exchange.
+//! - [`dead_letter`]: the move to `dead_letters` and the optional dead-letter exchange;
+//!
+//! and one maintenance service, [`retention`], which removes old confirmed rows.
 //!
 //! They talk only through the typed messages defined next to each actor.
 
 pub mod confirms;
 pub mod dead_letter;
 pub mod publisher;
+pub mod retention;
 pub mod scheduler;
 pub mod store;

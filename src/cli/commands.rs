@@ -34,13 +34,47 @@ async fn apply_migrations(config: &Config) -> anyhow::Result<Vec<String>> {
     .with_context(|| format!("migrating schema `{}`", config.database.schema))
 }
 
-/// `courier status`
-pub async fn status(config: &Config) -> anyhow::Result<()> {
+/// `courier status [--watch] [--json]`
+pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<()> {
     let store = Store::connect(&config.database).await?;
-    let stats = store
-        .stats()
-        .await
-        .with_context(|| format!("reading schema `{}`", config.database.schema))?;
+    loop {
+        let stats = store
+            .stats()
+            .await
+            .with_context(|| format!("reading schema `{}`", config.database.schema))?;
+        if json {
+            println!("{}", stats_json(&stats));
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H"); // clear the screen, cursor home
+                println!(
+                    "courier status — schema `{}` — {}   (Ctrl-C to quit)\n",
+                    config.database.schema,
+                    chrono::Local::now().format("%H:%M:%S")
+                );
+            }
+            print_stats(&stats);
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// The stats as a JSON object (also served by the admin API).
+pub fn stats_json(stats: &crate::store::Stats) -> serde_json::Value {
+    serde_json::json!({
+        "outbox": stats.outbox,
+        "dead_letters": stats.dead_letters,
+        "oldest_pending_age_seconds": stats.oldest_pending_age.map(|a| a.as_secs_f64()),
+    })
+}
+
+fn print_stats(stats: &crate::store::Stats) {
     for status in ALL_STATUSES {
         println!("{:<13} {:>10}", status.as_str(), stats.count(status));
     }
@@ -52,7 +86,6 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
         ),
         None => println!("oldest undelivered: none"),
     }
-    Ok(())
 }
 
 /// `courier run`

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 mod commands;
+mod dead_letters;
+mod demo;
 
 /// Courier: publishes PostgreSQL outbox rows to RabbitMQ with publisher confirms, retries
 /// what fails and dead-letters what keeps failing.
@@ -40,7 +42,24 @@ pub enum Command {
     /// Create the schema and apply the embedded migrations; safe to run any number of times.
     Migrate,
     /// Print the outbox's counts by status and the age of the oldest undelivered row.
-    Status,
+    Status {
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON (one object; one line per refresh with --watch).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, requeue or discard dead letters.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(dead_letters::DeadLetterCommand),
+    /// Declare a demo exchange and queue, enqueue N messages, run the engine and show
+    /// progress, then a summary (throughput, commit→confirm p50/p99).
+    Demo {
+        /// How many messages to send.
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+    },
 }
 
 /// Why the process exits non-zero.
@@ -78,7 +97,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         match cli.command {
             Command::Run => commands::run(&cli.config, config).await,
             Command::Migrate => commands::migrate(&config).await,
-            Command::Status => commands::status(&config).await,
+            Command::Status { watch, json } => commands::status(&config, watch, json).await,
+            Command::DeadLetters(cmd) => dead_letters::run(&config, cmd).await,
+            Command::Demo { messages } => demo::run(config, messages).await,
         }
         .map_err(Failure::Runtime)
     })

@@ -180,6 +180,70 @@ impl From<ClaimedRow> for OutboxMessage {
     }
 }
 
+/// A row of `dead_letters`, for operators.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct DeadLetter {
+    /// The message id (the AMQP `message_id` it was published with).
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub id: Uuid,
+    /// Target exchange.
+    #[diesel(sql_type = Text)]
+    pub exchange: String,
+    /// Routing key.
+    #[diesel(sql_type = Text)]
+    pub routing_key: String,
+    /// Body.
+    #[diesel(sql_type = Bytea)]
+    pub payload: Vec<u8>,
+    /// Headers (JSON as the producer wrote them).
+    #[diesel(sql_type = Jsonb)]
+    pub headers: serde_json::Value,
+    /// Content type.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub content_type: Option<String>,
+    /// Per-row attempt budget.
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub max_attempts: Option<i32>,
+    /// Attempts made.
+    #[diesel(sql_type = Integer)]
+    pub attempts: i32,
+    /// Why it failed.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub last_error: Option<String>,
+    /// When the producer committed it.
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: DateTime<Utc>,
+    /// When it was dead-lettered.
+    #[diesel(sql_type = Timestamptz)]
+    pub failed_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    /// The payload as text when it is UTF-8.
+    pub fn payload_text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
+
+    /// A JSON view for APIs: payload as text when UTF-8, always also base64.
+    pub fn to_json(&self) -> serde_json::Value {
+        use base64::Engine as _;
+        serde_json::json!({
+            "id": self.id,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "payload_text": self.payload_text(),
+            "payload_base64": base64::engine::general_purpose::STANDARD.encode(&self.payload),
+            "headers": self.headers,
+            "content_type": self.content_type,
+            "max_attempts": self.max_attempts,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "created_at": self.created_at,
+            "failed_at": self.failed_at,
+        })
+    }
+}
+
 #[derive(QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
@@ -536,6 +600,104 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Deletes (or, with `archive`, moves to `outbox_archive`) up to `limit` rows confirmed
+    /// more than `older_than` ago. Returns how many.
+    pub async fn purge_confirmed(
+        &self,
+        older_than: Duration,
+        limit: u32,
+        archive: bool,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn().await?;
+        let sql = if archive {
+            &self.sql.archive_confirmed
+        } else {
+            &self.sql.purge_confirmed
+        };
+        Ok(diesel::sql_query(sql)
+            .bind::<BigInt, _>(millis(older_than))
+            .bind::<BigInt, _>(i64::from(limit))
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Dead letters, newest first, failed within `since` (all when `None`).
+    pub async fn dead_letters(
+        &self,
+        since: Option<Duration>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(&self.sql.dead_letter_list)
+            .bind::<Nullable<BigInt>, _>(since.map(millis))
+            .bind::<BigInt, _>(i64::from(limit))
+            .load(&mut conn)
+            .await?)
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetter>, StoreError> {
+        let mut conn = self.conn().await?;
+        diesel::sql_query(&self.sql.dead_letter_show)
+            .bind::<diesel::sql_types::Uuid, _>(id)
+            .get_result(&mut conn)
+            .await
+            .map(Some)
+            .or_else(not_found_is_none)
+            .map_err(StoreError::from)
+    }
+
+    /// Ids of dead letters, all or those of one exchange (for "requeue --all").
+    pub async fn dead_letter_ids(&self, exchange: Option<&str>) -> Result<Vec<Uuid>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter_ids)
+            .bind::<Nullable<Text>, _>(exchange)
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
+    /// Deletes dead letters for good. Returns the ids deleted (unknown ids are absent).
+    pub async fn discard_dead_letters(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter_discard)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
+    /// Deletes dead letters that failed more than `older_than` ago.
+    pub async fn discard_dead_letters_older_than(
+        &self,
+        older_than: Duration,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter_discard_older)
+            .bind::<BigInt, _>(millis(older_than))
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
+    /// Commit→confirmed latency percentiles (p50, p99) in milliseconds over `ids`, from
+    /// the database's own timestamps (`created_at` → `confirmed_at`).
+    pub async fn latency_of(&self, ids: &[Uuid]) -> Result<Option<(f64, f64)>, StoreError> {
+        #[derive(QueryableByName)]
+        struct Pct {
+            #[diesel(sql_type = Nullable<Double>)]
+            p50: Option<f64>,
+            #[diesel(sql_type = Nullable<Double>)]
+            p99: Option<f64>,
+        }
+        let mut conn = self.conn().await?;
+        let r: Pct = diesel::sql_query(&self.sql.latency_of)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .get_result(&mut conn)
+            .await?;
+        Ok(r.p50.zip(r.p99))
     }
 
     /// Confirmed rows by the engine that published them (`locked_by` is kept on confirm).

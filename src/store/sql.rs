@@ -27,6 +27,14 @@ pub struct Sql {
     pub(crate) notify: String,
     pub(crate) outcomes: String,
     pub(crate) publishers: String,
+    pub(crate) latency_of: String,
+    pub(crate) purge_confirmed: String,
+    pub(crate) archive_confirmed: String,
+    pub(crate) dead_letter_list: String,
+    pub(crate) dead_letter_show: String,
+    pub(crate) dead_letter_discard: String,
+    pub(crate) dead_letter_discard_older: String,
+    pub(crate) dead_letter_ids: String,
 }
 
 /// The columns a claimed message is read with (see `ClaimedRow`).
@@ -185,6 +193,56 @@ impl Sql {
             publishers: format!(
                 "SELECT coalesce(locked_by, '') AS status, count(*) AS n
                  FROM {s}.outbox WHERE status = 'confirmed' GROUP BY locked_by"
+            ),
+            // Retention: small batches of the oldest confirmed rows, SKIP LOCKED so it never
+            // waits on (or blocks) the hot path.
+            purge_confirmed: format!(
+                "WITH old AS (
+                    SELECT id FROM {s}.outbox
+                    WHERE status = 'confirmed' AND confirmed_at < now() - $1 * interval '1 millisecond'
+                    ORDER BY confirmed_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                 )
+                 DELETE FROM {s}.outbox o USING old WHERE o.id = old.id"
+            ),
+            archive_confirmed: format!(
+                "WITH old AS (
+                    SELECT id FROM {s}.outbox
+                    WHERE status = 'confirmed' AND confirmed_at < now() - $1 * interval '1 millisecond'
+                    ORDER BY confirmed_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                 ), moved AS (
+                    DELETE FROM {s}.outbox o USING old WHERE o.id = old.id RETURNING o.*
+                 )
+                 INSERT INTO {s}.outbox_archive SELECT * FROM moved ON CONFLICT (id) DO NOTHING"
+            ),
+            dead_letter_list: format!(
+                "SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                        attempts, last_error, created_at, failed_at
+                 FROM {s}.dead_letters
+                 WHERE ($1::bigint IS NULL OR failed_at >= now() - $1 * interval '1 millisecond')
+                 ORDER BY failed_at DESC, id LIMIT $2"
+            ),
+            dead_letter_show: format!(
+                "SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                        attempts, last_error, created_at, failed_at
+                 FROM {s}.dead_letters WHERE id = $1"
+            ),
+            dead_letter_discard: format!(
+                "DELETE FROM {s}.dead_letters WHERE id = ANY($1) RETURNING id"
+            ),
+            dead_letter_discard_older: format!(
+                "DELETE FROM {s}.dead_letters
+                 WHERE failed_at < now() - $1 * interval '1 millisecond' RETURNING id"
+            ),
+            dead_letter_ids: format!(
+                "SELECT id FROM {s}.dead_letters WHERE ($1::text IS NULL OR exchange = $1)"
+            ),
+            latency_of: format!(
+                "SELECT (percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::float8 AS p50,
+                        (percentile_cont(0.99) WITHIN GROUP (ORDER BY ms))::float8 AS p99
+                 FROM (SELECT EXTRACT(EPOCH FROM (confirmed_at - created_at)) * 1000 AS ms
+                       FROM {s}.outbox WHERE id = ANY($1) AND status = 'confirmed') t"
             ),
             notify: format!("SELECT pg_notify('{schema}.outbox', $1)::text AS v"),
         }

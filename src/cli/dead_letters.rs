@@ -1,0 +1,155 @@
+//! `courier dead-letters …`: inspect, requeue and discard what the engine gave up on.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use uuid::Uuid;
+
+use crate::{config::Config, store::Store};
+
+/// The dead-letter subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters, newest first: id, exchange, routing key, attempts, failed at, error.
+    List {
+        /// Most rows to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only those that failed within this long (e.g. 1h, 2days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+    },
+    /// Show every column of one dead letter (payload as text when UTF-8, else base64).
+    Show {
+        /// The message id.
+        id: Uuid,
+    },
+    /// Move dead letters back to the outbox as pending, attempts reset, in one transaction.
+    Requeue {
+        /// Message ids.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<Uuid>,
+        /// Requeue every dead letter (optionally only those of --exchange).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only dead letters for this exchange.
+        #[arg(long, requires = "all")]
+        exchange: Option<String>,
+    },
+    /// Delete dead letters for good.
+    Discard {
+        /// Message ids.
+        #[arg(required_unless_present = "older_than", conflicts_with = "older_than")]
+        ids: Vec<Uuid>,
+        /// Every dead letter that failed more than this long ago (e.g. 30days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+    },
+}
+
+/// Runs one dead-letter subcommand.
+pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database).await?;
+    match cmd {
+        DeadLetterCommand::List { limit, since } => list(&store, limit, since).await,
+        DeadLetterCommand::Show { id } => show(&store, id).await,
+        DeadLetterCommand::Requeue { ids, all, exchange } => {
+            let ids = if all {
+                store.dead_letter_ids(exchange.as_deref()).await?
+            } else {
+                ids
+            };
+            let moved = store.requeue_dead_letters(&ids).await.context("requeue")?;
+            report("requeued", &ids, &moved)
+        }
+        DeadLetterCommand::Discard { ids, older_than } => match older_than {
+            Some(age) => {
+                let gone = store.discard_dead_letters_older_than(age).await?;
+                println!("discarded {} dead letter(s)", gone.len());
+                Ok(())
+            }
+            None => {
+                let gone = store.discard_dead_letters(&ids).await.context("discard")?;
+                report("discarded", &ids, &gone)
+            }
+        },
+    }
+}
+
+/// Prints what was done and fails (exit 1) naming the ids that were not found.
+fn report(verb: &str, asked: &[Uuid], done: &[Uuid]) -> anyhow::Result<()> {
+    println!("{verb} {} dead letter(s)", done.len());
+    let missing: Vec<String> = asked
+        .iter()
+        .filter(|id| !done.contains(id))
+        .map(Uuid::to_string)
+        .collect();
+    if !missing.is_empty() {
+        bail!("no dead letter with id {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+fn clip(s: &str, n: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(n - 1).collect::<String>())
+    }
+}
+
+async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Result<()> {
+    let rows = store.dead_letters(since, limit).await?;
+    println!(
+        "{:<36}  {:<20}  {:<20}  {:>8}  {:<20}  last error",
+        "id", "exchange", "routing key", "attempts", "failed at"
+    );
+    for r in &rows {
+        println!(
+            "{:<36}  {:<20}  {:<20}  {:>8}  {:<20}  {}",
+            r.id,
+            clip(&r.exchange, 20),
+            clip(&r.routing_key, 20),
+            r.attempts,
+            r.failed_at.format("%Y-%m-%d %H:%M:%S"),
+            clip(r.last_error.as_deref().unwrap_or(""), 80)
+        );
+    }
+    println!("({} dead letter(s))", rows.len());
+    Ok(())
+}
+
+async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
+    let Some(r) = store.dead_letter(id).await? else {
+        bail!("no dead letter with id {id}");
+    };
+    println!("id:            {}", r.id);
+    println!("exchange:      {}", r.exchange);
+    println!("routing key:   {}", r.routing_key);
+    println!("content type:  {}", r.content_type.as_deref().unwrap_or("-"));
+    println!("headers:       {}", r.headers);
+    println!(
+        "attempts:      {} (max {})",
+        r.attempts,
+        r.max_attempts
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "config default".into())
+    );
+    println!("created at:    {}", r.created_at);
+    println!("failed at:     {}", r.failed_at);
+    println!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
+    match r.payload_text() {
+        Some(text) => println!("payload (text, {} bytes):\n{text}", r.payload.len()),
+        None => {
+            use base64::Engine as _;
+            println!(
+                "payload (binary, {} bytes, base64):\n{}",
+                r.payload.len(),
+                base64::engine::general_purpose::STANDARD.encode(&r.payload)
+            )
+        }
+    }
+    Ok(())
+}
