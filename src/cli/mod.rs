@@ -90,7 +90,12 @@ impl Failure {
 
 /// Parses nothing (clap did), loads the config, sets up logging and runs the command.
 pub fn run(cli: Cli) -> Result<(), Failure> {
-    let config = Config::load(&cli.config).map_err(|e| Failure::Config(anyhow::Error::new(e)))?;
+    let mut config =
+        Config::load(&cli.config).map_err(|e| Failure::Config(anyhow::Error::new(e)))?;
+    if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
+        // The demo shows a progress bar; engine chatter would tear it.
+        config.logging.level = "warn".into();
+    }
     init_logging(&config);
     let system = actix_rt::System::new();
     system.block_on(async move {
