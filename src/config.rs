@@ -491,7 +491,10 @@ impl Config {
             })?;
         }
         if self.admin.token.as_deref() == Some("") {
-            return Err(ConfigError::invalid("admin.token", "must not be empty (use null to disable)"));
+            return Err(ConfigError::invalid(
+                "admin.token",
+                "must not be empty (use null to disable)",
+            ));
         }
         if let Some(exchange) = &self.dead_letter.exchange {
             if exchange.is_empty() || exchange.len() > 255 {

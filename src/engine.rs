@@ -53,6 +53,9 @@ pub enum EngineError {
     /// Not called from inside a running actix `System`.
     #[error("Engine::start must be called inside a running actix System")]
     NoSystem,
+    /// The admin server could not start.
+    #[error("admin API: {0}")]
+    Admin(String),
     /// A wait ran out of time; the ids not settled yet are listed.
     #[error("timed out waiting for {} message(s)", .0.len())]
     Timeout(Vec<Uuid>),
@@ -75,6 +78,7 @@ struct Inner {
     scheduler: Addr<Scheduler>,
     store_actor: Addr<StoreActor>,
     retention: Addr<Retention>,
+    admin: std::sync::Mutex<Option<actix_web::dev::ServerHandle>>,
 }
 
 impl Engine {
@@ -148,7 +152,7 @@ impl Engine {
             engine_id.clone(),
         ));
         tracing::info!(engine = %engine_id, schema = %config.database.schema, "engine started");
-        Ok(EngineHandle {
+        let handle = EngineHandle {
             inner: Arc::new(Inner {
                 config,
                 engine_id,
@@ -157,8 +161,18 @@ impl Engine {
                 scheduler,
                 store_actor,
                 retention,
+                admin: std::sync::Mutex::new(None),
             }),
-        })
+        };
+        if let Some(bind) = handle.inner.config.admin.bind.clone() {
+            let server = crate::admin::start(handle.clone(), &bind)
+                .map_err(|e| EngineError::Admin(format!("cannot serve on {bind}: {e}")))?;
+            tracing::info!(%bind, mutating = handle.inner.config.admin.token.is_some(), "admin API and dashboard listening");
+            if let Ok(mut slot) = handle.inner.admin.lock() {
+                *slot = Some(server);
+            }
+        }
+        Ok(handle)
     }
 }
 
@@ -223,6 +237,16 @@ impl EngineHandle {
     /// Events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
         self.inner.signals.events.subscribe()
+    }
+
+    /// The Prometheus metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.signals.metrics
+    }
+
+    /// The broker link state (see [`crate::events::broker_state`]).
+    pub fn broker_state(&self) -> u8 {
+        self.inner.signals.broker_state()
     }
 
     /// The counters now.
@@ -323,6 +347,10 @@ impl EngineHandle {
             outstanding = left,
             "shutting down: claims stopped, draining"
         );
+        let admin = self.inner.admin.lock().ok().and_then(|mut s| s.take());
+        if let Some(server) = admin {
+            server.stop(true).await;
+        }
         while left > 0 && Instant::now() < deadline {
             let _ = tokio::time::timeout_at(deadline.into(), events.recv()).await;
             left = self.outstanding().await;

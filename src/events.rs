@@ -146,6 +146,20 @@ pub struct Signals {
     pub counters: Arc<Counters>,
     /// Set when a graceful shutdown begins: nothing new is published.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Broker link state: 0 disconnected, 1 connected, 2 blocked.
+    pub broker: Arc<std::sync::atomic::AtomicU8>,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// [`Signals::broker`] values.
+pub mod broker_state {
+    /// No connection.
+    pub const DISCONNECTED: u8 = 0;
+    /// Connected and accepting publishes.
+    pub const CONNECTED: u8 = 1;
+    /// Connected but blocked by a broker alarm.
+    pub const BLOCKED: u8 = 2;
 }
 
 impl Signals {
@@ -156,7 +170,19 @@ impl Signals {
             events,
             counters: Arc::new(Counters::default()),
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            broker: Arc::new(std::sync::atomic::AtomicU8::new(broker_state::DISCONNECTED)),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
+    }
+
+    /// Records the broker link state.
+    pub fn set_broker(&self, state: u8) {
+        self.broker.store(state, Ordering::SeqCst);
+    }
+
+    /// The broker link state (see [`broker_state`]).
+    pub fn broker_state(&self) -> u8 {
+        self.broker.load(Ordering::SeqCst)
     }
 
     /// Whether a graceful shutdown has begun.

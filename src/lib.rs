@@ -23,6 +23,7 @@
 //! Rust applications call [`enqueue`] inside their own diesel-async transaction.
 
 pub mod actors;
+pub mod admin;
 pub mod backoff;
 pub mod broker;
 pub mod cli;
@@ -32,6 +33,7 @@ mod enqueue;
 pub mod events;
 pub mod inflight;
 pub mod message;
+pub mod metrics;
 pub mod state;
 pub mod store;
 

@@ -121,6 +121,7 @@ impl ConfirmTracker {
         counters
             .in_flight
             .store(n, std::sync::atomic::Ordering::Relaxed);
+        self.signals.metrics.in_flight.set(n as i64);
         counters
             .peak_in_flight
             .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
@@ -138,12 +139,25 @@ impl ConfirmTracker {
             FailureReason::Rejected(_) | FailureReason::LeaseExpired => &counters.rejected,
         };
         Counters::add(counter, 1);
+        let exchange = delivery.message.exchange.clone();
+        let metrics = &self.signals.metrics;
+        match &reason {
+            FailureReason::Nacked => metrics.nacked.with_label_values(&[&exchange]).inc(),
+            FailureReason::Returned { .. } => {
+                metrics.returned.with_label_values(&[&exchange]).inc()
+            }
+            FailureReason::ConfirmTimeout(_) => {
+                metrics.timed_out.with_label_values(&[&exchange]).inc()
+            }
+            _ => {}
+        }
         let _span =
             tracing::debug_span!("message", message_id = %id, attempt = delivery.attempts())
                 .entered();
         match delivery.fail(&reason, &self.config.retry.backoff) {
             Ok(AfterFailure::Retry { delay, refund }) => {
                 tracing::debug!(reason = %reason, retry_in = ?delay, refund, "retrying");
+                metrics.retried.with_label_values(&[&exchange]).inc();
                 out.record.retry.push(RetryUpdate {
                     id,
                     delay,
@@ -176,6 +190,15 @@ impl ConfirmTracker {
             Some(Settled::Ack(mut delivery)) => match delivery.ack() {
                 Ok(()) => {
                     Counters::add(&self.signals.counters.acked, 1);
+                    let metrics = &self.signals.metrics;
+                    metrics
+                        .confirmed
+                        .with_label_values(&[delivery.message.exchange.as_str()])
+                        .inc();
+                    let age = chrono::Utc::now() - delivery.message.created_at;
+                    metrics
+                        .latency
+                        .observe(age.to_std().unwrap_or_default().as_secs_f64());
                     tracing::debug!(message_id = %r.id, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
                 }

@@ -124,6 +124,11 @@ impl DeadLetterActor {
             if moved.contains(&delivery.message.id) {
                 tracing::warn!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
                 announced.push((delivery.message.id, why.clone()));
+                self.signals
+                    .metrics
+                    .dead_lettered
+                    .with_label_values(&[delivery.message.exchange.as_str()])
+                    .inc();
                 to_exchange.push((delivery, why));
             } else {
                 tracing::warn!(message_id = %delivery.message.id, "not dead-lettered: the row is no longer held by this engine");

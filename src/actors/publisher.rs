@@ -126,7 +126,12 @@ impl Publisher {
                         if act.ever_connected {
                             Counters::add(&act.signals.counters.reconnects, 1);
                         }
+                        if act.ever_connected {
+                            act.signals.metrics.reconnects.inc();
+                        }
                         act.ever_connected = true;
+                        act.signals
+                            .set_broker(crate::events::broker_state::CONNECTED);
                         act.failed_connects = 0;
                         act.known_exchanges.clear();
                         act.generation += 1;
@@ -158,6 +163,8 @@ impl Publisher {
         }
         tracing::warn!(reason = %why, "lost the RabbitMQ connection; unconfirmed messages go back to retrying");
         self.link = None;
+        self.signals
+            .set_broker(crate::events::broker_state::DISCONNECTED);
         self.scheduler.do_send(BrokerReady(false));
         self.tracker.do_send(ConnectionLost(why.clone()));
         self.signals.emit(EngineEvent::BrokerDisconnected(why));
@@ -226,14 +233,24 @@ fn watch(
 ) {
     use futures::StreamExt;
     actix::spawn(async move {
+        let mut blocked_since: Option<Instant> = None;
         while let Some(event) = events.next().await {
             match event {
                 Event::ConnectionBlocked(reason) => {
+                    blocked_since.get_or_insert_with(Instant::now);
+                    signals.set_broker(crate::events::broker_state::BLOCKED);
                     tracing::warn!(%reason, "RabbitMQ blocked publishers; pausing claims");
                     scheduler.do_send(BrokerReady(false));
                     signals.emit(EngineEvent::BrokerBlocked(reason));
                 }
                 Event::ConnectionUnblocked => {
+                    if let Some(since) = blocked_since.take() {
+                        signals
+                            .metrics
+                            .blocked_seconds
+                            .inc_by(since.elapsed().as_secs_f64());
+                    }
+                    signals.set_broker(crate::events::broker_state::CONNECTED);
                     tracing::info!("RabbitMQ unblocked publishers; resuming");
                     scheduler.do_send(BrokerReady(true));
                     signals.emit(EngineEvent::BrokerUnblocked);
@@ -515,6 +532,13 @@ impl Handler<Publish> for Publisher {
                 link.side = round.side;
             }
             Counters::add(&act.signals.counters.published, round.published.len());
+            for p in &round.published {
+                act.signals
+                    .metrics
+                    .published
+                    .with_label_values(&[p.delivery.message.exchange.as_str()])
+                    .inc();
+            }
             if !round.published.is_empty() {
                 act.signals
                     .emit(EngineEvent::Published(round.published.len()));

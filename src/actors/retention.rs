@@ -92,7 +92,11 @@ impl Handler<RunRetention> for Retention {
     type Result = ResponseFuture<Result<usize, StoreError>>;
 
     fn handle(&mut self, _: RunRetention, _: &mut Context<Self>) -> Self::Result {
-        let (store, config, signals) = (self.store.clone(), self.config.clone(), self.signals.clone());
+        let (store, config, signals) = (
+            self.store.clone(),
+            self.config.clone(),
+            self.signals.clone(),
+        );
         Box::pin(async move {
             let n = run_once(&store, &config).await?;
             Counters::add(&signals.counters.retention_removed, n);

@@ -61,6 +61,12 @@ pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> 
                 ids
             };
             let moved = store.requeue_dead_letters(&ids).await.context("requeue")?;
+            if all {
+                // With --all, a row that vanished between listing and moving was requeued
+                // or discarded by someone else at the same moment: not an error.
+                println!("requeued {} dead letter(s)", moved.len());
+                return Ok(());
+            }
             report("requeued", &ids, &moved)
         }
         DeadLetterCommand::Discard { ids, older_than } => match older_than {
@@ -128,7 +134,10 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
     println!("id:            {}", r.id);
     println!("exchange:      {}", r.exchange);
     println!("routing key:   {}", r.routing_key);
-    println!("content type:  {}", r.content_type.as_deref().unwrap_or("-"));
+    println!(
+        "content type:  {}",
+        r.content_type.as_deref().unwrap_or("-")
+    );
     println!("headers:       {}", r.headers);
     println!(
         "attempts:      {} (max {})",

@@ -23,28 +23,53 @@ const QUEUE: &str = "courier.demo";
 async fn declare(config: &Config) -> anyhow::Result<()> {
     let conn = broker::connect(&config.broker, "-demo-setup").await?;
     let ch = conn.create_channel().await?;
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    ch.exchange_declare(EXCHANGE.into(), ExchangeKind::Topic, durable, FieldTable::default())
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        EXCHANGE.into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let q = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(QUEUE.into(), q, FieldTable::default())
         .await?;
-    let q = QueueDeclareOptions { durable: true, ..Default::default() };
-    ch.queue_declare(QUEUE.into(), q, FieldTable::default()).await?;
-    ch.queue_bind(QUEUE.into(), EXCHANGE.into(), "demo.#".into(), QueueBindOptions::default(), FieldTable::default())
+    ch.queue_bind(
+        QUEUE.into(),
+        EXCHANGE.into(),
+        "demo.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_purge(QUEUE.into(), QueuePurgeOptions::default())
         .await?;
-    ch.queue_purge(QUEUE.into(), QueuePurgeOptions::default()).await?;
     let _ = conn.close(200, "demo ready".into()).await;
     Ok(())
 }
 
 /// Runs the demo.
 pub async fn run(config: Config, n: usize) -> anyhow::Result<()> {
-    declare(&config).await.context("declaring the demo exchange and queue")?;
+    declare(&config)
+        .await
+        .context("declaring the demo exchange and queue")?;
     println!("declared exchange `{EXCHANGE}` and queue `{QUEUE}` (purged)");
     let engine = Engine::start(config).await.context("starting the engine")?;
     let mut events = engine.subscribe();
     let messages: Vec<OutboxMessage> = (0..n)
         .map(|i| {
-            OutboxMessage::new(EXCHANGE, format!("demo.order.{i}"), format!(r#"{{"order":{i}}}"#))
-                .with_content_type("application/json")
+            OutboxMessage::new(
+                EXCHANGE,
+                format!("demo.order.{i}"),
+                format!(r#"{{"order":{i}}}"#),
+            )
+            .with_content_type("application/json")
         })
         .collect();
     let ids: HashSet<uuid::Uuid> = messages.iter().map(|m| m.id).collect();
@@ -77,7 +102,10 @@ pub async fn run(config: Config, n: usize) -> anyhow::Result<()> {
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 let all: Vec<uuid::Uuid> = ids.iter().copied().collect();
                 let outcomes = engine.store().outcomes(&all).await?;
-                confirmed = outcomes.values().filter(|o| **o == crate::Outcome::Confirmed).count();
+                confirmed = outcomes
+                    .values()
+                    .filter(|o| **o == crate::Outcome::Confirmed)
+                    .count();
                 dead = outcomes.len() - confirmed;
                 bar.set_position(confirmed as u64);
             }
@@ -98,7 +126,10 @@ pub async fn run(config: Config, n: usize) -> anyhow::Result<()> {
     println!("| retried | {} |", counters.retried);
     println!("| dead-lettered | {dead} |");
     println!("| elapsed | {:.2} s |", elapsed.as_secs_f64());
-    println!("| throughput | {:.0} msg/s |", n as f64 / elapsed.as_secs_f64());
+    println!(
+        "| throughput | {:.0} msg/s |",
+        n as f64 / elapsed.as_secs_f64()
+    );
     if let Some((p50, p99)) = latency {
         println!("| commit→confirm p50 | {p50:.1} ms |");
         println!("| commit→confirm p99 | {p99:.1} ms |");

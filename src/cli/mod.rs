@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 mod commands;
+pub use commands::stats_json;
 mod dead_letters;
 mod demo;
 
