@@ -152,7 +152,7 @@ impl ConfirmTracker {
             _ => {}
         }
         let _span =
-            tracing::debug_span!("message", message_id = %id, attempt = delivery.attempts())
+            tracing::debug_span!("message", message_id = %id, exchange = %exchange, attempt = delivery.attempts())
                 .entered();
         match delivery.fail(&reason, &self.config.retry.backoff) {
             Ok(AfterFailure::Retry { delay, refund }) => {
@@ -199,7 +199,7 @@ impl ConfirmTracker {
                     metrics
                         .latency
                         .observe(age.to_std().unwrap_or_default().as_secs_f64());
-                    tracing::debug!(message_id = %r.id, attempt = delivery.attempts(), "confirmed");
+                    tracing::debug!(message_id = %r.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
                 }
                 Err(e) => {

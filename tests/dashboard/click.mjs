@@ -1,0 +1,28 @@
+// Opens the dashboard in headless Chromium, enters the admin token, clicks "requeue" on
+// one dead letter, waits for the page to confirm it, and takes a screenshot.
+// Usage: node click.mjs <dashboard url> <token> <dead letter id> <screenshot.png>
+import { chromium } from "playwright-core";
+
+const [url, token, id, shot] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
+  await page.goto(url);
+  await page.fill("#token", token);
+  await page.dispatchEvent("#token", "change");
+  const row = page.locator(`tr[data-id="${id}"]`);
+  await row.waitFor({ timeout: 15000 });
+  await page.waitForFunction(() => document.querySelectorAll(".card").length >= 7, null, { timeout: 15000 });
+  await page.screenshot({ path: shot.replace(/\.png$/, "-before.png"), fullPage: true });
+  await row.locator("button.requeue").click();
+  await page.waitForFunction((id) => document.getElementById("notice").textContent.includes(`requeued ${id}`), id, { timeout: 15000 });
+  await row.waitFor({ state: "detached", timeout: 15000 });
+  await page.screenshot({ path: shot, fullPage: true });
+  console.log("requeued via the dashboard:", id);
+} finally {
+  await browser.close();
+}
