@@ -475,6 +475,69 @@ async fn courier_rss_with_backlog(schema: &str, n: usize) -> f64 {
     rss
 }
 
+#[derive(QueryableByName)]
+struct Size {
+    #[diesel(sql_type = BigInt)]
+    bytes: i64,
+    #[diesel(sql_type = BigInt)]
+    waiting: i64,
+}
+
+async fn outbox_size(c: &mut AsyncPgConnection, schema: &str) -> Size {
+    diesel::sql_query(format!(
+        "SELECT pg_total_relation_size('\"{schema}\".outbox') AS bytes,
+                (SELECT count(*) FROM \"{schema}\".outbox WHERE status <> 'confirmed') AS waiting"
+    ))
+    .get_result(c)
+    .await
+    .expect("size")
+}
+
+/// A sustained run of `n` messages with retention on: prints the outbox's total size (heap,
+/// indexes, TOAST) as it goes. Producers keep a backlog of at most 100k rows.
+async fn sustained_with_retention(schema: &str, queue: &str, n: usize) {
+    fresh_schema(schema).await;
+    purge(queue).await;
+    let engine = Engines(vec![spawn_engine(
+        schema,
+        &[
+            ("COURIER_RETENTION_CONFIRMED", "5s".into()),
+            ("COURIER_RETENTION_INTERVAL", "2s".into()),
+            ("COURIER_RETENTION_BATCH_SIZE", "5000".into()),
+        ],
+    )]);
+    let mut c = db().await;
+    let start = Instant::now();
+    let mut inserted = 0;
+    let mut last_report = 0;
+    println!("\nsustained run with retention (confirmed rows removed after 5 s):");
+    println!("| messages inserted | elapsed s | outbox total size MB | rows not yet confirmed |");
+    println!("|---:|---:|---:|---:|");
+    while inserted < n {
+        insert_rows(schema, 50_000.min(n - inserted)).await;
+        inserted += 50_000.min(n - inserted);
+        loop {
+            let s = outbox_size(&mut c, schema).await;
+            if s.waiting < 50_000 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        purge(queue).await;
+        if inserted - last_report >= 100_000 || inserted == n {
+            last_report = inserted;
+            let s = outbox_size(&mut c, schema).await;
+            println!(
+                "| {inserted} | {:.0} | {:.1} | {} |",
+                start.elapsed().as_secs_f64(),
+                s.bytes as f64 / 1e6,
+                s.waiting
+            );
+        }
+    }
+    stop(engine);
+}
+
 fn print_table(rows: &[Row], limit: f64, naive: f64) {
     println!();
     println!("| variant | messages | msg/s | × raw lapin | × naive | peak RSS MB | CPU s / 10k |");
@@ -551,6 +614,11 @@ fn main() {
     let (p50, p99, rss) = rt.block_on(courier_latency(schema, 500));
     println!("\ncommit→confirmed on an idle engine, 500 single messages: p50 {p50:.2} ms, p99 {p99:.2} ms (engine RSS {rss:.1} MB)");
     rt.block_on(purge(&queue));
+    let sustain = env_usize("BENCH_SUSTAIN", 0);
+    if sustain > 0 {
+        rt.block_on(sustained_with_retention(schema, &queue, sustain));
+        rt.block_on(purge(&queue));
+    }
     if backlog > 0 {
         let rss = rt.block_on(courier_rss_with_backlog(schema, backlog));
         rt.block_on(purge(&queue));

@@ -31,6 +31,7 @@ pub mod config;
 mod engine;
 mod enqueue;
 pub mod events;
+pub mod inbox;
 pub mod inflight;
 pub mod message;
 pub mod metrics;

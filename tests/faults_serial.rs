@@ -255,3 +255,100 @@ async fn database_loss_mid_run_crashes_nothing_and_loses_nothing() {
     assert_eq!(db.count(Status::InFlight).await, 0);
     engine.shutdown().await;
 }
+
+/// Applies a message by inserting its id into `<schema>.applied` (no unique key: a double
+/// application would show as two rows).
+struct ApplyOnce {
+    schema: String,
+}
+
+impl courier::inbox::Handler for ApplyOnce {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut diesel_async::AsyncPgConnection,
+        msg: &'a courier::inbox::InboxMessage,
+    ) -> futures::future::BoxFuture<'a, Result<(), courier::inbox::HandlerError>> {
+        use diesel_async::RunQueryDsl;
+        Box::pin(async move {
+            diesel::sql_query(format!(
+                "INSERT INTO \"{}\".applied (message_id) VALUES ($1)",
+                self.schema
+            ))
+            .bind::<diesel::sql_types::Text, _>(&msg.message_id)
+            .execute(tx)
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+async fn applied_counts(db: &TestDb) -> (usize, i64) {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        distinct: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        most: i64,
+    }
+    let mut conn = db.raw().await;
+    let r: Row = diesel::sql_query(format!(
+        "SELECT count(DISTINCT message_id) AS distinct,
+                coalesce(max(n), 0) AS most
+         FROM (SELECT message_id, count(*) AS n FROM \"{}\".applied GROUP BY message_id) t",
+        db.schema
+    ))
+    .get_result(&mut conn)
+    .await
+    .expect("count applied");
+    (r.distinct as usize, r.most)
+}
+
+#[actix_rt::test]
+#[ignore = "restarts the shared broker: run alone (scripts/test does)"]
+async fn outbox_to_inbox_end_to_end_with_a_broker_restart_applies_each_message_once() {
+    let db = TestDb::new("e2e").await;
+    db.exec("CREATE TABLE {s}.applied (message_id text NOT NULL)")
+        .await;
+    let broker = TestBroker::new("e2e").await;
+    let mut config = db.engine_config();
+    config.retry.max_attempts = 50;
+    let engine = Engine::start(config).await.unwrap();
+    let inbox = courier::inbox::Inbox::new(
+        db.store().await,
+        db.engine_config().broker,
+        courier::inbox::InboxConfig::new("e2e", &broker.queue),
+    );
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let handler = std::sync::Arc::new(ApplyOnce {
+        schema: db.schema.clone(),
+    });
+    let consumer = tokio::spawn(async move { inbox.run(handler, stop_rx).await });
+    let ids = db.insert_sql(&broker.exchange, 3_000, "routed.{i}").await;
+    eventually(60, "the consumer applies some messages", || async {
+        (applied_counts(&db).await.0 >= 300).then_some(())
+    })
+    .await;
+    {
+        let _guard = BrokerAppGuard;
+        assert!(sh("rabbitmqctl", &["-q", "stop_app"]), "stop_app");
+    } // start_app
+    engine
+        .wait_for_all(&ids, WAIT)
+        .await
+        .expect("every row settles after the restart");
+    eventually(180, "every message applied after the restart", || async {
+        (applied_counts(&db).await.0 == ids.len()).then_some(())
+    })
+    .await;
+    let (distinct, most) = applied_counts(&db).await;
+    assert_eq!(distinct, ids.len());
+    assert_eq!(most, 1, "a message was applied more than once");
+    let _ = stop.send(());
+    let report = within(30, "consumer stops", consumer)
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("inbox across the restart: {report:?}");
+    engine.shutdown().await;
+}

@@ -1,0 +1,509 @@
+//! The consumer inbox: turns Courier's at-least-once delivery into effectively-once
+//! processing, so consumers do not hand-write idempotency.
+//!
+//! For each delivery, in **one PostgreSQL transaction**, the inbox records
+//! `(consumer, message_id)` in `<schema>.inbox` (`ON CONFLICT DO NOTHING`) and, only when
+//! that row is new, runs the handler with the same transaction; it commits, and only then
+//! acks. A duplicate (re-published, redelivered after a channel loss, or redelivered after a
+//! crash between commit and ack) is acked without running the handler. A handler error
+//! rolls everything back and the message is requeued, up to `max_redeliveries`; then it is
+//! rejected without requeue, to the queue's own dead-letter exchange. A delivery without a
+//! `message_id` cannot be deduplicated: it is rejected with a log line naming it, never
+//! processed twice silently.
+//!
+//! The consumer uses its own AMQP connection (a blocked publishing connection must not
+//! stall its acks), a configurable prefetch and concurrency, and a graceful stop that
+//! cancels the consumer and finishes the handlers in flight.
+//!
+//! ```no_run
+//! # async fn demo(store: courier::Store, broker: courier::config::BrokerConfig) -> Result<(), courier::inbox::InboxError> {
+//! use courier::inbox::{Inbox, InboxConfig, InboxMessage, HandlerError};
+//! use diesel_async::AsyncPgConnection;
+//! fn apply<'a>(tx: &'a mut AsyncPgConnection, msg: &'a InboxMessage)
+//!     -> futures::future::BoxFuture<'a, Result<(), HandlerError>> {
+//!     Box::pin(async move { /* write with `tx` */ Ok(()) })
+//! }
+//! let inbox = Inbox::new(store, broker, InboxConfig::new("billing", "orders.billing"));
+//! inbox.run(std::sync::Arc::new(apply), tokio::signal::ctrl_c()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures::{future::BoxFuture, StreamExt};
+use lapin::{
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, BasicRejectOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel,
+};
+use tracing::Instrument;
+
+use crate::{
+    broker::{self, BrokerError},
+    config::BrokerConfig,
+    store::{Store, StoreError},
+};
+
+/// How one consumer behaves.
+#[derive(Debug, Clone)]
+pub struct InboxConfig {
+    /// The consumer's name: the deduplication scope (two services consuming the same
+    /// message each apply it once).
+    pub consumer: String,
+    /// The queue to consume.
+    pub queue: String,
+    /// Unacked deliveries the broker may send ahead.
+    pub prefetch: u16,
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// Requeues after handler errors before the message is rejected to the DLX.
+    pub max_redeliveries: u32,
+    /// Inbox rows older than this are deleted (a duplicate older than this is processed
+    /// again); `None` keeps them.
+    pub retention: Option<Duration>,
+}
+
+impl InboxConfig {
+    /// Defaults: prefetch 32, concurrency 8, 5 redeliveries, 7 days of inbox rows.
+    pub fn new(consumer: impl Into<String>, queue: impl Into<String>) -> Self {
+        InboxConfig {
+            consumer: consumer.into(),
+            queue: queue.into(),
+            prefetch: 32,
+            concurrency: 8,
+            max_redeliveries: 5,
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+/// One delivery, as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct InboxMessage {
+    /// The AMQP `message_id` (for Courier messages: the outbox row id).
+    pub message_id: String,
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// Properties (headers, content type, …).
+    pub properties: BasicProperties,
+    /// The broker's redelivered flag.
+    pub redelivered: bool,
+}
+
+/// Why a handler failed (the transaction is rolled back and the message requeued).
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The handler's own failure.
+    #[error("{0}")]
+    Failed(String),
+    /// A database error inside the handler.
+    #[error(transparent)]
+    Database(#[from] diesel::result::Error),
+}
+
+/// The user's handler: runs inside the inbox transaction.
+pub trait Handler: Send + Sync + 'static {
+    /// Applies one message with `tx`; an error rolls back and requeues.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AsyncPgConnection,
+        msg: &'a InboxMessage,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+impl<F> Handler for F
+where
+    F: for<'a> Fn(
+            &'a mut AsyncPgConnection,
+            &'a InboxMessage,
+        ) -> BoxFuture<'a, Result<(), HandlerError>>
+        + Send
+        + Sync
+        + 'static,
+{
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AsyncPgConnection,
+        msg: &'a InboxMessage,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        self(tx, msg)
+    }
+}
+
+/// What happened to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// New: the handler ran and its transaction committed.
+    Applied,
+    /// Seen before by this consumer: the handler did not run.
+    Duplicate,
+    /// The handler failed; rolled back.
+    Failed(String),
+}
+
+/// An inbox failure (not a handler failure).
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    /// The database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+enum TxError {
+    Db(diesel::result::Error),
+    Handler(HandlerError),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(e: diesel::result::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+/// What a run processed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxReport {
+    /// Handlers that ran and committed.
+    pub applied: u64,
+    /// Duplicates acked without running the handler.
+    pub duplicates: u64,
+    /// Handler failures requeued.
+    pub requeued: u64,
+    /// Rejected to the dead-letter exchange (no message_id, or redeliveries exhausted).
+    pub rejected: u64,
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Inbox {
+    store: Store,
+    broker: BrokerConfig,
+    config: InboxConfig,
+    record_sql: Arc<str>,
+    purge_sql: Arc<str>,
+}
+
+impl Inbox {
+    /// An inbox for `config.consumer`, recording in `store`'s schema.
+    pub fn new(store: Store, broker: BrokerConfig, config: InboxConfig) -> Self {
+        let s = format!("\"{}\"", store.schema());
+        Inbox {
+            record_sql: format!(
+                "INSERT INTO {s}.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            )
+            .into(),
+            purge_sql: format!(
+                "DELETE FROM {s}.inbox WHERE ctid IN (SELECT ctid FROM {s}.inbox
+                 WHERE received_at < now() - $1 * interval '1 millisecond' LIMIT 5000)"
+            )
+            .into(),
+            store,
+            broker,
+            config,
+        }
+    }
+
+    /// Processes one message in one transaction: record it, run the handler if it is new,
+    /// commit. Does not ack: callers ack only after this returns `Applied`/`Duplicate`.
+    pub async fn process(
+        &self,
+        handler: &dyn Handler,
+        msg: &InboxMessage,
+    ) -> Result<Disposition, StoreError> {
+        let mut conn = self.store.conn().await?;
+        let consumer = self.config.consumer.as_str();
+        let sql = self.record_sql.clone();
+        let result = conn
+            .transaction::<Disposition, TxError, _>(async |tx| {
+                let fresh = diesel::sql_query(&*sql)
+                    .bind::<Text, _>(consumer)
+                    .bind::<Text, _>(&msg.message_id)
+                    .execute(tx)
+                    .await?;
+                if fresh == 0 {
+                    return Ok(Disposition::Duplicate);
+                }
+                handler.handle(tx, msg).await.map_err(TxError::Handler)?;
+                Ok(Disposition::Applied)
+            })
+            .await;
+        match result {
+            Ok(d) => Ok(d),
+            Err(TxError::Handler(e)) => Ok(Disposition::Failed(e.to_string())),
+            Err(TxError::Db(e)) => Err(StoreError::Query(e)),
+        }
+    }
+
+    /// Deletes inbox rows older than `age` (in batches). Returns how many.
+    pub async fn purge(&self, age: Duration) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let mut conn = self.store.conn().await?;
+            let n = diesel::sql_query(&*self.purge_sql)
+                .bind::<BigInt, _>(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+                .execute(&mut conn)
+                .await?;
+            total += n;
+            if n < 5000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Consumes until `shutdown` resolves, then cancels the consumer and waits for the
+    /// handlers in flight before returning. A lost connection (broker restart, network) is
+    /// re-established with capped backoff; unacked deliveries come back as redeliveries and
+    /// are recognised as duplicates if their transaction had committed.
+    pub async fn run(
+        &self,
+        handler: Arc<dyn Handler>,
+        shutdown: impl Future,
+    ) -> Result<InboxReport, InboxError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let report: Arc<Mutex<InboxReport>> = Default::default();
+        let sessions = async {
+            let mut failures = 0u32;
+            loop {
+                match self
+                    .session(handler.clone(), stop_rx.clone(), report.clone())
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(e) => {
+                        failures += 1;
+                        let delay = Duration::from_millis((100u64 << failures.min(7)).min(10_000));
+                        tracing::warn!(error = %e, retry_in = ?delay, consumer = %self.config.consumer, "inbox lost its broker connection; reconnecting");
+                        let mut stop = stop_rx.clone();
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stopped(&mut stop) => return,
+                        }
+                    }
+                }
+            }
+        };
+        tokio::pin!(sessions);
+        tokio::select! {
+            _ = &mut sessions => {}
+            _ = shutdown => {
+                let _ = stop_tx.send(true);
+                sessions.await;
+            }
+        }
+        let report = *report.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(report)
+    }
+
+    /// One connection's worth of consuming. `Ok` when asked to stop; `Err` when the
+    /// connection or consumer ended (after the handlers in flight finished).
+    async fn session(
+        &self,
+        handler: Arc<dyn Handler>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        report: Arc<Mutex<InboxReport>>,
+    ) -> Result<(), InboxError> {
+        let conn =
+            broker::connect(&self.broker, &format!("-inbox-{}", self.config.consumer)).await?;
+        let channel = conn.create_channel().await.map_err(BrokerError::from)?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(BrokerError::from)?;
+        let tag = format!(
+            "courier-inbox-{}-{}",
+            self.config.consumer,
+            uuid::Uuid::new_v4()
+        );
+        let mut consumer = channel
+            .basic_consume(
+                self.config.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::from)?;
+        let failures: Arc<Mutex<HashMap<String, u32>>> = Default::default();
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut retention = tokio::time::interval(Duration::from_secs(60));
+        let ended = loop {
+            tokio::select! {
+                _ = stopped(&mut stop) => break None,
+                _ = retention.tick() => {
+                    if let Some(age) = self.config.retention {
+                        if let Err(e) = self.purge(age).await {
+                            tracing::warn!(error = %e, "inbox retention failed");
+                        }
+                    }
+                }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "inbox handler task failed");
+                    }
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let permit = permits.clone().acquire_owned().await.ok();
+                        let (inbox, handler, channel) = (self.clone(), handler.clone(), channel.clone());
+                        let (failures, report) = (failures.clone(), report.clone());
+                        tasks.spawn(async move {
+                            inbox.settle(&*handler, &channel, delivery, &failures, &report).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => break Some(e.to_string()),
+                    None => break Some("consumer closed".to_string()),
+                },
+            }
+        };
+        if ended.is_none() {
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "inbox handler task failed");
+            }
+        }
+        let _ = conn.close(200, "inbox stopped".into()).await;
+        match ended {
+            None => Ok(()),
+            Some(why) => Err(InboxError::Broker(BrokerError::Amqp(why))),
+        }
+    }
+
+    /// Processes one delivery and acks, requeues or rejects it.
+    async fn settle(
+        &self,
+        handler: &dyn Handler,
+        channel: &Channel,
+        delivery: lapin::message::Delivery,
+        failures: &Mutex<HashMap<String, u32>>,
+        report: &Mutex<InboxReport>,
+    ) {
+        let tag = delivery.delivery_tag;
+        let count =
+            |f: fn(&mut InboxReport)| f(&mut report.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(message_id) = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+        else {
+            tracing::warn!(
+                queue = %self.config.queue,
+                routing_key = %delivery.routing_key,
+                "rejecting a delivery without message_id: it cannot be deduplicated"
+            );
+            let _ = channel
+                .basic_reject(tag, BasicRejectOptions { requeue: false })
+                .await;
+            count(|r| r.rejected += 1);
+            return;
+        };
+        let msg = InboxMessage {
+            message_id: message_id.clone(),
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            payload: delivery.data,
+            properties: delivery.properties,
+            redelivered: delivery.redelivered,
+        };
+        let span = tracing::debug_span!("inbox", consumer = %self.config.consumer, message_id = %message_id);
+        let outcome = match self.process(handler, &msg).instrument(span).await {
+            Ok(d) => d,
+            Err(e) => Disposition::Failed(format!("inbox database error: {e}")),
+        };
+        match outcome {
+            Disposition::Applied | Disposition::Duplicate => {
+                if outcome == Disposition::Duplicate {
+                    tracing::debug!(message_id = %message_id, "duplicate: acked without running the handler");
+                    count(|r| r.duplicates += 1);
+                } else {
+                    count(|r| r.applied += 1);
+                }
+                failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&message_id);
+                // If this ack is lost, the redelivery is recognised as a duplicate.
+                let _ = channel.basic_ack(tag, BasicAckOptions::default()).await;
+            }
+            Disposition::Failed(why) => {
+                let seen = {
+                    let mut f = failures.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = f.entry(message_id.clone()).or_insert(0);
+                    *n += 1;
+                    (*n).max(delivery_count(&msg.properties))
+                };
+                if seen > self.config.max_redeliveries {
+                    tracing::warn!(message_id = %message_id, error = %why, attempts = seen, "handler keeps failing: rejecting to the dead-letter exchange");
+                    failures
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&message_id);
+                    let _ = channel
+                        .basic_reject(tag, BasicRejectOptions { requeue: false })
+                        .await;
+                    count(|r| r.rejected += 1);
+                } else {
+                    tracing::warn!(message_id = %message_id, error = %why, attempt = seen, "handler failed: rolled back, requeueing");
+                    let _ = channel
+                        .basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            },
+                        )
+                        .await;
+                    count(|r| r.requeued += 1);
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once a stop was requested (or the sender is gone).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The broker's own redelivery count (quorum queues set `x-delivery-count`).
+fn delivery_count(props: &BasicProperties) -> u32 {
+    match props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"))
+    {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}

@@ -1,0 +1,293 @@
+//! The consumer inbox against the real services: a message delivered three times (re-publish,
+//! redelivery after the connection drops mid-handler, a crash between commit and ack) is
+//! applied once; two consumer instances on one queue apply each message once.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use common::{broker::TestBroker, eventually, proxy::Proxy, within, TestDb};
+use courier::{
+    config::{BrokerConfig, SecretUrl},
+    inbox::{Disposition, Handler, HandlerError, Inbox, InboxConfig, InboxMessage},
+};
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures::future::BoxFuture;
+use lapin::{options::BasicPublishOptions, BasicProperties};
+
+/// Applies an event by inserting it into `<schema>.applied` (no unique key there: a
+/// double application would show as two rows).
+struct Apply {
+    schema: String,
+    calls: AtomicUsize,
+    /// Called (once) before committing the first message: lets a test cut the link.
+    on_first: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Handler for Apply {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AsyncPgConnection,
+        msg: &'a InboxMessage,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            diesel::sql_query(format!(
+                "INSERT INTO \"{}\".applied (message_id) VALUES ($1)",
+                self.schema
+            ))
+            .bind::<Text, _>(&msg.message_id)
+            .execute(tx)
+            .await?;
+            let hook = self.on_first.lock().expect("hook").take();
+            if let Some(hook) = hook {
+                hook();
+                // Let the cut land while this transaction is still open.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn applied(db: &TestDb) -> HashMap<String, i64> {
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        message_id: String,
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let mut conn = db.raw().await;
+    let rows: Vec<Row> = diesel::sql_query(format!(
+        "SELECT message_id, count(*) AS n FROM \"{}\".applied GROUP BY message_id",
+        db.schema
+    ))
+    .load(&mut conn)
+    .await
+    .unwrap();
+    rows.into_iter().map(|r| (r.message_id, r.n)).collect()
+}
+
+async fn setup(prefix: &str) -> (TestDb, TestBroker) {
+    let db = TestDb::new(prefix).await;
+    db.exec("CREATE TABLE {s}.applied (message_id text NOT NULL)")
+        .await;
+    (db, TestBroker::new(prefix).await)
+}
+
+async fn publish(broker: &TestBroker, id: &str, key: &str) {
+    broker
+        .channel
+        .basic_publish(
+            broker.exchange.as_str().into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"event",
+            BasicProperties::default()
+                .with_message_id(id.into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+fn broker_config(url: String) -> BrokerConfig {
+    BrokerConfig {
+        url: SecretUrl::new(url),
+        ..BrokerConfig::default()
+    }
+}
+
+fn handler(db: &TestDb) -> Arc<Apply> {
+    Arc::new(Apply {
+        schema: db.schema.clone(),
+        calls: AtomicUsize::new(0),
+        on_first: Default::default(),
+    })
+}
+
+#[tokio::test]
+async fn a_message_delivered_three_times_is_applied_once() {
+    let (db, broker) = setup("inbox3").await;
+    let proxy = Arc::new(Proxy::start("127.0.0.1:5672".parse().unwrap()));
+    let store = db.store().await;
+    let inbox = Inbox::new(
+        store,
+        broker_config(proxy.amqp_url()),
+        InboxConfig::new("billing", &broker.queue),
+    );
+    let apply = handler(&db);
+
+    // 3. A crash between commit and ack: the transaction committed, no ack was sent.
+    let crashed = InboxMessage {
+        message_id: "m-crash".into(),
+        exchange: broker.exchange.clone(),
+        routing_key: "routed.c".into(),
+        payload: b"event".to_vec(),
+        properties: BasicProperties::default(),
+        redelivered: false,
+    };
+    assert_eq!(
+        inbox.process(&*apply, &crashed).await.unwrap(),
+        Disposition::Applied
+    );
+
+    // 2. The connection drops while the handler of "m-cut" runs.
+    let p = proxy.clone();
+    *apply.on_first.lock().unwrap() = Some(Box::new(move || p.cut()));
+
+    publish(&broker, "m-cut", "routed.a").await; // first delivery: the cut hits it
+    publish(&broker, "m-crash", "routed.c").await; // the redelivery after the "crash"
+    publish(&broker, "m-twice", "routed.b").await;
+    publish(&broker, "m-twice", "routed.b").await; // 1. re-published
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let (inbox, apply) = (inbox.clone(), apply.clone());
+        tokio::spawn(async move { inbox.run(apply, stop_rx).await })
+    };
+    eventually(
+        60,
+        "every message applied and the queue drained",
+        || async {
+            let a = applied(&db).await;
+            let done = ["m-cut", "m-crash", "m-twice"]
+                .iter()
+                .all(|id| a.contains_key(*id));
+            (done && broker.depth(&broker.queue).await == 0).then_some(())
+        },
+    )
+    .await;
+    let _ = stop_tx.send(());
+    let report = within(30, "inbox stop", runner).await.unwrap().unwrap();
+    let a = applied(&db).await;
+    for id in ["m-cut", "m-crash", "m-twice"] {
+        assert_eq!(a[id], 1, "{id} applied {} times", a[id]);
+    }
+    eprintln!("inbox report: {report:?}");
+    assert!(
+        report.duplicates >= 2,
+        "re-publish and crash redelivery are duplicates: {report:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_consumer_instances_apply_each_message_once() {
+    let (db, broker) = setup("inbox2").await;
+    let n = 500;
+    for i in 0..n {
+        // Each message published twice: four deliveries' worth of chances to double-apply.
+        publish(&broker, &format!("m{i}"), "routed.x").await;
+        publish(&broker, &format!("m{i}"), "routed.x").await;
+    }
+    let store = db.store().await;
+    let mk = || {
+        Inbox::new(
+            store.clone(),
+            broker_config(common::broker_url()),
+            InboxConfig::new("shipping", &broker.queue),
+        )
+    };
+    let (a, b) = (mk(), mk());
+    let apply = handler(&db);
+    let (stop_a, rx_a) = tokio::sync::oneshot::channel::<()>();
+    let (stop_b, rx_b) = tokio::sync::oneshot::channel::<()>();
+    let ra = {
+        let h = apply.clone();
+        tokio::spawn(async move { a.run(h, rx_a).await })
+    };
+    let rb = {
+        let h = apply.clone();
+        tokio::spawn(async move { b.run(h, rx_b).await })
+    };
+    eventually(120, "queue drained by two consumers", || async {
+        (applied(&db).await.len() == n && broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    let _ = (stop_a.send(()), stop_b.send(()));
+    let ra = within(30, "consumer a stops", ra).await.unwrap().unwrap();
+    let rb = within(30, "consumer b stops", rb).await.unwrap().unwrap();
+    eprintln!("consumer a: {ra:?}, consumer b: {rb:?}");
+    assert!(ra.applied > 0 && rb.applied > 0, "both instances worked");
+    assert_eq!(ra.applied + rb.applied, n as u64);
+    assert!(
+        applied(&db).await.values().all(|c| *c == 1),
+        "a message was applied twice"
+    );
+}
+
+#[tokio::test]
+async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejected() {
+    let (db, broker) = setup("inboxfail").await;
+    struct Fail;
+    impl Handler for Fail {
+        fn handle<'a>(
+            &'a self,
+            _: &'a mut AsyncPgConnection,
+            _: &'a InboxMessage,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async { Err(HandlerError::Failed("boom".into())) })
+        }
+    }
+    publish(&broker, "m-fail", "routed.f").await;
+    broker
+        .channel
+        .basic_publish(
+            broker.exchange.as_str().into(),
+            "routed.noid".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut config = InboxConfig::new("audit", &broker.queue);
+    config.max_redeliveries = 2;
+    let inbox = Inbox::new(
+        db.store().await,
+        broker_config(common::broker_url()),
+        config,
+    );
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = {
+        let inbox = inbox.clone();
+        tokio::spawn(async move { inbox.run(Arc::new(Fail), rx).await })
+    };
+    eventually(60, "both messages leave the queue", || async {
+        (broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    let report = within(30, "inbox stop", run).await.unwrap().unwrap();
+    assert_eq!(report.applied, 0);
+    assert_eq!(report.requeued, 2, "{report:?}");
+    assert_eq!(
+        report.rejected, 2,
+        "redeliveries exhausted + no message_id: {report:?}"
+    );
+    // The failed handler's transaction was rolled back: no inbox row, so a fixed handler
+    // would still process it if it were requeued by an operator.
+    let mut conn = db.raw().await;
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let n: N = diesel::sql_query(format!("SELECT count(*) AS n FROM \"{}\".inbox", db.schema))
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n.n, 0);
+}
