@@ -87,6 +87,23 @@ fn proc_usage(pid: u32) -> (f64, f64) {
     (hwm_kb / 1024.0, cpu)
 }
 
+/// CPU seconds used so far by every process whose name is `comm` (e.g. `beam.smp`,
+/// `postgres`): the system-level profile of where a run's CPU goes.
+fn cpu_of(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim() == comm)
+                .unwrap_or(false)
+        })
+        .map(|pid| proc_usage(pid).1)
+        .sum()
+}
+
 fn self_usage() -> (f64, f64) {
     proc_usage(std::process::id())
 }
@@ -404,12 +421,20 @@ async fn courier_drain(schema: &str, queue: &str, n: usize, engines: usize) -> R
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Timed from the commit: rows in the outbox → all confirmed and marked.
     insert_rows(schema, n).await;
+    let (broker0, pg0) = (cpu_of("beam.smp"), cpu_of("postgres"));
     let start = Instant::now();
     while confirmed(&mut c, schema).await < n as i64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let (broker_cpu, pg_cpu) = (cpu_of("beam.smp") - broker0, cpu_of("postgres") - pg0);
     let (rss, cpu) = stop(children);
+    eprintln!(
+        "  cpu during {engines} engine(s): broker {:.0}%, PostgreSQL {:.0}%, engines {:.0}% of one core over {seconds:.1} s (2 cores = 200%)",
+        broker_cpu / seconds * 100.0,
+        pg_cpu / seconds * 100.0,
+        cpu / seconds * 100.0
+    );
     Row {
         name: format!(
             "Courier, {engines} engine{}",

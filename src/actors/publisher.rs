@@ -196,6 +196,12 @@ impl Publisher {
         );
     }
 
+    fn link_alive(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.conn.status().connected())
+    }
+
     fn exchange_known(&self, name: &str) -> bool {
         name.is_empty()
             || self
@@ -345,6 +351,8 @@ struct Round {
     side: Option<Channel>,
     exchanges: HashMap<String, bool>,
     channel_broken: bool,
+    /// The writes hung: the whole connection is presumed dead.
+    connection_suspect: bool,
 }
 
 async fn publish_round(
@@ -354,6 +362,7 @@ async fn publish_round(
     ready: Vec<(Delivery, Prepared, u64)>,
     unknown: HashSet<String>,
     check_timeout: Duration,
+    signals: Signals,
 ) -> Round {
     let mut exchanges = HashMap::new();
     let mut unsent = Vec::new();
@@ -405,7 +414,7 @@ async fn publish_round(
     }
     // Polled together: each future registers its confirm and queues its frames on its
     // first poll, in order, so the batch is pipelined rather than one round trip each.
-    let results = futures::future::join_all(deliveries.iter().zip(metas).map(|((d, _), p)| {
+    let writes = futures::future::join_all(deliveries.iter().zip(metas).map(|((d, _), p)| {
         channel.basic_publish(
             p.exchange,
             p.routing_key,
@@ -413,8 +422,28 @@ async fn publish_round(
             &d.message.payload,
             p.properties,
         )
-    }))
-    .await;
+    }));
+    // Bounded: a socket that died without failing its pending writes must not hold the
+    // publisher (and its mailbox) forever. A broker that blocked publishers is waited for.
+    let Some(results) = bounded_writes(writes, check_timeout, &signals).await else {
+        let why = format!(
+            "publish not written within {}",
+            humantime::format_duration(check_timeout)
+        );
+        unsent.extend(
+            deliveries
+                .into_iter()
+                .map(|(d, _)| (d, FailureReason::ChannelLost(why.clone()))),
+        );
+        return Round {
+            published: Vec::new(),
+            unsent,
+            side,
+            exchanges,
+            channel_broken: true,
+            connection_suspect: true,
+        };
+    };
     let mut published = Vec::with_capacity(deliveries.len());
     let mut channel_broken = false;
     for ((delivery, token), result) in deliveries.into_iter().zip(results) {
@@ -436,6 +465,27 @@ async fn publish_round(
         side,
         exchanges,
         channel_broken: channel_broken || !channel.status().connected(),
+        connection_suspect: false,
+    }
+}
+
+/// Awaits the batch's writes; gives up after `bound` unless the broker is blocking
+/// publishers (then writes legitimately wait for `connection.unblocked`).
+async fn bounded_writes<F: std::future::Future>(
+    writes: F,
+    bound: Duration,
+    signals: &Signals,
+) -> Option<F::Output> {
+    tokio::pin!(writes);
+    loop {
+        tokio::select! {
+            out = &mut writes => return Some(out),
+            _ = tokio::time::sleep(bound) => {
+                if signals.broker_state() != crate::events::broker_state::BLOCKED {
+                    return None;
+                }
+            }
+        }
     }
 }
 
@@ -463,13 +513,17 @@ impl Handler<ConnectionFailed> for Publisher {
         if msg.generation != self.generation {
             return; // an old connection's last words
         }
-        let alive = self
-            .link
-            .as_ref()
-            .is_some_and(|l| l.conn.status().connected());
-        if !alive {
+        if !self.link_alive() {
             self.lost(ctx, msg.why);
+            return;
         }
+        // The error may be reported before the status flips: look again shortly.
+        let generation = msg.generation;
+        ctx.run_later(Duration::from_secs(1), move |act, ctx| {
+            if act.generation == generation && act.link.is_some() && !act.link_alive() {
+                act.lost(ctx, msg.why);
+            }
+        });
     }
 }
 
@@ -518,6 +572,7 @@ impl Handler<Publish> for Publisher {
             ready,
             unknown,
             self.config.broker.connect_timeout,
+            self.signals.clone(),
         );
         AtomicResponse::new(Box::pin(round.into_actor(self).map(|round, act, ctx| {
             let now = Instant::now();
@@ -547,7 +602,9 @@ impl Handler<Publish> for Publisher {
             if !round.unsent.is_empty() {
                 act.tracker.do_send(Unsent(round.unsent));
             }
-            if round.channel_broken {
+            if round.connection_suspect {
+                act.lost(ctx, "publishes hung on the connection".into());
+            } else if round.channel_broken {
                 act.reopen_channel(ctx);
             }
         })))
