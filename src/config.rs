@@ -146,6 +146,9 @@ pub struct RetentionConfig {
     pub interval: Duration,
     /// Rows per statement (small batches never hold the hot path up).
     pub batch_size: u32,
+    /// Run a plain `VACUUM` on the outbox after a pass that removed rows, so the space is
+    /// reused at once instead of when autovacuum gets to it.
+    pub vacuum: bool,
 }
 
 impl Default for RetentionConfig {
@@ -155,6 +158,7 @@ impl Default for RetentionConfig {
             mode: RetentionMode::Delete,
             interval: Duration::from_secs(60),
             batch_size: 1000,
+            vacuum: true,
         }
     }
 }

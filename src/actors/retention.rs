@@ -53,6 +53,9 @@ pub async fn run_once(store: &Store, config: &RetentionConfig) -> Result<usize, 
             .await?;
         total += n;
         if n < config.batch_size as usize {
+            if total > 0 && config.vacuum {
+                store.vacuum_outbox().await?;
+            }
             return Ok(total);
         }
         let pause = rand::thread_rng().gen_range(10..50);

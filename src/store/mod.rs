@@ -623,6 +623,14 @@ impl Store {
             .await?)
     }
 
+    /// Runs a plain `VACUUM` on the outbox (after retention removed rows).
+    pub async fn vacuum_outbox(&self) -> Result<(), StoreError> {
+        use diesel_async::SimpleAsyncConnection;
+        let mut conn = self.conn().await?;
+        conn.batch_execute(&self.sql.vacuum).await?;
+        Ok(())
+    }
+
     /// Dead letters, newest first, failed within `since` (all when `None`).
     pub async fn dead_letters(
         &self,
