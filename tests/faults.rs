@@ -8,45 +8,17 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use common::{
-    audit::audit, broker::TestBroker, eventually, proxy::Proxy, within, EngineProcess, TestDb,
+    audit::audit,
+    broker::TestBroker,
+    events::{confirmed_at_least, wait_event},
+    eventually,
+    proxy::Proxy,
+    within, EngineProcess, TestDb,
 };
 use courier::{config::SecretUrl, events::EngineEvent, Engine, EngineHandle, Outcome, Status};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(180);
-
-async fn wait_event(
-    rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>,
-    secs: u64,
-    what: &str,
-    pick: impl Fn(&EngineEvent) -> bool,
-) {
-    within(secs, what, async {
-        loop {
-            match rx.recv().await {
-                Ok(e) if pick(&e) => return,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream ended: {e}"),
-            }
-        }
-    })
-    .await
-}
-
-/// Waits until at least `n` messages have been confirmed (by events).
-async fn confirmed_at_least(rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>, n: usize) {
-    let mut seen = 0;
-    within(60, &format!("{n} confirmations"), async {
-        while seen < n {
-            match rx.recv().await {
-                Ok(EngineEvent::Confirmed(ids)) => seen += ids.len(),
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream ended: {e}"),
-            }
-        }
-    })
-    .await
-}
 
 async fn engine_via(db: &TestDb, proxy: &Proxy, heartbeat: Duration) -> EngineHandle {
     let mut config = db.engine_config();
@@ -61,10 +33,13 @@ async fn tcp_cuts_mid_stream_lose_nothing() {
     let db = TestDb::new("cut").await;
     let broker = TestBroker::new("cut").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
-    let ids = db.insert_sql(&broker.exchange, 5_000, "routed.{i}").await;
     let engine = engine_via(&db, &proxy, Duration::from_secs(10)).await;
     let mut events = engine.subscribe();
+    let mut ids = Vec::new();
+    // One wave of rows per cut, so every cut lands while the engine is streaming however
+    // fast this machine is today.
     for round in 1..=3 {
+        ids.extend(db.insert_sql(&broker.exchange, 3_000, "routed.{i}").await);
         confirmed_at_least(&mut events, 500).await;
         proxy.cut();
         wait_event(&mut events, 30, "reconnect after cut", |e| {
@@ -129,7 +104,7 @@ async fn a_slow_link_only_slows_things_down() {
 async fn kill_9_mid_stream_then_restart_delivers_everything() {
     let db = TestDb::new("crash").await;
     let broker = TestBroker::new("crash").await;
-    let ids = db.insert_sql(&broker.exchange, 6_000, "routed.{i}").await;
+    let ids = db.insert_sql(&broker.exchange, 20_000, "routed.{i}").await;
     let mut env = db.process_env();
     env.push(("COURIER_SCHEDULER_LEASE_DURATION", "3s".into()));
     env.push(("COURIER_RETRY_CONFIRM_TIMEOUT", "2s".into()));

@@ -13,7 +13,12 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{audit::audit, broker::TestBroker, eventually, within, TestDb};
+use common::{
+    audit::audit,
+    broker::TestBroker,
+    events::{confirmed_at_least, wait_event},
+    eventually, within, TestDb,
+};
 use courier::{events::EngineEvent, Engine, Status};
 
 const WAIT: Duration = Duration::from_secs(240);
@@ -80,38 +85,6 @@ impl Drop for PgGuard {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-}
-
-async fn wait_event(
-    rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>,
-    secs: u64,
-    what: &str,
-    pick: impl Fn(&EngineEvent) -> bool,
-) {
-    within(secs, what, async {
-        loop {
-            match rx.recv().await {
-                Ok(e) if pick(&e) => return,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream ended: {e}"),
-            }
-        }
-    })
-    .await
-}
-
-async fn confirmed_at_least(rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>, n: usize) {
-    let mut seen = 0;
-    within(60, &format!("{n} confirmations"), async {
-        while seen < n {
-            match rx.recv().await {
-                Ok(EngineEvent::Confirmed(ids)) => seen += ids.len(),
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream ended: {e}"),
-            }
-        }
-    })
-    .await
 }
 
 #[actix_rt::test]
@@ -224,7 +197,8 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
 async fn database_loss_mid_run_crashes_nothing_and_loses_nothing() {
     let db = TestDb::new("pgloss").await;
     let broker = TestBroker::new("pgloss").await;
-    let ids = db.insert_sql(&broker.exchange, 5_000, "routed.{i}").await;
+    // Enough rows that the engine is still streaming when the database goes away.
+    let ids = db.insert_sql(&broker.exchange, 20_000, "routed.{i}").await;
     // Through a proxy, so acks can be held back and then delivered while the database is
     // down: the engine must keep them and write them once it returns.
     let proxy = common::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap());

@@ -139,7 +139,10 @@ impl DeadLetterActor {
             self.signals
                 .emit(EngineEvent::DeadLettered(Arc::new(announced)));
         }
-        self.scheduler.do_send(Settled(settled));
+        self.scheduler.do_send(Settled {
+            count: settled,
+            earliest_retry: None,
+        });
         match self.config.dead_letter.exchange.clone() {
             Some(exchange) if !to_exchange.is_empty() => {
                 let link = self.link.take();

@@ -9,14 +9,14 @@
 //! the sweep. Rows claimed past their attempt budget (earlier leases expired) go straight
 //! to the DeadLetter actor; the rest are handed to the Publisher in batches.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     publisher::{Publish, Publisher},
-    store::{Claim, StoreActor},
+    store::{Claim, NextDue, StoreActor},
 };
 use crate::{
     config::Config,
@@ -32,10 +32,16 @@ mod listen;
 #[rtype(result = "()")]
 pub struct Wake;
 
-/// `n` messages reached a durable outcome: their credits come back.
+/// Messages reached a durable outcome: their credits come back.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct Settled(pub usize);
+pub struct Settled {
+    /// How many.
+    pub count: usize,
+    /// The shortest backoff among those sent back to `retrying`: the Scheduler wakes then
+    /// instead of at the next sweep.
+    pub earliest_retry: Option<Duration>,
+}
 
 /// The broker can (or cannot) take publishes: connected and not blocked.
 #[derive(Message, Debug, Clone, Copy)]
@@ -74,7 +80,14 @@ pub struct Scheduler {
     more: bool,
     broker_ready: bool,
     stopping: bool,
+    /// The armed wake-up for the earliest future row (delayed message, backoff, poll).
+    wake_at: Option<(Instant, SpawnHandle)>,
+    /// Without LISTEN: the current poll interval (short while rows keep coming).
+    poll: Duration,
 }
+
+/// Fastest poll without LISTEN (while rows keep coming).
+const MIN_POLL: Duration = Duration::from_millis(10);
 
 impl Scheduler {
     /// A scheduler with all of `publisher.max_in_flight` as credits.
@@ -97,6 +110,8 @@ impl Scheduler {
             more: true,
             broker_ready: false,
             stopping: false,
+            wake_at: None,
+            poll: MIN_POLL,
         }
     }
 
@@ -123,13 +138,15 @@ impl Scheduler {
                 act.claiming = false;
                 match result {
                     Ok(Ok(rows)) => {
-                        let full = rows.len() == limit as usize;
+                        let (got, full) = (rows.len(), rows.len() == limit as usize);
                         act.dispatch(rows);
                         if full {
                             act.more = true;
                         }
                         if act.more {
                             act.maybe_claim(ctx);
+                        } else {
+                            act.after_drain(ctx, got);
                         }
                     }
                     Ok(Err(e)) => {
@@ -137,6 +154,52 @@ impl Scheduler {
                     }
                     Err(e) => tracing::error!(error = %e, "store actor unavailable"),
                 }
+            })
+            .spawn(ctx);
+    }
+
+    /// Wakes the scheduler after `delay` unless an earlier wake-up is already armed.
+    fn arm(&mut self, ctx: &mut Context<Self>, delay: Duration) {
+        let delay = delay.max(Duration::from_millis(1));
+        let at = Instant::now() + delay;
+        if let Some((armed, _)) = &self.wake_at {
+            if *armed <= at {
+                return;
+            }
+        }
+        if let Some((_, handle)) = self.wake_at.take() {
+            ctx.cancel_future(handle);
+        }
+        let handle = ctx.run_later(delay, |act, ctx| {
+            act.wake_at = None;
+            act.more = true;
+            act.maybe_claim(ctx);
+        });
+        self.wake_at = Some((at, handle));
+    }
+
+    /// Nothing more is due now: arm a wake-up for the earliest future row (a delayed
+    /// message is published when due, not a sweep later), and without LISTEN, poll again
+    /// soon while rows keep coming, backing off to the sweep interval when idle.
+    fn after_drain(&mut self, ctx: &mut Context<Self>, claimed: usize) {
+        let sweep = self.config.scheduler.sweep_interval;
+        if !self.config.database.listen {
+            self.poll = if claimed > 0 {
+                MIN_POLL
+            } else {
+                (self.poll * 2).min(sweep)
+            };
+            let poll = self.poll;
+            self.arm(ctx, poll);
+        }
+        self.peers
+            .store
+            .send(NextDue)
+            .into_actor(self)
+            .map(move |result, act, ctx| match result {
+                Ok(Ok(Some(due))) if due < sweep => act.arm(ctx, due),
+                Ok(Err(e)) => tracing::debug!(error = %e, "next-due query failed"),
+                _ => {}
             })
             .spawn(ctx);
     }
@@ -246,7 +309,12 @@ impl Handler<Settled> for Scheduler {
 
     fn handle(&mut self, msg: Settled, ctx: &mut Context<Self>) {
         let max = self.config.publisher.max_in_flight as usize;
-        self.credits = (self.credits + msg.0).min(max);
+        self.credits = (self.credits + msg.count).min(max);
+        if let Some(delay) = msg.earliest_retry {
+            if delay < self.config.scheduler.sweep_interval {
+                self.arm(ctx, delay);
+            }
+        }
         if self.more {
             self.maybe_claim(ctx);
         }

@@ -43,6 +43,11 @@ pub struct Record {
 #[rtype(result = "Result<Vec<Uuid>, StoreError>")]
 pub struct MoveToDeadLetters(pub Vec<DeadLetterUpdate>);
 
+/// How long until the earliest future row is due.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Duration>, StoreError>")]
+pub struct NextDue;
+
 /// Give back rows claimed but never published (shutdown): due again at once, and their
 /// credits return to the Scheduler.
 #[derive(Message)]
@@ -146,6 +151,7 @@ impl StoreActor {
 
     fn announce(&self, batch: Record) {
         let settled = batch.confirmed.len() + batch.retry.len();
+        let earliest_retry = batch.retry.iter().map(|u| u.delay).min();
         Counters::add(&self.signals.counters.confirmed, batch.confirmed.len());
         Counters::add(&self.signals.counters.retried, batch.retry.len());
         if !batch.confirmed.is_empty() {
@@ -157,7 +163,10 @@ impl StoreActor {
             self.signals
                 .emit(EngineEvent::Retrying(std::sync::Arc::new(retried)));
         }
-        self.scheduler.do_send(Settled(settled));
+        self.scheduler.do_send(Settled {
+            count: settled,
+            earliest_retry,
+        });
     }
 }
 
@@ -241,8 +250,20 @@ impl Handler<Release> for StoreActor {
                 Ok(released) => tracing::info!(released, "gave back unpublished rows"),
                 Err(e) => tracing::warn!(error = %e, rows = n, "could not give back unpublished rows; their leases will expire"),
             }
-            act.scheduler.do_send(Settled(n));
+            act.scheduler.do_send(Settled {
+                count: n,
+                earliest_retry: None,
+            });
         }));
+    }
+}
+
+impl Handler<NextDue> for StoreActor {
+    type Result = ResponseFuture<Result<Option<Duration>, StoreError>>;
+
+    fn handle(&mut self, _: NextDue, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(async move { store.next_due().await })
     }
 }
 

@@ -250,29 +250,19 @@ async fn show_dead_letter(engine: web::Data<EngineHandle>, id: web::Path<String>
     }
 }
 
+/// A mutating dead-letter action: what it does to the rows, and the word for it.
+#[derive(Clone, Copy)]
+enum Action {
+    Requeue,
+    Discard,
+}
+
 async fn requeue_dead_letter(
     engine: web::Data<EngineHandle>,
     req: HttpRequest,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Err(resp) = authorize(&engine, &req) {
-        return *resp;
-    }
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(resp) => return *resp,
-    };
-    match engine.store().requeue_dead_letters(&[id]).await {
-        Ok(moved) if moved.contains(&id) => {
-            engine.nudge();
-            HttpResponse::Ok().json(serde_json::json!({ "requeued": id }))
-        }
-        Ok(_) => error(
-            StatusCode::NOT_FOUND,
-            format!("no dead letter with id {id}"),
-        ),
-        Err(e) => store_error(e),
-    }
+    act_on_dead_letter(&engine, &req, &id, Action::Requeue).await
 }
 
 async fn discard_dead_letter(
@@ -280,16 +270,36 @@ async fn discard_dead_letter(
     req: HttpRequest,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Err(resp) = authorize(&engine, &req) {
+    act_on_dead_letter(&engine, &req, &id, Action::Discard).await
+}
+
+/// Authorizes, parses the id, runs the single-statement action: 200, 404 or an error.
+async fn act_on_dead_letter(
+    engine: &EngineHandle,
+    req: &HttpRequest,
+    raw_id: &str,
+    action: Action,
+) -> HttpResponse {
+    if let Err(resp) = authorize(engine, req) {
         return *resp;
     }
-    let id = match parse_id(&id) {
+    let id = match parse_id(raw_id) {
         Ok(id) => id,
         Err(resp) => return *resp,
     };
-    match engine.store().discard_dead_letters(&[id]).await {
-        Ok(gone) if gone.contains(&id) => {
-            HttpResponse::Ok().json(serde_json::json!({ "discarded": id }))
+    let (result, verb) = match action {
+        Action::Requeue => (engine.store().requeue_dead_letters(&[id]).await, "requeued"),
+        Action::Discard => (
+            engine.store().discard_dead_letters(&[id]).await,
+            "discarded",
+        ),
+    };
+    match result {
+        Ok(done) if done.contains(&id) => {
+            if matches!(action, Action::Requeue) {
+                engine.nudge();
+            }
+            HttpResponse::Ok().json(serde_json::json!({ verb: id }))
         }
         Ok(_) => error(
             StatusCode::NOT_FOUND,

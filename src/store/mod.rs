@@ -623,6 +623,18 @@ impl Store {
             .await?)
     }
 
+    /// How long until the earliest row that is not due yet becomes due (`None`: none).
+    pub async fn next_due(&self) -> Result<Option<Duration>, StoreError> {
+        let mut conn = self.conn().await?;
+        let row: AgeRow = diesel::sql_query(&self.sql.next_due)
+            .get_result(&mut conn)
+            .await?;
+        Ok(row
+            .age
+            .filter(|a| a.is_finite())
+            .map(|a| Duration::from_secs_f64(a.max(0.0))))
+    }
+
     /// Runs a plain `VACUUM` on the outbox (after retention removed rows).
     pub async fn vacuum_outbox(&self) -> Result<(), StoreError> {
         use diesel_async::SimpleAsyncConnection;

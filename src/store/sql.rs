@@ -30,6 +30,7 @@ pub struct Sql {
     pub(crate) latency_of: String,
     pub(crate) purge_confirmed: String,
     pub(crate) vacuum: String,
+    pub(crate) next_due: String,
     pub(crate) archive_confirmed: String,
     pub(crate) dead_letter_list: String,
     pub(crate) dead_letter_show: String,
@@ -209,6 +210,13 @@ impl Sql {
             // Plain VACUUM takes no lock that claims or confirms wait on; it makes the
             // space of deleted rows reusable, so the table stops growing.
             vacuum: format!("VACUUM {s}.outbox"),
+            // The earliest future row (delayed message or backoff): one step down the
+            // partial due index.
+            next_due: format!(
+                "SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8 AS age
+                 FROM {s}.outbox
+                 WHERE status IN ('pending', 'retrying') AND next_attempt_at > now()"
+            ),
             archive_confirmed: format!(
                 "WITH old AS (
                     SELECT id FROM {s}.outbox

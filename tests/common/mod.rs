@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod broker;
+pub mod events;
 pub mod proxy;
 
 use std::{future::Future, time::Duration};
