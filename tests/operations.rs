@@ -173,7 +173,7 @@ async fn retention_deletes_or_archives_old_confirmed_rows_only() {
         let engine = Engine::start(config).await.unwrap();
         let ids = db.insert_sql(&broker.exchange, 50, "routed.{i}").await;
         engine.wait_for_all(&ids, WAIT).await.unwrap();
-        let dead = dead_letters(&db, 2).await;
+        let dead = dead_letters_via(&engine, 2).await;
         let removed = engine.run_retention().await.unwrap();
         assert_eq!(removed, 50, "{mode:?}");
         let stats = db.store().await.stats().await.unwrap();
