@@ -8,7 +8,7 @@
 //! blocked or broken publishing channel never holds up dead-lettering. A failed move keeps
 //! its rows and is retried with backoff.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use lapin::{
@@ -101,7 +101,7 @@ impl DeadLetterActor {
         why: String,
     ) {
         self.failures += 1;
-        let delay = Duration::from_millis((100u64 << self.failures.min(6)).min(5_000));
+        let delay = super::store::retry_delay(self.failures);
         tracing::warn!(error = %why, rows = batch.len(), retry_in = ?delay, "could not move rows to dead_letters; retrying");
         self.pending.splice(0..0, batch);
         ctx.run_later(delay, |act, ctx| {

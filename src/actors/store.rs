@@ -177,8 +177,8 @@ async fn write_outcomes(store: &Store, engine: &str, batch: &Record) -> Result<(
     Ok(())
 }
 
-/// 100 ms, doubling, capped at 5 s.
-fn retry_delay(failures: u32) -> Duration {
+/// Delay before retrying a failed database write: 100 ms, doubling, capped at 5 s.
+pub(crate) fn retry_delay(failures: u32) -> Duration {
     let ms = 100u64.saturating_mul(1 << failures.min(6));
     Duration::from_millis(ms.min(5_000))
 }

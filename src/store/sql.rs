@@ -47,6 +47,13 @@ impl Sql {
     /// Builds the statements for `schema` (already validated).
     pub fn new(schema: &str) -> Sql {
         let s = format!("\"{schema}\"");
+        // Giving a row back unpublished: due again at once, the attempt refunded.
+        let release_set = format!(
+            "SET status = CASE WHEN attempts > 1 THEN 'retrying'::{s}.outbox_status
+                               ELSE 'pending'::{s}.outbox_status END,
+                 attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
+                 locked_by = NULL, locked_until = NULL, updated_at = now()"
+        );
         Sql {
             schema: schema.to_string(),
             // Two locked sets: due rows (partial index on next_attempt_at) and rows whose
@@ -93,11 +100,7 @@ impl Sql {
                  WHERE status = 'in_flight' AND locked_by = $1"
             ),
             release_all: format!(
-                "UPDATE {s}.outbox
-                 SET status = CASE WHEN attempts > 1 THEN 'retrying'::{s}.outbox_status
-                                   ELSE 'pending'::{s}.outbox_status END,
-                     attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
-                     locked_by = NULL, locked_until = NULL, updated_at = now()
+                "UPDATE {s}.outbox {release_set}
                  WHERE status = 'in_flight' AND locked_by = $1"
             ),
             // An ack is a fact about delivery: it is recorded whoever holds the row now.
@@ -122,11 +125,7 @@ impl Sql {
                  WHERE o.id = u.id AND o.status = 'in_flight' AND o.locked_by = $5"
             ),
             release: format!(
-                "UPDATE {s}.outbox
-                 SET status = CASE WHEN attempts > 1 THEN 'retrying'::{s}.outbox_status
-                                   ELSE 'pending'::{s}.outbox_status END,
-                     attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
-                     locked_by = NULL, locked_until = NULL, updated_at = now()
+                "UPDATE {s}.outbox {release_set}
                  WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
             ),
             // One statement, so one transaction: the row leaves the outbox only as it
