@@ -21,7 +21,11 @@ use courier::{
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures::future::BoxFuture;
-use lapin::{options::BasicPublishOptions, BasicProperties};
+use lapin::{
+    options::BasicPublishOptions,
+    types::{AMQPValue, FieldTable},
+    BasicProperties, ExchangeKind,
+};
 
 /// Applies an event by inserting it into `<schema>.applied` (no unique key there: a
 /// double application would show as two rows).
@@ -239,12 +243,26 @@ async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejecte
             Box::pin(async { Err(HandlerError::Failed("boom".into())) })
         }
     }
-    publish(&broker, "m-fail", "routed.f").await;
+    // A work queue of its own whose rejects dead-letter into `dlq`: the test waits for both
+    // messages to arrive there (ready depth 0 alone would also be true while the last
+    // redelivery sits unacked in the consumer's prefetch).
+    let mut broker = broker;
+    let dlx = broker.extra_exchange("dlx", ExchangeKind::Fanout).await;
+    let dlq = broker.extra_queue("dlq", FieldTable::default()).await;
+    broker.bind(&dlq, &dlx, "").await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.as_str().into()),
+    );
+    let work = broker.extra_queue("work", args).await;
+    broker.bind(&work, &broker.exchange.clone(), "fail.#").await;
+    publish(&broker, "m-fail", "fail.f").await;
     broker
         .channel
         .basic_publish(
             broker.exchange.as_str().into(),
-            "routed.noid".into(),
+            "fail.noid".into(),
             BasicPublishOptions::default(),
             b"x",
             BasicProperties::default(),
@@ -253,7 +271,7 @@ async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejecte
         .unwrap()
         .await
         .unwrap();
-    let mut config = InboxConfig::new("audit", &broker.queue);
+    let mut config = InboxConfig::new("audit", &work);
     config.max_redeliveries = 2;
     let inbox = Inbox::new(
         db.store().await,
@@ -265,8 +283,8 @@ async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejecte
         let inbox = inbox.clone();
         tokio::spawn(async move { inbox.run(Arc::new(Fail), rx).await })
     };
-    eventually(60, "both messages leave the queue", || async {
-        (broker.depth(&broker.queue).await == 0).then_some(())
+    eventually(60, "both messages reach the dead-letter queue", || async {
+        (broker.depth(&dlq).await == 2 && broker.depth(&work).await == 0).then_some(())
     })
     .await;
     let _ = stop.send(());
