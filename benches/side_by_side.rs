@@ -6,7 +6,8 @@
 //! - **naive**: the design of older articles — select one row, publish, wait for its
 //!   confirm, update the row, one at a time;
 //! - **Courier** end to end (rows committed to the outbox → all confirmed and marked) with
-//!   1, 2 and 3 `courier run` processes, classic and quorum queues;
+//!   1, 2 and 3 `courier run` processes, classic and quorum queues; and with the rows
+//!   spread over 1, 100 and 10,000 ordering keys (classic);
 //! - commit→confirmed latency of single messages on an idle engine (p50, p99);
 //!
 //! with peak RSS and CPU seconds per 10k messages for each (every variant runs as its own
@@ -15,6 +16,7 @@
 //! ```sh
 //! cargo bench --bench side_by_side                 # BENCH_N=50000 messages per variant
 //! BENCH_N=200000 cargo bench --bench side_by_side
+//! BENCH_QUEUES=classic BENCH_BACKLOG=0 cargo bench --bench side_by_side   # classic only
 //! ```
 
 use std::{
@@ -191,14 +193,20 @@ async fn fresh_schema(schema: &str) {
 }
 
 async fn insert_rows(schema: &str, n: usize) {
+    insert_keyed_rows(schema, n, None).await
+}
+
+/// Rows spread round-robin over `keys` ordering keys (`None`: unkeyed rows).
+async fn insert_keyed_rows(schema: &str, n: usize, keys: Option<usize>) {
     let mut c = db().await;
     let payload = "x".repeat(PAYLOAD);
+    let key = keys.map_or("NULL".to_string(), |k| format!("'k' || (i % {k})"));
     for start in (0..n).step_by(50_000) {
         let count = (n - start).min(50_000);
         c.batch_execute(&format!(
-            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload)
-             SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8')
-             FROM generate_series(1, {count}) i"
+            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, ordering_key)
+             SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8'), {key}
+             FROM generate_series(1, {count}) i ORDER BY i"
         ))
         .await
         .expect("insert");
@@ -413,6 +421,17 @@ fn stop(mut engines: Engines) -> (f64, f64) {
 
 /// Starts `engines` idle engines, commits `n` rows, times until all are confirmed.
 async fn courier_drain(schema: &str, queue: &str, n: usize, engines: usize) -> Row {
+    courier_drain_keyed(schema, queue, n, engines, None).await
+}
+
+/// [`courier_drain`] with the rows spread over `keys` ordering keys.
+async fn courier_drain_keyed(
+    schema: &str,
+    queue: &str,
+    n: usize,
+    engines: usize,
+    keys: Option<usize>,
+) -> Row {
     fresh_schema(schema).await;
     purge(queue).await;
     let children = Engines((0..engines).map(|_| spawn_engine(schema, &[])).collect());
@@ -420,7 +439,7 @@ async fn courier_drain(schema: &str, queue: &str, n: usize, engines: usize) -> R
     // Engines are idle and listening once their first sweep has run.
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Timed from the commit: rows in the outbox → all confirmed and marked.
-    insert_rows(schema, n).await;
+    insert_keyed_rows(schema, n, keys).await;
     let (broker0, pg0) = (cpu_of("beam.smp"), cpu_of("postgres"));
     let start = Instant::now();
     while confirmed(&mut c, schema).await < n as i64 {
@@ -437,8 +456,12 @@ async fn courier_drain(schema: &str, queue: &str, n: usize, engines: usize) -> R
     );
     Row {
         name: format!(
-            "Courier, {engines} engine{}",
-            if engines > 1 { "s" } else { "" }
+            "Courier, {engines} engine{}{}",
+            if engines > 1 { "s" } else { "" },
+            keys.map_or(String::new(), |k| format!(
+                ", {k} ordering key{}",
+                if k > 1 { "s" } else { "" }
+            ))
         ),
         messages: n,
         seconds,
@@ -592,6 +615,7 @@ fn main() {
     }
     let n = env_usize("BENCH_N", 50_000);
     let naive_n = env_usize("BENCH_NAIVE_N", 2_000);
+    let keyed_one_n = env_usize("BENCH_ONE_KEY_N", 2_000);
     let backlog = env_usize("BENCH_BACKLOG", 1_000_000);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -599,7 +623,11 @@ fn main() {
         .expect("runtime");
     let schema = "courier_bench";
     let mut results: HashMap<&str, Vec<Row>> = HashMap::new();
+    let kinds = std::env::var("BENCH_QUEUES").unwrap_or_else(|_| "classic,quorum".into());
     for kind in ["classic", "quorum"] {
+        if !kinds.split(',').any(|k| k.trim() == kind) {
+            continue;
+        }
         let queue = rt.block_on(fresh_queue(kind));
         let mut rows = Vec::new();
         let (secs, rss, cpu) = child(&["raw", &n.to_string(), "1024"]);
@@ -627,6 +655,16 @@ fn main() {
             let mut r = rt.block_on(courier_drain(schema, &queue, n, engines));
             r.name = format!("{} ({kind})", r.name);
             rows.push(r);
+        }
+        if kind == "classic" {
+            // Per-key order: one message of a key in flight at a time, so one key runs at
+            // one round trip per message; many keys pipeline like unkeyed rows.
+            for keys in [1, 100, 10_000] {
+                let m = if keys == 1 { keyed_one_n } else { n };
+                let mut r = rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys)));
+                r.name = format!("{} ({kind})", r.name);
+                rows.push(r);
+            }
         }
         rt.block_on(purge(&queue));
         let limit = rows[0].rate();

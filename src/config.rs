@@ -122,6 +122,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Dead letters: the optional exchange.
     pub dead_letter: DeadLetterConfig,
+    /// Per-key ordering: what a dead-lettered head does to its key.
+    pub ordering: OrderingConfig,
     /// Logging: level and format.
     pub logging: LoggingConfig,
     /// Graceful shutdown.
@@ -366,6 +368,28 @@ impl Default for SchedulerConfig {
 pub struct DeadLetterConfig {
     /// Exchange that also receives dead-lettered messages.
     pub exchange: Option<String>,
+}
+
+/// `ordering.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrderingConfig {
+    /// What happens to a key whose head message is dead-lettered.
+    pub on_dead_letter: OnDeadLetter,
+}
+
+/// What a dead-lettered message does to the rest of its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadLetter {
+    /// The key waits while its dead letter is in `dead_letters`: an operator requeues it
+    /// (it goes back to its place) or discards it, then the key flows again. Order is never
+    /// broken silently.
+    #[default]
+    Block,
+    /// The key's next message is published at once: order holds among the messages that
+    /// are delivered, with a gap where the dead letter was.
+    Continue,
 }
 
 /// `logging.*`

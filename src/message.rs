@@ -33,6 +33,9 @@ pub struct OutboxMessage {
     pub max_attempts: Option<u32>,
     /// When the producer committed it.
     pub created_at: DateTime<Utc>,
+    /// Messages with the same key are published one at a time, in insertion order; `None`
+    /// (the default) leaves the message unordered.
+    pub ordering_key: Option<String>,
 }
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
@@ -62,7 +65,15 @@ impl OutboxMessage {
             attempts: 0,
             max_attempts: None,
             created_at: Utc::now(),
+            ordering_key: None,
         }
+    }
+
+    /// Orders this message after every earlier message with the same key: it is published
+    /// only once they are confirmed (or dead-lettered, per `ordering.on_dead_letter`).
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
     }
 
     /// Sets the id (e.g. to make enqueueing itself idempotent).

@@ -14,10 +14,12 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use common::{
-    audit::audit,
+    audit::{audit, audit_received},
     broker::TestBroker,
     events::{confirmed_at_least, wait_event},
-    eventually, within, TestDb,
+    eventually,
+    ordering::{assert_first_seen_in_order, insert_keyed},
+    within, EngineProcess, TestDb,
 };
 use courier::{events::EngineEvent, Engine, Status};
 
@@ -325,4 +327,56 @@ async fn outbox_to_inbox_end_to_end_with_a_broker_restart_applies_each_message_o
         .unwrap();
     eprintln!("inbox across the restart: {report:?}");
     engine.shutdown().await;
+}
+
+#[tokio::test]
+#[ignore = "restarts the shared broker: run alone (scripts/test does)"]
+async fn per_key_order_holds_through_three_engines_a_broker_restart_and_a_crash() {
+    let db = TestDb::new("ordfault").await;
+    let broker = TestBroker::new("ordfault").await;
+    let keyed = insert_keyed(&db, &broker.exchange, 20, 400).await;
+    let total = keyed.all.len() as i64;
+    let mut env = db.process_env();
+    env.push(("COURIER_RETRY_MAX_ATTEMPTS", "50".into()));
+    env.push(("COURIER_SCHEDULER_LEASE_DURATION", "3s".into()));
+    let mut engines: Vec<EngineProcess> = (0..3)
+        .map(|i| EngineProcess::spawn(&format!("ordfault-{i}"), &env))
+        .collect();
+    eventually(120, "a first part confirmed", || async {
+        (db.count(Status::Confirmed).await >= 500).then_some(())
+    })
+    .await;
+    {
+        let _guard = BrokerAppGuard;
+        assert!(sh("rabbitmqctl", &["-q", "stop_app"]), "stop_app");
+        let confirmed = db.count(Status::Confirmed).await;
+        assert!(
+            confirmed < total,
+            "the restart must land mid-stream ({confirmed} of {total} confirmed already)"
+        );
+    } // start_app
+    let before_crash = db.count(Status::Confirmed).await;
+    eventually(120, "progress after the restart", || async {
+        (db.count(Status::Confirmed).await >= before_crash + 500).then_some(())
+    })
+    .await;
+    // One engine dies with keys' heads in flight: the others take them over when the
+    // leases expire, heads first.
+    let _ = engines[0].child.kill();
+    let crashed_at = db.count(Status::Confirmed).await;
+    assert!(crashed_at < total, "the crash must land mid-stream");
+    eventually(240, "every row confirmed", || async {
+        (db.count(Status::Confirmed).await == total).then_some(())
+    })
+    .await;
+    for e in &mut engines[1..] {
+        let status = e.terminate(30).await;
+        assert!(status.success(), "{}", e.log());
+    }
+    let (a, received) = audit_received(&db, &broker, &broker.queue, &keyed.all).await;
+    assert_eq!(a.confirmed, keyed.all.len());
+    assert_first_seen_in_order(&received, &keyed);
+    let publishers = db.store().await.publishers_of_confirmed().await.unwrap();
+    eprintln!("rows published per engine: {publishers:?}");
+    assert!(publishers.len() >= 2, "keys were served by several engines");
 }

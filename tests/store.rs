@@ -73,8 +73,18 @@ async fn contract_minimal_insert_reads_back_pending() {
         "created_at",
         "updated_at",
         "confirmed_at",
+        "ordering_key",
+        "seq",
     ];
     assert_eq!(columns, expected);
+    // Retention's archive mode copies rows with SELECT *: same columns, same order.
+    let archive = query_text(
+        &db,
+        "SELECT column_name::text AS v FROM information_schema.columns
+         WHERE table_schema = replace('{s}', '\"', '') AND table_name = 'outbox_archive' ORDER BY ordinal_position",
+    )
+    .await;
+    assert_eq!(archive, expected);
     let enum_values = query_text(
         &db,
         "SELECT unnest(enum_range(NULL::{s}.outbox_status))::text AS v",

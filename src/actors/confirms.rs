@@ -201,6 +201,9 @@ impl ConfirmTracker {
                         .observe(age.to_std().unwrap_or_default().as_secs_f64());
                     tracing::debug!(message_id = %r.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
+                    if delivery.message.ordering_key.is_some() {
+                        out.record.keyed += 1;
+                    }
                 }
                 Err(e) => {
                     tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")

@@ -118,6 +118,7 @@ impl DeadLetterActor {
     ) {
         let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
         let settled = batch.len();
+        let keys_freed = batch.iter().any(|(d, _)| d.message.ordering_key.is_some());
         let mut announced = Vec::with_capacity(moved.len());
         let mut to_exchange = Vec::new();
         for (delivery, why) in batch {
@@ -142,6 +143,7 @@ impl DeadLetterActor {
         self.scheduler.do_send(Settled {
             count: settled,
             earliest_retry: None,
+            keys_freed,
         });
         match self.config.dead_letter.exchange.clone() {
             Some(exchange) if !to_exchange.is_empty() => {

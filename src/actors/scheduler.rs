@@ -8,6 +8,11 @@
 //! a wake-up during a claim is remembered, so a row committed mid-claim is not left for
 //! the sweep. Rows claimed past their attempt budget (earlier leases expired) go straight
 //! to the DeadLetter actor; the rest are handed to the Publisher in batches.
+//!
+//! Ordered rows: a claim takes only the head of each ordering key, so a key's next message
+//! becomes claimable when its head is confirmed or dead-lettered. Those settlements say so
+//! (`Settled::keys_freed`) and the Scheduler claims again at once; it also remembers the
+//! last key served, so successive claims walk the keys round-robin and none starves.
 
 use std::time::{Duration, Instant};
 
@@ -19,10 +24,10 @@ use super::{
     store::{Claim, NextDue, StoreActor},
 };
 use crate::{
-    config::Config,
+    config::{Config, OnDeadLetter},
     events::{Counters, EngineEvent, Signals},
     state::Delivery,
-    store::Store,
+    store::{KeyScan, Store},
 };
 
 mod listen;
@@ -41,6 +46,8 @@ pub struct Settled {
     /// The shortest backoff among those sent back to `retrying`: the Scheduler wakes then
     /// instead of at the next sweep.
     pub earliest_retry: Option<Duration>,
+    /// Some of them carried an ordering key: their keys' next messages may be due now.
+    pub keys_freed: bool,
 }
 
 /// The broker can (or cannot) take publishes: connected and not blocked.
@@ -84,6 +91,8 @@ pub struct Scheduler {
     wake_at: Option<(Instant, SpawnHandle)>,
     /// Without LISTEN: the current poll interval (short while rows keep coming).
     poll: Duration,
+    /// Where the next claim resumes its round-robin walk over ordering keys.
+    next_key: Option<String>,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
@@ -112,6 +121,7 @@ impl Scheduler {
             stopping: false,
             wake_at: None,
             poll: MIN_POLL,
+            next_key: None,
         }
     }
 
@@ -130,16 +140,21 @@ impl Scheduler {
         let limit = self.credits.min(self.config.scheduler.claim_batch as usize) as u32;
         self.claiming = true;
         self.more = false;
+        let keys = KeyScan {
+            after: self.next_key.clone(),
+            block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
+        };
         self.peers
             .store
-            .send(Claim { limit })
+            .send(Claim { limit, keys })
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.claiming = false;
                 match result {
-                    Ok(Ok(rows)) => {
-                        let (got, full) = (rows.len(), rows.len() == limit as usize);
-                        act.dispatch(rows);
+                    Ok(Ok(claimed)) => {
+                        let (got, full) = (claimed.messages.len(), claimed.full);
+                        act.next_key = claimed.next_key;
+                        act.dispatch(claimed.messages);
                         if full {
                             act.more = true;
                         }
@@ -314,6 +329,9 @@ impl Handler<Settled> for Scheduler {
             if delay < self.config.scheduler.sweep_interval {
                 self.arm(ctx, delay);
             }
+        }
+        if msg.keys_freed {
+            self.more = true;
         }
         if self.more {
             self.maybe_claim(ctx);

@@ -16,16 +16,17 @@ use uuid::Uuid;
 use super::scheduler::{Scheduler, Settled};
 use crate::{
     events::{Counters, EngineEvent, Signals},
-    message::OutboxMessage,
-    store::{DeadLetterUpdate, RetryUpdate, Store, StoreError},
+    store::{Claimed, DeadLetterUpdate, KeyScan, RetryUpdate, Store, StoreError},
 };
 
 /// Claim up to `limit` due rows for this engine.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<OutboxMessage>, StoreError>")]
+#[rtype(result = "Result<Claimed, StoreError>")]
 pub struct Claim {
     /// Most rows to claim.
     pub limit: u32,
+    /// Where the walk over ordering keys resumes, and the dead-letter rule.
+    pub keys: KeyScan,
 }
 
 /// Settled outcomes to write (batched with others).
@@ -36,6 +37,9 @@ pub struct Record {
     pub confirmed: Vec<Uuid>,
     /// Failed attempts with attempts left.
     pub retry: Vec<RetryUpdate>,
+    /// How many of `confirmed` carry an ordering key: each one lets its key's next
+    /// message go, so the Scheduler claims again once they are written.
+    pub keyed: usize,
 }
 
 /// Move failed rows to `dead_letters` (answered with the ids moved).
@@ -166,6 +170,7 @@ impl StoreActor {
         self.scheduler.do_send(Settled {
             count: settled,
             earliest_retry,
+            keys_freed: batch.keyed > 0,
         });
     }
 }
@@ -207,13 +212,13 @@ impl Actor for StoreActor {
 }
 
 impl Handler<Claim> for StoreActor {
-    type Result = ResponseFuture<Result<Vec<OutboxMessage>, StoreError>>;
+    type Result = ResponseFuture<Result<Claimed, StoreError>>;
 
     fn handle(&mut self, msg: Claim, _: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
         let lease = self.lease;
-        Box::pin(async move { store.claim(&engine, msg.limit, lease).await })
+        Box::pin(async move { store.claim_with(&engine, msg.limit, lease, &msg.keys).await })
     }
 }
 
@@ -223,6 +228,7 @@ impl Handler<Record> for StoreActor {
     fn handle(&mut self, msg: Record, ctx: &mut Context<Self>) {
         self.pending.confirmed.extend(msg.confirmed);
         self.pending.retry.extend(msg.retry);
+        self.pending.keyed += msg.keyed;
         self.flush(ctx);
     }
 }
@@ -253,6 +259,7 @@ impl Handler<Release> for StoreActor {
             act.scheduler.do_send(Settled {
                 count: n,
                 earliest_retry: None,
+                keys_freed: true,
             });
         }));
     }

@@ -149,6 +149,12 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
     println!("created at:    {}", r.created_at);
     println!("failed at:     {}", r.failed_at);
     println!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
+    if let Some(key) = &r.ordering_key {
+        println!(
+            "ordering key:  {key} (seq {}; with ordering.on_dead_letter: block the key waits for this row)",
+            r.seq.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
     match r.payload_text() {
         Some(text) => println!("payload (text, {} bytes):\n{text}", r.payload.len()),
         None => {

@@ -160,6 +160,8 @@ struct ClaimedRow {
     max_attempts: Option<i32>,
     #[diesel(sql_type = Timestamptz)]
     created_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Text>)]
+    ordering_key: Option<String>,
 }
 
 impl From<ClaimedRow> for OutboxMessage {
@@ -176,8 +178,30 @@ impl From<ClaimedRow> for OutboxMessage {
             attempts: u32::try_from(r.attempts).unwrap_or(0),
             max_attempts: r.max_attempts.and_then(|m| u32::try_from(m).ok()),
             created_at: r.created_at,
+            ordering_key: r.ordering_key,
         }
     }
+}
+
+/// How a claim walks the keys of keyed rows (see [`Store::claim_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyScan {
+    /// Resume the round-robin walk over keys at this key (the last one served); `None`
+    /// starts at the first key.
+    pub after: Option<String>,
+    /// A key whose head sits in `dead_letters` waits (`ordering.on_dead_letter: block`).
+    pub block_on_dead_letter: bool,
+}
+
+/// What one claim returned.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    /// The claimed rows, oldest first.
+    pub messages: Vec<OutboxMessage>,
+    /// The batch came back full (unkeyed or keyed part): more may be due right now.
+    pub full: bool,
+    /// Where the next claim should resume the walk over keys.
+    pub next_key: Option<String>,
 }
 
 /// A row of `dead_letters`, for operators.
@@ -216,6 +240,13 @@ pub struct DeadLetter {
     /// When it was dead-lettered.
     #[diesel(sql_type = Timestamptz)]
     pub failed_at: DateTime<Utc>,
+    /// Its ordering key, if any (with `ordering.on_dead_letter: block` the key waits for
+    /// an operator while this row is here).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub ordering_key: Option<String>,
+    /// Its place in its key's order (kept by a requeue).
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub seq: Option<i64>,
 }
 
 impl DeadLetter {
@@ -240,6 +271,8 @@ impl DeadLetter {
             "last_error": self.last_error,
             "created_at": self.created_at,
             "failed_at": self.failed_at,
+            "ordering_key": self.ordering_key,
+            "seq": self.seq,
         })
     }
 }
@@ -394,25 +427,53 @@ impl Store {
         }
     }
 
-    /// Claims up to `limit` due rows for `engine` with a lease of `lease`: rows that are
-    /// `pending`/`retrying` and due, and rows whose lease expired. Sets `in_flight`,
-    /// `locked_by`, `locked_until` and counts the attempt. Oldest first.
+    /// Claims up to `limit` due rows for `engine` with a lease of `lease` (see
+    /// [`claim_with`](Self::claim_with)), walking keys from the first one.
     pub async fn claim(
         &self,
         engine: &str,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
+        Ok(self
+            .claim_with(engine, limit, lease, &KeyScan::default())
+            .await?
+            .messages)
+    }
+
+    /// Claims up to `limit` rows for `engine` with a lease of `lease`: rows whose lease
+    /// expired, the due head of each key that has nothing in flight (at most half the
+    /// batch), and unkeyed due rows. Sets `in_flight`, `locked_by`, `locked_until` and
+    /// counts the attempt. Oldest first.
+    pub async fn claim_with(
+        &self,
+        engine: &str,
+        limit: u32,
+        lease: Duration,
+        keys: &KeyScan,
+    ) -> Result<Claimed, StoreError> {
         let mut conn = self.conn().await?;
         let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim)
             .bind::<BigInt, _>(i64::from(limit))
             .bind::<Text, _>(engine)
             .bind::<BigInt, _>(millis(lease))
+            .bind::<Text, _>(keys.after.as_deref().unwrap_or(""))
+            .bind::<Bool, _>(keys.block_on_dead_letter)
             .load(&mut conn)
             .await?;
         let mut messages: Vec<OutboxMessage> = rows.into_iter().map(OutboxMessage::from).collect();
         messages.sort_by_key(|m| m.created_at);
-        Ok(messages)
+        let served: Vec<&str> = messages
+            .iter()
+            .filter_map(|m| m.ordering_key.as_deref())
+            .collect();
+        let full = messages.len() == limit as usize || served.len() >= limit.div_ceil(2) as usize;
+        let next_key = next_key(keys.after.as_deref(), &served).or(keys.after.clone());
+        Ok(Claimed {
+            messages,
+            full,
+            next_key,
+        })
     }
 
     /// Extends the lease of rows `engine` still holds. Returns how many it still held.
@@ -686,6 +747,8 @@ impl Store {
             .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
             .load(&mut conn)
             .await?;
+        drop(conn);
+        self.wake_after_discard(rows.len()).await;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
@@ -699,6 +762,8 @@ impl Store {
             .bind::<BigInt, _>(millis(older_than))
             .load(&mut conn)
             .await?;
+        drop(conn);
+        self.wake_after_discard(rows.len()).await;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
@@ -737,6 +802,17 @@ impl Store {
             .execute(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// A discarded dead letter may unblock its key (`ordering.on_dead_letter: block`):
+    /// wake the engines now rather than at their next sweep. The rows are gone already, so
+    /// a failure here is only logged.
+    async fn wake_after_discard(&self, discarded: usize) {
+        if discarded > 0 {
+            if let Err(e) = self.notify("").await {
+                tracing::debug!(error = %e, "could not notify the engines after a discard");
+            }
+        }
     }
 
     /// Where one message is now, or `None` if it is in neither table.
@@ -789,6 +865,7 @@ pub(crate) async fn enqueue_with(
         .bind::<Jsonb, _>(&m.headers)
         .bind::<Nullable<Text>, _>(m.content_type.as_deref())
         .bind::<Nullable<Integer>, _>(max_attempts_sql(m.max_attempts))
+        .bind::<Nullable<Text>, _>(m.ordering_key.as_deref())
         .execute(conn)
         .await?;
     Ok(())
@@ -813,6 +890,7 @@ pub(crate) async fn enqueue_many_with(
         .iter()
         .map(|m| max_attempts_sql(m.max_attempts))
         .collect();
+    let ordering: Vec<Option<&str>> = messages.iter().map(|m| m.ordering_key.as_deref()).collect();
     diesel::sql_query(&sql.enqueue_many)
         .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
         .bind::<Array<Text>, _>(exchanges)
@@ -821,11 +899,40 @@ pub(crate) async fn enqueue_many_with(
         .bind::<Array<Jsonb>, _>(headers)
         .bind::<Array<Nullable<Text>>, _>(types)
         .bind::<Array<Nullable<Integer>>, _>(maxes)
+        .bind::<Array<Nullable<Text>>, _>(ordering)
         .execute(conn)
         .await?;
     Ok(())
 }
 
+/// The last key a claim served, in the order the claim walks keys: those after `after` up
+/// to the end, then from the start up to `after` itself (byte order, as the `"C"` collation
+/// compares).
+fn next_key(after: Option<&str>, served: &[&str]) -> Option<String> {
+    let after = after.unwrap_or("");
+    let (wrapped, ahead): (Vec<&str>, Vec<&str>) = served.iter().partition(|k| **k <= after);
+    wrapped
+        .into_iter()
+        .max()
+        .or_else(|| ahead.into_iter().max())
+        .map(str::to_string)
+}
+
 fn max_attempts_sql(m: Option<u32>) -> Option<i32> {
     m.map(|v| i32::try_from(v).unwrap_or(i32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_key;
+
+    #[test]
+    fn the_key_cursor_follows_the_walk_and_wraps() {
+        // Walk after "b": c, d, then a, b.
+        assert_eq!(next_key(Some("b"), &["c", "d"]), Some("d".into()));
+        assert_eq!(next_key(Some("b"), &["d", "a", "c"]), Some("a".into()));
+        assert_eq!(next_key(Some("b"), &["b", "d"]), Some("b".into()));
+        assert_eq!(next_key(None, &["k2", "k10"]), Some("k2".into()));
+        assert_eq!(next_key(Some("b"), &[]), None);
+    }
 }

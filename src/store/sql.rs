@@ -41,7 +41,10 @@ pub struct Sql {
 
 /// The columns a claimed message is read with (see `ClaimedRow`).
 const MESSAGE_COLUMNS: &str = "o.id, o.exchange, o.routing_key, o.payload, o.headers, \
-     o.content_type, o.attempts, o.max_attempts, o.created_at";
+     o.content_type, o.attempts, o.max_attempts, o.created_at, o.ordering_key";
+
+/// A row still to be delivered (the partial index of keys' open rows uses the same list).
+const OPEN: &str = "status IN ('pending', 'in_flight', 'retrying')";
 
 impl Sql {
     /// Builds the statements for `schema` (already validated).
@@ -56,22 +59,64 @@ impl Sql {
         );
         Sql {
             schema: schema.to_string(),
-            // Two locked sets: due rows (partial index on next_attempt_at) and rows whose
-            // lease expired (a crashed or partitioned engine). The expired ones go first and
-            // the due ones fill the rest, so the batch never exceeds $1. SKIP LOCKED lets
-            // several engines claim at once without waiting on each other or sharing a row.
+            // Three locked sets, so the batch never exceeds $1:
+            // - rows whose lease expired (a crashed or partitioned engine) go first;
+            // - keyed rows: only the head of each key (its lowest open `seq`), only when it is
+            //   due and nothing of its key is in flight (and, with $5 = block, nothing of its
+            //   key sits in dead_letters). Keys are walked one index probe each (a loose
+            //   index scan), round-robin: after the cursor $4 (the last key served, '' at
+            //   first), then from the start up to and including it; and the
+            //   walk stops as soon as enough heads are found: the cost follows the rows
+            //   claimed, not the number of keys. They get at most half the batch;
+            // - unkeyed due rows fill the rest, oldest first (their own partial index).
+            // SKIP LOCKED lets several engines claim at once without waiting on each other
+            // or sharing a row; a key's head locked by another engine is skipped, so a key
+            // is served by one engine at a time.
             claim: format!(
-                "WITH expired AS (
+                "WITH RECURSIVE expired AS (
                     SELECT id FROM {s}.outbox
                     WHERE status = 'in_flight' AND locked_until < now()
                     ORDER BY locked_until
                     LIMIT $1
                     FOR UPDATE SKIP LOCKED
+                 ), ahead AS (
+                    (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                     WHERE ordering_key > $4 AND {OPEN}
+                     ORDER BY ordering_key, seq LIMIT 1)
+                    UNION ALL
+                    SELECT n.* FROM ahead h, LATERAL (
+                        SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                        WHERE ordering_key > h.k AND {OPEN}
+                        ORDER BY ordering_key, seq LIMIT 1) n
+                 ), behind AS (
+                    (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                     WHERE ordering_key <= $4 AND {OPEN}
+                     ORDER BY ordering_key, seq LIMIT 1)
+                    UNION ALL
+                    SELECT n.* FROM behind h, LATERAL (
+                        SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                        WHERE ordering_key > h.k AND ordering_key <= $4 AND {OPEN}
+                        ORDER BY ordering_key, seq LIMIT 1) n
+                 ), ready AS (
+                    SELECT h.id FROM (SELECT * FROM ahead UNION ALL SELECT * FROM behind) h
+                    WHERE h.status IN ('pending', 'retrying') AND h.next_attempt_at <= now()
+                      AND NOT EXISTS (SELECT 1 FROM {s}.outbox f
+                                      WHERE f.ordering_key = h.k AND f.status = 'in_flight'
+                                      OFFSET 0)
+                      AND NOT ($5 AND EXISTS (SELECT 1 FROM {s}.dead_letters d
+                                              WHERE d.ordering_key = h.k OFFSET 0))
+                    LIMIT least(($1 + 1) / 2, greatest($1 - (SELECT count(*) FROM expired), 0))
+                 ), keyed AS (
+                    SELECT o.id FROM ready r JOIN {s}.outbox o ON o.id = r.id
+                    WHERE o.status IN ('pending', 'retrying') AND o.next_attempt_at <= now()
+                    FOR UPDATE OF o SKIP LOCKED
                  ), due AS (
                     SELECT id FROM {s}.outbox
                     WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
+                      AND ordering_key IS NULL
                     ORDER BY next_attempt_at
-                    LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
+                    LIMIT greatest($1 - (SELECT count(*) FROM expired)
+                                      - (SELECT count(*) FROM keyed), 0)
                     FOR UPDATE SKIP LOCKED
                  )
                  UPDATE {s}.outbox o
@@ -83,8 +128,8 @@ impl Sql {
                                        THEN 'lease expired before a confirm was recorded'
                                        ELSE o.last_error END,
                      updated_at = now()
-                 FROM (SELECT id FROM expired UNION ALL SELECT id FROM due) c
-                 WHERE o.id = c.id
+                 WHERE o.id = ANY(ARRAY(SELECT id FROM expired UNION ALL SELECT id FROM keyed
+                                        UNION ALL SELECT id FROM due))
                  RETURNING {MESSAGE_COLUMNS}"
             ),
             renew: format!(
@@ -139,23 +184,24 @@ impl Sql {
                  )
                  INSERT INTO {s}.dead_letters
                     (id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                     attempts, last_error, created_at, failed_at)
+                     attempts, last_error, created_at, failed_at, ordering_key, seq)
                  SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                        attempts, final_error, created_at, now()
+                        attempts, final_error, created_at, now(), ordering_key, seq
                  FROM moved
                  RETURNING id"
             ),
             // DELETE takes the row lock, so two operators requeueing the same id at once
-            // move it once: the second finds nothing to delete and inserts nothing.
+            // move it once: the second finds nothing to delete and inserts nothing. A keyed
+            // row keeps its `seq`: it goes back to its place in its key's order.
             requeue: format!(
                 "WITH moved AS (
                     DELETE FROM {s}.dead_letters WHERE id = ANY($1) RETURNING *
                  )
                  INSERT INTO {s}.outbox
                     (id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                     status, attempts, next_attempt_at, last_error, created_at)
+                     status, attempts, next_attempt_at, last_error, created_at, ordering_key, seq)
                  SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                        'pending', 0, now(), last_error, created_at
+                        'pending', 0, now(), last_error, created_at, ordering_key, seq
                  FROM moved
                  RETURNING id"
             ),
@@ -166,9 +212,10 @@ impl Sql {
             ),
             enqueue_many: format!(
                 "INSERT INTO {s}.outbox
-                    (id, exchange, routing_key, payload, headers, content_type, max_attempts)
+                    (id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                     ordering_key)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                                      $5::jsonb[], $6::text[], $7::int[])"
+                                      $5::jsonb[], $6::text[], $7::int[], $8::text[])"
             ),
             counts: format!(
                 "SELECT status::text AS status, count(*) AS n FROM {s}.outbox GROUP BY status"
@@ -209,12 +256,17 @@ impl Sql {
             // Plain VACUUM takes no lock that claims or confirms wait on; it makes the
             // space of deleted rows reusable, so the table stops growing.
             vacuum: format!("VACUUM {s}.outbox"),
-            // The earliest future row (delayed message or backoff): one step down the
-            // partial due index.
+            // The earliest future row (delayed message or backoff): one step down each
+            // partial due index (unkeyed, keyed). A keyed row that is not its key's head
+            // may wake the engine early; the claim then finds nothing, which is harmless.
             next_due: format!(
-                "SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8 AS age
-                 FROM {s}.outbox
-                 WHERE status IN ('pending', 'retrying') AND next_attempt_at > now()"
+                "SELECT EXTRACT(EPOCH FROM (least(
+                    (SELECT min(next_attempt_at) FROM {s}.outbox
+                     WHERE status IN ('pending', 'retrying') AND next_attempt_at > now()
+                       AND ordering_key IS NULL),
+                    (SELECT min(next_attempt_at) FROM {s}.outbox
+                     WHERE status IN ('pending', 'retrying') AND next_attempt_at > now()
+                       AND ordering_key IS NOT NULL)) - now()))::float8 AS age"
             ),
             archive_confirmed: format!(
                 "WITH old AS (
@@ -229,14 +281,14 @@ impl Sql {
             ),
             dead_letter_list: format!(
                 "SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                        attempts, last_error, created_at, failed_at
+                        attempts, last_error, created_at, failed_at, ordering_key, seq
                  FROM {s}.dead_letters
                  WHERE ($1::bigint IS NULL OR failed_at >= now() - $1 * interval '1 millisecond')
                  ORDER BY failed_at DESC, id LIMIT $2"
             ),
             dead_letter_show: format!(
                 "SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                        attempts, last_error, created_at, failed_at
+                        attempts, last_error, created_at, failed_at, ordering_key, seq
                  FROM {s}.dead_letters WHERE id = $1"
             ),
             dead_letter_discard: format!(

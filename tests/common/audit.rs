@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use courier::Outcome;
 use uuid::Uuid;
 
-use super::{broker::TestBroker, TestDb};
+use super::{
+    broker::{Received, TestBroker},
+    TestDb,
+};
 
 /// What the audit found.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +24,16 @@ pub struct Audit {
 
 /// Runs the audit over `committed` ids against `queue`; panics on any loss.
 pub async fn audit(db: &TestDb, broker: &TestBroker, queue: &str, committed: &[Uuid]) -> Audit {
+    audit_received(db, broker, queue, committed).await.0
+}
+
+/// [`audit`], also returning what the consumer received, in the order it arrived.
+pub async fn audit_received(
+    db: &TestDb,
+    broker: &TestBroker,
+    queue: &str,
+    committed: &[Uuid],
+) -> (Audit, Vec<Received>) {
     let store = db.store().await;
     let outcomes = store.outcomes(committed).await.expect("read outcomes");
     let mut confirmed = 0;
@@ -66,5 +79,5 @@ pub async fn audit(db: &TestDb, broker: &TestBroker, queue: &str, committed: &[U
     for (why, n) in reasons.iter().take(5) {
         eprintln!("audit: {n} dead-lettered: {why}");
     }
-    a
+    (a, received)
 }

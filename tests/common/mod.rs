@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod broker;
 pub mod events;
+pub mod ordering;
 pub mod proxy;
 
 use std::{future::Future, time::Duration};

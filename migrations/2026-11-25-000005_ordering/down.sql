@@ -1,0 +1,13 @@
+ALTER TABLE outbox_archive DROP COLUMN seq;
+ALTER TABLE outbox_archive DROP COLUMN ordering_key;
+DROP INDEX dead_letters_key_idx;
+ALTER TABLE dead_letters DROP COLUMN seq;
+ALTER TABLE dead_letters DROP COLUMN ordering_key;
+DROP INDEX outbox_keyed_due_idx;
+DROP INDEX outbox_due_idx;
+CREATE INDEX outbox_due_idx ON outbox (next_attempt_at) WHERE status IN ('pending', 'retrying');
+DROP INDEX outbox_key_in_flight_idx;
+DROP INDEX outbox_key_idx;
+ALTER TABLE outbox DROP CONSTRAINT outbox_keyed_seq;
+ALTER TABLE outbox DROP COLUMN seq;
+ALTER TABLE outbox DROP COLUMN ordering_key;

@@ -1,0 +1,408 @@
+//! Per-key ordering against the real PostgreSQL and RabbitMQ: a claim takes only the head
+//! of each key, one message of a key at a time, in insertion order; a retrying or
+//! dead-lettered head holds its key (per `ordering.on_dead_letter`) while other keys flow;
+//! several claimers never hold two rows of one key.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{
+    audit::audit_received,
+    broker::TestBroker,
+    ordering::{assert_first_seen_in_order, insert_keyed},
+    TestDb,
+};
+use courier::{
+    config::OnDeadLetter,
+    store::{DeadLetterUpdate, KeyScan, RetryUpdate, Store},
+    Engine, OutboxMessage, Outcome, Status,
+};
+use lapin::ExchangeKind;
+use uuid::Uuid;
+
+const LONG: Duration = Duration::from_secs(600);
+const WAIT: Duration = Duration::from_secs(120);
+
+fn block() -> KeyScan {
+    KeyScan {
+        after: None,
+        block_on_dead_letter: true,
+    }
+}
+
+fn carry_on() -> KeyScan {
+    KeyScan {
+        after: None,
+        block_on_dead_letter: false,
+    }
+}
+
+/// Claims with `scan`; returns (key or "", id) pairs.
+async fn claim(store: &Store, engine: &str, limit: u32, scan: &KeyScan) -> Vec<(String, Uuid)> {
+    store
+        .claim_with(engine, limit, LONG, scan)
+        .await
+        .expect("claim")
+        .messages
+        .into_iter()
+        .map(|m| (m.ordering_key.unwrap_or_default(), m.id))
+        .collect()
+}
+
+fn ids(claimed: &[(String, Uuid)]) -> Vec<Uuid> {
+    claimed.iter().map(|(_, id)| *id).collect()
+}
+
+/// Enqueues `n` rows for `key` through the Rust API; returns their ids in order.
+async fn enqueue_key(store: &Store, key: &str, n: usize) -> Vec<Uuid> {
+    let rows: Vec<OutboxMessage> = (0..n)
+        .map(|i| {
+            OutboxMessage::new("ex", format!("routed.{key}.{i}"), vec![b'x']).with_ordering_key(key)
+        })
+        .collect();
+    store.enqueue_many(&rows).await.expect("enqueue");
+    rows.iter().map(|m| m.id).collect()
+}
+
+#[tokio::test]
+async fn a_claim_takes_each_keys_head_only_and_keys_advance_one_at_a_time_in_order() {
+    let db = TestDb::new("ord_heads").await;
+    let store = db.store().await;
+    let keyed = insert_keyed(&db, "ex", 4, 5).await;
+    let unkeyed = db.insert_sql("ex", 6, "plain.{i}").await;
+    let first = claim(&store, "e", 100, &block()).await;
+    let first_keys: Vec<&str> = first
+        .iter()
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(first_keys.len(), 4, "one head per key: {first_keys:?}");
+    assert_eq!(
+        first_keys.iter().collect::<HashSet<_>>().len(),
+        4,
+        "{first_keys:?}"
+    );
+    for (key, ids) in &keyed.by_key {
+        assert!(
+            first.contains(&(key.clone(), ids[0])),
+            "the head of {key} is its first row"
+        );
+    }
+    assert_eq!(first.len(), 10, "unkeyed rows flow beside them");
+    assert!(
+        claim(&store, "e", 100, &block()).await.is_empty(),
+        "nothing more while every head is in flight"
+    );
+    // Confirm and claim again until done: each key's rows come out in insertion order.
+    let mut order: HashMap<String, Vec<Uuid>> = HashMap::new();
+    let mut batch = first;
+    while !batch.is_empty() {
+        for (k, id) in &batch {
+            if !k.is_empty() {
+                order.entry(k.clone()).or_default().push(*id);
+            }
+        }
+        store.mark_confirmed(&ids(&batch)).await.unwrap();
+        batch = claim(&store, "e", 100, &block()).await;
+    }
+    for (key, expected) in &keyed.by_key {
+        assert_eq!(order.get(key), Some(expected), "order of {key}");
+    }
+    assert_eq!(
+        db.count(Status::Confirmed).await as usize,
+        20 + unkeyed.len()
+    );
+}
+
+#[tokio::test]
+async fn a_retrying_head_holds_its_key_and_a_rescued_head_stays_first() {
+    let db = TestDb::new("ord_retry").await;
+    let store = db.store().await;
+    let a = enqueue_key(&store, "a", 3).await;
+    let b = enqueue_key(&store, "b", 3).await;
+    // An engine claims both heads and dies (its lease is already over).
+    let crashed = store
+        .claim_with("crashed", 10, Duration::ZERO, &block())
+        .await
+        .unwrap();
+    assert_eq!(crashed.messages.len(), 2);
+    // The rescuer gets the same heads back, not their successors.
+    let rescued = claim(&store, "rescuer", 10, &block()).await;
+    let mut got = ids(&rescued);
+    got.sort();
+    let mut heads = vec![a[0], b[0]];
+    heads.sort();
+    assert_eq!(
+        got, heads,
+        "rescue takes the heads, never a second row of a key"
+    );
+    // a's head fails and waits an hour; b's head is confirmed: only b moves on.
+    store
+        .mark_retrying(
+            "rescuer",
+            &[RetryUpdate {
+                id: a[0],
+                delay: Duration::from_secs(3600),
+                error: "nacked".into(),
+                refund: false,
+            }],
+        )
+        .await
+        .unwrap();
+    store.mark_confirmed(&[b[0]]).await.unwrap();
+    assert_eq!(
+        ids(&claim(&store, "rescuer", 10, &block()).await),
+        vec![b[1]]
+    );
+    // Due again: a's head, not a[1].
+    db.exec("UPDATE {s}.outbox SET next_attempt_at = now() WHERE status = 'retrying'")
+        .await;
+    assert_eq!(
+        ids(&claim(&store, "rescuer", 10, &block()).await),
+        vec![a[0]]
+    );
+}
+
+#[tokio::test]
+async fn a_dead_lettered_head_blocks_its_key_until_an_operator_acts_or_continues() {
+    let db = TestDb::new("ord_dead").await;
+    let store = db.store().await;
+    let a = enqueue_key(&store, "a", 3).await;
+    let b = enqueue_key(&store, "b", 2).await;
+    assert_eq!(claim(&store, "e", 10, &block()).await.len(), 2);
+    let dead = DeadLetterUpdate {
+        id: a[0],
+        error: "attempts exhausted".into(),
+    };
+    assert_eq!(
+        store.move_to_dead_letters("e", &[dead]).await.unwrap(),
+        vec![a[0]]
+    );
+    let letter = store.dead_letter(a[0]).await.unwrap().expect("dead letter");
+    assert_eq!(letter.ordering_key.as_deref(), Some("a"));
+    assert!(letter.seq.is_some());
+    store.mark_confirmed(&[b[0]]).await.unwrap();
+    // block: only b flows.
+    assert_eq!(ids(&claim(&store, "e", 10, &block()).await), vec![b[1]]);
+    store.mark_confirmed(&[b[1]]).await.unwrap();
+    assert!(claim(&store, "e", 10, &block()).await.is_empty(), "a waits");
+    // An operator requeues a's head: it goes back to its place, before a[1].
+    assert_eq!(
+        store.requeue_dead_letters(&[a[0]]).await.unwrap(),
+        vec![a[0]]
+    );
+    assert_eq!(ids(&claim(&store, "e", 10, &block()).await), vec![a[0]]);
+    store.mark_confirmed(&[a[0]]).await.unwrap();
+    assert_eq!(ids(&claim(&store, "e", 10, &block()).await), vec![a[1]]);
+    // continue: the next message goes on at once.
+    let dead = DeadLetterUpdate {
+        id: a[1],
+        error: "attempts exhausted".into(),
+    };
+    store.move_to_dead_letters("e", &[dead]).await.unwrap();
+    assert!(claim(&store, "e", 10, &block()).await.is_empty());
+    assert_eq!(ids(&claim(&store, "e", 10, &carry_on()).await), vec![a[2]]);
+    // Discarding the dead letter unblocks a blocked key.
+    let c = enqueue_key(&store, "c", 2).await;
+    assert_eq!(ids(&claim(&store, "e", 10, &block()).await), vec![c[0]]);
+    let dead = DeadLetterUpdate {
+        id: c[0],
+        error: "unroutable".into(),
+    };
+    store.move_to_dead_letters("e", &[dead]).await.unwrap();
+    assert!(claim(&store, "e", 10, &block()).await.is_empty());
+    store.discard_dead_letters(&[c[0]]).await.unwrap();
+    assert_eq!(ids(&claim(&store, "e", 10, &block()).await), vec![c[1]]);
+}
+
+#[tokio::test]
+async fn keyed_rows_take_at_most_half_a_batch_and_keys_are_served_round_robin() {
+    let db = TestDb::new("ord_share").await;
+    let store = db.store().await;
+    let keyed = insert_keyed(&db, "ex", 10, 3).await;
+    db.insert_sql("ex", 10, "plain.{i}").await;
+    let c = store.claim_with("e", 4, LONG, &block()).await.unwrap();
+    let keyed_n = c
+        .messages
+        .iter()
+        .filter(|m| m.ordering_key.is_some())
+        .count();
+    assert_eq!(
+        (keyed_n, c.messages.len()),
+        (2, 4),
+        "half keyed, half unkeyed"
+    );
+    assert!(c.full);
+    let first: Vec<Uuid> = c.messages.iter().map(|m| m.id).collect();
+    store.mark_confirmed(&first).await.unwrap();
+    // Unkeyed rows gone: a batch of 2 gives one key per claim; the walk resumes after the
+    // last key served, so ten claims serve ten different keys (none starves).
+    db.exec("DELETE FROM {s}.outbox WHERE ordering_key IS NULL AND status <> 'confirmed'")
+        .await;
+    let mut scan = block();
+    let mut served = Vec::new();
+    for _ in 0..10 {
+        let c = store.claim_with("e", 2, LONG, &scan).await.unwrap();
+        assert_eq!(c.messages.len(), 1);
+        assert!(c.full, "the keyed half was full: claim again");
+        let m = &c.messages[0];
+        served.push(m.ordering_key.clone().unwrap_or_default());
+        store.mark_confirmed(&[m.id]).await.unwrap();
+        scan.after = c.next_key;
+    }
+    let distinct: HashSet<&String> = served.iter().collect();
+    assert_eq!(distinct.len(), 10, "round robin over keys: {served:?}");
+    assert_eq!(keyed.by_key.len(), 10);
+}
+
+#[tokio::test]
+async fn three_claimers_never_hold_two_rows_of_one_key() {
+    let db = TestDb::new("ord_three").await;
+    let store = db.store().await;
+    let keyed = insert_keyed(&db, "ex", 20, 30).await;
+    let key_of: HashMap<Uuid, String> = keyed
+        .key_of()
+        .into_iter()
+        .map(|(id, k)| (id, k.to_string()))
+        .collect();
+    let holding: Arc<Mutex<HashSet<String>>> = Default::default();
+    let order: Arc<Mutex<HashMap<String, Vec<Uuid>>>> = Default::default();
+    let mut tasks = Vec::new();
+    for name in ["one", "two", "three"] {
+        let (store, holding, order, key_of) = (
+            store.clone(),
+            holding.clone(),
+            order.clone(),
+            key_of.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut scan = block();
+            let mut idle = 0;
+            while idle < 20 {
+                let c = store.claim_with(name, 8, LONG, &scan).await.unwrap();
+                scan.after = c.next_key;
+                if c.messages.is_empty() {
+                    idle += 1;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                idle = 0;
+                for m in &c.messages {
+                    let key = key_of[&m.id].clone();
+                    assert!(
+                        holding.lock().unwrap().insert(key.clone()),
+                        "{name} claimed a second row of {key}"
+                    );
+                    order.lock().unwrap().entry(key).or_default().push(m.id);
+                }
+                let got: Vec<Uuid> = c.messages.iter().map(|m| m.id).collect();
+                // Let go of the keys just before the confirm commits: a claimer that sees
+                // the next head after the commit never finds the key still held.
+                for id in &got {
+                    holding.lock().unwrap().remove(&key_of[id]);
+                }
+                store.mark_confirmed(&got).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        common::within(120, "claimers finish", t)
+            .await
+            .expect("claimer");
+    }
+    let order = order.lock().unwrap().clone();
+    for (key, expected) in &keyed.by_key {
+        assert_eq!(order.get(key), Some(expected), "order of {key}");
+    }
+    assert_eq!(db.count(Status::Confirmed).await, 600);
+}
+
+/// 6 keys through the engine; key k000's head goes to an exchange whose queue nacks.
+async fn failing_head_run(mode: OnDeadLetter) {
+    let db = TestDb::new("ord_block").await;
+    let mut broker = TestBroker::new("ord_block").await;
+    let nacks = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
+    broker.nacking_queue(&nacks).await;
+    let keyed = insert_keyed(&db, &broker.exchange, 6, 20).await;
+    let stuck = keyed.by_key["k000"].clone();
+    db.exec(&format!(
+        "UPDATE {{s}}.outbox SET exchange = '{nacks}' WHERE id = '{}'",
+        stuck[0]
+    ))
+    .await;
+    let mut config = db.engine_config();
+    config.retry.max_attempts = 2;
+    config.ordering.on_dead_letter = mode;
+    let engine = Engine::start(config).await.expect("engine starts");
+    let others: Vec<Uuid> = keyed
+        .by_key
+        .iter()
+        .filter(|(k, _)| k.as_str() != "k000")
+        .flat_map(|(_, ids)| ids.clone())
+        .collect();
+    let head = engine.wait_for(stuck[0], WAIT).await.unwrap();
+    assert!(matches!(head, Outcome::DeadLettered(_)), "{head:?}");
+    let done = engine.wait_for_all(&others, WAIT).await.unwrap();
+    assert!(done.values().all(|o| *o == Outcome::Confirmed));
+    let store = db.store().await;
+    if mode == OnDeadLetter::Block {
+        // Every other key finished while k000 waited behind its dead letter.
+        for id in &stuck[1..] {
+            assert_eq!(
+                store.message_state(*id).await.unwrap(),
+                Some(courier::store::MessageState::Outbox(Status::Pending, None)),
+                "k000's later messages wait for an operator"
+            );
+        }
+        store.discard_dead_letters(&[stuck[0]]).await.unwrap();
+    }
+    let rest = engine.wait_for_all(&stuck[1..], WAIT).await.unwrap();
+    assert!(rest.values().all(|o| *o == Outcome::Confirmed));
+    // A discarded dead letter is gone by an operator's decision; everything else is audited.
+    let mut expected = keyed.clone();
+    expected.by_key.get_mut("k000").unwrap().remove(0);
+    let committed: Vec<Uuid> = match mode {
+        OnDeadLetter::Block => keyed
+            .all
+            .iter()
+            .filter(|id| **id != stuck[0])
+            .copied()
+            .collect(),
+        OnDeadLetter::Continue => keyed.all.clone(),
+    };
+    let (a, received) = audit_received(&db, &broker, &broker.queue, &committed).await;
+    assert_eq!(a.dead_lettered, usize::from(mode == OnDeadLetter::Continue));
+    assert_first_seen_in_order(&received, &expected);
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_failing_head_blocks_only_its_key_until_an_operator_discards_it() {
+    failing_head_run(OnDeadLetter::Block).await;
+}
+
+#[actix_rt::test]
+async fn with_continue_a_key_goes_on_past_its_dead_letter() {
+    failing_head_run(OnDeadLetter::Continue).await;
+}
+
+#[actix_rt::test]
+async fn keyed_rows_keep_their_order_without_notify_too() {
+    let db = TestDb::new("ord_poll").await;
+    let broker = TestBroker::new("ord_poll").await;
+    let mut config = db.engine_config();
+    config.database.listen = false;
+    config.scheduler.sweep_interval = Duration::from_secs(2);
+    let engine = Engine::start(config).await.expect("engine starts");
+    let keyed = insert_keyed(&db, &broker.exchange, 10, 50).await;
+    let done = engine.wait_for_all(&keyed.all, WAIT).await.unwrap();
+    assert!(done.values().all(|o| *o == Outcome::Confirmed));
+    let (_, received) = audit_received(&db, &broker, &broker.queue, &keyed.all).await;
+    assert_first_seen_in_order(&received, &keyed);
+    engine.shutdown().await;
+}
