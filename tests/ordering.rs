@@ -42,14 +42,19 @@ fn carry_on() -> KeyScan {
     }
 }
 
-/// Claims with `scan`; returns (key or "", id) pairs.
+/// One claim round as the engine does it: expired leases and unkeyed rows, then keyed
+/// heads with the room left. Returns (key or "", id) pairs.
 async fn claim(store: &Store, engine: &str, limit: u32, scan: &KeyScan) -> Vec<(String, Uuid)> {
-    store
-        .claim_with(engine, limit, LONG, scan)
-        .await
-        .expect("claim")
-        .messages
-        .into_iter()
+    let mut rows = store.claim(engine, limit, LONG).await.expect("claim");
+    let room = limit - rows.len() as u32;
+    rows.extend(
+        store
+            .claim_keyed(engine, room, LONG, scan)
+            .await
+            .expect("keyed claim")
+            .messages,
+    );
+    rows.into_iter()
         .map(|m| (m.ordering_key.unwrap_or_default(), m.id))
         .collect()
 }
@@ -127,7 +132,7 @@ async fn a_retrying_head_holds_its_key_and_a_rescued_head_stays_first() {
     let b = enqueue_key(&store, "b", 3).await;
     // An engine claims both heads and dies (its lease is already over).
     let crashed = store
-        .claim_with("crashed", 10, Duration::ZERO, &block())
+        .claim_keyed("crashed", 10, Duration::ZERO, &block())
         .await
         .unwrap();
     assert_eq!(crashed.messages.len(), 2);
@@ -221,35 +226,35 @@ async fn a_dead_lettered_head_blocks_its_key_until_an_operator_acts_or_continues
 }
 
 #[tokio::test]
-async fn keyed_rows_take_at_most_half_a_batch_and_keys_are_served_round_robin() {
+async fn unkeyed_claims_leave_keyed_rows_alone_and_keys_are_served_round_robin() {
     let db = TestDb::new("ord_share").await;
     let store = db.store().await;
     let keyed = insert_keyed(&db, "ex", 10, 3).await;
-    db.insert_sql("ex", 10, "plain.{i}").await;
-    let c = store.claim_with("e", 4, LONG, &block()).await.unwrap();
-    let keyed_n = c
-        .messages
+    let unkeyed = db.insert_sql("ex", 10, "plain.{i}").await;
+    // The unkeyed claim (the engine's hot path) never takes a keyed row.
+    let mut plain: Vec<Uuid> = store
+        .claim("e", 100, LONG)
+        .await
+        .unwrap()
         .iter()
-        .filter(|m| m.ordering_key.is_some())
-        .count();
-    assert_eq!(
-        (keyed_n, c.messages.len()),
-        (2, 4),
-        "half keyed, half unkeyed"
-    );
-    assert!(c.full);
+        .map(|m| m.id)
+        .collect();
+    plain.sort();
+    let mut expected = unkeyed.clone();
+    expected.sort();
+    assert_eq!(plain, expected);
+    let c = store.claim_keyed("e", 4, LONG, &block()).await.unwrap();
+    assert_eq!(c.messages.len(), 4);
+    assert!(c.full, "a full keyed claim asks for another");
     let first: Vec<Uuid> = c.messages.iter().map(|m| m.id).collect();
     store.mark_confirmed(&first).await.unwrap();
-    // Unkeyed rows gone: a batch of 2 gives one key per claim; the walk resumes after the
-    // last key served, so ten claims serve ten different keys (none starves).
-    db.exec("DELETE FROM {s}.outbox WHERE ordering_key IS NULL AND status <> 'confirmed'")
-        .await;
+    // One head per claim: the walk resumes after the last key served, so ten claims serve
+    // ten different keys (none starves).
     let mut scan = block();
     let mut served = Vec::new();
     for _ in 0..10 {
-        let c = store.claim_with("e", 2, LONG, &scan).await.unwrap();
+        let c = store.claim_keyed("e", 1, LONG, &scan).await.unwrap();
         assert_eq!(c.messages.len(), 1);
-        assert!(c.full, "the keyed half was full: claim again");
         let m = &c.messages[0];
         served.push(m.ordering_key.clone().unwrap_or_default());
         store.mark_confirmed(&[m.id]).await.unwrap();
@@ -284,7 +289,7 @@ async fn three_claimers_never_hold_two_rows_of_one_key() {
             let mut scan = block();
             let mut idle = 0;
             while idle < 20 {
-                let c = store.claim_with(name, 8, LONG, &scan).await.unwrap();
+                let c = store.claim_keyed(name, 8, LONG, &scan).await.unwrap();
                 scan.after = c.next_key;
                 if c.messages.is_empty() {
                     idle += 1;
@@ -329,6 +334,9 @@ async fn failing_head_run(mode: OnDeadLetter) {
     let nacks = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
     broker.nacking_queue(&nacks).await;
     let keyed = insert_keyed(&db, &broker.exchange, 6, 20).await;
+    let plain = db
+        .insert_sql(&broker.exchange, 300, "routed.plain.{i}")
+        .await;
     let stuck = keyed.by_key["k000"].clone();
     db.exec(&format!(
         "UPDATE {{s}}.outbox SET exchange = '{nacks}' WHERE id = '{}'",
@@ -339,11 +347,13 @@ async fn failing_head_run(mode: OnDeadLetter) {
     config.retry.max_attempts = 2;
     config.ordering.on_dead_letter = mode;
     let engine = Engine::start(config).await.expect("engine starts");
+    // Other keys and unkeyed rows flow while k000 is stuck.
     let others: Vec<Uuid> = keyed
         .by_key
         .iter()
         .filter(|(k, _)| k.as_str() != "k000")
         .flat_map(|(_, ids)| ids.clone())
+        .chain(plain.iter().copied())
         .collect();
     let head = engine.wait_for(stuck[0], WAIT).await.unwrap();
     assert!(matches!(head, Outcome::DeadLettered(_)), "{head:?}");
@@ -366,15 +376,13 @@ async fn failing_head_run(mode: OnDeadLetter) {
     // A discarded dead letter is gone by an operator's decision; everything else is audited.
     let mut expected = keyed.clone();
     expected.by_key.get_mut("k000").unwrap().remove(0);
-    let committed: Vec<Uuid> = match mode {
-        OnDeadLetter::Block => keyed
-            .all
-            .iter()
-            .filter(|id| **id != stuck[0])
-            .copied()
-            .collect(),
-        OnDeadLetter::Continue => keyed.all.clone(),
-    };
+    let committed: Vec<Uuid> = keyed
+        .all
+        .iter()
+        .chain(&plain)
+        .filter(|id| mode == OnDeadLetter::Continue || **id != stuck[0])
+        .copied()
+        .collect();
     let (a, received) = audit_received(&db, &broker, &broker.queue, &committed).await;
     assert_eq!(a.dead_lettered, usize::from(mode == OnDeadLetter::Continue));
     assert_first_seen_in_order(&received, &expected);

@@ -1,3 +1,5 @@
+DROP TRIGGER outbox_notify_keyed ON outbox;
+DROP FUNCTION notify_outbox_keyed();
 ALTER TABLE outbox_archive DROP COLUMN seq;
 ALTER TABLE outbox_archive DROP COLUMN ordering_key;
 DROP INDEX dead_letters_key_idx;

@@ -39,3 +39,16 @@ CREATE INDEX dead_letters_key_idx ON dead_letters (ordering_key) WHERE ordering_
 -- Retention's archive mode copies rows with SELECT *: same columns, same order.
 ALTER TABLE outbox_archive ADD COLUMN ordering_key text COLLATE "C";
 ALTER TABLE outbox_archive ADD COLUMN seq bigint;
+
+-- Keyed rows also say so in their NOTIFY ('keyed'; PostgreSQL folds repeats within a
+-- transaction into one), so an engine only walks the keys when keyed rows may be waiting and
+-- the claim of unkeyed rows stays as cheap as before. Unkeyed inserts never run this trigger.
+CREATE FUNCTION notify_outbox_keyed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '.outbox', 'keyed');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER outbox_notify_keyed AFTER INSERT ON outbox
+    FOR EACH ROW WHEN (NEW.ordering_key IS NOT NULL) EXECUTE FUNCTION notify_outbox_keyed();

@@ -21,7 +21,7 @@ use actix::prelude::*;
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     publisher::{Publish, Publisher},
-    store::{Claim, NextDue, StoreActor},
+    store::{Claim, ClaimKeyed, NextDue, StoreActor},
 };
 use crate::{
     config::{Config, OnDeadLetter},
@@ -35,7 +35,10 @@ mod listen;
 /// Something may be due: claim if there are credits.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct Wake;
+pub struct Wake {
+    /// Keyed rows may be among it (a `keyed` NOTIFY, a nudge): walk the keys too.
+    pub keyed: bool,
+}
 
 /// Messages reached a durable outcome: their credits come back.
 #[derive(Message, Debug, Clone, Copy)]
@@ -93,6 +96,9 @@ pub struct Scheduler {
     poll: Duration,
     /// Where the next claim resumes its round-robin walk over ordering keys.
     next_key: Option<String>,
+    /// The last keyed claim found no head and nothing since says one may be ready: rounds
+    /// claim unkeyed rows only.
+    keyed_idle: bool,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
@@ -122,6 +128,7 @@ impl Scheduler {
             wake_at: None,
             poll: MIN_POLL,
             next_key: None,
+            keyed_idle: false,
         }
     }
 
@@ -129,6 +136,12 @@ impl Scheduler {
         self.config.publisher.max_in_flight as usize - self.credits
     }
 
+    /// One claim round: unkeyed rows (and expired leases) first, dispatched at once, then
+    /// the heads of ordering keys with the room left. While keyed heads may be waiting, they
+    /// are guaranteed half of the round, so neither kind starves the other. Once a keyed
+    /// claim finds none, keys are not walked again until something says keyed rows may be
+    /// ready (a `keyed` NOTIFY, a keyed row settling, a timer, the sweep): an engine without
+    /// keyed traffic claims exactly as before ordering existed.
     fn maybe_claim(&mut self, ctx: &mut Context<Self>) {
         if self.claiming {
             self.more = true;
@@ -138,39 +151,88 @@ impl Scheduler {
             return;
         }
         let limit = self.credits.min(self.config.scheduler.claim_batch as usize) as u32;
+        let unkeyed = if self.keyed_idle {
+            limit
+        } else {
+            limit - limit / 2
+        };
         self.claiming = true;
         self.more = false;
+        self.peers
+            .store
+            .send(Claim { limit: unkeyed })
+            .into_actor(self)
+            .map(move |result, act, ctx| match result {
+                Ok(Ok(rows)) => {
+                    let got = rows.len();
+                    act.dispatch(rows);
+                    let full = got == unkeyed as usize && unkeyed > 0;
+                    if act.keyed_idle {
+                        act.round_done(ctx, full, got);
+                    } else {
+                        act.claim_keyed(ctx, limit - got as u32, full, got);
+                    }
+                }
+                Ok(Err(e)) => {
+                    act.claiming = false;
+                    tracing::warn!(error = %e, "claim failed; the next sweep tries again")
+                }
+                Err(e) => {
+                    act.claiming = false;
+                    tracing::error!(error = %e, "store actor unavailable")
+                }
+            })
+            .spawn(ctx);
+    }
+
+    /// The second half of a claim round: heads of ordering keys, up to `room`.
+    fn claim_keyed(&mut self, ctx: &mut Context<Self>, room: u32, full: bool, got: usize) {
+        let room = room.min(self.credits as u32);
+        if room == 0 || self.stopping || !self.broker_ready {
+            // Skipped for lack of room: keep half of the next round for keyed heads.
+            self.keyed_idle = false;
+            return self.round_done(ctx, full, got);
+        }
         let keys = KeyScan {
             after: self.next_key.clone(),
             block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
         };
         self.peers
             .store
-            .send(Claim { limit, keys })
+            .send(ClaimKeyed { limit: room, keys })
             .into_actor(self)
-            .map(move |result, act, ctx| {
-                act.claiming = false;
-                match result {
-                    Ok(Ok(claimed)) => {
-                        let (got, full) = (claimed.messages.len(), claimed.full);
-                        act.next_key = claimed.next_key;
-                        act.dispatch(claimed.messages);
-                        if full {
-                            act.more = true;
-                        }
-                        if act.more {
-                            act.maybe_claim(ctx);
-                        } else {
-                            act.after_drain(ctx, got);
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "claim failed; the next sweep tries again")
-                    }
-                    Err(e) => tracing::error!(error = %e, "store actor unavailable"),
+            .map(move |result, act, ctx| match result {
+                Ok(Ok(claimed)) => {
+                    let n = claimed.messages.len();
+                    act.keyed_idle = n == 0;
+                    act.next_key = claimed.next_key;
+                    act.dispatch(claimed.messages);
+                    act.round_done(ctx, full || claimed.full, got + n);
+                }
+                Ok(Err(e)) => {
+                    act.claiming = false;
+                    tracing::warn!(error = %e, "keyed claim failed; the next sweep tries again")
+                }
+                Err(e) => {
+                    act.claiming = false;
+                    tracing::error!(error = %e, "store actor unavailable")
                 }
             })
             .spawn(ctx);
+    }
+
+    /// A claim round ended: go again at once if it came back full or something woke the
+    /// Scheduler meanwhile, else arm the timer for the next due row.
+    fn round_done(&mut self, ctx: &mut Context<Self>, full: bool, got: usize) {
+        self.claiming = false;
+        if full {
+            self.more = true;
+        }
+        if self.more {
+            self.maybe_claim(ctx);
+        } else {
+            self.after_drain(ctx, got);
+        }
     }
 
     /// Wakes the scheduler after `delay` unless an earlier wake-up is already armed.
@@ -188,6 +250,7 @@ impl Scheduler {
         let handle = ctx.run_later(delay, |act, ctx| {
             act.wake_at = None;
             act.more = true;
+            act.keyed_idle = false;
             act.maybe_claim(ctx);
         });
         self.wake_at = Some((at, handle));
@@ -289,6 +352,7 @@ impl Actor for Scheduler {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.config.scheduler.sweep_interval, |act, ctx| {
             act.more = true;
+            act.keyed_idle = false;
             act.maybe_claim(ctx)
         });
         ctx.run_interval(self.config.logging.summary_interval, |act, ctx| {
@@ -313,8 +377,11 @@ impl Actor for Scheduler {
 impl Handler<Wake> for Scheduler {
     type Result = ();
 
-    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Wake, ctx: &mut Context<Self>) {
         self.more = true;
+        if msg.keyed {
+            self.keyed_idle = false;
+        }
         self.maybe_claim(ctx);
     }
 }
@@ -332,6 +399,7 @@ impl Handler<Settled> for Scheduler {
         }
         if msg.keys_freed {
             self.more = true;
+            self.keyed_idle = false;
         }
         if self.more {
             self.maybe_claim(ctx);
@@ -346,6 +414,7 @@ impl Handler<BrokerReady> for Scheduler {
         self.broker_ready = msg.0;
         if msg.0 {
             self.more = true;
+            self.keyed_idle = false;
             self.maybe_claim(ctx);
         }
     }

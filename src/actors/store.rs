@@ -16,14 +16,23 @@ use uuid::Uuid;
 use super::scheduler::{Scheduler, Settled};
 use crate::{
     events::{Counters, EngineEvent, Signals},
+    message::OutboxMessage,
     store::{Claimed, DeadLetterUpdate, KeyScan, RetryUpdate, Store, StoreError},
 };
 
-/// Claim up to `limit` due rows for this engine.
+/// Claim up to `limit` rows for this engine: expired leases, then unkeyed due rows.
 #[derive(Message)]
-#[rtype(result = "Result<Claimed, StoreError>")]
+#[rtype(result = "Result<Vec<OutboxMessage>, StoreError>")]
 pub struct Claim {
     /// Most rows to claim.
+    pub limit: u32,
+}
+
+/// Claim up to `limit` keyed rows: the due heads of keys with nothing in flight.
+#[derive(Message)]
+#[rtype(result = "Result<Claimed, StoreError>")]
+pub struct ClaimKeyed {
+    /// Most heads to claim.
     pub limit: u32,
     /// Where the walk over ordering keys resumes, and the dead-letter rule.
     pub keys: KeyScan,
@@ -212,13 +221,28 @@ impl Actor for StoreActor {
 }
 
 impl Handler<Claim> for StoreActor {
-    type Result = ResponseFuture<Result<Claimed, StoreError>>;
+    type Result = ResponseFuture<Result<Vec<OutboxMessage>, StoreError>>;
 
     fn handle(&mut self, msg: Claim, _: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
         let lease = self.lease;
-        Box::pin(async move { store.claim_with(&engine, msg.limit, lease, &msg.keys).await })
+        Box::pin(async move { store.claim(&engine, msg.limit, lease).await })
+    }
+}
+
+impl Handler<ClaimKeyed> for StoreActor {
+    type Result = ResponseFuture<Result<Claimed, StoreError>>;
+
+    fn handle(&mut self, msg: ClaimKeyed, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        let lease = self.lease;
+        Box::pin(async move {
+            store
+                .claim_keyed(&engine, msg.limit, lease, &msg.keys)
+                .await
+        })
     }
 }
 

@@ -183,7 +183,7 @@ impl From<ClaimedRow> for OutboxMessage {
     }
 }
 
-/// How a claim walks the keys of keyed rows (see [`Store::claim_with`]).
+/// How a claim walks the keys of keyed rows (see [`Store::claim_keyed`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyScan {
     /// Resume the round-robin walk over keys at this key (the last one served); `None`
@@ -193,12 +193,12 @@ pub struct KeyScan {
     pub block_on_dead_letter: bool,
 }
 
-/// What one claim returned.
+/// What one keyed claim returned.
 #[derive(Debug, Clone, Default)]
 pub struct Claimed {
-    /// The claimed rows, oldest first.
+    /// The claimed heads (at most one per key).
     pub messages: Vec<OutboxMessage>,
-    /// The batch came back full (unkeyed or keyed part): more may be due right now.
+    /// The batch came back full: more heads may be ready right now.
     pub full: bool,
     /// Where the next claim should resume the walk over keys.
     pub next_key: Option<String>,
@@ -427,25 +427,33 @@ impl Store {
         }
     }
 
-    /// Claims up to `limit` due rows for `engine` with a lease of `lease` (see
-    /// [`claim_with`](Self::claim_with)), walking keys from the first one.
+    /// Claims up to `limit` rows for `engine` with a lease of `lease`: rows whose lease
+    /// expired (keyed or not), then unkeyed due rows, oldest first. Sets `in_flight`,
+    /// `locked_by`, `locked_until` and counts the attempt. Keyed rows: [`claim_keyed`].
+    ///
+    /// [`claim_keyed`]: Self::claim_keyed
     pub async fn claim(
         &self,
         engine: &str,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        Ok(self
-            .claim_with(engine, limit, lease, &KeyScan::default())
-            .await?
-            .messages)
+        let mut conn = self.conn().await?;
+        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim)
+            .bind::<BigInt, _>(i64::from(limit))
+            .bind::<Text, _>(engine)
+            .bind::<BigInt, _>(millis(lease))
+            .load(&mut conn)
+            .await?;
+        let mut messages: Vec<OutboxMessage> = rows.into_iter().map(OutboxMessage::from).collect();
+        messages.sort_by_key(|m| m.created_at);
+        Ok(messages)
     }
 
-    /// Claims up to `limit` rows for `engine` with a lease of `lease`: rows whose lease
-    /// expired, the due head of each key that has nothing in flight (at most half the
-    /// batch), and unkeyed due rows. Sets `in_flight`, `locked_by`, `locked_until` and
-    /// counts the attempt. Oldest first.
-    pub async fn claim_with(
+    /// Claims up to `limit` keyed rows for `engine`: the due head of each key that has
+    /// nothing in flight (nor, with `keys.block_on_dead_letter`, a dead letter), walking the
+    /// keys round-robin from `keys.after`.
+    pub async fn claim_keyed(
         &self,
         engine: &str,
         limit: u32,
@@ -453,7 +461,7 @@ impl Store {
         keys: &KeyScan,
     ) -> Result<Claimed, StoreError> {
         let mut conn = self.conn().await?;
-        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim)
+        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim_keyed)
             .bind::<BigInt, _>(i64::from(limit))
             .bind::<Text, _>(engine)
             .bind::<BigInt, _>(millis(lease))
@@ -461,17 +469,15 @@ impl Store {
             .bind::<Bool, _>(keys.block_on_dead_letter)
             .load(&mut conn)
             .await?;
-        let mut messages: Vec<OutboxMessage> = rows.into_iter().map(OutboxMessage::from).collect();
-        messages.sort_by_key(|m| m.created_at);
+        let messages: Vec<OutboxMessage> = rows.into_iter().map(OutboxMessage::from).collect();
         let served: Vec<&str> = messages
             .iter()
             .filter_map(|m| m.ordering_key.as_deref())
             .collect();
-        let full = messages.len() == limit as usize || served.len() >= limit.div_ceil(2) as usize;
         let next_key = next_key(keys.after.as_deref(), &served).or(keys.after.clone());
         Ok(Claimed {
+            full: messages.len() == limit as usize,
             messages,
-            full,
             next_key,
         })
     }
@@ -809,7 +815,7 @@ impl Store {
     /// a failure here is only logged.
     async fn wake_after_discard(&self, discarded: usize) {
         if discarded > 0 {
-            if let Err(e) = self.notify("").await {
+            if let Err(e) = self.notify("keyed").await {
                 tracing::debug!(error = %e, "could not notify the engines after a discard");
             }
         }

@@ -9,6 +9,7 @@
 pub struct Sql {
     pub(crate) schema: String,
     pub(crate) claim: String,
+    pub(crate) claim_keyed: String,
     pub(crate) renew: String,
     pub(crate) renew_all: String,
     pub(crate) release_all: String,
@@ -59,27 +60,50 @@ impl Sql {
         );
         Sql {
             schema: schema.to_string(),
-            // Three locked sets, so the batch never exceeds $1:
-            // - rows whose lease expired (a crashed or partitioned engine) go first;
-            // - keyed rows: only the head of each key (its lowest open `seq`), only when it is
-            //   due and nothing of its key is in flight (and, with $5 = block, nothing of its
-            //   key sits in dead_letters). Keys are walked one index probe each (a loose
-            //   index scan), round-robin: after the cursor $4 (the last key served, '' at
-            //   first), then from the start up to and including it; and the
-            //   walk stops as soon as enough heads are found: the cost follows the rows
-            //   claimed, not the number of keys. They get at most half the batch;
-            // - unkeyed due rows fill the rest, oldest first (their own partial index).
-            // SKIP LOCKED lets several engines claim at once without waiting on each other
-            // or sharing a row; a key's head locked by another engine is skipped, so a key
-            // is served by one engine at a time.
+            // Two locked sets: rows whose lease expired (a crashed or partitioned engine,
+            // keyed or not) go first, and unkeyed due rows (their own partial index) fill the
+            // rest, oldest first, so the batch never exceeds $1. SKIP LOCKED lets several
+            // engines claim at once without waiting on each other or sharing a row. Keyed
+            // rows are claimed by `claim_keyed`, a separate statement, so the hot path of
+            // unkeyed rows is planned and run exactly as before ordering existed.
             claim: format!(
-                "WITH RECURSIVE expired AS (
+                "WITH expired AS (
                     SELECT id FROM {s}.outbox
                     WHERE status = 'in_flight' AND locked_until < now()
                     ORDER BY locked_until
                     LIMIT $1
                     FOR UPDATE SKIP LOCKED
-                 ), ahead AS (
+                 ), due AS (
+                    SELECT id FROM {s}.outbox
+                    WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
+                      AND ordering_key IS NULL
+                    ORDER BY next_attempt_at
+                    LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
+                    FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE {s}.outbox o
+                 SET status = 'in_flight',
+                     locked_by = $2,
+                     locked_until = now() + $3 * interval '1 millisecond',
+                     attempts = o.attempts + 1,
+                     last_error = CASE WHEN o.status = 'in_flight'
+                                       THEN 'lease expired before a confirm was recorded'
+                                       ELSE o.last_error END,
+                     updated_at = now()
+                 FROM (SELECT id FROM expired UNION ALL SELECT id FROM due) c
+                 WHERE o.id = c.id
+                 RETURNING {MESSAGE_COLUMNS}"
+            ),
+            // Keyed rows: only the head of each key (its lowest open `seq`), only when it is
+            // due and nothing of its key is in flight (and, with $5 = block, nothing of its
+            // key sits in dead_letters). Keys are walked one index probe each (a loose index
+            // scan), round-robin: after the cursor $4 (the last key served, '' at first),
+            // then from the start up to and including it; the walk stops as soon as $1 heads
+            // are found, so the cost follows the rows claimed, not the number of keys. A
+            // head locked by another engine is skipped (SKIP LOCKED), and a key with a row in
+            // flight is skipped, so a key is served by one engine at a time.
+            claim_keyed: format!(
+                "WITH RECURSIVE ahead AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
                      WHERE ordering_key > $4 AND {OPEN}
                      ORDER BY ordering_key, seq LIMIT 1)
@@ -105,31 +129,19 @@ impl Sql {
                                       OFFSET 0)
                       AND NOT ($5 AND EXISTS (SELECT 1 FROM {s}.dead_letters d
                                               WHERE d.ordering_key = h.k OFFSET 0))
-                    LIMIT least(($1 + 1) / 2, greatest($1 - (SELECT count(*) FROM expired), 0))
-                 ), keyed AS (
+                    LIMIT $1
+                 ), heads AS (
                     SELECT o.id FROM ready r JOIN {s}.outbox o ON o.id = r.id
                     WHERE o.status IN ('pending', 'retrying') AND o.next_attempt_at <= now()
                     FOR UPDATE OF o SKIP LOCKED
-                 ), due AS (
-                    SELECT id FROM {s}.outbox
-                    WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
-                      AND ordering_key IS NULL
-                    ORDER BY next_attempt_at
-                    LIMIT greatest($1 - (SELECT count(*) FROM expired)
-                                      - (SELECT count(*) FROM keyed), 0)
-                    FOR UPDATE SKIP LOCKED
                  )
                  UPDATE {s}.outbox o
                  SET status = 'in_flight',
                      locked_by = $2,
                      locked_until = now() + $3 * interval '1 millisecond',
                      attempts = o.attempts + 1,
-                     last_error = CASE WHEN o.status = 'in_flight'
-                                       THEN 'lease expired before a confirm was recorded'
-                                       ELSE o.last_error END,
                      updated_at = now()
-                 WHERE o.id = ANY(ARRAY(SELECT id FROM expired UNION ALL SELECT id FROM keyed
-                                        UNION ALL SELECT id FROM due))
+                 WHERE o.id = ANY(ARRAY(SELECT id FROM heads))
                  RETURNING {MESSAGE_COLUMNS}"
             ),
             renew: format!(

@@ -55,7 +55,7 @@ async fn listen(
         while let Some(note) = stream.next().await {
             match note {
                 Ok(n) if n.payload == token => return true,
-                Ok(_) => addr.do_send(Wake),
+                Ok(n) => addr.do_send(wake_for(&n.payload)),
                 Err(_) => return false,
             }
         }
@@ -75,13 +75,13 @@ async fn listen(
         );
     }
     signals.emit(EngineEvent::ListenerReady { receiving });
-    addr.do_send(Wake);
+    addr.do_send(Wake { keyed: true });
 
     let mut alive = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             note = stream.next() => match note {
-                Some(Ok(_)) => addr.do_send(Wake),
+                Some(Ok(n)) => addr.do_send(wake_for(&n.payload)),
                 Some(Err(e)) => return Err(StoreError::Query(e)),
                 None => return Err(StoreError::Pool("LISTEN connection closed".into())),
             },
@@ -89,3 +89,14 @@ async fn listen(
         }
     }
 }
+
+/// The insert trigger says `''` for every inserting statement and `keyed` when keyed rows
+/// were among them (so are discards that may unblock a key).
+fn wake_for(payload: &str) -> Wake {
+    Wake {
+        keyed: payload == KEYED,
+    }
+}
+
+/// The NOTIFY payload of keyed rows.
+pub const KEYED: &str = "keyed";
