@@ -216,7 +216,7 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
 impl EngineHandle {
     /// Wakes the scheduler now (for applications that enqueue without NOTIFY).
     pub fn nudge(&self) {
-        self.inner.scheduler.do_send(Wake { keyed: true });
+        self.inner.scheduler.do_send(Wake::ALL);
     }
 
     /// This engine's id (the `locked_by` of the rows it holds).

@@ -10,6 +10,13 @@ use std::{
 
 use common::{broker::TestBroker, eventually, TestDbGuard};
 use courier::{config::SecretUrl, state::Status, store::Store};
+use diesel_async::RunQueryDsl;
+
+#[derive(diesel::QueryableByName)]
+struct Applied {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
 
 #[tokio::test]
 async fn run_publishes_until_sigterm_then_exits_zero() {
@@ -57,16 +64,25 @@ async fn run_publishes_until_sigterm_then_exits_zero() {
         }
     };
 
-    // `run` migrates the fresh schema; wait for it, then enqueue with plain SQL.
+    // `run` migrates the fresh schema; wait until every migration is in, then enqueue.
     let mut config = courier::Config::default();
     config.database.url = SecretUrl::new(common::database_url());
     config.database.schema = schema.clone();
+    let all = courier::store::MIGRATION_NAMES().len() as i64;
     let store: Store = eventually(30, "schema migrated by `courier run`", || {
         let config = config.clone();
+        let schema = schema.clone();
         async move {
             let store = Store::connect(&config.database).await.ok()?;
-            store.stats().await.ok()?;
-            Some(store)
+            let mut conn = store.conn().await.ok()?;
+            let applied: Applied = diesel::sql_query(format!(
+                "SELECT count(*) AS n FROM \"{schema}\".__diesel_schema_migrations"
+            ))
+            .get_result(&mut conn)
+            .await
+            .ok()?;
+            drop(conn);
+            (applied.n == all).then_some(store)
         }
     })
     .await;

@@ -36,8 +36,18 @@ mod listen;
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct Wake {
+    /// Unkeyed rows (or expired leases) may be due: run the unkeyed claim.
+    pub unkeyed: bool,
     /// Keyed rows may be among it (a `keyed` NOTIFY, a nudge): walk the keys too.
     pub keyed: bool,
+}
+
+impl Wake {
+    /// Anything may be due.
+    pub const ALL: Wake = Wake {
+        unkeyed: true,
+        keyed: true,
+    };
 }
 
 /// Messages reached a durable outcome: their credits come back.
@@ -96,9 +106,24 @@ pub struct Scheduler {
     poll: Duration,
     /// Where the next claim resumes its round-robin walk over ordering keys.
     next_key: Option<String>,
-    /// The last keyed claim found no head and nothing since says one may be ready: rounds
-    /// claim unkeyed rows only.
+    /// The last keyed claim found no head and nothing since says one may be ready.
     keyed_idle: bool,
+    /// The same for unkeyed rows (and expired leases).
+    unkeyed_idle: bool,
+    /// Wake-ups received during the round in progress.
+    woken: Wake,
+    /// Which way the next round rounds an odd keyed half.
+    round_up: bool,
+    /// The claim round in progress.
+    round: Round,
+}
+
+/// A claim round: its statements still out, whether any came back full, rows claimed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Round {
+    parts: u8,
+    full: bool,
+    got: usize,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
@@ -129,6 +154,13 @@ impl Scheduler {
             poll: MIN_POLL,
             next_key: None,
             keyed_idle: false,
+            unkeyed_idle: false,
+            woken: Wake {
+                unkeyed: false,
+                keyed: false,
+            },
+            round_up: true,
+            round: Round::default(),
         }
     }
 
@@ -136,12 +168,36 @@ impl Scheduler {
         self.config.publisher.max_in_flight as usize - self.credits
     }
 
-    /// One claim round: unkeyed rows (and expired leases) first, dispatched at once, then
-    /// the heads of ordering keys with the room left. While keyed heads may be waiting, they
-    /// are guaranteed half of the round, so neither kind starves the other. Once a keyed
-    /// claim finds none, keys are not walked again until something says keyed rows may be
-    /// ready (a `keyed` NOTIFY, a keyed row settling, a timer, the sweep): an engine without
-    /// keyed traffic claims exactly as before ordering existed.
+    /// Notes what may be due and claims. A wake-up during a round is kept apart and applied
+    /// when the round ends: that round's queries may have missed the rows it announces, so
+    /// their "found nothing" must not put the kind to sleep.
+    fn wake(&mut self, ctx: &mut Context<Self>, wake: Wake) {
+        self.more = true;
+        self.woken.unkeyed |= wake.unkeyed;
+        self.woken.keyed |= wake.keyed;
+        if !self.claiming {
+            self.apply_wakes();
+        }
+        self.maybe_claim(ctx);
+    }
+
+    fn apply_wakes(&mut self) {
+        self.unkeyed_idle &= !self.woken.unkeyed;
+        self.keyed_idle &= !self.woken.keyed;
+        self.woken = Wake {
+            unkeyed: false,
+            keyed: false,
+        };
+    }
+
+    /// One claim round: unkeyed rows (and expired leases), and the heads of ordering keys,
+    /// as two statements side by side, each batch dispatched as soon as it arrives (one kind
+    /// never waits for the other's query). When both may be due, keyed heads get half of
+    /// the round, so neither kind starves the other. A kind whose last claim found nothing
+    /// is not claimed again until something says it may be due (NOTIFY `''` for any insert,
+    /// `keyed` for keyed rows, a keyed row settling, a timer, the sweep): an engine without
+    /// keyed traffic claims exactly as before ordering existed, and a keyed chain does not
+    /// wait for unkeyed claims.
     fn maybe_claim(&mut self, ctx: &mut Context<Self>) {
         if self.claiming {
             self.more = true;
@@ -151,55 +207,59 @@ impl Scheduler {
             return;
         }
         let limit = self.credits.min(self.config.scheduler.claim_batch as usize) as u32;
-        let unkeyed = if self.keyed_idle {
-            limit
-        } else {
-            limit - limit / 2
+        let (unkeyed, keyed) = match (self.unkeyed_idle, self.keyed_idle) {
+            (true, true) => return,
+            (false, true) => (limit, 0),
+            (true, false) => (0, limit),
+            (false, false) => {
+                // Odd limits round the keyed half up and down in turn (1 alternates).
+                self.round_up = !self.round_up;
+                let keyed = (limit + u32::from(self.round_up)) / 2;
+                (limit - keyed, keyed)
+            }
         };
         self.claiming = true;
         self.more = false;
-        self.peers
-            .store
-            .send(Claim { limit: unkeyed })
-            .into_actor(self)
-            .map(move |result, act, ctx| match result {
-                Ok(Ok(rows)) => {
-                    let got = rows.len();
-                    act.dispatch(rows);
-                    let full = got == unkeyed as usize && unkeyed > 0;
-                    if act.keyed_idle {
-                        act.round_done(ctx, full, got);
-                    } else {
-                        act.claim_keyed(ctx, limit - got as u32, full, got);
+        self.round = Round::default();
+        if unkeyed > 0 {
+            self.round.parts += 1;
+            self.peers
+                .store
+                .send(Claim { limit: unkeyed })
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(Ok(rows)) => {
+                        let got = rows.len();
+                        act.unkeyed_idle = got == 0;
+                        act.dispatch(rows);
+                        act.part_done(ctx, got == unkeyed as usize, got);
                     }
-                }
-                Ok(Err(e)) => {
-                    act.claiming = false;
-                    tracing::warn!(error = %e, "claim failed; the next sweep tries again")
-                }
-                Err(e) => {
-                    act.claiming = false;
-                    tracing::error!(error = %e, "store actor unavailable")
-                }
-            })
-            .spawn(ctx);
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "claim failed; the next sweep tries again");
+                        act.part_done(ctx, false, 0);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store actor unavailable");
+                        act.part_done(ctx, false, 0);
+                    }
+                })
+                .spawn(ctx);
+        }
+        if keyed > 0 {
+            self.round.parts += 1;
+            self.claim_keyed(ctx, keyed);
+        }
     }
 
-    /// The second half of a claim round: heads of ordering keys, up to `room`.
-    fn claim_keyed(&mut self, ctx: &mut Context<Self>, room: u32, full: bool, got: usize) {
-        let room = room.min(self.credits as u32);
-        if room == 0 || self.stopping || !self.broker_ready {
-            // Skipped for lack of room: keep half of the next round for keyed heads.
-            self.keyed_idle = false;
-            return self.round_done(ctx, full, got);
-        }
+    /// The keyed half of a claim round: heads of ordering keys, up to `limit`.
+    fn claim_keyed(&mut self, ctx: &mut Context<Self>, limit: u32) {
         let keys = KeyScan {
             after: self.next_key.clone(),
             block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
         };
         self.peers
             .store
-            .send(ClaimKeyed { limit: room, keys })
+            .send(ClaimKeyed { limit, keys })
             .into_actor(self)
             .map(move |result, act, ctx| match result {
                 Ok(Ok(claimed)) => {
@@ -207,24 +267,36 @@ impl Scheduler {
                     act.keyed_idle = n == 0;
                     act.next_key = claimed.next_key;
                     act.dispatch(claimed.messages);
-                    act.round_done(ctx, full || claimed.full, got + n);
+                    act.part_done(ctx, claimed.full, n);
                 }
                 Ok(Err(e)) => {
-                    act.claiming = false;
-                    tracing::warn!(error = %e, "keyed claim failed; the next sweep tries again")
+                    tracing::warn!(error = %e, "keyed claim failed; the next sweep tries again");
+                    act.part_done(ctx, false, 0);
                 }
                 Err(e) => {
-                    act.claiming = false;
-                    tracing::error!(error = %e, "store actor unavailable")
+                    tracing::error!(error = %e, "store actor unavailable");
+                    act.part_done(ctx, false, 0);
                 }
             })
             .spawn(ctx);
+    }
+
+    /// One statement of the round answered; the round ends with the last one.
+    fn part_done(&mut self, ctx: &mut Context<Self>, full: bool, got: usize) {
+        self.round.parts -= 1;
+        self.round.full |= full;
+        self.round.got += got;
+        if self.round.parts == 0 {
+            let Round { full, got, .. } = self.round;
+            self.round_done(ctx, full, got);
+        }
     }
 
     /// A claim round ended: go again at once if it came back full or something woke the
     /// Scheduler meanwhile, else arm the timer for the next due row.
     fn round_done(&mut self, ctx: &mut Context<Self>, full: bool, got: usize) {
         self.claiming = false;
+        self.apply_wakes();
         if full {
             self.more = true;
         }
@@ -249,9 +321,7 @@ impl Scheduler {
         }
         let handle = ctx.run_later(delay, |act, ctx| {
             act.wake_at = None;
-            act.more = true;
-            act.keyed_idle = false;
-            act.maybe_claim(ctx);
+            act.wake(ctx, Wake::ALL);
         });
         self.wake_at = Some((at, handle));
     }
@@ -351,9 +421,7 @@ impl Actor for Scheduler {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.config.scheduler.sweep_interval, |act, ctx| {
-            act.more = true;
-            act.keyed_idle = false;
-            act.maybe_claim(ctx)
+            act.wake(ctx, Wake::ALL)
         });
         ctx.run_interval(self.config.logging.summary_interval, |act, ctx| {
             act.log_summary(ctx)
@@ -378,11 +446,7 @@ impl Handler<Wake> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Wake, ctx: &mut Context<Self>) {
-        self.more = true;
-        if msg.keyed {
-            self.keyed_idle = false;
-        }
-        self.maybe_claim(ctx);
+        self.wake(ctx, msg);
     }
 }
 
@@ -398,10 +462,12 @@ impl Handler<Settled> for Scheduler {
             }
         }
         if msg.keys_freed {
-            self.more = true;
-            self.keyed_idle = false;
-        }
-        if self.more {
+            let keyed = Wake {
+                unkeyed: false,
+                keyed: true,
+            };
+            self.wake(ctx, keyed);
+        } else if self.more {
             self.maybe_claim(ctx);
         }
     }
@@ -413,9 +479,7 @@ impl Handler<BrokerReady> for Scheduler {
     fn handle(&mut self, msg: BrokerReady, ctx: &mut Context<Self>) {
         self.broker_ready = msg.0;
         if msg.0 {
-            self.more = true;
-            self.keyed_idle = false;
-            self.maybe_claim(ctx);
+            self.wake(ctx, Wake::ALL);
         }
     }
 }

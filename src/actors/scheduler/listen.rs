@@ -75,7 +75,7 @@ async fn listen(
         );
     }
     signals.emit(EngineEvent::ListenerReady { receiving });
-    addr.do_send(Wake { keyed: true });
+    addr.do_send(Wake::ALL);
 
     let mut alive = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -91,10 +91,19 @@ async fn listen(
 }
 
 /// The insert trigger says `''` for every inserting statement and `keyed` when keyed rows
-/// were among them (so are discards that may unblock a key).
+/// were among them (so does a discard that may unblock a key); anything else (another
+/// engine's self-check) may mean anything.
 fn wake_for(payload: &str) -> Wake {
-    Wake {
-        keyed: payload == KEYED,
+    match payload {
+        "" => Wake {
+            unkeyed: true,
+            keyed: false,
+        },
+        KEYED => Wake {
+            unkeyed: false,
+            keyed: true,
+        },
+        _ => Wake::ALL,
     }
 }
 
