@@ -9,10 +9,12 @@
 //! the sweep. Rows claimed past their attempt budget (earlier leases expired) go straight
 //! to the DeadLetter actor; the rest are handed to the Publisher in batches.
 //!
-//! Ordered rows: a claim takes only the head of each ordering key, so a key's next message
-//! becomes claimable when its head is confirmed or dead-lettered. Those settlements say so
-//! (`Settled::keys_freed`) and the Scheduler claims again at once; it also remembers the
-//! last key served, so successive claims walk the keys round-robin and none starves.
+//! Ordered rows: the keyed claim takes only the head of each ordering key, so a key's next
+//! message becomes claimable when its head is confirmed or dead-lettered. Those settlements
+//! say so (`Settled::keys_freed`) and the Scheduler claims keyed heads again at once; it also
+//! remembers the last key served, so successive claims walk the keys round-robin and none
+//! starves. Which kinds of rows a round claims, and how it splits its room, is decided by
+//! the `demand` module: an engine without keyed traffic never walks the keys.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +32,14 @@ use crate::{
     store::{KeyScan, Store},
 };
 
+mod demand;
 mod listen;
+
+use demand::{Demand, Kind};
+
+/// A claim's rows, and for keyed claims where the walk over keys resumes next.
+type ClaimResult =
+    Result<(Vec<crate::OutboxMessage>, Option<Option<String>>), crate::store::StoreError>;
 
 /// Something may be due: claim if there are credits.
 #[derive(Message, Debug, Clone, Copy)]
@@ -96,7 +105,6 @@ pub struct Scheduler {
     signals: Signals,
     engine_id: String,
     credits: usize,
-    claiming: bool,
     more: bool,
     broker_ready: bool,
     stopping: bool,
@@ -106,24 +114,8 @@ pub struct Scheduler {
     poll: Duration,
     /// Where the next claim resumes its round-robin walk over ordering keys.
     next_key: Option<String>,
-    /// The last keyed claim found no head and nothing since says one may be ready.
-    keyed_idle: bool,
-    /// The same for unkeyed rows (and expired leases).
-    unkeyed_idle: bool,
-    /// Wake-ups received during the round in progress.
-    woken: Wake,
-    /// Which way the next round rounds an odd keyed half.
-    round_up: bool,
-    /// The claim round in progress.
-    round: Round,
-}
-
-/// A claim round: its statements still out, whether any came back full, rows claimed.
-#[derive(Debug, Default, Clone, Copy)]
-struct Round {
-    parts: u8,
-    full: bool,
-    got: usize,
+    /// Which kinds of rows may be due, and the claim round in progress.
+    demand: Demand,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
@@ -146,21 +138,13 @@ impl Scheduler {
             signals,
             engine_id,
             credits,
-            claiming: false,
             more: true,
             broker_ready: false,
             stopping: false,
             wake_at: None,
             poll: MIN_POLL,
             next_key: None,
-            keyed_idle: false,
-            unkeyed_idle: false,
-            woken: Wake {
-                unkeyed: false,
-                keyed: false,
-            },
-            round_up: true,
-            round: Round::default(),
+            demand: Demand::default(),
         }
     }
 
@@ -168,38 +152,18 @@ impl Scheduler {
         self.config.publisher.max_in_flight as usize - self.credits
     }
 
-    /// Notes what may be due and claims. A wake-up during a round is kept apart and applied
-    /// when the round ends: that round's queries may have missed the rows it announces, so
-    /// their "found nothing" must not put the kind to sleep.
+    /// Notes what may be due and claims (or claims again after the round in progress).
     fn wake(&mut self, ctx: &mut Context<Self>, wake: Wake) {
         self.more = true;
-        self.woken.unkeyed |= wake.unkeyed;
-        self.woken.keyed |= wake.keyed;
-        if !self.claiming {
-            self.apply_wakes();
-        }
+        self.demand.wake(wake);
         self.maybe_claim(ctx);
     }
 
-    fn apply_wakes(&mut self) {
-        self.unkeyed_idle &= !self.woken.unkeyed;
-        self.keyed_idle &= !self.woken.keyed;
-        self.woken = Wake {
-            unkeyed: false,
-            keyed: false,
-        };
-    }
-
-    /// One claim round: unkeyed rows (and expired leases), and the heads of ordering keys,
-    /// as two statements side by side, each batch dispatched as soon as it arrives (one kind
-    /// never waits for the other's query). When both may be due, keyed heads get half of
-    /// the round, so neither kind starves the other. A kind whose last claim found nothing
-    /// is not claimed again until something says it may be due (NOTIFY `''` for any insert,
-    /// `keyed` for keyed rows, a keyed row settling, a timer, the sweep): an engine without
-    /// keyed traffic claims exactly as before ordering existed, and a keyed chain does not
-    /// wait for unkeyed claims.
+    /// One claim round (see [`Demand`]): unkeyed rows (and expired leases) and heads of
+    /// ordering keys, as two statements side by side, each batch dispatched as soon as it
+    /// arrives, so one kind never waits for the other's query.
     fn maybe_claim(&mut self, ctx: &mut Context<Self>) {
-        if self.claiming {
+        if self.demand.in_round() {
             self.more = true;
             return;
         }
@@ -207,96 +171,79 @@ impl Scheduler {
             return;
         }
         let limit = self.credits.min(self.config.scheduler.claim_batch as usize) as u32;
-        let (unkeyed, keyed) = match (self.unkeyed_idle, self.keyed_idle) {
-            (true, true) => return,
-            (false, true) => (limit, 0),
-            (true, false) => (0, limit),
-            (false, false) => {
-                // Odd limits round the keyed half up and down in turn (1 alternates).
-                self.round_up = !self.round_up;
-                let keyed = (limit + u32::from(self.round_up)) / 2;
-                (limit - keyed, keyed)
-            }
+        let Some(split) = self.demand.start(limit) else {
+            return;
         };
-        self.claiming = true;
         self.more = false;
-        self.round = Round::default();
-        if unkeyed > 0 {
-            self.round.parts += 1;
+        if split.unkeyed > 0 {
+            let limit = split.unkeyed;
             self.peers
                 .store
-                .send(Claim { limit: unkeyed })
+                .send(Claim { limit })
                 .into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Ok(Ok(rows)) => {
-                        let got = rows.len();
-                        act.unkeyed_idle = got == 0;
-                        act.dispatch(rows);
-                        act.part_done(ctx, got == unkeyed as usize, got);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "claim failed; the next sweep tries again");
-                        act.part_done(ctx, false, 0);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "store actor unavailable");
-                        act.part_done(ctx, false, 0);
-                    }
+                .map(move |result, act, ctx| {
+                    let outcome =
+                        act.claimed(Kind::Unkeyed, result.map(|r| r.map(|rows| (rows, None))));
+                    act.answered(
+                        ctx,
+                        Kind::Unkeyed,
+                        outcome.map(|n| (n, n == limit as usize)),
+                    );
                 })
                 .spawn(ctx);
         }
-        if keyed > 0 {
-            self.round.parts += 1;
-            self.claim_keyed(ctx, keyed);
+        if split.keyed > 0 {
+            let limit = split.keyed;
+            let keys = KeyScan {
+                after: self.next_key.clone(),
+                block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
+            };
+            self.peers
+                .store
+                .send(ClaimKeyed { limit, keys })
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    let result = result.map(|r| r.map(|c| (c.messages, Some(c.next_key))));
+                    let outcome = act.claimed(Kind::Keyed, result);
+                    act.answered(ctx, Kind::Keyed, outcome.map(|n| (n, n == limit as usize)));
+                })
+                .spawn(ctx);
         }
     }
 
-    /// The keyed half of a claim round: heads of ordering keys, up to `limit`.
-    fn claim_keyed(&mut self, ctx: &mut Context<Self>, limit: u32) {
-        let keys = KeyScan {
-            after: self.next_key.clone(),
-            block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
-        };
-        self.peers
-            .store
-            .send(ClaimKeyed { limit, keys })
-            .into_actor(self)
-            .map(move |result, act, ctx| match result {
-                Ok(Ok(claimed)) => {
-                    let n = claimed.messages.len();
-                    act.keyed_idle = n == 0;
-                    act.next_key = claimed.next_key;
-                    act.dispatch(claimed.messages);
-                    act.part_done(ctx, claimed.full, n);
+    /// Dispatches what a claim returned (and moves the key cursor); the row count, or
+    /// `None` when the claim failed.
+    fn claimed(&mut self, kind: Kind, result: Result<ClaimResult, MailboxError>) -> Option<usize> {
+        match result {
+            Ok(Ok((rows, next_key))) => {
+                if let Some(next_key) = next_key {
+                    self.next_key = next_key;
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "keyed claim failed; the next sweep tries again");
-                    act.part_done(ctx, false, 0);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "store actor unavailable");
-                    act.part_done(ctx, false, 0);
-                }
-            })
-            .spawn(ctx);
+                let n = rows.len();
+                self.dispatch(rows);
+                Some(n)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, ?kind, "claim failed; the next sweep tries again");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store actor unavailable");
+                None
+            }
+        }
     }
 
-    /// One statement of the round answered; the round ends with the last one.
-    fn part_done(&mut self, ctx: &mut Context<Self>, full: bool, got: usize) {
-        self.round.parts -= 1;
-        self.round.full |= full;
-        self.round.got += got;
-        if self.round.parts == 0 {
-            let Round { full, got, .. } = self.round;
-            self.round_done(ctx, full, got);
+    /// One claim of the round answered; the round ends with the last one.
+    fn answered(&mut self, ctx: &mut Context<Self>, kind: Kind, outcome: Option<(usize, bool)>) {
+        if let Some(end) = self.demand.answered(kind, outcome) {
+            self.round_done(ctx, end.full, end.got);
         }
     }
 
     /// A claim round ended: go again at once if it came back full or something woke the
     /// Scheduler meanwhile, else arm the timer for the next due row.
     fn round_done(&mut self, ctx: &mut Context<Self>, full: bool, got: usize) {
-        self.claiming = false;
-        self.apply_wakes();
         if full {
             self.more = true;
         }

@@ -1,0 +1,240 @@
+//! What the Scheduler claims next: which kinds of rows may be due (unkeyed rows with expired
+//! leases, and heads of ordering keys), and how a claim round splits its room between them.
+//! Pure state, so the rules are unit-tested without a database.
+//!
+//! A kind whose last claim found nothing is not claimed again until something says it may
+//! be due: an engine without keyed traffic never walks the keys, and a keyed chain (each
+//! confirm lets one more head go) does not pay for an unkeyed claim every time.
+
+use super::Wake;
+
+/// One kind of claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Expired leases, then unkeyed due rows.
+    Unkeyed,
+    /// Heads of ordering keys.
+    Keyed,
+}
+
+/// The room each kind gets in a round (0: not claimed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub unkeyed: u32,
+    pub keyed: u32,
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundEnd {
+    /// Some claim came back full: more may be due right now.
+    pub full: bool,
+    /// Rows claimed in the round.
+    pub got: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Round {
+    parts: u8,
+    full: bool,
+    got: usize,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Demand {
+    unkeyed_idle: bool,
+    keyed_idle: bool,
+    /// Wake-ups received during the round in progress: that round's queries may have missed
+    /// the rows they announce, so its "found nothing" must not put the kind to sleep.
+    woken: Wake,
+    round_up: bool,
+    round: Option<Round>,
+}
+
+const NOTHING: Wake = Wake {
+    unkeyed: false,
+    keyed: false,
+};
+
+impl Default for Demand {
+    fn default() -> Self {
+        Demand {
+            unkeyed_idle: false,
+            keyed_idle: false,
+            woken: NOTHING,
+            round_up: false,
+            round: None,
+        }
+    }
+}
+
+impl Demand {
+    /// A round is in progress.
+    pub fn in_round(&self) -> bool {
+        self.round.is_some()
+    }
+
+    /// Something may be due: now, or when the round in progress ends.
+    pub fn wake(&mut self, wake: Wake) {
+        self.woken.unkeyed |= wake.unkeyed;
+        self.woken.keyed |= wake.keyed;
+        if !self.in_round() {
+            self.apply_wakes();
+        }
+    }
+
+    fn apply_wakes(&mut self) {
+        self.unkeyed_idle &= !self.woken.unkeyed;
+        self.keyed_idle &= !self.woken.keyed;
+        self.woken = NOTHING;
+    }
+
+    /// Starts a round with room for `limit` rows; `None` when nothing may be due (or a
+    /// round is already running). When both kinds may be due, keyed heads get half (odd
+    /// limits round that half up and down in turn), so neither kind starves the other.
+    pub fn start(&mut self, limit: u32) -> Option<Split> {
+        if self.in_round() || limit == 0 {
+            return None;
+        }
+        let split = match (self.unkeyed_idle, self.keyed_idle) {
+            (true, true) => return None,
+            (false, true) => Split {
+                unkeyed: limit,
+                keyed: 0,
+            },
+            (true, false) => Split {
+                unkeyed: 0,
+                keyed: limit,
+            },
+            (false, false) => {
+                self.round_up = !self.round_up;
+                let keyed = (limit + u32::from(self.round_up)) / 2;
+                Split {
+                    unkeyed: limit - keyed,
+                    keyed,
+                }
+            }
+        };
+        let parts = u8::from(split.unkeyed > 0) + u8::from(split.keyed > 0);
+        self.round = Some(Round {
+            parts,
+            ..Round::default()
+        });
+        Some(split)
+    }
+
+    /// One claim of the round answered: `Some((rows, full))`, or `None` when it failed (the
+    /// kind stays awake). Returns how the round ended once its last claim answered.
+    pub fn answered(&mut self, kind: Kind, outcome: Option<(usize, bool)>) -> Option<RoundEnd> {
+        let round = self.round.as_mut()?;
+        if let Some((got, full)) = outcome {
+            let idle = got == 0;
+            match kind {
+                Kind::Unkeyed => self.unkeyed_idle = idle,
+                Kind::Keyed => self.keyed_idle = idle,
+            }
+            round.got += got;
+            round.full |= full;
+        }
+        round.parts = round.parts.saturating_sub(1);
+        if round.parts > 0 {
+            return None;
+        }
+        let end = RoundEnd {
+            full: round.full,
+            got: round.got,
+        };
+        self.round = None;
+        self.apply_wakes();
+        Some(end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNKEYED: Wake = Wake {
+        unkeyed: true,
+        keyed: false,
+    };
+    const KEYED: Wake = Wake {
+        unkeyed: false,
+        keyed: true,
+    };
+
+    fn split(unkeyed: u32, keyed: u32) -> Option<Split> {
+        Some(Split { unkeyed, keyed })
+    }
+
+    #[test]
+    fn both_kinds_share_a_round_until_one_finds_nothing() {
+        let mut d = Demand::default();
+        assert_eq!(d.start(10), split(5, 5));
+        assert_eq!(d.start(10), None, "one round at a time");
+        assert_eq!(d.answered(Kind::Unkeyed, Some((5, true))), None);
+        let end = d.answered(Kind::Keyed, Some((0, false)));
+        assert_eq!(end, Some(RoundEnd { full: true, got: 5 }));
+        assert_eq!(
+            d.start(10),
+            split(10, 0),
+            "no keyed heads: unkeyed take it all"
+        );
+        d.answered(Kind::Unkeyed, Some((0, false)));
+        assert_eq!(d.start(10), None, "nothing may be due");
+        d.wake(KEYED);
+        assert_eq!(
+            d.start(10),
+            split(0, 10),
+            "a keyed chain skips the unkeyed claim"
+        );
+    }
+
+    #[test]
+    fn a_wake_during_a_round_outlives_its_empty_answer() {
+        let mut d = Demand::default();
+        d.start(4);
+        d.answered(Kind::Unkeyed, Some((0, false)));
+        d.answered(Kind::Keyed, Some((0, false)));
+        assert_eq!(d.start(4), None);
+        d.wake(UNKEYED);
+        assert_eq!(d.start(4), split(4, 0));
+        d.wake(UNKEYED); // a row committed while that claim ran
+        let end = d.answered(Kind::Unkeyed, Some((0, false)));
+        assert_eq!(
+            end,
+            Some(RoundEnd {
+                full: false,
+                got: 0
+            })
+        );
+        assert_eq!(d.start(4), split(4, 0), "claimed again, not put to sleep");
+    }
+
+    #[test]
+    fn a_failed_claim_keeps_its_kind_awake() {
+        let mut d = Demand::default();
+        d.start(2);
+        d.answered(Kind::Unkeyed, None);
+        d.answered(Kind::Keyed, Some((0, false)));
+        assert_eq!(d.start(2), split(2, 0));
+    }
+
+    #[test]
+    fn odd_rooms_alternate_the_keyed_half_so_a_room_of_one_serves_both() {
+        let mut d = Demand::default();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let s = d.start(1).expect("a round");
+            seen.push((s.unkeyed, s.keyed));
+            if s.unkeyed > 0 {
+                d.answered(Kind::Unkeyed, Some((1, true)));
+            }
+            if s.keyed > 0 {
+                d.answered(Kind::Keyed, Some((1, true)));
+            }
+        }
+        assert!(seen.contains(&(1, 0)) && seen.contains(&(0, 1)), "{seen:?}");
+    }
+}
