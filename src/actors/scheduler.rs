@@ -37,9 +37,9 @@ mod listen;
 
 use demand::{Demand, Kind};
 
-/// A claim's rows, and for keyed claims where the walk over keys resumes next.
-type ClaimResult =
-    Result<(Vec<crate::OutboxMessage>, Option<Option<String>>), crate::store::StoreError>;
+/// What the Store actor answered to a claim.
+type ClaimAnswer =
+    Result<Result<Vec<crate::OutboxMessage>, crate::store::StoreError>, MailboxError>;
 
 /// Something may be due: claim if there are credits.
 #[derive(Message, Debug, Clone, Copy)]
@@ -182,13 +182,9 @@ impl Scheduler {
                 .send(Claim { limit })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    let outcome =
-                        act.claimed(Kind::Unkeyed, result.map(|r| r.map(|rows| (rows, None))));
-                    act.answered(
-                        ctx,
-                        Kind::Unkeyed,
-                        outcome.map(|n| (n, n == limit as usize)),
-                    );
+                    let outcome = act.claimed(Kind::Unkeyed, result);
+                    let outcome = outcome.map(|n| (n, n == limit as usize));
+                    act.answered(ctx, Kind::Unkeyed, outcome);
                 })
                 .spawn(ctx);
         }
@@ -203,22 +199,24 @@ impl Scheduler {
                 .send(ClaimKeyed { limit, keys })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    let result = result.map(|r| r.map(|c| (c.messages, Some(c.next_key))));
-                    let outcome = act.claimed(Kind::Keyed, result);
-                    act.answered(ctx, Kind::Keyed, outcome.map(|n| (n, n == limit as usize)));
+                    let rows = result.map(|r| {
+                        r.map(|claimed| {
+                            act.next_key = claimed.next_key;
+                            claimed.messages
+                        })
+                    });
+                    let outcome = act.claimed(Kind::Keyed, rows);
+                    let outcome = outcome.map(|n| (n, n == limit as usize));
+                    act.answered(ctx, Kind::Keyed, outcome);
                 })
                 .spawn(ctx);
         }
     }
 
-    /// Dispatches what a claim returned (and moves the key cursor); the row count, or
-    /// `None` when the claim failed.
-    fn claimed(&mut self, kind: Kind, result: Result<ClaimResult, MailboxError>) -> Option<usize> {
-        match result {
-            Ok(Ok((rows, next_key))) => {
-                if let Some(next_key) = next_key {
-                    self.next_key = next_key;
-                }
+    /// Dispatches what a claim returned; the row count, or `None` when the claim failed.
+    fn claimed(&mut self, kind: Kind, answer: ClaimAnswer) -> Option<usize> {
+        match answer {
+            Ok(Ok(rows)) => {
                 let n = rows.len();
                 self.dispatch(rows);
                 Some(n)
