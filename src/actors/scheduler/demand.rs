@@ -27,7 +27,8 @@ pub struct Split {
 /// How a round ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundEnd {
-    /// Some claim came back full: more may be due right now.
+    /// Some claim came back full, or a kind that may be due got no room this round: claim
+    /// again as soon as there is room.
     pub full: bool,
     /// Rows claimed in the round.
     pub got: usize,
@@ -117,9 +118,14 @@ impl Demand {
             }
         };
         let parts = u8::from(split.unkeyed > 0) + u8::from(split.keyed > 0);
+        // A room of one goes to one kind: the other, still awake, must get the next round
+        // even if this one finds nothing (nothing else would wake the Scheduler for it).
+        let left_out =
+            (split.unkeyed == 0 && !self.unkeyed_idle) || (split.keyed == 0 && !self.keyed_idle);
         self.round = Some(Round {
             parts,
-            ..Round::default()
+            full: left_out,
+            got: 0,
         });
         Some(split)
     }
@@ -219,6 +225,26 @@ mod tests {
         d.answered(Kind::Unkeyed, None);
         d.answered(Kind::Keyed, Some((0, false)));
         assert_eq!(d.start(2), split(2, 0));
+    }
+
+    #[test]
+    fn a_kind_left_out_of_a_round_gets_the_next_one() {
+        let mut d = Demand::default();
+        let s = d.start(1).expect("a round");
+        let (ran, left) = if s.keyed == 1 {
+            (Kind::Keyed, Kind::Unkeyed)
+        } else {
+            (Kind::Unkeyed, Kind::Keyed)
+        };
+        // The kind that ran finds nothing; the round still says "go again".
+        let end = d.answered(ran, Some((0, false))).expect("round over");
+        assert!(end.full, "the left-out kind must not wait for the sweep");
+        let next = d.start(1).expect("the next round");
+        let room = match left {
+            Kind::Unkeyed => next.unkeyed,
+            Kind::Keyed => next.keyed,
+        };
+        assert_eq!(room, 1);
     }
 
     #[test]
