@@ -44,6 +44,21 @@ pub struct Sql {
 const MESSAGE_COLUMNS: &str = "o.id, o.exchange, o.routing_key, o.payload, o.headers, \
      o.content_type, o.attempts, o.max_attempts, o.created_at, o.ordering_key";
 
+/// The columns a dead letter is read with (see `DeadLetter`).
+const DEAD_LETTER_COLUMNS: &str = "id, exchange, routing_key, payload, headers, content_type, \
+     max_attempts, attempts, last_error, created_at, failed_at, ordering_key, seq";
+
+/// Taking a row: in flight, leased to engine $2 for $3 ms, the attempt counted. A row taken
+/// back from an expired lease says so in `last_error`.
+const CLAIM_SET: &str = "SET status = 'in_flight',
+         locked_by = $2,
+         locked_until = now() + $3 * interval '1 millisecond',
+         attempts = o.attempts + 1,
+         last_error = CASE WHEN o.status = 'in_flight'
+                           THEN 'lease expired before a confirm was recorded'
+                           ELSE o.last_error END,
+         updated_at = now()";
+
 /// A row still to be delivered (the partial index of keys' open rows uses the same list).
 const OPEN: &str = "status IN ('pending', 'in_flight', 'retrying')";
 
@@ -57,6 +72,16 @@ impl Sql {
                                ELSE 'pending'::{s}.outbox_status END,
                  attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
                  locked_by = NULL, locked_until = NULL, updated_at = now()"
+        );
+        // Retention's batch: the oldest confirmed rows past the age $1, at most $2, SKIP
+        // LOCKED so it never waits on (or blocks) the hot path.
+        let old_confirmed = format!(
+            "old AS (
+                SELECT id FROM {s}.outbox
+                WHERE status = 'confirmed' AND confirmed_at < now() - $1 * interval '1 millisecond'
+                ORDER BY confirmed_at LIMIT $2
+                FOR UPDATE SKIP LOCKED
+             )"
         );
         Sql {
             schema: schema.to_string(),
@@ -81,15 +106,7 @@ impl Sql {
                     LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
                     FOR UPDATE SKIP LOCKED
                  )
-                 UPDATE {s}.outbox o
-                 SET status = 'in_flight',
-                     locked_by = $2,
-                     locked_until = now() + $3 * interval '1 millisecond',
-                     attempts = o.attempts + 1,
-                     last_error = CASE WHEN o.status = 'in_flight'
-                                       THEN 'lease expired before a confirm was recorded'
-                                       ELSE o.last_error END,
-                     updated_at = now()
+                 UPDATE {s}.outbox o {CLAIM_SET}
                  FROM (SELECT id FROM expired UNION ALL SELECT id FROM due) c
                  WHERE o.id = c.id
                  RETURNING {MESSAGE_COLUMNS}"
@@ -135,12 +152,7 @@ impl Sql {
                     WHERE o.status IN ('pending', 'retrying') AND o.next_attempt_at <= now()
                     FOR UPDATE OF o SKIP LOCKED
                  )
-                 UPDATE {s}.outbox o
-                 SET status = 'in_flight',
-                     locked_by = $2,
-                     locked_until = now() + $3 * interval '1 millisecond',
-                     attempts = o.attempts + 1,
-                     updated_at = now()
+                 UPDATE {s}.outbox o {CLAIM_SET}
                  WHERE o.id = ANY(ARRAY(SELECT id FROM heads))
                  RETURNING {MESSAGE_COLUMNS}"
             ),
@@ -254,15 +266,8 @@ impl Sql {
                 "SELECT coalesce(locked_by, '') AS status, count(*) AS n
                  FROM {s}.outbox WHERE status = 'confirmed' GROUP BY locked_by"
             ),
-            // Retention: small batches of the oldest confirmed rows, SKIP LOCKED so it never
-            // waits on (or blocks) the hot path.
             purge_confirmed: format!(
-                "WITH old AS (
-                    SELECT id FROM {s}.outbox
-                    WHERE status = 'confirmed' AND confirmed_at < now() - $1 * interval '1 millisecond'
-                    ORDER BY confirmed_at LIMIT $2
-                    FOR UPDATE SKIP LOCKED
-                 )
+                "WITH {old_confirmed}
                  DELETE FROM {s}.outbox o USING old WHERE o.id = old.id"
             ),
             // Plain VACUUM takes no lock that claims or confirms wait on; it makes the
@@ -281,27 +286,18 @@ impl Sql {
                        AND ordering_key IS NOT NULL)) - now()))::float8 AS age"
             ),
             archive_confirmed: format!(
-                "WITH old AS (
-                    SELECT id FROM {s}.outbox
-                    WHERE status = 'confirmed' AND confirmed_at < now() - $1 * interval '1 millisecond'
-                    ORDER BY confirmed_at LIMIT $2
-                    FOR UPDATE SKIP LOCKED
-                 ), moved AS (
+                "WITH {old_confirmed}, moved AS (
                     DELETE FROM {s}.outbox o USING old WHERE o.id = old.id RETURNING o.*
                  )
                  INSERT INTO {s}.outbox_archive SELECT * FROM moved ON CONFLICT (id) DO NOTHING"
             ),
             dead_letter_list: format!(
-                "SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                        attempts, last_error, created_at, failed_at, ordering_key, seq
-                 FROM {s}.dead_letters
+                "SELECT {DEAD_LETTER_COLUMNS} FROM {s}.dead_letters
                  WHERE ($1::bigint IS NULL OR failed_at >= now() - $1 * interval '1 millisecond')
                  ORDER BY failed_at DESC, id LIMIT $2"
             ),
             dead_letter_show: format!(
-                "SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                        attempts, last_error, created_at, failed_at, ordering_key, seq
-                 FROM {s}.dead_letters WHERE id = $1"
+                "SELECT {DEAD_LETTER_COLUMNS} FROM {s}.dead_letters WHERE id = $1"
             ),
             dead_letter_discard: format!(
                 "DELETE FROM {s}.dead_letters WHERE id = ANY($1) RETURNING id"
