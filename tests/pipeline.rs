@@ -7,6 +7,7 @@ use std::{collections::HashSet, time::Duration};
 
 use common::{
     broker::{assert_once, TestBroker},
+    events::next_event,
     proxy::Proxy,
     within, TestDb,
 };
@@ -18,29 +19,6 @@ const WAIT: Duration = Duration::from_secs(120);
 
 async fn start(config: courier::Config) -> EngineHandle {
     Engine::start(config).await.expect("engine starts")
-}
-
-/// Waits for the first event matching `pick`.
-async fn next_event<T>(
-    rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>,
-    secs: u64,
-    what: &str,
-    mut pick: impl FnMut(&EngineEvent) -> Option<T>,
-) -> T {
-    within(secs, what, async {
-        loop {
-            match rx.recv().await {
-                Ok(e) => {
-                    if let Some(v) = pick(&e) {
-                        return v;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream ended: {e}"),
-            }
-        }
-    })
-    .await
 }
 
 fn dead_reason(o: &Outcome) -> &str {

@@ -12,11 +12,25 @@ pub async fn wait_event(
     what: &str,
     pick: impl Fn(&EngineEvent) -> bool,
 ) {
+    next_event(rx, secs, what, |e| pick(e).then_some(())).await
+}
+
+/// Waits for the first event from which `pick` takes a value, and returns it.
+pub async fn next_event<T>(
+    rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>,
+    secs: u64,
+    what: &str,
+    mut pick: impl FnMut(&EngineEvent) -> Option<T>,
+) -> T {
     within(secs, what, async {
         loop {
             match rx.recv().await {
-                Ok(e) if pick(&e) => return,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(e) => {
+                    if let Some(v) = pick(&e) {
+                        return v;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(e) => panic!("event stream ended: {e}"),
             }
         }
