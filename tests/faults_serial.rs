@@ -215,6 +215,13 @@ async fn database_loss_mid_run_crashes_nothing_and_loses_nothing() {
         let _guard = PgGuard;
         proxy.stall(true);
         let acked_before = engine.counters().acked;
+        // The fault must land with acks held back: wait for a publish behind the stalled
+        // link (the engine may have been between claims when the link stalled).
+        let published = engine.counters().published;
+        eventually(60, "a publish behind the stalled link", || async {
+            (engine.counters().published > published).then_some(())
+        })
+        .await;
         assert!(pg_cluster("stop"), "stop PostgreSQL");
         proxy.stall(false);
         eventually(60, "acks received while PostgreSQL is down", || async {
