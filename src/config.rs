@@ -274,8 +274,12 @@ pub struct PublisherConfig {
     pub max_in_flight: u32,
     /// Most rows handed to the publisher in one message.
     pub publish_batch: u32,
-    /// Larger payloads fail without being sent.
+    /// Larger payloads fail without being sent (and without being fetched).
     pub max_payload_bytes: u64,
+    /// Most payload bytes claimed and not yet settled, per engine: with large messages this,
+    /// not `max_in_flight`, bounds the engine's memory (one message larger than the whole
+    /// budget still goes, alone).
+    pub max_in_flight_bytes: u64,
 }
 
 impl Default for PublisherConfig {
@@ -284,6 +288,7 @@ impl Default for PublisherConfig {
             max_in_flight: 4096,
             publish_batch: 512,
             max_payload_bytes: 128 * 1024 * 1024,
+            max_in_flight_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -501,9 +506,16 @@ impl Config {
             self.publisher.max_payload_bytes,
         )?;
         positive_duration("retry.confirm_timeout", self.retry.confirm_timeout)?;
+        positive(
+            "publisher.max_in_flight_bytes",
+            self.publisher.max_in_flight_bytes,
+        )?;
         positive("retry.max_attempts", self.retry.max_attempts as u64)?;
-        if self.retry.max_attempts > i32::MAX as u32 {
-            return Err(ConfigError::invalid("retry.max_attempts", "is too large"));
+        if self.retry.max_attempts > crate::state::MAX_ATTEMPTS_LIMIT {
+            return Err(ConfigError::invalid(
+                "retry.max_attempts",
+                format!("must be at most {}", crate::state::MAX_ATTEMPTS_LIMIT),
+            ));
         }
         self.retry.backoff.validate()?;
         positive_duration("scheduler.sweep_interval", self.scheduler.sweep_interval)?;

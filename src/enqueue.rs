@@ -7,7 +7,7 @@ use diesel_async::AsyncPgConnection;
 
 use crate::{
     message::OutboxMessage,
-    store::{check_schema_name, enqueue_with, Sql, StoreError},
+    store::{check_schema_name, insert_messages, StoreError},
 };
 
 /// Writes `message` to `courier.outbox` (the default schema) on `conn`.
@@ -36,5 +36,5 @@ pub async fn enqueue_in(
     message: &OutboxMessage,
 ) -> Result<(), StoreError> {
     check_schema_name(schema).map_err(StoreError::Schema)?;
-    enqueue_with(conn, &Sql::new(schema), message).await
+    insert_messages(conn, schema, std::slice::from_ref(message)).await
 }

@@ -208,6 +208,10 @@ pub enum AfterFailure {
     DeadLetter,
 }
 
+/// The largest attempt budget, for a row (`max_attempts`, a CHECK constraint) or for the
+/// engine (`retry.max_attempts`): no message retries for ever.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+
 /// A claimed message as the engine holds it while it is in flight: the row plus its state.
 /// Every change of state goes through the [`Status`] transitions.
 #[derive(Debug, Clone)]
@@ -222,7 +226,10 @@ impl Delivery {
     /// A freshly claimed row: it was `pending` or `retrying` and the claim made it
     /// `in_flight` (the claim already counted the attempt).
     pub fn claimed(message: OutboxMessage, default_max_attempts: u32) -> Delivery {
-        let max_attempts = message.max_attempts.unwrap_or(default_max_attempts).max(1);
+        let max_attempts = message
+            .max_attempts
+            .unwrap_or(default_max_attempts)
+            .clamp(1, MAX_ATTEMPTS_LIMIT);
         Delivery {
             message,
             state: Status::InFlight,

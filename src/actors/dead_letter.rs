@@ -117,7 +117,7 @@ impl DeadLetterActor {
         moved: Vec<Uuid>,
     ) {
         let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
-        let settled = batch.len();
+        let settled: Vec<Uuid> = batch.iter().map(|(d, _)| d.message.id).collect();
         let keys_freed = batch.iter().any(|(d, _)| d.message.ordering_key.is_some());
         let mut announced = Vec::with_capacity(moved.len());
         let mut to_exchange = Vec::new();
@@ -141,7 +141,7 @@ impl DeadLetterActor {
                 .emit(EngineEvent::DeadLettered(Arc::new(announced)));
         }
         self.scheduler.do_send(Settled {
-            count: settled,
+            ids: settled,
             earliest_retry: None,
             keys_freed,
         });

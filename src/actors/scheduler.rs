@@ -16,20 +16,23 @@
 //! starves. Which kinds of rows a round claims, and how it splits its room, is decided by
 //! the `demand` module: an engine without keyed traffic never walks the keys.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use actix::prelude::*;
 
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     publisher::{Publish, Publisher},
-    store::{Claim, ClaimKeyed, NextDue, StoreActor},
+    store::{Claim, ClaimKeyed, NextDue, RenewLeases, StoreActor},
 };
 use crate::{
     config::{Config, OnDeadLetter},
     events::{Counters, EngineEvent, Signals},
     state::Delivery,
-    store::{KeyScan, Store},
+    store::{ClaimLimits, Claimed, KeyScan, Store},
 };
 
 mod demand;
@@ -38,8 +41,7 @@ mod listen;
 use demand::{Demand, Kind};
 
 /// What the Store actor answered to a claim.
-type ClaimAnswer =
-    Result<Result<Vec<crate::OutboxMessage>, crate::store::StoreError>, MailboxError>;
+type ClaimAnswer = Result<Result<Claimed, crate::store::StoreError>, MailboxError>;
 
 /// Something may be due: claim if there are credits.
 #[derive(Message, Debug, Clone, Copy)]
@@ -59,12 +61,12 @@ impl Wake {
     };
 }
 
-/// Messages reached a durable outcome: their credits come back.
-#[derive(Message, Debug, Clone, Copy)]
+/// Messages reached a durable outcome (or were given back): their credits come back.
+#[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct Settled {
-    /// How many.
-    pub count: usize,
+    /// Which: an id the Scheduler no longer holds (settled twice) gives nothing back.
+    pub ids: Vec<uuid::Uuid>,
     /// The shortest backoff among those sent back to `retrying`: the Scheduler wakes then
     /// instead of at the next sweep.
     pub earliest_retry: Option<Duration>,
@@ -104,7 +106,11 @@ pub struct Scheduler {
     store: Store,
     signals: Signals,
     engine_id: String,
-    credits: usize,
+    /// Every row claimed and not yet settled, with its payload size: the in-flight bound
+    /// (`publisher.max_in_flight` rows, `publisher.max_in_flight_bytes` bytes) and the
+    /// rows whose leases this engine renews.
+    held: HashMap<uuid::Uuid, u64>,
+    held_bytes: u64,
     more: bool,
     broker_ready: bool,
     stopping: bool,
@@ -122,7 +128,7 @@ pub struct Scheduler {
 const MIN_POLL: Duration = Duration::from_millis(10);
 
 impl Scheduler {
-    /// A scheduler with all of `publisher.max_in_flight` as credits.
+    /// A scheduler holding nothing yet.
     pub fn new(
         config: std::sync::Arc<Config>,
         peers: Peers,
@@ -130,14 +136,14 @@ impl Scheduler {
         signals: Signals,
         engine_id: String,
     ) -> Self {
-        let credits = config.publisher.max_in_flight as usize;
         Scheduler {
             config,
             peers,
             store,
             signals,
             engine_id,
-            credits,
+            held: HashMap::new(),
+            held_bytes: 0,
             more: true,
             broker_ready: false,
             stopping: false,
@@ -149,7 +155,41 @@ impl Scheduler {
     }
 
     fn outstanding(&self) -> usize {
-        self.config.publisher.max_in_flight as usize - self.credits
+        self.held.len()
+    }
+
+    /// Rows that may still be claimed.
+    fn credits(&self) -> usize {
+        (self.config.publisher.max_in_flight as usize).saturating_sub(self.held.len())
+    }
+
+    /// Payload bytes that may still be claimed.
+    fn bytes_left(&self) -> u64 {
+        self.config
+            .publisher
+            .max_in_flight_bytes
+            .saturating_sub(self.held_bytes)
+    }
+
+    /// Little room left in bytes: a claim may have been cut short by the byte budget
+    /// rather than by a lack of due rows, so claim again as soon as bytes come back.
+    fn bytes_tight(&self) -> bool {
+        self.bytes_left()
+            < self
+                .config
+                .publisher
+                .max_payload_bytes
+                .min(self.config.publisher.max_in_flight_bytes / 2)
+    }
+
+    /// Byte budget for one claim of `rows` out of a round of `total` rows.
+    fn limits(&self, rows: u32, total: u32) -> ClaimLimits {
+        let share = self.bytes_left() / u64::from(total.max(1)) * u64::from(rows);
+        ClaimLimits {
+            rows,
+            bytes: share.max(1),
+            max_payload: self.config.publisher.max_payload_bytes,
+        }
     }
 
     /// Notes what may be due and claims (or claims again after the round in progress).
@@ -167,23 +207,26 @@ impl Scheduler {
             self.more = true;
             return;
         }
-        if self.stopping || !self.broker_ready || self.credits == 0 {
+        if self.stopping || !self.broker_ready || self.credits() == 0 || self.bytes_left() == 0 {
             return;
         }
-        let limit = self.credits.min(self.config.scheduler.claim_batch as usize) as u32;
+        let limit = self
+            .credits()
+            .min(self.config.scheduler.claim_batch as usize) as u32;
         let Some(split) = self.demand.start(limit) else {
             return;
         };
         self.more = false;
+        let total = split.unkeyed + split.keyed;
         if split.unkeyed > 0 {
             let limit = split.unkeyed;
+            let limits = self.limits(limit, total);
             self.peers
                 .store
-                .send(Claim { limit })
+                .send(Claim { limits })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     let outcome = act.claimed(Kind::Unkeyed, result);
-                    let outcome = outcome.map(|n| (n, n == limit as usize));
                     act.answered(ctx, Kind::Unkeyed, outcome);
                 })
                 .spawn(ctx);
@@ -194,32 +237,30 @@ impl Scheduler {
                 after: self.next_key.clone(),
                 block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
             };
+            let limits = self.limits(limit, total);
             self.peers
                 .store
-                .send(ClaimKeyed { limit, keys })
+                .send(ClaimKeyed { limits, keys })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    let rows = result.map(|r| {
-                        r.map(|claimed| {
-                            act.next_key = claimed.next_key;
-                            claimed.messages
-                        })
-                    });
-                    let outcome = act.claimed(Kind::Keyed, rows);
-                    let outcome = outcome.map(|n| (n, n == limit as usize));
+                    if let Ok(Ok(claimed)) = &result {
+                        act.next_key = claimed.next_key.clone();
+                    }
+                    let outcome = act.claimed(Kind::Keyed, result);
                     act.answered(ctx, Kind::Keyed, outcome);
                 })
                 .spawn(ctx);
         }
     }
 
-    /// Dispatches what a claim returned; the row count, or `None` when the claim failed.
-    fn claimed(&mut self, kind: Kind, answer: ClaimAnswer) -> Option<usize> {
+    /// Dispatches what a claim returned; the rows claimed (dead-lettered ones included)
+    /// and whether the batch came back full, or `None` when the claim failed.
+    fn claimed(&mut self, kind: Kind, answer: ClaimAnswer) -> Option<(usize, bool)> {
         match answer {
-            Ok(Ok(rows)) => {
-                let n = rows.len();
-                self.dispatch(rows);
-                Some(n)
+            Ok(Ok(claimed)) => {
+                let n = claimed.messages.len() + claimed.dead_lettered.len();
+                self.dispatch(claimed.messages);
+                Some((n, claimed.full || (n > 0 && self.bytes_tight())))
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, ?kind, "claim failed; the next sweep tries again");
@@ -301,7 +342,12 @@ impl Scheduler {
         if rows.is_empty() {
             return;
         }
-        self.credits -= rows.len();
+        for row in &rows {
+            let size = row.payload.len() as u64;
+            if self.held.insert(row.id, size).is_none() {
+                self.held_bytes += size;
+            }
+        }
         Counters::add(&self.signals.counters.claimed, rows.len());
         self.signals.emit(EngineEvent::Claimed(rows.len()));
         let max_attempts = self.config.retry.max_attempts;
@@ -371,6 +417,12 @@ impl Actor for Scheduler {
         ctx.run_interval(self.config.logging.summary_interval, |act, ctx| {
             act.log_summary(ctx)
         });
+        ctx.run_interval(self.config.scheduler.lease_duration / 3, |act, _| {
+            if !act.held.is_empty() {
+                let ids = act.held.keys().copied().collect();
+                act.peers.store.do_send(RenewLeases(ids));
+            }
+        });
         if self.config.database.listen {
             listen::start(
                 ctx,
@@ -399,8 +451,11 @@ impl Handler<Settled> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Settled, ctx: &mut Context<Self>) {
-        let max = self.config.publisher.max_in_flight as usize;
-        self.credits = (self.credits + msg.count).min(max);
+        for id in &msg.ids {
+            if let Some(size) = self.held.remove(id) {
+                self.held_bytes -= size;
+            }
+        }
         if let Some(delay) = msg.earliest_retry {
             if delay < self.config.scheduler.sweep_interval {
                 self.arm(ctx, delay);

@@ -16,27 +16,33 @@ use uuid::Uuid;
 use super::scheduler::{Scheduler, Settled};
 use crate::{
     events::{Counters, EngineEvent, Signals},
-    message::OutboxMessage,
-    store::{Claimed, DeadLetterUpdate, KeyScan, RetryUpdate, Store, StoreError},
+    store::{ClaimLimits, Claimed, DeadLetterUpdate, KeyScan, RetryUpdate, Store, StoreError},
 };
 
-/// Claim up to `limit` rows for this engine: expired leases, then unkeyed due rows.
+/// Claim rows for this engine within `limits`: expired leases, then unkeyed due rows.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<OutboxMessage>, StoreError>")]
+#[rtype(result = "Result<Claimed, StoreError>")]
 pub struct Claim {
-    /// Most rows to claim.
-    pub limit: u32,
+    /// Most rows and bytes to claim.
+    pub limits: ClaimLimits,
 }
 
-/// Claim up to `limit` keyed rows: the due heads of keys with nothing in flight.
+/// Claim keyed rows within `limits`: the due heads of keys with nothing in flight.
 #[derive(Message)]
 #[rtype(result = "Result<Claimed, StoreError>")]
 pub struct ClaimKeyed {
-    /// Most heads to claim.
-    pub limit: u32,
+    /// Most heads and bytes to claim.
+    pub limits: ClaimLimits,
     /// Where the walk over ordering keys resumes, and the dead-letter rule.
     pub keys: KeyScan,
 }
+
+/// Extend the leases of these rows: the ones the engine really holds (the Scheduler's
+/// list). A row claimed but never handed on is not among them, so its lease lapses and any
+/// engine takes it again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RenewLeases(pub Vec<Uuid>);
 
 /// Settled outcomes to write (batched with others).
 #[derive(Message, Default, Debug)]
@@ -163,7 +169,9 @@ impl StoreActor {
     }
 
     fn announce(&self, batch: Record) {
-        let settled = batch.confirmed.len() + batch.retry.len();
+        let settled: Vec<Uuid> = (batch.confirmed.iter().copied())
+            .chain(batch.retry.iter().map(|u| u.id))
+            .collect();
         let earliest_retry = batch.retry.iter().map(|u| u.delay).min();
         Counters::add(&self.signals.counters.confirmed, batch.confirmed.len());
         Counters::add(&self.signals.counters.retried, batch.retry.len());
@@ -177,7 +185,7 @@ impl StoreActor {
                 .emit(EngineEvent::Retrying(std::sync::Arc::new(retried)));
         }
         self.scheduler.do_send(Settled {
-            count: settled,
+            ids: settled,
             earliest_retry,
             keys_freed: batch.keyed > 0,
         });
@@ -199,35 +207,21 @@ pub(crate) fn retry_delay(failures: u32) -> Duration {
 
 impl Actor for StoreActor {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        // A slow but alive engine keeps its rows: every row it holds, wherever it is in
-        // the pipeline, gets its lease extended well before it could expire. Rescue is for
-        // engines that stopped renewing (crashed, partitioned), never for slow ones.
-        ctx.run_interval(self.lease / 3, |act, ctx| {
-            let store = act.store.clone();
-            let engine = act.engine_id.clone();
-            let lease = act.lease;
-            ctx.spawn(
-                async move {
-                    if let Err(e) = store.renew_all(&engine, lease).await {
-                        tracing::warn!(error = %e, "lease renewal failed; retrying next period");
-                    }
-                }
-                .into_actor(act),
-            );
-        });
-    }
 }
 
 impl Handler<Claim> for StoreActor {
-    type Result = ResponseFuture<Result<Vec<OutboxMessage>, StoreError>>;
+    type Result = ResponseFuture<Result<Claimed, StoreError>>;
 
     fn handle(&mut self, msg: Claim, _: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
         let lease = self.lease;
-        Box::pin(async move { store.claim(&engine, msg.limit, lease).await })
+        let signals = self.signals.clone();
+        Box::pin(async move {
+            let claimed = store.claim_due(&engine, msg.limits, lease).await?;
+            announce_dead_lettered(&signals, &claimed);
+            Ok(claimed)
+        })
     }
 }
 
@@ -238,11 +232,50 @@ impl Handler<ClaimKeyed> for StoreActor {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
         let lease = self.lease;
+        let signals = self.signals.clone();
         Box::pin(async move {
-            store
-                .claim_keyed(&engine, msg.limit, lease, &msg.keys)
-                .await
+            let claimed = store
+                .claim_keyed_within(&engine, msg.limits, lease, &msg.keys)
+                .await?;
+            announce_dead_lettered(&signals, &claimed);
+            Ok(claimed)
         })
+    }
+}
+
+/// Rows a claim found unpublishable are in `dead_letters` already: say so.
+fn announce_dead_lettered(signals: &Signals, claimed: &Claimed) {
+    if claimed.dead_lettered.is_empty() {
+        return;
+    }
+    for (id, reason) in &claimed.dead_lettered {
+        tracing::warn!(message_id = %id, %reason, "dead-lettered at claim: the row can never be published");
+    }
+    Counters::add(&signals.counters.rejected, claimed.dead_lettered.len());
+    Counters::add(&signals.counters.dead_lettered, claimed.dead_lettered.len());
+    signals.emit(EngineEvent::DeadLettered(std::sync::Arc::new(
+        claimed.dead_lettered.clone(),
+    )));
+}
+
+impl Handler<RenewLeases> for StoreActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RenewLeases, ctx: &mut Context<Self>) {
+        // A slow but alive engine keeps its rows: every row it holds, wherever it is in the
+        // pipeline, gets its lease extended well before it could expire. Rescue is for
+        // engines that stopped renewing (crashed, partitioned), never for slow ones.
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        let lease = self.lease;
+        ctx.spawn(
+            async move {
+                if let Err(e) = store.renew_leases(&engine, &msg.0, lease).await {
+                    tracing::warn!(error = %e, "lease renewal failed; retrying next period");
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -274,6 +307,7 @@ impl Handler<Release> for StoreActor {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
         let n = msg.0.len();
+        let ids = msg.0.clone();
         let release = async move { store.release(&engine, &msg.0).await };
         ctx.spawn(release.into_actor(self).map(move |result, act, _| {
             match result {
@@ -281,7 +315,7 @@ impl Handler<Release> for StoreActor {
                 Err(e) => tracing::warn!(error = %e, rows = n, "could not give back unpublished rows; their leases will expire"),
             }
             act.scheduler.do_send(Settled {
-                count: n,
+                ids,
                 earliest_retry: None,
                 keys_freed: true,
             });

@@ -146,7 +146,10 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
             .map(|m| m.to_string())
             .unwrap_or_else(|| "config default".into())
     );
-    println!("created at:    {}", r.created_at);
+    match r.created_at {
+        Some(at) => println!("created at:    {at}"),
+        None => println!("created at:    (a value Courier cannot read)"),
+    }
     println!("failed at:     {}", r.failed_at);
     println!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
     if let Some(key) = &r.ordering_key {

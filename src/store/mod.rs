@@ -4,6 +4,7 @@
 //! directly. All SQL text lives in [`sql`]; this file binds parameters and maps rows.
 //! Every operation works on a bounded batch: the engine never loads the whole table.
 
+mod enqueue;
 mod migrate;
 pub mod sql;
 
@@ -14,7 +15,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    sql_types::{Array, BigInt, Bool, Bytea, Double, Integer, Jsonb, Nullable, Text, Timestamptz},
+    sql_types::{Array, BigInt, Bool, Bytea, Double, Integer, Nullable, Text, Timestamptz},
     QueryableByName,
 };
 use diesel_async::{
@@ -23,6 +24,7 @@ use diesel_async::{
 };
 use uuid::Uuid;
 
+pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, MIGRATION_NAMES};
 pub use sql::Sql;
 
@@ -140,6 +142,9 @@ pub enum MessageState {
     DeadLettered(Option<String>),
 }
 
+/// A claimed row as read (see `sql::message_columns`): every column in a form that
+/// cannot fail to decode, so one hostile row is set aside alone ([`ClaimedRow::decode`])
+/// instead of failing its whole batch.
 #[derive(QueryableByName)]
 struct ClaimedRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
@@ -148,37 +153,94 @@ struct ClaimedRow {
     exchange: String,
     #[diesel(sql_type = Text)]
     routing_key: String,
-    #[diesel(sql_type = Bytea)]
-    payload: Vec<u8>,
-    #[diesel(sql_type = Jsonb)]
-    headers: serde_json::Value,
+    /// NULL when over `publisher.max_payload_bytes` (never fetched).
+    #[diesel(sql_type = Nullable<Bytea>)]
+    payload: Option<Vec<u8>>,
+    #[diesel(sql_type = BigInt)]
+    payload_size: i64,
+    /// The jsonb as text, parsed here row by row.
+    #[diesel(sql_type = Text)]
+    headers: String,
     #[diesel(sql_type = Nullable<Text>)]
     content_type: Option<String>,
     #[diesel(sql_type = Integer)]
     attempts: i32,
     #[diesel(sql_type = Nullable<Integer>)]
     max_attempts: Option<i32>,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: DateTime<Utc>,
+    /// NULL when chrono cannot hold it (`infinity`, a year past 99999).
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Text)]
+    created_at_text: String,
     #[diesel(sql_type = Nullable<Text>)]
     ordering_key: Option<String>,
 }
 
-impl From<ClaimedRow> for OutboxMessage {
-    fn from(r: ClaimedRow) -> Self {
-        OutboxMessage {
-            id: r.id,
-            exchange: r.exchange,
-            routing_key: r.routing_key,
-            payload: r.payload,
-            headers: r.headers,
-            content_type: r.content_type,
-            // CHECK constraints keep these positive; a negative value read anyway is
-            // clamped rather than trusted.
-            attempts: u32::try_from(r.attempts).unwrap_or(0),
-            max_attempts: r.max_attempts.and_then(|m| u32::try_from(m).ok()),
-            created_at: r.created_at,
-            ordering_key: r.ordering_key,
+/// A claimed row that can never be published, with the reason naming the column.
+#[derive(Debug, Clone, PartialEq)]
+struct Undecodable {
+    id: Uuid,
+    reason: String,
+}
+
+impl ClaimedRow {
+    /// The message, or why this row can never be published (it is dead-lettered at once:
+    /// no retry can change what the row holds).
+    fn decode(self, max_payload: u64) -> Result<OutboxMessage, Undecodable> {
+        let fail = |reason: String| Undecodable {
+            id: self.id,
+            reason,
+        };
+        let Some(payload) = self.payload else {
+            return Err(fail(format!(
+                "payload of {} bytes is over publisher.max_payload_bytes ({max_payload})",
+                self.payload_size
+            )));
+        };
+        let headers = serde_json::from_str(&self.headers)
+            .map_err(|e| fail(format!("column headers cannot be read as JSON: {e}")))?;
+        let Some(created_at) = self.created_at else {
+            return Err(fail(format!(
+                "column created_at is {}, outside the range Courier can read",
+                self.created_at_text
+            )));
+        };
+        Ok(OutboxMessage {
+            id: self.id,
+            exchange: self.exchange,
+            routing_key: self.routing_key,
+            payload,
+            headers,
+            content_type: self.content_type,
+            // CHECK constraints keep these in range for new rows; a value read anyway
+            // (an older row) is clamped rather than trusted.
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            max_attempts: self.max_attempts.and_then(|m| u32::try_from(m).ok()),
+            created_at,
+            ordering_key: self.ordering_key,
+        })
+    }
+}
+
+/// How much one claim may take: rows, and bytes of payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLimits {
+    /// Most rows.
+    pub rows: u32,
+    /// Most payload bytes (the first row is always taken, whatever its size).
+    pub bytes: u64,
+    /// `publisher.max_payload_bytes`: a larger payload is never fetched; its row is
+    /// dead-lettered.
+    pub max_payload: u64,
+}
+
+impl ClaimLimits {
+    /// `rows` rows, no byte budget, no payload limit (tests and tools).
+    pub fn rows(rows: u32) -> ClaimLimits {
+        ClaimLimits {
+            rows,
+            bytes: i64::MAX as u64,
+            max_payload: i64::MAX as u64,
         }
     }
 }
@@ -193,60 +255,105 @@ pub struct KeyScan {
     pub block_on_dead_letter: bool,
 }
 
-/// What one keyed claim returned.
+/// What one claim returned.
 #[derive(Debug, Clone, Default)]
 pub struct Claimed {
-    /// The claimed heads (at most one per key).
+    /// The claimed messages (keyed claims: at most one per key), ready to publish.
     pub messages: Vec<OutboxMessage>,
-    /// The batch came back full: more heads may be ready right now.
+    /// Rows claimed that can never be published (a column Courier cannot read, a payload
+    /// over the limit), already moved to `dead_letters`, with the reason.
+    pub dead_lettered: Vec<(Uuid, String)>,
+    /// The batch came back full: more rows may be ready right now.
     pub full: bool,
-    /// Where the next claim should resume the walk over keys.
+    /// Keyed claims: where the next claim should resume the walk over keys.
     pub next_key: Option<String>,
 }
 
 /// A row of `dead_letters`, for operators.
-#[derive(Debug, Clone, PartialEq, QueryableByName)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
     /// The message id (the AMQP `message_id` it was published with).
-    #[diesel(sql_type = diesel::sql_types::Uuid)]
     pub id: Uuid,
     /// Target exchange.
-    #[diesel(sql_type = Text)]
     pub exchange: String,
     /// Routing key.
-    #[diesel(sql_type = Text)]
     pub routing_key: String,
     /// Body.
-    #[diesel(sql_type = Bytea)]
     pub payload: Vec<u8>,
-    /// Headers (JSON as the producer wrote them).
-    #[diesel(sql_type = Jsonb)]
+    /// Headers (JSON as the producer wrote them; the raw JSON text, as a string, when
+    /// they cannot be read as JSON here, e.g. a number beyond `f64`).
     pub headers: serde_json::Value,
     /// Content type.
-    #[diesel(sql_type = Nullable<Text>)]
     pub content_type: Option<String>,
     /// Per-row attempt budget.
-    #[diesel(sql_type = Nullable<Integer>)]
     pub max_attempts: Option<i32>,
     /// Attempts made.
-    #[diesel(sql_type = Integer)]
     pub attempts: i32,
     /// Why it failed.
-    #[diesel(sql_type = Nullable<Text>)]
     pub last_error: Option<String>,
-    /// When the producer committed it.
-    #[diesel(sql_type = Timestamptz)]
-    pub created_at: DateTime<Utc>,
+    /// When the producer committed it (`None`: a value Courier cannot read, such as
+    /// `infinity`).
+    pub created_at: Option<DateTime<Utc>>,
     /// When it was dead-lettered.
-    #[diesel(sql_type = Timestamptz)]
     pub failed_at: DateTime<Utc>,
     /// Its ordering key, if any (with `ordering.on_dead_letter: block` the key waits for
     /// an operator while this row is here).
-    #[diesel(sql_type = Nullable<Text>)]
     pub ordering_key: Option<String>,
     /// Its place in its key's order (kept by a requeue).
-    #[diesel(sql_type = Nullable<BigInt>)]
     pub seq: Option<i64>,
+}
+
+/// A dead letter as read (see `sql::DEAD_LETTER_COLUMNS`): nothing in it can fail to decode.
+#[derive(QueryableByName)]
+struct DeadLetterRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    exchange: String,
+    #[diesel(sql_type = Text)]
+    routing_key: String,
+    #[diesel(sql_type = Bytea)]
+    payload: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    headers: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    content_type: Option<String>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    max_attempts: Option<i32>,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Timestamptz)]
+    failed_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Text>)]
+    ordering_key: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+}
+
+impl From<DeadLetterRow> for DeadLetter {
+    fn from(r: DeadLetterRow) -> Self {
+        let headers =
+            serde_json::from_str(&r.headers).unwrap_or(serde_json::Value::String(r.headers));
+        DeadLetter {
+            id: r.id,
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            payload: r.payload,
+            headers,
+            content_type: r.content_type,
+            max_attempts: r.max_attempts,
+            attempts: r.attempts,
+            last_error: r.last_error,
+            created_at: r.created_at,
+            failed_at: r.failed_at,
+            ordering_key: r.ordering_key,
+            seq: r.seq,
+        }
+    }
 }
 
 impl DeadLetter {
@@ -427,32 +534,50 @@ impl Store {
         }
     }
 
-    /// Claims up to `limit` rows for `engine` with a lease of `lease`: rows whose lease
-    /// expired (keyed or not), then unkeyed due rows, oldest first. Sets `in_flight`,
-    /// `locked_by`, `locked_until` and counts the attempt. Keyed rows: [`claim_keyed`].
-    ///
-    /// [`claim_keyed`]: Self::claim_keyed
+    /// Claims up to `limit` rows for `engine` with a lease of `lease` (no byte budget):
+    /// see [`claim_due`](Self::claim_due). Returns the messages ready to publish.
     pub async fn claim(
         &self,
         engine: &str,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim)
-            .bind::<BigInt, _>(i64::from(limit))
-            .bind::<Text, _>(engine)
-            .bind::<BigInt, _>(millis(lease))
-            .load(&mut conn)
-            .await?;
-        let mut messages: Vec<OutboxMessage> = rows.into_iter().map(OutboxMessage::from).collect();
-        messages.sort_by_key(|m| m.created_at);
-        Ok(messages)
+        Ok(self
+            .claim_due(engine, ClaimLimits::rows(limit), lease)
+            .await?
+            .messages)
     }
 
-    /// Claims up to `limit` keyed rows for `engine`: the due head of each key that has
-    /// nothing in flight (nor, with `keys.block_on_dead_letter`, a dead letter), walking the
-    /// keys round-robin from `keys.after`.
+    /// Claims rows for `engine` with a lease of `lease`, within `limits`: rows whose lease
+    /// expired (keyed or not), then unkeyed due rows, oldest first. Sets `in_flight`,
+    /// `locked_by`, `locked_until` and counts the attempt. Rows that can never be published
+    /// are dead-lettered at once (see [`Claimed::dead_lettered`]). Keyed rows:
+    /// [`claim_keyed`](Self::claim_keyed).
+    pub async fn claim_due(
+        &self,
+        engine: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim)
+            .bind::<BigInt, _>(i64::from(limits.rows))
+            .bind::<Text, _>(engine)
+            .bind::<BigInt, _>(millis(lease))
+            .bind::<BigInt, _>(clamp_i64(limits.max_payload))
+            .bind::<BigInt, _>(clamp_i64(limits.bytes))
+            .load(&mut conn)
+            .await?;
+        drop(conn);
+        let full = rows.len() == limits.rows as usize;
+        let mut claimed = self.sort_out(engine, rows, limits.max_payload).await;
+        claimed.messages.sort_by_key(|m| m.created_at);
+        claimed.full = full;
+        Ok(claimed)
+    }
+
+    /// Claims up to `limit` keyed rows for `engine` (no byte budget): see
+    /// [`claim_keyed_within`](Self::claim_keyed_within).
     pub async fn claim_keyed(
         &self,
         engine: &str,
@@ -460,26 +585,77 @@ impl Store {
         lease: Duration,
         keys: &KeyScan,
     ) -> Result<Claimed, StoreError> {
+        self.claim_keyed_within(engine, ClaimLimits::rows(limit), lease, keys)
+            .await
+    }
+
+    /// Claims keyed rows for `engine` within `limits`: the due head of each key that has
+    /// nothing in flight (nor, with `keys.block_on_dead_letter`, a dead letter), walking the
+    /// keys round-robin from `keys.after`.
+    pub async fn claim_keyed_within(
+        &self,
+        engine: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+        keys: &KeyScan,
+    ) -> Result<Claimed, StoreError> {
         let mut conn = self.conn().await?;
         let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim_keyed)
-            .bind::<BigInt, _>(i64::from(limit))
+            .bind::<BigInt, _>(i64::from(limits.rows))
             .bind::<Text, _>(engine)
             .bind::<BigInt, _>(millis(lease))
             .bind::<Text, _>(keys.after.as_deref().unwrap_or(""))
             .bind::<Bool, _>(keys.block_on_dead_letter)
+            .bind::<BigInt, _>(clamp_i64(limits.max_payload))
+            .bind::<BigInt, _>(clamp_i64(limits.bytes))
             .load(&mut conn)
             .await?;
-        let messages: Vec<OutboxMessage> = rows.into_iter().map(OutboxMessage::from).collect();
-        let served: Vec<&str> = messages
-            .iter()
-            .filter_map(|m| m.ordering_key.as_deref())
-            .collect();
+        drop(conn);
+        let full = rows.len() == limits.rows as usize;
+        let served: Vec<String> = rows.iter().filter_map(|r| r.ordering_key.clone()).collect();
+        let served: Vec<&str> = served.iter().map(String::as_str).collect();
         let next_key = next_key(keys.after.as_deref(), &served).or(keys.after.clone());
-        Ok(Claimed {
-            full: messages.len() == limit as usize,
-            messages,
-            next_key,
-        })
+        let mut claimed = self.sort_out(engine, rows, limits.max_payload).await;
+        claimed.full = full;
+        claimed.next_key = next_key;
+        Ok(claimed)
+    }
+
+    /// Decodes claimed rows one by one and dead-letters those that can never be published.
+    /// If that move fails (the database went away), those rows are simply not handed on:
+    /// this engine never renews their lease, so they come back once it expires and are
+    /// moved then.
+    async fn sort_out(&self, engine: &str, rows: Vec<ClaimedRow>, max_payload: u64) -> Claimed {
+        let mut claimed = Claimed::default();
+        let mut bad = Vec::new();
+        for row in rows {
+            match row.decode(max_payload) {
+                Ok(m) => claimed.messages.push(m),
+                Err(u) => bad.push(DeadLetterUpdate {
+                    id: u.id,
+                    error: u.reason,
+                }),
+            }
+        }
+        if bad.is_empty() {
+            return claimed;
+        }
+        match self.move_to_dead_letters(engine, &bad).await {
+            Ok(moved) => {
+                let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
+                claimed.dead_lettered = bad
+                    .into_iter()
+                    .filter(|u| moved.contains(&u.id))
+                    .map(|u| (u.id, u.error))
+                    .collect();
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                rows = bad.len(),
+                "could not dead-letter unreadable rows; they return when their lease expires"
+            ),
+        }
+        claimed
     }
 
     /// Extends the lease of rows `engine` still holds. Returns how many it still held.
@@ -495,16 +671,6 @@ impl Store {
         let mut conn = self.conn().await?;
         Ok(diesel::sql_query(&self.sql.renew)
             .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .bind::<Text, _>(engine)
-            .bind::<BigInt, _>(millis(lease))
-            .execute(&mut conn)
-            .await?)
-    }
-
-    /// Extends the lease of every row `engine` holds. Returns how many.
-    pub async fn renew_all(&self, engine: &str, lease: Duration) -> Result<usize, StoreError> {
-        let mut conn = self.conn().await?;
-        Ok(diesel::sql_query(&self.sql.renew_all)
             .bind::<Text, _>(engine)
             .bind::<BigInt, _>(millis(lease))
             .execute(&mut conn)
@@ -584,12 +750,22 @@ impl Store {
         }
         let ids: Vec<Uuid> = updates.iter().map(|u| u.id).collect();
         let errors: Vec<String> = updates.iter().map(|u| u.error.clone()).collect();
+        let sql = &self.sql;
         let mut conn = self.conn().await?;
-        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .bind::<Array<Text>, _>(errors)
-            .bind::<Text, _>(engine)
-            .load(&mut conn)
+        let rows: Vec<IdRow> = conn
+            .transaction::<_, diesel::result::Error, _>(async |tx| {
+                diesel::sql_query(&sql.supersede_dead_letters)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
+                    .bind::<Text, _>(engine)
+                    .execute(tx)
+                    .await?;
+                diesel::sql_query(&sql.dead_letter)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
+                    .bind::<Array<Text>, _>(&errors)
+                    .bind::<Text, _>(engine)
+                    .load(tx)
+                    .await
+            })
             .await?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
@@ -611,14 +787,13 @@ impl Store {
     /// Enqueues one message on a pooled connection (outside any application transaction).
     /// Applications use [`enqueue`](crate::enqueue) inside their own transaction instead.
     pub async fn enqueue(&self, message: &OutboxMessage) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        enqueue_with(&mut conn, &self.sql, message).await
+        self.enqueue_many(std::slice::from_ref(message)).await
     }
 
     /// Enqueues many messages in one statement.
     pub async fn enqueue_many(&self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        enqueue_many_with(&mut conn, &self.sql, messages).await
+        insert_messages(&mut conn, self.schema(), messages).await
     }
 
     /// Counts by status, dead letters, and the oldest undelivered row's age.
@@ -717,23 +892,24 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let mut conn = self.conn().await?;
-        Ok(diesel::sql_query(&self.sql.dead_letter_list)
+        let rows: Vec<DeadLetterRow> = diesel::sql_query(&self.sql.dead_letter_list)
             .bind::<Nullable<BigInt>, _>(since.map(millis))
             .bind::<BigInt, _>(i64::from(limit))
             .load(&mut conn)
-            .await?)
+            .await?;
+        Ok(rows.into_iter().map(DeadLetter::from).collect())
     }
 
     /// One dead letter.
     pub async fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetter>, StoreError> {
         let mut conn = self.conn().await?;
-        diesel::sql_query(&self.sql.dead_letter_show)
+        let row: Option<DeadLetterRow> = diesel::sql_query(&self.sql.dead_letter_show)
             .bind::<diesel::sql_types::Uuid, _>(id)
             .get_result(&mut conn)
             .await
             .map(Some)
-            .or_else(not_found_is_none)
-            .map_err(StoreError::from)
+            .or_else(not_found_is_none)?;
+        Ok(row.map(DeadLetter::from))
     }
 
     /// Ids of dead letters, all or those of one exchange (for "requeue --all").
@@ -857,58 +1033,8 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Inserts one message on the given connection (which may be inside a transaction).
-pub(crate) async fn enqueue_with(
-    conn: &mut AsyncPgConnection,
-    sql: &Sql,
-    m: &OutboxMessage,
-) -> Result<(), StoreError> {
-    diesel::sql_query(&sql.enqueue)
-        .bind::<diesel::sql_types::Uuid, _>(m.id)
-        .bind::<Text, _>(&m.exchange)
-        .bind::<Text, _>(&m.routing_key)
-        .bind::<Bytea, _>(&m.payload)
-        .bind::<Jsonb, _>(&m.headers)
-        .bind::<Nullable<Text>, _>(m.content_type.as_deref())
-        .bind::<Nullable<Integer>, _>(max_attempts_sql(m.max_attempts))
-        .bind::<Nullable<Text>, _>(m.ordering_key.as_deref())
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Inserts many messages in one statement on the given connection.
-pub(crate) async fn enqueue_many_with(
-    conn: &mut AsyncPgConnection,
-    sql: &Sql,
-    messages: &[OutboxMessage],
-) -> Result<(), StoreError> {
-    if messages.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
-    let exchanges: Vec<&str> = messages.iter().map(|m| m.exchange.as_str()).collect();
-    let keys: Vec<&str> = messages.iter().map(|m| m.routing_key.as_str()).collect();
-    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
-    let headers: Vec<&serde_json::Value> = messages.iter().map(|m| &m.headers).collect();
-    let types: Vec<Option<&str>> = messages.iter().map(|m| m.content_type.as_deref()).collect();
-    let maxes: Vec<Option<i32>> = messages
-        .iter()
-        .map(|m| max_attempts_sql(m.max_attempts))
-        .collect();
-    let ordering: Vec<Option<&str>> = messages.iter().map(|m| m.ordering_key.as_deref()).collect();
-    diesel::sql_query(&sql.enqueue_many)
-        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-        .bind::<Array<Text>, _>(exchanges)
-        .bind::<Array<Text>, _>(keys)
-        .bind::<Array<Bytea>, _>(payloads)
-        .bind::<Array<Jsonb>, _>(headers)
-        .bind::<Array<Nullable<Text>>, _>(types)
-        .bind::<Array<Nullable<Integer>>, _>(maxes)
-        .bind::<Array<Nullable<Text>>, _>(ordering)
-        .execute(conn)
-        .await?;
-    Ok(())
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// The last key a claim served, in the order the claim walks keys: those after `after` up
@@ -922,10 +1048,6 @@ fn next_key(after: Option<&str>, served: &[&str]) -> Option<String> {
         .max()
         .or_else(|| ahead.into_iter().max())
         .map(str::to_string)
-}
-
-fn max_attempts_sql(m: Option<u32>) -> Option<i32> {
-    m.map(|v| i32::try_from(v).unwrap_or(i32::MAX))
 }
 
 #[cfg(test)]

@@ -11,15 +11,13 @@ pub struct Sql {
     pub(crate) claim: String,
     pub(crate) claim_keyed: String,
     pub(crate) renew: String,
-    pub(crate) renew_all: String,
     pub(crate) release_all: String,
     pub(crate) confirm: String,
     pub(crate) retry: String,
     pub(crate) release: String,
     pub(crate) dead_letter: String,
+    pub(crate) supersede_dead_letters: String,
     pub(crate) requeue: String,
-    pub(crate) enqueue: String,
-    pub(crate) enqueue_many: String,
     pub(crate) counts: String,
     pub(crate) oldest_pending: String,
     pub(crate) dead_letter_count: String,
@@ -40,20 +38,61 @@ pub struct Sql {
     pub(crate) dead_letter_ids: String,
 }
 
-/// The columns a claimed message is read with (see `ClaimedRow`).
-const MESSAGE_COLUMNS: &str = "o.id, o.exchange, o.routing_key, o.payload, o.headers, \
-     o.content_type, o.attempts, o.max_attempts, o.created_at, o.ordering_key";
+/// The columns a claimed message is read with (see `ClaimedRow`), `max_payload` being the
+/// parameter that holds `publisher.max_payload_bytes`.
+///
+/// Every column comes in a form that cannot fail to decode, so one hostile row can never
+/// fail the whole batch: headers as text (parsed row by row: valid jsonb is not always valid
+/// for serde_json, e.g. `1e400` or deep nesting), `created_at` only when chrono can hold it
+/// (not `infinity`, not year 200000), and the payload only when it is not over the limit
+/// (its size is read from the varlena header, so an over-size payload is never fetched).
+fn message_columns(max_payload: &str) -> String {
+    format!(
+        "o.id, o.exchange, o.routing_key,
+         CASE WHEN octet_length(o.payload) <= {max_payload} THEN o.payload END AS payload,
+         octet_length(o.payload)::bigint AS payload_size,
+         o.headers::text AS headers,
+         o.content_type, o.attempts, o.max_attempts,
+         CASE WHEN isfinite(o.created_at) AND o.created_at < '100000-01-01'
+              THEN o.created_at END AS created_at,
+         o.created_at::text AS created_at_text,
+         o.ordering_key"
+    )
+}
 
-/// The columns a dead letter is read with (see `DeadLetter`).
-const DEAD_LETTER_COLUMNS: &str = "id, exchange, routing_key, payload, headers, content_type, \
-     max_attempts, attempts, last_error, created_at, failed_at, ordering_key, seq";
+/// The rows of a locked candidate set (`picked`: id, payload size, order) that fit the
+/// byte budget `budget` (bytes claimed in order, over-size payloads counting nothing since
+/// they are never fetched). The first row always fits: one message larger than the whole
+/// budget still goes, alone.
+fn fit(max_payload: &str, budget: &str) -> String {
+    format!(
+        "fit AS (
+            SELECT id FROM (
+                SELECT id,
+                       sum(CASE WHEN size <= {max_payload} THEN size ELSE 0 END)
+                           OVER (ORDER BY ord, id) AS running,
+                       row_number() OVER (ORDER BY ord, id) AS rn
+                FROM picked) t
+            WHERE rn = 1 OR running <= {budget}
+         )"
+    )
+}
 
-/// Taking a row: in flight, leased to engine $2 for $3 ms, the attempt counted. A row taken
-/// back from an expired lease says so in `last_error`.
+/// The columns a dead letter is read with (see `DeadLetterRow`): like a claimed message's,
+/// in forms that cannot fail to decode, since whatever a producer wrote ends up here.
+const DEAD_LETTER_COLUMNS: &str = "id, exchange, routing_key, payload, headers::text AS headers, \
+     content_type, max_attempts, attempts, last_error, \
+     CASE WHEN isfinite(created_at) AND created_at < '100000-01-01' THEN created_at END \
+         AS created_at, \
+     failed_at, ordering_key, seq";
+
+/// Taking a row: in flight, leased to engine $2 for $3 ms, the attempt counted (clamped: a
+/// row written with a huge count must not overflow the claim of every row beside it). A row
+/// taken back from an expired lease says so in `last_error`.
 const CLAIM_SET: &str = "SET status = 'in_flight',
          locked_by = $2,
          locked_until = now() + $3 * interval '1 millisecond',
-         attempts = o.attempts + 1,
+         attempts = least(o.attempts, 2147483646) + 1,
          last_error = CASE WHEN o.status = 'in_flight'
                            THEN 'lease expired before a confirm was recorded'
                            ELSE o.last_error END,
@@ -87,29 +126,36 @@ impl Sql {
             schema: schema.to_string(),
             // Two locked sets: rows whose lease expired (a crashed or partitioned engine,
             // keyed or not) go first, and unkeyed due rows (their own partial index) fill the
-            // rest, oldest first, so the batch never exceeds $1. SKIP LOCKED lets several
-            // engines claim at once without waiting on each other or sharing a row. Keyed
-            // rows are claimed by `claim_keyed`, a separate statement, so the hot path of
-            // unkeyed rows is planned and run exactly as before ordering existed.
+            // rest, oldest first, so the batch never exceeds $1 rows; of those, the ones that
+            // fit the byte budget $5 are taken (the rest are unlocked again at commit).
+            // SKIP LOCKED lets several engines claim at once without waiting on each other or
+            // sharing a row. Keyed rows are claimed by `claim_keyed`, a separate statement,
+            // so the hot path of unkeyed rows is planned and run on its own.
             claim: format!(
                 "WITH expired AS (
-                    SELECT id FROM {s}.outbox
+                    SELECT id, octet_length(payload) AS size, locked_until AS at FROM {s}.outbox
                     WHERE status = 'in_flight' AND locked_until < now()
                     ORDER BY locked_until
                     LIMIT $1
                     FOR UPDATE SKIP LOCKED
                  ), due AS (
-                    SELECT id FROM {s}.outbox
+                    SELECT id, octet_length(payload) AS size, next_attempt_at AS at
+                    FROM {s}.outbox
                     WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
                       AND ordering_key IS NULL
                     ORDER BY next_attempt_at
                     LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
                     FOR UPDATE SKIP LOCKED
-                 )
+                 ), picked AS (
+                    SELECT id, size, (0, at) AS ord FROM expired
+                    UNION ALL SELECT id, size, (1, at) FROM due
+                 ), {fit}
                  UPDATE {s}.outbox o {CLAIM_SET}
-                 FROM (SELECT id FROM expired UNION ALL SELECT id FROM due) c
+                 FROM fit c
                  WHERE o.id = c.id
-                 RETURNING {MESSAGE_COLUMNS}"
+                 RETURNING {columns}",
+                fit = fit("$4", "$5"),
+                columns = message_columns("$4"),
             ),
             // Keyed rows: only the head of each key (its lowest open `seq`), only when it is
             // due and nothing of its key is in flight (and, with $5 = block, nothing of its
@@ -118,7 +164,8 @@ impl Sql {
             // then from the start up to and including it; the walk stops as soon as $1 heads
             // are found, so the cost follows the rows claimed, not the number of keys. A
             // head locked by another engine is skipped (SKIP LOCKED), and a key with a row in
-            // flight is skipped, so a key is served by one engine at a time.
+            // flight is skipped, so a key is served by one engine at a time. The heads that
+            // fit the byte budget $7 are taken.
             claim_keyed: format!(
                 "WITH RECURSIVE ahead AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
@@ -147,26 +194,22 @@ impl Sql {
                       AND NOT ($5 AND EXISTS (SELECT 1 FROM {s}.dead_letters d
                                               WHERE d.ordering_key = h.k OFFSET 0))
                     LIMIT $1
-                 ), heads AS (
-                    SELECT o.id FROM ready r JOIN {s}.outbox o ON o.id = r.id
+                 ), picked AS (
+                    SELECT o.id, octet_length(o.payload) AS size, o.seq AS ord
+                    FROM ready r JOIN {s}.outbox o ON o.id = r.id
                     WHERE o.status IN ('pending', 'retrying') AND o.next_attempt_at <= now()
                     FOR UPDATE OF o SKIP LOCKED
-                 )
+                 ), {fit}
                  UPDATE {s}.outbox o {CLAIM_SET}
-                 WHERE o.id = ANY(ARRAY(SELECT id FROM heads))
-                 RETURNING {MESSAGE_COLUMNS}"
+                 WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
+                 RETURNING {columns}",
+                fit = fit("$6", "$7"),
+                columns = message_columns("$6"),
             ),
             renew: format!(
                 "UPDATE {s}.outbox
                  SET locked_until = now() + $3 * interval '1 millisecond'
                  WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
-            ),
-            // Every row this engine still holds, wherever it is in the pipeline (queued for
-            // the publisher, awaiting a confirm, awaiting its outcome write).
-            renew_all: format!(
-                "UPDATE {s}.outbox
-                 SET locked_until = now() + $2 * interval '1 millisecond'
-                 WHERE status = 'in_flight' AND locked_by = $1"
             ),
             release_all: format!(
                 "UPDATE {s}.outbox {release_set}
@@ -197,6 +240,25 @@ impl Sql {
                 "UPDATE {s}.outbox {release_set}
                  WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
             ),
+            // A message id reused after its first copy was dead-lettered: the earlier dead
+            // letter moves to `dead_letters_superseded` first (same transaction as the move
+            // below), so the new failure neither fails the move nor overwrites the old one.
+            supersede_dead_letters: format!(
+                "WITH old AS (
+                    DELETE FROM {s}.dead_letters d
+                    WHERE d.id = ANY($1)
+                      AND EXISTS (SELECT 1 FROM {s}.outbox o
+                                  WHERE o.id = d.id AND o.status = 'in_flight'
+                                    AND o.locked_by = $2)
+                    RETURNING d.*
+                 )
+                 INSERT INTO {s}.dead_letters_superseded
+                    (id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                     attempts, last_error, created_at, failed_at, ordering_key, seq)
+                 SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
+                        attempts, last_error, created_at, failed_at, ordering_key, seq
+                 FROM old"
+            ),
             // One statement, so one transaction: the row leaves the outbox only as it
             // enters dead_letters.
             dead_letter: format!(
@@ -216,10 +278,14 @@ impl Sql {
             ),
             // DELETE takes the row lock, so two operators requeueing the same id at once
             // move it once: the second finds nothing to delete and inserts nothing. A keyed
-            // row keeps its `seq`: it goes back to its place in its key's order.
+            // row keeps its `seq`: it goes back to its place in its key's order. An id that
+            // is in the outbox again (a producer reused it) stays here until that copy is
+            // done: two rows cannot share an id.
             requeue: format!(
                 "WITH moved AS (
-                    DELETE FROM {s}.dead_letters WHERE id = ANY($1) RETURNING *
+                    DELETE FROM {s}.dead_letters d WHERE d.id = ANY($1)
+                      AND NOT EXISTS (SELECT 1 FROM {s}.outbox o WHERE o.id = d.id)
+                    RETURNING *
                  )
                  INSERT INTO {s}.outbox
                     (id, exchange, routing_key, payload, headers, content_type, max_attempts,
@@ -228,18 +294,6 @@ impl Sql {
                         'pending', 0, now(), last_error, created_at, ordering_key, seq
                  FROM moved
                  RETURNING id"
-            ),
-            enqueue: format!(
-                "INSERT INTO {s}.outbox
-                    (id, exchange, routing_key, payload, headers, content_type, max_attempts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
-            ),
-            enqueue_many: format!(
-                "INSERT INTO {s}.outbox
-                    (id, exchange, routing_key, payload, headers, content_type, max_attempts,
-                     ordering_key)
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                                      $5::jsonb[], $6::text[], $7::int[], $8::text[])"
             ),
             counts: format!(
                 "SELECT status::text AS status, count(*) AS n FROM {s}.outbox GROUP BY status"
