@@ -81,6 +81,8 @@ pub struct Counters {
     pub in_flight: AtomicU64,
     /// The highest `in_flight` seen.
     pub peak_in_flight: AtomicU64,
+    /// The most payload bytes held at once (claimed and not yet settled).
+    pub peak_held_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -110,6 +112,7 @@ impl Counters {
             retention_removed: get(&self.retention_removed),
             in_flight: get(&self.in_flight),
             peak_in_flight: get(&self.peak_in_flight),
+            peak_held_bytes: get(&self.peak_held_bytes),
         }
     }
 }
@@ -135,6 +138,7 @@ pub struct CounterSnapshot {
     pub retention_removed: u64,
     pub in_flight: u64,
     pub peak_in_flight: u64,
+    pub peak_held_bytes: u64,
 }
 
 /// The sending side shared by the actors.

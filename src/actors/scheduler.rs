@@ -348,6 +348,10 @@ impl Scheduler {
                 self.held_bytes += size;
             }
         }
+        self.signals
+            .counters
+            .peak_held_bytes
+            .fetch_max(self.held_bytes, std::sync::atomic::Ordering::Relaxed);
         Counters::add(&self.signals.counters.claimed, rows.len());
         self.signals.emit(EngineEvent::Claimed(rows.len()));
         let max_attempts = self.config.retry.max_attempts;

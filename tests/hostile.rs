@@ -1,0 +1,609 @@
+//! Hostile rows, written the way any producer in any language can: through the SQL contract,
+//! next to a thousand good ones. Each test ends with the liveness property: every good row
+//! is confirmed and received, every bad row is in `dead_letters` with a reason naming the
+//! problem (or was refused at INSERT by a named constraint), nothing stays `in_flight` or
+//! `retrying`, and the engine still delivers new rows.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{audit::audit, broker::TestBroker, eventually, TestDb};
+use courier::{
+    config::OnDeadLetter, state::Status, store::KeyScan, Engine, EngineHandle, OutboxMessage,
+    Outcome,
+};
+use diesel::sql_types::{Bytea, Integer, Nullable, Text};
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+#[derive(diesel::QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+}
+
+/// Runs one INSERT … RETURNING id (`{s}` is the schema); the database's error if refused.
+async fn insert(db: &TestDb, sql: &str) -> Result<Uuid, String> {
+    let mut conn = db.raw().await;
+    let sql = sql.replace("{s}", &format!("\"{}\"", db.schema));
+    diesel::sql_query(sql)
+        .get_result::<IdRow>(&mut conn)
+        .await
+        .map(|r| r.id)
+        .map_err(|e| e.to_string())
+}
+
+fn reason(o: &Outcome) -> &str {
+    match o {
+        Outcome::DeadLettered(why) => why,
+        Outcome::Confirmed => "confirmed",
+    }
+}
+
+/// Nothing left in flight or retrying, and the engine still delivers a new row.
+async fn assert_live(db: &TestDb, engine: &EngineHandle, exchange: &str) {
+    assert_eq!(db.count(Status::InFlight).await, 0, "rows left in flight");
+    assert_eq!(db.count(Status::Retrying).await, 0, "rows left retrying");
+    let probe = OutboxMessage::new(exchange, "routed.probe", b"probe".to_vec());
+    engine.store().enqueue(&probe).await.expect("enqueue probe");
+    engine.nudge();
+    let outcome = engine
+        .wait_for(probe.id, WAIT)
+        .await
+        .expect("probe settles");
+    assert_eq!(outcome, Outcome::Confirmed, "the engine no longer delivers");
+}
+
+#[actix_rt::test]
+async fn unreadable_rows_are_dead_lettered_naming_the_column_and_pin_nothing() {
+    let db = TestDb::new("unreadable").await;
+    let broker = TestBroker::new("unreadable").await;
+    let ex = &broker.exchange;
+    // A row written before the attempts constraint existed (the engine must cope with what
+    // an older schema let in): drop it in this test's schema only.
+    db.exec("ALTER TABLE {s}.outbox DROP CONSTRAINT outbox_attempts_range")
+        .await;
+    let mut good = db.insert_sql(ex, 500, "routed.a{i}").await;
+    let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+    let cols = "INSERT INTO {s}.outbox (exchange, routing_key, payload";
+    let bad = [
+        (
+            "headers",
+            format!("{cols}, headers) VALUES ('{ex}', 'routed.x', 'x', '{{\"n\": 1e400}}') RETURNING id"),
+        ),
+        (
+            "headers",
+            format!("{cols}, headers) VALUES ('{ex}', 'routed.x', 'x', '{{\"d\": {deep}}}') RETURNING id"),
+        ),
+        (
+            "created_at",
+            format!("{cols}, created_at) VALUES ('{ex}', 'routed.x', 'x', 'infinity') RETURNING id"),
+        ),
+        (
+            "created_at",
+            format!("{cols}, created_at) VALUES ('{ex}', 'routed.x', 'x', '200000-01-01') RETURNING id"),
+        ),
+        (
+            "max_payload_bytes",
+            format!("{cols}) VALUES ('{ex}', 'routed.x', decode(repeat('ab', 4096), 'hex')) RETURNING id"),
+        ),
+        (
+            "attempts exhausted",
+            format!("{cols}, attempts) VALUES ('{ex}', 'routed.x', 'x', 2147483647) RETURNING id"),
+        ),
+    ];
+    let mut bad_ids = Vec::new();
+    for (problem, sql) in &bad {
+        let id = insert(&db, sql).await.expect("a hostile row is valid SQL");
+        bad_ids.push((*problem, id));
+    }
+    good.extend(db.insert_sql(ex, 500, "routed.b{i}").await);
+
+    let mut config = db.engine_config();
+    config.publisher.max_payload_bytes = 1024;
+    let engine = Engine::start(config).await.expect("engine starts");
+    let mut all = good.clone();
+    all.extend(bad_ids.iter().map(|(_, id)| *id));
+    let outcomes = engine
+        .wait_for_all(&all, WAIT)
+        .await
+        .expect("every row settles");
+    for id in &good {
+        assert_eq!(outcomes[id], Outcome::Confirmed);
+    }
+    for (problem, id) in &bad_ids {
+        let why = reason(&outcomes[id]);
+        assert!(
+            why.contains(problem),
+            "{id}: `{why}` does not name {problem}"
+        );
+    }
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, good.len());
+    assert_eq!(a.dead_lettered, bad_ids.len());
+    assert_live(&db, &engine, ex).await;
+
+    // What landed in dead_letters stays readable for the operator.
+    let store = engine.store();
+    let listed = store
+        .dead_letters(None, 100)
+        .await
+        .expect("list dead letters");
+    assert_eq!(listed.len(), bad_ids.len());
+    let huge = store
+        .dead_letter(bad_ids[0].1)
+        .await
+        .expect("show")
+        .expect("present");
+    // Kept as the raw JSON text (serde_json cannot hold 10^400 as a number).
+    assert!(
+        matches!(&huge.headers, serde_json::Value::String(raw) if raw.contains("10000000000")),
+        "{:?}",
+        huge.headers
+    );
+    let infinite = store.dead_letter(bad_ids[2].1).await.unwrap().unwrap();
+    assert_eq!(infinite.created_at, None);
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn what_the_engine_cannot_honour_is_refused_at_insert_by_a_named_constraint() {
+    let db = TestDb::new("constraints").await;
+    for (column, constraint) in [
+        // `_check` (older, ≥ 0 / > 0) or `_range` (the upper bounds).
+        ("attempts", "outbox_attempts_"),
+        ("max_attempts", "outbox_max_attempts_"),
+    ] {
+        for value in ["2147483647", "-1", "5000"] {
+            if column == "attempts" && value == "5000" {
+                continue; // a legitimate count (a long retry history)
+            }
+            let sql = format!(
+                "INSERT INTO {{s}}.outbox (exchange, {column}) VALUES ('x', {value}) RETURNING id"
+            );
+            let err = insert(&db, &sql).await.expect_err("refused");
+            assert!(err.contains(constraint), "{column} = {value}: {err}");
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_row_claimed_but_never_handed_on_is_not_renewed_and_comes_back() {
+    let db = TestDb::new("unheld").await;
+    let broker = TestBroker::new("unheld").await;
+    let mut config = db.engine_config();
+    config.scheduler.lease_duration = Duration::from_secs(3);
+    let engine = Engine::start(config).await.expect("engine starts");
+    // A row this engine's id holds in the database but not in the engine: what a claim
+    // whose answer was lost leaves behind. Its lease must lapse, not be renewed for ever.
+    let id = insert(
+        &db,
+        &format!(
+            "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, status, attempts,
+                                       locked_by, locked_until)
+             VALUES ('{}', 'routed.lost', 'x', 'in_flight', 1, '{}', now() + interval '2 s')
+             RETURNING id",
+            broker.exchange,
+            engine.engine_id()
+        ),
+    )
+    .await
+    .expect("insert");
+    let outcome = engine.wait_for(id, Duration::from_secs(30)).await;
+    assert_eq!(outcome.expect("settles"), Outcome::Confirmed);
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_reused_id_dead_lettered_twice_keeps_both_failures_and_blocks_nothing() {
+    let db = TestDb::new("reused").await;
+    let broker = TestBroker::new("reused").await;
+    let engine = Engine::start(db.engine_config()).await.expect("engine");
+    let missing = format!("{}.missing", broker.exchange);
+    let id = Uuid::new_v4();
+    let first = OutboxMessage::new(&missing, "k", b"first".to_vec())
+        .with_id(id)
+        .with_max_attempts(1);
+    engine.store().enqueue(&first).await.unwrap();
+    engine.nudge();
+    let outcome = engine.wait_for(id, WAIT).await.unwrap();
+    assert!(matches!(outcome, Outcome::DeadLettered(_)), "{outcome:?}");
+
+    let second = OutboxMessage::new(&missing, "k", b"second".to_vec())
+        .with_id(id)
+        .with_max_attempts(1);
+    engine.store().enqueue(&second).await.unwrap();
+    engine.nudge();
+    let store = db.store().await;
+    let superseded = eventually(60, "the first failure superseded", || async {
+        superseded_payloads(&db, id).await.filter(|p| !p.is_empty())
+    })
+    .await;
+    assert_eq!(superseded, vec![b"first".to_vec()]);
+    let now = store
+        .dead_letter(id)
+        .await
+        .unwrap()
+        .expect("second failure");
+    assert_eq!(now.payload, b"second");
+
+    // Dead-lettering goes on for every other row.
+    let other = OutboxMessage::new(&missing, "k", b"other".to_vec()).with_max_attempts(1);
+    engine.store().enqueue(&other).await.unwrap();
+    engine.nudge();
+    let outcome = engine.wait_for(other.id, WAIT).await.unwrap();
+    assert!(matches!(outcome, Outcome::DeadLettered(_)), "{outcome:?}");
+
+    // A requeue of an id that is in the outbox again leaves the dead letter where it is.
+    let third = OutboxMessage::new(&missing, "k", b"third".to_vec())
+        .with_id(id)
+        .with_max_attempts(1);
+    engine.shutdown().await;
+    store.enqueue(&third).await.unwrap();
+    assert!(store.requeue_dead_letters(&[id]).await.unwrap().is_empty());
+    assert_eq!(
+        store.dead_letter(id).await.unwrap().unwrap().payload,
+        b"second"
+    );
+}
+
+async fn superseded_payloads(db: &TestDb, id: Uuid) -> Option<Vec<Vec<u8>>> {
+    #[derive(diesel::QueryableByName)]
+    struct P {
+        #[diesel(sql_type = Bytea)]
+        payload: Vec<u8>,
+    }
+    let mut conn = db.raw().await;
+    let rows: Vec<P> = diesel::sql_query(format!(
+        "SELECT payload FROM \"{}\".dead_letters_superseded WHERE id = $1",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Uuid, _>(id)
+    .load(&mut conn)
+    .await
+    .ok()?;
+    Some(rows.into_iter().map(|r| r.payload).collect())
+}
+
+/// Every field of `OutboxMessage`, through every way in: `enqueue_in` inside the
+/// application's transaction, `Store::enqueue`, `Store::enqueue_many`, and the SQL contract.
+#[actix_rt::test]
+async fn every_field_round_trips_through_every_enqueue_path() {
+    let db = TestDb::new("roundtrip").await;
+    let store = db.store().await;
+    let full = |key: &str| {
+        OutboxMessage::new("orders", "order.created", vec![0u8, 1, 255, b'x'])
+            .with_content_type("application/octet-stream")
+            .with_header("tenant", "a")
+            .with_header("nested", serde_json::json!({"n": [1, 2.5, null, true]}))
+            .with_max_attempts(7)
+            .with_ordering_key(key)
+    };
+    let in_tx = full("path-tx");
+    let mut conn = db.raw().await;
+    let schema = db.schema.clone();
+    conn.transaction::<_, courier::StoreError, _>(async |tx| {
+        courier::enqueue_in(tx, &schema, &in_tx).await
+    })
+    .await
+    .expect("enqueue in a transaction");
+    let single = full("path-one");
+    store.enqueue(&single).await.unwrap();
+    let many = [full("path-many-1"), full("path-many-2")];
+    store.enqueue_many(&many).await.unwrap();
+    let contract = full("path-sql");
+    let mut conn = db.raw().await;
+    diesel::sql_query(format!(
+        "INSERT INTO \"{}\".outbox (id, exchange, routing_key, payload, headers, content_type,
+                                    max_attempts, ordering_key)
+         VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Uuid, _>(contract.id)
+    .bind::<Text, _>(&contract.exchange)
+    .bind::<Text, _>(&contract.routing_key)
+    .bind::<Bytea, _>(&contract.payload)
+    .bind::<Text, _>(contract.headers.to_string())
+    .bind::<Nullable<Text>, _>(contract.content_type.as_deref())
+    .bind::<Nullable<Integer>, _>(contract.max_attempts.map(|m| m as i32))
+    .bind::<Nullable<Text>, _>(contract.ordering_key.as_deref())
+    .execute(&mut conn)
+    .await
+    .expect("SQL contract insert");
+
+    let sent = [in_tx, single, many[0].clone(), many[1].clone(), contract];
+    let claimed = store
+        .claim_keyed("rt", 10, WAIT, &KeyScan::default())
+        .await
+        .expect("claim");
+    let got: HashMap<Uuid, OutboxMessage> =
+        claimed.messages.into_iter().map(|m| (m.id, m)).collect();
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "every keyed row is a head of its own key"
+    );
+    for m in &sent {
+        let back = got.get(&m.id).expect("claimed back");
+        let mut expected = m.clone();
+        expected.attempts = 1; // counted by the claim
+        expected.created_at = back.created_at; // the database's clock
+        assert_eq!(back, &expected, "{:?}", m.ordering_key);
+    }
+}
+
+#[actix_rt::test]
+async fn claimed_payload_bytes_stay_within_the_byte_budget() {
+    let db = TestDb::new("bytes").await;
+    let broker = TestBroker::new("bytes").await;
+    let size = 256 * 1024;
+    let rows: Vec<OutboxMessage> = (0..40)
+        .map(|i| OutboxMessage::new(&broker.exchange, format!("routed.{i}"), vec![b'p'; size]))
+        .collect();
+    db.store().await.enqueue_many(&rows).await.unwrap();
+    let mut config = db.engine_config();
+    config.publisher.max_in_flight_bytes = 1024 * 1024;
+    let engine = Engine::start(config).await.expect("engine");
+    let ids: Vec<Uuid> = rows.iter().map(|m| m.id).collect();
+    let outcomes = engine.wait_for_all(&ids, WAIT).await.expect("all settle");
+    assert!(outcomes.values().all(|o| *o == Outcome::Confirmed));
+    let peak = engine.counters().peak_held_bytes;
+    assert!(peak >= size as u64, "nothing measured: {peak}");
+    // The budget, plus at most the one message a claim always takes.
+    assert!(
+        peak <= (1024 * 1024 + size) as u64,
+        "held {peak} bytes at once with a 1 MiB budget"
+    );
+    audit(&db, &broker, &broker.queue, &ids).await;
+    engine.shutdown().await;
+}
+
+/// A seeded generator of rows any producer could write; `COURIER_HOSTILE_ROWS` sets how many
+/// (200 by default; a longer run: `COURIER_HOSTILE_ROWS=5000`), `COURIER_HOSTILE_SEED` replays
+/// a run (each run prints its seed).
+#[actix_rt::test]
+async fn random_hostile_rows_never_break_liveness() {
+    let n: usize = std::env::var("COURIER_HOSTILE_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let seed: u64 = std::env::var("COURIER_HOSTILE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("random hostile rows: COURIER_HOSTILE_SEED={seed} COURIER_HOSTILE_ROWS={n}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let db = TestDb::new("random").await;
+    let broker = TestBroker::new("random").await;
+    let mut good = db.insert_sql(&broker.exchange, 500, "routed.g{i}").await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let mut conn = db.raw().await;
+    for _ in 0..n {
+        let row = RandomRow::new(&mut rng, &broker.exchange);
+        match row.insert(&mut conn, &db.schema).await {
+            Ok(id) => accepted.push(id),
+            Err(e) => {
+                assert!(
+                    e.contains("constraint")
+                        || e.contains("invalid")
+                        || e.contains("out of range")
+                        || e.contains("unsupported"),
+                    "refused without a clear message: {e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    good.extend(db.insert_sql(&broker.exchange, 500, "routed.h{i}").await);
+    eprintln!(
+        "random hostile rows: {} accepted, {refused} refused at INSERT",
+        accepted.len()
+    );
+
+    let mut config = db.engine_config();
+    config.publisher.max_payload_bytes = 4096;
+    config.ordering.on_dead_letter = OnDeadLetter::Continue;
+    let engine = Engine::start(config).await.expect("engine");
+    let mut all = good.clone();
+    all.extend(&accepted);
+    let outcomes = engine
+        .wait_for_all(&all, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: rows did not settle: {e}"));
+    for id in &good {
+        assert_eq!(
+            outcomes[id],
+            Outcome::Confirmed,
+            "seed {seed}: good row {id}"
+        );
+    }
+    for id in &accepted {
+        if let Outcome::DeadLettered(why) = &outcomes[id] {
+            assert!(
+                !why.is_empty(),
+                "seed {seed}: {id} dead-lettered without a reason"
+            );
+        }
+    }
+    let a = audit(&db, &broker, &broker.queue, &good).await;
+    assert_eq!(a.confirmed, good.len());
+    assert_live(&db, &engine, &broker.exchange).await;
+    assert_eq!(
+        db.count(Status::Pending).await,
+        0,
+        "seed {seed}: rows left pending"
+    );
+    let listed = engine.store().dead_letters(None, 10_000).await;
+    assert!(
+        listed.is_ok(),
+        "seed {seed}: dead letters unreadable: {listed:?}"
+    );
+    engine.shutdown().await;
+}
+
+/// One row as a careless or hostile producer might write it.
+struct RandomRow {
+    exchange: String,
+    routing_key: String,
+    payload: Vec<u8>,
+    headers: String,
+    content_type: Option<String>,
+    created_at: Option<&'static str>,
+    attempts: i32,
+    max_attempts: Option<i32>,
+    ordering_key: Option<String>,
+}
+
+impl RandomRow {
+    fn new(rng: &mut StdRng, exchange: &str) -> RandomRow {
+        let exchange = match rng.gen_range(0..10) {
+            0 => format!("{exchange}.missing"),
+            1 => "e".repeat(300),
+            2 => String::new(),
+            3 => "amq.direct".into(),
+            _ => exchange.to_string(),
+        };
+        let routing_key = match rng.gen_range(0..8) {
+            0 => "k".repeat(300),
+            1 => "routed.ünïcødé.\u{202e}".into(),
+            2 => String::new(),
+            _ => format!("routed.r{}", rng.gen::<u16>()),
+        };
+        let payload = (0..rng.gen_range(0..6000)).map(|_| rng.gen()).collect();
+        let headers = match rng.gen_range(0..6) {
+            0 => random_json(rng, 0).to_string(),
+            1 => "[1,2]".into(),
+            2 => "\"text\"".into(),
+            3 => "null".into(),
+            _ => format!("{{{}}}", random_members(rng, 0)),
+        };
+        let content_type = match rng.gen_range(0..5) {
+            0 => Some("t".repeat(300)),
+            1 => Some("text/plain".into()),
+            _ => None,
+        };
+        let created_at = match rng.gen_range(0..12) {
+            0 => Some("infinity"),
+            1 => Some("-infinity"),
+            2 => Some("200000-01-01"),
+            3 => Some("4000-01-01 BC"),
+            4 => Some("1900-01-01"),
+            _ => None,
+        };
+        let attempts = match rng.gen_range(0..10) {
+            0 => i32::MAX,
+            1 => -1,
+            2 => rng.gen_range(1..5),
+            _ => 0,
+        };
+        let max_attempts = match rng.gen_range(0..8) {
+            0 => Some(0),
+            1 => Some(i32::MAX),
+            2 => Some(rng.gen_range(1..4)),
+            _ => None,
+        };
+        let ordering_key = match rng.gen_range(0..6) {
+            0 => Some(format!("key-{}", rng.gen_range(0..3))),
+            _ => None,
+        };
+        RandomRow {
+            exchange,
+            routing_key,
+            payload,
+            headers,
+            content_type,
+            created_at,
+            attempts,
+            max_attempts,
+            ordering_key,
+        }
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut diesel_async::AsyncPgConnection,
+        schema: &str,
+    ) -> Result<Uuid, String> {
+        diesel::sql_query(format!(
+            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, headers,
+                 content_type, created_at, attempts, max_attempts, ordering_key)
+             VALUES ($1, $2, $3, $4::jsonb, $5, coalesce($6::timestamptz, now()), $7, $8, $9)
+             RETURNING id"
+        ))
+        .bind::<Text, _>(&self.exchange)
+        .bind::<Text, _>(&self.routing_key)
+        .bind::<Bytea, _>(&self.payload)
+        .bind::<Text, _>(&self.headers)
+        .bind::<Nullable<Text>, _>(self.content_type.as_deref())
+        .bind::<Nullable<Text>, _>(self.created_at)
+        .bind::<Integer, _>(self.attempts)
+        .bind::<Nullable<Integer>, _>(self.max_attempts)
+        .bind::<Nullable<Text>, _>(self.ordering_key.as_deref())
+        .get_result::<IdRow>(conn)
+        .await
+        .map(|r| r.id)
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// JSON text no serde_json value would print: numbers of every size, deep nesting, odd keys.
+fn random_json(rng: &mut StdRng, depth: usize) -> String {
+    let pick = if depth > 3 {
+        rng.gen_range(0..6)
+    } else {
+        rng.gen_range(0..9)
+    };
+    match pick {
+        0 => [
+            "1e400",
+            "-1e400",
+            "1e-400",
+            "123456789012345678901234567890",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "0.1",
+            "-0",
+        ][rng.gen_range(0..8)]
+        .to_string(),
+        1 => "true".into(),
+        2 => "null".into(),
+        3 => format!(
+            "\"{}\"",
+            ["", "ü", "\\u001b[31m", "\\\"q\\\"", "x"][rng.gen_range(0..5)]
+        ),
+        4 => rng.gen::<i64>().to_string(),
+        5 => {
+            let d = [1, 10, 127, 200, 400][rng.gen_range(0..5)];
+            format!("{}0{}", "[".repeat(d), "]".repeat(d))
+        }
+        6 => format!(
+            "[{}]",
+            (0..rng.gen_range(0..4))
+                .map(|_| random_json(rng, depth + 1))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        _ => format!("{{{}}}", random_members(rng, depth + 1)),
+    }
+}
+
+fn random_members(rng: &mut StdRng, depth: usize) -> String {
+    (0..rng.gen_range(0..4))
+        .map(|i| {
+            let key = match rng.gen_range(0..6) {
+                0 => String::new(),
+                1 => "k".repeat(300),
+                2 => "ключ".into(),
+                3 => "x-death".into(),
+                _ => format!("h{i}"),
+            };
+            format!("\"{key}\": {}", random_json(rng, depth))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
