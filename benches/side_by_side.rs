@@ -17,6 +17,8 @@
 //! cargo bench --bench side_by_side                 # BENCH_N=50000 messages per variant
 //! BENCH_N=200000 cargo bench --bench side_by_side
 //! BENCH_QUEUES=classic BENCH_BACKLOG=0 cargo bench --bench side_by_side   # classic only
+//! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
+//!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
 //! ```
 
 use std::{
@@ -523,6 +525,36 @@ async fn courier_rss_with_backlog(schema: &str, n: usize) -> f64 {
     rss
 }
 
+/// Engine peak RSS (MB) and seconds while it drains `n` rows of `mib` MiB each, with
+/// `COURIER_*` overrides `extra` (e.g. the byte budget).
+async fn courier_rss_large(
+    schema: &str,
+    queue: &str,
+    n: usize,
+    mib: usize,
+    extra: &[(&str, String)],
+) -> (f64, f64) {
+    fresh_schema(schema).await;
+    purge(queue).await;
+    let mut c = db().await;
+    c.batch_execute(&format!(
+        "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload)
+         SELECT '{EXCHANGE}', 'bench.big.' || i, convert_to(repeat('x', {mib} * 1048576), 'UTF8')
+         FROM generate_series(1, {n}) i"
+    ))
+    .await
+    .expect("insert large rows");
+    let start = Instant::now();
+    let child = Engines(vec![spawn_engine(schema, extra)]);
+    while confirmed(&mut c, schema).await < n as i64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let (rss, _) = stop(child);
+    purge(queue).await;
+    (rss, seconds)
+}
+
 #[derive(QueryableByName)]
 struct Size {
     #[diesel(sql_type = BigInt)]
@@ -681,6 +713,22 @@ fn main() {
     if sustain > 0 {
         rt.block_on(sustained_with_retention(schema, &queue, sustain));
         rt.block_on(purge(&queue));
+    }
+    let large = env_usize("BENCH_LARGE", 0);
+    if large > 0 {
+        // Memory is bounded in bytes, not only in messages: the default byte budget
+        // (publisher.max_in_flight_bytes, 64 MiB) against no budget at all.
+        let unbounded = [(
+            "COURIER_PUBLISHER_MAX_IN_FLIGHT_BYTES",
+            (1u64 << 40).to_string(),
+        )];
+        for (label, extra) in [
+            ("default byte budget (64 MiB)", &[][..]),
+            ("no byte budget", &unbounded[..]),
+        ] {
+            let (rss, secs) = rt.block_on(courier_rss_large(schema, &queue, large, 20, extra));
+            println!("engine peak RSS draining {large} × 20 MiB messages, {label}: {rss:.1} MB ({secs:.1} s)");
+        }
     }
     if backlog > 0 {
         let rss = rt.block_on(courier_rss_with_backlog(schema, backlog));

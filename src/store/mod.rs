@@ -170,8 +170,9 @@ struct ClaimedRow {
     /// NULL when chrono cannot hold it (`infinity`, a year past 99999).
     #[diesel(sql_type = Nullable<Timestamptz>)]
     created_at: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Text)]
-    created_at_text: String,
+    /// The value as PostgreSQL prints it, only when `created_at` is NULL.
+    #[diesel(sql_type = Nullable<Text>)]
+    created_at_text: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     ordering_key: Option<String>,
 }
@@ -202,7 +203,7 @@ impl ClaimedRow {
         let Some(created_at) = self.created_at else {
             return Err(fail(format!(
                 "column created_at is {}, outside the range Courier can read",
-                self.created_at_text
+                self.created_at_text.as_deref().unwrap_or("unreadable")
             )));
         };
         Ok(OutboxMessage {
@@ -1052,7 +1053,41 @@ fn next_key(after: Option<&str>, served: &[&str]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::next_key;
+    use super::{next_key, ClaimedRow};
+
+    fn row(headers: &str) -> ClaimedRow {
+        ClaimedRow {
+            id: uuid::Uuid::nil(),
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            payload: Some(b"p".to_vec()),
+            payload_size: 1,
+            headers: headers.into(),
+            content_type: None,
+            attempts: 1,
+            max_attempts: None,
+            created_at: Some(chrono::Utc::now()),
+            created_at_text: None,
+            ordering_key: None,
+        }
+    }
+
+    #[test]
+    fn a_row_that_cannot_be_read_names_the_column() {
+        assert!(row(r#"{"a": 1}"#).decode(10).is_ok());
+        let why = |r: ClaimedRow| r.decode(10).unwrap_err().reason;
+        assert!(why(row(r#"{"n": 1e400}"#)).contains("column headers"));
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        assert!(why(row(&deep)).contains("column headers"));
+        let mut r = row("{}");
+        r.created_at = None;
+        r.created_at_text = Some("infinity".into());
+        assert!(why(r).contains("column created_at is infinity"));
+        let mut r = row("{}");
+        r.payload = None;
+        r.payload_size = 4096;
+        assert!(why(r).contains("payload of 4096 bytes is over publisher.max_payload_bytes (10)"));
+    }
 
     #[test]
     fn the_key_cursor_follows_the_walk_and_wraps() {

@@ -55,7 +55,8 @@ fn message_columns(max_payload: &str) -> String {
          o.content_type, o.attempts, o.max_attempts,
          CASE WHEN isfinite(o.created_at) AND o.created_at < '100000-01-01'
               THEN o.created_at END AS created_at,
-         o.created_at::text AS created_at_text,
+         CASE WHEN isfinite(o.created_at) AND o.created_at < '100000-01-01'
+              THEN NULL ELSE o.created_at::text END AS created_at_text,
          o.ordering_key"
     )
 }
