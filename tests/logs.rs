@@ -157,3 +157,42 @@ async fn credentials_in_query_parameters_reach_no_log_error_or_status_output() {
     assert!(!leaks(&text(&o)), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn status_watch_into_a_pipe_writes_no_escape_codes() {
+    let db = TestDb::new("logswatch").await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["status", "--watch"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(db.process_env().iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn courier status --watch");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let out = out.clone();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut o = out.lock().expect("output lock");
+                o.push_str(&line);
+                o.push('\n');
+            }
+        })
+    };
+    let text = eventually(30, "a refresh of `status --watch`", || {
+        let o = out.lock().expect("output lock").clone();
+        async move { o.contains("oldest undelivered").then_some(o) }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    assert!(text.contains("pending"), "{text}");
+    assert!(!text.contains('\x1b'), "escape codes into a pipe: {text:?}");
+}
