@@ -256,6 +256,8 @@ impl Inbox {
 
     /// Processes one message in one transaction: record it, run the handler if it is new,
     /// commit. Does not ack: callers ack only after this returns `Applied`/`Duplicate`.
+    /// A handler error is `Ok(Failed)`, unless it is the connection breaking under the
+    /// handler's own statement: that, like any database failure, is an `Err`.
     pub async fn process(
         &self,
         handler: &dyn Handler,

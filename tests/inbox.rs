@@ -1,6 +1,8 @@
 //! The consumer inbox against the real services: a message delivered three times (re-publish,
 //! redelivery after the connection drops mid-handler, a crash between commit and ack) is
-//! applied once; two consumer instances on one queue apply each message once.
+//! applied once; two consumer instances on one queue apply each message once; a database
+//! outage (PostgreSQL behind an in-test proxy that cuts and refuses connections) holds the
+//! deliveries instead of counting them as failures or rejecting them.
 
 mod common;
 
