@@ -418,12 +418,12 @@ impl Inbox {
                 },
             }
         };
-        let _ = halt_tx.send(true);
         if ended.is_none() {
             let _ = channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;
         }
+        let _ = halt_tx.send(true);
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "inbox handler task failed");
