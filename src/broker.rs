@@ -61,7 +61,7 @@ pub async fn connect_url(
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(BrokerError::Connect {
             target: url.redacted(),
-            reason: e.to_string().replace(url.expose(), &url.redacted()),
+            reason: url.scrub(&e.to_string()),
         }),
         Err(_) => Err(BrokerError::Connect {
             target: url.redacted(),

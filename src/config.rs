@@ -5,7 +5,9 @@
 //! rather than a default silently used. Every section has named defaults (the `Default`
 //! impls below mirror the shipped `config.yaml`). `validate` rejects impossible values with
 //! the dotted key in the message. URLs are kept as [`SecretUrl`], whose `Display` and
-//! `Debug` redact the password, so no log line or error can leak it.
+//! `Debug` redact every credential (the userinfo password, credential-like query parameters
+//! such as `?password=` or `sslpassword=`, and their key=value DSN forms), so no log line or
+//! error can leak it.
 
 use std::{fmt, path::Path, time::Duration};
 
@@ -50,7 +52,8 @@ impl ConfigError {
     }
 }
 
-/// A URL that may hold a password. `Display`/`Debug` never show the password.
+/// A URL that may hold a password. `Display`/`Debug` never show the password (nor any
+/// credential-like query parameter: see [`redact_url`]).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SecretUrl(String);
@@ -69,6 +72,12 @@ impl SecretUrl {
     /// The URL with its password replaced by `***` (or a placeholder when it is unparsable).
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
+    }
+
+    /// `message` (a driver's error text) with this URL, and each of its secrets should the
+    /// message quote one on its own, replaced by their redacted forms.
+    pub fn scrub(&self, message: &str) -> String {
+        crate::redact::scrub(&self.0, message)
     }
 
     /// The URL's scheme, if it parses.
@@ -91,20 +100,7 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
-/// Replaces the password of a URL with `***`. An unparsable URL is not echoed at all,
-/// since it may still contain a password in a shape the parser did not understand.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                // set_password only fails for URLs that cannot have one (then there is none).
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => "<unparsable url>".to_string(),
-    }
-}
+pub use crate::redact::redact_url;
 
 /// The whole engine configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -11,6 +11,13 @@
 //! `message_id` cannot be deduplicated: it is rejected with a log line naming it, never
 //! processed twice silently.
 //!
+//! A database that cannot be reached (no connection from the pool, the connection broken
+//! during the insert, the handler or the commit) is not the message's fault: the delivery
+//! is held, unacked, and processed again with capped backoff until the database is back.
+//! It never counts toward `max_redeliveries` and is never rejected for it; on stop it is
+//! requeued. Holding rather than requeueing keeps the broker's own redelivery count (a
+//! quorum queue's `delivery-limit`) untouched during an outage.
+//!
 //! The consumer uses its own AMQP connection (a blocked publishing connection must not
 //! stall its acks), a configurable prefetch and concurrency, and a graceful stop that
 //! cancels the consumer and finishes the handlers in flight.
@@ -49,8 +56,9 @@ use lapin::{
 use tracing::Instrument;
 
 use crate::{
+    backoff,
     broker::{self, BrokerError},
-    config::BrokerConfig,
+    config::{BackoffConfig, BrokerConfig},
     store::{Store, StoreError},
 };
 
@@ -66,15 +74,20 @@ pub struct InboxConfig {
     pub prefetch: u16,
     /// Handlers running at once.
     pub concurrency: usize,
-    /// Requeues after handler errors before the message is rejected to the DLX.
+    /// Requeues after handler errors before the message is rejected to the DLX. An
+    /// unreachable database is not a handler error and does not count.
     pub max_redeliveries: u32,
+    /// How often a delivery held during a database outage is tried again: the cap
+    /// (`max`) bounds how long after the database returns a held message waits.
+    pub database_retry: BackoffConfig,
     /// Inbox rows older than this are deleted (a duplicate older than this is processed
     /// again); `None` keeps them.
     pub retention: Option<Duration>,
 }
 
 impl InboxConfig {
-    /// Defaults: prefetch 32, concurrency 8, 5 redeliveries, 7 days of inbox rows.
+    /// Defaults: prefetch 32, concurrency 8, 5 redeliveries, 7 days of inbox rows, database
+    /// retries from [`DATABASE_RETRY_INITIAL`] doubling to [`DATABASE_RETRY_MAX`].
     pub fn new(consumer: impl Into<String>, queue: impl Into<String>) -> Self {
         InboxConfig {
             consumer: consumer.into(),
@@ -82,10 +95,21 @@ impl InboxConfig {
             prefetch: 32,
             concurrency: 8,
             max_redeliveries: 5,
+            database_retry: BackoffConfig {
+                initial: DATABASE_RETRY_INITIAL,
+                max: DATABASE_RETRY_MAX,
+                multiplier: 2.0,
+                jitter: 0.2,
+            },
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
+
+/// First delay before a delivery held during a database outage is tried again.
+pub const DATABASE_RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Longest delay between tries of a held delivery.
+pub const DATABASE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// One delivery, as the handler sees it.
 #[derive(Debug, Clone)]
@@ -188,6 +212,16 @@ pub struct InboxReport {
     pub requeued: u64,
     /// Rejected to the dead-letter exchange (no message_id, or redeliveries exhausted).
     pub rejected: u64,
+    /// Deliveries held because the database was unreachable (not counted as failures).
+    pub held: u64,
+}
+
+/// How processing a delivery ended when the database may be away.
+enum Held {
+    /// Processed (or failed for a reason other than an unreachable database).
+    Done(Result<Disposition, StoreError>),
+    /// Asked to stop, or the session ended, while waiting for the database.
+    Stopped,
 }
 
 /// See the module documentation.
@@ -222,6 +256,8 @@ impl Inbox {
 
     /// Processes one message in one transaction: record it, run the handler if it is new,
     /// commit. Does not ack: callers ack only after this returns `Applied`/`Duplicate`.
+    /// A handler error is `Ok(Failed)`, unless it is the connection breaking under the
+    /// handler's own statement: that, like any database failure, is an `Err`.
     pub async fn process(
         &self,
         handler: &dyn Handler,
@@ -246,6 +282,11 @@ impl Inbox {
             .await;
         match result {
             Ok(d) => Ok(d),
+            // The handler's statement failed because the connection broke: an outage,
+            // not the handler's fault.
+            Err(TxError::Handler(HandlerError::Database(e))) if connection_failed(&e) => {
+                Err(StoreError::Query(e))
+            }
             Err(TxError::Handler(e)) => Ok(Disposition::Failed(e.to_string())),
             Err(TxError::Db(e)) => Err(StoreError::Query(e)),
         }
@@ -341,6 +382,8 @@ impl Inbox {
             .await
             .map_err(BrokerError::from)?;
         let failures: Arc<Mutex<HashMap<String, u32>>> = Default::default();
+        // Tells deliveries held for the database that this session is over.
+        let (halt_tx, halt_rx) = tokio::sync::watch::channel(false);
         let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         let mut retention = tokio::time::interval(Duration::from_secs(60));
@@ -364,8 +407,9 @@ impl Inbox {
                         let permit = permits.clone().acquire_owned().await.ok();
                         let (inbox, handler, channel) = (self.clone(), handler.clone(), channel.clone());
                         let (failures, report) = (failures.clone(), report.clone());
+                        let halt = [stop.clone(), halt_rx.clone()];
                         tasks.spawn(async move {
-                            inbox.settle(&*handler, &channel, delivery, &failures, &report).await;
+                            inbox.settle(&*handler, &channel, delivery, &failures, &report, halt).await;
                             drop(permit);
                         });
                     }
@@ -379,6 +423,7 @@ impl Inbox {
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;
         }
+        let _ = halt_tx.send(true);
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "inbox handler task failed");
@@ -391,7 +436,8 @@ impl Inbox {
         }
     }
 
-    /// Processes one delivery and acks, requeues or rejects it.
+    /// Processes one delivery and acks, requeues or rejects it. `halt`: the run's stop and
+    /// the session's end, which release a delivery held for the database.
     async fn settle(
         &self,
         handler: &dyn Handler,
@@ -399,6 +445,7 @@ impl Inbox {
         delivery: lapin::message::Delivery,
         failures: &Mutex<HashMap<String, u32>>,
         report: &Mutex<InboxReport>,
+        halt: [tokio::sync::watch::Receiver<bool>; 2],
     ) {
         let tag = delivery.delivery_tag;
         let count =
@@ -429,9 +476,23 @@ impl Inbox {
             redelivered: delivery.redelivered,
         };
         let span = tracing::debug_span!("inbox", consumer = %self.config.consumer, message_id = %message_id);
-        let outcome = match self.process(handler, &msg).instrument(span).await {
-            Ok(d) => d,
-            Err(e) => Disposition::Failed(format!("inbox database error: {e}")),
+        let held = self
+            .process_holding(handler, &msg, halt, report)
+            .instrument(span)
+            .await;
+        let outcome = match held {
+            Held::Done(Ok(d)) => d,
+            Held::Done(Err(e)) => Disposition::Failed(format!("inbox database error: {e}")),
+            Held::Stopped => {
+                // Back to the queue for whoever consumes next; not a failure. (If the
+                // channel is gone, the broker has requeued it already.)
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                let _ = channel.basic_nack(tag, requeue).await;
+                return;
+            }
         };
         match outcome {
             Disposition::Applied | Disposition::Duplicate => {
@@ -481,6 +542,65 @@ impl Inbox {
             }
         }
     }
+
+    /// [`process`](Self::process), holding the delivery while the database is unreachable:
+    /// tried again with capped backoff until it is back, or until `halt` says stop.
+    async fn process_holding(
+        &self,
+        handler: &dyn Handler,
+        msg: &InboxMessage,
+        halt: [tokio::sync::watch::Receiver<bool>; 2],
+        report: &Mutex<InboxReport>,
+    ) -> Held {
+        let [mut stop, mut ended] = halt;
+        let mut waits = 0u32;
+        loop {
+            let e = match self.process(handler, msg).await {
+                Err(e) if database_unavailable(&e) => e,
+                done => return Held::Done(done),
+            };
+            waits += 1;
+            let delay = backoff::delay(&self.config.database_retry, waits);
+            if waits == 1 {
+                report.lock().unwrap_or_else(|p| p.into_inner()).held += 1;
+                tracing::warn!(message_id = %msg.message_id, error = %e, retry_in = ?delay, "inbox database unreachable: holding the delivery until it is back (not counted as a failure)");
+            } else {
+                tracing::debug!(message_id = %msg.message_id, error = %e, retry_in = ?delay, attempt = waits, "inbox database still unreachable");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut stop) => return Held::Stopped,
+                _ = stopped(&mut ended) => return Held::Stopped,
+            }
+        }
+    }
+}
+
+/// Whether `e` means the database could not be reached or the connection broke. The
+/// message is not at fault then, unlike a statement PostgreSQL answered with an error.
+fn database_unavailable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Connect { .. } | StoreError::Pool(_) => true,
+        StoreError::Query(e) => connection_failed(e),
+        _ => false,
+    }
+}
+
+/// diesel-async reports a failure that carries no SQLSTATE (socket closed or reset,
+/// nothing could be sent) as `UnableToSendCommand`. A statement the server answered
+/// and then dropped the connection for (an administrator shutdown) shows up here too:
+/// the rollback that follows it fails that way, and that is the error returned.
+fn connection_failed(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as Kind, Error};
+    match e {
+        Error::DatabaseError(Kind::UnableToSendCommand | Kind::ClosedConnection, _) => true,
+        Error::BrokenTransactionManager => true,
+        Error::RollbackErrorOnCommit {
+            rollback_error,
+            commit_error,
+        } => connection_failed(rollback_error) || connection_failed(commit_error),
+        _ => false,
+    }
 }
 
 /// Resolves once a stop was requested (or the sender is gone).
@@ -505,5 +625,44 @@ fn delivery_count(props: &BasicProperties) -> u32 {
         Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
         Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind as Kind, Error};
+
+    fn db(kind: Kind) -> Error {
+        Error::DatabaseError(kind, Box::new("connection closed".to_string()))
+    }
+
+    #[test]
+    fn an_unreachable_database_is_told_apart_from_a_refused_statement() {
+        let unreachable = [
+            StoreError::Connect {
+                target: "postgres://h/db".into(),
+                reason: "refused".into(),
+            },
+            StoreError::Pool("timed out".into()),
+            StoreError::Query(db(Kind::UnableToSendCommand)),
+            StoreError::Query(db(Kind::ClosedConnection)),
+            StoreError::Query(Error::RollbackErrorOnCommit {
+                rollback_error: Box::new(db(Kind::UnableToSendCommand)),
+                commit_error: Box::new(db(Kind::Unknown)),
+            }),
+        ];
+        for e in &unreachable {
+            assert!(database_unavailable(e), "{e}");
+        }
+        let refused = [
+            StoreError::Query(db(Kind::UniqueViolation)),
+            StoreError::Query(db(Kind::Unknown)),
+            StoreError::Query(Error::NotFound),
+            StoreError::Schema("x".into()),
+        ];
+        for e in &refused {
+            assert!(!database_unavailable(e), "{e}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 //!
 //! The crate is laid out like the engine:
 //! - [`config`]: `config.yaml`, `COURIER_*` overrides, validation.
+//! - [`redact`]: what of a URL may be logged (passwords and credential parameters never).
 //! - [`state`]: the typed state machine (`Pending → InFlight → Confirmed`, `Retrying`, `Failed`).
 //! - [`backoff`]: the retry delay schedule.
 //! - [`message`]: the outbox row and its AMQP form.
@@ -35,6 +36,7 @@ pub mod inbox;
 pub mod inflight;
 pub mod message;
 pub mod metrics;
+pub mod redact;
 pub mod state;
 pub mod store;
 

@@ -1,6 +1,8 @@
 //! The consumer inbox against the real services: a message delivered three times (re-publish,
 //! redelivery after the connection drops mid-handler, a crash between commit and ack) is
-//! applied once; two consumer instances on one queue apply each message once.
+//! applied once; two consumer instances on one queue apply each message once; a database
+//! outage (PostgreSQL behind an in-test proxy that cuts and refuses connections) holds the
+//! deliveries instead of counting them as failures or rejecting them.
 
 mod common;
 
@@ -308,4 +310,156 @@ async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejecte
         .await
         .unwrap();
     assert_eq!(n.n, 0);
+}
+
+/// A proxy to the test database, and this schema's database config pointing through it.
+fn database_through_proxy(db: &TestDb) -> (Proxy, courier::config::DatabaseConfig) {
+    let mut url = url::Url::parse(&common::database_url()).expect("database url");
+    let upstream = url
+        .socket_addrs(|| Some(5432))
+        .expect("database address")
+        .into_iter()
+        .next()
+        .expect("database address");
+    let proxy = Proxy::start(upstream);
+    url.set_host(Some("127.0.0.1")).expect("host");
+    url.set_port(Some(proxy.addr.port())).expect("port");
+    let mut cfg = db.config.database.clone();
+    cfg.url = SecretUrl::new(url.to_string());
+    cfg.connect_timeout = Duration::from_secs(2);
+    (proxy, cfg)
+}
+
+#[tokio::test]
+async fn a_database_outage_holds_deliveries_instead_of_counting_or_rejecting_them() {
+    let (db, broker) = setup("inboxdown").await;
+    let mut broker = broker;
+    // A work queue whose rejects dead-letter into `dlq`: a message rejected during the
+    // outage would show there (without a DLX it would simply be gone).
+    let dlx = broker.extra_exchange("dlx", ExchangeKind::Fanout).await;
+    let dlq = broker.extra_queue("dlq", FieldTable::default()).await;
+    broker.bind(&dlq, &dlx, "").await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.as_str().into()),
+    );
+    let work = broker.extra_queue("work", args).await;
+    broker.bind(&work, &broker.exchange.clone(), "down.#").await;
+
+    let (pg, database) = database_through_proxy(&db);
+    let pg = Arc::new(pg);
+    let store = courier::Store::connect(&database)
+        .await
+        .expect("store through the proxy");
+    let n = 20;
+    let mut config = InboxConfig::new("ledger", &work);
+    config.max_redeliveries = 1;
+    config.concurrency = n + 1; // every message is tried during the outage
+    config.database_retry.initial = Duration::from_millis(20);
+    config.database_retry.max = Duration::from_millis(200);
+    let inbox = Inbox::new(store, broker_config(common::broker_url()), config);
+    let apply = handler(&db);
+    // The database goes away while the first message's transaction is open: its commit
+    // fails on a closed connection, and every later connection attempt is refused.
+    let p = pg.clone();
+    *apply.on_first.lock().unwrap() = Some(Box::new(move || {
+        p.refuse(true);
+        p.cut();
+    }));
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = {
+        let (inbox, apply) = (inbox.clone(), apply.clone());
+        tokio::spawn(async move { inbox.run(apply, rx).await })
+    };
+
+    publish(&broker, "m0", "down.first").await;
+    eventually(30, "the first message to meet the outage", || async {
+        (pg.refused() > 0).then_some(())
+    })
+    .await;
+    for i in 1..=n {
+        publish(&broker, &format!("m{i}"), "down.next").await;
+    }
+    // Long enough down for every message to have failed more than `max_redeliveries`
+    // times had the outage counted: (max_redeliveries + 2) refused connections each.
+    let tries = (n as u64 + 1) * 3;
+    eventually(60, "the inbox retrying through the outage", || async {
+        let rejected = broker.depth(&dlq).await;
+        assert_eq!(rejected, 0, "a message was rejected during the outage");
+        (pg.refused() >= tries && broker.depth(&work).await == 0).then_some(())
+    })
+    .await;
+    pg.refuse(false);
+
+    eventually(
+        60,
+        "every message applied once the database is back",
+        || async {
+            let a = applied(&db).await;
+            ((0..=n).all(|i| a.contains_key(&format!("m{i}"))) && broker.depth(&work).await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    let report = within(30, "inbox stop", run).await.unwrap().unwrap();
+    eprintln!(
+        "inbox report: {report:?}, refused connections: {}",
+        pg.refused()
+    );
+    let a = applied(&db).await;
+    assert!(a.values().all(|c| *c == 1), "applied twice: {a:?}");
+    assert_eq!(broker.depth(&dlq).await, 0, "nothing dead-lettered");
+    assert_eq!(report.rejected, 0, "{report:?}");
+    assert_eq!(
+        report.requeued, 0,
+        "the outage counted as a failure: {report:?}"
+    );
+    assert_eq!(report.applied, n as u64 + 1, "{report:?}");
+    assert_eq!(
+        report.held,
+        n as u64 + 1,
+        "every delivery waited: {report:?}"
+    );
+}
+
+#[tokio::test]
+async fn stopping_during_a_database_outage_puts_held_deliveries_back_in_the_queue() {
+    let (db, broker) = setup("inboxstop").await;
+    let (pg, database) = database_through_proxy(&db);
+    let store = courier::Store::connect(&database)
+        .await
+        .expect("store through the proxy");
+    pg.refuse(true);
+    pg.cut();
+    let n = 5;
+    for i in 0..n {
+        publish(&broker, &format!("s{i}"), "routed.s").await;
+    }
+    let mut config = InboxConfig::new("stopper", &broker.queue);
+    config.max_redeliveries = 0;
+    config.database_retry.initial = Duration::from_millis(20);
+    config.database_retry.max = Duration::from_millis(100);
+    let inbox = Inbox::new(store, broker_config(common::broker_url()), config);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let apply = handler(&db);
+    let run = tokio::spawn(async move { inbox.run(apply, rx).await });
+    eventually(30, "every delivery held for the database", || async {
+        (pg.refused() >= 3 * n as u64 && broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    // The stop does not wait for the database.
+    let report = within(10, "inbox stop during the outage", run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.rejected, 0, "{report:?}");
+    assert_eq!(report.held, n as u64, "{report:?}");
+    eventually(10, "the held deliveries back in the queue", || async {
+        (broker.depth(&broker.queue).await == n).then_some(())
+    })
+    .await;
+    assert!(applied(&db).await.is_empty());
 }

@@ -46,7 +46,9 @@ pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<
             println!("{}", stats_json(&stats));
         } else {
             if watch {
-                print!("\x1b[2J\x1b[H"); // clear the screen, cursor home
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    print!("\x1b[2J\x1b[H"); // clear the screen, cursor home
+                }
                 println!(
                     "courier status — schema `{}` — {}   (Ctrl-C to quit)\n",
                     config.database.schema,

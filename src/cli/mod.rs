@@ -111,18 +111,118 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     })
 }
 
-/// Installs the tracing subscriber: the configured filter (or `RUST_LOG`), pretty or JSON.
+/// Library log targets quieted before the configured level or `RUST_LOG` is applied (a
+/// directive of the user's that names one of these targets wins):
+/// - `lapin::returned_messages=off`: lapin logs every message the broker returns (an
+///   unroutable `mandatory` publish) as a WARN with its payload bytes: personal data in logs.
+///   The engine records the return itself, without the payload.
+/// - `lapin::channel=off`: lapin logs an ERROR for every channel the server closes, and
+///   the engine's passive `exchange_declare` (how it finds a missing exchange, an expected
+///   outcome) ends exactly that way. Every other channel or connection loss surfaces to the
+///   engine, which logs it with context.
+/// - `lapin=warn`: lapin's remaining warnings and errors (missed heartbeats, I/O errors)
+///   stay; its info lines are internals.
+/// - `tokio_postgres=info`: at debug it logs every statement with its bound parameters
+///   (payloads and headers of the rows an application enqueues or an operator requeues).
+pub const QUIET_LIBRARIES: &str =
+    "lapin=warn,lapin::returned_messages=off,lapin::channel=off,tokio_postgres=info";
+
+/// The filter: [`QUIET_LIBRARIES`], then `RUST_LOG` when set and valid, else `level`.
+pub fn log_filter(level: &str, rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let with_defaults = |user: &str| {
+        tracing_subscriber::EnvFilter::try_new(format!("{QUIET_LIBRARIES},{user}")).ok()
+    };
+    rust_log
+        .and_then(with_defaults)
+        .or_else(|| with_defaults(level))
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(format!("{QUIET_LIBRARIES},info")))
+}
+
+/// Installs the tracing subscriber: [`log_filter`], pretty or JSON, on stderr; colours only
+/// when stderr is a terminal (and `NO_COLOR` is unset), so files and pipes get plain text.
 pub fn init_logging(config: &Config) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.logging.level));
+    use std::io::IsTerminal;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = log_filter(&config.logging.level, rust_log.as_deref());
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // try_init: a second call (tests, embedding) keeps the first subscriber.
     let _ = match config.logging.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::log_filter;
+
+    /// The targets of the probe events that `filter` lets through.
+    fn seen(filter: tracing_subscriber::EnvFilter) -> Vec<&'static str> {
+        let seen: Arc<Mutex<Vec<&'static str>>> = Default::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(filter)
+            .with(Record(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "lapin::returned_messages", "returned, with payload");
+            tracing::error!(target: "lapin::channel", "Channel closed");
+            tracing::warn!(target: "lapin::heartbeat", "missed heartbeats");
+            tracing::info!(target: "lapin::connection", "internals");
+            tracing::debug!(target: "tokio_postgres::query", "statement with parameters");
+            tracing::info!(target: "courier::engine", "engine line");
+            tracing::debug!(target: "courier::engine", "engine detail");
+        });
+        let seen = seen.lock().expect("probe lock").clone();
+        seen
+    }
+
+    struct Record(Arc<Mutex<Vec<&'static str>>>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
+        fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let level = *e.metadata().level();
+            let target = e.metadata().target();
+            self.0
+                .lock()
+                .expect("probe lock")
+                .push(match (target, level) {
+                    ("courier::engine", tracing::Level::DEBUG) => "courier debug",
+                    ("courier::engine", _) => "courier info",
+                    (t, _) => t,
+                });
+        }
+    }
+
+    #[test]
+    fn the_default_filter_quiets_payload_dumps_and_expected_channel_closes() {
+        assert_eq!(
+            seen(log_filter("info", None)),
+            ["lapin::heartbeat", "courier info"]
+        );
+        // A broader level does not bring them back, neither from the config nor RUST_LOG.
+        assert_eq!(
+            seen(log_filter("debug", None)),
+            ["lapin::heartbeat", "courier info", "courier debug"]
+        );
+        assert_eq!(
+            seen(log_filter("warn", Some("trace"))),
+            ["lapin::heartbeat", "courier info", "courier debug"]
+        );
+        // Naming the target does.
+        assert_eq!(
+            seen(log_filter("info,lapin::channel=error", None)),
+            ["lapin::channel", "lapin::heartbeat", "courier info"]
+        );
+        // An invalid RUST_LOG falls back to the configured level.
+        assert_eq!(
+            seen(log_filter("warn", Some("=[bad"))),
+            ["lapin::heartbeat"]
+        );
+    }
 }

@@ -29,7 +29,7 @@ pub use migrate::{migrate, MIGRATION_NAMES};
 pub use sql::Sql;
 
 use crate::{
-    config::{redact_url, DatabaseConfig, SecretUrl},
+    config::{DatabaseConfig, SecretUrl},
     message::OutboxMessage,
     state::{Status, ALL_STATUSES},
 };
@@ -475,9 +475,9 @@ pub async fn establish(
     }
 }
 
-/// Removes the URL (and so its password) from a driver message, should it quote it.
+/// Removes the URL and its secrets from a driver message, should it quote them.
 fn scrub(message: &str, url: &SecretUrl) -> String {
-    message.replace(url.expose(), &redact_url(url.expose()))
+    url.scrub(message)
 }
 
 impl Store {

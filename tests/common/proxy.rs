@@ -1,12 +1,12 @@
-//! A TCP proxy inside the test, between the engine and RabbitMQ (no Docker here): it can
-//! stall the broker-to-client direction (confirms and heartbeats stop arriving) and cut
-//! every connection. It runs on its own thread and runtime, so it keeps working whatever
+//! A TCP proxy inside the test, between the engine and RabbitMQ or PostgreSQL (no Docker
+//! here): it can stall the server-to-client direction (confirms and heartbeats stop
+//! arriving), cut every connection, and refuse new ones (the server looks down). It runs on its own thread and runtime, so it keeps working whatever
 //! the test's runtime is doing.
 
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
 };
@@ -22,6 +22,8 @@ struct Shared {
     delay_ms: AtomicU64,
     generation: watch::Sender<u64>,
     connections: AtomicU64,
+    refusing: AtomicBool,
+    refused: AtomicU64,
 }
 
 /// See the module documentation.
@@ -45,6 +47,8 @@ impl Proxy {
             delay_ms: AtomicU64::new(0),
             generation,
             connections: AtomicU64::new(0),
+            refusing: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
         });
         let std_listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind proxy");
         std_listener.set_nonblocking(true).expect("nonblocking");
@@ -62,6 +66,11 @@ impl Proxy {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
+                    if s.refusing.load(Ordering::SeqCst) {
+                        s.refused.fetch_add(1, Ordering::SeqCst);
+                        drop(client);
+                        continue;
+                    }
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         continue;
                     };
@@ -97,6 +106,17 @@ impl Proxy {
     /// Closes every open connection (new ones are accepted).
     pub fn cut(&self) {
         self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// While on, closes every new connection at once, as if the server were down (combine
+    /// with [`cut`](Self::cut) for the open ones); off: forwards again.
+    pub fn refuse(&self, on: bool) {
+        self.shared.refusing.store(on, Ordering::SeqCst);
+    }
+
+    /// Connections closed at once because the proxy was refusing.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
     }
 
     /// Connections accepted so far.

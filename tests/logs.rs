@@ -1,0 +1,198 @@
+//! What `courier` writes where nobody should read secrets or personal data: the log of a
+//! `courier run` process (stderr to a file, not a terminal), its errors and `courier status`.
+//! No payload bytes, no ERROR for an expected outcome, no colour codes, no credentials.
+
+mod common;
+
+use std::process::Output;
+
+use common::{broker::TestBroker, eventually, unique_name, EngineProcess, TestDb};
+
+/// `marker` as the log would show it when a payload is dumped as bytes (`[80, 73, ...]`).
+fn as_byte_list(marker: &str) -> String {
+    marker
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[tokio::test]
+async fn returned_rows_and_missing_exchanges_log_no_payload_no_error_and_no_colour() {
+    let db = TestDb::new("logsret").await;
+    let broker = TestBroker::new("logsret").await;
+    let marker = format!("PII-{}", unique_name("marker"));
+    let missing = unique_name("missing");
+    // Unroutable (the exchange exists, nothing is bound for `unrouted.*`) and returned,
+    // and addressed to an exchange that does not exist: both end as dead letters.
+    db.exec(&format!(
+        "INSERT INTO {{s}}.outbox (exchange, routing_key, payload)
+         SELECT '{ex}', 'unrouted.' || i, convert_to('{marker}-' || i, 'UTF8')
+         FROM generate_series(1, 3) AS i;
+         INSERT INTO {{s}}.outbox (exchange, routing_key, payload)
+         SELECT '{missing}', 'k', convert_to('{marker}-m' || i, 'UTF8')
+         FROM generate_series(1, 2) AS i",
+        ex = broker.exchange,
+    ))
+    .await;
+    let mut env = db.process_env();
+    // Debug is the most a configured level shows: what holds there holds at info.
+    env.retain(|(k, _)| *k != "COURIER_LOGGING_LEVEL");
+    env.push(("COURIER_LOGGING_LEVEL", "debug".into()));
+    env.push(("COURIER_RETRY_MAX_ATTEMPTS", "2".into()));
+    let mut engine = EngineProcess::spawn("logsret", &env);
+    let store = db.store().await;
+    eventually(60, "the five rows dead-lettered", || async {
+        let stats = store.stats().await.ok()?;
+        (stats.dead_letters == 5).then_some(())
+    })
+    .await;
+    assert!(engine.terminate(30).await.success());
+    let log = engine.log();
+    assert!(log.contains("courier starting"), "no log captured:\n{log}");
+    assert!(
+        !log.contains(&marker) && !log.contains(&as_byte_list(&marker)),
+        "payload bytes in the log:\n{log}"
+    );
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
+    assert!(!log.contains("\x1b["), "colour codes in a log file:\n{log}");
+}
+
+fn courier(args: &[&str], env: &[(&str, String)]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run courier")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `url` with `params` added to its query string.
+fn with_query(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
+#[tokio::test]
+async fn credentials_in_query_parameters_reach_no_log_error_or_status_output() {
+    let db = TestDb::new("logssecret").await;
+    let pg_secret = format!("PGSECRET{}", unique_name("pw"));
+    let amqp_secret = format!("AMQPSECRET{}", unique_name("pw"));
+    let secrets = [pg_secret.as_str(), amqp_secret.as_str()];
+    let leaks = |t: &str| secrets.iter().any(|s| t.contains(s));
+    // PostgreSQL trusts local connections here, so a password given as a parameter is
+    // accepted and unused; RabbitMQ's URI parser ignores an unknown parameter.
+    let database = with_query(&common::database_url(), &format!("password={pg_secret}"));
+    let broker = with_query(&common::broker_url(), &format!("password={amqp_secret}"));
+    let mut env = db.process_env();
+    env.retain(|(k, _)| !k.ends_with("_URL"));
+    env.push(("COURIER_DATABASE_URL", database.clone()));
+    env.push(("COURIER_BROKER_URL", broker));
+
+    // `run`: the URLs are logged at start and on connecting.
+    let mut engine = EngineProcess::spawn("logssecret", &env);
+    let log = eventually(60, "the engine connected to RabbitMQ", || {
+        let log = engine.log();
+        async move { log.contains("connected to RabbitMQ").then_some(log) }
+    })
+    .await;
+    assert!(engine.terminate(30).await.success());
+    let log = format!("{log}{}", engine.log());
+    assert!(log.contains("password=***"), "the URL is logged:\n{log}");
+    assert!(!leaks(&log), "a credential in the log:\n{log}");
+
+    // `status`, working.
+    let o = courier(&["status"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!leaks(&text(&o)), "{}", text(&o));
+
+    // `status` against an unreachable database: the error names the host, not the secrets.
+    let unreachable = format!(
+        "postgres://bob:{pg_secret}@127.0.0.1:1/nowhere?password={pg_secret}&sslpassword={amqp_secret}"
+    );
+    let mut bad = env.clone();
+    bad.push(("COURIER_DATABASE_URL", unreachable));
+    bad.push(("COURIER_DATABASE_CONNECT_TIMEOUT", "2s".into()));
+    bad.push(("COURIER_DATABASE_WAIT_AT_START", "false".into()));
+    let o = courier(&["status"], &bad);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("127.0.0.1:1"), "{}", text(&o));
+    assert!(!leaks(&text(&o)), "{}", text(&o));
+
+    // A parameter the driver rejects (`sslpassword`, libpq-only), from a config file.
+    let dir = std::env::temp_dir().join(unique_name("logscfg"));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let file = dir.join("courier.yaml");
+    let rejected = with_query(&database, &format!("sslpassword={amqp_secret}"));
+    std::fs::write(&file, format!("database:\n  url: \"{rejected}\"\n")).expect("config");
+    let mut from_file: Vec<(&str, String)> = env
+        .iter()
+        .filter(|(k, _)| *k != "COURIER_DATABASE_URL")
+        .cloned()
+        .collect();
+    from_file.push(("COURIER_DATABASE_CONNECT_TIMEOUT", "2s".into()));
+    let path = file.to_str().expect("path");
+    let o = courier(&["--config", path, "status"], &from_file);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(!leaks(&text(&o)), "{}", text(&o));
+
+    // A bad scheme is a configuration error (exit 2) that quotes the URL, redacted.
+    std::fs::write(
+        &file,
+        format!("database:\n  url: \"mysql://h/db?password={pg_secret}\"\n"),
+    )
+    .expect("config");
+    let o = courier(&["--config", path, "status"], &from_file);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("database.url"), "{}", text(&o));
+    assert!(!leaks(&text(&o)), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn status_watch_into_a_pipe_writes_no_escape_codes() {
+    let db = TestDb::new("logswatch").await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["status", "--watch"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(db.process_env().iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn courier status --watch");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let out = out.clone();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut o = out.lock().expect("output lock");
+                o.push_str(&line);
+                o.push('\n');
+            }
+        })
+    };
+    let text = eventually(30, "a refresh of `status --watch`", || {
+        let o = out.lock().expect("output lock").clone();
+        async move { o.contains("oldest undelivered").then_some(o) }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    assert!(text.contains("pending"), "{text}");
+    assert!(!text.contains('\x1b'), "escape codes into a pipe: {text:?}");
+}
