@@ -92,8 +92,8 @@ async fn dead_letter(db: &TestDb, columns: &str, values: &str) -> Uuid {
         id: Uuid,
     }
     let sql = format!(
-        "INSERT INTO \"{}\".dead_letters (id, attempts, created_at, {columns})
-         VALUES (gen_random_uuid(), 3, now(), {values}) RETURNING id",
+        "INSERT INTO \"{}\".dead_letters (id, attempts, {columns})
+         VALUES (gen_random_uuid(), 3, {values}) RETURNING id",
         db.schema
     );
     let mut conn = db.raw().await;
@@ -108,9 +108,9 @@ async fn dead_letter(db: &TestDb, columns: &str, values: &str) -> Uuid {
 async fn secret_dead_letter(db: &TestDb) -> Uuid {
     dead_letter(
         db,
-        "exchange, routing_key, payload, headers, last_error",
+        "created_at, exchange, routing_key, payload, headers, last_error",
         &format!(
-            "'orders', 'order.created', convert_to('{SECRET_PAYLOAD}', 'UTF8'),
+            "now(), 'orders', 'order.created', convert_to('{SECRET_PAYLOAD}', 'UTF8'),
              '{{\"authorization\": \"{SECRET_HEADER}\"}}', 'nacked by broker'"
         ),
     )
@@ -142,8 +142,15 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
     // 3 MiB of UTF-8 with a two-byte character across the 1 MiB cut.
     let big = dead_letter(
         &db,
-        "exchange, routing_key, payload, headers",
-        "'orders', 'big', convert_to(repeat('a', 1048575) || 'é' || repeat('b', 2097151), 'UTF8'), '{}'",
+        "created_at, exchange, routing_key, payload, headers",
+        "now(), 'orders', 'big', convert_to(repeat('a', 1048575) || 'é' || repeat('b', 2097151), 'UTF8'), '{}'",
+    )
+    .await;
+    // A producer's values serde and chrono cannot hold must not break the list.
+    let odd = dead_letter(
+        &db,
+        "created_at, exchange, routing_key, payload, headers",
+        "'infinity', 'orders', 'odd', '', '{\"n\": 1e400}'",
     )
     .await;
     let (engine, addr) = admin_engine(&db, |c| {
@@ -172,7 +179,7 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
     }
     let list = get(&addr, "/api/dead-letters", None).await.json();
     let list = list.as_array().expect("a list");
-    assert_eq!(list.len(), 2);
+    assert_eq!(list.len(), 3);
     for row in list {
         for field in ["payload_text", "payload_base64", "headers"] {
             assert!(row.get(field).is_none(), "list carries {field}: {row}");
@@ -185,6 +192,21 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
     };
     assert_eq!(by_id(secret)["payload_bytes"], SECRET_PAYLOAD.len());
     assert_eq!(by_id(big)["payload_bytes"], 3 * 1024 * 1024);
+    assert!(by_id(odd)["created_at"].is_null());
+    let r = get(
+        &addr,
+        &format!("/api/dead-letters/{odd}/payload"),
+        Some("read-tok"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let headers = r.json()["headers"].clone();
+    assert!(
+        headers
+            .as_str()
+            .is_some_and(|t| t.starts_with("{\"n\": 1000")),
+        "unreadable JSON comes back as its text: {headers}"
+    );
 
     // The payload itself: 401 without or with a wrong token, the same answer for both.
     let path = format!("/api/dead-letters/{secret}/payload");
@@ -436,6 +458,8 @@ async fn ready_checks_connectivity_and_stats_count_cheaply() {
     db.exec(
         "INSERT INTO {s}.outbox (exchange, routing_key, status, confirmed_at)
          SELECT 'orders', 'k', 'confirmed', now() FROM generate_series(1, 12000);
+         INSERT INTO {s}.outbox (exchange, routing_key, created_at, next_attempt_at)
+         VALUES ('orders', 'k', '-infinity', 'infinity');
          ANALYZE {s}.outbox",
     )
     .await;
@@ -448,7 +472,10 @@ async fn ready_checks_connectivity_and_stats_count_cheaply() {
     assert_eq!(v["approximate"], serde_json::json!(["confirmed"]), "{v}");
     let confirmed = v["outbox"]["confirmed"].as_i64().unwrap();
     assert!((10_000..=20_000).contains(&confirmed), "{v}");
-    assert_eq!(v["outbox"]["pending"], 0);
+    assert_eq!(
+        v["outbox"]["pending"], 1,
+        "a row due never, created at -infinity: {v}"
+    );
     assert_eq!(v["dead_letters"], 0);
 
     // With the outbox locked, readiness still answers from `SELECT 1` and the broker;
@@ -522,8 +549,8 @@ async fn hostile_producer_text_is_escaped_in_the_cli() {
     let db = TestDb::new("adm_escape").await;
     let id = dead_letter(
         &db,
-        "exchange, routing_key, payload, headers, last_error, ordering_key, seq",
-        "E'ex\\x1b[31mred', 'rk' || chr(155) || '2J', convert_to(E'body\\x1b[2Jgone', 'UTF8'),
+        "created_at, exchange, routing_key, payload, headers, last_error, ordering_key, seq",
+        "now(), E'ex\\x1b[31mred', 'rk' || chr(155) || '2J', convert_to(E'body\\x1b[2Jgone', 'UTF8'),
          jsonb_build_object('h', 'v' || chr(155) || 'x'), E'boom\\x1b]0;pwned\\x07',
          'key' || chr(8238) || 'txt', 1",
     )

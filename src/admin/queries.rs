@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    sql_types::{BigInt, Bytea, Double, Integer, Jsonb, Nullable, Text, Timestamptz},
+    sql_types::{BigInt, Bytea, Double, Integer, Nullable, Text, Timestamptz},
     QueryableByName,
 };
 use diesel_async::RunQueryDsl;
@@ -84,8 +84,10 @@ pub struct DeadLetterSummary {
     attempts: i32,
     #[diesel(sql_type = Nullable<Text>)]
     last_error: Option<String>,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: DateTime<Utc>,
+    /// `None`: a value chrono cannot hold (`infinity`, beyond year 99999), written by the
+    /// producer; one such row must not make the whole list fail.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
     #[diesel(sql_type = Timestamptz)]
     failed_at: DateTime<Utc>,
     #[diesel(sql_type = Nullable<Text>)]
@@ -98,23 +100,48 @@ pub struct DeadLetterSummary {
 }
 
 /// A dead letter's payload and headers, bounded by [`PAYLOAD_MAX`] and [`HEADERS_MAX`].
-#[derive(Debug, Clone, QueryableByName)]
+#[derive(Debug, Clone)]
 pub struct DeadLetterPayload {
     /// The message id.
-    #[diesel(sql_type = diesel::sql_types::Uuid)]
     pub id: Uuid,
     /// The first [`PAYLOAD_MAX`] bytes.
-    #[diesel(sql_type = Bytea)]
     pub payload: Vec<u8>,
     /// The whole payload's size.
-    #[diesel(sql_type = BigInt)]
     pub payload_bytes: i64,
-    /// The headers, unless larger than [`HEADERS_MAX`].
-    #[diesel(sql_type = Nullable<Jsonb>)]
+    /// The headers, unless larger than [`HEADERS_MAX`]: a JSON object, or the raw JSON
+    /// text as a string when serde cannot read it (e.g. `1e400`, very deep nesting).
     pub headers: Option<serde_json::Value>,
     /// Content type.
-    #[diesel(sql_type = Nullable<Text>)]
     pub content_type: Option<String>,
+}
+
+/// The payload row as read: headers as text, so nothing in it can fail to decode.
+#[derive(QueryableByName)]
+struct PayloadRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = Bytea)]
+    payload: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    payload_bytes: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    headers: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    content_type: Option<String>,
+}
+
+impl From<PayloadRow> for DeadLetterPayload {
+    fn from(r: PayloadRow) -> Self {
+        DeadLetterPayload {
+            id: r.id,
+            payload: r.payload,
+            payload_bytes: r.payload_bytes,
+            headers: r
+                .headers
+                .map(|text| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))),
+            content_type: r.content_type,
+        }
+    }
 }
 
 impl AdminDb {
@@ -188,9 +215,10 @@ impl AdminDb {
         }
         let s = format!("\"{}\"", self.api.schema());
         let schema = self.api.schema();
-        // Each count reads at most $1 entries of one partial index (or of the primary key);
+        // Each count reads at most $1 entries of one partial index (or of the table);
         // the oldest age reads the $1 earliest-due entries of each open-row index, so it is
-        // exact while fewer than $1 rows are open per index.
+        // exact while fewer than $1 rows are open per index (a producer's `-infinity`
+        // created_at is skipped: it would overflow the interval).
         let bounded = |filter: &str, table: &str| {
             format!("(SELECT count(*) FROM (SELECT 1 FROM {s}.{table} WHERE {filter} LIMIT $1) t)")
         };
@@ -204,13 +232,16 @@ impl AdminDb {
                      WHERE oid = to_regclass('\"{schema}\".dead_letters'))::float8
                         AS dead_letters_estimate,
                     EXTRACT(EPOCH FROM now() - least(
-                      (SELECT min(created_at) FROM (SELECT created_at FROM {s}.outbox
+                      (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
+                         FROM (SELECT created_at FROM {s}.outbox
                          WHERE status IN ('pending', 'retrying') AND ordering_key IS NULL
                          ORDER BY next_attempt_at LIMIT $1) a),
-                      (SELECT min(created_at) FROM (SELECT created_at FROM {s}.outbox
+                      (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
+                         FROM (SELECT created_at FROM {s}.outbox
                          WHERE status IN ('pending', 'retrying') AND ordering_key IS NOT NULL
                          ORDER BY next_attempt_at LIMIT $1) b),
-                      (SELECT min(created_at) FROM (SELECT created_at FROM {s}.outbox
+                      (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
+                         FROM (SELECT created_at FROM {s}.outbox
                          WHERE status = 'in_flight' ORDER BY locked_until LIMIT $1) c)
                     ))::float8 AS oldest_age",
             bounded("status = 'pending' AND ordering_key IS NULL", "outbox"),
@@ -308,19 +339,20 @@ impl AdminDb {
         let sql = format!(
             "SELECT id, substring(payload FROM 1 FOR $2) AS payload,
                     octet_length(payload)::bigint AS payload_bytes,
-                    CASE WHEN octet_length(headers::text) <= $3 THEN headers END AS headers,
+                    CASE WHEN octet_length(headers::text) <= $3 THEN headers::text END
+                        AS headers,
                     content_type
              FROM \"{}\".dead_letters WHERE id = $1",
             self.api.schema()
         );
         let mut conn = self.api.conn().await?;
-        let rows: Vec<DeadLetterPayload> = diesel::sql_query(sql)
+        let rows: Vec<PayloadRow> = diesel::sql_query(sql)
             .bind::<diesel::sql_types::Uuid, _>(id)
             .bind::<Integer, _>(PAYLOAD_MAX)
             .bind::<Integer, _>(HEADERS_MAX)
             .load(&mut conn)
             .await?;
-        Ok(rows.into_iter().next())
+        Ok(rows.into_iter().next().map(DeadLetterPayload::from))
     }
 }
 
@@ -329,7 +361,10 @@ fn summary_columns() -> String {
     format!(
         "id, left(exchange, {TEXT_MAX}) AS exchange, left(routing_key, {TEXT_MAX}) AS routing_key,
          left(content_type, {TEXT_MAX}) AS content_type, max_attempts, attempts,
-         left(last_error, {ERROR_MAX}) AS last_error, created_at, failed_at,
+         left(last_error, {ERROR_MAX}) AS last_error,
+         CASE WHEN isfinite(created_at) AND created_at < '100000-01-01' THEN created_at END
+             AS created_at,
+         failed_at,
          left(ordering_key, {TEXT_MAX}) AS ordering_key, seq,
          octet_length(payload)::bigint AS payload_bytes"
     )
