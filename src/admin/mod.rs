@@ -16,6 +16,7 @@
 
 mod api;
 mod auth;
+pub mod conn_url;
 pub mod queries;
 
 use actix_web::{

@@ -1,7 +1,7 @@
 //! The admin API's database access: its own small pools, never the engine's, and the
 //! statements only the admin API runs, each beside the function that binds it.
 //!
-//! Every admin connection is opened with `application_name=courier-admin` and
+//! Every admin connection is opened with `application_name=courier-admin` ([`super::conn_url`]) and
 //! `options=-c statement_timeout=<admin.statement_timeout>` (tokio-postgres passes libpq's
 //! `options` in the startup packet), so no admin query can run longer than that, and the
 //! engine's claims, confirms and lease renewals never wait behind an operator's browser.
@@ -20,12 +20,10 @@ use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 use crate::{
-    config::{AdminConfig, DatabaseConfig, SecretUrl},
+    config::{AdminConfig, DatabaseConfig},
     store::{Stats, Store, StoreError},
 };
 
-/// `application_name` of every admin connection (visible in `pg_stat_activity`).
-pub const APPLICATION_NAME: &str = "courier-admin";
 /// Counts are exact up to this many rows per status (and index); beyond, estimated.
 pub const EXACT_UP_TO: i64 = 10_000;
 /// Most dead letters one list returns.
@@ -151,7 +149,7 @@ impl AdminDb {
         db: &DatabaseConfig,
         admin: &AdminConfig,
     ) -> Result<AdminDb, AdminDbError> {
-        let url = admin_url(&db.url, admin.statement_timeout)?;
+        let url = super::conn_url::admin_url(&db.url, admin.statement_timeout)?;
         let api = DatabaseConfig {
             url: url.clone(),
             pool_size: admin.pool_size,
@@ -380,43 +378,6 @@ fn exact_or_estimate(counted: i64, estimate: Option<f64>) -> i64 {
     counted.max(estimate as i64)
 }
 
-/// `url` with `application_name=courier-admin` and `-c statement_timeout=…` added to its
-/// `options` (any options already there are kept).
-pub fn admin_url(
-    url: &SecretUrl,
-    statement_timeout: Duration,
-) -> Result<SecretUrl, url::ParseError> {
-    let mut parsed = url::Url::parse(url.expose())?;
-    let mut options = None;
-    let mut kept = Vec::new();
-    for (k, v) in parsed.query_pairs() {
-        match k.as_ref() {
-            "options" => options = Some(v.into_owned()),
-            "application_name" => {}
-            _ => kept.push((k.into_owned(), v.into_owned())),
-        }
-    }
-    let timeout = format!("-c statement_timeout={}", millis(statement_timeout).max(1));
-    let options = match options {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing} {timeout}"),
-        _ => timeout,
-    };
-    kept.push(("application_name".into(), APPLICATION_NAME.into()));
-    kept.push(("options".into(), options));
-    // tokio-postgres percent-decodes but does not read `+` as a space: write `%20`.
-    let encode = |s: &str| {
-        url::form_urlencoded::byte_serialize(s.as_bytes())
-            .collect::<String>()
-            .replace('+', "%20")
-    };
-    let query: Vec<String> = kept
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect();
-    parsed.set_query(Some(&query.join("&")));
-    Ok(SecretUrl::new(parsed.to_string()))
-}
-
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -424,26 +385,6 @@ fn millis(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_admin_url_carries_the_timeout_and_name_and_keeps_other_options() {
-        let url = SecretUrl::new(
-            "postgres://u:pw@db:5432/app?sslmode=disable&options=-c%20search_path%3Dx",
-        );
-        let admin = admin_url(&url, Duration::from_secs(3)).unwrap();
-        let parsed = url::Url::parse(admin.expose()).unwrap();
-        let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
-        assert!(pairs.contains(&("sslmode".into(), "disable".into())));
-        assert!(pairs.contains(&("application_name".into(), APPLICATION_NAME.into())));
-        assert!(pairs.contains(&(
-            "options".into(),
-            "-c search_path=x -c statement_timeout=3000".into()
-        )));
-        assert_eq!(parsed.password(), Some("pw"));
-        assert!(admin
-            .expose()
-            .contains("options=-c%20search_path%3Dx%20-c%20statement_timeout%3D3000"));
-    }
 
     #[test]
     fn counts_past_the_bound_use_the_estimate() {
