@@ -172,14 +172,39 @@ pub enum RetentionMode {
 }
 
 /// `admin.*`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address to serve the admin API and dashboard on (`127.0.0.1:8081`); null: off.
     pub bind: Option<String>,
-    /// Bearer token for the mutating endpoints; null: they are disabled.
+    /// Bearer token for the mutating endpoints (and payload reads); null: they are disabled.
     /// `COURIER_ADMIN_TOKEN` sets it without writing it to a file.
     pub token: Option<String>,
+    /// Bearer token that may read dead-letter payloads and headers but change nothing;
+    /// null: only `token` reads them. `COURIER_ADMIN_READ_TOKEN`.
+    pub read_token: Option<String>,
+    /// `Host` header values the admin server answers (`host` or `host:port`); any other
+    /// gets 421, which defeats DNS rebinding. Empty: any host.
+    pub allowed_hosts: Vec<String>,
+    /// Connections in the admin API's own pool, apart from the engine's, so admin load can
+    /// never starve claims, confirms or lease renewals.
+    pub pool_size: u32,
+    /// `statement_timeout` of the admin pool's connections: no admin query runs longer.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            bind: None,
+            token: None,
+            read_token: None,
+            allowed_hosts: Vec::new(),
+            pool_size: 2,
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `shutdown.*`
@@ -526,10 +551,27 @@ impl Config {
                 ConfigError::invalid("admin.bind", format!("`{bind}` is not a host:port address"))
             })?;
         }
-        if self.admin.token.as_deref() == Some("") {
+        for (key, token) in [
+            ("admin.token", &self.admin.token),
+            ("admin.read_token", &self.admin.read_token),
+        ] {
+            if token.as_deref() == Some("") {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must not be empty (use null to disable)",
+                ));
+            }
+        }
+        positive("admin.pool_size", self.admin.pool_size as u64)?;
+        positive_duration("admin.statement_timeout", self.admin.statement_timeout)?;
+        if let Some(host) =
+            self.admin.allowed_hosts.iter().find(|h| {
+                h.is_empty() || h.chars().any(|c| c.is_whitespace() || c == '/' || c == '@')
+            })
+        {
             return Err(ConfigError::invalid(
-                "admin.token",
-                "must not be empty (use null to disable)",
+                "admin.allowed_hosts",
+                format!("`{host}` is not a host or host:port"),
             ));
         }
         if let Some(exchange) = &self.dead_letter.exchange {

@@ -166,6 +166,7 @@ impl Engine {
         };
         if let Some(bind) = handle.inner.config.admin.bind.clone() {
             let server = crate::admin::start(handle.clone(), &bind)
+                .await
                 .map_err(|e| EngineError::Admin(format!("cannot serve on {bind}: {e}")))?;
             tracing::info!(%bind, mutating = handle.inner.config.admin.token.is_some(), "admin API and dashboard listening");
             if let Ok(mut slot) = handle.inner.admin.lock() {

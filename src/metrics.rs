@@ -1,8 +1,19 @@
 //! Prometheus metrics, one registry per engine (several engines in one process, as in the
 //! tests, do not share counters). The actors update them where the facts are decided;
 //! outbox depth and the oldest pending age come from the database at scrape time.
+//!
+//! The `exchange` label is bounded: an exchange name is a producer's free text, and a
+//! label per name would let any producer grow the registry (and every scrape) without end.
+//! An exchange gets its own label once the broker has confirmed a message to it (so it
+//! exists), for at most [`MAX_EXCHANGE_LABELS`] names per engine; everything else —
+//! exchanges that do not exist, publishes before an exchange's first confirm, names past
+//! the cap — counts under [`OTHER_EXCHANGE`].
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -11,23 +22,83 @@ use prometheus::{
 
 use crate::store::Stats;
 
+/// Most distinct `exchange` label values per engine (besides [`OTHER_EXCHANGE`]).
+pub const MAX_EXCHANGE_LABELS: usize = 100;
+
+/// The `exchange` label of everything not (yet) given its own.
+pub const OTHER_EXCHANGE: &str = "_other";
+
+/// The exchanges that have earned their own label (confirmed by the broker), bounded.
+#[derive(Default)]
+struct ExchangeLabels {
+    known: RwLock<HashSet<String>>,
+}
+
+impl ExchangeLabels {
+    /// The label for `exchange`: its name if it has one, else [`OTHER_EXCHANGE`].
+    fn label<'a>(&self, exchange: &'a str) -> &'a str {
+        match self.known.read() {
+            Ok(known) if known.contains(exchange) => exchange,
+            _ => OTHER_EXCHANGE,
+        }
+    }
+
+    /// Gives `exchange` its own label if there is room; returns its label.
+    fn admit<'a>(&self, exchange: &'a str) -> &'a str {
+        if self.label(exchange) == exchange && exchange != OTHER_EXCHANGE {
+            return exchange;
+        }
+        match self.known.write() {
+            Ok(mut known) if known.len() < MAX_EXCHANGE_LABELS && exchange != OTHER_EXCHANGE => {
+                known.insert(exchange.to_string());
+                exchange
+            }
+            _ => OTHER_EXCHANGE,
+        }
+    }
+}
+
+/// A counter by `exchange` whose label values are bounded (see the module doc). Used like a
+/// `prometheus::IntCounterVec`: `metrics.published.with_label_values(&[exchange]).inc()`.
+#[derive(Clone)]
+pub struct ExchangeCounter {
+    inner: IntCounterVec,
+    labels: Arc<ExchangeLabels>,
+    /// A count here proves the exchange exists (a broker confirm): it earns its label.
+    admits: bool,
+}
+
+impl ExchangeCounter {
+    /// The counter for `values[0]`, an exchange name, under its bounded label.
+    pub fn with_label_values<V: AsRef<str>>(&self, values: &[V]) -> IntCounter {
+        let exchange = values.first().map(AsRef::as_ref).unwrap_or_default();
+        let label = if self.admits {
+            self.labels.admit(exchange)
+        } else {
+            self.labels.label(exchange)
+        };
+        self.inner.with_label_values(&[label])
+    }
+}
+
 /// Every metric Courier exports.
 pub struct Metrics {
     registry: Registry,
     /// Publishes written to the broker, by exchange.
-    pub published: IntCounterVec,
-    /// Acks that made a message confirmed, by exchange.
-    pub confirmed: IntCounterVec,
+    pub published: ExchangeCounter,
+    /// Acks that made a message confirmed, by exchange (a confirm earns the exchange its
+    /// own label).
+    pub confirmed: ExchangeCounter,
     /// `basic.nack`s, by exchange.
-    pub nacked: IntCounterVec,
+    pub nacked: ExchangeCounter,
     /// Unroutable returns, by exchange.
-    pub returned: IntCounterVec,
+    pub returned: ExchangeCounter,
     /// Confirms that never came, by exchange.
-    pub timed_out: IntCounterVec,
+    pub timed_out: ExchangeCounter,
     /// Failed attempts sent back to `retrying`, by exchange.
-    pub retried: IntCounterVec,
+    pub retried: ExchangeCounter,
     /// Messages moved to `dead_letters`, by exchange.
-    pub dead_lettered: IntCounterVec,
+    pub dead_lettered: ExchangeCounter,
     /// Messages published and awaiting a confirm.
     pub in_flight: IntGauge,
     /// Outbox rows by status (read at scrape).
@@ -44,19 +115,29 @@ pub struct Metrics {
     pub blocked_seconds: prometheus::Counter,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+fn counter_vec(
+    registry: &Registry,
+    labels: &Arc<ExchangeLabels>,
+    name: &str,
+    help: &str,
+) -> ExchangeCounter {
     let c = IntCounterVec::new(Opts::new(name, help).namespace("courier"), &["exchange"])
         .expect("valid metric");
     registry
         .register(Box::new(c.clone()))
         .expect("unique metric");
-    c
+    ExchangeCounter {
+        inner: c,
+        labels: labels.clone(),
+        admits: false,
+    }
 }
 
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        let labels = Arc::new(ExchangeLabels::default());
         let in_flight = IntGauge::with_opts(
             Opts::new("in_flight", "messages published and awaiting a confirm")
                 .namespace("courier"),
@@ -117,32 +198,46 @@ impl Metrics {
         Metrics {
             published: counter_vec(
                 &registry,
+                &labels,
                 "published_total",
                 "publishes written to the broker",
             ),
-            confirmed: counter_vec(
+            confirmed: ExchangeCounter {
+                admits: true,
+                ..counter_vec(
+                    &registry,
+                    &labels,
+                    "confirmed_total",
+                    "messages confirmed by the broker",
+                )
+            },
+            nacked: counter_vec(
                 &registry,
-                "confirmed_total",
-                "messages confirmed by the broker",
+                &labels,
+                "nacked_total",
+                "publishes nacked by the broker",
             ),
-            nacked: counter_vec(&registry, "nacked_total", "publishes nacked by the broker"),
             returned: counter_vec(
                 &registry,
+                &labels,
                 "returned_total",
                 "publishes returned as unroutable",
             ),
             timed_out: counter_vec(
                 &registry,
+                &labels,
                 "confirm_timeouts_total",
                 "confirms that did not arrive in time",
             ),
             retried: counter_vec(
                 &registry,
+                &labels,
                 "retried_total",
                 "failed attempts sent back to retrying",
             ),
             dead_lettered: counter_vec(
                 &registry,
+                &labels,
                 "dead_lettered_total",
                 "messages moved to dead_letters",
             ),
@@ -155,6 +250,12 @@ impl Metrics {
             reconnects,
             blocked_seconds,
         }
+    }
+
+    /// The `exchange` label `exchange` is counted under right now: its own name once the
+    /// broker confirmed a message to it (within the cap), else [`OTHER_EXCHANGE`].
+    pub fn exchange_label<'a>(&self, exchange: &'a str) -> &'a str {
+        self.published.labels.label(exchange)
     }
 
     /// Records the database's view (at scrape time).
@@ -190,5 +291,34 @@ impl Default for Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_labels_are_earned_by_a_confirm_and_bounded() {
+        let m = Metrics::new();
+        m.published.with_label_values(&["nowhere"]).inc();
+        assert_eq!(m.exchange_label("nowhere"), OTHER_EXCHANGE);
+        m.confirmed.with_label_values(&["orders"]).inc();
+        assert_eq!(m.exchange_label("orders"), "orders");
+        for i in 0..(MAX_EXCHANGE_LABELS * 2) {
+            m.confirmed.with_label_values(&[&format!("ex{i}")]).inc();
+            m.nacked.with_label_values(&[&format!("bogus{i}")]).inc();
+        }
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("courier_confirmed_total{"))
+            .count();
+        assert_eq!(series, MAX_EXCHANGE_LABELS + 1, "the cap plus _other");
+        assert!(
+            !text.contains("bogus"),
+            "unconfirmed names never become labels"
+        );
+        assert!(text.contains("courier_nacked_total{exchange=\"_other\"} 200"));
     }
 }

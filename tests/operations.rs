@@ -278,11 +278,17 @@ async fn admin_api_serves_health_metrics_and_guarded_dead_letter_actions() {
     assert_eq!(code, 200, "{body}");
     let (code, body) = http(&addr, "GET", "/metrics", None).await;
     assert_eq!(code, 200);
+    // An exchange earns its own label with its first confirm (publishes before it count
+    // under `_other`), so producers cannot grow the label set with made-up names.
     assert!(
         body.contains(&format!(
-            "courier_published_total{{exchange=\"{}\"}} 5",
+            "courier_confirmed_total{{exchange=\"{}\"}} 5",
             broker.exchange
         )),
+        "{body}"
+    );
+    assert!(
+        body.contains("courier_published_total{exchange=\"_other\"}"),
         "{body}"
     );
     assert!(

@@ -1,78 +1,92 @@
 //! The admin HTTP API and dashboard (actix-web), off unless `admin.bind` is set.
 //!
-//! Read endpoints are open: `/health`, `/ready`, `/metrics`, `/api/stats`,
-//! `/api/dead-letters`, `/api/openapi.json` and the dashboard at `/`. Mutating endpoints
-//! (requeue, discard) need `Authorization: Bearer <admin.token>`; with no token configured
-//! they are disabled (403), never open. Every error is a JSON body `{"error": "..."}` with a
-//! 4xx status naming the problem; nothing a client sends makes it answer 500 or lose a row
-//! (requeue and discard are single statements on the Store).
+//! Who may read what: health, readiness, metrics, stats and dead-letter *metadata* are
+//! open; dead-letter payloads and headers need `admin.token` or `admin.read_token`;
+//! requeue and discard need `admin.token`. With no such token configured those endpoints
+//! answer 403 (disabled, never open). Lists never carry payloads, and every response is
+//! bounded (at most [`queries::LIST_MAX`] rows, producer text cut, payloads cut to
+//! [`queries::PAYLOAD_MAX`] bytes).
+//!
+//! Every admin query runs on the admin API's own small pool with a statement timeout
+//! ([`queries`]), never on the engine's. Every response carries security headers (a CSP
+//! that allows only this server's own script and style, frame denial, `nosniff`, no
+//! referrer, `no-store`); `admin.allowed_hosts` answers 421 to any other `Host` (DNS
+//! rebinding). Errors are JSON `{"error": "..."}`; a database failure is logged with an
+//! `error_id` and answered with that id only — no SQL, host or user name leaves the server.
 
-use std::time::Duration;
+mod api;
+mod auth;
+pub mod conn_url;
+pub mod queries;
 
 use actix_web::{
-    dev::ServerHandle,
+    body::MessageBody,
+    dev::{ServerHandle, ServiceRequest, ServiceResponse},
     error::{InternalError, JsonPayloadError, PathError, QueryPayloadError},
     http::{header, StatusCode},
-    web, App, HttpRequest, HttpResponse, HttpServer,
+    middleware::{self, DefaultHeaders, Next},
+    web, App, HttpResponse, HttpServer, ResponseError,
 };
-use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::{events::broker_state, EngineHandle};
+use crate::{store::StoreError, EngineHandle};
 
-const OPENAPI: &str = include_str!("openapi.json");
-const DASHBOARD: &str = include_str!("dashboard.html");
+pub use queries::{AdminDb, AdminDbError};
 
-/// Starts the server on `bind`; returns its handle (stopped by `EngineHandle::shutdown`).
-pub fn start(engine: EngineHandle, bind: &str) -> std::io::Result<ServerHandle> {
-    let data = web::Data::new(engine);
+/// Why the admin server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Its database pools could not be set up.
+    #[error(transparent)]
+    Database(#[from] AdminDbError),
+    /// The address could not be bound.
+    #[error(transparent)]
+    Bind(#[from] std::io::Error),
+}
+
+/// The Content-Security-Policy of every response: nothing but this server's own script,
+/// style and API; no framing, no forms, no base URL.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+/// What every handler shares.
+pub(crate) struct AdminState {
+    pub(crate) engine: EngineHandle,
+    pub(crate) db: AdminDb,
+}
+
+/// Opens the admin pools and starts the server on `bind`; returns its handle (stopped by
+/// `EngineHandle::shutdown`).
+pub async fn start(engine: EngineHandle, bind: &str) -> Result<ServerHandle, AdminError> {
+    let config = engine.config().clone();
+    let db = AdminDb::connect(&config.database, &config.admin).await?;
+    let state = web::Data::new(AdminState { engine, db });
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(data.clone())
+            .app_data(state.clone())
             .app_data(
                 web::QueryConfig::default().error_handler(|e: QueryPayloadError, _| {
-                    InternalError::from_response(
-                        e.to_string(),
-                        error(StatusCode::BAD_REQUEST, format!("bad query: {e}")),
+                    bad_request(
+                        e,
+                        "bad query: expected limit (1-500) and since (a duration)",
                     )
-                    .into()
                 }),
             )
-            .app_data(web::PathConfig::default().error_handler(|e: PathError, _| {
-                InternalError::from_response(
-                    e.to_string(),
-                    error(StatusCode::BAD_REQUEST, format!("bad path: {e}")),
-                )
-                .into()
-            }))
             .app_data(
-                web::JsonConfig::default().error_handler(|e: JsonPayloadError, _| {
-                    InternalError::from_response(
-                        e.to_string(),
-                        error(StatusCode::BAD_REQUEST, format!("bad body: {e}")),
-                    )
-                    .into()
-                }),
+                web::PathConfig::default()
+                    .error_handler(|e: PathError, _| bad_request(e, "bad path")),
             )
-            .route("/", web::get().to(dashboard))
-            .route("/health", web::get().to(health))
-            .route("/ready", web::get().to(ready))
-            .route("/metrics", web::get().to(metrics))
-            .route("/api/stats", web::get().to(stats))
-            .route("/api/openapi.json", web::get().to(openapi))
-            .route("/api/dead-letters", web::get().to(list_dead_letters))
-            .route("/api/dead-letters/{id}", web::get().to(show_dead_letter))
-            .route(
-                "/api/dead-letters/{id}",
-                web::delete().to(discard_dead_letter),
+            .app_data(
+                web::JsonConfig::default()
+                    .error_handler(|e: JsonPayloadError, _| bad_request(e, "bad body")),
             )
-            .route(
-                "/api/dead-letters/{id}/requeue",
-                web::post().to(requeue_dead_letter),
-            )
+            .configure(api::routes)
             .default_service(web::to(|| async {
-                error(StatusCode::NOT_FOUND, "no such endpoint".into())
+                error(StatusCode::NOT_FOUND, "no such endpoint")
             }))
+            .wrap(middleware::from_fn(check_host))
+            .wrap(security_headers())
     })
     .workers(1)
     .disable_signals()
@@ -84,227 +98,103 @@ pub fn start(engine: EngineHandle, bind: &str) -> std::io::Result<ServerHandle> 
     Ok(handle)
 }
 
-fn error(status: StatusCode, message: String) -> HttpResponse {
+/// Headers on every response, the dashboard's included.
+fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add((header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::REFERRER_POLICY, "no-referrer"))
+        .add((header::CACHE_CONTROL, "no-store"))
+        .add(("Cross-Origin-Resource-Policy", "same-origin"))
+        .add(("Cross-Origin-Opener-Policy", "same-origin"))
+}
+
+/// Answers 421 to a `Host` that `admin.allowed_hosts` does not list. The raw `Host`
+/// header is what a browser sends (forwarding headers are the caller's to forge).
+async fn check_host(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let allowed = req
+        .app_data::<web::Data<AdminState>>()
+        .map(|s| s.engine.config().admin.allowed_hosts.clone())
+        .unwrap_or_default();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if auth::host_allowed(&allowed, host) {
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_left_body);
+    }
+    tracing::debug!(host = ?host, "admin request for a host not in admin.allowed_hosts");
+    let response = error(StatusCode::MISDIRECTED_REQUEST, "host not allowed");
+    Ok(req.into_response(response).map_into_right_body())
+}
+
+fn error(status: StatusCode, message: &str) -> HttpResponse {
     HttpResponse::build(status).json(serde_json::json!({ "error": message }))
 }
 
-fn store_error(e: crate::StoreError) -> HttpResponse {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("database unavailable: {e}"),
-    )
+/// A malformed request: a fixed message (the parser's own text stays in the logs).
+fn bad_request(e: impl std::fmt::Display, message: &'static str) -> actix_web::Error {
+    tracing::debug!(error = %e, "bad admin request");
+    InternalError::from_response(message, error(StatusCode::BAD_REQUEST, message)).into()
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, Box<HttpResponse>> {
-    Uuid::parse_str(raw).map_err(|_| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            format!("`{raw}` is not a message id (a UUID)"),
-        ))
-    })
+/// What an admin request can fail with; each is one status and a message fit for anyone.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    /// Malformed input.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// Missing or wrong bearer token (the same answer for both).
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// No token that could allow this is configured.
+    #[error("{0}")]
+    Disabled(&'static str),
+    /// No such dead letter.
+    #[error("no dead letter with id {0}")]
+    NotFound(Uuid),
+    /// The database failed or timed out; the cause is logged, never sent.
+    #[error("database unavailable")]
+    Database(#[source] StoreError),
 }
 
-/// Checks the bearer token in constant time; mutating endpoints are off without one.
-fn authorize(engine: &EngineHandle, req: &HttpRequest) -> Result<(), Box<HttpResponse>> {
-    let Some(expected) = engine.config().admin.token.as_deref() else {
-        return Err(Box::new(error(
-            StatusCode::FORBIDDEN,
-            "mutating endpoints are disabled: set admin.token (or COURIER_ADMIN_TOKEN)".into(),
-        )));
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let same = given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
-        Ok(())
-    } else {
-        Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        )))
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Database(e)
     }
 }
 
-async fn dashboard() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(DASHBOARD)
-}
-
-async fn openapi() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(OPENAPI)
-}
-
-async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
-}
-
-async fn ready(engine: web::Data<EngineHandle>) -> HttpResponse {
-    let database = tokio::time::timeout(Duration::from_secs(2), engine.store().stats())
-        .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false);
-    let broker = match engine.broker_state() {
-        broker_state::CONNECTED => "connected",
-        broker_state::BLOCKED => "blocked",
-        _ => "disconnected",
-    };
-    let ok = database && broker == "connected";
-    let body = serde_json::json!({
-        "ready": ok,
-        "database": if database { "connected" } else { "unreachable" },
-        "broker": broker,
-    });
-    if ok {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().json(body)
-    }
-}
-
-async fn metrics(engine: web::Data<EngineHandle>) -> HttpResponse {
-    let m = engine.metrics();
-    if let Ok(Ok(stats)) =
-        tokio::time::timeout(Duration::from_secs(2), engine.store().stats()).await
-    {
-        m.observe_stats(&stats);
-    }
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(m.render())
-}
-
-async fn stats(engine: web::Data<EngineHandle>) -> HttpResponse {
-    match engine.store().stats().await {
-        Ok(stats) => {
-            let mut body = crate::cli::stats_json(&stats);
-            body["counters"] = serde_json::to_value(engine.counters()).unwrap_or_default();
-            body["broker"] = serde_json::json!(match engine.broker_state() {
-                broker_state::CONNECTED => "connected",
-                broker_state::BLOCKED => "blocked",
-                _ => "disconnected",
-            });
-            HttpResponse::Ok().json(body)
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Disabled(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
-        Err(e) => store_error(e),
     }
-}
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    limit: Option<u32>,
-    since: Option<String>,
-}
-
-async fn list_dead_letters(
-    engine: web::Data<EngineHandle>,
-    query: web::Query<ListQuery>,
-) -> HttpResponse {
-    let limit = query.limit.unwrap_or(100);
-    if limit == 0 || limit > 10_000 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "limit must be between 1 and 10000".into(),
-        );
-    }
-    let since = match query.since.as_deref().map(humantime::parse_duration) {
-        None => None,
-        Some(Ok(d)) if d.as_millis() < i64::MAX as u128 / 2 => Some(d),
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "since must be a duration such as 30m or 2days".into(),
-            )
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthorized) {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
-    };
-    match engine.store().dead_letters(since, limit).await {
-        Ok(rows) => HttpResponse::Ok().json(rows.iter().map(|r| r.to_json()).collect::<Vec<_>>()),
-        Err(e) => store_error(e),
-    }
-}
-
-async fn show_dead_letter(engine: web::Data<EngineHandle>, id: web::Path<String>) -> HttpResponse {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(resp) => return *resp,
-    };
-    match engine.store().dead_letter(id).await {
-        Ok(Some(r)) => HttpResponse::Ok().json(r.to_json()),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("no dead letter with id {id}"),
-        ),
-        Err(e) => store_error(e),
-    }
-}
-
-/// A mutating dead-letter action: what it does to the rows, and the word for it.
-#[derive(Clone, Copy)]
-enum Action {
-    Requeue,
-    Discard,
-}
-
-async fn requeue_dead_letter(
-    engine: web::Data<EngineHandle>,
-    req: HttpRequest,
-    id: web::Path<String>,
-) -> HttpResponse {
-    act_on_dead_letter(&engine, &req, &id, Action::Requeue).await
-}
-
-async fn discard_dead_letter(
-    engine: web::Data<EngineHandle>,
-    req: HttpRequest,
-    id: web::Path<String>,
-) -> HttpResponse {
-    act_on_dead_letter(&engine, &req, &id, Action::Discard).await
-}
-
-/// Authorizes, parses the id, runs the single-statement action: 200, 404 or an error.
-async fn act_on_dead_letter(
-    engine: &EngineHandle,
-    req: &HttpRequest,
-    raw_id: &str,
-    action: Action,
-) -> HttpResponse {
-    if let Err(resp) = authorize(engine, req) {
-        return *resp;
-    }
-    let id = match parse_id(raw_id) {
-        Ok(id) => id,
-        Err(resp) => return *resp,
-    };
-    let (result, verb) = match action {
-        Action::Requeue => (engine.store().requeue_dead_letters(&[id]).await, "requeued"),
-        Action::Discard => (
-            engine.store().discard_dead_letters(&[id]).await,
-            "discarded",
-        ),
-    };
-    match result {
-        Ok(done) if done.contains(&id) => {
-            if matches!(action, Action::Requeue) {
-                engine.nudge();
+        match self {
+            ApiError::Database(cause) => {
+                let error_id = Uuid::new_v4();
+                tracing::warn!(%error_id, error = %cause, "admin API: database error");
+                response
+                    .json(serde_json::json!({ "error": self.to_string(), "error_id": error_id }))
             }
-            HttpResponse::Ok().json(serde_json::json!({ verb: id }))
+            _ => response.json(serde_json::json!({ "error": self.to_string() })),
         }
-        Ok(_) => error(
-            StatusCode::NOT_FOUND,
-            format!("no dead letter with id {id}"),
-        ),
-        Err(e) => store_error(e),
     }
 }

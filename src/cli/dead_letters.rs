@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use uuid::Uuid;
 
+use super::escape::{multi_line, one_line};
 use crate::{config::Config, store::Store};
 
 /// The dead-letter subcommands.
@@ -97,12 +98,14 @@ fn report(verb: &str, asked: &[Uuid], done: &[Uuid]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Producer text for one column: newlines as spaces, control characters escaped, cut to
+/// `n` characters.
 fn clip(s: &str, n: usize) -> String {
-    let one_line = s.replace('\n', " ");
-    if one_line.chars().count() <= n {
-        one_line
+    let safe = one_line(&s.replace('\n', " ")).into_owned();
+    if safe.chars().count() <= n {
+        safe
     } else {
-        format!("{}…", one_line.chars().take(n - 1).collect::<String>())
+        format!("{}…", safe.chars().take(n - 1).collect::<String>())
     }
 }
 
@@ -132,13 +135,14 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
         bail!("no dead letter with id {id}");
     };
     println!("id:            {}", r.id);
-    println!("exchange:      {}", r.exchange);
-    println!("routing key:   {}", r.routing_key);
+    // Everything below but the id, numbers and dates is producer text: escaped.
+    println!("exchange:      {}", one_line(&r.exchange));
+    println!("routing key:   {}", one_line(&r.routing_key));
     println!(
         "content type:  {}",
-        r.content_type.as_deref().unwrap_or("-")
+        one_line(r.content_type.as_deref().unwrap_or("-"))
     );
-    println!("headers:       {}", r.headers);
+    println!("headers:       {}", one_line(&r.headers.to_string()));
     println!(
         "attempts:      {} (max {})",
         r.attempts,
@@ -151,15 +155,23 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
         None => println!("created at:    (a value Courier cannot read)"),
     }
     println!("failed at:     {}", r.failed_at);
-    println!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
+    println!(
+        "last error:    {}",
+        one_line(r.last_error.as_deref().unwrap_or("-"))
+    );
     if let Some(key) = &r.ordering_key {
         println!(
-            "ordering key:  {key} (seq {}; with ordering.on_dead_letter: block the key waits for this row)",
+            "ordering key:  {} (seq {}; with ordering.on_dead_letter: block the key waits for this row)",
+            one_line(key),
             r.seq.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
         );
     }
     match r.payload_text() {
-        Some(text) => println!("payload (text, {} bytes):\n{text}", r.payload.len()),
+        Some(text) => println!(
+            "payload (text, {} bytes):\n{}",
+            r.payload.len(),
+            multi_line(text)
+        ),
         None => {
             use base64::Engine as _;
             println!(

@@ -13,6 +13,7 @@ mod commands;
 pub use commands::stats_json;
 mod dead_letters;
 mod demo;
+mod escape;
 
 /// Courier: publishes PostgreSQL outbox rows to RabbitMQ with publisher confirms, retries
 /// what fails and dead-letters what keeps failing.

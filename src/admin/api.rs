@@ -1,0 +1,256 @@
+//! The admin endpoints: the dashboard's files, health, readiness, metrics, stats and
+//! dead letters. Handlers answer `Result<HttpResponse, ApiError>`; see the module doc of
+//! [`crate::admin`] for who may call what.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{
+    auth::{authorize, Access},
+    queries::{self, AdminStats, DeadLetterPayload},
+    AdminState, ApiError,
+};
+use crate::events::broker_state;
+
+const OPENAPI: &str = include_str!("openapi.json");
+const DASHBOARD: &str = include_str!("dashboard.html");
+const DASHBOARD_JS: &str = include_str!("dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard.css");
+
+/// Bound on the readiness probe's `SELECT 1`.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+type State = web::Data<AdminState>;
+
+/// Every route of the admin API.
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/",
+        web::get().to(|| file("text/html; charset=utf-8", DASHBOARD)),
+    )
+    .route(
+        "/dashboard.js",
+        web::get().to(|| file("text/javascript; charset=utf-8", DASHBOARD_JS)),
+    )
+    .route(
+        "/dashboard.css",
+        web::get().to(|| file("text/css; charset=utf-8", DASHBOARD_CSS)),
+    )
+    .route(
+        "/api/openapi.json",
+        web::get().to(|| file("application/json", OPENAPI)),
+    )
+    .route("/health", web::get().to(health))
+    .route("/ready", web::get().to(ready))
+    .route("/metrics", web::get().to(metrics))
+    .route("/api/stats", web::get().to(stats))
+    .route("/api/dead-letters", web::get().to(list_dead_letters))
+    .route("/api/dead-letters/{id}", web::get().to(show_dead_letter))
+    .route(
+        "/api/dead-letters/{id}",
+        web::delete().to(discard_dead_letter),
+    )
+    .route("/api/dead-letters/{id}/payload", web::get().to(payload))
+    .route(
+        "/api/dead-letters/{id}/requeue",
+        web::post().to(requeue_dead_letter),
+    );
+}
+
+async fn file(content_type: &'static str, body: &'static str) -> HttpResponse {
+    HttpResponse::Ok().content_type(content_type).body(body)
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+fn broker(state: &AdminState) -> &'static str {
+    match state.engine.broker_state() {
+        broker_state::CONNECTED => "connected",
+        broker_state::BLOCKED => "blocked",
+        _ => "disconnected",
+    }
+}
+
+/// Connectivity only: `SELECT 1` on the probe connection and the broker's state; no counts.
+async fn ready(state: State) -> HttpResponse {
+    let database = match tokio::time::timeout(READY_TIMEOUT, state.db.ping()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "readiness: database check failed");
+            false
+        }
+        Err(_) => false,
+    };
+    let broker = broker(&state);
+    let ok = database && broker == "connected";
+    let body = serde_json::json!({
+        "ready": ok,
+        "database": if database { "connected" } else { "unreachable" },
+        "broker": broker,
+    });
+    if ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Prometheus text; the outbox gauges come from the admin pool's bounded counts (left as
+/// they were when the database does not answer in time).
+async fn metrics(state: State) -> HttpResponse {
+    let m = state.engine.metrics();
+    match state.db.stats().await {
+        Ok(s) => m.observe_stats(&s.stats),
+        Err(e) => tracing::debug!(error = %e, "metrics: outbox counts unavailable"),
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(m.render())
+}
+
+fn stats_json(s: &AdminStats) -> serde_json::Value {
+    serde_json::json!({
+        "outbox": s.stats.outbox,
+        "dead_letters": s.stats.dead_letters,
+        "oldest_pending_age_seconds": s.stats.oldest_pending_age.map(|a| a.as_secs_f64()),
+        "approximate": s.approximate,
+    })
+}
+
+async fn stats(state: State) -> Result<HttpResponse, ApiError> {
+    let s = state.db.stats().await?;
+    let mut body = stats_json(&s);
+    body["counters"] = serde_json::to_value(state.engine.counters()).unwrap_or_default();
+    body["broker"] = serde_json::json!(broker(&state));
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u32>,
+    since: Option<String>,
+}
+
+async fn list_dead_letters(
+    state: State,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > queries::LIST_MAX {
+        return Err(ApiError::BadRequest("limit must be between 1 and 500"));
+    }
+    let since = match query.since.as_deref().map(humantime::parse_duration) {
+        None => None,
+        Some(Ok(d)) if d.as_millis() < i64::MAX as u128 / 2 => Some(d),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "since must be a duration such as 30m or 2days",
+            ))
+        }
+    };
+    let rows = state.db.dead_letters(since, limit).await?;
+    Ok(HttpResponse::Ok().json(rows))
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::BadRequest("not a message id (a UUID)"))
+}
+
+/// One dead letter's metadata (no payload, no headers): open like the list.
+async fn show_dead_letter(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&id)?;
+    match state.db.dead_letter(id).await? {
+        Some(row) => Ok(HttpResponse::Ok().json(row)),
+        None => Err(ApiError::NotFound(id)),
+    }
+}
+
+/// One dead letter's payload and headers: `admin.token` or `admin.read_token` only.
+async fn payload(
+    state: State,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&state.engine.config().admin, &req, Access::ReadPayload)?;
+    let id = parse_id(&id)?;
+    match state.db.payload(id).await? {
+        Some(p) => Ok(HttpResponse::Ok().json(payload_json(&p))),
+        None => Err(ApiError::NotFound(id)),
+    }
+}
+
+/// The payload as text when it is UTF-8 (a cut in the middle of a character is
+/// trimmed), always also base64; `payload_truncated` / `headers_withheld` say what was cut.
+fn payload_json(p: &DeadLetterPayload) -> serde_json::Value {
+    use base64::Engine as _;
+    let truncated = i64::try_from(p.payload.len()).unwrap_or(i64::MAX) < p.payload_bytes;
+    let text = match std::str::from_utf8(&p.payload) {
+        Ok(t) => Some(t),
+        Err(e) if truncated && e.error_len().is_none() => {
+            std::str::from_utf8(&p.payload[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    serde_json::json!({
+        "id": p.id,
+        "content_type": p.content_type,
+        "payload_bytes": p.payload_bytes,
+        "payload_truncated": truncated,
+        "payload_text": text,
+        "payload_base64": base64::engine::general_purpose::STANDARD.encode(&p.payload),
+        "headers": p.headers,
+        "headers_withheld": p.headers.is_none(),
+    })
+}
+
+/// A mutating dead-letter action.
+#[derive(Clone, Copy)]
+enum Action {
+    Requeue,
+    Discard,
+}
+
+async fn requeue_dead_letter(
+    state: State,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    act_on_dead_letter(&state, &req, &id, Action::Requeue).await
+}
+
+async fn discard_dead_letter(
+    state: State,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    act_on_dead_letter(&state, &req, &id, Action::Discard).await
+}
+
+/// Authorizes, parses the id, runs the single-statement action on the admin pool.
+async fn act_on_dead_letter(
+    state: &AdminState,
+    req: &HttpRequest,
+    raw_id: &str,
+    action: Action,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&state.engine.config().admin, req, Access::Mutate)?;
+    let id = parse_id(raw_id)?;
+    let store = state.db.store();
+    let (done, verb) = match action {
+        Action::Requeue => (store.requeue_dead_letters(&[id]).await?, "requeued"),
+        Action::Discard => (store.discard_dead_letters(&[id]).await?, "discarded"),
+    };
+    if !done.contains(&id) {
+        return Err(ApiError::NotFound(id));
+    }
+    if matches!(action, Action::Requeue) {
+        state.engine.nudge();
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ verb: id })))
+}

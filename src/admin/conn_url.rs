@@ -1,0 +1,79 @@
+//! The admin pool's connection URL: the engine's `database.url` with the admin pool's
+//! `application_name` and statement timeout added.
+//!
+//! tokio-postgres (under diesel-async) reads libpq's `options` and `application_name` URL
+//! parameters and sends them in the startup packet, so every admin connection starts with
+//! `statement_timeout` set; no `SET` after connecting can be forgotten.
+
+use std::time::Duration;
+
+use crate::config::SecretUrl;
+
+/// `application_name` of every admin connection (visible in `pg_stat_activity`).
+pub const APPLICATION_NAME: &str = "courier-admin";
+
+/// `url` with `application_name=courier-admin` and `-c statement_timeout=…` added to its
+/// `options` (any options already there are kept).
+pub fn admin_url(
+    url: &SecretUrl,
+    statement_timeout: Duration,
+) -> Result<SecretUrl, url::ParseError> {
+    let mut parsed = url::Url::parse(url.expose())?;
+    let mut options = None;
+    let mut kept = Vec::new();
+    for (k, v) in parsed.query_pairs() {
+        match k.as_ref() {
+            "options" => options = Some(v.into_owned()),
+            "application_name" => {}
+            _ => kept.push((k.into_owned(), v.into_owned())),
+        }
+    }
+    let timeout = format!("-c statement_timeout={}", millis(statement_timeout).max(1));
+    let options = match options {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing} {timeout}"),
+        _ => timeout,
+    };
+    kept.push(("application_name".into(), APPLICATION_NAME.into()));
+    kept.push(("options".into(), options));
+    // tokio-postgres percent-decodes but does not read `+` as a space: write `%20`.
+    let encode = |s: &str| {
+        url::form_urlencoded::byte_serialize(s.as_bytes())
+            .collect::<String>()
+            .replace('+', "%20")
+    };
+    let query: Vec<String> = kept
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect();
+    parsed.set_query(Some(&query.join("&")));
+    Ok(SecretUrl::new(parsed.to_string()))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_url_carries_the_timeout_and_name_and_keeps_other_options() {
+        let url = SecretUrl::new(
+            "postgres://u:pw@db:5432/app?sslmode=disable&options=-c%20search_path%3Dx",
+        );
+        let admin = admin_url(&url, Duration::from_secs(3)).unwrap();
+        let parsed = url::Url::parse(admin.expose()).unwrap();
+        let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+        assert!(pairs.contains(&("sslmode".into(), "disable".into())));
+        assert!(pairs.contains(&("application_name".into(), APPLICATION_NAME.into())));
+        assert!(pairs.contains(&(
+            "options".into(),
+            "-c search_path=x -c statement_timeout=3000".into()
+        )));
+        assert_eq!(parsed.password(), Some("pw"));
+        assert!(admin
+            .expose()
+            .contains("options=-c%20search_path%3Dx%20-c%20statement_timeout%3D3000"));
+    }
+}

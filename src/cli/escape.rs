@@ -1,0 +1,63 @@
+//! Producer text made safe for the operator's terminal.
+//!
+//! Exchange names, routing and ordering keys, headers, payloads and `last_error` are written
+//! by producers (or quote what they wrote). Printed raw, an ESC sequence in one could
+//! recolour, move the cursor, retitle the window, rewrite earlier lines or hide itself; a
+//! bidi override could make text read differently from what it is. Every such character is
+//! printed as a visible escape instead: `\x1b` for C0 controls and DEL, `\u{9b}` for C1
+//! controls and bidi controls.
+
+use std::{borrow::Cow, fmt::Write as _};
+
+/// `s` with every control character escaped, newlines and tabs included (one line).
+pub fn one_line(s: &str) -> Cow<'_, str> {
+    escape(s, false)
+}
+
+/// `s` with every control character escaped except newlines and tabs (payload text).
+pub fn multi_line(s: &str) -> Cow<'_, str> {
+    escape(s, true)
+}
+
+fn escape(s: &str, keep_lines: bool) -> Cow<'_, str> {
+    let unsafe_char = |c: char| dangerous(c) && !(keep_lines && (c == '\n' || c == '\t'));
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if !unsafe_char(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// C0 and C1 controls, DEL, and the Unicode bidi embedding, override and isolate controls
+/// (and the line/paragraph separators some terminals treat as newlines).
+fn dangerous(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{2028}' | '\u{2029}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences_become_visible_text() {
+        assert_eq!(one_line("orders"), "orders");
+        assert_eq!(one_line("ex\x1b[31mred"), "ex\\x1b[31mred");
+        assert_eq!(one_line("a\nb\rc\u{7f}"), "a\\x0ab\\x0dc\\x7f");
+        assert_eq!(one_line("csi\u{9b}2J"), "csi\\u{9b}2J");
+        assert_eq!(one_line("\u{202e}txt.exe"), "\\u{202e}txt.exe");
+        assert_eq!(
+            multi_line("line 1\n\tline 2\x1b]0;t\x07"),
+            "line 1\n\tline 2\\x1b]0;t\\x07"
+        );
+    }
+}
