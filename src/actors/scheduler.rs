@@ -171,17 +171,6 @@ impl Scheduler {
             .saturating_sub(self.held_bytes)
     }
 
-    /// Little room left in bytes: a claim may have been cut short by the byte budget
-    /// rather than by a lack of due rows, so claim again as soon as bytes come back.
-    fn bytes_tight(&self) -> bool {
-        self.bytes_left()
-            < self
-                .config
-                .publisher
-                .max_payload_bytes
-                .min(self.config.publisher.max_in_flight_bytes / 2)
-    }
-
     /// Byte budget for one claim of `rows` out of a round of `total` rows.
     fn limits(&self, rows: u32, total: u32) -> ClaimLimits {
         let share = self.bytes_left() / u64::from(total.max(1)) * u64::from(rows);
@@ -260,7 +249,7 @@ impl Scheduler {
             Ok(Ok(claimed)) => {
                 let n = claimed.messages.len() + claimed.dead_lettered.len();
                 self.dispatch(claimed.messages);
-                Some((n, claimed.full || (n > 0 && self.bytes_tight())))
+                Some((n, claimed.full))
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, ?kind, "claim failed; the next sweep tries again");

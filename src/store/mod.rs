@@ -175,6 +175,9 @@ struct ClaimedRow {
     created_at_text: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     ordering_key: Option<String>,
+    /// The byte budget left rows of this claim out (the same on every row).
+    #[diesel(sql_type = Bool)]
+    cut: bool,
 }
 
 /// A claimed row that can never be published, with the reason naming the column.
@@ -570,7 +573,7 @@ impl Store {
             .load(&mut conn)
             .await?;
         drop(conn);
-        let full = rows.len() == limits.rows as usize;
+        let full = rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut);
         let mut claimed = self.sort_out(engine, rows, limits.max_payload).await;
         claimed.messages.sort_by_key(|m| m.created_at);
         claimed.full = full;
@@ -612,7 +615,7 @@ impl Store {
             .load(&mut conn)
             .await?;
         drop(conn);
-        let full = rows.len() == limits.rows as usize;
+        let full = rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut);
         let served: Vec<String> = rows.iter().filter_map(|r| r.ordering_key.clone()).collect();
         let served: Vec<&str> = served.iter().map(String::as_str).collect();
         let next_key = next_key(keys.after.as_deref(), &served).or(keys.after.clone());
@@ -1069,6 +1072,7 @@ mod tests {
             created_at: Some(chrono::Utc::now()),
             created_at_text: None,
             ordering_key: None,
+            cut: false,
         }
     }
 

@@ -39,7 +39,9 @@ pub struct Sql {
 }
 
 /// The columns a claimed message is read with (see `ClaimedRow`), `max_payload` being the
-/// parameter that holds `publisher.max_payload_bytes`.
+/// parameter that holds `publisher.max_payload_bytes`. `cut` says the byte budget left
+/// rows out (see [`fit`]): the claim counts as full, so the engine claims again as soon as
+/// bytes come back instead of waiting for the next sweep.
 ///
 /// Every column comes in a form that cannot fail to decode, so one hostile row can never
 /// fail the whole batch: headers as text (parsed row by row: valid jsonb is not always valid
@@ -57,7 +59,8 @@ fn message_columns(max_payload: &str) -> String {
               THEN o.created_at END AS created_at,
          CASE WHEN isfinite(o.created_at) AND o.created_at < '100000-01-01'
               THEN NULL ELSE o.created_at::text END AS created_at_text,
-         o.ordering_key"
+         o.ordering_key,
+         (SELECT count(*) FROM picked) > (SELECT count(*) FROM fit) AS cut"
     )
 }
 
