@@ -382,7 +382,7 @@ impl Scheduler {
         let outstanding = self.outstanding();
         ctx.spawn(
             async move {
-                let oldest = store.stats().await.ok().and_then(|s| s.oldest_pending_age);
+                let oldest = store.oldest_pending_age().await.ok().flatten();
                 tracing::info!(
                     published = counters.published,
                     confirmed = counters.confirmed,

@@ -814,17 +814,25 @@ impl Store {
         let dead: TotalRow = diesel::sql_query(&self.sql.dead_letter_count)
             .get_result(&mut conn)
             .await?;
-        let age: AgeRow = diesel::sql_query(&self.sql.oldest_pending)
-            .get_result(&mut conn)
-            .await?;
+        drop(conn);
         Ok(Stats {
             outbox,
             dead_letters: dead.n,
-            oldest_pending_age: age
-                .age
-                .filter(|a| a.is_finite())
-                .map(|a| Duration::from_secs_f64(a.max(0.0))),
+            oldest_pending_age: self.oldest_pending_age().await?,
         })
+    }
+
+    /// Age of the oldest row not yet confirmed (pending, retrying or in flight), without
+    /// counting anything (the engine's periodic summary).
+    pub async fn oldest_pending_age(&self) -> Result<Option<Duration>, StoreError> {
+        let mut conn = self.conn().await?;
+        let age: AgeRow = diesel::sql_query(&self.sql.oldest_pending)
+            .get_result(&mut conn)
+            .await?;
+        Ok(age
+            .age
+            .filter(|a| a.is_finite())
+            .map(|a| Duration::from_secs_f64(a.max(0.0))))
     }
 
     /// The final outcomes reached so far by any of `ids` (ids still on their way are absent).
