@@ -75,6 +75,8 @@ pub struct Counters {
     pub returns_on_other_confirm: AtomicU64,
     /// Broker reconnects.
     pub reconnects: AtomicU64,
+    /// Publishing channels the broker closed (and the publisher replaced).
+    pub channel_closes: AtomicU64,
     /// Confirmed rows removed by retention.
     pub retention_removed: AtomicU64,
     /// Messages published and not yet settled (gauge).
@@ -109,6 +111,7 @@ impl Counters {
             late_returns: get(&self.late_returns),
             returns_on_other_confirm: get(&self.returns_on_other_confirm),
             reconnects: get(&self.reconnects),
+            channel_closes: get(&self.channel_closes),
             retention_removed: get(&self.retention_removed),
             in_flight: get(&self.in_flight),
             peak_in_flight: get(&self.peak_in_flight),
@@ -135,6 +138,7 @@ pub struct CounterSnapshot {
     pub late_returns: u64,
     pub returns_on_other_confirm: u64,
     pub reconnects: u64,
+    pub channel_closes: u64,
     pub retention_removed: u64,
     pub in_flight: u64,
     pub peak_in_flight: u64,

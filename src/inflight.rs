@@ -5,12 +5,25 @@
 //! (`token`); a return is recorded under the returned message's own id and turns that
 //! message's ack into a failure whenever the two arrive; deadlines expire messages whose
 //! confirm never came.
+//!
+//! **A channel the broker closed** fails every pending confirm of that channel with the same
+//! close. Only the message that caused it is charged ([`FailureReason::Refused`]); the others
+//! are refunded ([`FailureReason::ChannelLost`]). The culprit is every message to the
+//! exchange the close text names; when the text names none, it is the channel's first
+//! unconfirmed publish (lowest token) — the broker stops at the publish it refuses, so that
+//! is the earliest message that can be to blame.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Instant,
+};
 
 use uuid::Uuid;
 
-use crate::state::{Delivery, FailureReason};
+use crate::{
+    broker::ChannelClose,
+    state::{Delivery, FailureReason},
+};
 
 /// How the broker answered one publish (the returned message, if any, is reported
 /// separately through [`InFlightTable::note_return`]).
@@ -22,6 +35,8 @@ pub enum Answer {
     Nack,
     /// The channel or connection failed before an answer.
     Lost(String),
+    /// The broker closed the channel (a soft error) before an answer.
+    Closed(ChannelClose),
 }
 
 /// The decision for one settled message (still to be applied through the state machine).
@@ -45,14 +60,21 @@ pub enum ReturnNote {
 struct Entry {
     delivery: Delivery,
     token: u64,
+    channel: u64,
     deadline: Instant,
 }
+
+/// Closed channels remembered with their first unconfirmed token (a close is answered on
+/// every pending confirm at once, so only the last few channels matter).
+const CLOSED_CHANNELS_KEPT: usize = 16;
 
 /// See the module documentation.
 #[derive(Default)]
 pub struct InFlightTable {
     entries: HashMap<Uuid, Entry>,
     returned: HashMap<Uuid, FailureReason>,
+    /// `(channel, lowest token unconfirmed when its close was first seen)`.
+    closed: VecDeque<(u64, u64)>,
 }
 
 impl InFlightTable {
@@ -73,15 +95,63 @@ impl InFlightTable {
 
     /// Tracks a publish of `delivery` identified by `token`, due by `deadline`.
     pub fn insert(&mut self, delivery: Delivery, token: u64, deadline: Instant) {
+        self.insert_on(delivery, token, 0, deadline);
+    }
+
+    /// [`InFlightTable::insert`] for a publish on publishing channel number `channel` (the
+    /// publisher numbers each channel it opens).
+    pub fn insert_on(&mut self, delivery: Delivery, token: u64, channel: u64, deadline: Instant) {
         let id = delivery.message.id;
         self.entries.insert(
             id,
             Entry {
                 delivery,
                 token,
+                channel,
                 deadline,
             },
         );
+    }
+
+    /// The first unconfirmed publish of `channel` when its close was first seen.
+    fn first_unconfirmed(&mut self, channel: u64) -> Option<u64> {
+        if let Some((_, token)) = self.closed.iter().find(|(c, _)| *c == channel) {
+            return Some(*token);
+        }
+        let first = self
+            .entries
+            .values()
+            .filter(|e| e.channel == channel)
+            .map(|e| e.token)
+            .min()?;
+        if self.closed.len() == CLOSED_CHANNELS_KEPT {
+            self.closed.pop_front();
+        }
+        self.closed.push_back((channel, first));
+        Some(first)
+    }
+
+    /// Charged or refunded: see the module documentation.
+    fn blame(&mut self, id: Uuid, close: ChannelClose) -> FailureReason {
+        let Some(entry) = self.entries.get(&id) else {
+            return FailureReason::ChannelLost(close.text);
+        };
+        let (token, channel) = (entry.token, entry.channel);
+        let culprit = match close.exchange() {
+            Some(named) => entry.delivery.message.exchange == named,
+            None => self.first_unconfirmed(channel) == Some(token),
+        };
+        if culprit {
+            FailureReason::Refused {
+                code: close.code,
+                text: close.text,
+            }
+        } else {
+            FailureReason::ChannelLost(format!(
+                "channel closed for another message: {} {}",
+                close.code, close.text
+            ))
+        }
     }
 
     /// Records that message `id` was returned, whichever confirm carried the return.
@@ -100,6 +170,10 @@ impl InFlightTable {
         if self.entries.get(&id)?.token != token {
             return None;
         }
+        let blamed = match &answer {
+            Answer::Closed(close) => Some(self.blame(id, close.clone())),
+            _ => None,
+        };
         let entry = self.entries.remove(&id)?;
         let returned = self.returned.remove(&id);
         Some(match (answer, returned) {
@@ -109,6 +183,10 @@ impl InFlightTable {
             (Answer::Lost(why), _) => {
                 Settled::Failed(entry.delivery, FailureReason::ChannelLost(why))
             }
+            (Answer::Closed(close), _) => Settled::Failed(
+                entry.delivery,
+                blamed.unwrap_or(FailureReason::ChannelLost(close.text)),
+            ),
         })
     }
 
@@ -202,6 +280,71 @@ mod tests {
         t.insert(d, 2, Instant::now() + Duration::from_secs(5));
         assert!(t.settle(id, 1, Answer::Ack).is_none());
         assert!(t.settle(id, 2, Answer::Nack).is_some());
+    }
+
+    fn to(exchange: &str) -> Delivery {
+        let mut m = OutboxMessage::new(exchange, "k", b"p".to_vec());
+        m.attempts = 1;
+        Delivery::claimed(m, 3)
+    }
+
+    fn charged(s: Option<Settled>) -> bool {
+        match s {
+            Some(Settled::Failed(_, reason)) => !reason.is_collateral(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_close_naming_an_exchange_charges_only_its_messages() {
+        let mut t = InFlightTable::new();
+        let later = Instant::now() + Duration::from_secs(5);
+        let close = ChannelClose {
+            code: 403,
+            text: "ACCESS_REFUSED - cannot publish to internal exchange 'bad' in vhost '/'".into(),
+        };
+        let (good, bad, good2) = (to("good"), to("bad"), to("good"));
+        let ids = [good.message.id, bad.message.id, good2.message.id];
+        t.insert_on(good, 1, 7, later);
+        t.insert_on(bad, 2, 7, later);
+        t.insert_on(good2, 3, 7, later);
+        assert!(!charged(t.settle(ids[0], 1, Answer::Closed(close.clone()))));
+        match t.settle(ids[1], 2, Answer::Closed(close.clone())) {
+            Some(Settled::Failed(_, FailureReason::Refused { code: 403, text })) => {
+                assert!(text.contains("'bad'"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!charged(t.settle(ids[2], 3, Answer::Closed(close))));
+    }
+
+    #[test]
+    fn a_close_naming_no_exchange_charges_the_first_unconfirmed_publish() {
+        let mut t = InFlightTable::new();
+        let later = Instant::now() + Duration::from_secs(5);
+        let close = ChannelClose {
+            code: 406,
+            text: "PRECONDITION_FAILED - something".into(),
+        };
+        let ds: Vec<Delivery> = (0..4).map(|_| to("x")).collect();
+        let ids: Vec<Uuid> = ds.iter().map(|d| d.message.id).collect();
+        for (i, d) in ds.into_iter().enumerate() {
+            // Two channels: tokens 10, 11 on channel 1 (already closed and replaced), 12, 13 on 2.
+            t.insert_on(d, 10 + i as u64, 1 + (i as u64) / 2, later);
+        }
+        assert!(matches!(
+            t.settle(ids[0], 10, Answer::Ack),
+            Some(Settled::Ack(_))
+        ));
+        // Settled out of order: the lowest unconfirmed token of the channel is charged,
+        // whichever confirm is read first.
+        assert!(!charged(t.settle(
+            ids[3],
+            13,
+            Answer::Closed(close.clone())
+        )));
+        assert!(charged(t.settle(ids[2], 12, Answer::Closed(close.clone()))));
+        assert!(charged(t.settle(ids[1], 11, Answer::Closed(close))));
     }
 
     #[test]

@@ -130,6 +130,28 @@ impl OutboxMessage {
     }
 }
 
+/// Bytes of the content-header frame that carries `props`: frame header (7), class id,
+/// weight and body size (12), the encoded properties (flags, headers table…) and the frame
+/// end (1). A header frame over the connection's negotiated `frame_max` is a frame error
+/// that closes the whole connection, so it must be refused before publishing.
+pub fn content_header_frame_size(props: &BasicProperties) -> Result<usize, String> {
+    let encoded = lapin::protocol::basic::gen_properties(props)(Vec::new().into())
+        .map_err(|e| format!("properties cannot be encoded: {e}"))?;
+    Ok(7 + 12 + encoded.write.len() + 1)
+}
+
+/// Rejects properties whose content-header frame would not fit in `frame_max` bytes.
+pub fn check_header_frame(props: &BasicProperties, frame_max: u32) -> Result<(), String> {
+    let size = content_header_frame_size(props)?;
+    if frame_max > 0 && size > frame_max as usize {
+        return Err(format!(
+            "headers need a {size}-byte content header frame, over the connection's \
+             frame_max of {frame_max} bytes"
+        ));
+    }
+    Ok(())
+}
+
 fn short_string(what: &str, s: &str) -> Result<ShortString, String> {
     ShortString::try_new(s)
         .map_err(|_| format!("{what} is {} bytes, AMQP allows at most 255", s.len()))
@@ -224,6 +246,24 @@ mod tests {
         assert!(m.amqp_routing_key().is_err());
         let m = OutboxMessage::new("x", "y", vec![]).with_content_type(long);
         assert!(m.amqp_properties().is_err());
+    }
+
+    #[test]
+    fn header_frames_are_measured_against_frame_max() {
+        let small = OutboxMessage::new("x", "y", b"p".to_vec()).with_header("a", "b");
+        let props = small.amqp_properties().unwrap();
+        let size = content_header_frame_size(&props).unwrap();
+        assert!(size > 36 && size < 200, "{size}");
+        assert!(check_header_frame(&props, 131_072).is_ok());
+        assert!(check_header_frame(&props, size as u32).is_ok());
+        assert!(check_header_frame(&props, size as u32 - 1).is_err());
+
+        let big = small.with_header("big", "x".repeat(200_000));
+        let props = big.amqp_properties().unwrap();
+        let size = content_header_frame_size(&props).unwrap();
+        assert!(size > 200_000, "{size}");
+        let e = check_header_frame(&props, 131_072).unwrap_err();
+        assert!(e.contains(&size.to_string()) && e.contains("131072"), "{e}");
     }
 
     #[test]

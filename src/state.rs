@@ -163,6 +163,17 @@ pub enum FailureReason {
     ChannelLost(String),
     /// The message could not be sent at all (missing exchange, bad headers, too large…).
     Rejected(String),
+    /// The broker closed the channel because of this message (its exchange is named in the
+    /// close, e.g. 403 ACCESS_REFUSED on an internal exchange or one the user may not write
+    /// to), or it was held back because the broker refused its exchange moments ago. Unlike
+    /// [`FailureReason::ChannelLost`] it is charged: a row the broker refuses must reach its
+    /// `max_attempts` instead of closing the channel under its neighbours forever.
+    Refused {
+        /// AMQP reply code of the channel close.
+        code: u16,
+        /// AMQP reply text of the channel close.
+        text: String,
+    },
     /// Its lease expired while another engine (or a crashed one) held it.
     LeaseExpired,
 }
@@ -187,6 +198,9 @@ impl fmt::Display for FailureReason {
             }
             FailureReason::ChannelLost(why) => write!(f, "channel lost before confirm: {why}"),
             FailureReason::Rejected(why) => write!(f, "not publishable: {why}"),
+            FailureReason::Refused { code, text } => {
+                write!(f, "refused by broker (channel closed): {code} {text}")
+            }
             FailureReason::LeaseExpired => {
                 f.write_str("lease expired before a confirm was recorded")
             }
@@ -420,6 +434,19 @@ mod tests {
             matches!(r, Ok(AfterFailure::Retry { refund: true, .. })),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn a_refusal_is_charged() {
+        let b = BackoffConfig::default();
+        let refused = FailureReason::Refused {
+            code: 403,
+            text: "ACCESS_REFUSED - cannot publish to internal exchange 'x' in vhost '/'".into(),
+        };
+        assert!(!refused.is_collateral());
+        assert!(refused.to_string().contains("internal exchange 'x'"));
+        let mut d = delivery(3, None);
+        assert_eq!(d.fail(&refused, &b), Ok(AfterFailure::DeadLetter));
     }
 
     #[test]

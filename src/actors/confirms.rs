@@ -16,6 +16,10 @@
 //! return of a batch before it settles any ack in it. A return that names a message still
 //! in flight is remembered until that message's own confirm arrives.
 //!
+//! A confirm failed by a channel close is charged only to the message the close blames
+//! (see `inflight`): the others are refunded, so a row the broker refuses uses up its own
+//! attempts and no neighbour's.
+//!
 //! Outcomes go to the Store actor (batched writes) and the DeadLetter actor.
 
 use std::{
@@ -36,6 +40,7 @@ use super::{
     store::{Record, StoreActor},
 };
 use crate::{
+    broker::ChannelClose,
     config::Config,
     events::{Counters, Signals},
     inflight::{Answer, InFlightTable, ReturnNote, Settled},
@@ -47,8 +52,11 @@ use crate::{
 pub struct Published {
     /// The message, in state `InFlight`.
     pub delivery: Delivery,
-    /// Distinguishes this publish from an earlier one of the same row.
+    /// Distinguishes this publish from an earlier one of the same row; increases with
+    /// every publish.
     pub token: u64,
+    /// Which publishing channel carried it (the publisher numbers the channels it opens).
+    pub channel: u64,
     /// lapin's confirm future.
     pub confirm: PublisherConfirm,
 }
@@ -136,7 +144,9 @@ impl ConfirmTracker {
             FailureReason::Returned { .. } => &counters.returned,
             FailureReason::ConfirmTimeout(_) => &counters.timed_out,
             FailureReason::ChannelLost(_) => &counters.channel_lost,
-            FailureReason::Rejected(_) | FailureReason::LeaseExpired => &counters.rejected,
+            FailureReason::Rejected(_)
+            | FailureReason::Refused { .. }
+            | FailureReason::LeaseExpired => &counters.rejected,
         };
         Counters::add(counter, 1);
         let exchange = delivery.message.exchange.clone();
@@ -183,7 +193,10 @@ impl ConfirmTracker {
             Ok(Confirmation::Ack(_)) => Answer::Ack,
             Ok(Confirmation::Nack(_)) => Answer::Nack,
             Ok(Confirmation::NotRequested) => Answer::Lost("channel not in confirm mode".into()),
-            Err(e) => Answer::Lost(e.to_string()),
+            Err(e) => match ChannelClose::from_error(&e) {
+                Some(close) => Answer::Closed(close),
+                None => Answer::Lost(e.to_string()),
+            },
         };
         match self.in_flight.settle(r.id, r.token, answer) {
             None => {} // an earlier publish of a message already settled (e.g. timed out)
@@ -323,7 +336,8 @@ impl Handler<Track> for ConfirmTracker {
         for p in msg.0 {
             let id = p.delivery.message.id;
             let token = p.token;
-            self.in_flight.insert(p.delivery, token, deadline);
+            self.in_flight
+                .insert_on(p.delivery, token, p.channel, deadline);
             let fut: ConfirmFuture =
                 Box::pin(p.confirm.map(move |result| Resolved { id, token, result }));
             if let Some(pump) = &self.pump {

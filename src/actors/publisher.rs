@@ -4,10 +4,13 @@
 //! batch is written in one go (each `basic_publish` future registers its confirm and queues
 //! its frames on first poll, so polling them together pipelines the whole batch), and each
 //! message's `PublisherConfirm` goes to the ConfirmTracker. Messages that cannot be sent at
-//! all — names over 255 bytes, headers AMQP cannot carry, payloads over the limit, a missing
-//! exchange — never reach the channel: one bad row must not close the channel under a
-//! thousand good ones (LAPIN-NOTES.md). Missing exchanges are found with a passive declare
-//! on a side channel, cached for a short while.
+//! all — names over 255 bytes, headers AMQP cannot carry or too large for the connection's
+//! `frame_max`, payloads over the limit, a missing exchange — never reach the channel: one
+//! bad row must not close the channel under a thousand good ones (LAPIN-NOTES.md). Missing
+//! exchanges are found with a passive declare on a side channel, cached for a short while.
+//! An exchange the broker refused by closing the channel (403: internal, or no write
+//! permission) is remembered as long, and rows to it are failed — charged an attempt —
+//! without being published, so a refused row closes the channel a bounded number of times.
 //!
 //! The actor runs under an actix `Supervisor`. The publish handler is atomic (it blocks the
 //! mailbox until the batch is written). Connection events are read by a small watcher task
@@ -38,7 +41,7 @@ use super::{
 };
 use crate::{
     backoff,
-    broker::{self, BrokerError},
+    broker::{self, BrokerError, ChannelClose},
     config::{BackoffConfig, Config},
     events::{Counters, EngineEvent, Signals},
     state::{Delivery, FailureReason},
@@ -49,6 +52,14 @@ use crate::{
 #[rtype(result = "()")]
 pub struct Publish(pub Vec<Delivery>);
 
+/// The broker closed a channel of connection `generation` (a soft error, e.g. 403).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ChannelClosed {
+    generation: u64,
+    close: ChannelClose,
+}
+
 /// The watcher saw connection `generation` fail.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -57,7 +68,7 @@ struct ConnectionFailed {
     why: String,
 }
 
-/// How long a positive passive-declare result is trusted.
+/// How long a positive passive-declare result, or an exchange refusal, is trusted.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// Reconnect delays: 100 ms doubling to 10 s, ±30 %.
@@ -73,6 +84,8 @@ fn reconnect_backoff() -> BackoffConfig {
 struct Link {
     conn: Arc<Connection>,
     channel: Channel,
+    /// The publisher's number for `channel` (see `Published::channel`).
+    channel_no: u64,
     side: Option<Channel>,
 }
 
@@ -86,7 +99,10 @@ pub struct Publisher {
     signals: Signals,
     link: Option<Link>,
     known_exchanges: HashMap<String, Instant>,
+    /// Exchanges the broker refused by closing the channel, with when and why.
+    refused_exchanges: HashMap<String, (Instant, ChannelClose)>,
     next_token: u64,
+    channels_opened: u64,
     failed_connects: u32,
     ever_connected: bool,
 }
@@ -109,7 +125,9 @@ impl Publisher {
             signals,
             link: None,
             known_exchanges: HashMap::new(),
+            refused_exchanges: HashMap::new(),
             next_token: 0,
+            channels_opened: 0,
             failed_connects: 0,
             ever_connected: false,
         }
@@ -121,7 +139,7 @@ impl Publisher {
             async move { open_link(&cfg).await }
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok((link, events)) => {
+                    Ok((mut link, events)) => {
                         tracing::info!(broker = %act.config.broker.url, "connected to RabbitMQ");
                         if act.ever_connected {
                             Counters::add(&act.signals.counters.reconnects, 1);
@@ -134,6 +152,8 @@ impl Publisher {
                             .set_broker(crate::events::broker_state::CONNECTED);
                         act.failed_connects = 0;
                         act.known_exchanges.clear();
+                        act.channels_opened += 1;
+                        link.channel_no = act.channels_opened;
                         act.generation += 1;
                         watch(
                             events,
@@ -176,6 +196,7 @@ impl Publisher {
     fn reopen_channel(&mut self, ctx: &mut Context<Self>) {
         let Some(link) = &self.link else { return };
         self.known_exchanges.clear();
+        Counters::add(&self.signals.counters.channel_closes, 1);
         let conn = link.conn.clone();
         let timeout = self.config.broker.connect_timeout;
         ctx.wait(
@@ -188,7 +209,9 @@ impl Publisher {
             .map(|result, act, ctx| match (result, act.link.as_mut()) {
                 (Ok(channel), Some(link)) => {
                     tracing::info!("publishing channel closed by the broker; opened a new one");
+                    act.channels_opened += 1;
                     link.channel = channel;
+                    link.channel_no = act.channels_opened;
                 }
                 (Err(e), _) => act.lost(ctx, format!("cannot reopen channel: {e}")),
                 (Ok(_), None) => {}
@@ -200,6 +223,14 @@ impl Publisher {
         self.link
             .as_ref()
             .is_some_and(|l| l.conn.status().connected())
+    }
+
+    /// Why the broker refused `name` within the cache TTL, if it did.
+    fn refusal(&self, name: &str) -> Option<&ChannelClose> {
+        self.refused_exchanges
+            .get(name)
+            .filter(|(at, _)| at.elapsed() < EXCHANGE_CACHE_TTL)
+            .map(|(_, close)| close)
     }
 
     fn exchange_known(&self, name: &str) -> bool {
@@ -223,6 +254,7 @@ async fn open_link(
         Link {
             conn,
             channel,
+            channel_no: 0,
             side: None,
         },
         events,
@@ -261,10 +293,15 @@ fn watch(
                     scheduler.do_send(BrokerReady(true));
                     signals.emit(EngineEvent::BrokerUnblocked);
                 }
-                Event::Error(e) => publisher.do_send(ConnectionFailed {
-                    generation,
-                    why: e.to_string(),
-                }),
+                // A channel closed by the broker is reported here too: it is not the
+                // connection failing, but it tells which exchange was refused.
+                Event::Error(e) => match ChannelClose::from_error(&e) {
+                    Some(close) => publisher.do_send(ChannelClosed { generation, close }),
+                    None => publisher.do_send(ConnectionFailed {
+                        generation,
+                        why: e.to_string(),
+                    }),
+                },
                 _ => {}
             }
         }
@@ -290,7 +327,7 @@ struct Prepared {
     properties: BasicProperties,
 }
 
-fn prepare(d: &Delivery, max_payload: u64) -> Result<Prepared, String> {
+fn prepare(d: &Delivery, max_payload: u64, frame_max: u32) -> Result<Prepared, String> {
     let m = &d.message;
     if m.payload.len() as u64 > max_payload {
         return Err(format!(
@@ -298,11 +335,27 @@ fn prepare(d: &Delivery, max_payload: u64) -> Result<Prepared, String> {
             m.payload.len()
         ));
     }
+    let properties = m.amqp_properties()?;
+    crate::message::check_header_frame(&properties, frame_max)?;
     Ok(Prepared {
         exchange: m.amqp_exchange()?,
         routing_key: m.amqp_routing_key()?,
-        properties: m.amqp_properties()?,
+        properties,
     })
+}
+
+/// Why a publish whose write failed did not go out: charged when the broker closed the
+/// channel naming this message's exchange, refunded otherwise.
+fn write_failure(d: &Delivery, e: &lapin::Error) -> FailureReason {
+    match ChannelClose::from_error(e) {
+        Some(close) if close.exchange() == Some(d.message.exchange.as_str()) => {
+            FailureReason::Refused {
+                code: close.code,
+                text: close.text,
+            }
+        }
+        _ => FailureReason::ChannelLost(e.to_string()),
+    }
 }
 
 fn is_not_found(e: &lapin::Error) -> bool {
@@ -355,15 +408,26 @@ struct Round {
     connection_suspect: bool,
 }
 
-async fn publish_round(
+/// The publishing channel of one round, with the publisher's number for it.
+struct OnChannel {
     conn: Arc<Connection>,
     channel: Channel,
+    channel_no: u64,
+}
+
+async fn publish_round(
+    on: OnChannel,
     mut side: Option<Channel>,
     ready: Vec<(Delivery, Prepared, u64)>,
     unknown: HashSet<String>,
     check_timeout: Duration,
     signals: Signals,
 ) -> Round {
+    let OnChannel {
+        conn,
+        channel,
+        channel_no,
+    } = on;
     let mut exchanges = HashMap::new();
     let mut unsent = Vec::new();
     let mut check_failed: Option<String> = None;
@@ -451,11 +515,13 @@ async fn publish_round(
             Ok(confirm) => published.push(Published {
                 delivery,
                 token,
+                channel: channel_no,
                 confirm,
             }),
             Err(e) => {
                 channel_broken = true;
-                unsent.push((delivery, FailureReason::ChannelLost(e.to_string())));
+                let why = write_failure(&delivery, &e);
+                unsent.push((delivery, why));
             }
         }
     }
@@ -506,6 +572,22 @@ impl Supervised for Publisher {
     }
 }
 
+impl Handler<ChannelClosed> for Publisher {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChannelClosed, _: &mut Context<Self>) {
+        if msg.generation != self.generation || !msg.close.refuses_exchange() {
+            return;
+        }
+        if let Some(exchange) = msg.close.exchange() {
+            tracing::warn!(%exchange, code = msg.close.code, reason = %msg.close.text,
+                "the broker refused an exchange; rows to it are failed unpublished for a while");
+            self.refused_exchanges
+                .insert(exchange.to_string(), (Instant::now(), msg.close.clone()));
+        }
+    }
+}
+
 impl Handler<ConnectionFailed> for Publisher {
     type Result = ();
 
@@ -544,11 +626,25 @@ impl Handler<Publish> for Publisher {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let max_payload = self.config.publisher.max_payload_bytes;
+        let frame_max = self
+            .link
+            .as_ref()
+            .map_or(0, |l| l.conn.configuration().frame_max());
+        self.refused_exchanges
+            .retain(|_, (at, _)| at.elapsed() < EXCHANGE_CACHE_TTL);
         let mut ready = Vec::with_capacity(msg.0.len());
         let mut rejected = Vec::new();
         let mut unknown = HashSet::new();
         for d in msg.0 {
-            match prepare(&d, max_payload) {
+            if let Some(close) = self.refusal(&d.message.exchange) {
+                let why = FailureReason::Refused {
+                    code: close.code,
+                    text: format!("{} (not published: refused moments ago)", close.text),
+                };
+                rejected.push((d, why));
+                continue;
+            }
+            match prepare(&d, max_payload, frame_max) {
                 Ok(p) => {
                     if !self.exchange_known(&d.message.exchange) {
                         unknown.insert(d.message.exchange.clone());
@@ -565,9 +661,13 @@ impl Handler<Publish> for Publisher {
         let Some(link) = self.link.as_mut() else {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         };
+        let on = OnChannel {
+            conn: link.conn.clone(),
+            channel: link.channel.clone(),
+            channel_no: link.channel_no,
+        };
         let round = publish_round(
-            link.conn.clone(),
-            link.channel.clone(),
+            on,
             link.side.take(),
             ready,
             unknown,

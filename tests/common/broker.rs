@@ -104,6 +104,11 @@ impl TestBroker {
         name
     }
 
+    /// An exchange declared elsewhere, deleted with the broker guard.
+    pub fn adopt_exchange(&mut self, name: &str) {
+        self.extra_exchanges.push(name.to_string());
+    }
+
     /// Another queue (deleted with the broker guard).
     pub async fn extra_queue(&mut self, suffix: &str, args: FieldTable) -> String {
         let name = format!("{}.{suffix}", self.exchange);

@@ -1,0 +1,209 @@
+//! Rows the broker refuses by closing the channel (issue #11 item 2), among good rows, on
+//! the real broker: an `internal` exchange (403), an exchange the engine's user may not
+//! write to (403), headers too large for the connection's `frame_max`. The refused row is
+//! charged and dead-lettered after its budget; its neighbours are never charged, and the
+//! channel is closed a bounded number of times.
+
+mod common;
+
+use std::{collections::HashSet, process::Command, time::Duration};
+
+use common::{audit::audit, broker::TestBroker, TestDb};
+use courier::{config::SecretUrl, Engine, OutboxMessage, Outcome, Status};
+use diesel_async::RunQueryDsl;
+use lapin::{options::ExchangeDeclareOptions, types::FieldTable, ExchangeKind};
+use uuid::Uuid;
+
+/// A RabbitMQ user of this test only, deleted on drop.
+struct TestUser {
+    name: String,
+    password: String,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestUser {
+    /// A user that may configure and read everything and write everything except
+    /// exchanges and queues whose name ends in `.denied`.
+    fn without_write_on_denied() -> TestUser {
+        let name = common::unique_name("user");
+        let password = Uuid::new_v4().simple().to_string();
+        rabbitmqctl(&["add_user", &name, &password]);
+        let user = TestUser { name, password };
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &user.name,
+            ".*",
+            r"^(?!.*\.denied$).*",
+            ".*",
+        ]);
+        user
+    }
+
+    fn amqp_url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Good,
+    Internal,
+    Denied,
+    HugeHeaders,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Attempts {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    charged: i64,
+}
+
+#[actix_rt::test]
+async fn refused_rows_are_charged_alone_and_dead_lettered() {
+    let db = TestDb::new("refused").await;
+    let mut broker = TestBroker::new("refused").await;
+    let internal = format!("{}.internal", broker.exchange);
+    broker
+        .channel
+        .exchange_declare(
+            internal.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                internal: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare internal exchange");
+    broker.adopt_exchange(&internal);
+    // Routed like the good exchange: only the permission stands between it and the queue.
+    let denied = broker.extra_exchange("denied", ExchangeKind::Topic).await;
+    broker.bind(&broker.queue, &denied, "routed.#").await;
+    let user = TestUser::without_write_on_denied();
+
+    // 1,000 good rows with a bad one every 34 rows, the three kinds in turn.
+    let mut messages = Vec::new();
+    let mut kinds = Vec::new();
+    for i in 1..=1_030usize {
+        let kind = match (i % 34 == 17, (i / 34) % 3) {
+            (false, _) => Kind::Good,
+            (true, 0) => Kind::Internal,
+            (true, 1) => Kind::Denied,
+            (true, _) => Kind::HugeHeaders,
+        };
+        let key = format!("routed.{i}");
+        let m = match kind {
+            Kind::Good => OutboxMessage::new(&broker.exchange, key, format!("m{i}")),
+            Kind::Internal => OutboxMessage::new(&internal, key, format!("m{i}")),
+            Kind::Denied => OutboxMessage::new(&denied, key, format!("m{i}")),
+            Kind::HugeHeaders => OutboxMessage::new(&broker.exchange, key, format!("m{i}"))
+                .with_header("big", "x".repeat(200_000)),
+        };
+        kinds.push((m.id, kind));
+        messages.push(m);
+    }
+    let bad = kinds.iter().filter(|(_, k)| *k != Kind::Good).count();
+    assert_eq!(bad, 30);
+    db.store()
+        .await
+        .enqueue_many(&messages)
+        .await
+        .expect("enqueue");
+    let ids: Vec<Uuid> = kinds.iter().map(|(id, _)| *id).collect();
+
+    let max_attempts = 3;
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(user.amqp_url());
+    config.retry.max_attempts = max_attempts;
+    let engine = Engine::start(config).await.expect("engine");
+    let outcomes = engine
+        .wait_for_all(&ids, Duration::from_secs(120))
+        .await
+        .expect("every row settles: refused rows reach their max_attempts");
+
+    for (id, kind) in &kinds {
+        let outcome = &outcomes[id];
+        match (kind, outcome) {
+            (Kind::Good, Outcome::Confirmed) => {}
+            (Kind::Internal, Outcome::DeadLettered(why)) => {
+                assert!(why.contains("internal exchange"), "{why}")
+            }
+            (Kind::Denied, Outcome::DeadLettered(why)) => {
+                assert!(
+                    why.contains("ACCESS_REFUSED") && why.contains(&denied),
+                    "{why}"
+                )
+            }
+            (Kind::HugeHeaders, Outcome::DeadLettered(why)) => {
+                assert!(why.contains("frame_max"), "{why}")
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    let counters = engine.counters();
+    eprintln!(
+        "channel closes: {}, reconnects: {}, published: {}, rejected: {}",
+        counters.channel_closes, counters.reconnects, counters.published, counters.rejected
+    );
+    assert!(
+        counters.channel_closes <= (bad as u64) * u64::from(max_attempts),
+        "{} channel closes for {bad} bad rows",
+        counters.channel_closes
+    );
+    assert_eq!(counters.reconnects, 0, "no bad row may cost the connection");
+
+    // No good row was ever charged for a neighbour's refusal.
+    let good: Vec<Uuid> = kinds
+        .iter()
+        .filter(|(_, k)| *k == Kind::Good)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut conn = db.raw().await;
+    let row: Attempts = diesel::sql_query(format!(
+        "SELECT count(*) AS charged FROM \"{}\".outbox WHERE id = ANY($1) AND attempts <> 1",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&good)
+    .get_result(&mut conn)
+    .await
+    .expect("attempts of good rows");
+    assert_eq!(row.charged, 0, "good rows were charged an attempt");
+
+    assert_eq!(db.count(Status::InFlight).await, 0);
+    assert_eq!(db.count(Status::Retrying).await, 0);
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!((a.confirmed, a.dead_lettered), (good.len(), bad));
+    let received: HashSet<Uuid> = good.iter().copied().collect();
+    assert_eq!(a.received - a.duplicates, received.len());
+    // Each close re-publishes at most the good rows in flight on that channel.
+    assert!(
+        a.duplicates as u64 <= counters.channel_closes * 4096,
+        "{} duplicates for {} channel closes",
+        a.duplicates,
+        counters.channel_closes
+    );
+    engine.shutdown().await;
+}
