@@ -394,3 +394,58 @@ async fn soak_with_periodic_cuts() {
     assert_eq!(report.confirmed, ids.len());
     engine.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_batch_slower_than_connect_timeout_on_a_slow_link_is_not_a_dead_connection() {
+    let db = TestDb::new("slowup").await;
+    let broker = TestBroker::new("slowup").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.connect_timeout = Duration::from_secs(2);
+    config.retry.confirm_timeout = Duration::from_secs(60);
+    let engine = Engine::start(config).await.expect("engine");
+    let mut events = engine.subscribe();
+    wait_event(&mut events, 30, "connected", |e| {
+        matches!(e, EngineEvent::BrokerConnected)
+    })
+    .await;
+    // 32 × 512 KiB = 16 MiB at 2 MiB/s: about 8 s of writing, four times connect_timeout.
+    proxy.throttle_up(2 * 1024 * 1024);
+    let messages: Vec<courier::OutboxMessage> = (0..32)
+        .map(|i| {
+            courier::OutboxMessage::new(
+                &broker.exchange,
+                format!("routed.{i}"),
+                vec![b'x'; 512 * 1024],
+            )
+        })
+        .collect();
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+    db.store()
+        .await
+        .enqueue_many(&messages)
+        .await
+        .expect("enqueue");
+    let started = std::time::Instant::now();
+    tokio::select! {
+        settled = engine.wait_for_all(&ids, WAIT) => { settled.expect("all confirmed"); }
+        why = common::events::next_event(&mut events, 180, "a disconnect", |e| match e {
+            EngineEvent::BrokerDisconnected(why) => Some(why.clone()),
+            _ => None,
+        }) => panic!("the slow link was taken for a dead connection: {why}"),
+    }
+    let took = started.elapsed();
+    eprintln!("16 MiB through a 2 MiB/s link in {took:?}");
+    assert!(
+        took > Duration::from_secs(4),
+        "the link was not slow ({took:?}): the test proves nothing"
+    );
+    assert_eq!(engine.counters().reconnects, 0);
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(
+        (a.confirmed, a.received, a.duplicates),
+        (ids.len(), ids.len(), 0)
+    );
+    engine.shutdown().await;
+}

@@ -12,6 +12,10 @@
 //! permission) is remembered as long, and rows to it are failed — charged an attempt —
 //! without being published, so a refused row closes the channel a bounded number of times.
 //!
+//! A batch's writes are bounded by progress (`broker::until_stalled`): the connection is
+//! presumed dead only when no write of the batch completed for `broker.connect_timeout`, so a
+//! batch of large messages on a slow link is not mistaken for a dead connection.
+//!
 //! The actor runs under an actix `Supervisor`. The publish handler is atomic (it blocks the
 //! mailbox until the batch is written). Connection events are read by a small watcher task
 //! outside the mailbox: `connection.blocked` must reach the Scheduler even while a publish
@@ -478,7 +482,7 @@ async fn publish_round(
     }
     // Polled together: each future registers its confirm and queues its frames on its
     // first poll, in order, so the batch is pipelined rather than one round trip each.
-    let writes = futures::future::join_all(deliveries.iter().zip(metas).map(|((d, _), p)| {
+    let writes = deliveries.iter().zip(metas).map(|((d, _), p)| {
         channel.basic_publish(
             p.exchange,
             p.routing_key,
@@ -486,12 +490,14 @@ async fn publish_round(
             &d.message.payload,
             p.properties,
         )
-    }));
-    // Bounded: a socket that died without failing its pending writes must not hold the
-    // publisher (and its mailbox) forever. A broker that blocked publishers is waited for.
-    let Some(results) = bounded_writes(writes, check_timeout, &signals).await else {
+    });
+    // Bounded by progress: a socket that died without failing its pending writes must not
+    // hold the publisher (and its mailbox) forever, but a slow link that keeps writing is
+    // alive however long the batch takes. A broker that blocked publishers is waited for.
+    let blocked = || signals.broker_state() == crate::events::broker_state::BLOCKED;
+    let Some(results) = broker::until_stalled(writes, check_timeout, blocked).await else {
         let why = format!(
-            "publish not written within {}",
+            "no publish of the batch written for {}",
             humantime::format_duration(check_timeout)
         );
         unsent.extend(
@@ -532,26 +538,6 @@ async fn publish_round(
         exchanges,
         channel_broken: channel_broken || !channel.status().connected(),
         connection_suspect: false,
-    }
-}
-
-/// Awaits the batch's writes; gives up after `bound` unless the broker is blocking
-/// publishers (then writes legitimately wait for `connection.unblocked`).
-async fn bounded_writes<F: std::future::Future>(
-    writes: F,
-    bound: Duration,
-    signals: &Signals,
-) -> Option<F::Output> {
-    tokio::pin!(writes);
-    loop {
-        tokio::select! {
-            out = &mut writes => return Some(out),
-            _ = tokio::time::sleep(bound) => {
-                if signals.broker_state() != crate::events::broker_state::BLOCKED {
-                    return None;
-                }
-            }
-        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! A TCP proxy inside the test, between the engine and RabbitMQ or PostgreSQL (no Docker
 //! here): it can stall the server-to-client direction (confirms and heartbeats stop
-//! arriving), cut every connection, and refuse new ones (the server looks down). It runs on its own thread and runtime, so it keeps working whatever
+//! arriving), throttle the client-to-server direction (a slow uplink), cut every
+//! connection, and refuse new ones (the server looks down). It runs on its own thread and
+//! runtime, so it keeps working whatever
 //! the test's runtime is doing.
 
 use std::{
@@ -20,6 +22,7 @@ use tokio::{
 struct Shared {
     stalled: watch::Sender<bool>,
     delay_ms: AtomicU64,
+    up_bytes_per_sec: AtomicU64,
     generation: watch::Sender<u64>,
     connections: AtomicU64,
     refusing: AtomicBool,
@@ -45,6 +48,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             stalled,
             delay_ms: AtomicU64::new(0),
+            up_bytes_per_sec: AtomicU64::new(0),
             generation,
             connections: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
@@ -103,6 +107,13 @@ impl Proxy {
         self.shared.delay_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Limits the client-to-broker direction to about `bytes_per_sec` (0: no limit).
+    pub fn throttle_up(&self, bytes_per_sec: u64) {
+        self.shared
+            .up_bytes_per_sec
+            .store(bytes_per_sec, Ordering::SeqCst);
+    }
+
     /// Closes every open connection (new ones are accepted).
     pub fn cut(&self) {
         self.shared.generation.send_modify(|g| *g += 1);
@@ -140,6 +151,12 @@ async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
             };
             if sw.write_all(&buf[..n]).await.is_err() {
                 return;
+            }
+            // A slow uplink: each chunk takes the time it would at the configured rate.
+            let rate = shared.up_bytes_per_sec.load(Ordering::SeqCst);
+            if rate > 0 {
+                let secs = n as f64 / rate as f64;
+                tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
             }
         }
     };
