@@ -395,6 +395,151 @@ async fn soak_with_periodic_cuts() {
     engine.shutdown().await;
 }
 
+/// Rows the engine dead-letters without touching the broker: payloads over a 1 KiB limit,
+/// one attempt each.
+fn oversized(exchange: &str, n: usize) -> Vec<courier::OutboxMessage> {
+    (0..n)
+        .map(|i| {
+            courier::OutboxMessage::new(exchange, format!("routed.{i}"), vec![b'x'; 2048])
+                .with_max_attempts(1)
+        })
+        .collect()
+}
+
+/// Waits until every id of `ids` is announced dead-lettered.
+async fn dead_lettered(
+    events: &mut tokio::sync::broadcast::Receiver<EngineEvent>,
+    ids: &[Uuid],
+    secs: u64,
+    what: &str,
+) {
+    let mut waiting: HashSet<Uuid> = ids.iter().copied().collect();
+    while !waiting.is_empty() {
+        let moved = common::events::next_event(events, secs, what, |e| match e {
+            EngineEvent::DeadLettered(rows) => Some(rows.clone()),
+            _ => None,
+        })
+        .await;
+        for (id, _) in moved.iter() {
+            waiting.remove(id);
+        }
+    }
+}
+
+/// Consumes `queue` until every id of `ids` was received (bounded).
+async fn receive_all(queue: &str, ids: &[Uuid], secs: u64) {
+    use futures::StreamExt;
+    let conn = lapin::Connection::connect(
+        &common::broker_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut waiting: HashSet<Uuid> = ids.iter().copied().collect();
+    within(secs, "dead letters on the dead-letter exchange", async {
+        while !waiting.is_empty() {
+            let d = consumer
+                .next()
+                .await
+                .expect("consumer open")
+                .expect("delivery");
+            if let Some(id) = d
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|s| Uuid::parse_str(s.as_str()).ok())
+            {
+                waiting.remove(&id);
+            }
+        }
+    })
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[actix_rt::test]
+async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
+    let db = TestDb::new("dlxstall").await;
+    let mut broker = TestBroker::new("dlxstall").await;
+    let dlx = broker
+        .extra_exchange("dlx", lapin::ExchangeKind::Fanout)
+        .await;
+    let dlq = broker
+        .extra_queue("dlq", lapin::types::FieldTable::default())
+        .await;
+    broker.bind(&dlq, &dlx, "").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.heartbeat = Duration::from_secs(60); // the stall is not a dead link
+    config.broker.connect_timeout = Duration::from_secs(2);
+    config.retry.confirm_timeout = Duration::from_secs(3);
+    config.publisher.max_payload_bytes = 1024;
+    config.dead_letter.exchange = Some(dlx.clone());
+    let engine = Engine::start(config).await.expect("engine");
+    let store = db.store().await;
+    let mut events = engine.subscribe();
+
+    // The dead-letter link is up and delivering.
+    let warm = oversized(&broker.exchange, 1);
+    let warm_ids: Vec<Uuid> = warm.iter().map(|m| m.id).collect();
+    store.enqueue_many(&warm).await.expect("enqueue");
+    receive_all(&dlq, &warm_ids, 30).await;
+
+    // Its confirms stop arriving: the first batch's publish to the exchange hangs…
+    proxy.stall(true);
+    let first = oversized(&broker.exchange, 50);
+    let first_ids: Vec<Uuid> = first.iter().map(|m| m.id).collect();
+    store.enqueue_many(&first).await.expect("enqueue");
+    dead_lettered(&mut events, &first_ids, 30, "the first batch moved").await;
+    // …and the next batch is still moved to dead_letters, well within the confirm bound.
+    let second = oversized(&broker.exchange, 50);
+    let second_ids: Vec<Uuid> = second.iter().map(|m| m.id).collect();
+    store.enqueue_many(&second).await.expect("enqueue");
+    dead_lettered(
+        &mut events,
+        &second_ids,
+        2,
+        "the second batch moved while the exchange is stalled",
+    )
+    .await;
+
+    // The stalled link is dropped and reopened: later dead letters reach the exchange.
+    proxy.stall(false);
+    proxy.cut();
+    let third = oversized(&broker.exchange, 20);
+    let third_ids: Vec<Uuid> = third.iter().map(|m| m.id).collect();
+    store.enqueue_many(&third).await.expect("enqueue");
+    receive_all(&dlq, &third_ids, 60).await;
+
+    let mut all = warm_ids;
+    all.extend(first_ids);
+    all.extend(second_ids);
+    all.extend(third_ids);
+    engine
+        .wait_for_all(&all, WAIT)
+        .await
+        .expect("all dead-lettered");
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.dead_lettered, all.len());
+    assert_eq!(db.count(Status::InFlight).await, 0);
+    assert_eq!(db.count(Status::Retrying).await, 0);
+    engine.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn a_batch_slower_than_connect_timeout_on_a_slow_link_is_not_a_dead_connection() {
     let db = TestDb::new("slowup").await;

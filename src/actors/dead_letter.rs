@@ -7,8 +7,18 @@
 //! never retried into a loop. It owns its own AMQP connection, opened on first use, so a
 //! blocked or broken publishing channel never holds up dead-lettering. A failed move keeps
 //! its rows and is retried with backoff.
+//!
+//! **The exchange is a side path that must not block the table.** Moving rows and publishing
+//! them to the exchange are two independent loops: the next batch is moved while the last
+//! one is still being published. Every step of a dead-letter publish is bounded — opening
+//! the link by `broker.connect_timeout`, the writes by progress (nothing written for
+//! `broker.connect_timeout`), the confirms by progress (none for `retry.confirm_timeout`) —
+//! and a publish that times out is logged and its link dropped, to be reopened for the next
+//! batch. While the exchange is unreachable, at most [`EXCHANGE_BACKLOG`] moved rows wait
+//! for it; older ones are dropped from the exchange side with a warning (they are in the
+//! table).
 
-use std::sync::Arc;
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use actix::prelude::*;
 use lapin::{
@@ -30,6 +40,12 @@ use crate::{
     store::DeadLetterUpdate,
 };
 
+/// Most moved rows waiting to be published to the dead-letter exchange.
+pub const EXCHANGE_BACKLOG: usize = 10_000;
+
+/// Most rows in one dead-letter exchange publish.
+const EXCHANGE_BATCH: usize = 512;
+
 /// Dead-letter these messages (each in state `Failed`) with the final reason.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -44,6 +60,10 @@ pub struct DeadLetterActor {
     pending: Vec<(Delivery, String)>,
     busy: bool,
     failures: u32,
+    /// Moved rows waiting for the dead-letter exchange.
+    to_exchange: VecDeque<(Delivery, String)>,
+    /// A dead-letter exchange publish is under way (it owns `link` meanwhile).
+    forwarding: bool,
     link: Option<(Arc<Connection>, Channel)>,
 }
 
@@ -63,6 +83,8 @@ impl DeadLetterActor {
             pending: Vec::new(),
             busy: false,
             failures: 0,
+            to_exchange: VecDeque::new(),
+            forwarding: false,
             link: None,
         }
     }
@@ -145,48 +167,93 @@ impl DeadLetterActor {
             earliest_retry: None,
             keys_freed,
         });
-        match self.config.dead_letter.exchange.clone() {
-            Some(exchange) if !to_exchange.is_empty() => {
-                let link = self.link.take();
-                let cfg = self.config.broker.clone();
-                async move { publish_to_exchange(link, &cfg, &exchange, to_exchange).await }
-                    .into_actor(self)
-                    .map(|link, act, ctx| {
-                        act.link = link;
-                        act.busy = false;
-                        act.drain(ctx);
-                    })
-                    .spawn(ctx);
-            }
-            _ => {
-                self.busy = false;
-                self.drain(ctx);
+        if self.config.dead_letter.exchange.is_some() {
+            self.to_exchange.extend(to_exchange);
+            let over = self.to_exchange.len().saturating_sub(EXCHANGE_BACKLOG);
+            if over > 0 {
+                self.to_exchange.drain(..over);
+                tracing::warn!(
+                    dropped = over,
+                    "dead-letter exchange backlog full; the oldest rows are not published there (they are in dead_letters)"
+                );
             }
         }
+        // The next batch is moved now, whatever the exchange is doing.
+        self.busy = false;
+        self.drain(ctx);
+        self.forward(ctx);
+    }
+
+    /// Publishes the next batch of moved rows to the dead-letter exchange, one batch at a time.
+    fn forward(&mut self, ctx: &mut Context<Self>) {
+        let Some(exchange) = self.config.dead_letter.exchange.clone() else {
+            return;
+        };
+        if self.forwarding || self.to_exchange.is_empty() {
+            return;
+        }
+        self.forwarding = true;
+        let n = self.to_exchange.len().min(EXCHANGE_BATCH);
+        let items: Vec<_> = self.to_exchange.drain(..n).collect();
+        let link = self.link.take();
+        let cfg = self.config.broker.clone();
+        let bounds = Bounds {
+            connect: cfg.connect_timeout,
+            confirm: self.config.retry.confirm_timeout,
+        };
+        async move { publish_to_exchange(link, &cfg, bounds, &exchange, items).await }
+            .into_actor(self)
+            .map(|link, act, ctx| {
+                act.link = link;
+                act.forwarding = false;
+                act.forward(ctx);
+            })
+            .spawn(ctx);
     }
 }
 
-/// Publishes dead letters to the exchange with confirms; returns the link for reuse.
+/// How long a dead-letter exchange publish may go without progress.
+#[derive(Clone, Copy)]
+struct Bounds {
+    /// Opening the link, and the gap between two completed writes.
+    connect: Duration,
+    /// The gap between two confirms.
+    confirm: Duration,
+}
+
+/// Publishes dead letters to the exchange with confirms; returns the link for reuse, or
+/// `None` when it failed or stalled (it is reopened for the next batch).
 async fn publish_to_exchange(
     link: Option<(Arc<Connection>, Channel)>,
     cfg: &crate::config::BrokerConfig,
+    bounds: Bounds,
     exchange: &str,
     items: Vec<(Delivery, String)>,
 ) -> Option<(Arc<Connection>, Channel)> {
     let (conn, channel) = match link.filter(|(_, ch)| ch.status().connected()) {
         Some(l) => l,
-        None => match open(cfg).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, count = items.len(), "cannot publish to the dead-letter exchange (rows are in dead_letters)");
-                return None;
+        None => {
+            let opened = tokio::time::timeout(bounds.connect, open(cfg))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(broker::BrokerError::Amqp(format!(
+                        "no link within {}",
+                        humantime::format_duration(bounds.connect)
+                    )))
+                });
+            match opened {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, count = items.len(), "cannot publish to the dead-letter exchange (rows are in dead_letters)");
+                    return None;
+                }
             }
-        },
+        }
     };
     let Ok(exchange_name) = ShortString::try_new(exchange) else {
         return None;
     };
-    let mut confirms = Vec::with_capacity(items.len());
+    let mut writes = Vec::with_capacity(items.len());
     for (d, why) in &items {
         let m = &d.message;
         // A row whose headers or content type AMQP cannot carry still reaches the
@@ -212,24 +279,37 @@ async fn publish_to_exchange(
         );
         props = props.with_headers(headers);
         let routing_key = ShortString::try_new(m.routing_key.as_str()).unwrap_or_default();
-        match channel
-            .basic_publish(
-                exchange_name.clone(),
-                routing_key,
-                BasicPublishOptions::default(),
-                &m.payload,
-                props,
-            )
-            .await
-        {
-            Ok(confirm) => confirms.push((m.id, confirm)),
+        let publish = channel.basic_publish(
+            exchange_name.clone(),
+            routing_key,
+            BasicPublishOptions::default(),
+            &m.payload,
+            props,
+        );
+        let id = m.id;
+        writes.push(async move { (id, publish.await) });
+    }
+    let Some(written) = broker::until_stalled(writes, bounds.connect, || false).await else {
+        tracing::error!(count = items.len(), idle = %humantime::format_duration(bounds.connect),
+            "dead-letter exchange publish stalled; dropping its link (rows are in dead_letters)");
+        return None;
+    };
+    let mut confirms = Vec::with_capacity(written.len());
+    for (id, result) in written {
+        match result {
+            Ok(confirm) => confirms.push(async move { (id, confirm.await) }),
             Err(e) => {
-                tracing::error!(message_id = %m.id, error = %e, "dead-letter exchange publish failed (row is in dead_letters)");
+                tracing::error!(message_id = %id, error = %e, "dead-letter exchange publish failed (row is in dead_letters)");
             }
         }
     }
-    for (id, confirm) in confirms {
-        match confirm.await {
+    let Some(answers) = broker::until_stalled(confirms, bounds.confirm, || false).await else {
+        tracing::error!(count = items.len(), idle = %humantime::format_duration(bounds.confirm),
+            "dead-letter exchange did not confirm in time; dropping its link (rows are in dead_letters)");
+        return None;
+    };
+    for (id, answer) in answers {
+        match answer {
             Ok(Confirmation::Ack(_)) => {}
             other => {
                 tracing::error!(message_id = %id, outcome = ?other.map(|c| c.is_ack()), "dead-letter exchange did not confirm (row is in dead_letters)")
