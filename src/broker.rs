@@ -115,6 +115,18 @@ impl ChannelClose {
         Some(&rest[..end])
     }
 
+    /// The body size the close text names (`PRECONDITION_FAILED - message size 9 is larger
+    /// than configured max size 1`): the broker's own `max_message_size`, below ours.
+    pub fn message_size(&self) -> Option<usize> {
+        const MARK: &str = "message size ";
+        let start = self.text.find(MARK)? + MARK.len();
+        let digits: String = self.text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    }
+
     /// Whether the broker refused the exchange itself (access refused: internal, or no
     /// write permission), so every publish to it would close the channel again.
     pub fn refuses_exchange(&self) -> bool {
@@ -173,12 +185,17 @@ mod tests {
         let missing = close(404, "NOT_FOUND - no exchange 'gone' in vhost '/'");
         assert_eq!(missing.exchange(), Some("gone"));
         assert!(!missing.refuses_exchange());
-        let other = close(
+        let size = close(
             406,
-            "PRECONDITION_FAILED - message size 9 is larger than max size 1",
+            "PRECONDITION_FAILED - message size 9 is larger than configured max size 1",
         );
-        assert_eq!(other.exchange(), None);
-        assert!(!other.refuses_exchange());
+        assert_eq!(size.exchange(), None);
+        assert_eq!(size.message_size(), Some(9));
+        assert!(!size.refuses_exchange());
+        assert_eq!(
+            close(406, "PRECONDITION_FAILED - other").message_size(),
+            None
+        );
     }
 
     #[tokio::test]

@@ -9,9 +9,11 @@
 //! **A channel the broker closed** fails every pending confirm of that channel with the same
 //! close. Only the message that caused it is charged ([`FailureReason::Refused`]); the others
 //! are refunded ([`FailureReason::ChannelLost`]). The culprit is every message to the
-//! exchange the close text names; when the text names none, it is the channel's first
-//! unconfirmed publish (lowest token) — the broker stops at the publish it refuses, so that
-//! is the earliest message that can be to blame.
+//! exchange the close text names, or of the body size it names (the broker's own
+//! `max_message_size`); when the text names neither, it is the channel's first unconfirmed
+//! publish (lowest token) — the broker stops at the publish it refuses, so that is the
+//! earliest message that can be to blame. That last rule is a guess: a message before the
+//! culprit whose confirm was still on its way is charged instead.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -137,9 +139,10 @@ impl InFlightTable {
             return FailureReason::ChannelLost(close.text);
         };
         let (token, channel) = (entry.token, entry.channel);
-        let culprit = match close.exchange() {
-            Some(named) => entry.delivery.message.exchange == named,
-            None => self.first_unconfirmed(channel) == Some(token),
+        let culprit = match (close.exchange(), close.message_size()) {
+            (Some(named), _) => entry.delivery.message.exchange == named,
+            (None, Some(size)) => entry.delivery.message.payload.len() == size,
+            (None, None) => self.first_unconfirmed(channel) == Some(token),
         };
         if culprit {
             FailureReason::Refused {
@@ -316,6 +319,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!charged(t.settle(ids[2], 3, Answer::Closed(close))));
+    }
+
+    #[test]
+    fn a_close_naming_a_message_size_charges_messages_of_that_size() {
+        let mut t = InFlightTable::new();
+        let later = Instant::now() + Duration::from_secs(5);
+        let close = ChannelClose {
+            code: 406,
+            text: "PRECONDITION_FAILED - message size 5 is larger than configured max size 4"
+                .into(),
+        };
+        let small = to("x");
+        let mut big = to("x");
+        big.message.payload = b"12345".to_vec();
+        let (s_id, b_id) = (small.message.id, big.message.id);
+        t.insert_on(small, 1, 1, later);
+        t.insert_on(big, 2, 1, later);
+        assert!(!charged(t.settle(s_id, 1, Answer::Closed(close.clone()))));
+        assert!(charged(t.settle(b_id, 2, Answer::Closed(close))));
     }
 
     #[test]
