@@ -395,13 +395,13 @@ async fn soak_with_periodic_cuts() {
     engine.shutdown().await;
 }
 
-/// Rows the engine dead-letters without touching the broker: payloads over a 1 KiB limit,
-/// one attempt each.
-fn oversized(exchange: &str, n: usize) -> Vec<courier::OutboxMessage> {
+/// Rows the publisher dead-letters without touching the broker (a routing key over AMQP's
+/// 255 bytes), one attempt each.
+fn unpublishable(exchange: &str, n: usize) -> Vec<courier::OutboxMessage> {
     (0..n)
         .map(|i| {
-            courier::OutboxMessage::new(exchange, format!("routed.{i}"), vec![b'x'; 2048])
-                .with_max_attempts(1)
+            let key = format!("routed.{i}.{}", "k".repeat(300));
+            courier::OutboxMessage::new(exchange, key, format!("m{i}")).with_max_attempts(1)
         })
         .collect()
 }
@@ -487,26 +487,25 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     config.broker.heartbeat = Duration::from_secs(60); // the stall is not a dead link
     config.broker.connect_timeout = Duration::from_secs(2);
     config.retry.confirm_timeout = Duration::from_secs(3);
-    config.publisher.max_payload_bytes = 1024;
     config.dead_letter.exchange = Some(dlx.clone());
     let engine = Engine::start(config).await.expect("engine");
     let store = db.store().await;
     let mut events = engine.subscribe();
 
     // The dead-letter link is up and delivering.
-    let warm = oversized(&broker.exchange, 1);
+    let warm = unpublishable(&broker.exchange, 1);
     let warm_ids: Vec<Uuid> = warm.iter().map(|m| m.id).collect();
     store.enqueue_many(&warm).await.expect("enqueue");
     receive_all(&dlq, &warm_ids, 30).await;
 
     // Its confirms stop arriving: the first batch's publish to the exchange hangs…
     proxy.stall(true);
-    let first = oversized(&broker.exchange, 50);
+    let first = unpublishable(&broker.exchange, 50);
     let first_ids: Vec<Uuid> = first.iter().map(|m| m.id).collect();
     store.enqueue_many(&first).await.expect("enqueue");
     dead_lettered(&mut events, &first_ids, 30, "the first batch moved").await;
     // …and the next batch is still moved to dead_letters, well within the confirm bound.
-    let second = oversized(&broker.exchange, 50);
+    let second = unpublishable(&broker.exchange, 50);
     let second_ids: Vec<Uuid> = second.iter().map(|m| m.id).collect();
     store.enqueue_many(&second).await.expect("enqueue");
     dead_lettered(
@@ -517,10 +516,18 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     )
     .await;
 
-    // The stalled link is dropped and reopened: later dead letters reach the exchange.
+    // The stalled publish times out (retry.confirm_timeout, 3 s) and its link is dropped: a
+    // new dead-letter connection is tried (the publisher's and the first are the others).
+    let before = proxy.connections();
+    assert_eq!(before, 2, "publisher and dead-letter connections");
+    eventually(15, "a new dead-letter connection after the timeout", || {
+        let n = proxy.connections();
+        async move { (n > before).then_some(()) }
+    })
+    .await;
+    // Once the link flows again, later dead letters reach the exchange.
     proxy.stall(false);
-    proxy.cut();
-    let third = oversized(&broker.exchange, 20);
+    let third = unpublishable(&broker.exchange, 20);
     let third_ids: Vec<Uuid> = third.iter().map(|m| m.id).collect();
     store.enqueue_many(&third).await.expect("enqueue");
     receive_all(&dlq, &third_ids, 60).await;
