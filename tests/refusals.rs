@@ -102,6 +102,9 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
     // Routed like the good exchange: only the permission stands between it and the queue.
     let denied = broker.extra_exchange("denied", ExchangeKind::Topic).await;
     broker.bind(&broker.queue, &denied, "routed.#").await;
+    let dlx = broker.extra_exchange("dlx", ExchangeKind::Fanout).await;
+    let dlq = broker.extra_queue("dlq", FieldTable::default()).await;
+    broker.bind(&dlq, &dlx, "").await;
     let user = TestUser::without_write_on_denied();
 
     // 1,000 good rows with a bad one every 34 rows, the three kinds in turn.
@@ -138,6 +141,7 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
     let mut config = db.engine_config();
     config.broker.url = SecretUrl::new(user.amqp_url());
     config.retry.max_attempts = max_attempts;
+    config.dead_letter.exchange = Some(dlx.clone());
     let engine = Engine::start(config).await.expect("engine");
     let outcomes = engine
         .wait_for_all(&ids, Duration::from_secs(120))
@@ -205,5 +209,21 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
         a.duplicates,
         counters.channel_closes
     );
+
+    // Every bad row also reached the dead-letter exchange; headers too large for a frame
+    // were dropped there rather than closing the dead-letter connection.
+    let dead = common::eventually(30, "every dead letter on the dead-letter exchange", || {
+        let (broker, dlq) = (&broker, &dlq);
+        async move { (broker.depth(dlq).await as usize >= bad).then_some(()) }
+    });
+    dead.await;
+    let on_dlx = broker.take(&dlq, bad, 30).await;
+    for r in &on_dlx {
+        let kind = kinds.iter().find(|(id, _)| *id == r.id).map(|(_, k)| *k);
+        let headers = r.properties.headers().clone().unwrap_or_default();
+        let dropped = headers.inner().contains_key("x-courier-headers-dropped");
+        assert_eq!(dropped, kind == Some(Kind::HugeHeaders), "{kind:?}");
+        assert!(headers.inner().contains_key("x-courier-reason"));
+    }
     engine.shutdown().await;
 }

@@ -24,7 +24,7 @@ use actix::prelude::*;
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, LongString, ShortString},
-    Channel, Confirmation, Connection,
+    BasicProperties, Channel, Confirmation, Connection,
 };
 use uuid::Uuid;
 
@@ -36,6 +36,7 @@ use crate::{
     broker,
     config::Config,
     events::{Counters, EngineEvent, Signals},
+    message::check_header_frame,
     state::Delivery,
     store::DeadLetterUpdate,
 };
@@ -253,31 +254,14 @@ async fn publish_to_exchange(
     let Ok(exchange_name) = ShortString::try_new(exchange) else {
         return None;
     };
+    let frame_max = conn.configuration().frame_max();
     let mut writes = Vec::with_capacity(items.len());
     for (d, why) in &items {
         let m = &d.message;
-        // A row whose headers or content type AMQP cannot carry still reaches the
-        // exchange, without them.
-        let props = m.amqp_properties().or_else(|_| {
-            let mut bare = m.clone();
-            bare.headers = serde_json::json!({ "x-courier-invalid-headers": true });
-            bare.content_type = None;
-            bare.amqp_properties()
-        });
-        let Ok(mut props) = props else { continue };
-        let mut headers = props.headers().clone().unwrap_or_default();
-        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
-        headers.insert("x-courier-reason".into(), text(why));
-        headers.insert(
-            "x-courier-attempts".into(),
-            AMQPValue::LongLongInt(i64::from(d.attempts())),
-        );
-        headers.insert("x-courier-original-exchange".into(), text(&m.exchange));
-        headers.insert(
-            "x-courier-original-routing-key".into(),
-            text(&m.routing_key),
-        );
-        props = props.with_headers(headers);
+        let Some(props) = dead_letter_properties(d, why, frame_max) else {
+            tracing::error!(message_id = %m.id, "dead letter has no publishable form (row is in dead_letters)");
+            continue;
+        };
         let routing_key = ShortString::try_new(m.routing_key.as_str()).unwrap_or_default();
         let publish = channel.basic_publish(
             exchange_name.clone(),
@@ -317,6 +301,41 @@ async fn publish_to_exchange(
         }
     }
     channel.status().connected().then_some((conn, channel))
+}
+
+/// The row's properties plus the `x-courier-*` headers. A row whose headers or content type
+/// AMQP cannot carry, or whose headers would not fit in one frame of this connection (a
+/// frame error closes the whole dead-letter connection), still reaches the exchange, without
+/// them.
+fn dead_letter_properties(d: &Delivery, why: &str, frame_max: u32) -> Option<BasicProperties> {
+    let m = &d.message;
+    let with_courier_headers = |props: BasicProperties| {
+        let mut headers = props.headers().clone().unwrap_or_default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+        headers.insert("x-courier-reason".into(), text(why));
+        headers.insert(
+            "x-courier-attempts".into(),
+            AMQPValue::LongLongInt(i64::from(d.attempts())),
+        );
+        headers.insert("x-courier-original-exchange".into(), text(&m.exchange));
+        headers.insert(
+            "x-courier-original-routing-key".into(),
+            text(&m.routing_key),
+        );
+        props.with_headers(headers)
+    };
+    let full = m
+        .amqp_properties()
+        .map(with_courier_headers)
+        .and_then(|p| check_header_frame(&p, frame_max).map(|()| p));
+    full.or_else(|dropped| {
+        let mut bare = m.clone();
+        bare.headers = serde_json::json!({ "x-courier-headers-dropped": dropped });
+        bare.content_type = None;
+        let p = with_courier_headers(bare.amqp_properties()?);
+        check_header_frame(&p, frame_max).map(|()| p)
+    })
+    .ok()
 }
 
 async fn open(
