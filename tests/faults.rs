@@ -486,7 +486,7 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     config.broker.url = SecretUrl::new(proxy.amqp_url());
     config.broker.heartbeat = Duration::from_secs(60); // the stall is not a dead link
     config.broker.connect_timeout = Duration::from_secs(2);
-    config.retry.confirm_timeout = Duration::from_secs(3);
+    config.retry.confirm_timeout = Duration::from_secs(8);
     config.dead_letter.exchange = Some(dlx.clone());
     let engine = Engine::start(config).await.expect("engine");
     let store = db.store().await;
@@ -504,23 +504,24 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     let first_ids: Vec<Uuid> = first.iter().map(|m| m.id).collect();
     store.enqueue_many(&first).await.expect("enqueue");
     dead_lettered(&mut events, &first_ids, 30, "the first batch moved").await;
-    // …and the next batch is still moved to dead_letters, well within the confirm bound.
+    // …and the next batch is still moved to dead_letters, well before that publish's
+    // confirm bound (8 s) could have released anything.
     let second = unpublishable(&broker.exchange, 50);
     let second_ids: Vec<Uuid> = second.iter().map(|m| m.id).collect();
     store.enqueue_many(&second).await.expect("enqueue");
     dead_lettered(
         &mut events,
         &second_ids,
-        2,
+        4,
         "the second batch moved while the exchange is stalled",
     )
     .await;
 
-    // The stalled publish times out (retry.confirm_timeout, 3 s) and its link is dropped: a
+    // The stalled publish times out (retry.confirm_timeout) and its link is dropped: a
     // new dead-letter connection is tried (the publisher's and the first are the others).
     let before = proxy.connections();
     assert_eq!(before, 2, "publisher and dead-letter connections");
-    eventually(15, "a new dead-letter connection after the timeout", || {
+    eventually(20, "a new dead-letter connection after the timeout", || {
         let n = proxy.connections();
         async move { (n > before).then_some(()) }
     })
