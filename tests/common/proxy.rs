@@ -2,8 +2,7 @@
 //! here): it can stall the server-to-client direction (confirms and heartbeats stop
 //! arriving), throttle the client-to-server direction (a slow uplink), cut every
 //! connection, and refuse new ones (the server looks down). It runs on its own thread and
-//! runtime, so it keeps working whatever
-//! the test's runtime is doing.
+//! runtime, so it keeps working whatever the test's runtime is doing.
 
 use std::{
     net::SocketAddr,
