@@ -271,7 +271,8 @@ pub struct BrokerConfig {
     pub heartbeat: Duration,
     /// Name shown in the management UI.
     pub connection_name: String,
-    /// Bound on one connection attempt.
+    /// Bound on one connection attempt, and on how long a batch of publishes may go without
+    /// one write completing before the connection is presumed dead.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
 }
