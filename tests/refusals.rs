@@ -172,10 +172,12 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
         "channel closes: {}, reconnects: {}, published: {}, rejected: {}",
         counters.channel_closes, counters.reconnects, counters.published, counters.rejected
     );
-    assert!(
-        counters.channel_closes <= (bad as u64) * u64::from(max_attempts),
-        "{} channel closes for {bad} bad rows",
-        counters.channel_closes
+    // Each refused exchange is met first by a probe on the side channel: the publishing
+    // channel never closes (the bound the issue asks for is bad rows × max_attempts).
+    assert!(counters.channel_closes <= (bad as u64) * u64::from(max_attempts));
+    assert_eq!(
+        counters.channel_closes, 0,
+        "the publishing channel was closed"
     );
     assert_eq!(counters.reconnects, 0, "no bad row may cost the connection");
 
@@ -202,12 +204,11 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
     assert_eq!((a.confirmed, a.dead_lettered), (good.len(), bad));
     let received: HashSet<Uuid> = good.iter().copied().collect();
     assert_eq!(a.received - a.duplicates, received.len());
-    // Each close re-publishes at most the good rows in flight on that channel.
-    assert!(
-        a.duplicates as u64 <= counters.channel_closes * 4096,
-        "{} duplicates for {} channel closes",
-        a.duplicates,
-        counters.channel_closes
+    assert_eq!(a.duplicates, 0, "no good row was re-published");
+    assert_eq!(
+        counters.published,
+        good.len() as u64,
+        "each good row published once"
     );
 
     // Every bad row also reached the dead-letter exchange; headers too large for a frame

@@ -31,7 +31,7 @@ use std::{
 
 use actix::prelude::*;
 use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
-use lapin::{Confirmation, PublisherConfirm};
+use lapin::Confirmation;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -57,9 +57,12 @@ pub struct Published {
     pub token: u64,
     /// Which publishing channel carried it (the publisher numbers the channels it opens).
     pub channel: u64,
-    /// lapin's confirm future.
-    pub confirm: PublisherConfirm,
+    /// lapin's confirm future (or its result, when the publisher already awaited it).
+    pub confirm: Confirm,
 }
+
+/// A publish's confirm: lapin's `PublisherConfirm`, or a result already in hand.
+pub type Confirm = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
 
 /// Track these publishes.
 #[derive(Message)]

@@ -8,9 +8,12 @@
 //! `frame_max`, payloads over the limit, a missing exchange — never reach the channel: one
 //! bad row must not close the channel under a thousand good ones (LAPIN-NOTES.md). Missing
 //! exchanges are found with a passive declare on a side channel, cached for a short while.
-//! An exchange the broker refused by closing the channel (403: internal, or no write
-//! permission) is remembered as long, and rows to it are failed — charged an attempt —
-//! without being published, so a refused row closes the channel a bounded number of times.
+//! The first row to an exchange not seen lately is published alone on the side channel and
+//! its confirm awaited (`probe`): an exchange that exists but refuses this user (403:
+//! internal, or no write permission) closes the side channel, not the publishing one. An
+//! exchange the broker refused is remembered as long, and rows to it are failed — charged
+//! an attempt — without being published, so a refused row closes a channel a bounded number
+//! of times.
 //!
 //! A batch's writes are bounded by progress (`broker::until_stalled`): the connection is
 //! presumed dead only when no write of the batch completed for `broker.connect_timeout`, so a
@@ -37,6 +40,8 @@ use lapin::{
     types::{FieldTable, ShortString},
     BasicProperties, Channel, Connection, Event, ExchangeKind,
 };
+
+mod probe;
 
 use super::{
     confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
@@ -372,14 +377,7 @@ async fn exchange_exists(
     side: &mut Option<Channel>,
     name: &str,
 ) -> Result<bool, String> {
-    let channel = match side.as_ref().filter(|c| c.status().connected()) {
-        Some(c) => c.clone(),
-        None => {
-            let c = conn.create_channel().await.map_err(|e| e.to_string())?;
-            *side = Some(c.clone());
-            c
-        }
-    };
+    let channel = side_channel(conn, side).await?;
     let options = ExchangeDeclareOptions {
         passive: true,
         ..ExchangeDeclareOptions::default()
@@ -401,12 +399,24 @@ async fn exchange_exists(
     }
 }
 
+/// The side channel (passive declares and probes), opened in confirm mode when missing.
+async fn side_channel(conn: &Connection, side: &mut Option<Channel>) -> Result<Channel, String> {
+    if let Some(c) = side.as_ref().filter(|c| c.status().connected()) {
+        return Ok(c.clone());
+    }
+    let c = confirm_channel(conn).await.map_err(|e| e.to_string())?;
+    *side = Some(c.clone());
+    Ok(c)
+}
+
 /// What one publish round produced.
 struct Round {
     published: Vec<Published>,
     unsent: Vec<(Delivery, FailureReason)>,
     side: Option<Channel>,
     exchanges: HashMap<String, bool>,
+    /// Exchanges a probe found refused.
+    refused: Vec<(String, ChannelClose)>,
     channel_broken: bool,
     /// The writes hung: the whole connection is presumed dead.
     connection_suspect: bool,
@@ -469,6 +479,9 @@ async fn publish_round(
             _ => to_send.push((d, p, token)),
         }
     }
+    let probed =
+        probe_new_exchanges(&conn, &mut side, &exchanges, &mut to_send, check_timeout).await;
+    unsent.extend(probed.unsent);
 
     let options = BasicPublishOptions {
         mandatory: true,
@@ -506,15 +519,17 @@ async fn publish_round(
                 .map(|(d, _)| (d, FailureReason::ChannelLost(why.clone()))),
         );
         return Round {
-            published: Vec::new(),
+            published: probed.published,
             unsent,
             side,
             exchanges,
+            refused: probed.refused,
             channel_broken: true,
             connection_suspect: true,
         };
     };
-    let mut published = Vec::with_capacity(deliveries.len());
+    let mut published = probed.published;
+    published.reserve(deliveries.len());
     let mut channel_broken = false;
     for ((delivery, token), result) in deliveries.into_iter().zip(results) {
         match result {
@@ -522,7 +537,7 @@ async fn publish_round(
                 delivery,
                 token,
                 channel: channel_no,
-                confirm,
+                confirm: Box::pin(confirm),
             }),
             Err(e) => {
                 channel_broken = true;
@@ -536,9 +551,88 @@ async fn publish_round(
         unsent,
         side,
         exchanges,
+        refused: probed.refused,
         channel_broken: channel_broken || !channel.status().connected(),
         connection_suspect: false,
     }
+}
+
+/// What probing new exchanges produced.
+#[derive(Default)]
+struct Probed {
+    published: Vec<Published>,
+    unsent: Vec<(Delivery, FailureReason)>,
+    refused: Vec<(String, ChannelClose)>,
+}
+
+/// Probes each exchange the passive declares just found (see `probe`) with its first row in
+/// `to_send`. Rows to an exchange the probe found refused leave `to_send`, charged.
+async fn probe_new_exchanges(
+    conn: &Connection,
+    side: &mut Option<Channel>,
+    exchanges: &HashMap<String, bool>,
+    to_send: &mut Vec<(Delivery, Prepared, u64)>,
+    bound: Duration,
+) -> Probed {
+    let mut out = Probed::default();
+    for name in exchanges
+        .iter()
+        .filter(|(_, exists)| **exists)
+        .map(|(n, _)| n)
+    {
+        let Some(first) = to_send
+            .iter()
+            .position(|(d, _, _)| &d.message.exchange == name)
+        else {
+            continue;
+        };
+        let channel = match tokio::time::timeout(bound, side_channel(conn, side)).await {
+            Ok(Ok(c)) => c,
+            // No side channel: the rows go to the publishing channel unprobed, as before.
+            _ => {
+                *side = None;
+                break;
+            }
+        };
+        let (d, p, token) = to_send.remove(first);
+        match probe::probe(&channel, name, p, &d.message.payload, bound).await {
+            probe::Probe::Published(confirm) => out.published.push(Published {
+                delivery: d,
+                token,
+                channel: 0, // not the publishing channel: never blamed for its closes
+                confirm,
+            }),
+            probe::Probe::Refused(close) => {
+                *side = None;
+                tracing::warn!(exchange = %name, code = close.code, reason = %close.text,
+                    "the broker refused an exchange on the side channel; rows to it are failed unpublished for a while");
+                let behind = format!("{} (not published: refused moments ago)", close.text);
+                let (refused, keep): (Vec<_>, Vec<_>) = std::mem::take(to_send)
+                    .into_iter()
+                    .partition(|(d, _, _)| &d.message.exchange == name);
+                *to_send = keep;
+                out.unsent.extend(refused.into_iter().map(|(d, _, _)| {
+                    let why = FailureReason::Refused {
+                        code: close.code,
+                        text: behind.clone(),
+                    };
+                    (d, why)
+                }));
+                let why = FailureReason::Refused {
+                    code: close.code,
+                    text: close.text.clone(),
+                };
+                out.unsent.push((d, why));
+                out.refused.push((name.clone(), close));
+            }
+            probe::Probe::Failed(why) => {
+                *side = None;
+                let why = FailureReason::ChannelLost(format!("exchange probe failed: {why}"));
+                out.unsent.push((d, why));
+            }
+        }
+    }
+    out
 }
 
 impl Actor for Publisher {
@@ -671,6 +765,9 @@ impl Handler<Publish> for Publisher {
             }
             if let Some(link) = act.link.as_mut() {
                 link.side = round.side;
+            }
+            for (name, close) in round.refused {
+                act.refused_exchanges.insert(name, (now, close));
             }
             Counters::add(&act.signals.counters.published, round.published.len());
             for p in &round.published {
