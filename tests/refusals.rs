@@ -52,6 +52,19 @@ impl TestUser {
         user
     }
 
+    /// Takes write away on exchanges whose name ends in `.late` too.
+    fn revoke_late(&self) {
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &self.name,
+            ".*",
+            r"^(?!.*\.(denied|late)$).*",
+            ".*",
+        ]);
+    }
+
     fn amqp_url(&self) -> String {
         format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
     }
@@ -77,6 +90,20 @@ enum Kind {
 struct Attempts {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     charged: i64,
+}
+
+/// How many of `ids` have `attempts` other than 1 in the outbox.
+async fn charged(db: &TestDb, ids: &[Uuid]) -> i64 {
+    let mut conn = db.raw().await;
+    let row: Attempts = diesel::sql_query(format!(
+        "SELECT count(*) AS charged FROM \"{}\".outbox WHERE id = ANY($1) AND attempts <> 1",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(ids)
+    .get_result(&mut conn)
+    .await
+    .expect("attempts of rows");
+    row.charged
 }
 
 #[actix_rt::test]
@@ -187,16 +214,7 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
         .filter(|(_, k)| *k == Kind::Good)
         .map(|(id, _)| *id)
         .collect();
-    let mut conn = db.raw().await;
-    let row: Attempts = diesel::sql_query(format!(
-        "SELECT count(*) AS charged FROM \"{}\".outbox WHERE id = ANY($1) AND attempts <> 1",
-        db.schema
-    ))
-    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&good)
-    .get_result(&mut conn)
-    .await
-    .expect("attempts of good rows");
-    assert_eq!(row.charged, 0, "good rows were charged an attempt");
+    assert_eq!(charged(&db, &good).await, 0, "good rows were charged");
 
     assert_eq!(db.count(Status::InFlight).await, 0);
     assert_eq!(db.count(Status::Retrying).await, 0);
@@ -226,5 +244,95 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
         assert_eq!(dropped, kind == Some(Kind::HugeHeaders), "{kind:?}");
         assert!(headers.inner().contains_key("x-courier-reason"));
     }
+    engine.shutdown().await;
+}
+
+/// The exchange was probed and cached as publishable, then the user lost write on it: the
+/// next row to it closes the publishing channel itself. The close names the exchange, so
+/// only rows to it are charged; the exchange is remembered and its later rows fail
+/// unpublished. (RabbitMQ caches permission checks per channel: the revoke reaches the
+/// publishing channel only because the warm row went through the side-channel probe.)
+#[actix_rt::test]
+async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
+    let db = TestDb::new("revoked").await;
+    let mut broker = TestBroker::new("revoked").await;
+    let late = broker.extra_exchange("late", ExchangeKind::Topic).await;
+    broker.bind(&broker.queue, &late, "routed.#").await;
+    let user = TestUser::without_write_on_denied();
+    let max_attempts = 3;
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(user.amqp_url());
+    config.retry.max_attempts = max_attempts;
+    let engine = Engine::start(config).await.expect("engine");
+    let store = db.store().await;
+    let warm = vec![
+        OutboxMessage::new(&late, "routed.warm", "w"),
+        OutboxMessage::new(&broker.exchange, "routed.warm", "w"),
+    ];
+    store.enqueue_many(&warm).await.expect("enqueue");
+    for m in &warm {
+        let outcome = engine.wait_for(m.id, Duration::from_secs(30)).await;
+        assert_eq!(outcome.expect("warm row"), Outcome::Confirmed);
+    }
+
+    user.revoke_late();
+    let mut messages = Vec::new();
+    let mut bad = Vec::new();
+    for i in 0..505usize {
+        let m = if i % 101 == 50 {
+            let m = OutboxMessage::new(&late, format!("routed.{i}"), format!("m{i}"));
+            bad.push(m.id);
+            m
+        } else {
+            OutboxMessage::new(&broker.exchange, format!("routed.{i}"), format!("m{i}"))
+        };
+        messages.push(m);
+    }
+    store.enqueue_many(&messages).await.expect("enqueue");
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+    let outcomes = engine
+        .wait_for_all(&ids, Duration::from_secs(120))
+        .await
+        .expect("every row settles: the refused rows reach their max_attempts");
+    let good: Vec<Uuid> = ids.iter().filter(|id| !bad.contains(id)).copied().collect();
+    for id in &bad {
+        match &outcomes[id] {
+            Outcome::DeadLettered(why) => {
+                assert!(
+                    why.contains("ACCESS_REFUSED") && why.contains(&late),
+                    "{why}"
+                )
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    for id in &good {
+        assert_eq!(outcomes[id], Outcome::Confirmed, "{id}");
+    }
+    assert_eq!(charged(&db, &good).await, 0, "good rows were charged");
+    let counters = engine.counters();
+    eprintln!(
+        "channel closes: {}, reconnects: {}, published: {}",
+        counters.channel_closes, counters.reconnects, counters.published
+    );
+    assert!(
+        counters.channel_closes >= 1,
+        "the revoke never reached the channel"
+    );
+    assert!(
+        counters.channel_closes <= (bad.len() as u64) * u64::from(max_attempts),
+        "{} channel closes for {} bad rows",
+        counters.channel_closes,
+        bad.len()
+    );
+    assert_eq!(counters.reconnects, 0);
+    assert_eq!(db.count(Status::InFlight).await, 0);
+    assert_eq!(db.count(Status::Retrying).await, 0);
+    let mut all = ids.clone();
+    all.extend(warm.iter().map(|m| m.id));
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!((a.confirmed, a.dead_lettered), (good.len() + 2, bad.len()));
+    // A close re-publishes at most the rows in flight on the channel it closed.
+    assert!(a.duplicates as u64 <= counters.channel_closes * 4096);
     engine.shutdown().await;
 }
