@@ -16,10 +16,11 @@ try {
   await page.dispatchEvent("#token", "change");
   const row = page.locator(`tr[data-id="${id}"]`);
   await row.waitFor({ timeout: 15000 });
-  await page.waitForFunction(() => document.querySelectorAll(".card").length >= 7, null, { timeout: 15000 });
+  // Locator waits, not waitForFunction: the page's CSP forbids the eval that one needs.
+  await page.locator(".card").nth(6).waitFor({ timeout: 15000 });
   await page.screenshot({ path: shot.replace(/\.png$/, "-before.png"), fullPage: true });
   await row.locator("button.requeue").click();
-  await page.waitForFunction((id) => document.getElementById("notice").textContent.includes(`requeued ${id}`), id, { timeout: 15000 });
+  await page.locator("#notice", { hasText: `requeued ${id}` }).waitFor({ timeout: 15000 });
   await row.waitFor({ state: "detached", timeout: 15000 });
   await page.screenshot({ path: shot, fullPage: true });
   console.log("requeued via the dashboard:", id);
