@@ -313,38 +313,7 @@ async fn database_unreachable_at_start_is_retried_until_it_appears() {
 
     // The database "comes back" on that port.
     let _proxy = Proxy::start_on(port, "127.0.0.1:5432".parse().unwrap());
-    let mut config = courier::Config::default();
-    config.database.url = SecretUrl::new(common::database_url());
-    config.database.schema = schema.clone();
-    // Every migration, not just the first: enqueueing writes columns a later one adds.
-    let all = courier::store::MIGRATION_NAMES().len();
-    let store = eventually(
-        60,
-        "the engine migrates once PostgreSQL is reachable",
-        || {
-            let config = config.clone();
-            let schema = schema.clone();
-            async move {
-                #[derive(diesel::QueryableByName)]
-                struct Applied {
-                    #[diesel(sql_type = diesel::sql_types::BigInt)]
-                    n: i64,
-                }
-                use diesel_async::RunQueryDsl;
-                let store = courier::Store::connect(&config.database).await.ok()?;
-                let mut conn = store.conn().await.ok()?;
-                let applied: Applied = diesel::sql_query(format!(
-                    "SELECT count(*) AS n FROM \"{schema}\".__diesel_schema_migrations"
-                ))
-                .get_result(&mut conn)
-                .await
-                .ok()?;
-                drop(conn);
-                (applied.n as usize == all).then_some(store)
-            }
-        },
-    )
-    .await;
+    let store = common::migrated_by_process(&schema, 60).await;
     let m = courier::OutboxMessage::new(&broker.exchange, "routed.late", b"x".to_vec());
     store.enqueue(&m).await.unwrap();
     eventually(60, "the row is confirmed", || {

@@ -378,13 +378,30 @@ async fn random_hostile_rows_never_break_liveness() {
     eprintln!("random hostile rows: COURIER_HOSTILE_SEED={seed} COURIER_HOSTILE_ROWS={n}");
     let mut rng = StdRng::seed_from_u64(seed);
     let db = TestDb::new("random").await;
-    let broker = TestBroker::new("random").await;
+    let mut broker = TestBroker::new("random").await;
+    // Publishing to an internal exchange is refused with a channel close (403).
+    let internal = format!("{}.internal", broker.exchange);
+    broker
+        .channel
+        .exchange_declare(
+            internal.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                internal: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare internal exchange");
+    broker.adopt_exchange(&internal);
     let mut good = db.insert_sql(&broker.exchange, 500, "routed.g{i}").await;
     let mut accepted = Vec::new();
     let mut refused = 0;
     let mut conn = db.raw().await;
     for _ in 0..n {
-        let row = RandomRow::new(&mut rng, &broker.exchange);
+        let row = RandomRow::new(&mut rng, &broker.exchange, &internal);
         match row.insert(&mut conn, &db.schema).await {
             Ok(id) => accepted.push(id),
             Err(e) => {
@@ -460,12 +477,13 @@ struct RandomRow {
 }
 
 impl RandomRow {
-    fn new(rng: &mut StdRng, exchange: &str) -> RandomRow {
-        let exchange = match rng.gen_range(0..10) {
+    fn new(rng: &mut StdRng, exchange: &str, internal: &str) -> RandomRow {
+        let exchange = match rng.gen_range(0..12) {
             0 => format!("{exchange}.missing"),
             1 => "e".repeat(300),
             2 => String::new(),
             3 => "amq.direct".into(),
+            4 => internal.to_string(),
             _ => exchange.to_string(),
         };
         let routing_key = match rng.gen_range(0..8) {
@@ -475,11 +493,16 @@ impl RandomRow {
             _ => format!("routed.r{}", rng.gen::<u16>()),
         };
         let payload = (0..rng.gen_range(0..6000)).map(|_| rng.gen()).collect();
-        let headers = match rng.gen_range(0..6) {
+        let headers = match rng.gen_range(0..7) {
             0 => random_json(rng, 0).to_string(),
             1 => "[1,2]".into(),
             2 => "\"text\"".into(),
             3 => "null".into(),
+            // A header frame over RabbitMQ's frame_max (128 KiB) would close the connection.
+            4 => format!(
+                "{{\"big\": \"{}\"}}",
+                "b".repeat(rng.gen_range(1..300) * 1024)
+            ),
             _ => format!("{{{}}}", random_members(rng, 0)),
         };
         let content_type = match rng.gen_range(0..5) {

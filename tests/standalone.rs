@@ -9,14 +9,7 @@ use std::{
 };
 
 use common::{broker::TestBroker, eventually, TestDbGuard};
-use courier::{config::SecretUrl, state::Status, store::Store};
-use diesel_async::RunQueryDsl;
-
-#[derive(diesel::QueryableByName)]
-struct Applied {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
-}
+use courier::{state::Status, store::Store};
 
 #[tokio::test]
 async fn run_publishes_until_sigterm_then_exits_zero() {
@@ -65,27 +58,7 @@ async fn run_publishes_until_sigterm_then_exits_zero() {
     };
 
     // `run` migrates the fresh schema; wait until every migration is in, then enqueue.
-    let mut config = courier::Config::default();
-    config.database.url = SecretUrl::new(common::database_url());
-    config.database.schema = schema.clone();
-    let all = courier::store::MIGRATION_NAMES().len() as i64;
-    let store: Store = eventually(30, "schema migrated by `courier run`", || {
-        let config = config.clone();
-        let schema = schema.clone();
-        async move {
-            let store = Store::connect(&config.database).await.ok()?;
-            let mut conn = store.conn().await.ok()?;
-            let applied: Applied = diesel::sql_query(format!(
-                "SELECT count(*) AS n FROM \"{schema}\".__diesel_schema_migrations"
-            ))
-            .get_result(&mut conn)
-            .await
-            .ok()?;
-            drop(conn);
-            (applied.n == all).then_some(store)
-        }
-    })
-    .await;
+    let store: Store = common::migrated_by_process(&schema, 30).await;
     let messages: Vec<courier::OutboxMessage> = (0..100)
         .map(|i| {
             courier::OutboxMessage::new(&broker.exchange, format!("routed.{i}"), b"x".to_vec())

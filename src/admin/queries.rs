@@ -134,9 +134,7 @@ impl From<PayloadRow> for DeadLetterPayload {
             id: r.id,
             payload: r.payload,
             payload_bytes: r.payload_bytes,
-            headers: r
-                .headers
-                .map(|text| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))),
+            headers: r.headers.map(crate::store::headers_from_text),
             content_type: r.content_type,
         }
     }

@@ -307,6 +307,13 @@ pub struct DeadLetter {
     pub seq: Option<i64>,
 }
 
+/// Headers read as text: the JSON, or the raw text as a JSON string when serde_json cannot
+/// hold it (numbers beyond `f64` such as `1e400`, nesting deeper than 128), so what a
+/// producer wrote is always shown, never an error.
+pub(crate) fn headers_from_text(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+}
+
 /// A dead letter as read (see `sql::DEAD_LETTER_COLUMNS`): nothing in it can fail to decode.
 #[derive(QueryableByName)]
 struct DeadLetterRow {
@@ -340,8 +347,7 @@ struct DeadLetterRow {
 
 impl From<DeadLetterRow> for DeadLetter {
     fn from(r: DeadLetterRow) -> Self {
-        let headers =
-            serde_json::from_str(&r.headers).unwrap_or(serde_json::Value::String(r.headers));
+        let headers = headers_from_text(r.headers);
         DeadLetter {
             id: r.id,
             exchange: r.exchange,
@@ -431,6 +437,16 @@ struct TotalRow {
 struct AgeRow {
     #[diesel(sql_type = Nullable<Double>)]
     age: Option<f64>,
+}
+
+impl AgeRow {
+    /// Seconds as a duration; none for NULL or a non-finite value (a producer's
+    /// `-infinity` `created_at` makes an infinite age).
+    fn duration(self) -> Option<Duration> {
+        self.age
+            .filter(|a| a.is_finite())
+            .map(|a| Duration::from_secs_f64(a.max(0.0)))
+    }
 }
 
 #[derive(QueryableByName)]
@@ -829,10 +845,7 @@ impl Store {
         let age: AgeRow = diesel::sql_query(&self.sql.oldest_pending)
             .get_result(&mut conn)
             .await?;
-        Ok(age
-            .age
-            .filter(|a| a.is_finite())
-            .map(|a| Duration::from_secs_f64(a.max(0.0))))
+        Ok(age.duration())
     }
 
     /// The final outcomes reached so far by any of `ids` (ids still on their way are absent).
@@ -883,10 +896,7 @@ impl Store {
         let row: AgeRow = diesel::sql_query(&self.sql.next_due)
             .get_result(&mut conn)
             .await?;
-        Ok(row
-            .age
-            .filter(|a| a.is_finite())
-            .map(|a| Duration::from_secs_f64(a.max(0.0))))
+        Ok(row.duration())
     }
 
     /// Runs a plain `VACUUM` on the outbox (after retention removed rows).

@@ -121,6 +121,38 @@ where
     .await
 }
 
+/// A store on `schema` once a `courier run` process has applied every migration to it (not
+/// just the first: enqueueing writes columns later ones add). Fails after `secs` seconds.
+pub async fn migrated_by_process(schema: &str, secs: u64) -> Store {
+    #[derive(diesel::QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let mut config = Config::default();
+    config.database.url = SecretUrl::new(database_url());
+    config.database.schema = schema.to_string();
+    let all = courier::store::MIGRATION_NAMES().len() as i64;
+    eventually(secs, "every migration applied by `courier run`", || {
+        let config = config.clone();
+        let schema = schema.to_string();
+        async move {
+            let store = Store::connect(&config.database).await.ok()?;
+            let mut conn = store.conn().await.ok()?;
+            let applied: Applied = diesel::sql_query(format!(
+                "SELECT count(*) AS n FROM \"{schema}\".__diesel_schema_migrations"
+            ))
+            .get_result(&mut conn)
+            .await
+            .ok()?;
+            drop(conn);
+            (applied.n == all).then_some(store)
+        }
+    })
+    .await
+}
+
 /// Drops a schema created outside [`TestDb`] (e.g. by the binary) when it goes out of scope.
 pub struct TestDbGuard(pub String);
 
