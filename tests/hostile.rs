@@ -439,14 +439,21 @@ async fn random_hostile_rows_never_break_liveness() {
             "seed {seed}: good row {id}"
         );
     }
+    let mut dead = 0;
     for id in &accepted {
         if let Outcome::DeadLettered(why) = &outcomes[id] {
             assert!(
                 !why.is_empty(),
                 "seed {seed}: {id} dead-lettered without a reason"
             );
+            dead += 1;
         }
     }
+    eprintln!(
+        "random hostile rows: {} confirmed, {dead} dead-lettered, counters {:?}",
+        accepted.len() - dead,
+        engine.counters()
+    );
     let a = audit(&db, &broker, &broker.queue, &good).await;
     assert_eq!(a.confirmed, good.len());
     assert_live(&db, &engine, &broker.exchange).await;
