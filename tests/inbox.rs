@@ -108,6 +108,22 @@ async fn publish(broker: &TestBroker, id: &str, key: &str) {
         .unwrap();
 }
 
+/// A work queue bound to the test exchange with `key`, whose rejects dead-letter into a
+/// queue of their own: returns (work queue, dead-letter queue).
+async fn work_queue_with_dlq(broker: &mut TestBroker, key: &str) -> (String, String) {
+    let dlx = broker.extra_exchange("dlx", ExchangeKind::Fanout).await;
+    let dlq = broker.extra_queue("dlq", FieldTable::default()).await;
+    broker.bind(&dlq, &dlx, "").await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.as_str().into()),
+    );
+    let work = broker.extra_queue("work", args).await;
+    broker.bind(&work, &broker.exchange.clone(), key).await;
+    (work, dlq)
+}
+
 fn broker_config(url: String) -> BrokerConfig {
     BrokerConfig {
         url: SecretUrl::new(url),
@@ -249,16 +265,7 @@ async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejecte
     // messages to arrive there (ready depth 0 alone would also be true while the last
     // redelivery sits unacked in the consumer's prefetch).
     let mut broker = broker;
-    let dlx = broker.extra_exchange("dlx", ExchangeKind::Fanout).await;
-    let dlq = broker.extra_queue("dlq", FieldTable::default()).await;
-    broker.bind(&dlq, &dlx, "").await;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(dlx.as_str().into()),
-    );
-    let work = broker.extra_queue("work", args).await;
-    broker.bind(&work, &broker.exchange.clone(), "fail.#").await;
+    let (work, dlq) = work_queue_with_dlq(&mut broker, "fail.#").await;
     publish(&broker, "m-fail", "fail.f").await;
     broker
         .channel
@@ -336,16 +343,7 @@ async fn a_database_outage_holds_deliveries_instead_of_counting_or_rejecting_the
     let mut broker = broker;
     // A work queue whose rejects dead-letter into `dlq`: a message rejected during the
     // outage would show there (without a DLX it would simply be gone).
-    let dlx = broker.extra_exchange("dlx", ExchangeKind::Fanout).await;
-    let dlq = broker.extra_queue("dlq", FieldTable::default()).await;
-    broker.bind(&dlq, &dlx, "").await;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(dlx.as_str().into()),
-    );
-    let work = broker.extra_queue("work", args).await;
-    broker.bind(&work, &broker.exchange.clone(), "down.#").await;
+    let (work, dlq) = work_queue_with_dlq(&mut broker, "down.#").await;
 
     let (pg, database) = database_through_proxy(&db);
     let pg = Arc::new(pg);
