@@ -80,11 +80,15 @@ impl SecretUrl {
         crate::redact::scrub(&self.0, message)
     }
 
-    /// The URL's scheme, if it parses.
+    /// The URL's scheme (what precedes `://`), if it has one. Not `url::Url`: a libpq
+    /// multi-host URL (`postgres://h1:5432,h2:5432/db`) is no valid WHATWG URL.
     fn scheme(&self) -> Option<String> {
-        url::Url::parse(&self.0)
-            .ok()
-            .map(|u| u.scheme().to_string())
+        let (scheme, _) = self.0.split_once("://")?;
+        let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        valid.then(|| scheme.to_ascii_lowercase())
     }
 }
 

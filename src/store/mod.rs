@@ -4,6 +4,7 @@
 //! directly. All SQL text lives in [`sql`]; this file binds parameters and maps rows.
 //! Every operation works on a bounded batch: the engine never loads the whole table.
 
+mod connect;
 mod enqueue;
 mod migrate;
 pub mod sql;
@@ -19,11 +20,12 @@ use diesel::{
     QueryableByName,
 };
 use diesel_async::{
-    pooled_connection::{deadpool::Pool, AsyncDieselConnectionManager},
+    pooled_connection::{deadpool::Pool, AsyncDieselConnectionManager, ManagerConfig},
     AsyncConnection, AsyncPgConnection, RunQueryDsl,
 };
 use uuid::Uuid;
 
+pub use connect::{PgTarget, TlsHandshakeError, TlsMode};
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, MIGRATION_NAMES};
 pub use sql::Sql;
@@ -43,6 +45,15 @@ pub enum StoreError {
         /// The redacted URL that was tried.
         target: String,
         /// Why (refused, timed out, authentication…).
+        reason: String,
+    },
+    /// PostgreSQL (or the TLS layer, or the URL itself) refused Courier for a reason no
+    /// retry mends: a certificate problem, refused authentication, a missing database.
+    #[error("PostgreSQL at {target} refused the connection: {reason}")]
+    Rejected {
+        /// The redacted URL that was tried.
+        target: String,
+        /// The whole cause chain.
         reason: String,
     },
     /// The pool could not hand out a connection.
@@ -480,18 +491,7 @@ pub async fn establish(
     url: &SecretUrl,
     timeout: Duration,
 ) -> Result<AsyncPgConnection, StoreError> {
-    let connect = AsyncPgConnection::establish(url.expose());
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(StoreError::Connect {
-            target: url.redacted(),
-            reason: scrub(&e.to_string(), url),
-        }),
-        Err(_) => Err(StoreError::Connect {
-            target: url.redacted(),
-            reason: format!("no answer within {}", humantime::format_duration(timeout)),
-        }),
-    }
+    connect::open(&PgTarget::parse(url)?, timeout).await
 }
 
 /// Removes the URL and its secrets from a driver message, should it quote them.
@@ -503,7 +503,24 @@ impl Store {
     /// Builds the pool and checks that one connection can be made.
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
         check_schema_name(&cfg.schema).map_err(StoreError::Schema)?;
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(cfg.url.expose());
+        let target = PgTarget::parse(&cfg.url)?;
+        // The first connection is made outside the pool, so that a permanent refusal
+        // (TLS, authentication, missing database) comes back as such.
+        drop(connect::open(&target, cfg.connect_timeout).await?);
+        let timeout = cfg.connect_timeout;
+        let mut manager_config = ManagerConfig::default();
+        manager_config.custom_setup = Box::new(move |_url| {
+            let target = target.clone();
+            Box::pin(async move {
+                connect::open(&target, timeout)
+                    .await
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))
+            })
+        });
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+            cfg.url.expose(),
+            manager_config,
+        );
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size as usize)
             .build()
@@ -514,7 +531,6 @@ impl Store {
             url: cfg.url.clone(),
             connect_timeout: cfg.connect_timeout,
         };
-        drop(store.conn().await?);
         Ok(store)
     }
 
