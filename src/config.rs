@@ -835,6 +835,19 @@ mod tests {
     }
 
     #[test]
+    fn multi_host_database_urls_are_accepted_and_redacted() {
+        let c = parse(
+            "database:\n  url: postgres://u:hunter2@h1:5432,h2:5432/db?target_session_attrs=read-write\n",
+        )
+        .unwrap();
+        let shown = c.database.url.to_string();
+        assert_eq!(
+            shown,
+            "postgres://u:***@h1:5432,h2:5432/db?target_session_attrs=read-write"
+        );
+    }
+
+    #[test]
     fn backoff_must_be_sane() {
         assert!(err("retry:\n  backoff:\n    multiplier: 0.5\n").contains("multiplier"));
         assert!(err("retry:\n  backoff:\n    jitter: 1.5\n").contains("jitter"));
