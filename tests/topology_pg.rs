@@ -1,5 +1,6 @@
 //! PostgreSQL topologies beyond the single local server: a TLS-only cluster (right CA,
-//! wrong CA, client certificates), permanent connection faults seen by the real binary.
+//! wrong CA, client certificates), permanent connection faults seen by the real binary,
+//! a primary with a synchronous standby that takes over mid-stream.
 //! Each test starts its own cluster with `scripts/topology/*` and drops it afterwards (a
 //! Drop guard, so also on failure). Heavy: every test is `#[ignore]`, run serially with
 //! `cargo test --test topology_pg -- --ignored --test-threads=1`.
@@ -17,7 +18,6 @@ use courier::{
     store::{self, Store, StoreError},
 };
 use diesel::QueryableByName;
-use diesel_async::RunQueryDsl;
 
 /// A topology started by a script in `scripts/topology/`, stopped on drop.
 struct Topology {
@@ -131,6 +131,7 @@ struct SslRow {
 /// Migrates (one dedicated connection), opens the pool and asks the server whether this
 /// session is encrypted and as whom.
 async fn session(cfg: &DatabaseConfig) -> Result<SslRow, StoreError> {
+    use diesel_async::RunQueryDsl;
     store::migrate(&cfg.url, &cfg.schema, cfg.connect_timeout).await?;
     let store = Store::connect(cfg).await?;
     store.stats().await?;
@@ -296,4 +297,165 @@ async fn permanent_refusals_end_the_binary_at_once_with_the_cause() {
     .await
     .expect("scram session");
     assert_eq!(row.who, "pwuser");
+}
+
+/// A primary and its synchronous standby, dropped on drop.
+struct StandbyPair {
+    primary_port: u16,
+    standby_port: u16,
+    topology: Topology,
+}
+
+impl StandbyPair {
+    fn start() -> StandbyPair {
+        let primary_port = free_port();
+        // Claim the primary's port before looking for the standby's.
+        let hold = std::net::TcpListener::bind(("127.0.0.1", primary_port)).expect("hold port");
+        let standby_port = free_port();
+        drop(hold);
+        let tag = format!("{}_{primary_port}", std::process::id());
+        let topology = Topology::start(
+            "pg-standby",
+            &[
+                format!("courier_pri_{tag}"),
+                format!("courier_stb_{tag}"),
+                primary_port.to_string(),
+                standby_port.to_string(),
+            ],
+        );
+        StandbyPair {
+            primary_port,
+            standby_port,
+            topology,
+        }
+    }
+
+    /// libpq's multi-host URL over both, writable server only.
+    fn url(&self) -> SecretUrl {
+        SecretUrl::new(format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&sslmode=disable",
+            self.primary_port, self.standby_port
+        ))
+    }
+
+    /// Stops the primary (fast: commits waiting for the standby are cut off) and promotes
+    /// the standby.
+    fn fail_over(&self) {
+        let out = self.topology.run("failover");
+        assert!(
+            out.status.success(),
+            "failover: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[actix_rt::test]
+#[ignore = "topology: starts a primary and a synchronous standby"]
+async fn primary_failover_mid_stream_loses_nothing() {
+    use common::{audit::audit, broker::TestBroker, events::confirmed_at_least};
+    use courier::{Engine, OutboxMessage, Status};
+    use std::sync::{Arc, Mutex};
+
+    common::init_logs();
+    let pair = StandbyPair::start();
+    let schema = common::unique_name("failover");
+    let mut config = courier::config::Config::default();
+    config.database.url = pair.url();
+    config.database.schema = schema.clone();
+    config.database.connect_timeout = Duration::from_secs(5);
+    store::migrate(&config.database.url, &schema, Duration::from_secs(10))
+        .await
+        .expect("migrate");
+    let broker = TestBroker::new("failover").await;
+    config.broker.url = SecretUrl::new(common::broker_url());
+    // The schema lives in the pair, not in the shared database; TestDb only carries it.
+    let db = common::TestDb { schema, config };
+    let mut engine_config = db.engine_config();
+    // Rows whose claim committed while the engine saw the connection die are rescued
+    // when their lease lapses: keep that short.
+    engine_config.scheduler.lease_duration = Duration::from_secs(3);
+    engine_config.retry.max_attempts = 50;
+    let engine = Engine::start(engine_config).await.expect("engine");
+    let mut events = engine.subscribe();
+
+    // A producer commits batches of 20 until told to stop; a batch whose commit fails
+    // (ambiguous or refused) is not counted: it may or may not be in.
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed_batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let producer = {
+        let (store, committed, stop, failed) = (
+            Store::connect(&db.config.database)
+                .await
+                .expect("producer store"),
+            committed.clone(),
+            stop.clone(),
+            failed_batches.clone(),
+        );
+        let exchange = broker.exchange.clone();
+        actix_rt::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let batch: Vec<OutboxMessage> = (0..20)
+                    .map(|_| {
+                        i += 1;
+                        OutboxMessage::new(&exchange, format!("routed.{i}"), b"x".to_vec())
+                    })
+                    .collect();
+                match store.enqueue_many(&batch).await {
+                    Ok(()) => committed
+                        .lock()
+                        .expect("ids")
+                        .extend(batch.iter().map(|m| m.id)),
+                    Err(_) => {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    confirmed_at_least(&mut events, 1_000).await;
+    let before = engine.counters().confirmed;
+    let failover_at = Instant::now();
+    pair.fail_over();
+    let promoted_after = failover_at.elapsed();
+    // Delivery resumes on the new primary.
+    let resumed = common::eventually(120, "confirmations on the promoted standby", || {
+        let now = engine.counters().confirmed;
+        async move { (now > before + 500).then(|| failover_at.elapsed()) }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    producer.await.expect("producer");
+    let ids = committed.lock().expect("ids").clone();
+    engine
+        .wait_for_all(&ids, Duration::from_secs(180))
+        .await
+        .expect("every committed row settles on the new primary");
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    // Nothing left behind, ambiguous batches included.
+    let store = Store::connect(&db.config.database).await.expect("store");
+    let stats = common::eventually(60, "no row in flight or retrying", || {
+        let store = store.clone();
+        async move {
+            let s = store.stats().await.ok()?;
+            (s.count(Status::InFlight) == 0
+                && s.count(Status::Retrying) == 0
+                && s.count(Status::Pending) == 0)
+                .then_some(s)
+        }
+    })
+    .await;
+    eprintln!(
+        "failover: {} committed, {} batches failed (ambiguous/refused), {} duplicates received, \
+         standby promoted {promoted_after:?} after the stop, 500 more confirmed {resumed:?} after it; {stats:?}",
+        ids.len(),
+        failed_batches.load(std::sync::atomic::Ordering::SeqCst),
+        a.duplicates
+    );
+    engine.shutdown().await;
 }
