@@ -248,6 +248,26 @@ pub struct DatabaseConfig {
     /// At start, keep retrying (with backoff) while PostgreSQL is unreachable; `false`
     /// fails at once.
     pub wait_at_start: bool,
+    /// What sits between Courier and PostgreSQL (see [`Pooler`]).
+    pub pooler: Pooler,
+    /// Migrations go through this URL instead of `url` (e.g. straight to PostgreSQL,
+    /// around a pooler); none: `url`.
+    pub migrate_url: Option<SecretUrl>,
+}
+
+/// `database.pooler`: what sits between Courier and PostgreSQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// PostgreSQL itself, or a session-mode pooler: a connection is one session.
+    #[default]
+    None,
+    /// A transaction-mode pooler (PgBouncer `pool_mode = transaction`): consecutive
+    /// transactions may run on different server connections. Every statement then runs
+    /// in its own transaction, so a statement's prepare and execute (tokio-postgres
+    /// prepares every statement) land on one server connection, and migrations take a
+    /// transaction-scoped advisory lock.
+    Transaction,
 }
 
 impl Default for DatabaseConfig {
@@ -260,6 +280,8 @@ impl Default for DatabaseConfig {
             connect_timeout: Duration::from_secs(5),
             listen: true,
             wait_at_start: true,
+            pooler: Pooler::None,
+            migrate_url: None,
         }
     }
 }
@@ -507,6 +529,9 @@ impl Config {
             &self.database.url,
             &["postgres", "postgresql"],
         )?;
+        if let Some(url) = &self.database.migrate_url {
+            check_url_scheme("database.migrate_url", url, &["postgres", "postgresql"])?;
+        }
         check_url_scheme("broker.url", &self.broker.url, &["amqp", "amqps"])?;
         crate::store::check_schema_name(&self.database.schema)
             .map_err(|problem| ConfigError::invalid("database.schema", problem))?;

@@ -1,6 +1,7 @@
 //! PostgreSQL topologies beyond the single local server: a TLS-only cluster (right CA,
 //! wrong CA, client certificates), permanent connection faults seen by the real binary,
-//! a primary with a synchronous standby that takes over mid-stream.
+//! a primary with a synchronous standby that takes over mid-stream, PgBouncer in
+//! transaction mode.
 //! Each test starts its own cluster with `scripts/topology/*` and drops it afterwards (a
 //! Drop guard, so also on failure). Heavy: every test is `#[ignore]`, run serially with
 //! `cargo test --test topology_pg -- --ignored --test-threads=1`.
@@ -456,6 +457,139 @@ async fn primary_failover_mid_stream_loses_nothing() {
         ids.len(),
         failed_batches.load(std::sync::atomic::Ordering::SeqCst),
         a.duplicates
+    );
+    engine.shutdown().await;
+}
+
+/// `courier migrate` with these `COURIER_*` overrides; its exit status and output.
+fn migrate_process(env: &[(&str, String)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("migrate")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run courier migrate")
+}
+
+#[actix_rt::test]
+#[ignore = "topology: starts PgBouncer in transaction mode"]
+async fn behind_pgbouncer_in_transaction_mode() {
+    use common::{audit::audit, broker::TestBroker};
+    use courier::{config::Pooler, Engine, OutboxMessage, Status};
+
+    common::init_logs();
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("courier_bouncer_{}_{port}", std::process::id()));
+    let _bouncer = Topology::start(
+        "pgbouncer",
+        &[port.to_string(), "5432".into(), dir.display().to_string()],
+    );
+    let schema = common::unique_name("bouncer");
+    let bouncer_url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+
+    // Migrate twice through PgBouncer (no direct URL): the second run finds nothing to do.
+    let env = [
+        ("COURIER_DATABASE_URL", bouncer_url.clone()),
+        ("COURIER_DATABASE_SCHEMA", schema.clone()),
+        ("COURIER_DATABASE_POOLER", "transaction".to_string()),
+    ];
+    // The audit reads the schema straight from PostgreSQL; dropped on drop.
+    let mut direct = courier::config::Config::default();
+    direct.database.url = SecretUrl::new(common::database_url());
+    direct.database.schema = schema.clone();
+    direct.broker.url = SecretUrl::new(common::broker_url());
+    let db = common::TestDb {
+        schema: schema.clone(),
+        config: direct,
+    };
+    for (run, expect) in [(1, "migration(s) applied"), (2, "is up to date")] {
+        let out = migrate_process(&env);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "migrate run {run}: {text}");
+        assert!(text.contains(expect), "migrate run {run}: {text}");
+    }
+
+    let broker = TestBroker::new("bouncer").await;
+    let mut config = db.engine_config();
+    config.database.url = SecretUrl::new(bouncer_url);
+    config.database.pooler = Pooler::Transaction;
+    config.database.listen = false;
+    config.database.auto_migrate = true;
+    let engine = Engine::start(config.clone())
+        .await
+        .expect("engine behind PgBouncer");
+    let producer = Store::connect(&config.database)
+        .await
+        .expect("producer store");
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for batch in 0..10 {
+        let rows: Vec<OutboxMessage> = (0..1_000)
+            .map(|i| {
+                OutboxMessage::new(
+                    &broker.exchange,
+                    format!("routed.{batch}.{i}"),
+                    b"x".to_vec(),
+                )
+            })
+            .collect();
+        producer
+            .enqueue_many(&rows)
+            .await
+            .expect("enqueue through PgBouncer");
+        ids.extend(rows.iter().map(|m| m.id));
+    }
+    engine
+        .wait_for_all(&ids, Duration::from_secs(180))
+        .await
+        .expect("10,000 rows settle behind PgBouncer");
+    let bulk = started.elapsed();
+
+    // Trickle: one row at a time, each awaited; without LISTEN the poll finds it.
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let m = OutboxMessage::new(
+            &broker.exchange,
+            format!("routed.trickle.{i}"),
+            b"t".to_vec(),
+        );
+        let at = Instant::now();
+        producer.enqueue(&m).await.expect("enqueue one");
+        engine
+            .wait_for_all(&[m.id], Duration::from_secs(30))
+            .await
+            .expect("trickle row settles");
+        latencies.push(at.elapsed());
+        ids.push(m.id);
+    }
+    latencies.sort();
+    let (p50, max) = (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    );
+
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    let counters = engine.counters();
+    assert_eq!(
+        counters.claim_failures, 0,
+        "no claim failed behind PgBouncer"
+    );
+    assert_eq!(counters.retried, 0, "no row went back to retrying");
+    let stats = db.store().await.stats().await.expect("stats");
+    assert_eq!(stats.count(Status::InFlight), 0);
+    assert_eq!(stats.count(Status::Retrying), 0);
+    assert!(
+        max < config.scheduler.sweep_interval + Duration::from_secs(1),
+        "trickle latency without LISTEN: max {max:?}"
+    );
+    eprintln!(
+        "pgbouncer: 10,000 rows in {bulk:?}, {} duplicates; trickle p50 {p50:?}, max {max:?} (sweep {:?})",
+        a.duplicates, config.scheduler.sweep_interval
     );
     engine.shutdown().await;
 }

@@ -17,7 +17,7 @@
 
 use std::{error::Error as StdError, future::Future, io, pin::Pin, sync::Arc, time::Duration};
 
-use diesel_async::AsyncPgConnection;
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     client::WebPkiServerVerifier,
@@ -494,7 +494,7 @@ pub fn cause_chain(e: &dyn StdError) -> String {
 pub async fn open(target: &PgTarget, timeout: Duration) -> Result<AsyncPgConnection, StoreError> {
     let url = &target.url;
     let attempt = async {
-        let (client, connection) = target
+        let (client, mut connection) = target
             .config
             .connect(Rustls(target.tls.clone()))
             .await
@@ -511,12 +511,37 @@ pub async fn open(target: &PgTarget, timeout: Duration) -> Result<AsyncPgConnect
                     },
                 }
             })?;
-        AsyncPgConnection::try_from_client_and_connection(client, connection)
+        let lost = |e: &dyn StdError| StoreError::Connect {
+            target: url.redacted(),
+            reason: url.scrub(&cause_chain(e)),
+        };
+        // diesel-async's set-up (`SET TIME ZONE`, `SET CLIENT_ENCODING`) uses prepared
+        // statements: inside one transaction, a transaction-mode pooler keeps their
+        // prepare and execute on one server connection. Harmless without a pooler.
+        // The connection is not driven yet (diesel-async spawns its driver): poll it here
+        // until `BEGIN` is answered.
+        {
+            let begin = client.batch_execute("BEGIN");
+            tokio::pin!(begin);
+            loop {
+                tokio::select! {
+                    done = &mut begin => break done.map_err(|e| lost(&e))?,
+                    message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                        Some(Ok(_notice)) => {}
+                        Some(Err(e)) => return Err(lost(&e)),
+                        None => return Err(StoreError::Connect {
+                            target: url.redacted(),
+                            reason: "connection closed during set-up".into(),
+                        }),
+                    },
+                }
+            }
+        }
+        let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
             .await
-            .map_err(|e| StoreError::Connect {
-                target: url.redacted(),
-                reason: url.scrub(&cause_chain(&e)),
-            })
+            .map_err(|e| lost(&e))?;
+        conn.batch_execute("COMMIT").await.map_err(|e| lost(&e))?;
+        Ok(conn)
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,

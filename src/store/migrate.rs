@@ -3,7 +3,11 @@
 //! The SQL in `migrations/` is unqualified; it runs with `search_path` set to the configured
 //! schema, so one database can hold several independent Courier schemas (tests rely on it),
 //! each with its own `__diesel_schema_migrations` table. A session advisory lock keeps two
-//! engines starting at once from migrating the same schema twice.
+//! engines starting at once from migrating the same schema twice. Behind a
+//! transaction-mode pooler ([`migrate_config`] with `database.pooler: transaction` and no
+//! `database.migrate_url`) a session lock would stay with whichever server connection took
+//! it: there the whole run is one transaction holding `pg_advisory_xact_lock`, with
+//! `SET LOCAL search_path` and no statement left prepared.
 //!
 //! diesel-async's own migration harness calls `block_in_place`, which panics on actix's
 //! current-thread runtime; running diesel's sync harness through `AsyncConnectionWrapper`
@@ -19,7 +23,7 @@ use diesel_async::{
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use super::{check_schema_name, establish, StoreError};
-use crate::config::SecretUrl;
+use crate::config::{DatabaseConfig, Pooler, SecretUrl};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -32,6 +36,51 @@ pub fn migration_names() -> Vec<String> {
 
 /// Shorthand kept for the CLI's help text.
 pub const MIGRATION_NAMES: fn() -> Vec<String> = migration_names;
+
+/// Migrates `cfg.schema` as the engine and `courier migrate` do: through
+/// `database.migrate_url` when set, else through `database.url` (in one transaction behind
+/// a transaction-mode pooler). Returns the names of the migrations applied.
+pub async fn migrate_config(cfg: &DatabaseConfig) -> Result<Vec<String>, StoreError> {
+    match (&cfg.migrate_url, cfg.pooler) {
+        (Some(direct), _) => migrate(direct, &cfg.schema, cfg.connect_timeout).await,
+        (None, Pooler::None) => migrate(&cfg.url, &cfg.schema, cfg.connect_timeout).await,
+        (None, Pooler::Transaction) => {
+            migrate_in_one_transaction(&cfg.url, &cfg.schema, cfg.connect_timeout).await
+        }
+    }
+}
+
+/// [`migrate`] as one transaction under a transaction-scoped advisory lock, with the
+/// statement cache off (see the module documentation).
+async fn migrate_in_one_transaction(
+    url: &SecretUrl,
+    schema: &str,
+    connect_timeout: Duration,
+) -> Result<Vec<String>, StoreError> {
+    use diesel::connection::{CacheSize, Connection, SimpleConnection};
+    use diesel_async::AsyncConnection as _;
+
+    check_schema_name(schema).map_err(StoreError::Schema)?;
+    let mut conn = establish(url, connect_timeout).await?;
+    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+    let prelude = format!(
+        "SELECT pg_advisory_xact_lock(hashtext('courier.migrate.{schema}'));
+         CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+         SET LOCAL search_path TO \"{schema}\";"
+    );
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut wrapper: AsyncConnectionWrapper<AsyncPgConnection> =
+            AsyncConnectionWrapper::from(conn);
+        Connection::transaction::<_, StoreError, _>(&mut wrapper, |tx| {
+            SimpleConnection::batch_execute(tx, &prelude)?;
+            tx.run_pending_migrations(MIGRATIONS)
+                .map(|done| done.iter().map(|v| v.to_string()).collect::<Vec<_>>())
+                .map_err(|e| StoreError::Migration(e.to_string()))
+        })
+    })
+    .await;
+    joined.map_err(|e| StoreError::Migration(format!("migration task failed: {e}")))?
+}
 
 /// Creates `schema` if needed and applies every pending migration to it. Idempotent.
 /// Returns the names of the migrations applied by this call (empty when up to date).
