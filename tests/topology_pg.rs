@@ -413,13 +413,16 @@ async fn primary_failover_mid_stream_loses_nothing() {
                         failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // No pause: a commit is nearly always waiting for the standby when the
+                // primary stops, so the stop cuts one off (an ambiguous commit).
+                tokio::task::yield_now().await;
             }
         })
     };
 
     confirmed_at_least(&mut events, 1_000).await;
     let before = engine.counters().confirmed;
+    let mut after = engine.subscribe();
     let failover_at = Instant::now();
     pair.fail_over();
     let promoted_after = failover_at.elapsed();
@@ -427,6 +430,14 @@ async fn primary_failover_mid_stream_loses_nothing() {
     let resumed = common::eventually(120, "confirmations on the promoted standby", || {
         let now = engine.counters().confirmed;
         async move { (now > before + 500).then(|| failover_at.elapsed()) }
+    })
+    .await;
+    // LISTEN is back too, on the new primary, and its self-check NOTIFY arrives.
+    common::events::wait_event(&mut after, 60, "LISTEN on the promoted standby", |e| {
+        matches!(
+            e,
+            courier::events::EngineEvent::ListenerReady { receiving: true }
+        )
     })
     .await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -453,10 +464,12 @@ async fn primary_failover_mid_stream_loses_nothing() {
     .await;
     eprintln!(
         "failover: {} committed, {} batches failed (ambiguous/refused), {} duplicates received, \
-         standby promoted {promoted_after:?} after the stop, 500 more confirmed {resumed:?} after it; {stats:?}",
+         standby promoted {promoted_after:?} after the stop, 500 more confirmed {resumed:?} after it, \
+         {} failed claim rounds; {stats:?}",
         ids.len(),
         failed_batches.load(std::sync::atomic::Ordering::SeqCst),
-        a.duplicates
+        a.duplicates,
+        engine.counters().claim_failures
     );
     engine.shutdown().await;
 }
