@@ -526,6 +526,28 @@ async fn behind_pgbouncer_in_transaction_mode() {
         assert!(text.contains(expect), "migrate run {run}: {text}");
     }
 
+    // database.migrate_url takes migrations around the pooler: straight to PostgreSQL they
+    // find nothing to do, and a URL nobody answers on is the one that fails.
+    let direct_env = |url: String| {
+        let mut env = env.to_vec();
+        env.push(("COURIER_DATABASE_MIGRATE_URL", url));
+        env
+    };
+    let out = migrate_process(&direct_env(common::database_url()));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("is up to date"),
+        "migrate through migrate_url: {out:?}"
+    );
+    let closed = free_port();
+    let out = migrate_process(&direct_env(format!(
+        "postgres://postgres@127.0.0.1:{closed}/postgres?connect_timeout=2"
+    )));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&format!("127.0.0.1:{closed}")),
+        "migrate_url is the URL migrations use: {stderr}"
+    );
+
     let broker = TestBroker::new("bouncer").await;
     let mut config = db.engine_config();
     config.database.url = SecretUrl::new(bouncer_url);
