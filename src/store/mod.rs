@@ -9,6 +9,7 @@ mod enqueue;
 mod migrate;
 mod op_conn;
 pub mod sql;
+mod tls;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -26,7 +27,7 @@ use diesel_async::{
 };
 use uuid::Uuid;
 
-pub use connect::{PgTarget, TlsHandshakeError, TlsMode};
+use connect::PgTarget;
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
 pub use sql::Sql;
