@@ -78,18 +78,17 @@ impl OpConn {
         })
     }
 
-    /// `query.get_result(conn)`, in its own transaction behind a transaction-mode pooler.
-    pub(crate) fn fetch_one<'a, 'q, U, Q>(&'a mut self, query: Q) -> BoxFuture<'a, QueryResult<U>>
+    /// The first row `query` returns ([`fetch_all`](Self::fetch_all)); `NotFound` when none.
+    pub(crate) async fn fetch_one<'q, U, Q>(&mut self, query: Q) -> QueryResult<U>
     where
         Q: LoadQuery<'q, AsyncPgConnection, U> + Send + 'q,
-        U: Send + 'a,
-        'q: 'a,
+        U: Send,
     {
-        Box::pin(async move {
-            self.begin().await?;
-            let result = query.get_result(self.raw()).await;
-            self.end(result).await
-        })
+        self.fetch_all(query)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(diesel::result::Error::NotFound)
     }
 
     /// `query.execute(conn)`, in its own transaction behind a transaction-mode pooler.
