@@ -80,11 +80,15 @@ impl SecretUrl {
         crate::redact::scrub(&self.0, message)
     }
 
-    /// The URL's scheme, if it parses.
+    /// The URL's scheme (what precedes `://`), if it has one. Not `url::Url`: a libpq
+    /// multi-host URL (`postgres://h1:5432,h2:5432/db`) is no valid WHATWG URL.
     fn scheme(&self) -> Option<String> {
-        url::Url::parse(&self.0)
-            .ok()
-            .map(|u| u.scheme().to_string())
+        let (scheme, _) = self.0.split_once("://")?;
+        let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        valid.then(|| scheme.to_ascii_lowercase())
     }
 }
 
@@ -244,6 +248,26 @@ pub struct DatabaseConfig {
     /// At start, keep retrying (with backoff) while PostgreSQL is unreachable; `false`
     /// fails at once.
     pub wait_at_start: bool,
+    /// What sits between Courier and PostgreSQL (see [`Pooler`]).
+    pub pooler: Pooler,
+    /// Migrations go through this URL instead of `url` (e.g. straight to PostgreSQL,
+    /// around a pooler); none: `url`.
+    pub migrate_url: Option<SecretUrl>,
+}
+
+/// `database.pooler`: what sits between Courier and PostgreSQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// PostgreSQL itself, or a session-mode pooler: a connection is one session.
+    #[default]
+    None,
+    /// A transaction-mode pooler (PgBouncer `pool_mode = transaction`): consecutive
+    /// transactions may run on different server connections. Every statement then runs
+    /// in its own transaction, so a statement's prepare and execute (tokio-postgres
+    /// prepares every statement) land on one server connection, and migrations take a
+    /// transaction-scoped advisory lock.
+    Transaction,
 }
 
 impl Default for DatabaseConfig {
@@ -256,6 +280,8 @@ impl Default for DatabaseConfig {
             connect_timeout: Duration::from_secs(5),
             listen: true,
             wait_at_start: true,
+            pooler: Pooler::None,
+            migrate_url: None,
         }
     }
 }
@@ -503,6 +529,9 @@ impl Config {
             &self.database.url,
             &["postgres", "postgresql"],
         )?;
+        if let Some(url) = &self.database.migrate_url {
+            check_url_scheme("database.migrate_url", url, &["postgres", "postgresql"])?;
+        }
         check_url_scheme("broker.url", &self.broker.url, &["amqp", "amqps"])?;
         crate::store::check_schema_name(&self.database.schema)
             .map_err(|problem| ConfigError::invalid("database.schema", problem))?;
@@ -827,6 +856,19 @@ mod tests {
         assert!(
             msg.contains("broker.url") && !msg.contains("s3cret"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn multi_host_database_urls_are_accepted_and_redacted() {
+        let c = parse(
+            "database:\n  url: postgres://u:hunter2@h1:5432,h2:5432/db?target_session_attrs=read-write\n",
+        )
+        .unwrap();
+        let shown = c.database.url.to_string();
+        assert_eq!(
+            shown,
+            "postgres://u:***@h1:5432,h2:5432/db?target_session_attrs=read-write"
         );
     }
 

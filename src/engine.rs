@@ -192,12 +192,7 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
         attempt += 1;
         let result = async {
             if config.database.auto_migrate {
-                store::migrate(
-                    &config.database.url,
-                    &config.database.schema,
-                    config.database.connect_timeout,
-                )
-                .await?;
+                store::migrate_config(&config.database).await?;
             }
             Store::connect(&config.database).await
         }

@@ -48,6 +48,8 @@ pub enum EngineEvent {
 pub struct Counters {
     /// Rows claimed.
     pub claimed: AtomicU64,
+    /// Claim rounds that failed (database unreachable); each is followed by a backoff.
+    pub claim_failures: AtomicU64,
     /// Publishes written to the broker.
     pub published: AtomicU64,
     /// Acks received (before their write; see `confirmed`).
@@ -98,6 +100,7 @@ impl Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterSnapshot {
             claimed: get(&self.claimed),
+            claim_failures: get(&self.claim_failures),
             published: get(&self.published),
             acked: get(&self.acked),
             confirmed: get(&self.confirmed),
@@ -125,6 +128,7 @@ impl Counters {
 #[allow(missing_docs)]
 pub struct CounterSnapshot {
     pub claimed: u64,
+    pub claim_failures: u64,
     pub published: u64,
     pub acked: u64,
     pub confirmed: u64,

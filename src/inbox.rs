@@ -296,10 +296,12 @@ impl Inbox {
     pub async fn purge(&self, age: Duration) -> Result<usize, StoreError> {
         let mut total = 0;
         loop {
-            let mut conn = self.store.conn().await?;
-            let n = diesel::sql_query(&*self.purge_sql)
-                .bind::<BigInt, _>(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
-                .execute(&mut conn)
+            let mut conn = self.store.op().await?;
+            let n = conn
+                .run(
+                    diesel::sql_query(&*self.purge_sql)
+                        .bind::<BigInt, _>(i64::try_from(age.as_millis()).unwrap_or(i64::MAX)),
+                )
                 .await?;
             total += n;
             if n < 5000 {

@@ -13,6 +13,9 @@
 /// password=p`) is redacted the same way. Anything else that does not parse is not echoed
 /// at all, since it may still contain a password in a shape the parser did not understand.
 pub fn redact_url(raw: &str) -> String {
+    if let Some((single, hosts)) = one_host(raw) {
+        return redact_url(&single).replacen(HOSTS_PLACEHOLDER, &hosts, 1);
+    }
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
@@ -49,6 +52,28 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// Stands for the host list of a multi-host URL while the `url` crate reads the rest.
+const HOSTS_PLACEHOLDER: &str = "courier-hosts.invalid";
+
+/// A libpq multi-host URL (`postgres://u:p@h1:5432,h2:5432/db?…`) is no valid WHATWG
+/// URL: returns it with the host list replaced by one placeholder host, and the host list
+/// (which holds no secret). `None` for any other string.
+fn one_host(raw: &str) -> Option<(String, String)> {
+    let (scheme, rest) = raw.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let hosts_at = authority.rfind('@').map_or(0, |at| at + 1);
+    let hosts = &authority[hosts_at..];
+    if !hosts.contains(',') {
+        return None;
+    }
+    let single = format!(
+        "{scheme}://{}{HOSTS_PLACEHOLDER}{}",
+        &authority[..hosts_at],
+        &rest[authority.len()..]
+    );
+    Some((single, hosts.to_string()))
+}
+
 /// Secrets this short are not scrubbed out of free text (see [`SecretUrl::scrub`]).
 pub const MIN_SCRUBBED_SECRET: usize = 4;
 
@@ -79,7 +104,8 @@ fn query_pair(pair: &str) -> Option<(String, String)> {
 /// first (so a secret that contains another is replaced whole).
 fn secrets(raw: &str) -> Vec<String> {
     let mut out = Vec::new();
-    match url::Url::parse(raw) {
+    let single = one_host(raw).map(|(single, _)| single);
+    match url::Url::parse(single.as_deref().unwrap_or(raw)) {
         Ok(url) => {
             out.extend(url.password().map(str::to_string));
             for pair in url.query().unwrap_or("").split('&') {
@@ -185,6 +211,12 @@ mod tests {
                 "amqp://guest:guest@rabbit:5672/%2f?heartbeat=10&password=SECRET4&auth_token=SECRET5",
                 "amqp://guest:***@rabbit:5672/%2f?heartbeat=10&password=***&auth_token=***",
             ),
+            // libpq's multi-host form.
+            (
+                "postgres://u:pw1234@h1:5432,h2:5433/db?target_session_attrs=read-write&password=SECRET9",
+                "postgres://u:***@h1:5432,h2:5433/db?target_session_attrs=read-write&password=***",
+            ),
+            ("postgres://h1,h2/db", "postgres://h1,h2/db"),
             // A percent-encoded name is still recognised.
             ("postgres://h/db?pass%77ord=SECRET6", "postgres://h/db?pass%77ord=***"),
             // Nothing secret: unchanged.
@@ -249,6 +281,12 @@ mod tests {
         }
         assert!(
             out.contains("postgres://u:***@h/db?sslpassword=***"),
+            "{out}"
+        );
+        let multi = "postgres://u:s3cr3t-pw@h1:5432,h2:5432/db";
+        let out = scrub(multi, &format!("{multi} failed; s3cr3t-pw"));
+        assert_eq!(
+            out, "postgres://u:***@h1:5432,h2:5432/db failed; ***",
             "{out}"
         );
         // Too short to scrub from free text without mauling it (the URL is still redacted).

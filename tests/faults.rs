@@ -587,3 +587,49 @@ async fn a_batch_slower_than_connect_timeout_on_a_slow_link_is_not_a_dead_connec
     );
     engine.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_failing_claim_loop_backs_off_while_the_database_is_gone() {
+    let db = TestDb::new("claimoff").await;
+    let broker = TestBroker::new("claimoff").await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap());
+    let mut config = db.engine_config();
+    config.database.url = SecretUrl::new(format!("postgres://postgres@{}/postgres", proxy.addr));
+    // The sweep alone would claim twenty times a second.
+    config.scheduler.sweep_interval = Duration::from_millis(50);
+    let engine = Engine::start(config).await.expect("engine");
+    let ids = db.insert_sql(&broker.exchange, 100, "routed.{i}").await;
+    engine.wait_for_all(&ids, WAIT).await.expect("delivered");
+
+    // The database goes away.
+    proxy.refuse(true);
+    proxy.cut();
+    let first = eventually(30, "a failed claim round", || {
+        let n = engine.counters().claim_failures;
+        async move { (n >= 1).then(std::time::Instant::now) }
+    })
+    .await;
+    eventually(30, "five failed claim rounds", || {
+        let n = engine.counters().claim_failures;
+        async move { (n >= 5).then_some(()) }
+    })
+    .await;
+    // Backoff 200 ms doubling, ±20 %: rounds 2-5 come at least 2.4 s after the first.
+    let took = first.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "four more failed claim rounds within {took:?}: no backoff"
+    );
+
+    // It comes back: the engine claims again (within the 5 s cap) and delivers.
+    proxy.refuse(false);
+    let more = db.insert_sql(&broker.exchange, 100, "routed.{i}").await;
+    engine
+        .wait_for_all(&more, WAIT)
+        .await
+        .expect("delivered after");
+    let all: Vec<Uuid> = ids.iter().chain(&more).copied().collect();
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    engine.shutdown().await;
+}

@@ -122,7 +122,19 @@ pub struct Scheduler {
     next_key: Option<String>,
     /// Which kinds of rows may be due, and the claim round in progress.
     demand: Demand,
+    /// Claim rounds failed in a row, and the instant before which no claim is tried
+    /// (the database is gone: neither wake-ups nor settlements may spin the loop).
+    failed_rounds: u32,
+    retry_at: Option<Instant>,
 }
+
+/// The pause after a failed claim round, doubling per failed round up to `max`.
+const CLAIM_BACKOFF: crate::config::BackoffConfig = crate::config::BackoffConfig {
+    initial: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+    multiplier: 2.0,
+    jitter: 0.2,
+};
 
 /// Fastest poll without LISTEN (while rows keep coming).
 const MIN_POLL: Duration = Duration::from_millis(10);
@@ -151,6 +163,8 @@ impl Scheduler {
             poll: MIN_POLL,
             next_key: None,
             demand: Demand::default(),
+            failed_rounds: 0,
+            retry_at: None,
         }
     }
 
@@ -197,6 +211,15 @@ impl Scheduler {
             return;
         }
         if self.stopping || !self.broker_ready || self.credits() == 0 || self.bytes_left() == 0 {
+            return;
+        }
+        if let Some(wait) = self
+            .retry_at
+            .and_then(|at| at.checked_duration_since(Instant::now()))
+        {
+            // Backing off after a failed round: claim when it ends, not before.
+            self.more = true;
+            self.arm(ctx, wait);
             return;
         }
         let limit = self
@@ -252,7 +275,7 @@ impl Scheduler {
                 Some((n, claimed.full))
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, ?kind, "claim failed; the next sweep tries again");
+                tracing::warn!(error = %e, ?kind, "claim failed; claiming again after a backoff");
                 None
             }
             Err(e) => {
@@ -265,8 +288,24 @@ impl Scheduler {
     /// One claim of the round answered; the round ends with the last one.
     fn answered(&mut self, ctx: &mut Context<Self>, kind: Kind, outcome: Option<(usize, bool)>) {
         if let Some(end) = self.demand.answered(kind, outcome) {
+            if end.failed {
+                self.back_off(ctx);
+            } else {
+                self.failed_rounds = 0;
+                self.retry_at = None;
+            }
             self.round_done(ctx, end.full, end.got);
         }
+    }
+
+    /// A claim failed: no claim before a backoff that grows with each failed round in a
+    /// row, whatever wakes the Scheduler meanwhile.
+    fn back_off(&mut self, ctx: &mut Context<Self>) {
+        self.failed_rounds = self.failed_rounds.saturating_add(1);
+        Counters::add(&self.signals.counters.claim_failures, 1);
+        let delay = crate::backoff::delay(&CLAIM_BACKOFF, self.failed_rounds);
+        self.retry_at = Some(Instant::now() + delay);
+        self.arm(ctx, delay);
     }
 
     /// A claim round ended: go again at once if it came back full or something woke the

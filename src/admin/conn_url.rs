@@ -18,14 +18,20 @@ pub fn admin_url(
     url: &SecretUrl,
     statement_timeout: Duration,
 ) -> Result<SecretUrl, url::ParseError> {
-    let mut parsed = url::Url::parse(url.expose())?;
+    // The query string is edited as text: a libpq multi-host URL (`h1:5432,h2:5432`) is no
+    // valid WHATWG URL, and everything before `?` stays as written.
+    let raw = url.expose();
+    if !raw.contains("://") {
+        return Err(url::ParseError::RelativeUrlWithoutBase);
+    }
+    let (head, query) = raw.split_once('?').unwrap_or((raw, ""));
     let mut options = None;
     let mut kept = Vec::new();
-    for (k, v) in parsed.query_pairs() {
-        match k.as_ref() {
-            "options" => options = Some(v.into_owned()),
-            "application_name" => {}
-            _ => kept.push((k.into_owned(), v.into_owned())),
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match url::form_urlencoded::parse(pair.as_bytes()).next() {
+            Some((k, v)) if k == "options" => options = Some(v.into_owned()),
+            Some((k, _)) if k == "application_name" => {}
+            _ => kept.push(pair.to_string()),
         }
     }
     let timeout = format!("-c statement_timeout={}", millis(statement_timeout).max(1));
@@ -33,20 +39,15 @@ pub fn admin_url(
         Some(existing) if !existing.trim().is_empty() => format!("{existing} {timeout}"),
         _ => timeout,
     };
-    kept.push(("application_name".into(), APPLICATION_NAME.into()));
-    kept.push(("options".into(), options));
     // tokio-postgres percent-decodes but does not read `+` as a space: write `%20`.
     let encode = |s: &str| {
         url::form_urlencoded::byte_serialize(s.as_bytes())
             .collect::<String>()
             .replace('+', "%20")
     };
-    let query: Vec<String> = kept
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect();
-    parsed.set_query(Some(&query.join("&")));
-    Ok(SecretUrl::new(parsed.to_string()))
+    kept.push(format!("application_name={}", encode(APPLICATION_NAME)));
+    kept.push(format!("options={}", encode(&options)));
+    Ok(SecretUrl::new(format!("{head}?{}", kept.join("&"))))
 }
 
 fn millis(d: Duration) -> i64 {
@@ -75,5 +76,17 @@ mod tests {
         assert!(admin
             .expose()
             .contains("options=-c%20search_path%3Dx%20-c%20statement_timeout%3D3000"));
+    }
+
+    #[test]
+    fn a_multi_host_url_keeps_its_hosts() {
+        let url =
+            SecretUrl::new("postgres://u:pw@h1:5432,h2:5433/app?target_session_attrs=read-write");
+        let admin = admin_url(&url, Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            admin.expose(),
+            "postgres://u:pw@h1:5432,h2:5433/app?target_session_attrs=read-write\
+             &application_name=courier-admin&options=-c%20statement_timeout%3D1000"
+        );
     }
 }

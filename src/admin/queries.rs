@@ -16,7 +16,6 @@ use diesel::{
     sql_types::{BigInt, Bytea, Double, Integer, Nullable, Text, Timestamptz},
     QueryableByName,
 };
-use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 use crate::{
@@ -177,10 +176,8 @@ impl AdminDb {
             #[allow(dead_code)]
             one: i32,
         }
-        let mut conn = self.probe.conn().await?;
-        let _: One = diesel::sql_query("SELECT 1 AS one")
-            .get_result(&mut conn)
-            .await?;
+        let mut conn = self.probe.op().await?;
+        let _: One = conn.fetch_one(diesel::sql_query("SELECT 1 AS one")).await?;
         Ok(())
     }
 
@@ -248,10 +245,9 @@ impl AdminDb {
             bounded("status = 'confirmed'", "outbox"),
             bounded("true", "dead_letters"),
         );
-        let mut conn = self.api.conn().await?;
-        let r: Row = diesel::sql_query(sql)
-            .bind::<BigInt, _>(EXACT_UP_TO)
-            .get_result(&mut conn)
+        let mut conn = self.api.op().await?;
+        let r: Row = conn
+            .fetch_one(diesel::sql_query(sql).bind::<BigInt, _>(EXACT_UP_TO))
             .await?;
         let mut approximate = Vec::new();
         let mut exact_or_lower_bound = |name: &'static str, parts: &[i64]| {
@@ -307,11 +303,13 @@ impl AdminDb {
             summary_columns(),
             self.api.schema()
         );
-        let mut conn = self.api.conn().await?;
-        Ok(diesel::sql_query(sql)
-            .bind::<Nullable<BigInt>, _>(since.map(millis))
-            .bind::<BigInt, _>(i64::from(limit.min(LIST_MAX)))
-            .load(&mut conn)
+        let mut conn = self.api.op().await?;
+        Ok(conn
+            .fetch_all(
+                diesel::sql_query(sql)
+                    .bind::<Nullable<BigInt>, _>(since.map(millis))
+                    .bind::<BigInt, _>(i64::from(limit.min(LIST_MAX))),
+            )
             .await?)
     }
 
@@ -322,10 +320,9 @@ impl AdminDb {
             summary_columns(),
             self.api.schema()
         );
-        let mut conn = self.api.conn().await?;
-        let rows: Vec<DeadLetterSummary> = diesel::sql_query(sql)
-            .bind::<diesel::sql_types::Uuid, _>(id)
-            .load(&mut conn)
+        let mut conn = self.api.op().await?;
+        let rows: Vec<DeadLetterSummary> = conn
+            .fetch_all(diesel::sql_query(sql).bind::<diesel::sql_types::Uuid, _>(id))
             .await?;
         Ok(rows.into_iter().next())
     }
@@ -341,12 +338,14 @@ impl AdminDb {
              FROM \"{}\".dead_letters WHERE id = $1",
             self.api.schema()
         );
-        let mut conn = self.api.conn().await?;
-        let rows: Vec<PayloadRow> = diesel::sql_query(sql)
-            .bind::<diesel::sql_types::Uuid, _>(id)
-            .bind::<Integer, _>(PAYLOAD_MAX)
-            .bind::<Integer, _>(HEADERS_MAX)
-            .load(&mut conn)
+        let mut conn = self.api.op().await?;
+        let rows: Vec<PayloadRow> = conn
+            .fetch_all(
+                diesel::sql_query(sql)
+                    .bind::<diesel::sql_types::Uuid, _>(id)
+                    .bind::<Integer, _>(PAYLOAD_MAX)
+                    .bind::<Integer, _>(HEADERS_MAX),
+            )
             .await?;
         Ok(rows.into_iter().next().map(DeadLetterPayload::from))
     }

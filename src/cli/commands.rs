@@ -25,13 +25,9 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn apply_migrations(config: &Config) -> anyhow::Result<Vec<String>> {
-    crate::store::migrate(
-        &config.database.url,
-        &config.database.schema,
-        config.database.connect_timeout,
-    )
-    .await
-    .with_context(|| format!("migrating schema `{}`", config.database.schema))
+    crate::store::migrate_config(&config.database)
+        .await
+        .with_context(|| format!("migrating schema `{}`", config.database.schema))
 }
 
 /// `courier status [--watch] [--json]`

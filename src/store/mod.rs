@@ -4,9 +4,12 @@
 //! directly. All SQL text lives in [`sql`]; this file binds parameters and maps rows.
 //! Every operation works on a bounded batch: the engine never loads the whole table.
 
+mod connect;
 mod enqueue;
 mod migrate;
+mod op_conn;
 pub mod sql;
+mod tls;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,17 +22,18 @@ use diesel::{
     QueryableByName,
 };
 use diesel_async::{
-    pooled_connection::{deadpool::Pool, AsyncDieselConnectionManager},
+    pooled_connection::{deadpool::Pool, AsyncDieselConnectionManager, ManagerConfig},
     AsyncConnection, AsyncPgConnection, RunQueryDsl,
 };
 use uuid::Uuid;
 
+use connect::PgTarget;
 pub(crate) use enqueue::insert_messages;
-pub use migrate::{migrate, MIGRATION_NAMES};
+pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
 pub use sql::Sql;
 
 use crate::{
-    config::{DatabaseConfig, SecretUrl},
+    config::{DatabaseConfig, Pooler, SecretUrl},
     message::OutboxMessage,
     state::{Status, ALL_STATUSES},
 };
@@ -43,6 +47,15 @@ pub enum StoreError {
         /// The redacted URL that was tried.
         target: String,
         /// Why (refused, timed out, authentication…).
+        reason: String,
+    },
+    /// PostgreSQL (or the TLS layer, or the URL itself) refused Courier for a reason no
+    /// retry mends: a certificate problem, refused authentication, a missing database.
+    #[error("PostgreSQL at {target} refused the connection: {reason}")]
+    Rejected {
+        /// The redacted URL that was tried.
+        target: String,
+        /// The whole cause chain.
         reason: String,
     },
     /// The pool could not hand out a connection.
@@ -464,6 +477,8 @@ pub struct Store {
     sql: std::sync::Arc<Sql>,
     url: SecretUrl,
     connect_timeout: Duration,
+    /// Every statement in its own transaction (`database.pooler: transaction`).
+    per_statement_tx: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -480,18 +495,7 @@ pub async fn establish(
     url: &SecretUrl,
     timeout: Duration,
 ) -> Result<AsyncPgConnection, StoreError> {
-    let connect = AsyncPgConnection::establish(url.expose());
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(StoreError::Connect {
-            target: url.redacted(),
-            reason: scrub(&e.to_string(), url),
-        }),
-        Err(_) => Err(StoreError::Connect {
-            target: url.redacted(),
-            reason: format!("no answer within {}", humantime::format_duration(timeout)),
-        }),
-    }
+    connect::open(&PgTarget::parse(url)?, timeout).await
 }
 
 /// Removes the URL and its secrets from a driver message, should it quote them.
@@ -503,7 +507,24 @@ impl Store {
     /// Builds the pool and checks that one connection can be made.
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
         check_schema_name(&cfg.schema).map_err(StoreError::Schema)?;
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(cfg.url.expose());
+        let target = PgTarget::parse(&cfg.url)?;
+        // The first connection is made outside the pool, so that a permanent refusal
+        // (TLS, authentication, missing database) comes back as such.
+        drop(connect::open(&target, cfg.connect_timeout).await?);
+        let timeout = cfg.connect_timeout;
+        let mut manager_config = ManagerConfig::default();
+        manager_config.custom_setup = Box::new(move |_url| {
+            let target = target.clone();
+            Box::pin(async move {
+                connect::open(&target, timeout)
+                    .await
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))
+            })
+        });
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+            cfg.url.expose(),
+            manager_config,
+        );
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size as usize)
             .build()
@@ -513,8 +534,8 @@ impl Store {
             sql: std::sync::Arc::new(Sql::new(&cfg.schema)),
             url: cfg.url.clone(),
             connect_timeout: cfg.connect_timeout,
+            per_statement_tx: cfg.pooler == Pooler::Transaction,
         };
-        drop(store.conn().await?);
         Ok(store)
     }
 
@@ -554,6 +575,14 @@ impl Store {
         }
     }
 
+    /// A pooled connection for one operation (see [`op_conn`]).
+    pub(crate) async fn op(&self) -> Result<op_conn::OpConn, StoreError> {
+        Ok(op_conn::OpConn::new(
+            self.conn().await?,
+            self.per_statement_tx,
+        ))
+    }
+
     /// Claims up to `limit` rows for `engine` with a lease of `lease` (no byte budget):
     /// see [`claim_due`](Self::claim_due). Returns the messages ready to publish.
     pub async fn claim(
@@ -579,14 +608,16 @@ impl Store {
         limits: ClaimLimits,
         lease: Duration,
     ) -> Result<Claimed, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim)
-            .bind::<BigInt, _>(i64::from(limits.rows))
-            .bind::<Text, _>(engine)
-            .bind::<BigInt, _>(millis(lease))
-            .bind::<BigInt, _>(clamp_i64(limits.max_payload))
-            .bind::<BigInt, _>(clamp_i64(limits.bytes))
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<ClaimedRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.sql.claim)
+                    .bind::<BigInt, _>(i64::from(limits.rows))
+                    .bind::<Text, _>(engine)
+                    .bind::<BigInt, _>(millis(lease))
+                    .bind::<BigInt, _>(clamp_i64(limits.max_payload))
+                    .bind::<BigInt, _>(clamp_i64(limits.bytes)),
+            )
             .await?;
         drop(conn);
         let full = rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut);
@@ -619,16 +650,18 @@ impl Store {
         lease: Duration,
         keys: &KeyScan,
     ) -> Result<Claimed, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<ClaimedRow> = diesel::sql_query(&self.sql.claim_keyed)
-            .bind::<BigInt, _>(i64::from(limits.rows))
-            .bind::<Text, _>(engine)
-            .bind::<BigInt, _>(millis(lease))
-            .bind::<Text, _>(keys.after.as_deref().unwrap_or(""))
-            .bind::<Bool, _>(keys.block_on_dead_letter)
-            .bind::<BigInt, _>(clamp_i64(limits.max_payload))
-            .bind::<BigInt, _>(clamp_i64(limits.bytes))
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<ClaimedRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.sql.claim_keyed)
+                    .bind::<BigInt, _>(i64::from(limits.rows))
+                    .bind::<Text, _>(engine)
+                    .bind::<BigInt, _>(millis(lease))
+                    .bind::<Text, _>(keys.after.as_deref().unwrap_or(""))
+                    .bind::<Bool, _>(keys.block_on_dead_letter)
+                    .bind::<BigInt, _>(clamp_i64(limits.max_payload))
+                    .bind::<BigInt, _>(clamp_i64(limits.bytes)),
+            )
             .await?;
         drop(conn);
         let full = rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut);
@@ -688,22 +721,23 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.conn().await?;
-        Ok(diesel::sql_query(&self.sql.renew)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .bind::<Text, _>(engine)
-            .bind::<BigInt, _>(millis(lease))
-            .execute(&mut conn)
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(
+                diesel::sql_query(&self.sql.renew)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+                    .bind::<Text, _>(engine)
+                    .bind::<BigInt, _>(millis(lease)),
+            )
             .await?)
     }
 
     /// Gives back every row `engine` still holds (shutdown): due again at once, attempt
     /// refunded. Returns how many.
     pub async fn release_all(&self, engine: &str) -> Result<usize, StoreError> {
-        let mut conn = self.conn().await?;
-        Ok(diesel::sql_query(&self.sql.release_all)
-            .bind::<Text, _>(engine)
-            .execute(&mut conn)
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(diesel::sql_query(&self.sql.release_all).bind::<Text, _>(engine))
             .await?)
     }
 
@@ -712,10 +746,11 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.conn().await?;
-        Ok(diesel::sql_query(&self.sql.confirm)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .execute(&mut conn)
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(
+                diesel::sql_query(&self.sql.confirm).bind::<Array<diesel::sql_types::Uuid>, _>(ids),
+            )
             .await?)
     }
 
@@ -733,14 +768,16 @@ impl Store {
         let delays: Vec<i64> = updates.iter().map(|u| millis(u.delay)).collect();
         let errors: Vec<String> = updates.iter().map(|u| u.error.clone()).collect();
         let refunds: Vec<bool> = updates.iter().map(|u| u.refund).collect();
-        let mut conn = self.conn().await?;
-        Ok(diesel::sql_query(&self.sql.retry)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .bind::<Array<BigInt>, _>(delays)
-            .bind::<Array<Text>, _>(errors)
-            .bind::<Array<Bool>, _>(refunds)
-            .bind::<Text, _>(engine)
-            .execute(&mut conn)
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(
+                diesel::sql_query(&self.sql.retry)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+                    .bind::<Array<BigInt>, _>(delays)
+                    .bind::<Array<Text>, _>(errors)
+                    .bind::<Array<Bool>, _>(refunds)
+                    .bind::<Text, _>(engine),
+            )
             .await?)
     }
 
@@ -750,11 +787,13 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.conn().await?;
-        Ok(diesel::sql_query(&self.sql.release)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .bind::<Text, _>(engine)
-            .execute(&mut conn)
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(
+                diesel::sql_query(&self.sql.release)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+                    .bind::<Text, _>(engine),
+            )
             .await?)
     }
 
@@ -771,7 +810,7 @@ impl Store {
         let ids: Vec<Uuid> = updates.iter().map(|u| u.id).collect();
         let errors: Vec<String> = updates.iter().map(|u| u.error.clone()).collect();
         let sql = &self.sql;
-        let mut conn = self.conn().await?;
+        let mut conn = self.op().await?;
         let rows: Vec<IdRow> = conn
             .transaction::<_, diesel::result::Error, _>(async |tx| {
                 diesel::sql_query(&sql.supersede_dead_letters)
@@ -796,10 +835,11 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn().await?;
-        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.requeue)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<IdRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.sql.requeue).bind::<Array<diesel::sql_types::Uuid>, _>(ids),
+            )
             .await?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
@@ -812,14 +852,16 @@ impl Store {
 
     /// Enqueues many messages in one statement.
     pub async fn enqueue_many(&self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        insert_messages(&mut conn, self.schema(), messages).await
+        let mut conn = self.op().await?;
+        conn.begin().await?;
+        let inserted = insert_messages(&mut conn, self.schema(), messages).await;
+        conn.end(inserted).await
     }
 
     /// Counts by status, dead letters, and the oldest undelivered row's age.
     pub async fn stats(&self) -> Result<Stats, StoreError> {
-        let mut conn = self.conn().await?;
-        let counts: Vec<CountRow> = diesel::sql_query(&self.sql.counts).load(&mut conn).await?;
+        let mut conn = self.op().await?;
+        let counts: Vec<CountRow> = conn.fetch_all(diesel::sql_query(&self.sql.counts)).await?;
         let mut outbox: BTreeMap<String, i64> = ALL_STATUSES
             .iter()
             .map(|s| (s.as_str().to_string(), 0))
@@ -827,8 +869,8 @@ impl Store {
         for row in counts {
             outbox.insert(row.status, row.n);
         }
-        let dead: TotalRow = diesel::sql_query(&self.sql.dead_letter_count)
-            .get_result(&mut conn)
+        let dead: TotalRow = conn
+            .fetch_one(diesel::sql_query(&self.sql.dead_letter_count))
             .await?;
         drop(conn);
         Ok(Stats {
@@ -841,9 +883,9 @@ impl Store {
     /// Age of the oldest row not yet confirmed (pending, retrying or in flight), without
     /// counting anything (the engine's periodic summary).
     pub async fn oldest_pending_age(&self) -> Result<Option<Duration>, StoreError> {
-        let mut conn = self.conn().await?;
-        let age: AgeRow = diesel::sql_query(&self.sql.oldest_pending)
-            .get_result(&mut conn)
+        let mut conn = self.op().await?;
+        let age: AgeRow = conn
+            .fetch_one(diesel::sql_query(&self.sql.oldest_pending))
             .await?;
         Ok(age.duration())
     }
@@ -851,11 +893,13 @@ impl Store {
     /// The final outcomes reached so far by any of `ids` (ids still on their way are absent).
     pub async fn outcomes(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Outcome>, StoreError> {
         let mut out = HashMap::new();
-        let mut conn = self.conn().await?;
+        let mut conn = self.op().await?;
         for chunk in ids.chunks(10_000) {
-            let rows: Vec<OutcomeRow> = diesel::sql_query(&self.sql.outcomes)
-                .bind::<Array<diesel::sql_types::Uuid>, _>(chunk)
-                .load(&mut conn)
+            let rows: Vec<OutcomeRow> = conn
+                .fetch_all(
+                    diesel::sql_query(&self.sql.outcomes)
+                        .bind::<Array<diesel::sql_types::Uuid>, _>(chunk),
+                )
                 .await?;
             for r in rows {
                 let outcome = if r.status == "confirmed" {
@@ -877,24 +921,26 @@ impl Store {
         limit: u32,
         archive: bool,
     ) -> Result<usize, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.op().await?;
         let sql = if archive {
             &self.sql.archive_confirmed
         } else {
             &self.sql.purge_confirmed
         };
-        Ok(diesel::sql_query(sql)
-            .bind::<BigInt, _>(millis(older_than))
-            .bind::<BigInt, _>(i64::from(limit))
-            .execute(&mut conn)
+        Ok(conn
+            .run(
+                diesel::sql_query(sql)
+                    .bind::<BigInt, _>(millis(older_than))
+                    .bind::<BigInt, _>(i64::from(limit)),
+            )
             .await?)
     }
 
     /// How long until the earliest row that is not due yet becomes due (`None`: none).
     pub async fn next_due(&self) -> Result<Option<Duration>, StoreError> {
-        let mut conn = self.conn().await?;
-        let row: AgeRow = diesel::sql_query(&self.sql.next_due)
-            .get_result(&mut conn)
+        let mut conn = self.op().await?;
+        let row: AgeRow = conn
+            .fetch_one(diesel::sql_query(&self.sql.next_due))
             .await?;
         Ok(row.duration())
     }
@@ -902,7 +948,7 @@ impl Store {
     /// Runs a plain `VACUUM` on the outbox (after retention removed rows).
     pub async fn vacuum_outbox(&self) -> Result<(), StoreError> {
         use diesel_async::SimpleAsyncConnection;
-        let mut conn = self.conn().await?;
+        let mut conn = self.op().await?;
         conn.batch_execute(&self.sql.vacuum).await?;
         Ok(())
     }
@@ -913,21 +959,25 @@ impl Store {
         since: Option<Duration>,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<DeadLetterRow> = diesel::sql_query(&self.sql.dead_letter_list)
-            .bind::<Nullable<BigInt>, _>(since.map(millis))
-            .bind::<BigInt, _>(i64::from(limit))
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<DeadLetterRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.sql.dead_letter_list)
+                    .bind::<Nullable<BigInt>, _>(since.map(millis))
+                    .bind::<BigInt, _>(i64::from(limit)),
+            )
             .await?;
         Ok(rows.into_iter().map(DeadLetter::from).collect())
     }
 
     /// One dead letter.
     pub async fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetter>, StoreError> {
-        let mut conn = self.conn().await?;
-        let row: Option<DeadLetterRow> = diesel::sql_query(&self.sql.dead_letter_show)
-            .bind::<diesel::sql_types::Uuid, _>(id)
-            .get_result(&mut conn)
+        let mut conn = self.op().await?;
+        let row: Option<DeadLetterRow> = conn
+            .fetch_one(
+                diesel::sql_query(&self.sql.dead_letter_show)
+                    .bind::<diesel::sql_types::Uuid, _>(id),
+            )
             .await
             .map(Some)
             .or_else(not_found_is_none)?;
@@ -936,20 +986,23 @@ impl Store {
 
     /// Ids of dead letters, all or those of one exchange (for "requeue --all").
     pub async fn dead_letter_ids(&self, exchange: Option<&str>) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter_ids)
-            .bind::<Nullable<Text>, _>(exchange)
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<IdRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.sql.dead_letter_ids).bind::<Nullable<Text>, _>(exchange),
+            )
             .await?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
     /// Deletes dead letters for good. Returns the ids deleted (unknown ids are absent).
     pub async fn discard_dead_letters(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter_discard)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<IdRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.sql.dead_letter_discard)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
+            )
             .await?;
         drop(conn);
         self.wake_after_discard(rows.len()).await;
@@ -961,10 +1014,12 @@ impl Store {
         &self,
         older_than: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<IdRow> = diesel::sql_query(&self.sql.dead_letter_discard_older)
-            .bind::<BigInt, _>(millis(older_than))
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<IdRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.sql.dead_letter_discard_older)
+                    .bind::<BigInt, _>(millis(older_than)),
+            )
             .await?;
         drop(conn);
         self.wake_after_discard(rows.len()).await;
@@ -981,29 +1036,29 @@ impl Store {
             #[diesel(sql_type = Nullable<Double>)]
             p99: Option<f64>,
         }
-        let mut conn = self.conn().await?;
-        let r: Pct = diesel::sql_query(&self.sql.latency_of)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .get_result(&mut conn)
+        let mut conn = self.op().await?;
+        let r: Pct = conn
+            .fetch_one(
+                diesel::sql_query(&self.sql.latency_of)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
+            )
             .await?;
         Ok(r.p50.zip(r.p99))
     }
 
     /// Confirmed rows by the engine that published them (`locked_by` is kept on confirm).
     pub async fn publishers_of_confirmed(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        let mut conn = self.conn().await?;
-        let rows: Vec<CountRow> = diesel::sql_query(&self.sql.publishers)
-            .load(&mut conn)
+        let mut conn = self.op().await?;
+        let rows: Vec<CountRow> = conn
+            .fetch_all(diesel::sql_query(&self.sql.publishers))
             .await?;
         Ok(rows.into_iter().map(|r| (r.status, r.n)).collect())
     }
 
     /// Sends a NOTIFY on the outbox channel with `payload` (the listener's self-check).
     pub async fn notify(&self, payload: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        diesel::sql_query(&self.sql.notify)
-            .bind::<Text, _>(payload)
-            .execute(&mut conn)
+        let mut conn = self.op().await?;
+        conn.run(diesel::sql_query(&self.sql.notify).bind::<Text, _>(payload))
             .await?;
         Ok(())
     }
@@ -1021,10 +1076,12 @@ impl Store {
 
     /// Where one message is now, or `None` if it is in neither table.
     pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
-        let mut conn = self.conn().await?;
-        let row: Option<StatusRow> = diesel::sql_query(&self.sql.outbox_status_of)
-            .bind::<diesel::sql_types::Uuid, _>(id)
-            .get_result(&mut conn)
+        let mut conn = self.op().await?;
+        let row: Option<StatusRow> = conn
+            .fetch_one(
+                diesel::sql_query(&self.sql.outbox_status_of)
+                    .bind::<diesel::sql_types::Uuid, _>(id),
+            )
             .await
             .map(Some)
             .or_else(not_found_is_none)?;
@@ -1034,9 +1091,10 @@ impl Store {
             })?;
             return Ok(Some(MessageState::Outbox(status, row.last_error)));
         }
-        let dead: Option<StatusRow> = diesel::sql_query(&self.sql.dead_letter_of)
-            .bind::<diesel::sql_types::Uuid, _>(id)
-            .get_result(&mut conn)
+        let dead: Option<StatusRow> = conn
+            .fetch_one(
+                diesel::sql_query(&self.sql.dead_letter_of).bind::<diesel::sql_types::Uuid, _>(id),
+            )
             .await
             .map(Some)
             .or_else(not_found_is_none)?;

@@ -32,6 +32,8 @@ pub struct RoundEnd {
     pub full: bool,
     /// Rows claimed in the round.
     pub got: usize,
+    /// Some claim of the round failed (the database is unreachable or refused it).
+    pub failed: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -39,6 +41,7 @@ struct Round {
     parts: u8,
     full: bool,
     got: usize,
+    failed: bool,
 }
 
 /// See the module documentation.
@@ -126,6 +129,7 @@ impl Demand {
             parts,
             full: left_out,
             got: 0,
+            failed: false,
         });
         Some(split)
     }
@@ -142,6 +146,8 @@ impl Demand {
             }
             round.got += got;
             round.full |= full;
+        } else {
+            round.failed = true;
         }
         round.parts = round.parts.saturating_sub(1);
         if round.parts > 0 {
@@ -150,6 +156,7 @@ impl Demand {
         let end = RoundEnd {
             full: round.full,
             got: round.got,
+            failed: round.failed,
         };
         self.round = None;
         self.apply_wakes();
@@ -181,7 +188,14 @@ mod tests {
         assert_eq!(d.start(10), None, "one round at a time");
         assert_eq!(d.answered(Kind::Unkeyed, Some((5, true))), None);
         let end = d.answered(Kind::Keyed, Some((0, false)));
-        assert_eq!(end, Some(RoundEnd { full: true, got: 5 }));
+        assert_eq!(
+            end,
+            Some(RoundEnd {
+                full: true,
+                got: 5,
+                failed: false
+            })
+        );
         assert_eq!(
             d.start(10),
             split(10, 0),
@@ -212,7 +226,8 @@ mod tests {
             end,
             Some(RoundEnd {
                 full: false,
-                got: 0
+                got: 0,
+                failed: false
             })
         );
         assert_eq!(d.start(4), split(4, 0), "claimed again, not put to sleep");
@@ -223,7 +238,8 @@ mod tests {
         let mut d = Demand::default();
         d.start(2);
         d.answered(Kind::Unkeyed, None);
-        d.answered(Kind::Keyed, Some((0, false)));
+        let end = d.answered(Kind::Keyed, Some((0, false)));
+        assert!(end.is_some_and(|e| e.failed), "the round says it failed");
         assert_eq!(d.start(2), split(2, 0));
     }
 

@@ -1,0 +1,268 @@
+//! Every PostgreSQL connection Courier makes (pool, LISTEN, migrations, inbox, CLI, admin)
+//! is opened here, by [`open`], from a [`PgTarget`]: the URL's libpq TLS keys read by
+//! Courier, everything else (hosts, `target_session_attrs`, `options`…) by tokio-postgres.
+//!
+//! TLS follows libpq: `sslmode` is `disable`, `prefer` (the default), `require`,
+//! `verify-ca` or `verify-full`; `sslrootcert` names the CA file (an explicit one makes
+//! `prefer`/`require` check the chain, as libpq does), `sslcert`/`sslkey` a client
+//! certificate. Each key falls back to libpq's environment variable (`PGSSLMODE`,
+//! `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`). tokio-postgres itself knows neither the
+//! `verify-*` modes nor the certificate keys, so they are taken out of the URL before it
+//! parses the rest; the handshake runs over rustls.
+//!
+//! A failed connection is classified: TLS failures, refused authentication and a missing
+//! database are permanent ([`StoreError::Rejected`]); anything else (refused, reset, timed
+//! out, server starting up) is transient ([`StoreError::Connect`]). The message walks the
+//! whole cause chain, so "error performing TLS handshake" comes with its reason.
+
+use std::{error::Error as StdError, sync::Arc, time::Duration};
+
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use rustls::ClientConfig;
+use tokio_postgres::{config::SslMode, error::SqlState};
+
+use super::{
+    tls::{client_config, Rustls, TlsHandshakeError, TlsMode},
+    StoreError,
+};
+use crate::config::SecretUrl;
+
+/// Where and how to connect: the parsed URL plus its TLS settings.
+#[derive(Clone)]
+pub(crate) struct PgTarget {
+    url: SecretUrl,
+    config: tokio_postgres::Config,
+    tls: Option<Arc<ClientConfig>>,
+}
+
+/// The TLS keys as read from the URL (or the environment).
+#[derive(Debug, Default)]
+struct TlsKeys {
+    mode: Option<String>,
+    rootcert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl PgTarget {
+    /// Parses `url` (single- or multi-host) and loads the certificates it names. Every
+    /// failure is permanent: no retry mends a bad URL or a missing file.
+    pub(crate) fn parse(url: &SecretUrl) -> Result<PgTarget, StoreError> {
+        let rejected = |reason: String| StoreError::Rejected {
+            target: url.redacted(),
+            reason: url.scrub(&reason),
+        };
+        let (rest, keys) = split_tls_keys(url.expose());
+        let mut config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e: tokio_postgres::Error| rejected(cause_chain(&e)))?;
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let mode = match keys.mode.or_else(|| env("PGSSLMODE")) {
+            Some(m) => TlsMode::parse(&m).map_err(rejected)?,
+            None => TlsMode::Prefer,
+        };
+        let rootcert = keys.rootcert.or_else(|| env("PGSSLROOTCERT"));
+        let cert = keys.cert.or_else(|| env("PGSSLCERT"));
+        let key = keys.key.or_else(|| env("PGSSLKEY"));
+        config.ssl_mode(match mode {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        let tls = match mode {
+            TlsMode::Disable => None,
+            _ => Some(Arc::new(
+                client_config(mode, rootcert.as_deref(), cert.as_deref(), key.as_deref())
+                    .map_err(rejected)?,
+            )),
+        };
+        Ok(PgTarget {
+            url: url.clone(),
+            config,
+            tls,
+        })
+    }
+}
+
+/// Takes libpq's TLS keys out of a URL's query string (tokio-postgres rejects
+/// `verify-*` and does not know the certificate keys); returns the rest and the keys.
+fn split_tls_keys(raw: &str) -> (String, TlsKeys) {
+    let mut keys = TlsKeys::default();
+    let Some((head, query)) = raw.split_once('?') else {
+        return (raw.to_string(), keys);
+    };
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let decoded = url::form_urlencoded::parse(pair.as_bytes()).next();
+        let slot = match decoded.as_ref().map(|(k, _)| k.as_ref()) {
+            Some("sslmode") => &mut keys.mode,
+            Some("sslrootcert") => &mut keys.rootcert,
+            Some("sslcert") => &mut keys.cert,
+            Some("sslkey") => &mut keys.key,
+            _ => {
+                kept.push(pair);
+                continue;
+            }
+        };
+        *slot = decoded.map(|(_, v)| v.into_owned());
+    }
+    match kept.is_empty() {
+        true => (head.to_string(), keys),
+        false => (format!("{head}?{}", kept.join("&")), keys),
+    }
+}
+
+/// SQLSTATEs at connection time that no retry mends.
+fn permanent_state(code: &SqlState) -> bool {
+    [
+        SqlState::INVALID_PASSWORD,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        SqlState::INVALID_CATALOG_NAME,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    ]
+    .contains(code)
+}
+
+/// Whether a failed connection attempt is permanent (see the module docs).
+fn is_permanent(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        return permanent_state(db.code());
+    }
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<TlsHandshakeError>() {
+            return h.is_tls_failure();
+        }
+        cause = c.source();
+    }
+    // "server does not support TLS" (sslmode=require against a plain server), a bad
+    // connection string or configuration.
+    let top = e.to_string();
+    [
+        "error performing TLS handshake",
+        "invalid connection string",
+        "invalid configuration",
+    ]
+    .iter()
+    .any(|p| top.starts_with(p))
+}
+
+/// An error and its causes, `a: b: c`, each cause left out when the text already has it.
+pub(crate) fn cause_chain(e: &dyn StdError) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Opens one connection to `target`, bounded by `timeout`.
+pub(crate) async fn open(
+    target: &PgTarget,
+    timeout: Duration,
+) -> Result<AsyncPgConnection, StoreError> {
+    let url = &target.url;
+    let attempt = async {
+        let (client, mut connection) = target
+            .config
+            .connect(Rustls(target.tls.clone()))
+            .await
+            .map_err(|e| {
+                let reason = url.scrub(&cause_chain(&e));
+                match is_permanent(&e) {
+                    true => StoreError::Rejected {
+                        target: url.redacted(),
+                        reason,
+                    },
+                    false => StoreError::Connect {
+                        target: url.redacted(),
+                        reason,
+                    },
+                }
+            })?;
+        let lost = |e: &dyn StdError| StoreError::Connect {
+            target: url.redacted(),
+            reason: url.scrub(&cause_chain(e)),
+        };
+        // diesel-async's set-up (`SET TIME ZONE`, `SET CLIENT_ENCODING`) uses prepared
+        // statements: inside one transaction, a transaction-mode pooler keeps their
+        // prepare and execute on one server connection. Harmless without a pooler.
+        // The connection is not driven yet (diesel-async spawns its driver): poll it here
+        // until `BEGIN` is answered.
+        {
+            let begin = client.batch_execute("BEGIN");
+            tokio::pin!(begin);
+            loop {
+                tokio::select! {
+                    done = &mut begin => break done.map_err(|e| lost(&e))?,
+                    message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                        Some(Ok(_notice)) => {}
+                        Some(Err(e)) => return Err(lost(&e)),
+                        None => return Err(StoreError::Connect {
+                            target: url.redacted(),
+                            reason: "connection closed during set-up".into(),
+                        }),
+                    },
+                }
+            }
+        }
+        let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
+            .await
+            .map_err(|e| lost(&e))?;
+        conn.batch_execute("COMMIT").await.map_err(|e| lost(&e))?;
+        Ok(conn)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Connect {
+            target: url.redacted(),
+            reason: format!("no answer within {}", humantime::format_duration(timeout)),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_keys_are_taken_out_and_the_rest_kept() {
+        let (rest, keys) = split_tls_keys(
+            "postgres://u:p@h1:5432,h2:5433/db?sslmode=verify-full&target_session_attrs=read-write&sslrootcert=%2Ftmp%2Fca.pem",
+        );
+        assert_eq!(
+            rest,
+            "postgres://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write"
+        );
+        assert_eq!(keys.mode.as_deref(), Some("verify-full"));
+        assert_eq!(keys.rootcert.as_deref(), Some("/tmp/ca.pem"));
+        let (rest, _) = split_tls_keys("postgres://h/db?sslmode=disable");
+        assert_eq!(rest, "postgres://h/db");
+    }
+
+    #[test]
+    fn multi_host_urls_parse_and_bad_modes_are_permanent() {
+        let t = PgTarget::parse(&SecretUrl::new(
+            "postgres://postgres@127.0.0.1:5432,127.0.0.1:5433/db?target_session_attrs=read-write&sslmode=disable",
+        ))
+        .unwrap();
+        assert_eq!(t.config.get_hosts().len(), 2);
+        let e = PgTarget::parse(&SecretUrl::new("postgres://u:secret@h/db?sslmode=maybe"))
+            .err()
+            .unwrap();
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains("sslmode `maybe`"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = PgTarget::parse(&SecretUrl::new(
+            "postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        ))
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    }
+}

@@ -1,0 +1,134 @@
+//! One operation's pooled connection. Behind a transaction-mode pooler
+//! (`database.pooler: transaction`) each statement runs inside `BEGIN … COMMIT`:
+//! tokio-postgres prepares every statement (Parse, then Bind in a second round trip) and
+//! closes it afterwards, and only an open transaction keeps those three on the server
+//! connection that holds the statement. `BEGIN`/`COMMIT` go by the simple protocol.
+
+use std::ops::{Deref, DerefMut};
+
+use diesel::result::QueryResult;
+use diesel_async::{
+    methods::LoadQuery, pooled_connection::deadpool::Object, AsyncPgConnection, RunQueryDsl,
+    SimpleAsyncConnection,
+};
+use futures::future::BoxFuture;
+
+/// See the module documentation.
+pub(crate) struct OpConn {
+    conn: Option<Object<AsyncPgConnection>>,
+    per_statement_tx: bool,
+    /// Between our `BEGIN` and its `COMMIT`/`ROLLBACK`.
+    open: bool,
+}
+
+impl OpConn {
+    pub(crate) fn new(conn: Object<AsyncPgConnection>, per_statement_tx: bool) -> OpConn {
+        OpConn {
+            conn: Some(conn),
+            per_statement_tx,
+            open: false,
+        }
+    }
+
+    fn raw(&mut self) -> &mut AsyncPgConnection {
+        // Only `Drop` takes the connection out.
+        self.conn
+            .as_deref_mut()
+            .expect("connection present until drop")
+    }
+
+    /// `BEGIN`, behind a transaction-mode pooler; pair it with [`end`](Self::end).
+    pub(crate) async fn begin(&mut self) -> QueryResult<()> {
+        if self.per_statement_tx {
+            self.raw().batch_execute("BEGIN").await?;
+            self.open = true;
+        }
+        Ok(())
+    }
+
+    /// Ends the transaction `begin` opened: `COMMIT` after success, else `ROLLBACK`.
+    pub(crate) async fn end<T, E: From<diesel::result::Error>>(
+        &mut self,
+        result: Result<T, E>,
+    ) -> Result<T, E> {
+        if self.open {
+            let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            self.raw().batch_execute(end).await.map_err(E::from)?;
+            self.open = false;
+        }
+        result
+    }
+
+    /// `query.load(conn)`, in its own transaction behind a transaction-mode pooler.
+    // Boxed: an `async fn` generic over the query's lifetime makes callers' futures
+    // unprovably `Send` (they must be: the Store is used from spawned tasks).
+    pub(crate) fn fetch_all<'a, 'q, U, Q>(
+        &'a mut self,
+        query: Q,
+    ) -> BoxFuture<'a, QueryResult<Vec<U>>>
+    where
+        Q: LoadQuery<'q, AsyncPgConnection, U> + Send + 'q,
+        U: Send + 'a,
+        'q: 'a,
+    {
+        Box::pin(async move {
+            self.begin().await?;
+            let result = query.load(self.raw()).await;
+            self.end(result).await
+        })
+    }
+
+    /// The first row `query` returns ([`fetch_all`](Self::fetch_all)); `NotFound` when none.
+    pub(crate) async fn fetch_one<'q, U, Q>(&mut self, query: Q) -> QueryResult<U>
+    where
+        Q: LoadQuery<'q, AsyncPgConnection, U> + Send + 'q,
+        U: Send,
+    {
+        self.fetch_all(query)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(diesel::result::Error::NotFound)
+    }
+
+    /// `query.execute(conn)`, in its own transaction behind a transaction-mode pooler.
+    pub(crate) fn run<'a, Q>(&'a mut self, query: Q) -> BoxFuture<'a, QueryResult<usize>>
+    where
+        Q: diesel::query_builder::QueryFragment<diesel::pg::Pg>
+            + diesel::query_builder::QueryId
+            + Send
+            + 'a,
+    {
+        Box::pin(async move {
+            self.begin().await?;
+            let result = query.execute(self.raw()).await;
+            self.end(result).await
+        })
+    }
+}
+
+impl Deref for OpConn {
+    type Target = AsyncPgConnection;
+
+    fn deref(&self) -> &AsyncPgConnection {
+        self.conn.as_deref().expect("connection present until drop")
+    }
+}
+
+impl DerefMut for OpConn {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        self.raw()
+    }
+}
+
+impl Drop for OpConn {
+    fn drop(&mut self) {
+        // A statement cut off between BEGIN and COMMIT (a cancelled future) would hand
+        // the pool a connection inside a transaction: close that connection instead.
+        if let Some(conn) = self.conn.take() {
+            if self.open {
+                drop(Object::take(conn));
+            }
+        }
+    }
+}
