@@ -58,7 +58,7 @@ impl TestDb {
         let schema = unique_name(prefix);
         let mut config = Config::default();
         config.database.url = SecretUrl::new(database_url());
-        config.broker.url = SecretUrl::new(broker_url());
+        config.broker.url = SecretUrl::new(broker_url()).into();
         config.database.schema = schema.clone();
         courier::store::migrate(&config.database.url, &schema, Duration::from_secs(10))
             .await
