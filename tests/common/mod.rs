@@ -8,6 +8,7 @@ pub mod broker;
 pub mod events;
 pub mod ordering;
 pub mod proxy;
+pub mod topology;
 
 use std::{future::Future, time::Duration};
 
