@@ -16,11 +16,15 @@ use std::{
 };
 
 use common::{
-    audit::audit, broker::TestBroker, events::confirmed_at_least, topology::Topology, unique_name,
-    within, TestDb,
+    audit::audit,
+    broker::TestBroker,
+    events::confirmed_at_least,
+    topology::{run_script, Topology},
+    unique_name, within, EngineProcess, TestDb,
 };
 use courier::{
-    config::{BrokerUrls, SecretUrl},
+    broker::{self, BrokerError},
+    config::{BrokerConfig, BrokerUrls, SecretUrl, TlsVerify},
     events::EngineEvent,
     Engine, OutboxMessage,
 };
@@ -158,4 +162,126 @@ async fn cluster_node_stopped_then_killed_mid_stream_loses_nothing() {
     engine.shutdown().await;
     drop(broker);
     cluster.start(second, None).await; // so the guards' clean-up finds a quorum
+}
+
+/// A node whose TLS listener requires a client certificate signed by the test's own CA.
+struct TlsNode {
+    node: Topology,
+    certs: std::path::PathBuf,
+    tls_port: u16,
+}
+
+impl TlsNode {
+    async fn start() -> TlsNode {
+        let node = Topology::empty("t", 5690, 1);
+        let (name, dir) = (node.nodes[0].name.clone(), node.dir.display().to_string());
+        run_script(
+            "rabbit-tls",
+            &["start", &dir, &name, "5690", "5691", "25690"],
+        )
+        .await;
+        let certs = node.dir.join("tls");
+        TlsNode {
+            node,
+            certs,
+            tls_port: 5691,
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.certs.join(name).display().to_string()
+    }
+
+    /// `amqps://` to the TLS listener with these query parameters.
+    fn url(&self, query: &[(&str, String)]) -> String {
+        let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(
+            "amqps://guest:guest@localhost:{}/%2f?{}",
+            self.tls_port,
+            query.join("&")
+        )
+    }
+
+    fn client_cert(&self) -> [(&'static str, String); 2] {
+        [
+            ("certfile", self.file("client.pem")),
+            ("keyfile", self.file("client.key")),
+        ]
+    }
+}
+
+async fn connect_error(config: &BrokerConfig) -> BrokerError {
+    match broker::connect(config, "-tls-check").await {
+        Ok(_) => panic!("the connection should have been refused"),
+        Err(e) => e,
+    }
+}
+
+#[actix_rt::test]
+#[ignore = "topology: starts a RabbitMQ node with a mutual-TLS listener (serial CI step)"]
+async fn mutual_tls_with_own_ca_and_client_certificates() {
+    let tls = TlsNode::start().await;
+    let plain = tls.node.nodes[0].url();
+    let db = TestDb::new("tls").await;
+    let broker = TestBroker::at(&plain, "tls", FieldTable::default()).await;
+
+    // Right CA and client certificate, as URL parameters: delivers.
+    let mut query = vec![("cacertfile", tls.file("ca.pem"))];
+    query.extend(tls.client_cert());
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(tls.url(&query)).into();
+    let engine = Engine::start(config).await.expect("engine over mutual TLS");
+    let ids = db.insert_sql(&broker.exchange, 300, "routed.{i}").await;
+    engine
+        .wait_for_all(&ids, Duration::from_secs(60))
+        .await
+        .expect("delivered over TLS");
+    engine.shutdown().await;
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+
+    // The same through the broker.tls keys.
+    let mut keys = BrokerConfig {
+        url: SecretUrl::new(tls.url(&[])).into(),
+        ..BrokerConfig::default()
+    };
+    keys.tls.cacertfile = Some(tls.certs.join("ca.pem"));
+    keys.tls.certfile = Some(tls.certs.join("client.pem"));
+    keys.tls.keyfile = Some(tls.certs.join("client.key"));
+    broker::connect(&keys, "-tls-keys")
+        .await
+        .expect("connect with broker.tls keys");
+
+    // A CA that did not sign the node's certificate: refused, naming why, permanent.
+    let mut wrong_ca = keys.clone();
+    wrong_ca.tls.cacertfile = Some(tls.certs.join("other-ca.pem"));
+    let e = connect_error(&wrong_ca).await;
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    assert!(e.is_permanent(), "{e:?}");
+
+    // ... unless verification is turned off, and only then.
+    let mut unverified = wrong_ca.clone();
+    unverified.tls.verify = TlsVerify::VerifyNone;
+    broker::connect(&unverified, "-tls-none")
+        .await
+        .expect("verify_none accepts any certificate");
+
+    // No client certificate: the node refuses, and says so.
+    let mut anonymous = keys.clone();
+    anonymous.tls.certfile = None;
+    anonymous.tls.keyfile = None;
+    let e = connect_error(&anonymous).await;
+    assert!(e.to_string().contains("CertificateRequired"), "{e}");
+    assert!(e.is_permanent(), "{e:?}");
+
+    // `courier run` with the wrong CA: exit 1 at start, naming the certificate problem.
+    let mut query = vec![("cacertfile", tls.file("other-ca.pem"))];
+    query.extend(tls.client_cert());
+    let mut env = db.process_env();
+    env.push(("COURIER_BROKER_URL", tls.url(&query)));
+    let mut process = EngineProcess::spawn("tls-wrong-ca", &env);
+    let status = process.wait(30).await;
+    let log = process.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("UnknownIssuer"), "{log}");
 }
