@@ -19,6 +19,7 @@ use common::{
     audit::audit,
     broker::TestBroker,
     events::confirmed_at_least,
+    eventually,
     topology::{run_script, Topology},
     unique_name, within, EngineProcess, TestDb,
 };
@@ -26,9 +27,14 @@ use courier::{
     broker::{self, BrokerError},
     config::{BrokerConfig, BrokerUrls, SecretUrl, TlsVerify},
     events::EngineEvent,
+    inbox::{Handler, HandlerError, Inbox, InboxConfig, InboxMessage},
     Engine, OutboxMessage,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    options::BasicPublishOptions,
+    types::{AMQPValue, FieldTable},
+    BasicProperties,
+};
 use uuid::Uuid;
 
 fn quorum() -> FieldTable {
@@ -284,4 +290,172 @@ async fn mutual_tls_with_own_ca_and_client_certificates() {
     let log = process.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("UnknownIssuer"), "{log}");
+}
+
+/// Records nothing itself: the inbox's own `(consumer, message_id)` row is the proof of an
+/// application, and `InboxReport.applied` counts the handler runs.
+struct Noop;
+
+impl Handler for Noop {
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a mut diesel_async::AsyncPgConnection,
+        _msg: &'a InboxMessage,
+    ) -> futures::future::BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn inbox_rows(db: &TestDb) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let mut conn = db.raw().await;
+    let sql = format!("SELECT count(*) AS n FROM \"{}\".inbox", db.schema);
+    let rows: Vec<Count> = diesel::sql_query(sql)
+        .load(&mut conn)
+        .await
+        .expect("count inbox rows");
+    rows.iter().map(|r| r.n).sum()
+}
+
+/// Publishes (with confirms) to `exchange` through node `url` in small paced batches until
+/// told to stop; returns how many messages it published, ids `m0`, `m1`, ….
+async fn paced_publisher(
+    url: &str,
+    exchange: &str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect publisher");
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm_select");
+    let exchange = exchange.to_string();
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let mut confirms = Vec::new();
+            for _ in 0..50 {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(format!("m{sent}").into());
+                sent += 1;
+                let confirm = channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "routed.x".into(),
+                        BasicPublishOptions::default(),
+                        b"event",
+                        props,
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // pacing the load, not a wait
+        }
+        let _ = conn.close(200, "done".into()).await;
+        sent
+    })
+}
+
+/// Kills (or stops) the node the inbox consumes from and returns how long until it applies
+/// messages again.
+async fn inbox_fault(
+    cluster: &Topology,
+    db: &TestDb,
+    connection: &str,
+    kill: bool,
+) -> (usize, Duration) {
+    let node = cluster.node_of(connection).await.expect("the inbox's node");
+    let before = inbox_rows(db).await;
+    let t = Instant::now();
+    if kill {
+        cluster.kill(node).await;
+    } else {
+        cluster.stop(node).await;
+    }
+    let fault_done = t.elapsed();
+    let after_fault = inbox_rows(db).await;
+    eventually(30, "the inbox to apply again on another node", || async {
+        (inbox_rows(db).await > after_fault.max(before)).then_some(())
+    })
+    .await;
+    eprintln!(
+        "inbox: node {node} {} ({fault_done:?}); applying again {:?} after",
+        if kill { "killed" } else { "stopped" },
+        t.elapsed()
+    );
+    (node, t.elapsed())
+}
+
+#[tokio::test]
+#[ignore = "topology: starts a 3-node RabbitMQ cluster (serial CI step)"]
+async fn cluster_inbox_follows_its_node_stopped_then_killed() {
+    let cluster = Topology::cluster("i", 5685, 3).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let db = TestDb::new("cinbox").await;
+    // The test's own connection is on node 0; the inbox starts on node 1 (first of its list).
+    let broker = TestBroker::at(&urls[0], "cinbox", quorum()).await;
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let publisher = paced_publisher(&urls[0], &broker.exchange, stop_publishing.clone()).await;
+    let mut broker_config = BrokerConfig {
+        url: BrokerUrls::from(
+            [1, 2, 0]
+                .iter()
+                .map(|i| SecretUrl::new(&urls[*i]))
+                .collect::<Vec<_>>(),
+        ),
+        connection_name: unique_name("inbox"),
+        ..BrokerConfig::default()
+    };
+    broker_config.connect_timeout = Duration::from_secs(2);
+    let connection = broker_config.connection_name.clone();
+    let inbox = Inbox::new(
+        db.store().await,
+        broker_config,
+        InboxConfig::new("failover", &broker.queue),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(async move { inbox.run(Arc::new(Noop), stop_rx).await });
+    eventually(30, "the inbox to apply messages", || async {
+        (inbox_rows(&db).await > 300).then_some(())
+    })
+    .await;
+
+    let (stopped, resumed_stop) = inbox_fault(&cluster, &db, &connection, false).await;
+    cluster.start(stopped, None).await;
+    let (_, resumed_kill) = inbox_fault(&cluster, &db, &connection, true).await;
+    assert!(resumed_stop < Duration::from_secs(5), "{resumed_stop:?}");
+    assert!(resumed_kill < Duration::from_secs(5), "{resumed_kill:?}");
+
+    stop_publishing.store(true, Ordering::Relaxed);
+    let n = within(60, "the publisher to stop", publisher)
+        .await
+        .expect("publisher task");
+    eventually(120, "every message applied", || async {
+        (inbox_rows(&db).await as usize == n).then_some(())
+    })
+    .await;
+    let _ = stop_tx.send(());
+    let report = within(30, "inbox stop", runner)
+        .await
+        .expect("inbox task")
+        .expect("inbox run");
+    eprintln!("inbox failover: {n} messages, report {report:?}, resumed {resumed_stop:?} after a stop, {resumed_kill:?} after kill -9");
+    assert_eq!(
+        report.applied as usize, n,
+        "each message applied exactly once: {report:?}"
+    );
+    assert_eq!(report.rejected, 0, "{report:?}");
 }
