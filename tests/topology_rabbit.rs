@@ -272,6 +272,21 @@ async fn mutual_tls_with_own_ca_and_client_certificates() {
         .await
         .expect("verify_none accepts any certificate");
 
+    // The name checked is the URL's host unless server_name_indication names another.
+    let mut by_name = keys.clone();
+    by_name.url = SecretUrl::new(
+        tls.url(&[("server_name_indication", "localhost".into())])
+            .replace("@localhost:", "@127.0.0.1:"),
+    )
+    .into();
+    broker::connect(&by_name, "-tls-sni")
+        .await
+        .expect("server_name_indication=localhost");
+    let mut wrong_name = keys.clone();
+    wrong_name.tls.server_name_indication = Some("not-this-host.example".into());
+    let e = connect_error(&wrong_name).await;
+    assert!(e.to_string().contains("not valid for name"), "{e}");
+
     // No client certificate: the node refuses, and says so.
     let mut anonymous = keys.clone();
     anonymous.tls.certfile = None;
