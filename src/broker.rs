@@ -145,15 +145,17 @@ async fn connect_node(
             TlsOptions::for_url(&parsed, &BrokerTls::default()).map_err(|e| failed(e, true))?
         }
     };
+    let mut cert_asked = None;
     let attempt = async {
         if uri.scheme == AMQPScheme::AMQP || options.is_default() {
             return Connection::connect_uri(uri, props).await;
         }
         // lapin's own TLS takes no CA-only trust store, no `verify_none` and no other name
         // than the host: open the TCP stream, then the TLS session with our connector.
-        let connector = options.connector().map_err(|e| {
+        let (connector, asked) = options.connector().map_err(|e| {
             lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
         })?;
+        cert_asked = asked;
         let host = parsed
             .host_str()
             .unwrap_or("localhost")
@@ -175,8 +177,16 @@ async fn connect_node(
         )
         .await
     };
-    match tokio::time::timeout(timeout, attempt).await {
+    let result = tokio::time::timeout(timeout, attempt).await;
+    match result {
         Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) if cert_asked.as_ref().is_some_and(|a| a.raised()) => Err(failed(
+            format!(
+                "the broker requires a client certificate (CertificateRequired) and none is \
+                 configured (certfile, keyfile): {e}"
+            ),
+            true,
+        )),
         Ok(Err(e)) => Err(failed(e.to_string(), is_permanent(&e))),
         Err(_) => Err(failed(
             format!("no answer within {}", humantime::format_duration(timeout)),

@@ -7,13 +7,23 @@
 //! with a certificate from elsewhere is refused. `verify_none` is the only way to skip the
 //! check of the broker's certificate, and only when asked for.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use lapin::tcp::{RustlsConnector, RustlsConnectorConfig};
 use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        ResolvesClientCert,
+    },
     crypto::CryptoProvider,
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    sign::CertifiedKey,
     DigitallySignedStruct, SignatureScheme,
 };
 
@@ -91,9 +101,15 @@ impl TlsOptions {
         self.server_name.clone().unwrap_or_else(|| host.to_string())
     }
 
-    /// The connector these options describe. Reads the PEM files now, so a rotated
+    /// The connector these options describe, and — when it has no client certificate — a
+    /// flag raised if the broker asks for one. Reads the PEM files now, so a rotated
     /// certificate is picked up by the next connection.
-    pub(crate) fn connector(&self) -> Result<RustlsConnector, String> {
+    ///
+    /// Why the flag: with TLS 1.3 the broker checks the client certificate only after the
+    /// client finished its handshake, so its `certificate_required` alert races with the
+    /// first AMQP bytes and the client often sees a bare "connection reset". The flag lets
+    /// the error say what happened either way.
+    pub(crate) fn connector(&self) -> Result<(RustlsConnector, Option<CertAsked>), String> {
         let identity = match (&self.certfile, &self.keyfile) {
             (Some(cert), Some(key)) => Some((read_certs(cert)?, read_key(key)?)),
             _ => None,
@@ -122,17 +138,26 @@ impl TlsOptions {
                     Some((certs, key)) => config.connector_with_single_cert(certs, key),
                     None => config.connector_with_no_client_auth(),
                 };
-                return connector.map_err(|e| format!("TLS set-up: {e}"));
+                return connector
+                    .map(|c| (c, None))
+                    .map_err(|e| format!("TLS set-up: {e}"));
             }
         };
-        let mut config = match identity {
-            Some((certs, key)) => builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| format!("certfile/keyfile: {e}"))?,
-            None => builder.with_no_client_auth(),
+        let (mut config, asked) = match identity {
+            Some((certs, key)) => (
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("certfile/keyfile: {e}"))?,
+                None,
+            ),
+            None => {
+                let asked = CertAsked::default();
+                let resolver = Arc::new(NoClientCert(asked.clone()));
+                (builder.with_client_cert_resolver(resolver), Some(asked))
+            }
         };
         config.enable_sni = self.sni;
-        Ok(RustlsConnector::from(config))
+        Ok((RustlsConnector::from(config), asked))
     }
 }
 
@@ -149,6 +174,31 @@ fn read_certs(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, String> {
 fn read_key(path: &PathBuf) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path)
         .map_err(|e| format!("cannot read a private key from {}: {e}", path.display()))
+}
+
+/// Raised when the broker asked for a client certificate and none was configured.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CertAsked(Arc<AtomicBool>);
+
+impl CertAsked {
+    pub(crate) fn raised(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// No client certificate; notes that the broker asked for one (rustls then sends none).
+#[derive(Debug)]
+struct NoClientCert(CertAsked);
+
+impl ResolvesClientCert for NoClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0 .0.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
 }
 
 /// `verify=verify_none`: any certificate is accepted (signatures are still checked, so the
