@@ -318,8 +318,10 @@ impl Inbox {
 
     /// Consumes until `shutdown` resolves, then cancels the consumer and waits for the
     /// handlers in flight before returning. A lost connection (broker restart, network) is
-    /// re-established with capped backoff; unacked deliveries come back as redeliveries and
-    /// are recognised as duplicates if their transaction had committed.
+    /// re-established at once on the next node of `broker.url` (round robin over a
+    /// cluster's nodes), with capped backoff only when no node answers; unacked deliveries
+    /// come back as redeliveries and are recognised as duplicates if their transaction had
+    /// committed.
     pub async fn run(
         &self,
         handler: Arc<dyn Handler>,

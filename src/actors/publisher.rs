@@ -23,7 +23,10 @@
 //! mailbox until the batch is written). Connection events are read by a small watcher task
 //! outside the mailbox: `connection.blocked` must reach the Scheduler even while a publish
 //! waits on the blocked socket. A lost connection stops the actor, `restarting` drops the
-//! link and `started` reconnects with capped, jittered backoff. The tracker fails every
+//! link and `started` reconnects at once, starting with the next node of `broker.url` (round
+//! robin over a cluster's nodes); capped, jittered backoff only after a whole pass over the
+//! nodes failed. A permanent refusal (login, vhost, TLS) is logged as an error with its
+//! cause and retried all the same (at start, `Engine::start` refuses to start instead). The tracker fails every
 //! unconfirmed message of the lost connection back to `retrying` (duplicates are allowed,
 //! loss is not). Once a graceful shutdown begins, claimed rows that reach the publisher are
 //! given back to the outbox unpublished.
