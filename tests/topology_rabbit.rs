@@ -132,7 +132,19 @@ async fn cluster_node_stopped_then_killed_mid_stream_loses_nothing() {
 
     // The stopped node comes back (a quorum queue needs two of three), then kill -9 of
     // whichever node the engine is on now.
+    let t = Instant::now();
     cluster.start(first, None).await;
+    // Its queue member must have recovered first: killing another node while the queue has
+    // only one member online besides would leave it without a majority (seen here: no
+    // leader for over 30 s, every publish nacked and retried).
+    eventually(60, "the quorum queue's three members online", || async {
+        (cluster.quorum_online(&broker.queue).await == 3).then_some(())
+    })
+    .await;
+    eprintln!(
+        "node {first} back, its quorum member online, {:?} after the start command",
+        t.elapsed()
+    );
     confirmed_at_least(&mut events, 500).await;
     let second = cluster.node_of(&name).await.expect("the engine's node");
     assert_ne!(second, first, "the engine moved off the stopped node");
@@ -450,6 +462,10 @@ async fn cluster_inbox_follows_its_node_stopped_then_killed() {
 
     let (stopped, resumed_stop) = inbox_fault(&cluster, &db, &connection, false).await;
     cluster.start(stopped, None).await;
+    eventually(60, "the quorum queue's three members online", || async {
+        (cluster.quorum_online(&broker.queue).await == 3).then_some(())
+    })
+    .await;
     let (_, resumed_kill) = inbox_fault(&cluster, &db, &connection, true).await;
     assert!(resumed_stop < Duration::from_secs(5), "{resumed_stop:?}");
     assert!(resumed_kill < Duration::from_secs(5), "{resumed_kill:?}");

@@ -116,6 +116,30 @@ impl Topology {
         run_script("rabbit-node", &args).await;
     }
 
+    /// How many members of quorum queue `queue` are online (asked of the first node that
+    /// answers). A node that was restarted counts only once its member has recovered.
+    pub async fn quorum_online(&self, queue: &str) -> usize {
+        for node in &self.nodes {
+            let Ok(out) = tokio::process::Command::new(script("rabbit-node"))
+                .args(["ctl", &node.name, &self.dir_arg(), "list_queues", "-q"])
+                .args(["name", "online"])
+                .output()
+                .await
+            else {
+                continue;
+            };
+            if !out.status.success() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            return text
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(queue))
+                .map_or(0, |l| l.matches("@localhost").count());
+        }
+        0
+    }
+
     /// Which node holds the client connection named `connection_name` (asked of the
     /// first node that answers); `None` when no node lists it.
     pub async fn node_of(&self, connection_name: &str) -> Option<usize> {
