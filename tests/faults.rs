@@ -503,9 +503,13 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     .await;
 
     // The stalled publish times out (retry.confirm_timeout) and its link is dropped: a
-    // new dead-letter connection is tried (the publisher's and the first are the others).
+    // new dead-letter connection is tried (the engine's start check, the publisher's and the
+    // first are the others).
     let before = proxy.connections();
-    assert_eq!(before, 2, "publisher and dead-letter connections");
+    assert_eq!(
+        before, 3,
+        "start check, publisher and dead-letter connections"
+    );
     eventually(20, "a new dead-letter connection after the timeout", || {
         let n = proxy.connections();
         async move { (n > before).then_some(()) }
