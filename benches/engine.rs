@@ -28,7 +28,7 @@ const SCHEMA: &str = "courier_criterion";
 fn config() -> Config {
     let mut c = Config::default();
     c.database.url = SecretUrl::new(DB);
-    c.broker.url = SecretUrl::new(AMQP);
+    c.broker.url = SecretUrl::new(AMQP).into();
     c.database.schema = SCHEMA.into();
     c.database.auto_migrate = false;
     c.logging.summary_interval = Duration::from_secs(3600);

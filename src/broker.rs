@@ -1,5 +1,7 @@
-//! Opening AMQP connections: heartbeat and connection name from the config, a bound on the
-//! attempt, and errors that never carry the password. Also what the publishing side paths
+//! Opening AMQP connections: to the first node of `broker.url` that answers (round robin
+//! from a given node, so a caller that lost one moves to the next at once), with heartbeat,
+//! connection name and TLS settings from the config, a bound on each attempt, and errors
+//! that never carry a password and say whether trying again can help. Also what the publishing side paths
 //! share: reading a channel close the broker sent ([`ChannelClose`]) and awaiting a batch of
 //! writes bounded by progress rather than by a fixed time ([`until_stalled`]).
 
@@ -7,27 +9,62 @@ use std::{future::Future, time::Duration};
 
 use futures::{stream::FuturesOrdered, StreamExt};
 
-use lapin::{types::LongString, uri::AMQPUri, Connection, ConnectionProperties};
+use lapin::{
+    tcp::{AMQPUriTcpExt, TLSConfig},
+    types::LongString,
+    uri::{AMQPScheme, AMQPUri},
+    Connection, ConnectionProperties,
+};
 
-use crate::config::{BrokerConfig, SecretUrl};
+use crate::config::{BrokerConfig, BrokerTls, SecretUrl};
 
-/// A broker failure, with the URL redacted.
+mod tls;
+
+use tls::TlsOptions;
+
+/// A broker failure, with every URL redacted.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// The URL does not parse as AMQP.
     #[error("invalid broker url {0}")]
     BadUrl(String),
-    /// Connecting failed or timed out.
+    /// Connecting to one node failed or timed out.
     #[error("cannot connect to RabbitMQ at {target}: {reason}")]
     Connect {
         /// The redacted URL.
         target: String,
-        /// Why.
+        /// Why (the driver's message, the underlying cause included, scrubbed of secrets).
         reason: String,
+        /// Whether trying again cannot help: the broker refused the login or the vhost,
+        /// or TLS failed (a certificate rejected on either side, unreadable files).
+        permanent: bool,
     },
+    /// No node of the list could be reached: each one's failure, in the order tried.
+    #[error("no RabbitMQ node could be reached: {}", list(.0))]
+    NoNode(Vec<BrokerError>),
     /// An AMQP operation failed.
     #[error("AMQP error: {0}")]
     Amqp(String),
+}
+
+fn list(failures: &[BrokerError]) -> String {
+    let each: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    each.join("; ")
+}
+
+impl BrokerError {
+    /// Whether retrying cannot help without a change of configuration or on the broker
+    /// (login or vhost refused, TLS failure), as opposed to a node down or unreachable.
+    /// For a list of nodes: when any node refused that way — they share their users,
+    /// vhosts and certificates.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            BrokerError::BadUrl(_) => true,
+            BrokerError::Connect { permanent, .. } => *permanent,
+            BrokerError::NoNode(failures) => failures.iter().any(BrokerError::is_permanent),
+            BrokerError::Amqp(_) => false,
+        }
+    }
 }
 
 impl From<lapin::Error> for BrokerError {
@@ -36,41 +73,150 @@ impl From<lapin::Error> for BrokerError {
     }
 }
 
-/// Connects with the configured heartbeat, naming the connection `<name>` plus `suffix`.
+/// Connects to the first node of `broker.url` that answers, naming the connection
+/// `<name>` plus `suffix`.
 pub async fn connect(cfg: &BrokerConfig, suffix: &str) -> Result<Connection, BrokerError> {
-    connect_url(
-        &cfg.url,
-        cfg.heartbeat,
-        &format!("{}{suffix}", cfg.connection_name),
-        cfg.connect_timeout,
-    )
-    .await
+    connect_from(cfg, suffix, 0).await.map(|(conn, _)| conn)
 }
 
-/// Connects to `url` (tests and tools use this directly).
+/// Tries the nodes of `broker.url` once each, in order from node `start` (wrapping round),
+/// each attempt bounded by `broker.connect_timeout`; returns the first connection made and
+/// its node's index. A caller that lost node `i` passes `i + 1`: it moves to the next node
+/// at once, and should back off only when a whole pass failed.
+pub async fn connect_from(
+    cfg: &BrokerConfig,
+    suffix: &str,
+    start: usize,
+) -> Result<(Connection, usize), BrokerError> {
+    let name = format!("{}{suffix}", cfg.connection_name);
+    let nodes = cfg.url.len();
+    let mut failures = Vec::new();
+    for step in 0..nodes {
+        let index = (start + step) % nodes;
+        let Some(url) = cfg.url.get(index) else { break };
+        match connect_node(url, &cfg.tls, cfg.heartbeat, &name, cfg.connect_timeout).await {
+            Ok(conn) => {
+                for failure in &failures {
+                    tracing::warn!(error = %failure, "skipped a RabbitMQ node");
+                }
+                return Ok((conn, index));
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    match failures.len() {
+        1 => Err(failures.remove(0)),
+        _ => Err(BrokerError::NoNode(failures)),
+    }
+}
+
+/// Connects to `url` (tests and tools use this directly), with the default TLS settings
+/// overridden only by the URL's own query parameters.
 pub async fn connect_url(
     url: &SecretUrl,
     heartbeat: Duration,
     name: &str,
     timeout: Duration,
 ) -> Result<Connection, BrokerError> {
-    let mut uri: AMQPUri = url
-        .expose()
-        .parse()
-        .map_err(|_| BrokerError::BadUrl(url.redacted()))?;
+    connect_node(url, &BrokerTls::default(), heartbeat, name, timeout).await
+}
+
+async fn connect_node(
+    url: &SecretUrl,
+    tls: &BrokerTls,
+    heartbeat: Duration,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, BrokerError> {
+    let bad_url = || BrokerError::BadUrl(url.redacted());
+    let mut uri: AMQPUri = url.expose().parse().map_err(|_| bad_url())?;
+    let parsed = url::Url::parse(url.expose()).map_err(|_| bad_url())?;
     uri.query.heartbeat = Some(heartbeat.as_secs().clamp(0, u64::from(u16::MAX)) as u16);
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.as_bytes()));
-    match tokio::time::timeout(timeout, Connection::connect_uri(uri, props)).await {
+    let failed = |reason: String, permanent: bool| BrokerError::Connect {
+        target: url.redacted(),
+        reason: url.scrub(&reason),
+        permanent,
+    };
+    let options = match uri.scheme {
+        AMQPScheme::AMQPS => TlsOptions::for_url(&parsed, tls).map_err(|e| failed(e, true))?,
+        AMQPScheme::AMQP => {
+            TlsOptions::for_url(&parsed, &BrokerTls::default()).map_err(|e| failed(e, true))?
+        }
+    };
+    let mut cert_asked = None;
+    let attempt = async {
+        if uri.scheme == AMQPScheme::AMQP || options.is_default() {
+            return Connection::connect_uri(uri, props).await;
+        }
+        // lapin's own TLS takes no CA-only trust store, no `verify_none` and no other name
+        // than the host: open the TCP stream, then the TLS session with our connector.
+        let (connector, asked) = options.connector().map_err(|e| {
+            lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })?;
+        cert_asked = asked;
+        let host = parsed
+            .host_str()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']']);
+        let server_name = options.server_name(host);
+        let runtime = lapin::runtime::default_runtime()?;
+        Connection::connector(
+            uri,
+            runtime,
+            async move |uri: AMQPUri, runtime| {
+                let mut plain = uri;
+                plain.scheme = AMQPScheme::AMQP;
+                let stream = plain
+                    .connect_with_config_async(TLSConfig::default(), &runtime)
+                    .await?;
+                Ok(stream.into_rustls(&connector, &server_name).await?)
+            },
+            props,
+        )
+        .await
+    };
+    let result = tokio::time::timeout(timeout, attempt).await;
+    match result {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(BrokerError::Connect {
-            target: url.redacted(),
-            reason: url.scrub(&e.to_string()),
-        }),
-        Err(_) => Err(BrokerError::Connect {
-            target: url.redacted(),
-            reason: format!("no answer within {}", humantime::format_duration(timeout)),
-        }),
+        Ok(Err(e)) if cert_asked.as_ref().is_some_and(|a| a.raised()) => Err(failed(
+            format!(
+                "the broker requires a client certificate (CertificateRequired) and none is \
+                 configured (certfile, keyfile): {e}"
+            ),
+            true,
+        )),
+        Ok(Err(e)) => Err(failed(e.to_string(), is_permanent(&e))),
+        Err(_) => Err(failed(
+            format!("no answer within {}", humantime::format_duration(timeout)),
+            false,
+        )),
+    }
+}
+
+/// Whether a failed connection attempt cannot succeed by trying again: the broker refused
+/// the login (403 ACCESS_REFUSED) or the vhost (530 NOT_ALLOWED, 402 INVALID_PATH), or TLS
+/// failed (rustls reports a rejected certificate, on either side, as invalid data).
+fn is_permanent(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(amqp.get_id(), 402 | 403 | 530),
+        lapin::ErrorKind::IOError(io) => {
+            let tls = std::iter::successors(
+                io.get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static)),
+                |e| e.source(),
+            )
+            .any(|cause| cause.is::<rustls::Error>());
+            tls || matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            )
+        }
+        lapin::ErrorKind::InvalidProtocolVersion(_) | lapin::ErrorKind::AuthProviderError(_) => {
+            true
+        }
+        _ => false,
     }
 }
 

@@ -106,6 +106,10 @@ impl fmt::Debug for SecretUrl {
 
 pub use crate::redact::redact_url;
 
+mod broker;
+
+pub use broker::{BrokerConfig, BrokerTls, BrokerUrls, TlsVerify};
+
 /// The whole engine configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -282,34 +286,6 @@ impl Default for DatabaseConfig {
             wait_at_start: true,
             pooler: Pooler::None,
             migrate_url: None,
-        }
-    }
-}
-
-/// `broker.*`
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BrokerConfig {
-    /// `amqp://` or `amqps://` URL.
-    pub url: SecretUrl,
-    /// Heartbeat interval negotiated with the broker.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat: Duration,
-    /// Name shown in the management UI.
-    pub connection_name: String,
-    /// Bound on one connection attempt, and on how long a batch of publishes may go without
-    /// one write completing before the connection is presumed dead.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-}
-
-impl Default for BrokerConfig {
-    fn default() -> Self {
-        BrokerConfig {
-            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            heartbeat: Duration::from_secs(10),
-            connection_name: "courier".into(),
-            connect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -532,7 +508,13 @@ impl Config {
         if let Some(url) = &self.database.migrate_url {
             check_url_scheme("database.migrate_url", url, &["postgres", "postgresql"])?;
         }
-        check_url_scheme("broker.url", &self.broker.url, &["amqp", "amqps"])?;
+        self.broker.url.validate()?;
+        if self.broker.tls.certfile.is_some() != self.broker.tls.keyfile.is_some() {
+            return Err(ConfigError::invalid(
+                "broker.tls.certfile",
+                "and broker.tls.keyfile go together: set both or neither",
+            ));
+        }
         crate::store::check_schema_name(&self.database.schema)
             .map_err(|problem| ConfigError::invalid("database.schema", problem))?;
         positive("database.pool_size", self.database.pool_size as u64)?;
@@ -899,10 +881,63 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.database.url.expose(), "postgres://u:p@other/db");
-        assert_eq!(c.broker.url.expose(), "amqp://x:y@rabbit/%2f");
+        assert_eq!(
+            c.broker.url,
+            BrokerUrls::from(SecretUrl::new("amqp://x:y@rabbit/%2f"))
+        );
         assert_eq!(c.publisher.max_in_flight, 17);
         assert_eq!(c.retry.backoff.initial, Duration::from_millis(250));
         assert_eq!(c.dead_letter.exchange.as_deref(), Some("dlx"));
+    }
+
+    #[test]
+    fn broker_url_takes_a_list_in_yaml_and_a_comma_separated_string() {
+        let one = parse("broker:\n  url: amqp://a:pw1@h1/%2f\n").unwrap();
+        assert_eq!(one.broker.url.len(), 1);
+        let yaml = "broker:\n  url:\n    - amqp://a:pw1@h1/%2f\n    - amqp://b:pw2@h2:5673/%2f\n";
+        let list = parse(yaml).unwrap();
+        let env = parse_env(
+            "",
+            &[(
+                "COURIER_BROKER_URL",
+                "amqp://a:pw1@h1/%2f, amqp://b:pw2@h2:5673/%2f",
+            )],
+        )
+        .unwrap();
+        assert_eq!(list.broker.url, env.broker.url);
+        let urls: Vec<&str> = env.broker.url.iter().map(SecretUrl::expose).collect();
+        assert_eq!(urls, ["amqp://a:pw1@h1/%2f", "amqp://b:pw2@h2:5673/%2f"]);
+        assert_eq!(env.broker.url.get(2), env.broker.url.get(0));
+        let shown = format!("{} {:?}", env.broker.url, env.broker.url);
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
+    }
+
+    #[test]
+    fn every_url_of_the_list_is_checked_and_redacted_in_errors() {
+        let msg = err("broker:\n  url:\n    - amqp://a:pw1@h1/%2f\n    - http://b:secret2@h2/\n");
+        assert!(msg.contains("broker.url"), "{msg}");
+        assert!(!msg.contains("secret2") && !msg.contains("pw1"), "{msg}");
+        let msg = parse_env("", &[("COURIER_BROKER_URL", "amqp://a:pw1@h1/%2f,")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("broker.url") && !msg.contains("pw1"), "{msg}");
+        assert!(err("broker:\n  url: []\n").contains("broker.url"));
+    }
+
+    #[test]
+    fn broker_tls_keys() {
+        let c = parse_env(
+            "broker:\n  tls:\n    cacertfile: /etc/ca.pem\n",
+            &[("COURIER_BROKER_TLS_VERIFY", "verify_none")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.broker.tls.cacertfile.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(c.broker.tls.verify, TlsVerify::VerifyNone);
+        assert!(err("broker:\n  tls:\n    certfile: /c.pem\n").contains("broker.tls"));
+        assert!(err("broker:\n  tls:\n    verify: maybe\n").contains("verify"));
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub enum EngineError {
     /// The database is unreachable or a statement failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The broker refused the engine at start in a way retrying cannot mend: login or vhost
+    /// refused, TLS certificate rejected (the source says which).
+    #[error("RabbitMQ refused the connection; fix the configuration or the broker")]
+    Broker(#[source] crate::broker::BrokerError),
     /// Not called from inside a running actix `System`.
     #[error("Engine::start must be called inside a running actix System")]
     NoSystem,
@@ -83,13 +87,16 @@ struct Inner {
 
 impl Engine {
     /// Validates `config`, migrates (unless `database.auto_migrate` is off), connects to
-    /// PostgreSQL and starts the actors on the current actix System. The broker connection
-    /// is made in the background and retried until it succeeds.
+    /// PostgreSQL and starts the actors on the current actix System. The broker is tried
+    /// once first: a permanent refusal (login, vhost, TLS) fails the start with its cause;
+    /// a node down or unreachable does not, and the connection is then made in the
+    /// background and retried until it succeeds.
     pub async fn start(config: Config) -> Result<EngineHandle, EngineError> {
         config.validate()?;
         if System::try_current().is_none() {
             return Err(EngineError::NoSystem);
         }
+        check_broker(&config).await?;
         let store = connect_database(&config).await?;
         let engine_id = format!(
             "{}-{}-{}",
@@ -174,6 +181,22 @@ impl Engine {
             }
         }
         Ok(handle)
+    }
+}
+
+/// One connection attempt over the broker's nodes at start: only a permanent refusal is an
+/// error; a transient one is logged and left to the Publisher's retries.
+async fn check_broker(config: &Config) -> Result<(), EngineError> {
+    match crate::broker::connect(&config.broker, "-start-check").await {
+        Ok(conn) => {
+            let _ = conn.close(200, "start check".into()).await;
+            Ok(())
+        }
+        Err(e) if e.is_permanent() => Err(EngineError::Broker(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "RabbitMQ not reachable yet; the engine keeps trying");
+            Ok(())
+        }
     }
 }
 

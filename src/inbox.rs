@@ -201,6 +201,14 @@ impl From<diesel::result::Error> for TxError {
     }
 }
 
+/// Which node of `broker.url` the inbox connects to next, and whether the session on it got
+/// as far as consuming (then losing it means moving on at once, not backing off).
+#[derive(Debug, Default)]
+struct Node {
+    next: usize,
+    consumed: bool,
+}
+
 /// What a run processed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InboxReport {
@@ -312,8 +320,10 @@ impl Inbox {
 
     /// Consumes until `shutdown` resolves, then cancels the consumer and waits for the
     /// handlers in flight before returning. A lost connection (broker restart, network) is
-    /// re-established with capped backoff; unacked deliveries come back as redeliveries and
-    /// are recognised as duplicates if their transaction had committed.
+    /// re-established at once on the next node of `broker.url` (round robin over a
+    /// cluster's nodes), with capped backoff only when no node answers; unacked deliveries
+    /// come back as redeliveries and are recognised as duplicates if their transaction had
+    /// committed.
     pub async fn run(
         &self,
         handler: Arc<dyn Handler>,
@@ -323,12 +333,21 @@ impl Inbox {
         let report: Arc<Mutex<InboxReport>> = Default::default();
         let sessions = async {
             let mut failures = 0u32;
+            let mut node = Node::default();
             loop {
+                node.consumed = false;
                 match self
-                    .session(handler.clone(), stop_rx.clone(), report.clone())
+                    .session(handler.clone(), stop_rx.clone(), report.clone(), &mut node)
                     .await
                 {
                     Ok(()) => return,
+                    Err(e) if node.consumed => {
+                        // A working session lost its node: the next node of the list at
+                        // once (its unacked deliveries come back there as redeliveries).
+                        failures = 0;
+                        node.next += 1;
+                        tracing::warn!(error = %e, consumer = %self.config.consumer, "inbox lost its broker connection; reconnecting");
+                    }
                     Err(e) => {
                         failures += 1;
                         let delay = Duration::from_millis((100u64 << failures.min(7)).min(10_000));
@@ -361,9 +380,11 @@ impl Inbox {
         handler: Arc<dyn Handler>,
         mut stop: tokio::sync::watch::Receiver<bool>,
         report: Arc<Mutex<InboxReport>>,
+        node: &mut Node,
     ) -> Result<(), InboxError> {
-        let conn =
-            broker::connect(&self.broker, &format!("-inbox-{}", self.config.consumer)).await?;
+        let suffix = format!("-inbox-{}", self.config.consumer);
+        let (conn, index) = broker::connect_from(&self.broker, &suffix, node.next).await?;
+        node.next = index;
         let channel = conn.create_channel().await.map_err(BrokerError::from)?;
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
@@ -383,6 +404,7 @@ impl Inbox {
             )
             .await
             .map_err(BrokerError::from)?;
+        node.consumed = true;
         let failures: Arc<Mutex<HashMap<String, u32>>> = Default::default();
         // Tells deliveries held for the database that this session is over.
         let (halt_tx, halt_rx) = tokio::sync::watch::channel(false);

@@ -22,7 +22,7 @@ const WAIT: Duration = Duration::from_secs(180);
 
 async fn engine_via(db: &TestDb, proxy: &Proxy, heartbeat: Duration) -> EngineHandle {
     let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
     config.broker.heartbeat = heartbeat;
     config.retry.max_attempts = 20;
     Engine::start(config).await.expect("engine")
@@ -137,7 +137,7 @@ async fn graceful_shutdown_releases_what_it_could_not_settle() {
     let broker = TestBroker::new("shutdown").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
     let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
     config.broker.heartbeat = Duration::from_secs(60);
     config.retry.confirm_timeout = Duration::from_secs(30);
     config.scheduler.lease_duration = Duration::from_secs(120);
@@ -220,7 +220,7 @@ async fn a_slow_but_alive_engine_keeps_its_rows() {
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
     let lease = Duration::from_secs(2);
     let mut slow_cfg = db.engine_config();
-    slow_cfg.broker.url = SecretUrl::new(proxy.amqp_url());
+    slow_cfg.broker.url = SecretUrl::new(proxy.amqp_url()).into();
     slow_cfg.broker.heartbeat = Duration::from_secs(60);
     slow_cfg.retry.confirm_timeout = Duration::from_secs(60);
     slow_cfg.scheduler.lease_duration = lease;
@@ -468,7 +468,7 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     broker.bind(&dlq, &dlx, "").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
     let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
     config.broker.heartbeat = Duration::from_secs(60); // the stall is not a dead link
     config.broker.connect_timeout = Duration::from_secs(2);
     config.retry.confirm_timeout = Duration::from_secs(8);
@@ -503,9 +503,13 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     .await;
 
     // The stalled publish times out (retry.confirm_timeout) and its link is dropped: a
-    // new dead-letter connection is tried (the publisher's and the first are the others).
+    // new dead-letter connection is tried (the engine's start check, the publisher's and the
+    // first are the others).
     let before = proxy.connections();
-    assert_eq!(before, 2, "publisher and dead-letter connections");
+    assert_eq!(
+        before, 3,
+        "start check, publisher and dead-letter connections"
+    );
     eventually(20, "a new dead-letter connection after the timeout", || {
         let n = proxy.connections();
         async move { (n > before).then_some(()) }
@@ -539,7 +543,7 @@ async fn a_batch_slower_than_connect_timeout_on_a_slow_link_is_not_a_dead_connec
     let broker = TestBroker::new("slowup").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
     let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(proxy.amqp_url());
+    config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
     config.broker.connect_timeout = Duration::from_secs(2);
     config.retry.confirm_timeout = Duration::from_secs(60);
     let engine = Engine::start(config).await.expect("engine");

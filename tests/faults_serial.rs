@@ -205,7 +205,7 @@ async fn database_loss_mid_run_crashes_nothing_and_loses_nothing() {
     // down: the engine must keep them and write them once it returns.
     let proxy = common::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap());
     let mut config = db.engine_config();
-    config.broker.url = courier::config::SecretUrl::new(proxy.amqp_url());
+    config.broker.url = courier::config::SecretUrl::new(proxy.amqp_url()).into();
     config.broker.heartbeat = Duration::from_secs(60);
     config.publisher.max_in_flight = 1_000;
     let engine = Engine::start(config).await.unwrap();

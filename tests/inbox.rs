@@ -126,7 +126,7 @@ async fn work_queue_with_dlq(broker: &mut TestBroker, key: &str) -> (String, Str
 
 fn broker_config(url: String) -> BrokerConfig {
     BrokerConfig {
-        url: SecretUrl::new(url),
+        url: SecretUrl::new(url).into(),
         ..BrokerConfig::default()
     }
 }

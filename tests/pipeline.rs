@@ -279,7 +279,7 @@ async fn a_confirm_that_never_comes_is_a_timeout_then_a_retry() {
     let broker = TestBroker::new("timeout").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
     let mut config = db.engine_config();
-    config.broker.url = courier::config::SecretUrl::new(proxy.amqp_url());
+    config.broker.url = courier::config::SecretUrl::new(proxy.amqp_url()).into();
     config.broker.heartbeat = Duration::from_secs(60);
     config.retry.confirm_timeout = Duration::from_millis(800);
     config.retry.max_attempts = 5;

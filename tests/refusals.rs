@@ -166,7 +166,7 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
 
     let max_attempts = 3;
     let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(user.amqp_url());
+    config.broker.url = SecretUrl::new(user.amqp_url()).into();
     config.retry.max_attempts = max_attempts;
     config.dead_letter.exchange = Some(dlx.clone());
     let engine = Engine::start(config).await.expect("engine");
@@ -261,7 +261,7 @@ async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
     let user = TestUser::without_write_on_denied();
     let max_attempts = 3;
     let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(user.amqp_url());
+    config.broker.url = SecretUrl::new(user.amqp_url()).into();
     config.retry.max_attempts = max_attempts;
     let engine = Engine::start(config).await.expect("engine");
     let store = db.store().await;

@@ -118,3 +118,82 @@ async fn run_publishes_until_sigterm_then_exits_zero() {
         "per-message debug lines:\n{logs}"
     );
 }
+
+/// `courier run` against the main broker with `url`; its exit status (bounded) and log.
+async fn run_with_broker(
+    name: &str,
+    url: &str,
+) -> (Option<std::process::ExitStatus>, common::EngineProcess) {
+    let schema = common::unique_name(name);
+    let _guard = TestDbGuard(schema.clone());
+    let env = [
+        ("COURIER_DATABASE_URL", common::database_url()),
+        ("COURIER_DATABASE_SCHEMA", schema),
+        ("COURIER_BROKER_URL", url.to_string()),
+        ("COURIER_BROKER_CONNECT_TIMEOUT", "2s".into()),
+    ];
+    let mut process = common::EngineProcess::spawn(name, &env);
+    let status = eventually(30, "courier run to exit or say it keeps trying", || {
+        let exited = process.child.try_wait().expect("try_wait");
+        let log = process.log();
+        async move {
+            match exited {
+                Some(status) => Some(Some(status)),
+                None if log.contains("not reachable yet") => Some(None),
+                None => None,
+            }
+        }
+    })
+    .await;
+    (status, process)
+}
+
+#[tokio::test]
+async fn a_broker_that_refuses_login_or_vhost_fails_the_start_with_the_cause() {
+    // Wrong password: exit 1 naming the authentication failure, never the password.
+    let (status, process) =
+        run_with_broker("badlogin", "amqp://guest:not-the-pw@127.0.0.1:5672/%2f").await;
+    let log = process.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("ACCESS_REFUSED") && log.contains("Login was refused"),
+        "{log}"
+    );
+    assert!(!log.contains("not-the-pw"), "{log}");
+
+    // A vhost that does not exist: exit 1 naming it.
+    let (status, process) = run_with_broker(
+        "badvhost",
+        "amqp://guest:guest@127.0.0.1:5672/no-such-vhost",
+    )
+    .await;
+    let log = process.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("no-such-vhost") && log.contains("NOT_ALLOWED"),
+        "{log}"
+    );
+
+    // A list: every node's failure is named, every password redacted (the second one too).
+    let list =
+        "amqp://guest:first-secret@127.0.0.1:1/%2f,amqp://guest:second-secret@127.0.0.1:5672/%2f";
+    let (status, process) = run_with_broker("badlist", list).await;
+    let log = process.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("127.0.0.1:1") && log.contains("ACCESS_REFUSED"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("first-secret") && !log.contains("second-secret"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_broker_that_is_down_at_start_is_retried_not_fatal() {
+    let (status, mut process) =
+        run_with_broker("brokerdown", "amqp://guest:guest@127.0.0.1:1/%2f").await;
+    assert!(status.is_none(), "courier run exited: {}", process.log());
+    let _ = process.child.kill();
+}

@@ -369,7 +369,7 @@ async fn primary_failover_mid_stream_loses_nothing() {
         .await
         .expect("migrate");
     let broker = TestBroker::new("failover").await;
-    config.broker.url = SecretUrl::new(common::broker_url());
+    config.broker.url = SecretUrl::new(common::broker_url()).into();
     // The schema lives in the pair, not in the shared database; TestDb only carries it.
     let db = common::TestDb { schema, config };
     let mut engine_config = db.engine_config();
@@ -510,7 +510,7 @@ async fn behind_pgbouncer_in_transaction_mode() {
     let mut direct = courier::config::Config::default();
     direct.database.url = SecretUrl::new(common::database_url());
     direct.database.schema = schema.clone();
-    direct.broker.url = SecretUrl::new(common::broker_url());
+    direct.broker.url = SecretUrl::new(common::broker_url()).into();
     let db = common::TestDb {
         schema: schema.clone(),
         config: direct,

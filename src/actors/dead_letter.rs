@@ -234,7 +234,9 @@ async fn publish_to_exchange(
     let (conn, channel) = match link.filter(|(_, ch)| ch.status().connected()) {
         Some(l) => l,
         None => {
-            let opened = tokio::time::timeout(bounds.connect, open(cfg))
+            // Each node of the list gets its own bound (a dead node is skipped, not waited on).
+            let nodes = u32::try_from(cfg.url.len()).unwrap_or(u32::MAX).max(1);
+            let opened = tokio::time::timeout(bounds.connect.saturating_mul(nodes), open(cfg))
                 .await
                 .unwrap_or_else(|_| {
                     Err(broker::BrokerError::Amqp(format!(

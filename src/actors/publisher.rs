@@ -23,7 +23,10 @@
 //! mailbox until the batch is written). Connection events are read by a small watcher task
 //! outside the mailbox: `connection.blocked` must reach the Scheduler even while a publish
 //! waits on the blocked socket. A lost connection stops the actor, `restarting` drops the
-//! link and `started` reconnects with capped, jittered backoff. The tracker fails every
+//! link and `started` reconnects at once, starting with the next node of `broker.url` (round
+//! robin over a cluster's nodes); capped, jittered backoff only after a whole pass over the
+//! nodes failed. A permanent refusal (login, vhost, TLS) is logged as an error with its
+//! cause and retried all the same (at start, `Engine::start` refuses to start instead). The tracker fails every
 //! unconfirmed message of the lost connection back to `retrying` (duplicates are allowed,
 //! loss is not). Once a graceful shutdown begins, claimed rows that reach the publisher are
 //! given back to the outbox unpublished.
@@ -117,6 +120,10 @@ pub struct Publisher {
     channels_opened: u64,
     failed_connects: u32,
     ever_connected: bool,
+    /// The node of `broker.url` the link is on (or was, when it was lost).
+    node: usize,
+    /// Where the next connection attempt starts: the node after the one lost.
+    next_node: usize,
 }
 
 impl Publisher {
@@ -142,17 +149,23 @@ impl Publisher {
             channels_opened: 0,
             failed_connects: 0,
             ever_connected: false,
+            node: 0,
+            next_node: 0,
         }
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let cfg = self.config.broker.clone();
+        let start = self.next_node;
         ctx.wait(
-            async move { open_link(&cfg).await }
+            async move { open_link(&cfg, start).await }
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok((mut link, events)) => {
-                        tracing::info!(broker = %act.config.broker.url, "connected to RabbitMQ");
+                    Ok((mut link, events, node)) => {
+                        act.node = node;
+                        act.next_node = node;
+                        let url = act.config.broker.url.get(node).map(|u| u.redacted());
+                        tracing::info!(broker = url.as_deref().unwrap_or_default(), node, "connected to RabbitMQ");
                         if act.ever_connected {
                             Counters::add(&act.signals.counters.reconnects, 1);
                         }
@@ -179,9 +192,14 @@ impl Publisher {
                         act.scheduler.do_send(BrokerReady(true));
                     }
                     Err(e) => {
+                        // Every node was tried once: only now back off.
                         act.failed_connects += 1;
                         let delay = backoff::delay(&reconnect_backoff(), act.failed_connects);
-                        tracing::warn!(error = %e, retry_in = ?delay, "cannot reach RabbitMQ");
+                        if e.is_permanent() {
+                            tracing::error!(error = %e, retry_in = ?delay, "RabbitMQ refused the connection; this needs a change of configuration or on the broker");
+                        } else {
+                            tracing::warn!(error = %e, retry_in = ?delay, "cannot reach RabbitMQ");
+                        }
                         ctx.run_later(delay, |act, ctx| act.connect(ctx));
                     }
                 }),
@@ -193,8 +211,10 @@ impl Publisher {
         if self.link.is_none() {
             return;
         }
-        tracing::warn!(reason = %why, "lost the RabbitMQ connection; unconfirmed messages go back to retrying");
+        tracing::warn!(reason = %why, node = self.node, "lost the RabbitMQ connection; unconfirmed messages go back to retrying");
         self.link = None;
+        // Reconnect at once, starting with the next node of the list (round robin).
+        self.next_node = self.node + 1;
         self.signals
             .set_broker(crate::events::broker_state::DISCONNECTED);
         self.scheduler.do_send(BrokerReady(false));
@@ -254,12 +274,15 @@ impl Publisher {
     }
 }
 
-/// Connects, opens the confirm channel and subscribes to connection events.
+/// Connects to the first node that answers from node `start` on, opens the confirm channel
+/// and subscribes to connection events.
 async fn open_link(
     cfg: &crate::config::BrokerConfig,
-) -> Result<(Link, futures::stream::BoxStream<'static, Event>), BrokerError> {
+    start: usize,
+) -> Result<(Link, futures::stream::BoxStream<'static, Event>, usize), BrokerError> {
     use futures::StreamExt;
-    let conn = Arc::new(broker::connect(cfg, "").await?);
+    let (conn, node) = broker::connect_from(cfg, "", start).await?;
+    let conn = Arc::new(conn);
     let events = conn.events_listener().boxed();
     let channel = confirm_channel(&conn).await?;
     Ok((
@@ -270,6 +293,7 @@ async fn open_link(
             side: None,
         },
         events,
+        node,
     ))
 }
 

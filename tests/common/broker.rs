@@ -33,11 +33,18 @@ pub struct TestBroker {
     pub queue: String,
     extra_exchanges: Vec<String>,
     extra_queues: Vec<String>,
+    /// The node this guard talks to (the main broker unless made with [`TestBroker::at`]).
+    url: String,
 }
 
 impl TestBroker {
     pub async fn new(prefix: &str) -> TestBroker {
-        let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
+        Self::at(&broker_url(), prefix, FieldTable::default()).await
+    }
+
+    /// On the broker at `url`, its queue declared with `queue_args` (e.g. a quorum queue).
+    pub async fn at(url: &str, prefix: &str, queue_args: FieldTable) -> TestBroker {
+        let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("connect to RabbitMQ");
         let channel = conn.create_channel().await.expect("channel");
@@ -50,11 +57,12 @@ impl TestBroker {
             queue: queue.clone(),
             extra_exchanges: Vec::new(),
             extra_queues: Vec::new(),
+            url: url.to_string(),
         };
         broker
             .declare_exchange(&exchange, ExchangeKind::Topic)
             .await;
-        broker.declare_queue(&queue, FieldTable::default()).await;
+        broker.declare_queue(&queue, queue_args).await;
         broker.bind(&queue, &exchange, "routed.#").await;
         broker
     }
@@ -131,7 +139,7 @@ impl TestBroker {
 
     /// A fresh connection (the setup one may have died with a broker restart).
     async fn fresh(&self) -> Connection {
-        Connection::connect(&broker_url(), ConnectionProperties::default())
+        Connection::connect(&self.url, ConnectionProperties::default())
             .await
             .expect("connect to RabbitMQ")
     }
@@ -217,6 +225,7 @@ impl Drop for TestBroker {
         exchanges.push(self.exchange.clone());
         let mut queues = self.extra_queues.clone();
         queues.push(self.queue.clone());
+        let url = self.url.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -225,7 +234,7 @@ impl Drop for TestBroker {
             rt.block_on(async move {
                 let Ok(Ok(conn)) = tokio::time::timeout(
                     Duration::from_secs(5),
-                    Connection::connect(&broker_url(), ConnectionProperties::default()),
+                    Connection::connect(&url, ConnectionProperties::default()),
                 )
                 .await
                 else {

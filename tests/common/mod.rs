@@ -8,6 +8,7 @@ pub mod broker;
 pub mod events;
 pub mod ordering;
 pub mod proxy;
+pub mod topology;
 
 use std::{future::Future, time::Duration};
 
@@ -58,7 +59,7 @@ impl TestDb {
         let schema = unique_name(prefix);
         let mut config = Config::default();
         config.database.url = SecretUrl::new(database_url());
-        config.broker.url = SecretUrl::new(broker_url());
+        config.broker.url = SecretUrl::new(broker_url()).into();
         config.database.schema = schema.clone();
         courier::store::migrate(&config.database.url, &schema, Duration::from_secs(10))
             .await

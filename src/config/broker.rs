@@ -1,0 +1,176 @@
+//! `broker.*`: the RabbitMQ nodes to connect to and how to reach them over TLS.
+//!
+//! `broker.url` is one URL or a list of them (the nodes of a cluster): a YAML list, or a
+//! comma-separated string (which is how `COURIER_BROKER_URL` gives a list). Every URL is a
+//! [`SecretUrl`], so each of them is redacted wherever the list is shown.
+
+use std::{fmt, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{ConfigError, SecretUrl};
+
+/// `broker.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `amqp://` or `amqps://` URL, or several (the nodes of a cluster, tried in order).
+    pub url: BrokerUrls,
+    /// Heartbeat interval negotiated with the broker.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Name shown in the management UI.
+    pub connection_name: String,
+    /// Bound on one connection attempt, and on how long a batch of publishes may go without
+    /// one write completing before the connection is presumed dead.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// TLS for `amqps://` URLs (a URL's own query parameters win).
+    pub tls: BrokerTls,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: BrokerUrls::from(SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f")),
+            heartbeat: Duration::from_secs(10),
+            connection_name: "courier".into(),
+            connect_timeout: Duration::from_secs(5),
+            tls: BrokerTls::default(),
+        }
+    }
+}
+
+/// `broker.tls.*`: the keys of RabbitMQ's URI query parameters of the same names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerTls {
+    /// PEM file of the CA certificates trusted for the broker's certificate; null: the
+    /// system's trust store.
+    pub cacertfile: Option<PathBuf>,
+    /// PEM file of the client certificate (chain) presented to the broker; null: none.
+    pub certfile: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub keyfile: Option<PathBuf>,
+    /// `verify_peer` checks the broker's certificate; `verify_none` turns that off.
+    pub verify: TlsVerify,
+    /// Name sent as SNI and checked against the broker's certificate; null: the URL's host;
+    /// `disable`: no SNI (the URL's host is still checked).
+    pub server_name_indication: Option<String>,
+}
+
+/// Whether the broker's certificate is checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsVerify {
+    /// Check the certificate chain and the name (the default).
+    #[default]
+    VerifyPeer,
+    /// Accept any certificate: encryption without authentication of the broker.
+    VerifyNone,
+}
+
+/// One broker URL or several: the nodes tried in order, round robin after a loss.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<SecretUrl>);
+
+impl BrokerUrls {
+    /// The URLs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &SecretUrl> {
+        self.0.iter()
+    }
+
+    /// How many nodes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is none (rejected by validation).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The URL of node `index` (modulo the number of nodes).
+    pub fn get(&self, index: usize) -> Option<&SecretUrl> {
+        match self.0.len() {
+            0 => None,
+            n => self.0.get(index % n),
+        }
+    }
+
+    /// Parses a comma-separated list (what `COURIER_BROKER_URL` holds).
+    pub fn parse_list(raw: &str) -> BrokerUrls {
+        BrokerUrls(raw.split(',').map(str::trim).map(SecretUrl::new).collect())
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            return Err(ConfigError::invalid(
+                "broker.url",
+                "must name at least one URL",
+            ));
+        }
+        for url in &self.0 {
+            if url.expose().is_empty() {
+                return Err(ConfigError::invalid(
+                    "broker.url",
+                    "has an empty entry in its list",
+                ));
+            }
+            super::check_url_scheme("broker.url", url, &["amqp", "amqps"])?;
+        }
+        Ok(())
+    }
+}
+
+impl From<SecretUrl> for BrokerUrls {
+    fn from(url: SecretUrl) -> Self {
+        BrokerUrls(vec![url])
+    }
+}
+
+impl From<Vec<SecretUrl>> for BrokerUrls {
+    fn from(urls: Vec<SecretUrl>) -> Self {
+        BrokerUrls(urls)
+    }
+}
+
+/// Every URL redacted, comma-separated.
+impl fmt::Display for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: Vec<String> = self.0.iter().map(SecretUrl::redacted).collect();
+        f.write_str(&shown.join(","))
+    }
+}
+
+impl fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrls({self})")
+    }
+}
+
+impl Serialize for BrokerUrls {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d)? {
+            OneOrMany::One(raw) => Ok(BrokerUrls::parse_list(&raw)),
+            OneOrMany::Many(list) => Ok(BrokerUrls(
+                list.into_iter().map(|u| SecretUrl::new(u.trim())).collect(),
+            )),
+        }
+    }
+}

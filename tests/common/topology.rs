@@ -1,0 +1,180 @@
+//! Extra RabbitMQ nodes for the topology tests, started and stopped through
+//! `scripts/topology/*` (own node names, ports, data folders and Erlang cookie: the main
+//! node is never touched). A guard stops every node and removes its folder on drop, even
+//! when the test fails.
+
+use std::{path::PathBuf, process::Stdio};
+
+/// A script of `scripts/topology/`.
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts/topology")
+        .join(name)
+}
+
+/// Runs a topology script to the end (async, so an engine on this thread keeps running).
+pub async fn run_script(name: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(script(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run topology script");
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One extra node: short name, AMQP port, distribution port.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub port: u16,
+    pub dist: u16,
+}
+
+impl Node {
+    fn spec(&self) -> String {
+        format!("{}:{}:{}", self.name, self.port, self.dist)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// Extra nodes sharing one folder and cookie (a cluster, or a single node).
+pub struct Topology {
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+}
+
+impl Topology {
+    /// `n` nodes named `courier-<tag><i>`, ports from `base` (AMQP) and `base + 20000`
+    /// (distribution), joined in one cluster when `n > 1`.
+    pub async fn cluster(tag: &str, base: u16, n: usize) -> Topology {
+        let topology = Topology::empty(tag, base, n);
+        let mut args = vec!["start".to_string(), topology.dir.display().to_string()];
+        args.extend(topology.nodes.iter().map(Node::spec));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_script("rabbit-cluster", &args).await;
+        topology
+    }
+
+    /// The guard alone (nothing started yet): for nodes with their own configuration.
+    pub fn empty(tag: &str, base: u16, n: usize) -> Topology {
+        let dir = std::env::temp_dir().join(format!("courier-topology-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("topology dir");
+        let nodes = (0..n)
+            .map(|i| Node {
+                name: format!("courier-{tag}{}", i + 1),
+                port: base + i as u16,
+                dist: base + 20_000 + i as u16,
+            })
+            .collect();
+        Topology { dir, nodes }
+    }
+
+    fn dir_arg(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// Graceful stop of node `i` (`rabbitmqctl stop`).
+    pub async fn stop(&self, i: usize) {
+        run_script(
+            "rabbit-node",
+            &["stop", &self.nodes[i].name, &self.dir_arg()],
+        )
+        .await;
+    }
+
+    /// `kill -9` of node `i`'s VM.
+    pub async fn kill(&self, i: usize) {
+        run_script(
+            "rabbit-node",
+            &["kill", &self.nodes[i].name, &self.dir_arg()],
+        )
+        .await;
+    }
+
+    /// Starts node `i` again (it rejoins its cluster), optionally with extra config.
+    pub async fn start(&self, i: usize, extra_conf: Option<&str>) {
+        let n = &self.nodes[i];
+        let (port, dist) = (n.port.to_string(), n.dist.to_string());
+        let mut args = vec!["start", &n.name, &port, &dist];
+        let dir = self.dir_arg();
+        args.push(&dir);
+        if let Some(extra) = extra_conf {
+            args.push(extra);
+        }
+        run_script("rabbit-node", &args).await;
+    }
+
+    /// How many members of quorum queue `queue` are online (asked of the first node that
+    /// answers). A node that was restarted counts only once its member has recovered.
+    pub async fn quorum_online(&self, queue: &str) -> usize {
+        for node in &self.nodes {
+            let Ok(out) = tokio::process::Command::new(script("rabbit-node"))
+                .args(["ctl", &node.name, &self.dir_arg(), "list_queues", "-q"])
+                .args(["name", "online"])
+                .output()
+                .await
+            else {
+                continue;
+            };
+            if !out.status.success() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            return text
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(queue))
+                .map_or(0, |l| l.matches("@localhost").count());
+        }
+        0
+    }
+
+    /// Which node holds the client connection named `connection_name` (asked of the
+    /// first node that answers); `None` when no node lists it.
+    pub async fn node_of(&self, connection_name: &str) -> Option<usize> {
+        for node in &self.nodes {
+            let out = tokio::process::Command::new(script("rabbit-node"))
+                .args(["ctl", &node.name, &self.dir_arg(), "list_connections", "-q"])
+                .args(["port", "client_properties"])
+                .output()
+                .await
+                .ok()?;
+            if !out.status.success() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let port = text
+                .lines()
+                .find(|l| l.contains(connection_name))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|p| p.parse::<u16>().ok())?;
+            return self.nodes.iter().position(|n| n.port == port);
+        }
+        None
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let mut args = vec!["stop".to_string(), self.dir_arg()];
+        args.extend(self.nodes.iter().map(|n| n.name.clone()));
+        let _ = std::process::Command::new(script("rabbit-cluster"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

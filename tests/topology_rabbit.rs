@@ -1,0 +1,492 @@
+//! RabbitMQ topologies beyond one local node: a three-node cluster with a quorum queue whose
+//! nodes are stopped and killed under the engine, and a TLS node that requires client
+//! certificates. Every node is an extra one (own names, ports, data and cookie, through
+//! `scripts/topology/`), torn down by a guard even when a test fails. Heavy: every test is
+//! `#[ignore]` and runs in its own serial step:
+//! `cargo test --test topology_rabbit -- --ignored --test-threads=1`.
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use common::{
+    audit::audit,
+    broker::TestBroker,
+    events::confirmed_at_least,
+    eventually,
+    topology::{run_script, Topology},
+    unique_name, within, EngineProcess, TestDb,
+};
+use courier::{
+    broker::{self, BrokerError},
+    config::{BrokerConfig, BrokerUrls, SecretUrl, TlsVerify},
+    events::EngineEvent,
+    inbox::{Handler, HandlerError, Inbox, InboxConfig, InboxMessage},
+    Engine, OutboxMessage,
+};
+use lapin::{
+    options::BasicPublishOptions,
+    types::{AMQPValue, FieldTable},
+    BasicProperties,
+};
+use uuid::Uuid;
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// Inserts rows in small batches until told to stop: the engine is always mid-stream.
+async fn producer(
+    db: &TestDb,
+    exchange: &str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Uuid>> {
+    let store = db.store().await;
+    let exchange = exchange.to_string();
+    tokio::spawn(async move {
+        let mut ids = Vec::new();
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let batch: Vec<OutboxMessage> = (0..100)
+                .map(|_| {
+                    i += 1;
+                    OutboxMessage::new(&exchange, format!("routed.{i}"), vec![b'm'; 64])
+                })
+                .collect();
+            store.enqueue_many(&batch).await.expect("enqueue");
+            ids.extend(batch.iter().map(|m| m.id));
+            tokio::time::sleep(Duration::from_millis(25)).await; // pacing the load, not a wait
+        }
+        ids
+    })
+}
+
+/// After a fault on the engine's node: how long from the engine seeing the loss to the
+/// first confirm on another node.
+async fn time_to_resume(events: &mut tokio::sync::broadcast::Receiver<EngineEvent>) -> Duration {
+    within(30, "the engine to lose its node", async {
+        loop {
+            if let Ok(EngineEvent::BrokerDisconnected(why)) = events.recv().await {
+                eprintln!("engine lost its node: {why}");
+                return;
+            }
+        }
+    })
+    .await;
+    let lost = Instant::now();
+    within(30, "a confirm on another node", async {
+        let mut reconnected = false;
+        loop {
+            match events.recv().await {
+                Ok(EngineEvent::BrokerConnected) => reconnected = true,
+                Ok(EngineEvent::Confirmed(_)) if reconnected => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    lost.elapsed()
+}
+
+#[actix_rt::test]
+#[ignore = "topology: starts a 3-node RabbitMQ cluster (serial CI step)"]
+async fn cluster_node_stopped_then_killed_mid_stream_loses_nothing() {
+    let cluster = Topology::cluster("c", 5681, 3).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let db = TestDb::new("cluster").await;
+    let broker = TestBroker::at(&urls[0], "cluster", quorum()).await;
+    let mut config = db.engine_config();
+    config.broker.url = BrokerUrls::from(urls.iter().map(SecretUrl::new).collect::<Vec<_>>());
+    config.broker.connect_timeout = Duration::from_secs(2);
+    config.broker.connection_name = unique_name("engine");
+    config.retry.max_attempts = 20;
+    let name = config.broker.connection_name.clone();
+    let engine = Engine::start(config).await.expect("engine");
+    let mut events = engine.subscribe();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rows = producer(&db, &broker.exchange, stop.clone()).await;
+    confirmed_at_least(&mut events, 500).await;
+
+    // 1. Graceful stop of the engine's node.
+    let first = cluster.node_of(&name).await.expect("the engine's node");
+    let t = Instant::now();
+    cluster.stop(first).await;
+    let resumed = time_to_resume(&mut events).await;
+    eprintln!("stop of node {first}: publishing resumed {resumed:?} after the loss ({:?} after the stop command)", t.elapsed());
+    assert!(
+        resumed < Duration::from_secs(5),
+        "resumed after {resumed:?}"
+    );
+    confirmed_at_least(&mut events, 500).await;
+
+    // The stopped node comes back (a quorum queue needs two of three), then kill -9 of
+    // whichever node the engine is on now.
+    let t = Instant::now();
+    cluster.start(first, None).await;
+    // Its queue member must have recovered first: killing another node while the queue has
+    // only one member online besides would leave it without a majority (seen here: no
+    // leader for over 30 s, every publish nacked and retried).
+    eventually(60, "the quorum queue's three members online", || async {
+        (cluster.quorum_online(&broker.queue).await == 3).then_some(())
+    })
+    .await;
+    eprintln!(
+        "node {first} back, its quorum member online, {:?} after the start command",
+        t.elapsed()
+    );
+    confirmed_at_least(&mut events, 500).await;
+    let second = cluster.node_of(&name).await.expect("the engine's node");
+    assert_ne!(second, first, "the engine moved off the stopped node");
+    let t = Instant::now();
+    cluster.kill(second).await;
+    let resumed_kill = time_to_resume(&mut events).await;
+    eprintln!("kill -9 of node {second}: publishing resumed {resumed_kill:?} after the loss ({:?} after the kill)", t.elapsed());
+    assert!(
+        resumed_kill < Duration::from_secs(5),
+        "resumed after {resumed_kill:?}"
+    );
+    confirmed_at_least(&mut events, 500).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let ids = within(60, "the producer to stop", rows)
+        .await
+        .expect("producer");
+    engine
+        .wait_for_all(&ids, Duration::from_secs(120))
+        .await
+        .expect("every row settles");
+    let survivor = (0..3).find(|i| *i != second).unwrap_or(0);
+    let audit_broker =
+        TestBroker::at(&urls[survivor], "cluster-audit", FieldTable::default()).await;
+    let a = audit(&db, &audit_broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    eprintln!(
+        "cluster: {} rows, stop → resumed in {resumed:?}, kill -9 → resumed in {resumed_kill:?}, {} duplicates, {} reconnects",
+        ids.len(),
+        a.duplicates,
+        engine.counters().reconnects
+    );
+    engine.shutdown().await;
+    drop(broker);
+    cluster.start(second, None).await; // so the guards' clean-up finds a quorum
+}
+
+/// A node whose TLS listener requires a client certificate signed by the test's own CA.
+struct TlsNode {
+    node: Topology,
+    certs: std::path::PathBuf,
+    tls_port: u16,
+}
+
+impl TlsNode {
+    async fn start() -> TlsNode {
+        let node = Topology::empty("t", 5690, 1);
+        let (name, dir) = (node.nodes[0].name.clone(), node.dir.display().to_string());
+        run_script(
+            "rabbit-tls",
+            &["start", &dir, &name, "5690", "5691", "25690"],
+        )
+        .await;
+        let certs = node.dir.join("tls");
+        TlsNode {
+            node,
+            certs,
+            tls_port: 5691,
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.certs.join(name).display().to_string()
+    }
+
+    /// `amqps://` to the TLS listener with these query parameters.
+    fn url(&self, query: &[(&str, String)]) -> String {
+        let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(
+            "amqps://guest:guest@localhost:{}/%2f?{}",
+            self.tls_port,
+            query.join("&")
+        )
+    }
+
+    fn client_cert(&self) -> [(&'static str, String); 2] {
+        [
+            ("certfile", self.file("client.pem")),
+            ("keyfile", self.file("client.key")),
+        ]
+    }
+}
+
+async fn connect_error(config: &BrokerConfig) -> BrokerError {
+    match broker::connect(config, "-tls-check").await {
+        Ok(_) => panic!("the connection should have been refused"),
+        Err(e) => e,
+    }
+}
+
+#[actix_rt::test]
+#[ignore = "topology: starts a RabbitMQ node with a mutual-TLS listener (serial CI step)"]
+async fn mutual_tls_with_own_ca_and_client_certificates() {
+    let tls = TlsNode::start().await;
+    let plain = tls.node.nodes[0].url();
+    let db = TestDb::new("tls").await;
+    let broker = TestBroker::at(&plain, "tls", FieldTable::default()).await;
+
+    // Right CA and client certificate, as URL parameters: delivers.
+    let mut query = vec![("cacertfile", tls.file("ca.pem"))];
+    query.extend(tls.client_cert());
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(tls.url(&query)).into();
+    let engine = Engine::start(config).await.expect("engine over mutual TLS");
+    let ids = db.insert_sql(&broker.exchange, 300, "routed.{i}").await;
+    engine
+        .wait_for_all(&ids, Duration::from_secs(60))
+        .await
+        .expect("delivered over TLS");
+    engine.shutdown().await;
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+
+    // The same through the broker.tls keys.
+    let mut keys = BrokerConfig {
+        url: SecretUrl::new(tls.url(&[])).into(),
+        ..BrokerConfig::default()
+    };
+    keys.tls.cacertfile = Some(tls.certs.join("ca.pem"));
+    keys.tls.certfile = Some(tls.certs.join("client.pem"));
+    keys.tls.keyfile = Some(tls.certs.join("client.key"));
+    broker::connect(&keys, "-tls-keys")
+        .await
+        .expect("connect with broker.tls keys");
+
+    // A CA that did not sign the node's certificate: refused, naming why, permanent.
+    let mut wrong_ca = keys.clone();
+    wrong_ca.tls.cacertfile = Some(tls.certs.join("other-ca.pem"));
+    let e = connect_error(&wrong_ca).await;
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    assert!(e.is_permanent(), "{e:?}");
+
+    // ... unless verification is turned off, and only then.
+    let mut unverified = wrong_ca.clone();
+    unverified.tls.verify = TlsVerify::VerifyNone;
+    broker::connect(&unverified, "-tls-none")
+        .await
+        .expect("verify_none accepts any certificate");
+
+    // The name checked is the URL's host unless server_name_indication names another.
+    let mut by_name = keys.clone();
+    by_name.url = SecretUrl::new(
+        tls.url(&[("server_name_indication", "localhost".into())])
+            .replace("@localhost:", "@127.0.0.1:"),
+    )
+    .into();
+    broker::connect(&by_name, "-tls-sni")
+        .await
+        .expect("server_name_indication=localhost");
+    let mut wrong_name = keys.clone();
+    wrong_name.tls.server_name_indication = Some("not-this-host.example".into());
+    let e = connect_error(&wrong_name).await;
+    assert!(e.to_string().contains("not valid for name"), "{e}");
+
+    // No client certificate: the node refuses, and says so.
+    let mut anonymous = keys.clone();
+    anonymous.tls.certfile = None;
+    anonymous.tls.keyfile = None;
+    let e = connect_error(&anonymous).await;
+    assert!(e.to_string().contains("CertificateRequired"), "{e}");
+    assert!(e.is_permanent(), "{e:?}");
+
+    // `courier run` with the wrong CA: exit 1 at start, naming the certificate problem.
+    let mut query = vec![("cacertfile", tls.file("other-ca.pem"))];
+    query.extend(tls.client_cert());
+    let mut env = db.process_env();
+    env.push(("COURIER_BROKER_URL", tls.url(&query)));
+    let mut process = EngineProcess::spawn("tls-wrong-ca", &env);
+    let status = process.wait(30).await;
+    let log = process.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("UnknownIssuer"), "{log}");
+}
+
+/// Records nothing itself: the inbox's own `(consumer, message_id)` row is the proof of an
+/// application, and `InboxReport.applied` counts the handler runs.
+struct Noop;
+
+impl Handler for Noop {
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a mut diesel_async::AsyncPgConnection,
+        _msg: &'a InboxMessage,
+    ) -> futures::future::BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn inbox_rows(db: &TestDb) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let mut conn = db.raw().await;
+    let sql = format!("SELECT count(*) AS n FROM \"{}\".inbox", db.schema);
+    let rows: Vec<Count> = diesel::sql_query(sql)
+        .load(&mut conn)
+        .await
+        .expect("count inbox rows");
+    rows.iter().map(|r| r.n).sum()
+}
+
+/// Publishes (with confirms) to `exchange` through node `url` in small paced batches until
+/// told to stop; returns how many messages it published, ids `m0`, `m1`, ….
+async fn paced_publisher(
+    url: &str,
+    exchange: &str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect publisher");
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm_select");
+    let exchange = exchange.to_string();
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let mut confirms = Vec::new();
+            for _ in 0..50 {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(format!("m{sent}").into());
+                sent += 1;
+                let confirm = channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "routed.x".into(),
+                        BasicPublishOptions::default(),
+                        b"event",
+                        props,
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // pacing the load, not a wait
+        }
+        let _ = conn.close(200, "done".into()).await;
+        sent
+    })
+}
+
+/// Kills (or stops) the node the inbox consumes from and returns how long until it applies
+/// messages again.
+async fn inbox_fault(
+    cluster: &Topology,
+    db: &TestDb,
+    connection: &str,
+    kill: bool,
+) -> (usize, Duration) {
+    let node = cluster.node_of(connection).await.expect("the inbox's node");
+    let before = inbox_rows(db).await;
+    let t = Instant::now();
+    if kill {
+        cluster.kill(node).await;
+    } else {
+        cluster.stop(node).await;
+    }
+    let fault_done = t.elapsed();
+    let after_fault = inbox_rows(db).await;
+    eventually(30, "the inbox to apply again on another node", || async {
+        (inbox_rows(db).await > after_fault.max(before)).then_some(())
+    })
+    .await;
+    eprintln!(
+        "inbox: node {node} {} ({fault_done:?}); applying again {:?} after",
+        if kill { "killed" } else { "stopped" },
+        t.elapsed()
+    );
+    (node, t.elapsed())
+}
+
+#[tokio::test]
+#[ignore = "topology: starts a 3-node RabbitMQ cluster (serial CI step)"]
+async fn cluster_inbox_follows_its_node_stopped_then_killed() {
+    let cluster = Topology::cluster("i", 5685, 3).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let db = TestDb::new("cinbox").await;
+    // The test's own connection is on node 0; the inbox starts on node 1 (first of its list).
+    let broker = TestBroker::at(&urls[0], "cinbox", quorum()).await;
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let publisher = paced_publisher(&urls[0], &broker.exchange, stop_publishing.clone()).await;
+    let mut broker_config = BrokerConfig {
+        url: BrokerUrls::from(
+            [1, 2, 0]
+                .iter()
+                .map(|i| SecretUrl::new(&urls[*i]))
+                .collect::<Vec<_>>(),
+        ),
+        connection_name: unique_name("inbox"),
+        ..BrokerConfig::default()
+    };
+    broker_config.connect_timeout = Duration::from_secs(2);
+    let connection = broker_config.connection_name.clone();
+    let inbox = Inbox::new(
+        db.store().await,
+        broker_config,
+        InboxConfig::new("failover", &broker.queue),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(async move { inbox.run(Arc::new(Noop), stop_rx).await });
+    eventually(30, "the inbox to apply messages", || async {
+        (inbox_rows(&db).await > 300).then_some(())
+    })
+    .await;
+
+    let (stopped, resumed_stop) = inbox_fault(&cluster, &db, &connection, false).await;
+    cluster.start(stopped, None).await;
+    eventually(60, "the quorum queue's three members online", || async {
+        (cluster.quorum_online(&broker.queue).await == 3).then_some(())
+    })
+    .await;
+    let (_, resumed_kill) = inbox_fault(&cluster, &db, &connection, true).await;
+    assert!(resumed_stop < Duration::from_secs(5), "{resumed_stop:?}");
+    assert!(resumed_kill < Duration::from_secs(5), "{resumed_kill:?}");
+
+    stop_publishing.store(true, Ordering::Relaxed);
+    let n = within(60, "the publisher to stop", publisher)
+        .await
+        .expect("publisher task");
+    eventually(120, "every message applied", || async {
+        (inbox_rows(&db).await as usize == n).then_some(())
+    })
+    .await;
+    let _ = stop_tx.send(());
+    let report = within(30, "inbox stop", runner)
+        .await
+        .expect("inbox task")
+        .expect("inbox run");
+    eprintln!("inbox failover: {n} messages, report {report:?}, resumed {resumed_stop:?} after a stop, {resumed_kill:?} after kill -9");
+    assert_eq!(
+        report.applied as usize, n,
+        "each message applied exactly once: {report:?}"
+    );
+    assert_eq!(report.rejected, 0, "{report:?}");
+}
