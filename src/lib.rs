@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod redact;
 pub mod state;
 pub mod store;
+mod tls;
 
 pub use config::Config;
 pub use engine::{Engine, EngineError, EngineHandle};

@@ -17,14 +17,10 @@ use std::{
 
 use lapin::tcp::{RustlsConnector, RustlsConnectorConfig};
 use rustls::{
-    client::{
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        ResolvesClientCert,
-    },
-    crypto::CryptoProvider,
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    client::ResolvesClientCert,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
     sign::CertifiedKey,
-    DigitallySignedStruct, SignatureScheme,
+    SignatureScheme,
 };
 
 use crate::config::{BrokerTls, TlsVerify};
@@ -119,9 +115,13 @@ impl TlsOptions {
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS set-up: {e}"))?;
         let builder = match (self.verify, &self.cacertfile) {
-            (TlsVerify::VerifyNone, _) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider))),
+            (TlsVerify::VerifyNone, _) => {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(crate::tls::AcceptAnyCertificate(
+                        provider,
+                    )))
+            }
             (TlsVerify::VerifyPeer, Some(ca)) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in read_certs(ca)? {
@@ -198,56 +198,6 @@ impl ResolvesClientCert for NoClientCert {
 
     fn has_certs(&self) -> bool {
         false
-    }
-}
-
-/// `verify=verify_none`: any certificate is accepted (signatures are still checked, so the
-/// handshake is sound; only who the broker is goes unchecked).
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

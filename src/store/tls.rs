@@ -7,7 +7,6 @@ use std::{future::Future, io, pin::Pin, sync::Arc};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     client::WebPkiServerVerifier,
-    crypto::CryptoProvider,
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -68,7 +67,7 @@ pub(crate) fn client_config(
         _ => None,
     };
     let verifier: Arc<dyn ServerCertVerifier> = match rootcert {
-        None => Arc::new(NoChainCheck(provider.clone())),
+        None => Arc::new(crate::tls::AcceptAnyCertificate(provider.clone())),
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for c in CertificateDer::pem_file_iter(&path)
@@ -163,56 +162,6 @@ impl ServerCertVerifier for ChainCheck {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
-    }
-}
-
-/// `prefer`/`require` without `sslrootcert`: encryption without authentication of the
-/// server, as libpq does. The handshake signatures are still checked.
-#[derive(Debug)]
-struct NoChainCheck(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoChainCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
