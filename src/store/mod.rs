@@ -620,10 +620,8 @@ impl Store {
             )
             .await?;
         drop(conn);
-        let full = rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut);
-        let mut claimed = self.sort_out(engine, rows, limits.max_payload).await;
+        let mut claimed = self.sort_out(engine, rows, limits).await;
         claimed.messages.sort_by_key(|m| m.created_at);
-        claimed.full = full;
         Ok(claimed)
     }
 
@@ -664,25 +662,29 @@ impl Store {
             )
             .await?;
         drop(conn);
-        let full = rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut);
-        let served: Vec<String> = rows.iter().filter_map(|r| r.ordering_key.clone()).collect();
-        let served: Vec<&str> = served.iter().map(String::as_str).collect();
+        let served: Vec<&str> = rows
+            .iter()
+            .filter_map(|r| r.ordering_key.as_deref())
+            .collect();
         let next_key = next_key(keys.after.as_deref(), &served).or(keys.after.clone());
-        let mut claimed = self.sort_out(engine, rows, limits.max_payload).await;
-        claimed.full = full;
+        let mut claimed = self.sort_out(engine, rows, limits).await;
         claimed.next_key = next_key;
         Ok(claimed)
     }
 
-    /// Decodes claimed rows one by one and dead-letters those that can never be published.
-    /// If that move fails (the database went away), those rows are simply not handed on:
-    /// this engine never renews their lease, so they come back once it expires and are
-    /// moved then.
-    async fn sort_out(&self, engine: &str, rows: Vec<ClaimedRow>, max_payload: u64) -> Claimed {
-        let mut claimed = Claimed::default();
+    /// Decodes the rows a claim within `limits` returned, one by one, and dead-letters those
+    /// that can never be published; the claim is full when it filled its rows or the byte
+    /// budget left rows out. If the move fails (the database went away), those rows are
+    /// simply not handed on: this engine never renews their lease, so they come back once
+    /// it expires and are moved then.
+    async fn sort_out(&self, engine: &str, rows: Vec<ClaimedRow>, limits: ClaimLimits) -> Claimed {
+        let mut claimed = Claimed {
+            full: rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut),
+            ..Claimed::default()
+        };
         let mut bad = Vec::new();
         for row in rows {
-            match row.decode(max_payload) {
+            match row.decode(limits.max_payload) {
                 Ok(m) => claimed.messages.push(m),
                 Err(u) => bad.push(DeadLetterUpdate {
                     id: u.id,
