@@ -24,16 +24,13 @@ pub fn admin_url(
     if !raw.contains("://") {
         return Err(url::ParseError::RelativeUrlWithoutBase);
     }
-    let (head, query) = raw.split_once('?').unwrap_or((raw, ""));
-    let mut options = None;
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match url::form_urlencoded::parse(pair.as_bytes()).next() {
-            Some((k, v)) if k == "options" => options = Some(v.into_owned()),
-            Some((k, _)) if k == "application_name" => {}
-            _ => kept.push(pair.to_string()),
-        }
-    }
+    let (head, kept, taken) = crate::store::take_query_keys(raw, &["options", "application_name"]);
+    let mut kept: Vec<String> = kept.into_iter().map(str::to_string).collect();
+    let options = taken
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == "options")
+        .map(|(_, v)| v);
     let timeout = format!("-c statement_timeout={}", millis(statement_timeout).max(1));
     let options = match options {
         Some(existing) if !existing.trim().is_empty() => format!("{existing} {timeout}"),

@@ -88,28 +88,43 @@ impl PgTarget {
 /// `verify-*` and does not know the certificate keys); returns the rest and the keys.
 fn split_tls_keys(raw: &str) -> (String, TlsKeys) {
     let mut keys = TlsKeys::default();
-    let Some((head, query)) = raw.split_once('?') else {
-        return (raw.to_string(), keys);
-    };
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let decoded = url::form_urlencoded::parse(pair.as_bytes()).next();
-        let slot = match decoded.as_ref().map(|(k, _)| k.as_ref()) {
-            Some("sslmode") => &mut keys.mode,
-            Some("sslrootcert") => &mut keys.rootcert,
-            Some("sslcert") => &mut keys.cert,
-            Some("sslkey") => &mut keys.key,
-            _ => {
-                kept.push(pair);
-                continue;
-            }
+    let (head, kept, taken) =
+        take_query_keys(raw, &["sslmode", "sslrootcert", "sslcert", "sslkey"]);
+    for (name, value) in taken {
+        let slot = match name.as_str() {
+            "sslmode" => &mut keys.mode,
+            "sslrootcert" => &mut keys.rootcert,
+            "sslcert" => &mut keys.cert,
+            _ => &mut keys.key,
         };
-        *slot = decoded.map(|(_, v)| v.into_owned());
+        *slot = Some(value);
     }
     match kept.is_empty() {
         true => (head.to_string(), keys),
         false => (format!("{head}?{}", kept.join("&")), keys),
     }
+}
+
+/// Splits a database URL as text (a libpq multi-host URL is no valid WHATWG URL, and
+/// everything before `?` must stay as written): what stands before `?`, the query pairs
+/// kept as written, and the decoded values of the keys named in `take`, in order (a key
+/// given twice appears twice; the last one wins where that matters).
+pub(crate) fn take_query_keys<'a>(
+    raw: &'a str,
+    take: &[&str],
+) -> (&'a str, Vec<&'a str>, Vec<(String, String)>) {
+    let (head, query) = raw.split_once('?').unwrap_or((raw, ""));
+    let mut kept = Vec::new();
+    let mut taken = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match url::form_urlencoded::parse(pair.as_bytes()).next() {
+            Some((k, v)) if take.contains(&k.as_ref()) => {
+                taken.push((k.into_owned(), v.into_owned()))
+            }
+            _ => kept.push(pair),
+        }
+    }
+    (head, kept, taken)
 }
 
 /// SQLSTATEs at connection time that no retry mends.

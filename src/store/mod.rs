@@ -27,6 +27,7 @@ use diesel_async::{
 };
 use uuid::Uuid;
 
+pub(crate) use connect::take_query_keys;
 use connect::PgTarget;
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
