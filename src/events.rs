@@ -79,6 +79,9 @@ pub struct Counters {
     pub reconnects: AtomicU64,
     /// Publishing channels the broker closed (and the publisher replaced).
     pub channel_closes: AtomicU64,
+    /// Publishing channels replaced because the broker nacked everything on them for a while
+    /// (a quorum queue's stale leader after a node loss; see the Publisher).
+    pub channels_replaced: AtomicU64,
     /// Confirmed rows removed by retention.
     pub retention_removed: AtomicU64,
     /// Messages published and not yet settled (gauge).
@@ -115,6 +118,7 @@ impl Counters {
             returns_on_other_confirm: get(&self.returns_on_other_confirm),
             reconnects: get(&self.reconnects),
             channel_closes: get(&self.channel_closes),
+            channels_replaced: get(&self.channels_replaced),
             retention_removed: get(&self.retention_removed),
             in_flight: get(&self.in_flight),
             peak_in_flight: get(&self.peak_in_flight),
@@ -143,6 +147,7 @@ pub struct CounterSnapshot {
     pub returns_on_other_confirm: u64,
     pub reconnects: u64,
     pub channel_closes: u64,
+    pub channels_replaced: u64,
     pub retention_removed: u64,
     pub in_flight: u64,
     pub peak_in_flight: u64,

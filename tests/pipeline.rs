@@ -273,6 +273,81 @@ async fn nacks_retry_then_dead_letter_with_attempts_and_reason() {
     engine.shutdown().await;
 }
 
+/// A channel that gets nothing but nacks for a second is replaced (a quorum queue's channel
+/// can stay stuck on a dead leader, see `topology_rabbit`); here the nacks are real (a full
+/// `reject-publish` queue), so replacing changes nothing for the rows: each still uses its
+/// whole budget and is dead-lettered naming the nack, and a row after them is delivered.
+/// Nacks among acks never trigger a replacement.
+#[actix_rt::test]
+async fn a_channel_answering_only_nacks_is_replaced_and_rows_keep_their_budget() {
+    let db = TestDb::new("stuck").await;
+    let mut broker = TestBroker::new("stuck").await;
+    let nack_exchange = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
+    broker.nacking_queue(&nack_exchange).await;
+    let mut config = db.engine_config();
+    config.retry.max_attempts = 8;
+    config.retry.backoff.initial = Duration::from_millis(300);
+    config.retry.backoff.max = Duration::from_millis(600);
+    let engine = start(config).await;
+
+    // Nacks among acks: the channel is healthy.
+    let store = db.store().await;
+    let mixed = OutboxMessage::new(&nack_exchange, "any", b"x".to_vec());
+    store
+        .enqueue_many(std::slice::from_ref(&mixed))
+        .await
+        .expect("enqueue");
+    let good: Vec<Uuid> = {
+        let mut ids = Vec::new();
+        let settled = || engine.wait_for(mixed.id, Duration::from_millis(1));
+        while settled().await.is_err() && ids.len() < 10_000 {
+            ids.extend(db.insert_sql(&broker.exchange, 100, "routed.{i}").await);
+            tokio::time::sleep(Duration::from_millis(50)).await; // pacing the load, not a wait
+        }
+        ids
+    };
+    let outcome = engine.wait_for(mixed.id, WAIT).await.expect("settles");
+    assert!(
+        dead_reason(&outcome).contains("attempt 8 of 8"),
+        "{outcome:?}"
+    );
+    engine
+        .wait_for_all(&good, WAIT)
+        .await
+        .expect("good rows confirmed");
+    assert_eq!(
+        engine.counters().channels_replaced,
+        0,
+        "nacks among acks replaced the channel"
+    );
+
+    // Nacks alone for over a second: replaced, and the rows keep their budget.
+    let nacked: Vec<OutboxMessage> = (0..20)
+        .map(|i| OutboxMessage::new(&nack_exchange, format!("k.{i}"), b"x".to_vec()))
+        .collect();
+    store.enqueue_many(&nacked).await.expect("enqueue");
+    for m in &nacked {
+        let outcome = engine.wait_for(m.id, WAIT).await.expect("settles");
+        let why = dead_reason(&outcome);
+        assert!(
+            why.contains("nack") && why.contains("attempt 8 of 8"),
+            "{why}"
+        );
+    }
+    let counters = engine.counters();
+    assert!(counters.channels_replaced >= 1, "{counters:?}");
+    let after = db.insert_sql(&broker.exchange, 1, "routed.after").await;
+    assert_eq!(
+        engine.wait_for(after[0], WAIT).await.expect("settles"),
+        Outcome::Confirmed
+    );
+    eprintln!(
+        "stuck channel: {} nacks, {} channels replaced",
+        counters.nacked, counters.channels_replaced
+    );
+    engine.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn a_confirm_that_never_comes_is_a_timeout_then_a_retry() {
     let db = TestDb::new("timeout").await;

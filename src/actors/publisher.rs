@@ -46,8 +46,10 @@ use lapin::{
 
 mod exchanges;
 mod probe;
+mod stuck;
 
 use exchanges::{exchange_exists, probe_new_exchanges};
+use stuck::ChannelAnswers;
 
 use super::{
     confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
@@ -101,6 +103,8 @@ struct Link {
     channel: Channel,
     /// The publisher's number for `channel` (see `Published::channel`).
     channel_no: u64,
+    /// How the broker has been answering `channel`'s publishes (see `stuck`).
+    answers: ChannelAnswers,
     side: Option<Channel>,
 }
 
@@ -226,9 +230,36 @@ impl Publisher {
     /// The publishing channel closed (e.g. 404 from a deleted exchange): open a new one on
     /// the same connection, or start over if the connection is gone too.
     fn reopen_channel(&mut self, ctx: &mut Context<Self>) {
+        if self.link.is_none() {
+            return;
+        }
+        Counters::add(&self.signals.counters.channel_closes, 1);
+        self.open_new_channel(
+            ctx,
+            "publishing channel closed by the broker; opened a new one",
+        );
+    }
+
+    /// The publishing channel has had nothing but nacks for `stuck::STUCK_AFTER`: close it
+    /// and publish on a new one (see `stuck` for why this helps).
+    fn replace_stuck_channel(&mut self, ctx: &mut Context<Self>, nacks: u64) {
+        let Some(link) = &self.link else { return };
+        tracing::warn!(nacks, node = self.node, after = ?stuck::STUCK_AFTER,
+            "every publish on the channel was nacked; replacing the channel");
+        Counters::add(&self.signals.counters.channels_replaced, 1);
+        // Its unconfirmed publishes fail with the close and are published again.
+        let old = link.channel.clone();
+        actix::spawn(async move {
+            let _ = old
+                .close(200, "replaced: every publish nacked".into())
+                .await;
+        });
+        self.open_new_channel(ctx, "replaced the nacked channel");
+    }
+
+    fn open_new_channel(&mut self, ctx: &mut Context<Self>, done: &'static str) {
         let Some(link) = &self.link else { return };
         self.known_exchanges.clear();
-        Counters::add(&self.signals.counters.channel_closes, 1);
         let conn = link.conn.clone();
         let timeout = self.config.broker.connect_timeout;
         ctx.wait(
@@ -238,12 +269,13 @@ impl Publisher {
                     .unwrap_or_else(|_| Err(BrokerError::Amqp("no answer to channel.open".into())))
             }
             .into_actor(self)
-            .map(|result, act, ctx| match (result, act.link.as_mut()) {
+            .map(move |result, act, ctx| match (result, act.link.as_mut()) {
                 (Ok(channel), Some(link)) => {
-                    tracing::info!("publishing channel closed by the broker; opened a new one");
+                    tracing::info!("{done}");
                     act.channels_opened += 1;
                     link.channel = channel;
                     link.channel_no = act.channels_opened;
+                    link.answers = ChannelAnswers::default();
                 }
                 (Err(e), _) => act.lost(ctx, format!("cannot reopen channel: {e}")),
                 (Ok(_), None) => {}
@@ -290,6 +322,7 @@ async fn open_link(
             conn,
             channel,
             channel_no: 0,
+            answers: ChannelAnswers::default(),
             side: None,
         },
         events,
@@ -412,6 +445,7 @@ struct OnChannel {
     conn: Arc<Connection>,
     channel: Channel,
     channel_no: u64,
+    answers: ChannelAnswers,
 }
 
 async fn publish_round(
@@ -426,6 +460,7 @@ async fn publish_round(
         conn,
         channel,
         channel_no,
+        answers,
     } = on;
     let mut exchanges = HashMap::new();
     let mut unsent = Vec::new();
@@ -522,7 +557,7 @@ async fn publish_round(
                 delivery,
                 token,
                 channel: channel_no,
-                confirm: Box::pin(confirm),
+                confirm: Box::pin(answers.watch(confirm)),
             }),
             Err(e) => {
                 channel_broken = true;
@@ -652,6 +687,7 @@ impl Handler<Publish> for Publisher {
             conn: link.conn.clone(),
             channel: link.channel.clone(),
             channel_no: link.channel_no,
+            answers: link.answers.clone(),
         };
         let round = publish_round(
             on,
@@ -692,10 +728,13 @@ impl Handler<Publish> for Publisher {
             if !round.unsent.is_empty() {
                 act.tracker.do_send(Unsent(round.unsent));
             }
+            let stuck = act.link.as_ref().and_then(|l| l.answers.stuck(now));
             if round.connection_suspect {
                 act.lost(ctx, "publishes hung on the connection".into());
             } else if round.channel_broken {
                 act.reopen_channel(ctx);
+            } else if let Some(nacks) = stuck {
+                act.replace_stuck_channel(ctx, nacks);
             }
         })))
     }
