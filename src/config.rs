@@ -379,6 +379,14 @@ pub struct SchedulerConfig {
     pub lease_duration: Duration,
     /// Most rows per claim statement.
     pub claim_batch: u32,
+    /// How often the engine beats in the engine registry (on its own connection).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// An engine whose last beat is older than this is declared dead by any other, and the
+    /// rows it held are taken over at once. The engine itself stops publishing when it has
+    /// not beaten for half of this, so it never publishes rows another may have taken.
+    #[serde(with = "humantime_serde")]
+    pub engine_timeout: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -387,6 +395,8 @@ impl Default for SchedulerConfig {
             sweep_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(60),
             claim_batch: 1000,
+            heartbeat: Duration::from_secs(1),
+            engine_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -554,6 +564,16 @@ impl Config {
         positive_duration("scheduler.sweep_interval", self.scheduler.sweep_interval)?;
         positive_duration("scheduler.lease_duration", self.scheduler.lease_duration)?;
         positive("scheduler.claim_batch", self.scheduler.claim_batch as u64)?;
+        positive_duration("scheduler.heartbeat", self.scheduler.heartbeat)?;
+        if self.scheduler.engine_timeout < self.scheduler.heartbeat * 3 {
+            return Err(ConfigError::invalid(
+                "scheduler.engine_timeout",
+                format!(
+                    "must be at least three heartbeats (scheduler.heartbeat is {})",
+                    humantime::format_duration(self.scheduler.heartbeat)
+                ),
+            ));
+        }
         positive_duration("logging.summary_interval", self.logging.summary_interval)?;
         positive_duration("shutdown.timeout", self.shutdown.timeout)?;
         positive_duration("retention.interval", self.retention.interval)?;

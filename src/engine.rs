@@ -31,6 +31,7 @@ use crate::{
     actors::{
         confirms::ConfirmTracker,
         dead_letter::DeadLetterActor,
+        heartbeat::{Heartbeat, StopBeating},
         publisher::Publisher,
         retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
@@ -82,6 +83,7 @@ struct Inner {
     scheduler: Addr<Scheduler>,
     store_actor: Addr<StoreActor>,
     retention: Addr<Retention>,
+    heartbeat: Addr<Heartbeat>,
     admin: std::sync::Mutex<Option<actix_web::dev::ServerHandle>>,
 }
 
@@ -106,6 +108,8 @@ impl Engine {
         );
         let config = Arc::new(config);
         let signals = Signals::new(16_384);
+        let me = store::Identity::of_this_process(&engine_id);
+        register(&store, &me, &config, &signals).await?;
 
         // The Scheduler and the actors that return credits to it refer to each other:
         // make its context first, so its address exists before it runs.
@@ -147,6 +151,15 @@ impl Engine {
         };
         let retention =
             Retention::new(store.clone(), config.retention.clone(), signals.clone()).start();
+        let heartbeat = Heartbeat::new(
+            store.clone(),
+            me,
+            config.scheduler.heartbeat,
+            config.scheduler.engine_timeout,
+            scheduler.clone(),
+            signals.clone(),
+        )
+        .start();
         scheduler_ctx.run(Scheduler::new(
             config.clone(),
             Peers {
@@ -168,6 +181,7 @@ impl Engine {
                 scheduler,
                 store_actor,
                 retention,
+                heartbeat,
                 admin: std::sync::Mutex::new(None),
             }),
         };
@@ -182,6 +196,24 @@ impl Engine {
         }
         Ok(handle)
     }
+}
+
+/// Joins the engine registry before anything is claimed, so the engine is known (and, when
+/// it dies, rescued) from its first row on.
+async fn register(
+    store: &Store,
+    me: &store::Identity,
+    config: &Config,
+    signals: &Signals,
+) -> Result<(), EngineError> {
+    let sent = Instant::now();
+    let mut conn = store.conn().await?;
+    store::beat(&mut conn, store.schema(), me).await?;
+    signals.liveness.beat(
+        sent,
+        Heartbeat::fresh_window(config.scheduler.engine_timeout),
+    );
+    Ok(())
 }
 
 /// One connection attempt over the broker's nodes at start: only a permanent refusal is an
@@ -377,10 +409,27 @@ impl EngineHandle {
         let flush_by = deadline.max(Instant::now() + Duration::from_secs(1));
         let _ =
             tokio::time::timeout_at(flush_by.into(), self.inner.store_actor.send(Flushed)).await;
-        if left == 0 {
+        let released = if left == 0 {
             tracing::info!("shutdown complete: every claimed message settled");
-            return 0;
+            0
+        } else {
+            self.release_all(left).await
+        };
+        self.deregister().await;
+        released
+    }
+
+    /// Leaves the engine registry: no beat after this, and the row goes (other engines
+    /// would otherwise declare this one dead once it is silent).
+    async fn deregister(&self) {
+        let _ = self.inner.heartbeat.send(StopBeating).await;
+        if let Err(e) = self.inner.store.deregister(&self.inner.engine_id).await {
+            tracing::warn!(error = %e, "could not leave the engine registry; other engines will mark this one dead");
         }
+    }
+
+    /// End of a shutdown that timed out: give back what is still held.
+    async fn release_all(&self, left: usize) -> usize {
         match self.inner.store_actor.send(ReleaseAll).await {
             Ok(Ok(released)) => {
                 tracing::warn!(

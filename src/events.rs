@@ -79,6 +79,12 @@ pub struct Counters {
     pub reconnects: AtomicU64,
     /// Publishing channels the broker closed (and the publisher replaced).
     pub channel_closes: AtomicU64,
+    /// Engines this one declared dead (their rows taken over).
+    pub engines_rescued: AtomicU64,
+    /// Rows freed from engines declared dead.
+    pub rows_rescued: AtomicU64,
+    /// Times this engine found itself declared dead and rejoined.
+    pub rejoins: AtomicU64,
     /// Publishing channels replaced because the broker nacked everything on them for a while
     /// (a quorum queue's stale leader after a node loss; see the Publisher).
     pub channels_replaced: AtomicU64,
@@ -119,6 +125,9 @@ impl Counters {
             reconnects: get(&self.reconnects),
             channel_closes: get(&self.channel_closes),
             channels_replaced: get(&self.channels_replaced),
+            engines_rescued: get(&self.engines_rescued),
+            rows_rescued: get(&self.rows_rescued),
+            rejoins: get(&self.rejoins),
             retention_removed: get(&self.retention_removed),
             in_flight: get(&self.in_flight),
             peak_in_flight: get(&self.peak_in_flight),
@@ -148,6 +157,9 @@ pub struct CounterSnapshot {
     pub reconnects: u64,
     pub channel_closes: u64,
     pub channels_replaced: u64,
+    pub engines_rescued: u64,
+    pub rows_rescued: u64,
+    pub rejoins: u64,
     pub retention_removed: u64,
     pub in_flight: u64,
     pub peak_in_flight: u64,
@@ -167,6 +179,45 @@ pub struct Signals {
     pub broker: Arc<std::sync::atomic::AtomicU8>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Whether the engine's registry beat is recent enough to publish.
+    pub liveness: Liveness,
+}
+
+/// The engine's own view of its registry heartbeat. Another engine declares it dead once its
+/// beat is `scheduler.engine_timeout` old by the database's clock; the engine stops claiming
+/// and publishing once its last successful beat was *sent* longer ago than half of that by
+/// its own monotonic clock, so it stops before anyone can take its rows over, whatever the
+/// round trip or a freeze (`SIGSTOP`, a long pause) did meanwhile. Without a registry (no
+/// beat recorded) it never stops.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    origin: std::time::Instant,
+    /// Milliseconds after `origin` until which the engine may publish.
+    fresh_until: Arc<AtomicU64>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            origin: std::time::Instant::now(),
+            fresh_until: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+}
+
+impl Liveness {
+    /// A beat sent at `sent` succeeded: the engine may publish for `window` from then.
+    pub fn beat(&self, sent: std::time::Instant, window: std::time::Duration) {
+        let until = sent.saturating_duration_since(self.origin) + window;
+        let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX);
+        self.fresh_until.store(ms, Ordering::SeqCst);
+    }
+
+    /// Whether the last successful beat is recent enough to claim and publish.
+    pub fn fresh(&self) -> bool {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now < self.fresh_until.load(Ordering::SeqCst)
+    }
 }
 
 /// [`Signals::broker`] values.
@@ -189,6 +240,7 @@ impl Signals {
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             broker: Arc::new(std::sync::atomic::AtomicU8::new(broker_state::DISCONNECTED)),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            liveness: Liveness::default(),
         }
     }
 

@@ -1,10 +1,12 @@
-//! The engine's five actors, one per file, each owning one resource:
+//! The engine's actors, one per file, each owning one resource:
 //!
 //! - [`scheduler`]: when to claim and how much (sweep timer, LISTEN connection, credits);
 //! - [`store`]: the database pool (claims, batched outcome writes, leases);
 //! - [`publisher`]: the AMQP connection and confirm channel (supervised);
 //! - [`confirms`]: the in-flight table, confirm deadlines and return correlation;
 //! - [`dead_letter`]: the move to `dead_letters` and the optional dead-letter exchange;
+//! - [`heartbeat`]: the engine's row in the engine registry, beaten on its own connection,
+//!   and the rescue of engines that stopped beating;
 //!
 //! and one maintenance service, [`retention`], which removes old confirmed rows.
 //!
@@ -12,6 +14,7 @@
 
 pub mod confirms;
 pub mod dead_letter;
+pub mod heartbeat;
 pub mod publisher;
 pub mod retention;
 pub mod scheduler;

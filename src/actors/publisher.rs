@@ -635,7 +635,17 @@ impl Handler<Publish> for Publisher {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
-        if self.signals.is_draining() {
+        let overdue = !self.signals.liveness.fresh();
+        if self.signals.is_draining() || overdue {
+            // Draining, or the registry beat is overdue (this engine may have been declared
+            // dead and its rows taken over): give the rows back unpublished. The release is
+            // fenced by the holder, so rows another engine took are left alone.
+            if overdue {
+                tracing::warn!(
+                    rows = msg.0.len(),
+                    "engine heartbeat overdue; giving claimed rows back unpublished"
+                );
+            }
             let ids = msg.0.iter().map(|d| d.message.id).collect();
             self.store.do_send(Release(ids));
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));

@@ -213,6 +213,12 @@ impl Scheduler {
         if self.stopping || !self.broker_ready || self.credits() == 0 || self.bytes_left() == 0 {
             return;
         }
+        if !self.signals.liveness.fresh() {
+            // The registry beat is overdue: another engine may be taking this one's rows
+            // over. The Heartbeat wakes the Scheduler when a beat succeeds again.
+            self.more = true;
+            return;
+        }
         if let Some(wait) = self
             .retry_at
             .and_then(|at| at.checked_duration_since(Instant::now()))

@@ -5,6 +5,7 @@
 //! Every operation works on a bounded batch: the engine never loads the whole table.
 
 mod connect;
+mod engines;
 mod enqueue;
 mod migrate;
 mod op_conn;
@@ -29,6 +30,7 @@ use uuid::Uuid;
 
 pub(crate) use connect::take_query_keys;
 use connect::PgTarget;
+pub use engines::{beat, rescue, Beat, EngineRecord, Identity, Rescued};
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
 pub use sql::Sql;

@@ -1,0 +1,181 @@
+//! The Heartbeat: the engine's entry in the engine registry, kept fresh on a connection of
+//! its own, and the rescue of engines that stopped beating.
+//!
+//! Every `scheduler.heartbeat` it beats (an upsert of this engine's row) and then runs the
+//! rescue: any other engine silent for `scheduler.engine_timeout` is marked dead and the
+//! rows it held are freed for the next claim, in one statement (see `store::engines`). So a
+//! crashed engine's rows move on within about `engine_timeout` plus one beat instead of a
+//! whole lease; the lease stays as the fallback (engines of an older version, a registry
+//! row removed by hand) and as the fence for writes.
+//!
+//! Its connection is its own, outside the pool: a busy pool or a blocked claim path never
+//! delays a beat. Each beat records in [`Liveness`](crate::events::Liveness) when it was
+//! sent; the Scheduler and the Publisher stop claiming and publishing once that is half an
+//! `engine_timeout` old, so a frozen or cut-off engine stops before another may take its
+//! rows. A beat that finds the engine declared dead says so (WARN, `rejoins`): what it held
+//! was freed, its late writes about those rows match nothing, and it goes on as a live
+//! engine again.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use diesel_async::AsyncPgConnection;
+
+use super::scheduler::{Scheduler, Wake};
+use crate::{
+    events::{Counters, Signals},
+    store::{self, Beat, Identity, Rescued, Store, StoreError},
+};
+
+/// Stop beating (a clean shutdown, before the engine deregisters).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopBeating;
+
+/// See the module documentation.
+pub struct Heartbeat {
+    store: Store,
+    me: Identity,
+    every: Duration,
+    engine_timeout: Duration,
+    scheduler: Addr<Scheduler>,
+    signals: Signals,
+    conn: Option<AsyncPgConnection>,
+    beating: bool,
+    stopped: bool,
+    failures: u32,
+}
+
+impl Heartbeat {
+    /// A heartbeat for engine `me`, beating every `every`.
+    pub fn new(
+        store: Store,
+        me: Identity,
+        every: Duration,
+        engine_timeout: Duration,
+        scheduler: Addr<Scheduler>,
+        signals: Signals,
+    ) -> Self {
+        Heartbeat {
+            store,
+            me,
+            every,
+            engine_timeout,
+            scheduler,
+            signals,
+            conn: None,
+            beating: false,
+            stopped: false,
+            failures: 0,
+        }
+    }
+
+    /// How long after sending a beat the engine may go on publishing.
+    pub fn fresh_window(engine_timeout: Duration) -> Duration {
+        engine_timeout / 2
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.beating || self.stopped {
+            return;
+        }
+        self.beating = true;
+        let conn = self.conn.take();
+        let (store, me) = (self.store.clone(), self.me.clone());
+        let (engine_timeout, bound) =
+            (self.engine_timeout, Self::fresh_window(self.engine_timeout));
+        let sent = Instant::now();
+        let round = async move {
+            let mut conn = match conn {
+                Some(conn) => conn,
+                None => store::establish(store.url(), bound).await?,
+            };
+            let schema = store.schema();
+            let beat = bounded(bound, store::beat(&mut conn, schema, &me)).await?;
+            let rescued = bounded(
+                bound,
+                store::rescue(&mut conn, schema, &me.id, engine_timeout),
+            )
+            .await?;
+            Ok::<_, StoreError>((conn, beat, rescued))
+        };
+        ctx.spawn(round.into_actor(self).map(move |result, act, _| {
+            act.beating = false;
+            match result {
+                Ok((conn, beat, rescued)) => {
+                    act.conn = Some(conn);
+                    act.beaten(sent, beat, rescued);
+                }
+                Err(e) => {
+                    act.failures += 1;
+                    if act.failures == 1 || act.failures % 10 == 0 {
+                        tracing::warn!(error = %e, failures = act.failures,
+                            "engine heartbeat failed; claiming and publishing pause once it is overdue");
+                    }
+                }
+            }
+        }));
+    }
+
+    fn beaten(&mut self, sent: Instant, beat: Beat, rescued: Vec<Rescued>) {
+        let was_fresh = self.signals.liveness.fresh();
+        if self.stopped {
+            return;
+        }
+        self.signals
+            .liveness
+            .beat(sent, Self::fresh_window(self.engine_timeout));
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "engine heartbeat back");
+            self.failures = 0;
+        }
+        let counters = &self.signals.counters;
+        if beat == Beat::Rejoined {
+            Counters::add(&counters.rejoins, 1);
+            tracing::warn!(engine = %self.me.id,
+                "this engine had been declared dead (silent for longer than scheduler.engine_timeout): \
+                 the rows it held were taken over; it rejoined and goes on");
+        }
+        for r in &rescued {
+            tracing::warn!(dead_engine = %r.engine, rows = r.rows,
+                "an engine missed its heartbeats; declared it dead and freed the rows it held");
+            Counters::add(&counters.engines_rescued, 1);
+            Counters::add(&counters.rows_rescued, usize::try_from(r.rows).unwrap_or(0));
+        }
+        if !was_fresh || beat == Beat::Rejoined || rescued.iter().any(|r| r.rows > 0) {
+            self.scheduler.do_send(Wake::ALL);
+        }
+    }
+}
+
+/// `fut`, or a connection error once `bound` has passed.
+async fn bounded<T>(
+    bound: Duration,
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(bound, fut).await.unwrap_or_else(|_| {
+        Err(StoreError::Pool(format!(
+            "no answer to the heartbeat within {}",
+            humantime::format_duration(bound)
+        )))
+    })
+}
+
+impl Actor for Heartbeat {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.tick(ctx);
+        ctx.run_interval(self.every, |act, ctx| act.tick(ctx));
+    }
+}
+
+impl Handler<StopBeating> for Heartbeat {
+    type Result = ();
+
+    fn handle(&mut self, _: StopBeating, ctx: &mut Context<Self>) {
+        self.stopped = true;
+        self.conn = None;
+        ctx.stop();
+    }
+}

@@ -1,0 +1,197 @@
+//! The engine registry (`engines`): who is alive, and the rescue of rows held by engines
+//! that are not.
+//!
+//! Each engine beats on its own connection (see the Heartbeat actor), so a beat never waits
+//! behind the claim path's pool. A beat is an upsert that also says what the row was before
+//! it: `running` (all is well), `dead` (another engine declared this one dead and freed its
+//! rows: it was frozen or cut off) or nothing (the row was removed). After a beat the engine
+//! runs the rescue: engines whose beat is older than `scheduler.engine_timeout` are marked
+//! dead and their in-flight rows freed in the same statement — `locked_by` cleared, lease
+//! ended — so the next claim of any engine takes them, as it takes an expired lease. Clearing
+//! `locked_by` is the fence: every write a late engine could still make about those rows
+//! (retry, release, dead letter, lease renewal) names its own id as the holder and matches
+//! nothing. Its acks are still recorded: an ack is a fact about delivery.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use super::{millis, Store, StoreError};
+
+/// What the registry said to a beat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// The engine was registered as running: nothing happened meanwhile.
+    Alive,
+    /// The engine had been declared dead (or its row was gone) and has just rejoined: the
+    /// rows it held were freed and may be in other engines' hands now.
+    Rejoined,
+}
+
+/// One engine of the registry, with the rows it holds now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, diesel::QueryableByName)]
+pub struct EngineRecord {
+    /// The engine's id (`outbox.locked_by` of its rows).
+    #[diesel(sql_type = Text)]
+    pub id: String,
+    /// Host name it runs on.
+    #[diesel(sql_type = Text)]
+    pub host: String,
+    /// Its process id on that host.
+    #[diesel(sql_type = Integer)]
+    pub pid: i32,
+    /// Courier version.
+    #[diesel(sql_type = Text)]
+    pub version: String,
+    /// When it registered.
+    #[diesel(sql_type = Timestamptz)]
+    pub started_at: DateTime<Utc>,
+    /// Its last beat.
+    #[diesel(sql_type = Timestamptz)]
+    pub heartbeat_at: DateTime<Utc>,
+    /// Milliseconds since its last beat, by the database's clock.
+    #[diesel(sql_type = BigInt)]
+    pub since_beat_ms: i64,
+    /// `running` or `dead`.
+    #[diesel(sql_type = Text)]
+    pub state: String,
+    /// Rows in flight under its id.
+    #[diesel(sql_type = BigInt)]
+    pub holds: i64,
+}
+
+/// An engine found dead by a rescue, and how many rows were freed from it.
+#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
+pub struct Rescued {
+    /// The dead engine's id.
+    #[diesel(sql_type = Text)]
+    pub engine: String,
+    /// Its in-flight rows, now free.
+    #[diesel(sql_type = BigInt)]
+    pub rows: i64,
+}
+
+/// Who this engine is, as the registry records it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The engine id.
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: i32,
+}
+
+impl Identity {
+    /// This process, under engine id `id`.
+    pub fn of_this_process(id: &str) -> Identity {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "unknown".into());
+        Identity {
+            id: id.to_string(),
+            host,
+            pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        }
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Previous {
+    #[diesel(sql_type = Nullable<Text>)]
+    previous: Option<String>,
+}
+
+/// Registers `me` (or refreshes it) and returns the state it had before. The subquery in
+/// RETURNING reads the table as it was before this statement.
+pub async fn beat(
+    conn: &mut AsyncPgConnection,
+    schema: &str,
+    me: &Identity,
+) -> Result<Beat, StoreError> {
+    let sql = format!(
+        "INSERT INTO \"{schema}\".engines AS e (id, host, pid, version)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'running'
+         RETURNING (SELECT p.state FROM \"{schema}\".engines p WHERE p.id = $1) AS previous"
+    );
+    let rows: Vec<Previous> = diesel::sql_query(sql)
+        .bind::<Text, _>(&me.id)
+        .bind::<Text, _>(&me.host)
+        .bind::<Integer, _>(me.pid)
+        .bind::<Text, _>(env!("CARGO_PKG_VERSION"))
+        .load(conn)
+        .await?;
+    Ok(
+        match rows.as_slice().first().and_then(|r| r.previous.as_deref()) {
+            Some("running") => Beat::Alive,
+            _ => Beat::Rejoined,
+        },
+    )
+}
+
+/// Marks dead every other engine whose last beat is older than `timeout` and frees the rows
+/// they held; dead engines' rows older than a day leave the registry.
+pub async fn rescue(
+    conn: &mut AsyncPgConnection,
+    schema: &str,
+    me: &str,
+    timeout: Duration,
+) -> Result<Vec<Rescued>, StoreError> {
+    let s = format!("\"{schema}\"");
+    let sql = format!(
+        "WITH dead AS (
+            UPDATE {s}.engines SET state = 'dead'
+            WHERE state = 'running' AND id <> $1
+              AND heartbeat_at < now() - $2 * interval '1 millisecond'
+            RETURNING id
+         ), freed AS (
+            UPDATE {s}.outbox o SET locked_by = NULL, locked_until = now()
+            FROM dead
+            WHERE o.status = 'in_flight' AND o.locked_by = dead.id
+            RETURNING dead.id AS engine
+         ), forgotten AS (
+            DELETE FROM {s}.engines
+            WHERE state = 'dead' AND heartbeat_at < now() - interval '1 day'
+         )
+         SELECT d.id AS engine, (SELECT count(*) FROM freed f WHERE f.engine = d.id) AS rows
+         FROM dead d"
+    );
+    Ok(diesel::sql_query(sql)
+        .bind::<Text, _>(me)
+        .bind::<BigInt, _>(millis(timeout))
+        .load(conn)
+        .await?)
+}
+
+impl Store {
+    /// Every engine of the registry, the rows each holds, newest first.
+    pub async fn engines(&self) -> Result<Vec<EngineRecord>, StoreError> {
+        let s = format!("\"{}\"", self.schema());
+        let sql = format!(
+            "SELECT e.id, e.host, e.pid, e.version, e.started_at, e.heartbeat_at,
+                    (extract(epoch FROM now() - e.heartbeat_at) * 1000)::bigint AS since_beat_ms,
+                    e.state,
+                    (SELECT count(*) FROM {s}.outbox o
+                     WHERE o.status = 'in_flight' AND o.locked_by = e.id) AS holds
+             FROM {s}.engines e
+             ORDER BY e.state DESC, e.started_at DESC"
+        );
+        let mut conn = self.op().await?;
+        Ok(conn.fetch_all(diesel::sql_query(sql)).await?)
+    }
+
+    /// Removes `engine` from the registry (a clean stop).
+    pub async fn deregister(&self, engine: &str) -> Result<(), StoreError> {
+        let sql = format!("DELETE FROM \"{}\".engines WHERE id = $1", self.schema());
+        let mut conn = self.op().await?;
+        conn.run(diesel::sql_query(sql).bind::<Text, _>(engine))
+            .await?;
+        Ok(())
+    }
+}

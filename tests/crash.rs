@@ -1,0 +1,189 @@
+//! What a crash costs (issue #13): real `courier run` processes on the real services, at the
+//! default heartbeat (1 s), engine timeout (5 s) and lease (60 s). An engine killed with
+//! `kill -9` is declared dead by a live engine within about the engine timeout and its rows
+//! are taken over at once, well before its leases would lapse; an engine frozen with
+//! `SIGSTOP` past the engine timeout is taken over the same way, and once resumed it stops,
+//! rejoins and undoes nothing. Every test ends with the audit and reports duplicates and
+//! the time to recover.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{audit::audit, broker::TestBroker, eventually, EngineProcess, TestDb};
+use courier::{store::EngineRecord, Status};
+use uuid::Uuid;
+
+const ROWS: usize = 5_000;
+
+/// Every row confirmed within this of the kill (the issue's target is 10 s; the lease alone
+/// would take 60 s).
+const RECOVER_WITHIN: Duration = Duration::from_secs(15);
+
+fn signal(process: &EngineProcess, sig: &str) {
+    let pid = process.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+async fn engines(db: &TestDb) -> Vec<EngineRecord> {
+    db.store().await.engines().await.expect("read the registry")
+}
+
+/// Waits until `n` engines are registered as running.
+async fn running(db: &TestDb, n: usize) {
+    eventually(30, "engines registered", || async {
+        let live = engines(db).await;
+        (live.iter().filter(|e| e.state == "running").count() == n).then_some(())
+    })
+    .await;
+}
+
+/// Waits for every row confirmed; returns how long it took from `since`.
+async fn all_confirmed(db: &TestDb, ids: &[Uuid], since: Instant) -> Duration {
+    eventually(120, "every row confirmed", || async {
+        (db.count(Status::Confirmed).await == ids.len() as i64).then_some(())
+    })
+    .await;
+    since.elapsed()
+}
+
+async fn kill_at_a_fifth(db: &TestDb, victim: &mut EngineProcess) -> (Instant, i64) {
+    eventually(60, "a fifth of the rows confirmed", || async {
+        (db.count(Status::Confirmed).await >= (ROWS / 5) as i64).then_some(())
+    })
+    .await;
+    signal(victim, "-KILL");
+    let killed = Instant::now();
+    victim.wait(10).await;
+    (killed, db.count(Status::InFlight).await)
+}
+
+#[tokio::test]
+async fn kill_9_with_a_second_engine_running_recovers_in_seconds() {
+    let db = TestDb::new("crash2").await;
+    let broker = TestBroker::new("crash2").await;
+    let env = db.process_env();
+    let mut a = EngineProcess::spawn("crash2-a", &env);
+    let mut b = EngineProcess::spawn("crash2-b", &env);
+    running(&db, 2).await;
+    let ids = db.insert_sql(&broker.exchange, ROWS, "routed.{i}").await;
+    let (killed, stranded) = kill_at_a_fifth(&db, &mut a).await;
+    let recovered = all_confirmed(&db, &ids, killed).await;
+    let registry = engines(&db).await;
+    assert_eq!(
+        registry.iter().filter(|e| e.state == "dead").count(),
+        1,
+        "the killed engine is declared dead: {registry:?}"
+    );
+    assert!(b.terminate(30).await.success(), "{}", b.log());
+    let audit = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(audit.confirmed, ids.len());
+    eprintln!(
+        "kill -9 beside a live engine: {stranded} rows in flight at the kill, every row confirmed {recovered:?} after it, {} duplicates of {ROWS}",
+        audit.duplicates
+    );
+    assert!(recovered < RECOVER_WITHIN, "recovered after {recovered:?}");
+    assert!(
+        b.log().contains("declared it dead and freed the rows"),
+        "{}",
+        b.log()
+    );
+}
+
+#[tokio::test]
+async fn kill_9_then_a_fresh_engine_recovers_in_seconds() {
+    let db = TestDb::new("crash1").await;
+    let broker = TestBroker::new("crash1").await;
+    let env = db.process_env();
+    let mut a = EngineProcess::spawn("crash1-a", &env);
+    running(&db, 1).await;
+    let ids = db.insert_sql(&broker.exchange, ROWS, "routed.{i}").await;
+    let (killed, stranded) = kill_at_a_fifth(&db, &mut a).await;
+    let mut b = EngineProcess::spawn("crash1-b", &env);
+    let recovered = all_confirmed(&db, &ids, killed).await;
+    assert!(b.terminate(30).await.success(), "{}", b.log());
+    let audit = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(audit.confirmed, ids.len());
+    eprintln!(
+        "kill -9, fresh engine: {stranded} rows in flight at the kill, every row confirmed {recovered:?} after it, {} duplicates of {ROWS}",
+        audit.duplicates
+    );
+    assert!(recovered < RECOVER_WITHIN, "recovered after {recovered:?}");
+    let registry = engines(&db).await;
+    assert!(
+        registry.iter().all(|e| e.state == "dead"),
+        "the fresh engine left the registry on its clean stop; the killed one is dead: {registry:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_frozen_engine_is_taken_over_and_once_resumed_undoes_nothing() {
+    let db = TestDb::new("frozen").await;
+    let broker = TestBroker::new("frozen").await;
+    let env = db.process_env();
+    let mut a = EngineProcess::spawn("frozen-a", &env);
+    let mut b = EngineProcess::spawn("frozen-b", &env);
+    running(&db, 2).await;
+    let mut ids = db.insert_sql(&broker.exchange, ROWS, "routed.{i}").await;
+    eventually(60, "a fifth of the rows confirmed", || async {
+        (db.count(Status::Confirmed).await >= (ROWS / 5) as i64).then_some(())
+    })
+    .await;
+    signal(&a, "-STOP");
+    let frozen = Instant::now();
+    // More rows while it is frozen: the live engine must take them and the frozen one's.
+    ids.extend(
+        db.insert_sql(&broker.exchange, 1_000, "routed.more.{i}")
+            .await,
+    );
+    eventually(30, "the frozen engine declared dead", || async {
+        let registry = engines(&db).await;
+        registry
+            .iter()
+            .any(|e| e.state == "dead" && e.pid == a.child.id() as i32)
+            .then_some(())
+    })
+    .await;
+    let taken_over = frozen.elapsed();
+    let recovered = all_confirmed(&db, &ids, frozen).await;
+    let confirmed_before = db.count(Status::Confirmed).await;
+    signal(&a, "-CONT");
+    // It finds itself declared dead, and rejoins.
+    eventually(30, "the resumed engine rejoins", || async {
+        let registry = engines(&db).await;
+        registry
+            .iter()
+            .any(|e| e.state == "running" && e.pid == a.child.id() as i32)
+            .then_some(())
+    })
+    .await;
+    // Undoes nothing: every row stays confirmed, none goes back to retrying or in flight.
+    let after: Vec<Uuid> = db
+        .insert_sql(&broker.exchange, 100, "routed.after.{i}")
+        .await;
+    ids.extend(after);
+    all_confirmed(&db, &ids, frozen).await;
+    assert_eq!(db.count(Status::Retrying).await, 0);
+    assert_eq!(db.count(Status::InFlight).await, 0);
+    assert!(db.count(Status::Confirmed).await >= confirmed_before);
+    assert!(a.terminate(30).await.success(), "{}", a.log());
+    assert!(b.terminate(30).await.success(), "{}", b.log());
+    assert!(
+        a.log().contains("had been declared dead"),
+        "the resumed engine says what happened: {}",
+        a.log()
+    );
+    let audit = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(audit.confirmed, ids.len());
+    assert_eq!(audit.dead_lettered, 0);
+    eprintln!(
+        "SIGSTOP: declared dead {taken_over:?} after the freeze, every row confirmed {recovered:?} after it, {} duplicates of {}",
+        audit.duplicates,
+        ids.len()
+    );
+    assert!(recovered < RECOVER_WITHIN, "recovered after {recovered:?}");
+}
