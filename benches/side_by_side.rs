@@ -423,7 +423,7 @@ fn stop(mut engines: Engines) -> (f64, f64) {
 
 /// Starts `engines` idle engines, commits `n` rows, times until all are confirmed.
 async fn courier_drain(schema: &str, queue: &str, n: usize, engines: usize) -> Row {
-    courier_drain_keyed(schema, queue, n, engines, None).await
+    courier_drain_keyed(schema, queue, n, engines, None, &[]).await
 }
 
 /// [`courier_drain`] with the rows spread over `keys` ordering keys.
@@ -433,10 +433,11 @@ async fn courier_drain_keyed(
     n: usize,
     engines: usize,
     keys: Option<usize>,
+    extra: &[(&str, String)],
 ) -> Row {
     fresh_schema(schema).await;
     purge(queue).await;
-    let children = Engines((0..engines).map(|_| spawn_engine(schema, &[])).collect());
+    let children = Engines((0..engines).map(|_| spawn_engine(schema, extra)).collect());
     let mut c = db().await;
     // Engines are idle and listening once their first sweep has run.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -688,12 +689,19 @@ fn main() {
             r.name = format!("{} ({kind})", r.name);
             rows.push(r);
         }
+        // The measured in-flight window against the fixed one it replaced (always
+        // publisher.max_in_flight), in the same run.
+        let fixed = [("COURIER_PUBLISHER_ADAPTIVE_WINDOW", "false".to_string())];
+        let mut r = rt.block_on(courier_drain_keyed(schema, &queue, n, 1, None, &fixed));
+        r.name = format!("{}, fixed window 4096 ({kind})", r.name);
+        rows.push(r);
         if kind == "classic" {
             // Per-key order: one message of a key in flight at a time, so one key runs at
             // one round trip per message; many keys pipeline like unkeyed rows.
             for keys in [1, 100, 10_000] {
                 let m = if keys == 1 { keyed_one_n } else { n };
-                let mut r = rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys)));
+                let mut r =
+                    rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys), &[]));
                 r.name = format!("{} ({kind})", r.name);
                 rows.push(r);
             }

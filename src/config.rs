@@ -294,8 +294,11 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublisherConfig {
-    /// Most unconfirmed publishes at once.
+    /// Most rows claimed and not yet settled at once: the cap of the measured window.
     pub max_in_flight: u32,
+    /// Size the window from measurements (settle rate × base latency) under the cap, so a
+    /// crash costs few duplicates; off, the window is always `max_in_flight`.
+    pub adaptive_window: bool,
     /// Most rows handed to the publisher in one message.
     pub publish_batch: u32,
     /// Larger payloads fail without being sent (and without being fetched).
@@ -310,6 +313,7 @@ impl Default for PublisherConfig {
     fn default() -> Self {
         PublisherConfig {
             max_in_flight: 4096,
+            adaptive_window: true,
             publish_batch: 512,
             max_payload_bytes: 128 * 1024 * 1024,
             max_in_flight_bytes: 64 * 1024 * 1024,

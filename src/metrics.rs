@@ -101,6 +101,8 @@ pub struct Metrics {
     pub dead_lettered: ExchangeCounter,
     /// Messages published and awaiting a confirm.
     pub in_flight: IntGauge,
+    /// Rows the engine may hold claimed and unsettled now (the measured window).
+    pub window: IntGauge,
     /// Outbox rows by status (read at scrape).
     pub outbox_rows: IntGaugeVec,
     /// Rows in `dead_letters` (read at scrape).
@@ -141,6 +143,14 @@ impl Metrics {
         let in_flight = IntGauge::with_opts(
             Opts::new("in_flight", "messages published and awaiting a confirm")
                 .namespace("courier"),
+        )
+        .expect("valid metric");
+        let window = IntGauge::with_opts(
+            Opts::new(
+                "in_flight_window",
+                "rows the engine may hold claimed and unsettled (measured, capped by publisher.max_in_flight)",
+            )
+            .namespace("courier"),
         )
         .expect("valid metric");
         let outbox_rows = IntGaugeVec::new(
@@ -186,6 +196,7 @@ impl Metrics {
         .expect("valid metric");
         for m in [
             Box::new(in_flight.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(window.clone()),
             Box::new(outbox_rows.clone()),
             Box::new(dead_letter_rows.clone()),
             Box::new(oldest_pending_age.clone()),
@@ -243,6 +254,7 @@ impl Metrics {
             ),
             registry,
             in_flight,
+            window,
             outbox_rows,
             dead_letter_rows,
             oldest_pending_age,

@@ -37,8 +37,10 @@ use crate::{
 
 mod demand;
 mod listen;
+mod window;
 
 use demand::{Demand, Kind};
+use window::Window;
 
 /// What the Store actor answered to a claim.
 type ClaimAnswer = Result<Result<Claimed, crate::store::StoreError>, MailboxError>;
@@ -106,10 +108,12 @@ pub struct Scheduler {
     store: Store,
     signals: Signals,
     engine_id: String,
-    /// Every row claimed and not yet settled, with its payload size: the in-flight bound
-    /// (`publisher.max_in_flight` rows, `publisher.max_in_flight_bytes` bytes) and the
-    /// rows whose leases this engine renews.
-    held: HashMap<uuid::Uuid, u64>,
+    /// Every row claimed and not yet settled, with its payload size and when it was
+    /// claimed: the in-flight bound (the window's rows, `publisher.max_in_flight_bytes`
+    /// bytes), the window's latency samples and the rows whose leases this engine renews.
+    held: HashMap<uuid::Uuid, (u64, Instant)>,
+    /// How many rows may be held: measured, capped by `publisher.max_in_flight`.
+    window: Window,
     held_bytes: u64,
     more: bool,
     broker_ready: bool,
@@ -148,8 +152,14 @@ impl Scheduler {
         signals: Signals,
         engine_id: String,
     ) -> Self {
+        let window = Window::new(
+            config.publisher.max_in_flight as usize,
+            config.publisher.adaptive_window,
+            Instant::now(),
+        );
         Scheduler {
             config,
+            window,
             peers,
             store,
             signals,
@@ -174,7 +184,7 @@ impl Scheduler {
 
     /// Rows that may still be claimed.
     fn credits(&self) -> usize {
-        (self.config.publisher.max_in_flight as usize).saturating_sub(self.held.len())
+        self.window.size().saturating_sub(self.held.len())
     }
 
     /// Payload bytes that may still be claimed.
@@ -376,9 +386,10 @@ impl Scheduler {
         if rows.is_empty() {
             return;
         }
+        let now = Instant::now();
         for row in &rows {
             let size = row.payload.len() as u64;
-            if self.held.insert(row.id, size).is_none() {
+            if self.held.insert(row.id, (size, now)).is_none() {
                 self.held_bytes += size;
             }
         }
@@ -489,11 +500,19 @@ impl Handler<Settled> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Settled, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let mut latencies = Vec::with_capacity(msg.ids.len());
         for id in &msg.ids {
-            if let Some(size) = self.held.remove(id) {
+            if let Some((size, since)) = self.held.remove(id) {
                 self.held_bytes -= size;
+                latencies.push(now.saturating_duration_since(since));
             }
         }
+        self.window.settled(latencies, now);
+        self.signals
+            .metrics
+            .window
+            .set(self.window.size() as i64);
         if let Some(delay) = msg.earliest_retry {
             if delay < self.config.scheduler.sweep_interval {
                 self.arm(ctx, delay);
