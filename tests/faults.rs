@@ -263,6 +263,9 @@ async fn a_slow_but_alive_engine_keeps_its_rows() {
         0,
         "the fast engine took rows from the slow one"
     );
+    // Longer than the engine timeout (5 s): the slow engine's heartbeat went on, so the
+    // fast one declared nobody dead.
+    assert_eq!(fast.counters().engines_rescued, 0);
     proxy.stall(false);
     slow.wait_for_all(&ids, WAIT)
         .await

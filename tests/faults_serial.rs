@@ -148,7 +148,8 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
         })
         .await;
         // Blocked: the bound holds, and what the engine holds keeps its lease for three
-        // lease periods (a second engine would not rescue it).
+        // lease periods, longer than the engine timeout (a second engine would not rescue
+        // it).
         let start = std::time::Instant::now();
         eventually(30, "three lease periods while blocked", || async {
             assert!(
@@ -167,6 +168,18 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
                 stolen, 0,
                 "a held row was rescued while the engine was blocked"
             );
+            // Its heartbeat goes on (its own connection, not the blocked claim path): a
+            // live engine's rescue finds nobody dead.
+            let mut conn = db.raw().await;
+            let rescued = courier::store::rescue(
+                &mut conn,
+                &db.schema,
+                "rescuer",
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("rescue");
+            assert!(rescued.is_empty(), "a blocked engine was declared dead: {rescued:?}");
             // Put back what the rescuer took (pending rows), untouched.
             let taken: Vec<uuid::Uuid> = expired.iter().map(|m| m.id).collect();
             db.store()
