@@ -1,6 +1,7 @@
 //! Prometheus metrics, one registry per engine (several engines in one process, as in the
 //! tests, do not share counters). The actors update them where the facts are decided;
-//! outbox depth and the oldest pending age come from the database at scrape time.
+//! outbox depth, the oldest pending age and the engines by state come from the database at
+//! scrape time.
 //!
 //! The `exchange` label is bounded: an exchange name is a producer's free text, and a
 //! label per name would let any producer grow the registry (and every scrape) without end.
@@ -20,7 +21,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::store::Stats;
+use crate::store::{EngineRecord, Stats};
 
 /// Most distinct `exchange` label values per engine (besides [`OTHER_EXCHANGE`]).
 pub const MAX_EXCHANGE_LABELS: usize = 100;
@@ -115,6 +116,14 @@ pub struct Metrics {
     pub reconnects: IntCounter,
     /// Seconds spent blocked by the broker (memory or disk alarm).
     pub blocked_seconds: prometheus::Counter,
+    /// Engines of the registry by state, `running` or `dead` (read at scrape).
+    pub engines: IntGaugeVec,
+    /// Other engines this one declared dead.
+    pub engines_rescued: IntCounter,
+    /// Rows freed from engines this one declared dead.
+    pub rows_rescued: IntCounter,
+    /// Times this engine found itself declared dead and rejoined.
+    pub rejoins: IntCounter,
 }
 
 fn counter_vec(
@@ -194,6 +203,35 @@ impl Metrics {
             .namespace("courier"),
         )
         .expect("valid metric");
+        let engines = IntGaugeVec::new(
+            Opts::new("engines", "engines of the registry by state").namespace("courier"),
+            &["state"],
+        )
+        .expect("valid metric");
+        let engines_rescued = IntCounter::with_opts(
+            Opts::new(
+                "engines_rescued_total",
+                "engines this one declared dead (their rows freed)",
+            )
+            .namespace("courier"),
+        )
+        .expect("valid metric");
+        let rows_rescued = IntCounter::with_opts(
+            Opts::new(
+                "rows_rescued_total",
+                "in-flight rows freed from engines this one declared dead",
+            )
+            .namespace("courier"),
+        )
+        .expect("valid metric");
+        let rejoins = IntCounter::with_opts(
+            Opts::new(
+                "rejoins_total",
+                "times this engine found itself declared dead and rejoined",
+            )
+            .namespace("courier"),
+        )
+        .expect("valid metric");
         for m in [
             Box::new(in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(window.clone()),
@@ -203,6 +241,10 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(reconnects.clone()),
             Box::new(blocked_seconds.clone()),
+            Box::new(engines.clone()),
+            Box::new(engines_rescued.clone()),
+            Box::new(rows_rescued.clone()),
+            Box::new(rejoins.clone()),
         ] {
             registry.register(m).expect("unique metric");
         }
@@ -261,6 +303,10 @@ impl Metrics {
             latency,
             reconnects,
             blocked_seconds,
+            engines,
+            engines_rescued,
+            rows_rescued,
+            rejoins,
         }
     }
 
@@ -284,6 +330,17 @@ impl Metrics {
                 .unwrap_or(Duration::ZERO)
                 .as_secs_f64(),
         );
+    }
+
+    /// Records the registry (at scrape time): both states always, zero included, so a
+    /// dashboard's `courier_engines{state="dead"}` reads 0 rather than no data.
+    pub fn observe_engines(&self, engines: &[EngineRecord]) {
+        for state in ["running", "dead"] {
+            let n = engines.iter().filter(|e| e.state == state).count();
+            self.engines
+                .with_label_values(&[state])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -332,5 +389,43 @@ mod tests {
             "unconfirmed names never become labels"
         );
         assert!(text.contains("courier_nacked_total{exchange=\"_other\"} 200"));
+    }
+
+    #[test]
+    fn engines_are_counted_by_state_zero_included() {
+        let m = Metrics::new();
+        let at = chrono::Utc::now();
+        let engine = |state: &str| EngineRecord {
+            id: format!("e-{state}"),
+            host: "h".into(),
+            pid: 1,
+            version: "0".into(),
+            started_at: at,
+            heartbeat_at: at,
+            since_beat_ms: 0,
+            state: state.into(),
+            holds: 0,
+        };
+        m.observe_engines(&[engine("running"), engine("running")]);
+        let text = m.render();
+        assert!(
+            text.contains("courier_engines{state=\"running\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("courier_engines{state=\"dead\"} 0"), "{text}");
+        m.observe_engines(&[engine("dead")]);
+        let text = m.render();
+        assert!(
+            text.contains("courier_engines{state=\"running\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("courier_engines{state=\"dead\"} 1"), "{text}");
+        for counter in [
+            "courier_engines_rescued_total 0",
+            "courier_rows_rescued_total 0",
+            "courier_rejoins_total 0",
+        ] {
+            assert!(text.contains(counter), "{counter} in {text}");
+        }
     }
 }

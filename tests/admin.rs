@@ -1,7 +1,8 @@
 //! The admin API's security model and its isolation from the engine, against the real
 //! services: who may read payloads, bounded responses, security headers, allowed hosts,
 //! error bodies that leak nothing, the admin API's own pool and statement timeout,
-//! readiness without counts, bounded metric labels, and producer text escaped in the CLI.
+//! readiness without counts, bounded metric labels, the engine registry (as documented, and
+//! in the metrics), and producer text escaped in the CLI.
 
 mod common;
 
@@ -541,6 +542,94 @@ async fn metric_labels_stay_bounded_for_exchanges_that_do_not_exist() {
         text.contains("courier_dead_lettered_total{exchange=\"_other\"} 100"),
         "{text}"
     );
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn engines_lists_the_registry_as_documented_and_metrics_count_it() {
+    let db = TestDb::new("adm_engines").await;
+    // Another host's engine, dead, still holding a row (written by hand).
+    let store = db.store().await;
+    store
+        .enqueue_many(&[OutboxMessage::new("ex.ghost", "k", b"x".to_vec())])
+        .await
+        .unwrap();
+    store
+        .claim("ghost", 1, Duration::from_secs(600))
+        .await
+        .unwrap();
+    db.exec(
+        "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at)
+         VALUES ('ghost', 'elsewhere', 7, '0.0.1', 'dead', now() - interval '1 hour')",
+    )
+    .await;
+    let (engine, addr) = admin_engine(&db, |c| {
+        c.admin.token = Some("adm-token".into());
+    })
+    .await;
+
+    // Open like the stats: no token needed.
+    let r = get(&addr, "/api/engines", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("content-type").starts_with("application/json"));
+    let listed = r.json();
+    let listed = listed.as_array().expect("an array");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let me = &listed[0];
+    assert_eq!(me["id"], engine.engine_id(), "running first: {listed:?}");
+    assert_eq!(me["state"], "running");
+    assert_eq!(me["pid"], std::process::id());
+    assert_eq!(me["holds"], 0);
+    assert!(
+        me["since_beat_ms"].as_i64().is_some_and(|ms| ms >= 0),
+        "{me}"
+    );
+    assert_eq!(listed[1]["id"], "ghost");
+    assert_eq!(listed[1]["state"], "dead");
+    assert_eq!(listed[1]["holds"], 1);
+
+    // Each object has exactly the properties the served OpenAPI document names, all of
+    // them required, with the documented JSON types.
+    let spec = get(&addr, "/api/openapi.json", None).await.json();
+    let schema = &spec["components"]["schemas"]["Engine"];
+    assert_eq!(
+        spec["paths"]["/api/engines"]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"]["items"]["$ref"],
+        "#/components/schemas/Engine"
+    );
+    let properties = schema["properties"].as_object().expect("properties");
+    let mut required: Vec<&str> = schema["required"]
+        .as_array()
+        .expect("required")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    required.sort_unstable();
+    for e in listed {
+        let object = e.as_object().expect("an object");
+        let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, required, "{e}");
+        for (key, value) in object {
+            let ok = match properties[key]["type"].as_str() {
+                Some("string") => value.is_string(),
+                Some("integer") => value.is_i64(),
+                other => panic!("{key}: undocumented type {other:?}"),
+            };
+            assert!(ok, "{key} is not a {}: {e}", properties[key]["type"]);
+        }
+    }
+
+    let metrics = get(&addr, "/metrics", None).await.body;
+    for line in [
+        "courier_engines{state=\"running\"} 1",
+        "courier_engines{state=\"dead\"} 1",
+        "courier_engines_rescued_total 0",
+        "courier_rows_rescued_total 0",
+        "courier_rejoins_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     engine.shutdown().await;
 }
 

@@ -1,4 +1,4 @@
-//! The `courier` binary: help, exit codes, config errors, migrate and status.
+//! The `courier` binary: help, exit codes, config errors, migrate, status and engines.
 
 mod common;
 
@@ -26,7 +26,7 @@ fn help_explains_every_command() {
     let o = courier(&["--help"], &[]);
     assert!(o.status.success());
     let t = text(&o);
-    for cmd in ["run", "migrate", "status"] {
+    for cmd in ["run", "migrate", "status", "engines"] {
         assert!(t.contains(cmd), "{t}");
     }
     let o = courier(&["migrate", "--help"], &[]);
@@ -89,5 +89,120 @@ fn migrate_twice_then_status() {
     assert!(status.status.success(), "{}", text(&status));
     assert!(text(&status).contains("pending"));
     // Clean up through the test schema guard.
+    drop(common::TestDbGuard(schema));
+}
+
+/// [`courier`] off the test's runtime thread, so an engine running on that thread keeps
+/// beating meanwhile.
+async fn courier_beside(args: &[&str], env: &[(&str, String)]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        courier(&args, &env)
+    })
+    .await
+    .expect("courier thread")
+}
+
+#[actix_rt::test]
+async fn engines_lists_a_running_engine_with_its_pid_and_what_others_hold() {
+    let db = common::TestDb::new("cliengines").await;
+    // A registry row written by hand: another host's engine, dead, still holding a row.
+    let store = db.store().await;
+    store
+        .enqueue_many(&[courier::OutboxMessage::new("ex.ghost", "k", b"x".to_vec())])
+        .await
+        .unwrap();
+    store
+        .claim("ghost", 1, std::time::Duration::from_secs(600))
+        .await
+        .unwrap();
+    db.exec(
+        "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at)
+         VALUES ('ghost', 'elsewhere', 7, '0.0.1', 'dead', now() - interval '1 hour')",
+    )
+    .await;
+    let engine = courier::Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let env = [
+        ("COURIER_DATABASE_URL", common::database_url()),
+        ("COURIER_DATABASE_SCHEMA", db.schema.clone()),
+    ];
+
+    let o = courier_beside(&["engines", "--json"], &env).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let me = &listed[0];
+    assert_eq!(
+        me["id"],
+        engine.engine_id(),
+        "running engines first: {listed:?}"
+    );
+    assert_eq!(me["state"], "running", "{me}");
+    assert_eq!(me["pid"], std::process::id(), "{me}");
+    assert_eq!(me["version"], env!("CARGO_PKG_VERSION"), "{me}");
+    assert_eq!(me["holds"], 0, "{me}");
+    let since = me["since_beat_ms"].as_i64().expect("since_beat_ms");
+    assert!((0..10_000).contains(&since), "{me}");
+    let ghost = &listed[1];
+    assert_eq!(ghost["state"], "dead", "{ghost}");
+    assert_eq!(ghost["holds"], 1, "{ghost}");
+
+    let o = courier_beside(&["engines"], &env).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(engine.engine_id()))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.contains("running") && line.contains("s ago"),
+        "{table}"
+    );
+    assert!(
+        line.contains(&format!(" {} ", std::process::id())),
+        "{table}"
+    );
+    assert!(table.contains("(2 engine(s))"), "{table}");
+
+    // A clean stop leaves the registry.
+    engine.shutdown().await;
+    let o = courier_beside(&["engines", "--json"], &env).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], "ghost");
+}
+
+#[test]
+fn engines_on_an_unmigrated_schema_fails_like_status() {
+    let schema = common::unique_name("clinoschema");
+    let env = [
+        ("COURIER_DATABASE_URL", common::database_url()),
+        ("COURIER_DATABASE_SCHEMA", schema.clone()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for args in [&["status"][..], &["engines"], &["engines", "--json"]] {
+        let o = courier(args, &env);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!("reading schema `{schema}`")),
+            "{args:?}: {}",
+            text(&o)
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "{args:?}: nothing on stdout: {}",
+            text(&o)
+        );
+    }
     drop(common::TestDbGuard(schema));
 }

@@ -1,7 +1,7 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium`, driven by
-//! playwright-core from npm; `scripts/test` installs both): it shows the engine, and a
-//! click on "requeue" moves the dead letter back to the outbox, where the engine delivers
-//! it. Screenshots land in target/tmp.
+//! playwright-core from npm; `scripts/test` installs both): it shows the engine (in the
+//! Engines panel too, as running), and a click on "requeue" moves the dead letter back to
+//! the outbox, where the engine delivers it. Screenshots land in target/tmp.
 
 mod common;
 
@@ -42,10 +42,17 @@ async fn clicking_requeue_in_chromium_moves_the_row_and_it_is_delivered() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboard/click.mjs");
     let url = format!("http://{addr}/");
     let shot_arg = shot.to_string_lossy().to_string();
+    let engine_id = engine.engine_id().to_string();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(script)
-            .args([url.as_str(), "dash-token", &target.to_string(), &shot_arg])
+            .args([
+                url.as_str(),
+                "dash-token",
+                &target.to_string(),
+                &shot_arg,
+                &engine_id,
+            ])
             .output()
     })
     .await

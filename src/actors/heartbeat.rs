@@ -132,6 +132,7 @@ impl Heartbeat {
         let counters = &self.signals.counters;
         if beat == Beat::Rejoined {
             Counters::add(&counters.rejoins, 1);
+            self.signals.metrics.rejoins.inc();
             tracing::warn!(engine = %self.me.id,
                 "this engine had been declared dead (silent for longer than scheduler.engine_timeout): \
                  the rows it held were taken over; it rejoined and goes on");
@@ -141,6 +142,11 @@ impl Heartbeat {
                 "an engine missed its heartbeats; declared it dead and freed the rows it held");
             Counters::add(&counters.engines_rescued, 1);
             Counters::add(&counters.rows_rescued, usize::try_from(r.rows).unwrap_or(0));
+            let metrics = &self.signals.metrics;
+            metrics.engines_rescued.inc();
+            metrics
+                .rows_rescued
+                .inc_by(u64::try_from(r.rows).unwrap_or(0));
         }
         if !was_fresh || beat == Beat::Rejoined || rescued.iter().any(|r| r.rows > 0) {
             self.scheduler.do_send(Wake::ALL);

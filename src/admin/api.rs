@@ -1,6 +1,6 @@
-//! The admin endpoints: the dashboard's files, health, readiness, metrics, stats and
-//! dead letters. Handlers answer `Result<HttpResponse, ApiError>`; see the module doc of
-//! [`crate::admin`] for who may call what.
+//! The admin endpoints: the dashboard's files, health, readiness, metrics, stats, the
+//! engine registry and dead letters. Handlers answer `Result<HttpResponse, ApiError>`; see
+//! the module doc of [`crate::admin`] for who may call what.
 
 use std::time::Duration;
 
@@ -47,6 +47,7 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     .route("/ready", web::get().to(ready))
     .route("/metrics", web::get().to(metrics))
     .route("/api/stats", web::get().to(stats))
+    .route("/api/engines", web::get().to(engines))
     .route("/api/dead-letters", web::get().to(list_dead_letters))
     .route("/api/dead-letters/{id}", web::get().to(show_dead_letter))
     .route(
@@ -100,13 +101,18 @@ async fn ready(state: State) -> HttpResponse {
     }
 }
 
-/// Prometheus text; the outbox gauges come from the admin pool's bounded counts (left as
-/// they were when the database does not answer in time).
+/// Prometheus text; the outbox gauges come from the admin pool's bounded counts and the
+/// engine gauge from the registry (each left as it was when the database does not answer in
+/// time).
 async fn metrics(state: State) -> HttpResponse {
     let m = state.engine.metrics();
     match state.db.stats().await {
         Ok(s) => m.observe_stats(&s.stats),
         Err(e) => tracing::debug!(error = %e, "metrics: outbox counts unavailable"),
+    }
+    match state.db.store().engines().await {
+        Ok(engines) => m.observe_engines(&engines),
+        Err(e) => tracing::debug!(error = %e, "metrics: engine registry unavailable"),
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
@@ -128,6 +134,14 @@ async fn stats(state: State) -> Result<HttpResponse, ApiError> {
     body["counters"] = serde_json::to_value(state.engine.counters()).unwrap_or_default();
     body["broker"] = serde_json::json!(broker(&state));
     Ok(HttpResponse::Ok().json(body))
+}
+
+/// The engine registry, running engines first: open like the stats, since an engine's id,
+/// host, pid and beat are operational facts, not message content. Bounded by the registry
+/// itself: one row per engine process, dead ones removed a day after their last beat.
+async fn engines(state: State) -> Result<HttpResponse, ApiError> {
+    let engines = state.db.store().engines().await?;
+    Ok(HttpResponse::Ok().json(engines))
 }
 
 #[derive(Deserialize)]

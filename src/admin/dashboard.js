@@ -58,6 +58,25 @@ async function refreshStats() {
   } catch (e) { /* engine unreachable: leave the pills as they are */ }
 }
 
+// The registry: who is running, how long since each beat, what each holds.
+async function refreshEngines() {
+  const tbody = document.getElementById("engines");
+  try {
+    const r = await fetch("/api/engines");
+    const rows = await r.json();
+    const running = rows.filter(e => e.state === "running").length;
+    text(document.getElementById("engCount"), `(${running} running, ${rows.length - running} dead)`);
+    tbody.replaceChildren(...rows.map(e => {
+      const tr = document.createElement("tr"); tr.dataset.engine = e.id;
+      cell(tr, e.id); cell(tr, e.host); cell(tr, e.pid); cell(tr, e.version);
+      const st = document.createElement("span"); text(st, e.state).className = "pill " + (e.state === "running" ? "ok" : "bad");
+      cell(tr, "", "state").append(st);
+      cell(tr, age(e.since_beat_ms / 1000) + " ago"); cell(tr, e.holds); cell(tr, new Date(e.started_at).toLocaleString());
+      return tr;
+    }));
+  } catch (e) { text(document.getElementById("engCount"), "(unavailable)"); }
+}
+
 function rates() {
   const out = [];
   for (let i = 1; i < history.length; i++) {
@@ -131,6 +150,7 @@ async function refreshDead() {
   } catch (e) { text(document.getElementById("dlCount"), "(unavailable)"); }
 }
 
-refreshStats(); refreshDead();
+refreshStats(); refreshEngines(); refreshDead();
 setInterval(refreshStats, 2000);
+setInterval(refreshEngines, 2000);
 setInterval(refreshDead, 10000);

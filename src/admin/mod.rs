@@ -1,11 +1,12 @@
 //! The admin HTTP API and dashboard (actix-web), off unless `admin.bind` is set.
 //!
-//! Who may read what: health, readiness, metrics, stats and dead-letter *metadata* are
-//! open; dead-letter payloads and headers need `admin.token` or `admin.read_token`;
-//! requeue and discard need `admin.token`. With no such token configured those endpoints
-//! answer 403 (disabled, never open). Lists never carry payloads, and every response is
-//! bounded (at most [`queries::LIST_MAX`] rows, producer text cut, payloads cut to
-//! [`queries::PAYLOAD_MAX`] bytes).
+//! Who may read what: health, readiness, metrics, stats, the engine registry and
+//! dead-letter *metadata* are open; dead-letter payloads and headers need `admin.token` or
+//! `admin.read_token`; requeue and discard need `admin.token`. With no such token configured
+//! those endpoints answer 403 (disabled, never open). Lists never carry payloads, and every
+//! response is bounded (at most [`queries::LIST_MAX`] dead letters, producer text cut,
+//! payloads cut to [`queries::PAYLOAD_MAX`] bytes; the engine registry holds one row per
+//! engine process and forgets dead ones after a day).
 //!
 //! Every admin query runs on the admin API's own small pool with a statement timeout
 //! ([`queries`]), never on the engine's. Every response carries security headers (a CSP

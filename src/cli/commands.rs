@@ -4,7 +4,12 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::{config::Config, state::ALL_STATUSES, store::Store};
+use super::escape::one_line;
+use crate::{
+    config::Config,
+    state::ALL_STATUSES,
+    store::{EngineRecord, Store},
+};
 
 /// `courier migrate`
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -86,6 +91,82 @@ fn print_stats(stats: &crate::store::Stats) {
     }
 }
 
+/// `courier engines [--json]`: who is running and what each holds, from the registry. A
+/// schema that is not migrated (or predates the registry) fails like `courier status` does.
+pub async fn engines(config: &Config, json: bool) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database).await?;
+    let engines = store
+        .engines()
+        .await
+        .with_context(|| format!("reading schema `{}`", config.database.schema))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&engines).context("writing the engines as JSON")?
+        );
+    } else {
+        print!("{}", engines_table(&engines));
+    }
+    Ok(())
+}
+
+/// The registry as a table. Id, host and version are escaped: any database user can write
+/// the registry, and a control sequence there must not reach the operator's terminal.
+fn engines_table(engines: &[EngineRecord]) -> String {
+    use std::fmt::Write as _;
+    let ids: Vec<_> = engines.iter().map(|e| one_line(&e.id)).collect();
+    let hosts: Vec<_> = engines.iter().map(|e| one_line(&e.host)).collect();
+    let versions: Vec<_> = engines.iter().map(|e| one_line(&e.version)).collect();
+    let width = |col: &[std::borrow::Cow<'_, str>], title: &str| {
+        col.iter()
+            .map(|s| s.chars().count())
+            .chain([title.len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let (wi, wh, wv) = (
+        width(&ids, "id"),
+        width(&hosts, "host"),
+        width(&versions, "version"),
+    );
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<wi$}  {:<wh$}  {:>7}  {:<wv$}  {:<7}  {:>12}  {:>6}  started",
+        "id", "host", "pid", "version", "state", "last beat", "holds"
+    );
+    for (i, e) in engines.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{:<wi$}  {:<wh$}  {:>7}  {:<wv$}  {:<7}  {:>12}  {:>6}  {}",
+            ids[i],
+            hosts[i],
+            e.pid,
+            versions[i],
+            one_line(&e.state),
+            ago(e.since_beat_ms),
+            e.holds,
+            e.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        );
+    }
+    let _ = writeln!(out, "({} engine(s))", engines.len());
+    out
+}
+
+/// How long ago a beat was: tenths of a second under a minute ("1.2s ago"), whole seconds
+/// beyond ("3m 5s ago"), since a beat every second or so is the normal case.
+fn ago(ms: i64) -> String {
+    let ms = u64::try_from(ms).unwrap_or(0);
+    if ms < 60_000 {
+        format!("{:.1}s ago", ms as f64 / 1000.0)
+    } else {
+        format!(
+            "{} ago",
+            humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+        )
+    }
+}
+
 /// `courier run`
 pub async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     tracing::info!(
@@ -114,4 +195,52 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+
+    #[test]
+    fn last_beats_read_as_ages() {
+        assert_eq!(ago(1234), "1.2s ago");
+        assert_eq!(ago(-5), "0.0s ago");
+        assert_eq!(ago(185_400), "3m 5s ago");
+    }
+
+    #[test]
+    fn the_table_lines_up_and_escapes_registry_text() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 25, 10, 0, 0).unwrap();
+        let engine = |id: &str, host: &str, state: &str| EngineRecord {
+            id: id.into(),
+            host: host.into(),
+            pid: 4242,
+            version: "0.1.0".into(),
+            started_at: at,
+            heartbeat_at: at,
+            since_beat_ms: 1234,
+            state: state.into(),
+            holds: 7,
+        };
+        let table = engines_table(&[
+            engine("courier-4242-abcd1234", "web-1", "running"),
+            engine("x", "evil\x1b[2J", "dead"),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(
+            lines[1].starts_with("courier-4242-abcd1234  web-1"),
+            "{table}"
+        );
+        assert!(lines[1].contains("running"), "{table}");
+        assert!(lines[1].contains("1.2s ago"), "{table}");
+        assert!(lines[1].ends_with("7  2026-11-25 10:00:00 UTC"), "{table}");
+        assert!(!table.contains('\x1b'), "{table}");
+        assert!(lines[2].contains("evil\\x1b[2J"), "{table}");
+        let pid_at = |l: &str| l.find("4242  ").unwrap();
+        assert_eq!(pid_at(lines[1]), pid_at(lines[2]), "{table}");
+        assert_eq!(lines[3], "(2 engine(s))");
+    }
 }

@@ -52,6 +52,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the engine registry: each engine's host, pid, version, state, last heartbeat and
+    /// the rows it holds in flight.
+    Engines {
+        /// Print JSON (an array, one object per engine).
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect, requeue or discard dead letters.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(dead_letters::DeadLetterCommand),
@@ -105,6 +112,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Command::Run => commands::run(&cli.config, config).await,
             Command::Migrate => commands::migrate(&config).await,
             Command::Status { watch, json } => commands::status(&config, watch, json).await,
+            Command::Engines { json } => commands::engines(&config, json).await,
             Command::DeadLetters(cmd) => dead_letters::run(&config, cmd).await,
             Command::Demo { messages } => demo::run(config, messages).await,
         }
