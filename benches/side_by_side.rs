@@ -700,8 +700,7 @@ fn main() {
             // one round trip per message; many keys pipeline like unkeyed rows.
             for keys in [1, 100, 10_000] {
                 let m = if keys == 1 { keyed_one_n } else { n };
-                let mut r =
-                    rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys), &[]));
+                let mut r = rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys), &[]));
                 r.name = format!("{} ({kind})", r.name);
                 rows.push(r);
             }

@@ -171,15 +171,14 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
             // Its heartbeat goes on (its own connection, not the blocked claim path): a
             // live engine's rescue finds nobody dead.
             let mut conn = db.raw().await;
-            let rescued = courier::store::rescue(
-                &mut conn,
-                &db.schema,
-                "rescuer",
-                Duration::from_secs(5),
-            )
-            .await
-            .expect("rescue");
-            assert!(rescued.is_empty(), "a blocked engine was declared dead: {rescued:?}");
+            let rescued =
+                courier::store::rescue(&mut conn, &db.schema, "rescuer", Duration::from_secs(5))
+                    .await
+                    .expect("rescue");
+            assert!(
+                rescued.is_empty(),
+                "a blocked engine was declared dead: {rescued:?}"
+            );
             // Put back what the rescuer took (pending rows), untouched.
             let taken: Vec<uuid::Uuid> = expired.iter().map(|m| m.id).collect();
             db.store()

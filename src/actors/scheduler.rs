@@ -509,10 +509,7 @@ impl Handler<Settled> for Scheduler {
             }
         }
         self.window.settled(latencies, now);
-        self.signals
-            .metrics
-            .window
-            .set(self.window.size() as i64);
+        self.signals.metrics.window.set(self.window.size() as i64);
         if let Some(delay) = msg.earliest_retry {
             if delay < self.config.scheduler.sweep_interval {
                 self.arm(ctx, delay);

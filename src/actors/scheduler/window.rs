@@ -107,7 +107,11 @@ impl Window {
             return;
         };
         let wanted = self.rate * base.as_secs_f64() * GAIN;
-        let wanted = if wanted.is_finite() { wanted as usize } else { self.cap };
+        let wanted = if wanted.is_finite() {
+            wanted as usize
+        } else {
+            self.cap
+        };
         self.size = (wanted + HEADROOM).clamp(MIN.min(self.cap), self.cap);
     }
 }
@@ -132,7 +136,11 @@ mod tests {
         let t = Instant::now();
         let w = Window::new(4096, true, t);
         assert_eq!(w.size(), MIN);
-        assert_eq!(Window::new(100, true, t).size(), 100, "a cap below MIN wins");
+        assert_eq!(
+            Window::new(100, true, t).size(),
+            100,
+            "a cap below MIN wins"
+        );
     }
 
     #[test]
