@@ -232,7 +232,9 @@ async fn a_slow_but_alive_engine_keeps_its_rows() {
     );
     proxy.stall(true); // its confirms now take as long as the stall lasts
     let mut events = slow.subscribe();
-    let ids = db.insert_sql(&broker.exchange, 300, "routed.{i}").await;
+    // Fewer rows than the smallest in-flight window (256): the slow engine holds them all,
+    // so anything the fast one claims was taken from it.
+    let ids = db.insert_sql(&broker.exchange, 200, "routed.{i}").await;
     wait_event(&mut events, 30, "the slow engine publishes", |e| {
         matches!(e, EngineEvent::Published(_))
     })
