@@ -17,6 +17,7 @@
 //! cargo bench --bench side_by_side                 # BENCH_N=50000 messages per variant
 //! BENCH_N=200000 cargo bench --bench side_by_side
 //! BENCH_QUEUES=classic BENCH_BACKLOG=0 cargo bench --bench side_by_side   # classic only
+//! BENCH_WINDOWS=500,1000,2000 cargo bench --bench side_by_side   # + fixed in-flight windows
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
 //! ```
@@ -689,12 +690,19 @@ fn main() {
             r.name = format!("{} ({kind})", r.name);
             rows.push(r);
         }
-        // The measured in-flight window against the fixed one it replaced (always
-        // publisher.max_in_flight), in the same run.
-        let fixed = [("COURIER_PUBLISHER_ADAPTIVE_WINDOW", "false".to_string())];
-        let mut r = rt.block_on(courier_drain_keyed(schema, &queue, n, 1, None, &fixed));
-        r.name = format!("{}, fixed window 4096 ({kind})", r.name);
-        rows.push(r);
+        // The measured in-flight window against fixed ones (always publisher.max_in_flight):
+        // 4,096, the default cap and the old behaviour, and any in BENCH_WINDOWS.
+        let windows = std::env::var("BENCH_WINDOWS").unwrap_or_default();
+        let sizes = std::iter::once("4096").chain(windows.split(',').filter(|w| !w.is_empty()));
+        for size in sizes {
+            let fixed = [
+                ("COURIER_PUBLISHER_ADAPTIVE_WINDOW", "false".to_string()),
+                ("COURIER_PUBLISHER_MAX_IN_FLIGHT", size.trim().to_string()),
+            ];
+            let mut r = rt.block_on(courier_drain_keyed(schema, &queue, n, 1, None, &fixed));
+            r.name = format!("{}, fixed window {} ({kind})", r.name, size.trim());
+            rows.push(r);
+        }
         if kind == "classic" {
             // Per-key order: one message of a key in flight at a time, so one key runs at
             // one round trip per message; many keys pipeline like unkeyed rows.

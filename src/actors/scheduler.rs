@@ -26,7 +26,7 @@ use actix::prelude::*;
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     publisher::{Publish, Publisher},
-    store::{Claim, ClaimKeyed, NextDue, RenewLeases, StoreActor},
+    store::{Claim, ClaimKeyed, NextDue, Release, RenewLeases, StoreActor},
 };
 use crate::{
     config::{Config, OnDeadLetter},
@@ -108,11 +108,17 @@ pub struct Scheduler {
     store: Store,
     signals: Signals,
     engine_id: String,
-    /// Every row claimed and not yet settled, with its payload size and when it was
-    /// claimed: the in-flight bound (the window's rows, `publisher.max_in_flight_bytes`
-    /// bytes), the window's latency samples and the rows whose leases this engine renews.
-    held: HashMap<uuid::Uuid, (u64, Instant)>,
-    /// How many rows may be held: measured, capped by `publisher.max_in_flight`.
+    /// Every row claimed and not yet settled, with its payload size and, once handed to the
+    /// Publisher, since when: the in-flight bound
+    /// (`publisher.max_in_flight` rows, `publisher.max_in_flight_bytes` bytes), the window's
+    /// latency samples and the rows whose leases this engine renews.
+    held: HashMap<uuid::Uuid, (u64, Option<Instant>)>,
+    /// Claimed rows not handed to the Publisher yet: they wait for room in the window.
+    queue: std::collections::VecDeque<Delivery>,
+    /// Rows handed to the Publisher and not settled (their outcome durable): published or
+    /// about to be, each a duplicate if the engine dies now. At most `window.size()`.
+    dispatched: usize,
+    /// How many rows may be dispatched: measured, capped by `publisher.max_in_flight`.
     window: Window,
     held_bytes: u64,
     more: bool,
@@ -165,6 +171,8 @@ impl Scheduler {
             signals,
             engine_id,
             held: HashMap::new(),
+            queue: std::collections::VecDeque::new(),
+            dispatched: 0,
             held_bytes: 0,
             more: true,
             broker_ready: false,
@@ -184,7 +192,7 @@ impl Scheduler {
 
     /// Rows that may still be claimed.
     fn credits(&self) -> usize {
-        self.window.size().saturating_sub(self.held.len())
+        (self.config.publisher.max_in_flight as usize).saturating_sub(self.held.len())
     }
 
     /// Payload bytes that may still be claimed.
@@ -386,10 +394,9 @@ impl Scheduler {
         if rows.is_empty() {
             return;
         }
-        let now = Instant::now();
         for row in &rows {
             let size = row.payload.len() as u64;
-            if self.held.insert(row.id, (size, now)).is_none() {
+            if self.held.insert(row.id, (size, None)).is_none() {
                 self.held_bytes += size;
             }
         }
@@ -423,19 +430,65 @@ impl Scheduler {
         if !exhausted.is_empty() {
             self.peers.dead_letter.do_send(Bury(exhausted));
         }
-        let batch = self.config.publisher.publish_batch as usize;
-        let mut rest = to_publish;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(batch));
-            self.peers.publisher.do_send(Publish(rest));
-            rest = tail;
+        self.queue.extend(to_publish);
+        self.pump();
+    }
+
+    /// Hands queued rows to the Publisher while the window has room, in publish batches.
+    /// With the registry beat overdue nothing is handed on: the queue is given back (the
+    /// release is fenced, so rows another engine took over are left alone).
+    fn pump(&mut self) {
+        if !self.signals.liveness.fresh() || self.stopping {
+            self.give_back_queue();
+            return;
         }
+        let batch = self.config.publisher.publish_batch as usize;
+        let now = Instant::now();
+        loop {
+            let room = self.window.size().saturating_sub(self.dispatched);
+            let n = room.min(batch).min(self.queue.len());
+            if n == 0 {
+                return;
+            }
+            let rows: Vec<Delivery> = self.queue.drain(..n).collect();
+            for d in &rows {
+                if let Some(entry) = self.held.get_mut(&d.message.id) {
+                    entry.1 = Some(now);
+                }
+            }
+            self.dispatched += n;
+            self.peers.publisher.do_send(Publish(rows));
+        }
+    }
+
+    /// Rows dispatched at these instants left the window: sample it, refill it.
+    fn left_window(&mut self, dispatched_at: Vec<Instant>) {
+        let now = Instant::now();
+        let rows = dispatched_at.len();
+        let total: Duration = dispatched_at
+            .iter()
+            .map(|at| now.saturating_duration_since(*at))
+            .sum();
+        self.dispatched = self.dispatched.saturating_sub(rows);
+        let average = total.checked_div(rows as u32).unwrap_or_default();
+        self.window.settled(rows, average, now);
+        self.pump();
+    }
+
+    /// Gives back every queued row unpublished; their credits return when it is written.
+    fn give_back_queue(&mut self) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let ids = self.queue.drain(..).map(|d| d.message.id).collect();
+        self.peers.store.do_send(Release(ids));
     }
 
     fn log_summary(&self, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let counters = self.signals.counters.snapshot();
         let outstanding = self.outstanding();
+        let (window, dispatched) = (self.window.size(), self.dispatched);
         ctx.spawn(
             async move {
                 let oldest = store.oldest_pending_age().await.ok().flatten();
@@ -445,6 +498,8 @@ impl Scheduler {
                     retried = counters.retried,
                     dead_lettered = counters.dead_lettered,
                     in_flight = outstanding,
+                    window,
+                    dispatched,
                     oldest_pending = %oldest
                         .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string())
                         .unwrap_or_else(|| "none".into()),
@@ -500,15 +555,14 @@ impl Handler<Settled> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Settled, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        let mut latencies = Vec::with_capacity(msg.ids.len());
+        let mut settled = Vec::new();
         for id in &msg.ids {
-            if let Some((size, since)) = self.held.remove(id) {
+            if let Some((size, dispatched)) = self.held.remove(id) {
                 self.held_bytes -= size;
-                latencies.push(now.saturating_duration_since(since));
+                settled.extend(dispatched);
             }
         }
-        self.window.settled(latencies, now);
+        self.left_window(settled);
         self.signals.metrics.window.set(self.window.size() as i64);
         if let Some(delay) = msg.earliest_retry {
             if delay < self.config.scheduler.sweep_interval {
@@ -543,6 +597,7 @@ impl Handler<StopClaiming> for Scheduler {
 
     fn handle(&mut self, _: StopClaiming, _: &mut Context<Self>) -> usize {
         self.stopping = true;
+        self.give_back_queue();
         self.signals.emit(EngineEvent::ShuttingDown);
         self.outstanding()
     }
