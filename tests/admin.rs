@@ -548,21 +548,7 @@ async fn metric_labels_stay_bounded_for_exchanges_that_do_not_exist() {
 #[actix_rt::test]
 async fn engines_lists_the_registry_as_documented_and_metrics_count_it() {
     let db = TestDb::new("adm_engines").await;
-    // Another host's engine, dead, still holding a row (written by hand).
-    let store = db.store().await;
-    store
-        .enqueue_many(&[OutboxMessage::new("ex.ghost", "k", b"x".to_vec())])
-        .await
-        .unwrap();
-    store
-        .claim("ghost", 1, Duration::from_secs(600))
-        .await
-        .unwrap();
-    db.exec(
-        "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at)
-         VALUES ('ghost', 'elsewhere', 7, '0.0.1', 'dead', now() - interval '1 hour')",
-    )
-    .await;
+    db.ghost_engine_holding_a_row().await;
     let (engine, addr) = admin_engine(&db, |c| {
         c.admin.token = Some("adm-token".into());
     })

@@ -112,21 +112,7 @@ async fn courier_beside(args: &[&str], env: &[(&str, String)]) -> Output {
 #[actix_rt::test]
 async fn engines_lists_a_running_engine_with_its_pid_and_what_others_hold() {
     let db = common::TestDb::new("cliengines").await;
-    // A registry row written by hand: another host's engine, dead, still holding a row.
-    let store = db.store().await;
-    store
-        .enqueue_many(&[courier::OutboxMessage::new("ex.ghost", "k", b"x".to_vec())])
-        .await
-        .unwrap();
-    store
-        .claim("ghost", 1, std::time::Duration::from_secs(600))
-        .await
-        .unwrap();
-    db.exec(
-        "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at)
-         VALUES ('ghost', 'elsewhere', 7, '0.0.1', 'dead', now() - interval '1 hour')",
-    )
-    .await;
+    db.ghost_engine_holding_a_row().await;
     let engine = courier::Engine::start(db.engine_config())
         .await
         .expect("engine starts");

@@ -68,6 +68,25 @@ async fn kill_at_a_fifth(db: &TestDb, victim: &mut EngineProcess) -> (Instant, i
     (killed, db.count(Status::InFlight).await)
 }
 
+/// The audit, the figures, and the bounds on time to recover and duplicates.
+async fn audit_crash(
+    db: &TestDb,
+    broker: &TestBroker,
+    ids: &[Uuid],
+    recovered: Duration,
+    what: &str,
+) {
+    let audit = audit(db, broker, &broker.queue, ids).await;
+    assert_eq!(audit.confirmed, ids.len());
+    eprintln!(
+        "{what}, every row confirmed {recovered:?} after it, {} duplicates of {}",
+        audit.duplicates,
+        ids.len()
+    );
+    assert!(recovered < RECOVER_WITHIN, "recovered after {recovered:?}");
+    assert!(audit.duplicates <= MOST_DUPLICATES, "{audit:?}");
+}
+
 #[tokio::test]
 async fn kill_9_with_a_second_engine_running_recovers_in_seconds() {
     let db = TestDb::new("crash2").await;
@@ -86,14 +105,8 @@ async fn kill_9_with_a_second_engine_running_recovers_in_seconds() {
         "the killed engine is declared dead: {registry:?}"
     );
     assert!(b.terminate(30).await.success(), "{}", b.log());
-    let audit = audit(&db, &broker, &broker.queue, &ids).await;
-    assert_eq!(audit.confirmed, ids.len());
-    eprintln!(
-        "kill -9 beside a live engine: {stranded} rows in flight at the kill, every row confirmed {recovered:?} after it, {} duplicates of {ROWS}",
-        audit.duplicates
-    );
-    assert!(recovered < RECOVER_WITHIN, "recovered after {recovered:?}");
-    assert!(audit.duplicates <= MOST_DUPLICATES, "{audit:?}");
+    let what = format!("kill -9 beside a live engine: {stranded} rows in flight at the kill");
+    audit_crash(&db, &broker, &ids, recovered, &what).await;
     assert!(
         b.log().contains("declared it dead and freed the rows"),
         "{}",
@@ -113,14 +126,8 @@ async fn kill_9_then_a_fresh_engine_recovers_in_seconds() {
     let mut b = EngineProcess::spawn("crash1-b", &env);
     let recovered = all_confirmed(&db, &ids, killed).await;
     assert!(b.terminate(30).await.success(), "{}", b.log());
-    let audit = audit(&db, &broker, &broker.queue, &ids).await;
-    assert_eq!(audit.confirmed, ids.len());
-    eprintln!(
-        "kill -9, fresh engine: {stranded} rows in flight at the kill, every row confirmed {recovered:?} after it, {} duplicates of {ROWS}",
-        audit.duplicates
-    );
-    assert!(recovered < RECOVER_WITHIN, "recovered after {recovered:?}");
-    assert!(audit.duplicates <= MOST_DUPLICATES, "{audit:?}");
+    let what = format!("kill -9, fresh engine: {stranded} rows in flight at the kill");
+    audit_crash(&db, &broker, &ids, recovered, &what).await;
     let registry = engines(&db).await;
     assert!(
         registry.iter().all(|e| e.state == "dead"),

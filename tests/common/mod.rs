@@ -281,6 +281,25 @@ impl Drop for EngineProcess {
 }
 
 impl TestDb {
+    /// A registry row written by hand: engine `ghost` on another host, dead for an hour,
+    /// still holding one row.
+    pub async fn ghost_engine_holding_a_row(&self) {
+        let store = self.store().await;
+        store
+            .enqueue_many(&[courier::OutboxMessage::new("ex.ghost", "k", b"x".to_vec())])
+            .await
+            .expect("enqueue");
+        store
+            .claim("ghost", 1, Duration::from_secs(600))
+            .await
+            .expect("claim");
+        self.exec(
+            "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at)
+             VALUES ('ghost', 'elsewhere', 7, '0.0.1', 'dead', now() - interval '1 hour')",
+        )
+        .await;
+    }
+
     /// `COURIER_*` variables that point a `courier run` process at this schema.
     pub fn process_env(&self) -> Vec<(&'static str, String)> {
         vec![
