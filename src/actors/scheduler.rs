@@ -7,7 +7,11 @@
 //! awaiting confirm, awaiting its database write). Claims loop while they come back full;
 //! a wake-up during a claim is remembered, so a row committed mid-claim is not left for
 //! the sweep. Rows claimed past their attempt budget (earlier leases expired) go straight
-//! to the DeadLetter actor; the rest are handed to the Publisher in batches.
+//! to the DeadLetter actor; the rest wait in a queue and are handed to the Publisher in
+//! batches while the rows handed on and not yet settled fit the measured window (`window`):
+//! those are the rows a crash would publish twice, so the engine keeps only as many as the
+//! broker needs to run at full rate. While the engine's registry beat is overdue (see the
+//! Heartbeat) it neither claims nor hands anything on.
 //!
 //! Ordered rows: the keyed claim takes only the head of each ordering key, so a key's next
 //! message becomes claimable when its head is confirmed or dead-lettered. Those settlements
