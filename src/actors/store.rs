@@ -1,9 +1,10 @@
 //! The Store actor: the only owner of the database pool inside the engine.
 //!
 //! Claims are answered as they come (each on its own pooled connection). Outcomes —
-//! `confirmed` ids and `retrying` updates — are write-behind: they accumulate while one
-//! flush is running and go out together in the next, so under load one statement carries
-//! hundreds of rows and an idle engine still writes at once (group commit, no timer).
+//! `confirmed` ids and `retrying` updates — are write-behind: they accumulate while the
+//! flushes in flight (at most two) run and go out together in the next, so under load one
+//! statement carries hundreds of rows and an idle engine still writes at once (group commit,
+//! no timer).
 //! A failed flush keeps its rows and is retried with backoff: a database outage delays the
 //! bookkeeping, it never drops an ack. Only after a flush commits are events announced and
 //! the Scheduler's in-flight credits returned.
@@ -93,7 +94,8 @@ pub struct StoreActor {
     scheduler: Addr<Scheduler>,
     signals: Signals,
     pending: Record,
-    flushing: bool,
+    /// Flushes running now (at most `FLUSHES`).
+    flushing: usize,
     failures: u32,
     flush_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
@@ -114,23 +116,25 @@ impl StoreActor {
             scheduler,
             signals,
             pending: Record::default(),
-            flushing: false,
+            flushing: 0,
             failures: 0,
             flush_waiters: Vec::new(),
         }
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing {
+        if self.flushing >= FLUSHES {
             return;
         }
         if self.pending.confirmed.is_empty() && self.pending.retry.is_empty() {
-            for waiter in self.flush_waiters.drain(..) {
-                let _ = waiter.send(());
+            if self.flushing == 0 {
+                for waiter in self.flush_waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
             }
             return;
         }
-        self.flushing = true;
+        self.flushing += 1;
         let batch = std::mem::take(&mut self.pending);
         let store = self.store.clone();
         let engine = self.engine_id.clone();
@@ -144,7 +148,7 @@ impl StoreActor {
                 .map(|(batch, result), act, ctx| match result {
                     Ok(()) => {
                         act.failures = 0;
-                        act.flushing = false;
+                        act.flushing -= 1;
                         act.announce(batch);
                         act.flush(ctx);
                     }
@@ -160,7 +164,7 @@ impl StoreActor {
                         act.pending.confirmed.splice(0..0, batch.confirmed);
                         act.pending.retry.splice(0..0, batch.retry);
                         ctx.run_later(delay, |act, ctx| {
-                            act.flushing = false;
+                            act.flushing -= 1;
                             act.flush(ctx);
                         });
                     }
@@ -198,6 +202,12 @@ async fn write_outcomes(store: &Store, engine: &str, batch: &Record) -> Result<(
     store.mark_retrying(engine, &batch.retry).await?;
     Ok(())
 }
+
+/// Outcome flushes in flight at once: a second one takes the acks that arrive while the
+/// first is being written, so an ack waits for at most one write before its own (each row
+/// acked and not yet written is a duplicate if the engine dies). The two never touch the
+/// same row: a row's next outcome needs a new claim, which needs this one written.
+const FLUSHES: usize = 2;
 
 /// Delay before retrying a failed database write: 100 ms, doubling, capped at 5 s.
 pub(crate) fn retry_delay(failures: u32) -> Duration {
