@@ -18,6 +18,7 @@
 //! BENCH_N=200000 cargo bench --bench side_by_side
 //! BENCH_QUEUES=classic BENCH_BACKLOG=0 cargo bench --bench side_by_side   # classic only
 //! BENCH_WINDOWS=500,1000,2000 cargo bench --bench side_by_side   # + fixed in-flight windows
+//! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed)
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
 //! ```
@@ -474,6 +475,62 @@ async fn courier_drain_keyed(
     }
 }
 
+/// Messages in `queue` now (a passive declare).
+async fn depth(queue: &str) -> u32 {
+    let conn = amqp().await;
+    let ch = conn.create_channel().await.expect("channel");
+    let opts = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), opts, FieldTable::default())
+        .await
+        .expect("passive declare");
+    let _ = conn.close(200, "ok".into()).await;
+    q.message_count()
+}
+
+/// What a `kill -9` mid-drain costs at defaults: one engine drains `n` rows, is killed at
+/// a fifth confirmed, and a fresh engine is started at once. Returns the rate before the
+/// kill, the rows in flight at the kill, the duplicates (queue depth over `n`: nothing
+/// consumes the bench queue) and the seconds from the kill to every row confirmed.
+async fn courier_crash(schema: &str, queue: &str, n: usize) -> (f64, i64, i64, f64) {
+    fresh_schema(schema).await;
+    purge(queue).await;
+    let mut first = Engines(vec![spawn_engine(schema, &[])]);
+    let mut c = db().await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // idle and listening, as above
+    insert_rows(schema, n).await;
+    let start = Instant::now();
+    let mut done = 0;
+    while done < (n / 5) as i64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        done = confirmed(&mut c, schema).await;
+    }
+    for child in &mut first.0 {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let killed = Instant::now();
+    let rate = done as f64 / killed.duration_since(start).as_secs_f64();
+    let in_flight: Count = diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM \"{schema}\".outbox WHERE status = 'in_flight'"
+    ))
+    .get_result(&mut c)
+    .await
+    .expect("count");
+    let second = Engines(vec![spawn_engine(schema, &[])]);
+    while confirmed(&mut c, schema).await < n as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recover = killed.elapsed().as_secs_f64();
+    stop(second);
+    let duplicates = i64::from(depth(queue).await) - n as i64;
+    purge(queue).await;
+    (rate, in_flight.n, duplicates, recover)
+}
+
 /// Commit→confirmed latency of single rows on an idle engine: p50, p99 in ms.
 async fn courier_latency(schema: &str, samples: usize) -> (f64, f64, f64) {
     fresh_schema(schema).await;
@@ -712,6 +769,14 @@ fn main() {
                 r.name = format!("{} ({kind})", r.name);
                 rows.push(r);
             }
+        }
+        if kind == "classic" {
+            let crash_n = env_usize("BENCH_CRASH_N", 5_000);
+            let (rate, in_flight, duplicates, recover) =
+                rt.block_on(courier_crash(schema, &queue, crash_n));
+            println!(
+                "\ncrash ({kind}, defaults, {crash_n} rows, kill -9 at a fifth confirmed, a fresh engine at once): {rate:.0} msg/s before the kill, {in_flight} rows in flight at the kill, {duplicates} duplicates after it, every row confirmed {recover:.1} s after it"
+            );
         }
         rt.block_on(purge(&queue));
         let limit = rows[0].rate();
