@@ -26,15 +26,6 @@ const RECOVER_WITHIN: Duration = Duration::from_secs(15);
 /// reports the figure and fails only far above it.
 const MOST_DUPLICATES: usize = ROWS / 2;
 
-fn signal(process: &EngineProcess, sig: &str) {
-    let pid = process.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
 async fn engines(db: &TestDb) -> Vec<EngineRecord> {
     db.store().await.engines().await.expect("read the registry")
 }
@@ -62,7 +53,7 @@ async fn kill_at_a_fifth(db: &TestDb, victim: &mut EngineProcess) -> (Instant, i
         (db.count(Status::Confirmed).await >= (ROWS / 5) as i64).then_some(())
     })
     .await;
-    signal(victim, "-KILL");
+    victim.child.kill().expect("kill -9");
     let killed = Instant::now();
     victim.wait(10).await;
     (killed, db.count(Status::InFlight).await)
@@ -148,7 +139,7 @@ async fn a_frozen_engine_is_taken_over_and_once_resumed_undoes_nothing() {
         (db.count(Status::Confirmed).await >= (ROWS / 5) as i64).then_some(())
     })
     .await;
-    signal(&a, "-STOP");
+    assert!(a.signal("-STOP"), "SIGSTOP");
     let frozen = Instant::now();
     // More rows while it is frozen: the live engine must take them and the frozen one's.
     ids.extend(
@@ -166,7 +157,7 @@ async fn a_frozen_engine_is_taken_over_and_once_resumed_undoes_nothing() {
     let taken_over = frozen.elapsed();
     let recovered = all_confirmed(&db, &ids, frozen).await;
     let confirmed_before = db.count(Status::Confirmed).await;
-    signal(&a, "-CONT");
+    assert!(a.signal("-CONT"), "SIGCONT");
     // It finds itself declared dead, and rejoins.
     eventually(30, "the resumed engine rejoins", || async {
         let registry = engines(&db).await;

@@ -245,12 +245,17 @@ impl EngineProcess {
         EngineProcess { child, log }
     }
 
+    /// Sends signal `sig` (`-TERM`, `-STOP`, `-CONT`…) with `kill`; whether it was sent.
+    pub fn signal(&self, sig: &str) -> bool {
+        std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// SIGTERM, then waits (bounded) for the exit status.
     pub async fn terminate(&mut self, secs: u64) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status();
+        let _ = self.signal("-TERM");
         self.wait(secs).await
     }
 
