@@ -17,7 +17,8 @@
 //! cargo bench --bench side_by_side                 # BENCH_N=50000 messages per variant
 //! BENCH_N=200000 cargo bench --bench side_by_side
 //! BENCH_QUEUES=classic BENCH_BACKLOG=0 cargo bench --bench side_by_side   # classic only
-//! BENCH_WINDOWS=500,1000,2000 cargo bench --bench side_by_side   # + fixed in-flight windows
+//! BENCH_WINDOWS=500,1000,2000 cargo bench --bench side_by_side   # + fixed in-flight windows,
+//!     raw lapin at the same windows, and a crash line per window (max_in_flight)
 //! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed)
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
@@ -495,10 +496,15 @@ async fn depth(queue: &str) -> u32 {
 /// a fifth confirmed, and a fresh engine is started at once. Returns the rate before the
 /// kill, the rows in flight at the kill, the duplicates (queue depth over `n`: nothing
 /// consumes the bench queue) and the seconds from the kill to every row confirmed.
-async fn courier_crash(schema: &str, queue: &str, n: usize) -> (f64, i64, i64, f64) {
+async fn courier_crash(
+    schema: &str,
+    queue: &str,
+    n: usize,
+    env: &[(&str, String)],
+) -> (f64, i64, i64, f64) {
     fresh_schema(schema).await;
     purge(queue).await;
-    let mut first = Engines(vec![spawn_engine(schema, &[])]);
+    let mut first = Engines(vec![spawn_engine(schema, env)]);
     let mut c = db().await;
     tokio::time::sleep(Duration::from_secs(2)).await; // idle and listening, as above
     insert_rows(schema, n).await;
@@ -520,7 +526,7 @@ async fn courier_crash(schema: &str, queue: &str, n: usize) -> (f64, i64, i64, f
     .get_result(&mut c)
     .await
     .expect("count");
-    let second = Engines(vec![spawn_engine(schema, &[])]);
+    let second = Engines(vec![spawn_engine(schema, env)]);
     while confirmed(&mut c, schema).await < n as i64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -751,7 +757,20 @@ fn main() {
         // 4,096, the default cap and the old behaviour, and any in BENCH_WINDOWS.
         let windows = std::env::var("BENCH_WINDOWS").unwrap_or_default();
         let sizes = std::iter::once("4096").chain(windows.split(',').filter(|w| !w.is_empty()));
-        for size in sizes {
+        for size in sizes.clone() {
+            // Raw lapin at the same window: what the broker itself gives with that many
+            // unconfirmed, no database and no engine.
+            if size != "4096" {
+                let (secs, rss, cpu) = child(&["raw", &n.to_string(), size.trim()]);
+                rows.push(Row {
+                    name: format!("raw lapin, window {} ({kind})", size.trim()),
+                    messages: n,
+                    seconds: secs,
+                    rss_mb: rss,
+                    cpu_per_10k: cpu / (n as f64 / 1e4),
+                });
+                rt.block_on(purge(&queue));
+            }
             let fixed = [
                 ("COURIER_PUBLISHER_ADAPTIVE_WINDOW", "false".to_string()),
                 ("COURIER_PUBLISHER_MAX_IN_FLIGHT", size.trim().to_string()),
@@ -771,12 +790,26 @@ fn main() {
             }
         }
         if kind == "classic" {
+            // The crash line at defaults, then with `publisher.max_in_flight` at each of
+            // BENCH_WINDOWS: the knob that trades speed for fewer duplicates.
             let crash_n = env_usize("BENCH_CRASH_N", 5_000);
-            let (rate, in_flight, duplicates, recover) =
-                rt.block_on(courier_crash(schema, &queue, crash_n));
-            println!(
-                "\ncrash ({kind}, defaults, {crash_n} rows, kill -9 at a fifth confirmed, a fresh engine at once): {rate:.0} msg/s before the kill, {in_flight} rows in flight at the kill, {duplicates} duplicates after it, every row confirmed {recover:.1} s after it"
-            );
+            let caps =
+                std::iter::once("default").chain(windows.split(',').filter(|w| !w.is_empty()));
+            for cap in caps {
+                let env: Vec<(&str, String)> = match cap {
+                    "default" => vec![],
+                    w => vec![("COURIER_PUBLISHER_MAX_IN_FLIGHT", w.trim().to_string())],
+                };
+                let label = match cap {
+                    "default" => "defaults".to_string(),
+                    w => format!("max_in_flight {}", w.trim()),
+                };
+                let (rate, in_flight, duplicates, recover) =
+                    rt.block_on(courier_crash(schema, &queue, crash_n, &env));
+                println!(
+                    "\ncrash ({kind}, {label}, {crash_n} rows, kill -9 at a fifth confirmed, a fresh engine at once): {rate:.0} msg/s before the kill, {in_flight} rows in flight at the kill, {duplicates} duplicates after it, every row confirmed {recover:.1} s after it"
+                );
+            }
         }
         rt.block_on(purge(&queue));
         let limit = rows[0].rate();
