@@ -42,8 +42,7 @@ use std::{
     time::Duration,
 };
 
-use diesel::sql_types::{BigInt, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
 use futures::{future::BoxFuture, StreamExt};
 use lapin::{
     options::{
@@ -238,24 +237,12 @@ pub struct Inbox {
     store: Store,
     broker: BrokerConfig,
     config: InboxConfig,
-    record_sql: Arc<str>,
-    purge_sql: Arc<str>,
 }
 
 impl Inbox {
     /// An inbox for `config.consumer`, recording in `store`'s schema.
     pub fn new(store: Store, broker: BrokerConfig, config: InboxConfig) -> Self {
-        let s = format!("\"{}\"", store.schema());
         Inbox {
-            record_sql: format!(
-                "INSERT INTO {s}.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
-            )
-            .into(),
-            purge_sql: format!(
-                "DELETE FROM {s}.inbox WHERE ctid IN (SELECT ctid FROM {s}.inbox
-                 WHERE received_at < now() - $1 * interval '1 millisecond' LIMIT 5000)"
-            )
-            .into(),
             store,
             broker,
             config,
@@ -273,15 +260,11 @@ impl Inbox {
     ) -> Result<Disposition, StoreError> {
         let mut conn = self.store.conn().await?;
         let consumer = self.config.consumer.as_str();
-        let sql = self.record_sql.clone();
+        let store = &self.store;
         let result = conn
             .transaction::<Disposition, TxError, _>(async |tx| {
-                let fresh = diesel::sql_query(&*sql)
-                    .bind::<Text, _>(consumer)
-                    .bind::<Text, _>(&msg.message_id)
-                    .execute(tx)
-                    .await?;
-                if fresh == 0 {
+                let fresh = store.record_received(tx, consumer, &msg.message_id).await?;
+                if !fresh {
                     return Ok(Disposition::Duplicate);
                 }
                 handler.handle(tx, msg).await.map_err(TxError::Handler)?;
@@ -302,20 +285,7 @@ impl Inbox {
 
     /// Deletes inbox rows older than `age` (in batches). Returns how many.
     pub async fn purge(&self, age: Duration) -> Result<usize, StoreError> {
-        let mut total = 0;
-        loop {
-            let mut conn = self.store.op().await?;
-            let n = conn
-                .run(
-                    diesel::sql_query(&*self.purge_sql)
-                        .bind::<BigInt, _>(i64::try_from(age.as_millis()).unwrap_or(i64::MAX)),
-                )
-                .await?;
-            total += n;
-            if n < 5000 {
-                return Ok(total);
-            }
-        }
+        self.store.purge_inbox(age).await
     }
 
     /// Consumes until `shutdown` resolves, then cancels the consumer and waits for the

@@ -360,7 +360,7 @@ async fn insert_trigger_notifies_once_per_statement() {
     let db = TestDb::new("notify").await;
     let store = db.store().await;
     let mut listener = db.raw().await;
-    let channel = store.sql().notify_channel();
+    let channel = store.notify_channel();
     listener
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .await

@@ -6,7 +6,7 @@ use diesel::sql_types::{Array, Bytea, Integer, Jsonb, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{Store, StoreError};
 use crate::message::OutboxMessage;
 
 /// Inserts `messages` into `<schema>.outbox` in one statement on `conn` (which may be inside
@@ -51,4 +51,20 @@ pub(crate) async fn insert_messages(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+impl Store {
+    /// Enqueues one message on a pooled connection (outside any application transaction).
+    /// Applications use [`enqueue`](crate::enqueue) inside their own transaction instead.
+    pub async fn enqueue(&self, message: &OutboxMessage) -> Result<(), StoreError> {
+        self.enqueue_many(std::slice::from_ref(message)).await
+    }
+
+    /// Enqueues many messages in one statement.
+    pub async fn enqueue_many(&self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
+        let mut conn = self.op().await?;
+        conn.begin().await?;
+        let inserted = insert_messages(&mut conn, self.schema(), messages).await;
+        conn.end(inserted).await
+    }
 }

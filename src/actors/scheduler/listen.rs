@@ -44,7 +44,7 @@ async fn listen(
     signals: &Signals,
     first: bool,
 ) -> Result<(), StoreError> {
-    let channel = store.sql().notify_channel();
+    let channel = store.notify_channel();
     let mut conn = establish(store.url(), Duration::from_secs(10)).await?;
     conn.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
     let token = format!("self-check:{engine_id}:{}", uuid::Uuid::new_v4());

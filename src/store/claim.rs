@@ -1,0 +1,398 @@
+//! Taking due rows: unkeyed rows (and expired leases) in one statement, the heads of keyed
+//! rows in another, and how long until the next row falls due.
+//!
+//! A claim sets `in_flight`, names this engine in `locked_by`, leases the row until
+//! `locked_until` and counts the attempt. SKIP LOCKED lets several engines claim at once
+//! without waiting on each other or sharing a row. Rows that can never be published are
+//! dead-lettered in the same call (see [`row`]).
+
+mod row;
+
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Bool, Text};
+
+use super::{
+    clamp_i64, dead_letters::DeadLetterUpdate, millis, stats::AgeRow, Schema, Store, StoreError,
+};
+use crate::message::OutboxMessage;
+use row::{message_columns, ClaimedRow};
+
+/// How much one claim may take: rows, and bytes of payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLimits {
+    /// Most rows.
+    pub rows: u32,
+    /// Most payload bytes (the first row is always taken, whatever its size).
+    pub bytes: u64,
+    /// `publisher.max_payload_bytes`: a larger payload is never fetched; its row is
+    /// dead-lettered.
+    pub max_payload: u64,
+}
+
+impl ClaimLimits {
+    /// `rows` rows, no byte budget, no payload limit (tests and tools).
+    pub fn rows(rows: u32) -> ClaimLimits {
+        ClaimLimits {
+            rows,
+            bytes: i64::MAX as u64,
+            max_payload: i64::MAX as u64,
+        }
+    }
+}
+
+/// How a claim walks the keys of keyed rows (see [`Store::claim_keyed`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyScan {
+    /// Resume the round-robin walk over keys at this key (the last one served); `None`
+    /// starts at the first key.
+    pub after: Option<String>,
+    /// A key whose head sits in `dead_letters` waits (`ordering.on_dead_letter: block`).
+    pub block_on_dead_letter: bool,
+}
+
+/// What one claim returned.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    /// The claimed messages (keyed claims: at most one per key), ready to publish.
+    pub messages: Vec<OutboxMessage>,
+    /// Rows claimed that can never be published (a column Courier cannot read, a payload
+    /// over the limit), already moved to `dead_letters`, with the reason.
+    pub dead_lettered: Vec<(uuid::Uuid, String)>,
+    /// The batch came back full: more rows may be ready right now.
+    pub full: bool,
+    /// Keyed claims: where the next claim should resume the walk over keys.
+    pub next_key: Option<String>,
+}
+
+/// The claim statements, formatted once per schema: they run for every batch.
+pub(super) struct Statements {
+    due: String,
+    keyed: String,
+}
+
+impl Statements {
+    pub(super) fn new(s: &Schema) -> Statements {
+        Statements {
+            due: claim_due(s),
+            keyed: claim_keyed(s),
+        }
+    }
+}
+
+/// Taking a row: in flight, leased to engine $2 for $3 ms, the attempt counted (clamped: a
+/// row written with a huge count must not overflow the claim of every row beside it). A row
+/// taken back from an expired lease says so in `last_error`.
+const CLAIM_SET: &str = "SET status = 'in_flight',
+         locked_by = $2,
+         locked_until = now() + $3 * interval '1 millisecond',
+         attempts = least(o.attempts, 2147483646) + 1,
+         last_error = CASE WHEN o.status = 'in_flight'
+                           THEN 'lease expired before a confirm was recorded'
+                           ELSE o.last_error END,
+         updated_at = now()";
+
+/// A row still to be delivered (the partial index of keys' open rows uses the same list).
+const OPEN: &str = "status IN ('pending', 'in_flight', 'retrying')";
+
+/// The rows of a locked candidate set (`picked`: id, payload size, order) that fit the
+/// byte budget `budget` (bytes claimed in order, over-size payloads counting nothing since
+/// they are never fetched). The first row always fits: one message larger than the whole
+/// budget still goes, alone.
+fn fit(max_payload: &str, budget: &str) -> String {
+    format!(
+        "fit AS (
+            SELECT id FROM (
+                SELECT id,
+                       sum(CASE WHEN size <= {max_payload} THEN size ELSE 0 END)
+                           OVER (ORDER BY ord, id) AS running,
+                       row_number() OVER (ORDER BY ord, id) AS rn
+                FROM picked) t
+            WHERE rn = 1 OR running <= {budget}
+         )"
+    )
+}
+
+/// -- name: claim_due
+///
+/// Two locked sets: rows whose lease expired (a crashed or partitioned engine, keyed or
+/// not) go first, and unkeyed due rows (their own partial index) fill the rest, oldest
+/// first, so the batch never exceeds $1 rows; of those, the ones that fit the byte budget
+/// are taken (the rest are unlocked again at commit). Keyed rows are claimed by
+/// [`claim_keyed`], a separate statement, so the hot path of unkeyed rows is planned and
+/// run on its own.
+///
+/// `$1` most rows, `$2` engine id, `$3` lease (ms), `$4` `max_payload_bytes`, `$5` byte
+/// budget.
+fn claim_due(s: &Schema) -> String {
+    format!(
+        "WITH expired AS (
+                    SELECT id, octet_length(payload) AS size, locked_until AS at FROM {s}.outbox
+                    WHERE status = 'in_flight' AND locked_until < now()
+                    ORDER BY locked_until
+                    LIMIT $1
+                    FOR UPDATE SKIP LOCKED
+                 ), due AS (
+                    SELECT id, octet_length(payload) AS size, next_attempt_at AS at
+                    FROM {s}.outbox
+                    WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
+                      AND ordering_key IS NULL
+                    ORDER BY next_attempt_at
+                    LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
+                    FOR UPDATE SKIP LOCKED
+                 ), picked AS (
+                    SELECT id, size, (0, at) AS ord FROM expired
+                    UNION ALL SELECT id, size, (1, at) FROM due
+                 ), {fit}
+                 UPDATE {s}.outbox o {CLAIM_SET}
+                 FROM fit c
+                 WHERE o.id = c.id
+                 RETURNING {columns}",
+        fit = fit("$4", "$5"),
+        columns = message_columns("$4"),
+    )
+}
+
+/// -- name: claim_keyed
+///
+/// Keyed rows: only the head of each key (its lowest open `seq`), only when it is due and
+/// nothing of its key is in flight (and, with `$5`, nothing of its key sits in
+/// dead_letters). Keys are walked one index probe each (a loose index scan), round-robin:
+/// after the cursor `$4` (the last key served, '' at first), then from the start up to and
+/// including it; the walk stops as soon as `$1` heads are found, so the cost follows the
+/// rows claimed, not the number of keys. A head locked by another engine is skipped (SKIP
+/// LOCKED), and a key with a row in flight is skipped, so a key is served by one engine at
+/// a time. The heads that fit the byte budget are taken.
+///
+/// `$1` most heads, `$2` engine id, `$3` lease (ms), `$4` key cursor, `$5` block on a dead
+/// letter, `$6` `max_payload_bytes`, `$7` byte budget.
+fn claim_keyed(s: &Schema) -> String {
+    format!(
+        "WITH RECURSIVE ahead AS (
+                    (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                     WHERE ordering_key > $4 AND {OPEN}
+                     ORDER BY ordering_key, seq LIMIT 1)
+                    UNION ALL
+                    SELECT n.* FROM ahead h, LATERAL (
+                        SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                        WHERE ordering_key > h.k AND {OPEN}
+                        ORDER BY ordering_key, seq LIMIT 1) n
+                 ), behind AS (
+                    (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                     WHERE ordering_key <= $4 AND {OPEN}
+                     ORDER BY ordering_key, seq LIMIT 1)
+                    UNION ALL
+                    SELECT n.* FROM behind h, LATERAL (
+                        SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                        WHERE ordering_key > h.k AND ordering_key <= $4 AND {OPEN}
+                        ORDER BY ordering_key, seq LIMIT 1) n
+                 ), ready AS (
+                    SELECT h.id FROM (SELECT * FROM ahead UNION ALL SELECT * FROM behind) h
+                    WHERE h.status IN ('pending', 'retrying') AND h.next_attempt_at <= now()
+                      AND NOT EXISTS (SELECT 1 FROM {s}.outbox f
+                                      WHERE f.ordering_key = h.k AND f.status = 'in_flight'
+                                      OFFSET 0)
+                      AND NOT ($5 AND EXISTS (SELECT 1 FROM {s}.dead_letters d
+                                              WHERE d.ordering_key = h.k OFFSET 0))
+                    LIMIT $1
+                 ), picked AS (
+                    SELECT o.id, octet_length(o.payload) AS size, o.seq AS ord
+                    FROM ready r JOIN {s}.outbox o ON o.id = r.id
+                    WHERE o.status IN ('pending', 'retrying') AND o.next_attempt_at <= now()
+                    FOR UPDATE OF o SKIP LOCKED
+                 ), {fit}
+                 UPDATE {s}.outbox o {CLAIM_SET}
+                 WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
+                 RETURNING {columns}",
+        fit = fit("$6", "$7"),
+        columns = message_columns("$6"),
+    )
+}
+
+impl Store {
+    /// Claims up to `limit` rows for `engine` with a lease of `lease` (no byte budget):
+    /// see [`claim_due`](Self::claim_due). Returns the messages ready to publish.
+    pub async fn claim(
+        &self,
+        engine: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        Ok(self
+            .claim_due(engine, ClaimLimits::rows(limit), lease)
+            .await?
+            .messages)
+    }
+
+    /// Claims rows for `engine` with a lease of `lease`, within `limits`: rows whose lease
+    /// expired (keyed or not), then unkeyed due rows, oldest first. Sets `in_flight`,
+    /// `locked_by`, `locked_until` and counts the attempt. Rows that can never be published
+    /// are dead-lettered at once (see [`Claimed::dead_lettered`]). Keyed rows:
+    /// [`claim_keyed`](Self::claim_keyed).
+    pub async fn claim_due(
+        &self,
+        engine: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        let mut conn = self.op().await?;
+        let rows: Vec<ClaimedRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.statements.claim.due)
+                    .bind::<BigInt, _>(i64::from(limits.rows))
+                    .bind::<Text, _>(engine)
+                    .bind::<BigInt, _>(millis(lease))
+                    .bind::<BigInt, _>(clamp_i64(limits.max_payload))
+                    .bind::<BigInt, _>(clamp_i64(limits.bytes)),
+            )
+            .await?;
+        drop(conn);
+        let mut claimed = self.sort_out(engine, rows, limits).await;
+        claimed.messages.sort_by_key(|m| m.created_at);
+        Ok(claimed)
+    }
+
+    /// Claims up to `limit` keyed rows for `engine` (no byte budget): see
+    /// [`claim_keyed_within`](Self::claim_keyed_within).
+    pub async fn claim_keyed(
+        &self,
+        engine: &str,
+        limit: u32,
+        lease: Duration,
+        keys: &KeyScan,
+    ) -> Result<Claimed, StoreError> {
+        self.claim_keyed_within(engine, ClaimLimits::rows(limit), lease, keys)
+            .await
+    }
+
+    /// Claims keyed rows for `engine` within `limits`: the due head of each key that has
+    /// nothing in flight (nor, with `keys.block_on_dead_letter`, a dead letter), walking the
+    /// keys round-robin from `keys.after`.
+    pub async fn claim_keyed_within(
+        &self,
+        engine: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+        keys: &KeyScan,
+    ) -> Result<Claimed, StoreError> {
+        let mut conn = self.op().await?;
+        let rows: Vec<ClaimedRow> = conn
+            .fetch_all(
+                diesel::sql_query(&self.statements.claim.keyed)
+                    .bind::<BigInt, _>(i64::from(limits.rows))
+                    .bind::<Text, _>(engine)
+                    .bind::<BigInt, _>(millis(lease))
+                    .bind::<Text, _>(keys.after.as_deref().unwrap_or(""))
+                    .bind::<Bool, _>(keys.block_on_dead_letter)
+                    .bind::<BigInt, _>(clamp_i64(limits.max_payload))
+                    .bind::<BigInt, _>(clamp_i64(limits.bytes)),
+            )
+            .await?;
+        drop(conn);
+        let served: Vec<&str> = rows
+            .iter()
+            .filter_map(|r| r.ordering_key.as_deref())
+            .collect();
+        let next_key = next_key(keys.after.as_deref(), &served).or(keys.after.clone());
+        let mut claimed = self.sort_out(engine, rows, limits).await;
+        claimed.next_key = next_key;
+        Ok(claimed)
+    }
+
+    /// Decodes the rows a claim within `limits` returned, one by one, and dead-letters those
+    /// that can never be published; the claim is full when it filled its rows or the byte
+    /// budget left rows out. If the move fails (the database went away), those rows are
+    /// simply not handed on: this engine never renews their lease, so they come back once
+    /// it expires and are moved then.
+    async fn sort_out(&self, engine: &str, rows: Vec<ClaimedRow>, limits: ClaimLimits) -> Claimed {
+        let mut claimed = Claimed {
+            full: rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut),
+            ..Claimed::default()
+        };
+        let mut bad = Vec::new();
+        for row in rows {
+            match row.decode(limits.max_payload) {
+                Ok(m) => claimed.messages.push(m),
+                Err(u) => bad.push(DeadLetterUpdate {
+                    id: u.id,
+                    error: u.reason,
+                }),
+            }
+        }
+        if bad.is_empty() {
+            return claimed;
+        }
+        match self.move_to_dead_letters(engine, &bad).await {
+            Ok(moved) => {
+                let moved: std::collections::HashSet<uuid::Uuid> = moved.into_iter().collect();
+                claimed.dead_lettered = bad
+                    .into_iter()
+                    .filter(|u| moved.contains(&u.id))
+                    .map(|u| (u.id, u.error))
+                    .collect();
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                rows = bad.len(),
+                "could not dead-letter unreadable rows; they return when their lease expires"
+            ),
+        }
+        claimed
+    }
+}
+
+/// -- name: next_due
+///
+/// The earliest future row (delayed message or backoff): one step down each partial due
+/// index (unkeyed, keyed). A keyed row that is not its key's head may wake the engine
+/// early; the claim then finds nothing, which is harmless. No parameters.
+fn next_due(s: &Schema) -> String {
+    format!(
+        "SELECT EXTRACT(EPOCH FROM (least(
+                    (SELECT min(next_attempt_at) FROM {s}.outbox
+                     WHERE status IN ('pending', 'retrying') AND next_attempt_at > now()
+                       AND ordering_key IS NULL),
+                    (SELECT min(next_attempt_at) FROM {s}.outbox
+                     WHERE status IN ('pending', 'retrying') AND next_attempt_at > now()
+                       AND ordering_key IS NOT NULL)) - now()))::float8 AS age"
+    )
+}
+
+impl Store {
+    /// How long until the earliest row that is not due yet becomes due (`None`: none).
+    pub async fn next_due(&self) -> Result<Option<Duration>, StoreError> {
+        let mut conn = self.op().await?;
+        let row: AgeRow = conn
+            .fetch_one(diesel::sql_query(next_due(&self.schema)))
+            .await?;
+        Ok(row.duration())
+    }
+}
+
+/// The last key a claim served, in the order the claim walks keys: those after `after` up
+/// to the end, then from the start up to `after` itself (byte order, as the `"C"` collation
+/// compares).
+fn next_key(after: Option<&str>, served: &[&str]) -> Option<String> {
+    let after = after.unwrap_or("");
+    let (wrapped, ahead): (Vec<&str>, Vec<&str>) = served.iter().partition(|k| **k <= after);
+    wrapped
+        .into_iter()
+        .max()
+        .or_else(|| ahead.into_iter().max())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_key;
+
+    #[test]
+    fn the_key_cursor_follows_the_walk_and_wraps() {
+        // Walk after "b": c, d, then a, b.
+        assert_eq!(next_key(Some("b"), &["c", "d"]), Some("d".into()));
+        assert_eq!(next_key(Some("b"), &["d", "a", "c"]), Some("a".into()));
+        assert_eq!(next_key(Some("b"), &["b", "d"]), Some("b".into()));
+        assert_eq!(next_key(None, &["k2", "k10"]), Some("k2".into()));
+        assert_eq!(next_key(Some("b"), &[]), None);
+    }
+}

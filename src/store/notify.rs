@@ -1,0 +1,38 @@
+//! The outbox's NOTIFY channel. The insert trigger (see `migrations/`) notifies
+//! `<schema>.outbox` on every commit that adds rows, so engines claim within milliseconds;
+//! engines also notify it themselves, to check at start that notifications reach them and
+//! to wake each other when a discarded dead letter unblocks a key.
+
+use diesel::sql_types::Text;
+
+use super::{Schema, Store, StoreError};
+
+/// The channel's name: `<schema>.outbox`, unquoted (a channel is not an identifier here,
+/// but a string the trigger passes to `pg_notify`).
+fn channel(s: &Schema) -> String {
+    format!("{}.outbox", s.name())
+}
+
+/// -- name: notify
+///
+/// `$1` payload. The channel is a literal: the schema name was checked, so it holds
+/// nothing to escape.
+fn notify(s: &Schema) -> String {
+    let schema = s.name();
+    format!("SELECT pg_notify('{schema}.outbox', $1)::text AS v")
+}
+
+impl Store {
+    /// The NOTIFY channel of the insert trigger: `<schema>.outbox`.
+    pub fn notify_channel(&self) -> String {
+        channel(&self.schema)
+    }
+
+    /// Sends a NOTIFY on the outbox channel with `payload` (the listener's self-check).
+    pub async fn notify(&self, payload: &str) -> Result<(), StoreError> {
+        let mut conn = self.op().await?;
+        conn.run(diesel::sql_query(notify(&self.schema)).bind::<Text, _>(payload))
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! Settling rows: what happened to a claimed row is written back. Acks become `confirmed`,
+//! failures with attempts left become `retrying` with a delay, and rows claimed but never
+//! published are given back (due again at once, the attempt refunded). Each is one
+//! statement over a whole batch; the Ledger actor writes them behind the publisher.
+
+use std::time::Duration;
+
+use diesel::sql_types::{Array, BigInt, Bool, Text};
+use uuid::Uuid;
+
+use super::{millis, Schema, Store, StoreError};
+
+/// A retry decision for one message, written in a batch by [`Store::mark_retrying`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryUpdate {
+    /// The row.
+    pub id: Uuid,
+    /// Delay from now until `next_attempt_at`.
+    pub delay: Duration,
+    /// Stored in `last_error`.
+    pub error: String,
+    /// Give the attempt back (the failure was not this message's fault).
+    pub refund: bool,
+}
+
+/// The settle statements, formatted once per schema: they run for every batch.
+pub(super) struct Statements {
+    confirm: String,
+    retry: String,
+    release: String,
+    release_all: String,
+}
+
+impl Statements {
+    pub(super) fn new(s: &Schema) -> Statements {
+        Statements {
+            confirm: confirm(s),
+            retry: retry(s),
+            release: release(s),
+            release_all: release_all(s),
+        }
+    }
+}
+
+/// -- name: mark_confirmed
+///
+/// An ack is a fact about delivery: it is recorded whoever holds the row now. `locked_by`
+/// is kept: on a confirmed row it names the engine that published it.
+///
+/// `$1` row ids.
+fn confirm(s: &Schema) -> String {
+    format!(
+        "UPDATE {s}.outbox
+                 SET status = 'confirmed', confirmed_at = now(), updated_at = now(),
+                     locked_until = NULL
+                 WHERE id = ANY($1) AND status <> 'confirmed'"
+    )
+}
+
+impl Store {
+    /// Marks a batch `confirmed` (one statement). Returns the rows changed.
+    pub async fn mark_confirmed(&self, ids: &[Uuid]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(
+                diesel::sql_query(&self.statements.settle.confirm)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
+            )
+            .await?)
+    }
+}
+
+/// -- name: mark_retrying
+///
+/// Failures are fenced by the lease: an engine that lost a row must not undo the work of
+/// the engine that holds it now.
+///
+/// `$1` row ids, `$2` delays (ms), `$3` errors, `$4` refunds (one of each per row, in the
+/// same order), `$5` engine id.
+fn retry(s: &Schema) -> String {
+    format!(
+        "UPDATE {s}.outbox o
+                 SET status = 'retrying',
+                     next_attempt_at = now() + u.delay_ms * interval '1 millisecond',
+                     last_error = u.err,
+                     attempts = greatest(o.attempts - CASE WHEN u.refund THEN 1 ELSE 0 END, 0),
+                     locked_by = NULL, locked_until = NULL, updated_at = now()
+                 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bool[])
+                      AS u(id, delay_ms, err, refund)
+                 WHERE o.id = u.id AND o.status = 'in_flight' AND o.locked_by = $5"
+    )
+}
+
+impl Store {
+    /// Marks a batch `retrying` with `next_attempt_at` and `last_error` (one statement),
+    /// for rows `engine` still holds.
+    pub async fn mark_retrying(
+        &self,
+        engine: &str,
+        updates: &[RetryUpdate],
+    ) -> Result<usize, StoreError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = updates.iter().map(|u| u.id).collect();
+        let delays: Vec<i64> = updates.iter().map(|u| millis(u.delay)).collect();
+        let errors: Vec<String> = updates.iter().map(|u| u.error.clone()).collect();
+        let refunds: Vec<bool> = updates.iter().map(|u| u.refund).collect();
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(
+                diesel::sql_query(&self.statements.settle.retry)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+                    .bind::<Array<BigInt>, _>(delays)
+                    .bind::<Array<Text>, _>(errors)
+                    .bind::<Array<Bool>, _>(refunds)
+                    .bind::<Text, _>(engine),
+            )
+            .await?)
+    }
+}
+
+/// Giving a row back unpublished: due again at once, the attempt refunded.
+fn release_set(s: &Schema) -> String {
+    format!(
+        "SET status = CASE WHEN attempts > 1 THEN 'retrying'::{s}.outbox_status
+                               ELSE 'pending'::{s}.outbox_status END,
+                 attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
+                 locked_by = NULL, locked_until = NULL, updated_at = now()"
+    )
+}
+
+/// -- name: release
+///
+/// `$1` row ids, `$2` engine id (only rows it still holds).
+fn release(s: &Schema) -> String {
+    let release_set = release_set(s);
+    format!(
+        "UPDATE {s}.outbox {release_set}
+                 WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
+    )
+}
+
+/// -- name: release_all
+///
+/// `$1` engine id: every row it still holds.
+fn release_all(s: &Schema) -> String {
+    let release_set = release_set(s);
+    format!(
+        "UPDATE {s}.outbox {release_set}
+                 WHERE status = 'in_flight' AND locked_by = $1"
+    )
+}
+
+impl Store {
+    /// Gives back rows `engine` claimed but never published: they are due again at once and
+    /// the attempt is not counted.
+    pub async fn release(&self, engine: &str, ids: &[Uuid]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(
+                diesel::sql_query(&self.statements.settle.release)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+                    .bind::<Text, _>(engine),
+            )
+            .await?)
+    }
+
+    /// Gives back every row `engine` still holds (shutdown): due again at once, attempt
+    /// refunded. Returns how many.
+    pub async fn release_all(&self, engine: &str) -> Result<usize, StoreError> {
+        let mut conn = self.op().await?;
+        Ok(conn
+            .run(diesel::sql_query(&self.statements.settle.release_all).bind::<Text, _>(engine))
+            .await?)
+    }
+}
