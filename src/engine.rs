@@ -32,10 +32,10 @@ use crate::{
         confirms::ConfirmTracker,
         dead_letter::DeadLetterActor,
         heartbeat::{Heartbeat, StopBeating},
+        ledger::{Flushed, Ledger, ReleaseAll},
         publisher::Publisher,
         retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
-        store::{Flushed, ReleaseAll, StoreActor},
     },
     config::{Config, ConfigError},
     events::{CounterSnapshot, EngineEvent, Signals},
@@ -81,7 +81,7 @@ struct Inner {
     store: Store,
     signals: Signals,
     scheduler: Addr<Scheduler>,
-    store_actor: Addr<StoreActor>,
+    ledger: Addr<Ledger>,
     retention: Addr<Retention>,
     heartbeat: Addr<Heartbeat>,
     admin: std::sync::Mutex<Option<actix_web::dev::ServerHandle>>,
@@ -115,7 +115,7 @@ impl Engine {
         // make its context first, so its address exists before it runs.
         let scheduler_ctx = Context::<Scheduler>::new();
         let scheduler = scheduler_ctx.address();
-        let store_actor = StoreActor::new(
+        let ledger = Ledger::new(
             store.clone(),
             engine_id.clone(),
             config.scheduler.lease_duration,
@@ -125,29 +125,27 @@ impl Engine {
         .start();
         let dead_letter = DeadLetterActor::new(
             config.clone(),
-            store_actor.clone(),
+            ledger.clone(),
             scheduler.clone(),
             signals.clone(),
         )
         .start();
         let tracker = ConfirmTracker::new(
             config.clone(),
-            store_actor.clone(),
+            ledger.clone(),
             dead_letter.clone(),
             signals.clone(),
         )
         .start();
         let publisher = {
-            let (config, tracker, scheduler, store_actor, signals) = (
+            let (config, tracker, scheduler, ledger, signals) = (
                 config.clone(),
                 tracker,
                 scheduler.clone(),
-                store_actor.clone(),
+                ledger.clone(),
                 signals.clone(),
             );
-            Supervisor::start(move |_| {
-                Publisher::new(config, tracker, scheduler, store_actor, signals)
-            })
+            Supervisor::start(move |_| Publisher::new(config, tracker, scheduler, ledger, signals))
         };
         let retention =
             Retention::new(store.clone(), config.retention.clone(), signals.clone()).start();
@@ -163,7 +161,7 @@ impl Engine {
         scheduler_ctx.run(Scheduler::new(
             config.clone(),
             Peers {
-                store: store_actor.clone(),
+                ledger: ledger.clone(),
                 publisher,
                 dead_letter,
             },
@@ -179,7 +177,7 @@ impl Engine {
                 store,
                 signals,
                 scheduler,
-                store_actor,
+                ledger,
                 retention,
                 heartbeat,
                 admin: std::sync::Mutex::new(None),
@@ -407,8 +405,7 @@ impl EngineHandle {
             left = self.outstanding().await;
         }
         let flush_by = deadline.max(Instant::now() + Duration::from_secs(1));
-        let _ =
-            tokio::time::timeout_at(flush_by.into(), self.inner.store_actor.send(Flushed)).await;
+        let _ = tokio::time::timeout_at(flush_by.into(), self.inner.ledger.send(Flushed)).await;
         let released = if left == 0 {
             tracing::info!("shutdown complete: every claimed message settled");
             0
@@ -430,7 +427,7 @@ impl EngineHandle {
 
     /// End of a shutdown that timed out: give back what is still held.
     async fn release_all(&self, left: usize) -> usize {
-        match self.inner.store_actor.send(ReleaseAll).await {
+        match self.inner.ledger.send(ReleaseAll).await {
             Ok(Ok(released)) => {
                 tracing::warn!(
                     unsettled = left,

@@ -14,8 +14,9 @@
 //! - [`state`]: the typed state machine (`Pending → InFlight → Confirmed`, `Retrying`, `Failed`).
 //! - [`backoff`]: the retry delay schedule.
 //! - [`message`]: the outbox row and its AMQP form.
-//! - [`store`]: the database layer: every SQL statement, migrations, the pool.
-//! - [`actors`]: the engine: Scheduler, Store, Publisher, ConfirmTracker, DeadLetter.
+//! - [`store`]: the database layer: the pool, migrations, and every SQL statement, one file
+//!   per concern (claim, leases, settle, dead letters, stats, retention, inbox, enqueue).
+//! - [`actors`]: the engine: Scheduler, Ledger, Publisher, ConfirmTracker, DeadLetter.
 //! - [`Engine`] / [`EngineHandle`]: start the actors, enqueue, await outcomes, shut down.
 //! - [`events`]: what the engine announces (test signals) and its counters.
 //! - [`inflight`]: the ConfirmTracker's table: tokens, return correlation, deadlines.

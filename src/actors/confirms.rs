@@ -20,7 +20,7 @@
 //! (see `inflight`): the others are refunded, so a row the broker refuses uses up its own
 //! attempts and no neighbour's.
 //!
-//! Outcomes go to the Store actor (batched writes) and the DeadLetter actor.
+//! Outcomes go to the Ledger (batched writes) and the DeadLetter actor.
 
 use std::{
     future::Future,
@@ -37,7 +37,7 @@ use uuid::Uuid;
 
 use super::{
     dead_letter::{Bury, DeadLetterActor},
-    store::{Record, StoreActor},
+    ledger::{Ledger, Record},
 };
 use crate::{
     broker::ChannelClose,
@@ -101,7 +101,7 @@ type ConfirmFuture = Pin<Box<dyn Future<Output = Resolved>>>;
 /// See the module documentation.
 pub struct ConfirmTracker {
     config: Arc<Config>,
-    store: Addr<StoreActor>,
+    ledger: Addr<Ledger>,
     dead_letter: Addr<DeadLetterActor>,
     signals: Signals,
     in_flight: InFlightTable,
@@ -109,16 +109,16 @@ pub struct ConfirmTracker {
 }
 
 impl ConfirmTracker {
-    /// A tracker sending outcomes to `store` and `dead_letter`.
+    /// A tracker sending outcomes to `ledger` and `dead_letter`.
     pub fn new(
         config: Arc<Config>,
-        store: Addr<StoreActor>,
+        ledger: Addr<Ledger>,
         dead_letter: Addr<DeadLetterActor>,
         signals: Signals,
     ) -> Self {
         ConfirmTracker {
             config,
-            store,
+            ledger,
             dead_letter,
             signals,
             in_flight: InFlightTable::new(),
@@ -260,7 +260,7 @@ impl ConfirmTracker {
 
     fn send(&self, out: Outcomes) {
         if !out.record.confirmed.is_empty() || !out.record.retry.is_empty() {
-            self.store.do_send(out.record);
+            self.ledger.do_send(out.record);
         }
         if !out.dead.is_empty() {
             self.dead_letter.do_send(Bury(out.dead));

@@ -29,8 +29,8 @@ use lapin::{
 use uuid::Uuid;
 
 use super::{
+    ledger::{Ledger, MoveToDeadLetters},
     scheduler::{Scheduler, Settled},
-    store::{MoveToDeadLetters, StoreActor},
 };
 use crate::{
     broker,
@@ -55,7 +55,7 @@ pub struct Bury(pub Vec<(Delivery, String)>);
 /// See the module documentation.
 pub struct DeadLetterActor {
     config: Arc<Config>,
-    store: Addr<StoreActor>,
+    ledger: Addr<Ledger>,
     scheduler: Addr<Scheduler>,
     signals: Signals,
     pending: Vec<(Delivery, String)>,
@@ -69,16 +69,16 @@ pub struct DeadLetterActor {
 }
 
 impl DeadLetterActor {
-    /// A dead-letter actor writing through `store`.
+    /// A dead-letter actor writing through `ledger`.
     pub fn new(
         config: Arc<Config>,
-        store: Addr<StoreActor>,
+        ledger: Addr<Ledger>,
         scheduler: Addr<Scheduler>,
         signals: Signals,
     ) -> Self {
         DeadLetterActor {
             config,
-            store,
+            ledger,
             scheduler,
             signals,
             pending: Vec::new(),
@@ -103,7 +103,7 @@ impl DeadLetterActor {
                 error: why.clone(),
             })
             .collect();
-        self.store
+        self.ledger
             .send(MoveToDeadLetters(updates))
             .into_actor(self)
             .map(|result, act, ctx| match result {
@@ -124,7 +124,7 @@ impl DeadLetterActor {
         why: String,
     ) {
         self.failures += 1;
-        let delay = super::store::retry_delay(self.failures);
+        let delay = super::ledger::retry_delay(self.failures);
         tracing::warn!(error = %why, rows = batch.len(), retry_in = ?delay, "could not move rows to dead_letters; retrying");
         self.pending.splice(0..0, batch);
         ctx.run_later(delay, |act, ctx| {

@@ -1,7 +1,8 @@
 //! The engine's actors, one per file, each owning one resource:
 //!
 //! - [`scheduler`]: when to claim and how much (sweep timer, LISTEN connection, credits);
-//! - [`store`]: the database pool (claims, batched outcome writes, leases);
+//! - [`ledger`]: the engine's side of the database: claims, outcomes written behind the
+//!   publisher in batches, lease renewals;
 //! - [`publisher`]: the AMQP connection and confirm channel (supervised);
 //! - [`confirms`]: the in-flight table, confirm deadlines and return correlation;
 //! - [`dead_letter`]: the move to `dead_letters` and the optional dead-letter exchange;
@@ -15,7 +16,7 @@
 pub mod confirms;
 pub mod dead_letter;
 pub mod heartbeat;
+pub mod ledger;
 pub mod publisher;
 pub mod retention;
 pub mod scheduler;
-pub mod store;

@@ -53,8 +53,8 @@ use stuck::ChannelAnswers;
 
 use super::{
     confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
+    ledger::{Ledger, Release},
     scheduler::{BrokerReady, Scheduler},
-    store::{Release, StoreActor},
 };
 use crate::{
     backoff,
@@ -113,7 +113,7 @@ pub struct Publisher {
     config: Arc<Config>,
     tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
-    store: Addr<StoreActor>,
+    ledger: Addr<Ledger>,
     generation: u64,
     signals: Signals,
     link: Option<Link>,
@@ -136,14 +136,14 @@ impl Publisher {
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
         scheduler: Addr<Scheduler>,
-        store: Addr<StoreActor>,
+        ledger: Addr<Ledger>,
         signals: Signals,
     ) -> Self {
         Publisher {
             config,
             tracker,
             scheduler,
-            store,
+            ledger,
             generation: 0,
             signals,
             link: None,
@@ -647,7 +647,7 @@ impl Handler<Publish> for Publisher {
                 );
             }
             let ids = msg.0.iter().map(|d| d.message.id).collect();
-            self.store.do_send(Release(ids));
+            self.ledger.do_send(Release(ids));
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         if self.link.is_none() {

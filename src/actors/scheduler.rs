@@ -29,8 +29,8 @@ use actix::prelude::*;
 
 use super::{
     dead_letter::{Bury, DeadLetterActor},
+    ledger::{Claim, ClaimKeyed, Ledger, NextDue, Release, RenewLeases},
     publisher::{Publish, Publisher},
-    store::{Claim, ClaimKeyed, NextDue, Release, RenewLeases, StoreActor},
 };
 use crate::{
     config::{Config, OnDeadLetter},
@@ -46,7 +46,7 @@ mod window;
 use demand::{Demand, Kind};
 use window::Window;
 
-/// What the Store actor answered to a claim.
+/// What the Ledger answered to a claim.
 type ClaimAnswer = Result<Result<Claimed, crate::store::StoreError>, MailboxError>;
 
 /// Something may be due: claim if there are credits.
@@ -98,7 +98,7 @@ pub struct Outstanding;
 /// The addresses the Scheduler hands work to.
 pub struct Peers {
     /// Claims go here.
-    pub store: Addr<StoreActor>,
+    pub ledger: Addr<Ledger>,
     /// Claimed rows go here.
     pub publisher: Addr<Publisher>,
     /// Rows claimed past their budget go here.
@@ -262,7 +262,7 @@ impl Scheduler {
             let limit = split.unkeyed;
             let limits = self.limits(limit, total);
             self.peers
-                .store
+                .ledger
                 .send(Claim { limits })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
@@ -279,7 +279,7 @@ impl Scheduler {
             };
             let limits = self.limits(limit, total);
             self.peers
-                .store
+                .ledger
                 .send(ClaimKeyed { limits, keys })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
@@ -307,7 +307,7 @@ impl Scheduler {
                 None
             }
             Err(e) => {
-                tracing::error!(error = %e, "store actor unavailable");
+                tracing::error!(error = %e, "ledger unavailable");
                 None
             }
         }
@@ -383,7 +383,7 @@ impl Scheduler {
             self.arm(ctx, poll);
         }
         self.peers
-            .store
+            .ledger
             .send(NextDue)
             .into_actor(self)
             .map(move |result, act, ctx| match result {
@@ -485,7 +485,7 @@ impl Scheduler {
             return;
         }
         let ids = self.queue.drain(..).map(|d| d.message.id).collect();
-        self.peers.store.do_send(Release(ids));
+        self.peers.ledger.do_send(Release(ids));
     }
 
     fn log_summary(&self, ctx: &mut Context<Self>) {
@@ -528,7 +528,7 @@ impl Actor for Scheduler {
         ctx.run_interval(self.config.scheduler.lease_duration / 3, |act, _| {
             if !act.held.is_empty() {
                 let ids = act.held.keys().copied().collect();
-                act.peers.store.do_send(RenewLeases(ids));
+                act.peers.ledger.do_send(RenewLeases(ids));
             }
         });
         if self.config.database.listen {

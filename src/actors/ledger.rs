@@ -1,4 +1,8 @@
-//! The Store actor: the only owner of the database pool inside the engine.
+//! The Ledger: the engine's account of the rows it holds, kept in the database. It takes
+//! rows out (claims), keeps them (lease renewals), and writes down what became of them
+//! (confirmed, retrying, dead-lettered, given back). It is named for that bookkeeping, not
+//! for the pool it uses: the database layer itself is [`crate::store`], which the CLI, the
+//! admin API and the other actors use too.
 //!
 //! Claims are answered as they come (each on its own pooled connection). Outcomes —
 //! `confirmed` ids and `retrying` updates — are write-behind: they accumulate while the
@@ -87,7 +91,7 @@ pub struct ReleaseAll;
 pub struct Flushed;
 
 /// See the module documentation.
-pub struct StoreActor {
+pub struct Ledger {
     store: Store,
     engine_id: String,
     lease: Duration,
@@ -100,8 +104,8 @@ pub struct StoreActor {
     flush_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
-impl StoreActor {
-    /// A Store actor for `engine_id`, returning credits to `scheduler`.
+impl Ledger {
+    /// A Ledger for `engine_id`, returning credits to `scheduler`.
     pub fn new(
         store: Store,
         engine_id: String,
@@ -109,7 +113,7 @@ impl StoreActor {
         scheduler: Addr<Scheduler>,
         signals: Signals,
     ) -> Self {
-        StoreActor {
+        Ledger {
             store,
             engine_id,
             lease,
@@ -215,11 +219,11 @@ pub(crate) fn retry_delay(failures: u32) -> Duration {
     Duration::from_millis(ms.min(5_000))
 }
 
-impl Actor for StoreActor {
+impl Actor for Ledger {
     type Context = Context<Self>;
 }
 
-impl Handler<Claim> for StoreActor {
+impl Handler<Claim> for Ledger {
     type Result = ResponseFuture<Result<Claimed, StoreError>>;
 
     fn handle(&mut self, msg: Claim, _: &mut Context<Self>) -> Self::Result {
@@ -235,7 +239,7 @@ impl Handler<Claim> for StoreActor {
     }
 }
 
-impl Handler<ClaimKeyed> for StoreActor {
+impl Handler<ClaimKeyed> for Ledger {
     type Result = ResponseFuture<Result<Claimed, StoreError>>;
 
     fn handle(&mut self, msg: ClaimKeyed, _: &mut Context<Self>) -> Self::Result {
@@ -268,7 +272,7 @@ fn announce_dead_lettered(signals: &Signals, claimed: &Claimed) {
     )));
 }
 
-impl Handler<RenewLeases> for StoreActor {
+impl Handler<RenewLeases> for Ledger {
     type Result = ();
 
     fn handle(&mut self, msg: RenewLeases, ctx: &mut Context<Self>) {
@@ -289,7 +293,7 @@ impl Handler<RenewLeases> for StoreActor {
     }
 }
 
-impl Handler<Record> for StoreActor {
+impl Handler<Record> for Ledger {
     type Result = ();
 
     fn handle(&mut self, msg: Record, ctx: &mut Context<Self>) {
@@ -300,7 +304,7 @@ impl Handler<Record> for StoreActor {
     }
 }
 
-impl Handler<MoveToDeadLetters> for StoreActor {
+impl Handler<MoveToDeadLetters> for Ledger {
     type Result = ResponseFuture<Result<Vec<Uuid>, StoreError>>;
 
     fn handle(&mut self, msg: MoveToDeadLetters, _: &mut Context<Self>) -> Self::Result {
@@ -310,7 +314,7 @@ impl Handler<MoveToDeadLetters> for StoreActor {
     }
 }
 
-impl Handler<Release> for StoreActor {
+impl Handler<Release> for Ledger {
     type Result = ();
 
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
@@ -333,7 +337,7 @@ impl Handler<Release> for StoreActor {
     }
 }
 
-impl Handler<NextDue> for StoreActor {
+impl Handler<NextDue> for Ledger {
     type Result = ResponseFuture<Result<Option<Duration>, StoreError>>;
 
     fn handle(&mut self, _: NextDue, _: &mut Context<Self>) -> Self::Result {
@@ -342,7 +346,7 @@ impl Handler<NextDue> for StoreActor {
     }
 }
 
-impl Handler<ReleaseAll> for StoreActor {
+impl Handler<ReleaseAll> for Ledger {
     type Result = ResponseFuture<Result<usize, StoreError>>;
 
     fn handle(&mut self, _: ReleaseAll, _: &mut Context<Self>) -> Self::Result {
@@ -352,7 +356,7 @@ impl Handler<ReleaseAll> for StoreActor {
     }
 }
 
-impl Handler<Flushed> for StoreActor {
+impl Handler<Flushed> for Ledger {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) -> Self::Result {
