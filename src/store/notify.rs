@@ -1,7 +1,8 @@
 //! The outbox's NOTIFY channel. The insert trigger (see `migrations/`) notifies
-//! `<schema>.outbox` on every commit that adds rows, so engines claim within milliseconds;
-//! engines also notify it themselves, to check at start that notifications reach them and
-//! to wake each other when a discarded dead letter unblocks a key.
+//! `<schema>.outbox` for every statement that adds rows (delivered at commit), so engines
+//! claim within milliseconds. Engines also notify it themselves, to check at start that
+//! notifications reach them and to wake each other when a discarded dead letter unblocks
+//! a key.
 
 use diesel::sql_types::Text;
 
