@@ -236,12 +236,6 @@ async fn check_broker(config: &Config) -> Result<(), EngineError> {
 /// capped backoff when `database.wait_at_start` is on, saying so at each attempt; otherwise
 /// fails at once (the binary exits 1).
 async fn connect_database(config: &Config) -> Result<Store, EngineError> {
-    let backoff = crate::config::BackoffConfig {
-        initial: Duration::from_millis(500),
-        max: Duration::from_secs(10),
-        multiplier: 2.0,
-        jitter: 0.2,
-    };
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -255,7 +249,7 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
         match result {
             Ok(store) => return Ok(store),
             Err(e) if e.is_transient() && config.database.wait_at_start => {
-                let delay = crate::backoff::delay(&backoff, attempt);
+                let delay = crate::backoff::ENGINE_START.delay(attempt);
                 tracing::warn!(error = %e, attempt, retry_in = ?delay, "PostgreSQL not available yet; retrying");
                 tokio::time::sleep(delay).await;
             }

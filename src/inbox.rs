@@ -95,21 +95,16 @@ impl InboxConfig {
             prefetch: 32,
             concurrency: 8,
             max_redeliveries: 5,
-            database_retry: BackoffConfig {
-                initial: DATABASE_RETRY_INITIAL,
-                max: DATABASE_RETRY_MAX,
-                multiplier: 2.0,
-                jitter: 0.2,
-            },
+            database_retry: backoff::INBOX_HOLD.into(),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
 
 /// First delay before a delivery held during a database outage is tried again.
-pub const DATABASE_RETRY_INITIAL: Duration = Duration::from_millis(100);
+pub const DATABASE_RETRY_INITIAL: Duration = backoff::INBOX_HOLD.first;
 /// Longest delay between tries of a held delivery.
-pub const DATABASE_RETRY_MAX: Duration = Duration::from_secs(5);
+pub const DATABASE_RETRY_MAX: Duration = backoff::INBOX_HOLD.max;
 
 /// One delivery, as the handler sees it.
 #[derive(Debug, Clone)]
@@ -350,7 +345,7 @@ impl Inbox {
                     }
                     Err(e) => {
                         failures += 1;
-                        let delay = Duration::from_millis((100u64 << failures.min(7)).min(10_000));
+                        let delay = backoff::INBOX_RECONNECT.delay(failures);
                         tracing::warn!(error = %e, retry_in = ?delay, consumer = %self.config.consumer, "inbox lost its broker connection; reconnecting");
                         let mut stop = stop_rx.clone();
                         tokio::select! {

@@ -124,7 +124,7 @@ impl DeadLetterActor {
         why: String,
     ) {
         self.failures += 1;
-        let delay = super::store::retry_delay(self.failures);
+        let delay = crate::backoff::STORE_WRITE.delay(self.failures);
         tracing::warn!(error = %why, rows = batch.len(), retry_in = ?delay, "could not move rows to dead_letters; retrying");
         self.pending.splice(0..0, batch);
         ctx.run_later(delay, |act, ctx| {
