@@ -59,8 +59,14 @@ pub enum EngineError {
     #[error("Engine::start must be called inside a running actix System")]
     NoSystem,
     /// The admin server could not start.
-    #[error("admin API: {0}")]
-    Admin(String),
+    #[error("admin API: cannot serve on {bind}: {source}")]
+    Admin {
+        /// The address it was to listen on.
+        bind: String,
+        /// Why not (the address is taken, the admin connection URL is unusable…).
+        #[source]
+        source: crate::admin::AdminError,
+    },
     /// A wait ran out of time; the ids not settled yet are listed.
     #[error("timed out waiting for {} message(s)", .0.len())]
     Timeout(Vec<Uuid>),
@@ -188,7 +194,10 @@ impl Engine {
         if let Some(bind) = handle.inner.config.admin.bind.clone() {
             let server = crate::admin::start(handle.clone(), &bind)
                 .await
-                .map_err(|e| EngineError::Admin(format!("cannot serve on {bind}: {e}")))?;
+                .map_err(|source| EngineError::Admin {
+                    bind: bind.clone(),
+                    source,
+                })?;
             tracing::info!(%bind, mutating = handle.inner.config.admin.token.is_some(), "admin API and dashboard listening");
             if let Ok(mut slot) = handle.inner.admin.lock() {
                 *slot = Some(server);

@@ -451,7 +451,7 @@ impl Inbox {
         let _ = conn.close(200, "inbox stopped".into()).await;
         match ended {
             None => Ok(()),
-            Some(why) => Err(InboxError::Broker(BrokerError::Amqp(why))),
+            Some(why) => Err(InboxError::Broker(BrokerError::Lost(why))),
         }
     }
 

@@ -54,6 +54,20 @@ fn bad_config_exits_2_and_names_the_key() {
 }
 
 #[test]
+fn a_missing_config_file_says_why_once() {
+    let o = courier(&["--config", "/nonexistent/courier.yaml", "status"], &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let why = std::fs::read_to_string("/nonexistent/courier.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        stderr.starts_with("error: cannot read config file /nonexistent/courier.yaml: "),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches(why.as_str()).count(), 1, "{stderr}");
+}
+
+#[test]
 fn unreachable_database_names_host_without_password_and_exits_1() {
     let o = courier(
         &["migrate"],

@@ -239,7 +239,7 @@ async fn publish_to_exchange(
             let opened = tokio::time::timeout(bounds.connect.saturating_mul(nodes), open(cfg))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(broker::BrokerError::Amqp(format!(
+                    Err(broker::BrokerError::Lost(format!(
                         "no link within {}",
                         humantime::format_duration(bounds.connect)
                     )))

@@ -256,7 +256,7 @@ impl Publisher {
             async move {
                 tokio::time::timeout(timeout, confirm_channel(&conn))
                     .await
-                    .unwrap_or_else(|_| Err(BrokerError::Amqp("no answer to channel.open".into())))
+                    .unwrap_or_else(|_| Err(BrokerError::Lost("no answer to channel.open".into())))
             }
             .into_actor(self)
             .map(move |result, act, ctx| match (result, act.link.as_mut()) {
