@@ -764,12 +764,7 @@ fn apply_env(
 }
 
 /// `COURIER_*` variables that are read elsewhere, not configuration keys.
-pub const ENV_NOT_CONFIG: &[&str] = &[
-    "COURIER_CONFIG",
-    "COURIER_TEST_DATABASE_URL",
-    "COURIER_TEST_BROKER_URL",
-    "COURIER_SOAK",
-];
+pub const ENV_NOT_CONFIG: &[&str] = &["COURIER_CONFIG"];
 
 fn lookup<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter()

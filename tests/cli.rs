@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn courier(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+    let mut cmd = common::courier_command();
     cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
     for (k, v) in env {
         cmd.env(k, v);
