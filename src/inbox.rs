@@ -113,9 +113,9 @@ pub struct InboxMessage {
     pub message_id: String,
     /// Exchange it was published to.
     pub exchange: String,
-    /// Routing key.
+    /// The routing key it was published with.
     pub routing_key: String,
-    /// Body.
+    /// The bytes as published.
     pub payload: Vec<u8>,
     /// Properties (headers, content type, …).
     pub properties: BasicProperties,
@@ -177,10 +177,10 @@ pub enum Disposition {
 /// An inbox failure (not a handler failure).
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
-    /// The database.
+    /// PostgreSQL failed outside a handler's transaction.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The broker.
+    /// No node could be reached, or a session ended (its deliveries come back redelivered).
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }

@@ -271,7 +271,7 @@ impl Delivery {
         }
     }
 
-    /// The current state.
+    /// `InFlight` from the claim until a transition moves it on.
     pub fn state(&self) -> Status {
         self.state
     }
