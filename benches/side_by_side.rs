@@ -390,6 +390,9 @@ fn courier_env(schema: &str) -> Vec<(&'static str, String)> {
 fn spawn_engine(schema: &str, extra: &[(&str, String)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_courier"))
         .arg("run")
+        // The tests' own variables are no configuration keys: the engine would refuse them.
+        .env_remove("COURIER_TEST_DATABASE_URL")
+        .env_remove("COURIER_TEST_BROKER_URL")
         .envs(courier_env(schema).into_iter().chain(extra.iter().cloned()))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

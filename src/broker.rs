@@ -44,7 +44,11 @@ pub enum BrokerError {
     NoNode(Vec<BrokerError>),
     /// An AMQP operation failed.
     #[error("AMQP error: {0}")]
-    Amqp(String),
+    Amqp(#[from] lapin::Error),
+    /// The broker ended a session or gave no answer in time: there is no driver error to
+    /// keep, only what happened.
+    #[error("AMQP error: {0}")]
+    Lost(String),
 }
 
 fn list(failures: &[BrokerError]) -> String {
@@ -62,14 +66,8 @@ impl BrokerError {
             BrokerError::BadUrl(_) => true,
             BrokerError::Connect { permanent, .. } => *permanent,
             BrokerError::NoNode(failures) => failures.iter().any(BrokerError::is_permanent),
-            BrokerError::Amqp(_) => false,
+            BrokerError::Amqp(_) | BrokerError::Lost(_) => false,
         }
-    }
-}
-
-impl From<lapin::Error> for BrokerError {
-    fn from(e: lapin::Error) -> Self {
-        BrokerError::Amqp(e.to_string())
     }
 }
 
@@ -342,6 +340,19 @@ mod tests {
             close(406, "PRECONDITION_FAILED - other").message_size(),
             None
         );
+    }
+
+    #[test]
+    fn a_driver_error_is_kept_as_the_source_and_is_not_permanent() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let driver = lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(io)));
+        let e = BrokerError::from(driver.clone());
+        assert_eq!(e.to_string(), format!("AMQP error: {driver}"));
+        let source = e.source().expect("the driver's error");
+        assert!(source.downcast_ref::<lapin::Error>().is_some());
+        assert!(!e.is_permanent());
+        assert!(!BrokerError::Lost("no answer".into()).is_permanent());
     }
 
     #[tokio::test]

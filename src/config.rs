@@ -18,12 +18,13 @@ use serde_yaml_ng::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {reason}")]
+    #[error("cannot read config file {path}: {source}")]
     Read {
         /// The file that was asked for.
         path: String,
         /// Why it could not be read.
-        reason: String,
+        #[source]
+        source: std::io::Error,
     },
     /// The YAML is malformed, has an unknown key or a value of the wrong type.
     #[error("invalid config {origin}: {message}")]
@@ -474,9 +475,9 @@ pub const ENV_PREFIX: &str = "COURIER_";
 impl Config {
     /// Reads `path`, applies `COURIER_*` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
-            reason: e.to_string(),
+            source,
         })?;
         Self::from_yaml_with_env(&text, &path.display().to_string(), std::env::vars())
     }
@@ -763,12 +764,7 @@ fn apply_env(
 }
 
 /// `COURIER_*` variables that are read elsewhere, not configuration keys.
-pub const ENV_NOT_CONFIG: &[&str] = &[
-    "COURIER_CONFIG",
-    "COURIER_TEST_DATABASE_URL",
-    "COURIER_TEST_BROKER_URL",
-    "COURIER_SOAK",
-];
+pub const ENV_NOT_CONFIG: &[&str] = &["COURIER_CONFIG"];
 
 fn lookup<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter()
@@ -817,6 +813,19 @@ mod tests {
         let from_file = parse(text).expect("config.yaml is valid");
         let defaults = serde_yaml_ng::to_value(Config::default()).unwrap();
         assert_eq!(serde_yaml_ng::to_value(from_file).unwrap(), defaults);
+    }
+
+    #[test]
+    fn an_unreadable_file_names_it_and_keeps_the_io_error() {
+        use std::error::Error as _;
+        let e = Config::load(Path::new("/nonexistent/courier.yaml")).unwrap_err();
+        let source = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(source.map(|s| s.kind()), Some(std::io::ErrorKind::NotFound));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot read config file /nonexistent/courier.yaml: "),
+            "{text}"
+        );
     }
 
     #[test]

@@ -59,8 +59,14 @@ pub enum EngineError {
     #[error("Engine::start must be called inside a running actix System")]
     NoSystem,
     /// The admin server could not start.
-    #[error("admin API: {0}")]
-    Admin(String),
+    #[error("admin API: cannot serve on {bind}: {source}")]
+    Admin {
+        /// The address it was to listen on.
+        bind: String,
+        /// Why not (the address is taken, the admin connection URL is unusable…).
+        #[source]
+        source: crate::admin::AdminError,
+    },
     /// A wait ran out of time; the ids not settled yet are listed.
     #[error("timed out waiting for {} message(s)", .0.len())]
     Timeout(Vec<Uuid>),
@@ -186,7 +192,10 @@ impl Engine {
         if let Some(bind) = handle.inner.config.admin.bind.clone() {
             let server = crate::admin::start(handle.clone(), &bind)
                 .await
-                .map_err(|e| EngineError::Admin(format!("cannot serve on {bind}: {e}")))?;
+                .map_err(|source| EngineError::Admin {
+                    bind: bind.clone(),
+                    source,
+                })?;
             tracing::info!(%bind, mutating = handle.inner.config.admin.token.is_some(), "admin API and dashboard listening");
             if let Ok(mut slot) = handle.inner.admin.lock() {
                 *slot = Some(server);
@@ -234,12 +243,6 @@ async fn check_broker(config: &Config) -> Result<(), EngineError> {
 /// capped backoff when `database.wait_at_start` is on, saying so at each attempt; otherwise
 /// fails at once (the binary exits 1).
 async fn connect_database(config: &Config) -> Result<Store, EngineError> {
-    let backoff = crate::config::BackoffConfig {
-        initial: Duration::from_millis(500),
-        max: Duration::from_secs(10),
-        multiplier: 2.0,
-        jitter: 0.2,
-    };
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -253,7 +256,7 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
         match result {
             Ok(store) => return Ok(store),
             Err(e) if e.is_transient() && config.database.wait_at_start => {
-                let delay = crate::backoff::delay(&backoff, attempt);
+                let delay = crate::backoff::ENGINE_START.delay(attempt);
                 tracing::warn!(error = %e, attempt, retry_in = ?delay, "PostgreSQL not available yet; retrying");
                 tokio::time::sleep(delay).await;
             }

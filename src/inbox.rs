@@ -94,21 +94,16 @@ impl InboxConfig {
             prefetch: 32,
             concurrency: 8,
             max_redeliveries: 5,
-            database_retry: BackoffConfig {
-                initial: DATABASE_RETRY_INITIAL,
-                max: DATABASE_RETRY_MAX,
-                multiplier: 2.0,
-                jitter: 0.2,
-            },
+            database_retry: backoff::INBOX_HOLD.into(),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
 
 /// First delay before a delivery held during a database outage is tried again.
-pub const DATABASE_RETRY_INITIAL: Duration = Duration::from_millis(100);
+pub const DATABASE_RETRY_INITIAL: Duration = backoff::INBOX_HOLD.first;
 /// Longest delay between tries of a held delivery.
-pub const DATABASE_RETRY_MAX: Duration = Duration::from_secs(5);
+pub const DATABASE_RETRY_MAX: Duration = backoff::INBOX_HOLD.max;
 
 /// One delivery, as the handler sees it.
 #[derive(Debug, Clone)]
@@ -117,9 +112,9 @@ pub struct InboxMessage {
     pub message_id: String,
     /// Exchange it was published to.
     pub exchange: String,
-    /// Routing key.
+    /// The routing key it was published with.
     pub routing_key: String,
-    /// Body.
+    /// The bytes as published.
     pub payload: Vec<u8>,
     /// Properties (headers, content type, …).
     pub properties: BasicProperties,
@@ -181,10 +176,10 @@ pub enum Disposition {
 /// An inbox failure (not a handler failure).
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
-    /// The database.
+    /// PostgreSQL failed outside a handler's transaction.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The broker.
+    /// No node could be reached, or a session ended (its deliveries come back redelivered).
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
@@ -320,7 +315,7 @@ impl Inbox {
                     }
                     Err(e) => {
                         failures += 1;
-                        let delay = Duration::from_millis((100u64 << failures.min(7)).min(10_000));
+                        let delay = backoff::INBOX_RECONNECT.delay(failures);
                         tracing::warn!(error = %e, retry_in = ?delay, consumer = %self.config.consumer, "inbox lost its broker connection; reconnecting");
                         let mut stop = stop_rx.clone();
                         tokio::select! {
@@ -426,7 +421,7 @@ impl Inbox {
         let _ = conn.close(200, "inbox stopped".into()).await;
         match ended {
             None => Ok(()),
-            Some(why) => Err(InboxError::Broker(BrokerError::Amqp(why))),
+            Some(why) => Err(InboxError::Broker(BrokerError::Lost(why))),
         }
     }
 

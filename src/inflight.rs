@@ -85,7 +85,7 @@ impl InFlightTable {
         Self::default()
     }
 
-    /// Messages in flight.
+    /// Messages tracked and not yet settled.
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -19,9 +19,9 @@ pub struct OutboxMessage {
     pub id: Uuid,
     /// Target exchange (`""` is the default exchange).
     pub exchange: String,
-    /// Routing key.
+    /// Matched against the exchange's bindings (`""` is allowed).
     pub routing_key: String,
-    /// Message body.
+    /// Published byte for byte; Courier never decodes it.
     pub payload: Vec<u8>,
     /// A JSON object; each key becomes an AMQP header.
     pub headers: Value,

@@ -74,7 +74,8 @@ fn one_host(raw: &str) -> Option<(String, String)> {
     Some((single, hosts.to_string()))
 }
 
-/// Secrets this short are not scrubbed out of free text (see [`SecretUrl::scrub`]).
+/// Secrets this short are not scrubbed out of free text (see
+/// [`SecretUrl::scrub`](crate::config::SecretUrl::scrub)).
 pub const MIN_SCRUBBED_SECRET: usize = 4;
 
 /// Fragments of a parameter name that make its value a credential, compared in lower case

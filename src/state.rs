@@ -1,17 +1,35 @@
 //! The typed state machine every outbox message goes through.
 //!
 //! ```text
-//! Pending ──publish──► InFlight ──ack──► Confirmed
-//!    ▲                    │ └─release (never sent)──► Pending
-//!    │                    └─fail──► Retrying ──publish──► InFlight …
-//!  requeue                │            └─exhaust──► Failed
-//!  (operator)             └─fail, attempts exhausted──► Failed (moved to dead_letters)
+//! Pending ──claim──► InFlight ──ack──► Confirmed ──retention──► deleted or archived
+//!    ▲                 │ │ │
+//!    │                 │ │ └─release (shutdown)──► Pending, or Retrying after failed attempts
+//!    │                 │ └─fail──► Retrying ──claim──► InFlight …
+//!    │                 │              └─claimed past its budget──► Failed
+//!    │                 └─fail, attempts exhausted──► Failed (moved to dead_letters)
+//!    └──requeue (operator), from Failed
 //! ```
 //!
-//! The database column holds the same names ([`Status::as_str`]). Transitions are methods
-//! that return the next state or a [`TransitionError`]: an illegal move such as
-//! `Confirmed → Retrying` is an error the caller must handle, never silently applied.
-//! [`Delivery`] is the in-flight form the engine holds for each claimed message.
+//! The `status` column holds the same names ([`Status::as_str`]), except `failed`: it is in
+//! the column's type, but no statement writes it. What the SQL does, transition by transition:
+//! - **claim**: a due `pending` or `retrying` row, or an `in_flight` row whose lease expired
+//!   (its engine crashed or stopped beating; `last_error` says so), becomes `in_flight`,
+//!   leased to the claiming engine, with the attempt counted.
+//! - **ack**: the row becomes `confirmed` whatever its status by then: an ack is a fact about
+//!   delivery, recorded even when the lease has passed to another engine.
+//! - **fail**: `in_flight` → `retrying`, due after the backoff, only while this engine holds
+//!   the lease.
+//! - **release** (shutdown: rows never published, and at the end of a shutdown that ran out
+//!   of time every row the engine still holds): `in_flight` → `pending` on a first attempt,
+//!   `retrying` when it had failed before; the attempt is given back and it is due at once.
+//! - **attempts exhausted**: the row leaves the outbox in the same statement that inserts it
+//!   into `dead_letters`. [`Status::Failed`] is the state of a message in `dead_letters`.
+//! - **requeue**: from `dead_letters` back into the outbox as `pending`, attempts at 0.
+//! - **retention**: old `confirmed` rows are deleted, or moved to `outbox_archive`.
+//!
+//! Transitions are methods that return the next state or a [`TransitionError`]: an illegal
+//! move such as `Confirmed → Retrying` is an error the caller must handle, never silently
+//! applied. [`Delivery`] is the in-flight form the engine holds for each claimed message.
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -28,7 +46,8 @@ pub enum Status {
     Confirmed,
     /// An attempt failed; it waits for `next_attempt_at`.
     Retrying,
-    /// Attempts exhausted: it belongs in `dead_letters`.
+    /// Attempts exhausted: the message is in `dead_letters` (never written to the outbox's
+    /// `status`).
     Failed,
 }
 
@@ -63,7 +82,7 @@ impl Status {
         }
     }
 
-    /// No further transition is possible.
+    /// The engine does nothing more with it (an operator may still requeue a `Failed` one).
     pub fn is_terminal(self) -> bool {
         matches!(self, Status::Confirmed | Status::Failed)
     }
@@ -106,7 +125,8 @@ impl Status {
     }
 
     /// InFlight → Pending: the lease is given back before the message was published
-    /// (shutdown), so the attempt does not count.
+    /// (shutdown), so the attempt does not count. The row itself goes back as `retrying`
+    /// when earlier attempts had failed.
     pub fn release(self) -> Result<Status, TransitionError> {
         match self {
             Status::InFlight => Ok(Status::Pending),
@@ -251,7 +271,7 @@ impl Delivery {
         }
     }
 
-    /// The current state.
+    /// `InFlight` from the claim until a transition moves it on.
     pub fn state(&self) -> Status {
         self.state
     }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use common::{broker::TestBroker, within, TestDb};
 use courier::{config::Config, Engine, EngineHandle, OutboxMessage, Outcome};
@@ -631,7 +631,7 @@ async fn hostile_producer_text_is_escaped_in_the_cli() {
     )
     .await;
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_courier"))
+        let out = common::courier_command()
             .args(args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("COURIER_DATABASE_URL", common::database_url())

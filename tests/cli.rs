@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn courier(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+    let mut cmd = common::courier_command();
     cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
     for (k, v) in env {
         cmd.env(k, v);
@@ -51,6 +51,20 @@ fn bad_config_exits_2_and_names_the_key() {
     let o = courier(&["--config", "/nonexistent/courier.yaml", "status"], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("/nonexistent/courier.yaml"));
+}
+
+#[test]
+fn a_missing_config_file_says_why_once() {
+    let o = courier(&["--config", "/nonexistent/courier.yaml", "status"], &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let why = std::fs::read_to_string("/nonexistent/courier.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        stderr.starts_with("error: cannot read config file /nonexistent/courier.yaml: "),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches(why.as_str()).count(), 1, "{stderr}");
 }
 
 #[test]

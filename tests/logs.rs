@@ -60,7 +60,7 @@ async fn returned_rows_and_missing_exchanges_log_no_payload_no_error_and_no_colo
 }
 
 fn courier(args: &[&str], env: &[(&str, String)]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+    common::courier_command()
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -161,7 +161,7 @@ async fn credentials_in_query_parameters_reach_no_log_error_or_status_output() {
 #[tokio::test]
 async fn status_watch_into_a_pipe_writes_no_escape_codes() {
     let db = TestDb::new("logswatch").await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+    let mut child = common::courier_command()
         .args(["status", "--watch"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .envs(db.process_env().iter().map(|(k, v)| (*k, v.as_str())))

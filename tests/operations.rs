@@ -58,7 +58,7 @@ async fn dead_letters_via(engine: &courier::EngineHandle, n: usize) -> Vec<Uuid>
 }
 
 fn courier(db: &TestDb, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_courier"))
+    let out = common::courier_command()
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("COURIER_DATABASE_URL", common::database_url())
@@ -134,9 +134,9 @@ async fn two_operators_requeueing_at_once_move_each_row_once() {
             .env("COURIER_DATABASE_SCHEMA", &db.schema)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
     };
-    let mut a = Command::new(env!("CARGO_BIN_EXE_courier"));
+    let mut a = common::courier_command();
     env(a.args(["dead-letters", "requeue", "--all"]));
-    let mut b = Command::new(env!("CARGO_BIN_EXE_courier"));
+    let mut b = common::courier_command();
     env(b.args(["dead-letters", "requeue", "--all"]));
     let (a, b) = (a.spawn().unwrap(), b.spawn().unwrap());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());

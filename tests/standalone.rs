@@ -24,7 +24,7 @@ async fn run_publishes_until_sigterm_then_exits_zero() {
         ("COURIER_LOGGING_SUMMARY_INTERVAL", "200ms".into()),
         ("COURIER_SCHEDULER_SWEEP_INTERVAL", "100ms".into()),
     ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+    let mut child = common::courier_command()
         .arg("run")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -74,7 +74,7 @@ async fn run_publishes_until_sigterm_then_exits_zero() {
     })
     .await;
 
-    let status = Command::new(env!("CARGO_BIN_EXE_courier"))
+    let status = common::courier_command()
         .arg("status")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(env!("CARGO_MANIFEST_DIR"))

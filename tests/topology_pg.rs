@@ -476,7 +476,7 @@ async fn primary_failover_mid_stream_loses_nothing() {
 
 /// `courier migrate` with these `COURIER_*` overrides; its exit status and output.
 fn migrate_process(env: &[(&str, String)]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_courier"))
+    common::courier_command()
         .arg("migrate")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))

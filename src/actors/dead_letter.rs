@@ -124,7 +124,7 @@ impl DeadLetterActor {
         why: String,
     ) {
         self.failures += 1;
-        let delay = super::ledger::retry_delay(self.failures);
+        let delay = crate::backoff::STORE_WRITE.delay(self.failures);
         tracing::warn!(error = %why, rows = batch.len(), retry_in = ?delay, "could not move rows to dead_letters; retrying");
         self.pending.splice(0..0, batch);
         ctx.run_later(delay, |act, ctx| {
@@ -239,7 +239,7 @@ async fn publish_to_exchange(
             let opened = tokio::time::timeout(bounds.connect.saturating_mul(nodes), open(cfg))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(broker::BrokerError::Amqp(format!(
+                    Err(broker::BrokerError::Lost(format!(
                         "no link within {}",
                         humantime::format_duration(bounds.connect)
                     )))

@@ -158,7 +158,7 @@ impl Ledger {
                     }
                     Err(e) => {
                         act.failures += 1;
-                        let delay = retry_delay(act.failures);
+                        let delay = crate::backoff::STORE_WRITE.delay(act.failures);
                         tracing::warn!(
                             error = %e,
                             rows = batch.confirmed.len() + batch.retry.len(),
@@ -212,12 +212,6 @@ async fn write_outcomes(store: &Store, engine: &str, batch: &Record) -> Result<(
 /// acked and not yet written is a duplicate if the engine dies). The two never touch the
 /// same row: a row's next outcome needs a new claim, which needs this one written.
 const FLUSHES: usize = 2;
-
-/// Delay before retrying a failed database write: 100 ms, doubling, capped at 5 s.
-pub(crate) fn retry_delay(failures: u32) -> Duration {
-    let ms = 100u64.saturating_mul(1 << failures.min(6));
-    Duration::from_millis(ms.min(5_000))
-}
 
 impl Actor for Ledger {
     type Context = Context<Self>;

@@ -59,7 +59,7 @@ use super::{
 use crate::{
     backoff,
     broker::{self, BrokerError, ChannelClose},
-    config::{BackoffConfig, Config},
+    config::Config,
     events::{Counters, EngineEvent, Signals},
     state::{Delivery, FailureReason},
 };
@@ -87,16 +87,6 @@ struct ConnectionFailed {
 
 /// How long a positive passive-declare result, or an exchange refusal, is trusted.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
-
-/// Reconnect delays: 100 ms doubling to 10 s, ±30 %.
-fn reconnect_backoff() -> BackoffConfig {
-    BackoffConfig {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(10),
-        multiplier: 2.0,
-        jitter: 0.3,
-    }
-}
 
 struct Link {
     conn: Arc<Connection>,
@@ -198,7 +188,7 @@ impl Publisher {
                     Err(e) => {
                         // Every node was tried once: only now back off.
                         act.failed_connects += 1;
-                        let delay = backoff::delay(&reconnect_backoff(), act.failed_connects);
+                        let delay = backoff::RECONNECT.delay(act.failed_connects);
                         if e.is_permanent() {
                             tracing::error!(error = %e, retry_in = ?delay, "RabbitMQ refused the connection; this needs a change of configuration or on the broker");
                         } else {
@@ -266,7 +256,7 @@ impl Publisher {
             async move {
                 tokio::time::timeout(timeout, confirm_channel(&conn))
                     .await
-                    .unwrap_or_else(|_| Err(BrokerError::Amqp("no answer to channel.open".into())))
+                    .unwrap_or_else(|_| Err(BrokerError::Lost("no answer to channel.open".into())))
             }
             .into_actor(self)
             .map(move |result, act, ctx| match (result, act.link.as_mut()) {

@@ -142,14 +142,6 @@ pub struct Scheduler {
     retry_at: Option<Instant>,
 }
 
-/// The pause after a failed claim round, doubling per failed round up to `max`.
-const CLAIM_BACKOFF: crate::config::BackoffConfig = crate::config::BackoffConfig {
-    initial: Duration::from_millis(200),
-    max: Duration::from_secs(5),
-    multiplier: 2.0,
-    jitter: 0.2,
-};
-
 /// Fastest poll without LISTEN (while rows keep coming).
 const MIN_POLL: Duration = Duration::from_millis(10);
 
@@ -331,7 +323,7 @@ impl Scheduler {
     fn back_off(&mut self, ctx: &mut Context<Self>) {
         self.failed_rounds = self.failed_rounds.saturating_add(1);
         Counters::add(&self.signals.counters.claim_failures, 1);
-        let delay = crate::backoff::delay(&CLAIM_BACKOFF, self.failed_rounds);
+        let delay = crate::backoff::CLAIM.delay(self.failed_rounds);
         self.retry_at = Some(Instant::now() + delay);
         self.arm(ctx, delay);
     }

@@ -99,7 +99,7 @@ pub struct DeadLetterSummary {
 /// A dead letter's payload and headers, bounded by [`PAYLOAD_MAX`] and [`HEADERS_MAX`].
 #[derive(Debug, Clone)]
 pub struct DeadLetterPayload {
-    /// The message id.
+    /// The dead letter (the outbox row's id, the AMQP `message_id`).
     pub id: Uuid,
     /// The first [`PAYLOAD_MAX`] bytes.
     pub payload: Vec<u8>,
@@ -108,7 +108,7 @@ pub struct DeadLetterPayload {
     /// The headers, unless larger than [`HEADERS_MAX`]: a JSON object, or the raw JSON
     /// text as a string when serde cannot read it (e.g. `1e400`, very deep nesting).
     pub headers: Option<serde_json::Value>,
-    /// Content type.
+    /// The AMQP `content_type` it was written with, if any.
     pub content_type: Option<String>,
 }
 

@@ -54,7 +54,8 @@ async fn declare(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the demo.
+/// Declares the demo topology, enqueues `n` messages, drives them through an engine in this
+/// process with a progress bar, and prints the summary.
 pub async fn run(config: Config, n: usize) -> anyhow::Result<()> {
     declare(&config)
         .await

@@ -93,7 +93,7 @@ async fn run(
             SimpleConnection::batch_execute(c, &prelude)?;
             c.run_pending_migrations(MIGRATIONS)
                 .map(|done| done.iter().map(|v| v.to_string()).collect::<Vec<_>>())
-                .map_err(|e| StoreError::Migration(e.to_string()))
+                .map_err(StoreError::Migration)
         };
         match scope {
             // Dropping the connection ends the session and with it the advisory lock.
@@ -105,5 +105,5 @@ async fn run(
         }
     })
     .await;
-    joined.map_err(|e| StoreError::Migration(format!("migration task failed: {e}")))?
+    joined.map_err(StoreError::MigrationTask)?
 }

@@ -88,7 +88,10 @@ pub enum StoreError {
     Query(#[from] diesel::result::Error),
     /// Migrations failed.
     #[error("migration failed: {0}")]
-    Migration(String),
+    Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The blocking task that runs the migrations panicked or was cancelled.
+    #[error("migration failed: migration task failed: {0}")]
+    MigrationTask(#[source] tokio::task::JoinError),
     /// The schema name is unusable.
     #[error("invalid schema name: {0}")]
     Schema(String),

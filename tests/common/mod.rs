@@ -30,6 +30,23 @@ pub fn broker_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The variables that configure the tests themselves, not Courier.
+const TEST_VARIABLES: &[&str] = &["COURIER_TEST_", "COURIER_SOAK", "COURIER_HOSTILE_"];
+
+/// The `courier` binary as a command, without the test variables ([`TEST_VARIABLES`]): the
+/// binary reads every other `COURIER_*` variable as a configuration key and refuses one that
+/// names none.
+pub fn courier_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_courier"));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if TEST_VARIABLES.iter().any(|t| name.starts_with(t)) {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    cmd
+}
+
 /// A unique, valid schema / resource name for one test.
 pub fn unique_name(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -234,7 +251,7 @@ impl EngineProcess {
         std::fs::create_dir_all(&dir).expect("log dir");
         let log = dir.join(format!("{}.log", unique_name(name)));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        let child = courier_command()
             .arg("run")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
