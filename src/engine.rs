@@ -111,25 +111,19 @@ impl Engine {
         let me = store::Identity::of_this_process(&engine_id);
         register(&store, &me, &config, &signals).await?;
 
-        // The Scheduler and the actors that return credits to it refer to each other:
-        // make its context first, so its address exists before it runs.
+        // The Scheduler and the actors that wake it (Publisher, Heartbeat) refer to each
+        // other: make its context first, so its address exists before it runs.
         let scheduler_ctx = Context::<Scheduler>::new();
         let scheduler = scheduler_ctx.address();
         let store_actor = StoreActor::new(
             store.clone(),
             engine_id.clone(),
             config.scheduler.lease_duration,
-            scheduler.clone(),
             signals.clone(),
         )
         .start();
-        let dead_letter = DeadLetterActor::new(
-            config.clone(),
-            store_actor.clone(),
-            scheduler.clone(),
-            signals.clone(),
-        )
-        .start();
+        let dead_letter =
+            DeadLetterActor::new(config.clone(), store_actor.clone(), signals.clone()).start();
         let tracker = ConfirmTracker::new(
             config.clone(),
             store_actor.clone(),

@@ -177,6 +177,7 @@ impl ConfirmTracker {
                     error: reason.to_string(),
                     refund,
                 });
+                out.record.credits.retrying(delivery.into_credit(), delay);
             }
             Ok(AfterFailure::DeadLetter) => {
                 tracing::debug!(reason = %reason, "failed: attempts exhausted");
@@ -217,9 +218,7 @@ impl ConfirmTracker {
                         .observe(age.to_std().unwrap_or_default().as_secs_f64());
                     tracing::debug!(message_id = %r.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
-                    if delivery.message.ordering_key.is_some() {
-                        out.record.keyed += 1;
-                    }
+                    out.record.credits.settled(delivery.into_credit());
                 }
                 Err(e) => {
                     tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")

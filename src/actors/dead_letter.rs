@@ -29,7 +29,7 @@ use lapin::{
 use uuid::Uuid;
 
 use super::{
-    scheduler::{Scheduler, Settled},
+    scheduler::Credits,
     store::{MoveToDeadLetters, StoreActor},
 };
 use crate::{
@@ -56,7 +56,6 @@ pub struct Bury(pub Vec<(Delivery, String)>);
 pub struct DeadLetterActor {
     config: Arc<Config>,
     store: Addr<StoreActor>,
-    scheduler: Addr<Scheduler>,
     signals: Signals,
     pending: Vec<(Delivery, String)>,
     busy: bool,
@@ -70,16 +69,10 @@ pub struct DeadLetterActor {
 
 impl DeadLetterActor {
     /// A dead-letter actor writing through `store`.
-    pub fn new(
-        config: Arc<Config>,
-        store: Addr<StoreActor>,
-        scheduler: Addr<Scheduler>,
-        signals: Signals,
-    ) -> Self {
+    pub fn new(config: Arc<Config>, store: Addr<StoreActor>, signals: Signals) -> Self {
         DeadLetterActor {
             config,
             store,
-            scheduler,
             signals,
             pending: Vec::new(),
             busy: false,
@@ -140,11 +133,13 @@ impl DeadLetterActor {
         moved: Vec<Uuid>,
     ) {
         let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
-        let settled: Vec<Uuid> = batch.iter().map(|(d, _)| d.message.id).collect();
-        let keys_freed = batch.iter().any(|(d, _)| d.message.ordering_key.is_some());
+        // Every row of the batch is settled here, moved or not (a row no longer held was
+        // taken over by another engine: it is not this engine's to bound any more).
+        let mut credits = Credits::default();
         let mut announced = Vec::with_capacity(moved.len());
         let mut to_exchange = Vec::new();
-        for (delivery, why) in batch {
+        for (mut delivery, why) in batch {
+            credits.settled(delivery.take_credit());
             if moved.contains(&delivery.message.id) {
                 tracing::warn!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
                 announced.push((delivery.message.id, why.clone()));
@@ -163,11 +158,7 @@ impl DeadLetterActor {
             self.signals
                 .emit(EngineEvent::DeadLettered(Arc::new(announced)));
         }
-        self.scheduler.do_send(Settled {
-            ids: settled,
-            earliest_retry: None,
-            keys_freed,
-        });
+        credits.repay();
         if self.config.dead_letter.exchange.is_some() {
             self.to_exchange.extend(to_exchange);
             let over = self.to_exchange.len().saturating_sub(EXCHANGE_BACKLOG);

@@ -53,7 +53,7 @@ use stuck::ChannelAnswers;
 
 use super::{
     confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
-    scheduler::{BrokerReady, Scheduler},
+    scheduler::{BrokerReady, Credits, Scheduler},
     store::{Release, StoreActor},
 };
 use crate::{
@@ -646,8 +646,7 @@ impl Handler<Publish> for Publisher {
                     "engine heartbeat overdue; giving claimed rows back unpublished"
                 );
             }
-            let ids = msg.0.iter().map(|d| d.message.id).collect();
-            self.store.do_send(Release(ids));
+            self.store.do_send(Release(Credits::released(msg.0)));
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         if self.link.is_none() {

@@ -39,9 +39,12 @@ use crate::{
     store::{ClaimLimits, Claimed, KeyScan, Store},
 };
 
+mod credit;
 mod demand;
 mod listen;
 mod window;
+
+pub use credit::{Credit, CreditLine, Credits};
 
 use demand::{Demand, Kind};
 use window::Window;
@@ -68,16 +71,18 @@ impl Wake {
 }
 
 /// Messages reached a durable outcome (or were given back): their credits come back.
+/// Only [`Credits`] and [`Credit`] build it (the fields are private to this module), so
+/// credits come back through them and nowhere else.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct Settled {
     /// Which: an id the Scheduler no longer holds (settled twice) gives nothing back.
-    pub ids: Vec<uuid::Uuid>,
+    ids: Vec<uuid::Uuid>,
     /// The shortest backoff among those sent back to `retrying`: the Scheduler wakes then
     /// instead of at the next sweep.
-    pub earliest_retry: Option<Duration>,
+    earliest_retry: Option<Duration>,
     /// Some of them carried an ordering key: their keys' next messages may be due now.
-    pub keys_freed: bool,
+    keys_freed: bool,
 }
 
 /// The broker can (or cannot) take publishes: connected and not blocked.
@@ -140,6 +145,8 @@ pub struct Scheduler {
     /// (the database is gone: neither wake-ups nor settlements may spin the loop).
     failed_rounds: u32,
     retry_at: Option<Instant>,
+    /// Lends each claimed row its credit (set when the actor starts, before any claim).
+    credit_line: Option<CreditLine>,
 }
 
 /// The pause after a failed claim round, doubling per failed round up to `max`.
@@ -187,6 +194,7 @@ impl Scheduler {
             demand: Demand::default(),
             failed_rounds: 0,
             retry_at: None,
+            credit_line: None,
         }
     }
 
@@ -414,7 +422,7 @@ impl Scheduler {
         let mut exhausted = Vec::new();
         let mut to_publish = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut delivery = Delivery::claimed(row, max_attempts);
+            let mut delivery = self.lend(Delivery::claimed(row, max_attempts));
             if delivery.over_budget() {
                 match delivery.exhaust() {
                     Ok(()) => {
@@ -436,6 +444,18 @@ impl Scheduler {
         }
         self.queue.extend(to_publish);
         self.pump();
+    }
+
+    /// `delivery` holding its credit: it comes back with the row's durable outcome.
+    fn lend(&self, delivery: Delivery) -> Delivery {
+        match &self.credit_line {
+            Some(line) => {
+                let m = &delivery.message;
+                let credit = line.lend(m.id, m.ordering_key.is_some());
+                delivery.holding(credit)
+            }
+            None => delivery,
+        }
     }
 
     /// Hands queued rows to the Publisher while the window has room, in publish batches.
@@ -484,8 +504,8 @@ impl Scheduler {
         if self.queue.is_empty() {
             return;
         }
-        let ids = self.queue.drain(..).map(|d| d.message.id).collect();
-        self.peers.store.do_send(Release(ids));
+        let credits = Credits::released(self.queue.drain(..));
+        self.peers.store.do_send(Release(credits));
     }
 
     fn log_summary(&self, ctx: &mut Context<Self>) {
@@ -519,6 +539,7 @@ impl Actor for Scheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.credit_line = Some(CreditLine::new(ctx.address().downgrade().recipient()));
         ctx.run_interval(self.config.scheduler.sweep_interval, |act, ctx| {
             act.wake(ctx, Wake::ALL)
         });
