@@ -38,7 +38,8 @@ use crate::{
         store::{Flushed, ReleaseAll, StoreActor},
     },
     config::{Config, ConfigError},
-    events::{CounterSnapshot, EngineEvent, Signals},
+    events::{BrokerState, CounterSnapshot, EngineEvent, Signals},
+    lifecycle::Lifecycle,
     store::{self, Outcome, Store, StoreError},
 };
 
@@ -80,6 +81,7 @@ struct Inner {
     engine_id: String,
     store: Store,
     signals: Signals,
+    lifecycle: Lifecycle,
     scheduler: Addr<Scheduler>,
     store_actor: Addr<StoreActor>,
     retention: Addr<Retention>,
@@ -108,8 +110,9 @@ impl Engine {
         );
         let config = Arc::new(config);
         let signals = Signals::new(16_384);
+        let lifecycle = Lifecycle::default();
         let me = store::Identity::of_this_process(&engine_id);
-        register(&store, &me, &config, &signals).await?;
+        register(&store, &me, &config, &lifecycle).await?;
 
         // The Scheduler and the actors that wake it (Publisher, Heartbeat) refer to each
         // other: make its context first, so its address exists before it runs.
@@ -132,15 +135,16 @@ impl Engine {
         )
         .start();
         let publisher = {
-            let (config, tracker, scheduler, store_actor, signals) = (
+            let (config, tracker, scheduler, store_actor, signals, lifecycle) = (
                 config.clone(),
                 tracker,
                 scheduler.clone(),
                 store_actor.clone(),
                 signals.clone(),
+                lifecycle.clone(),
             );
             Supervisor::start(move |_| {
-                Publisher::new(config, tracker, scheduler, store_actor, signals)
+                Publisher::new(config, tracker, scheduler, store_actor, signals, lifecycle)
             })
         };
         let retention =
@@ -152,6 +156,7 @@ impl Engine {
             config.scheduler.engine_timeout,
             scheduler.clone(),
             signals.clone(),
+            lifecycle.liveness.clone(),
         )
         .start();
         scheduler_ctx.run(Scheduler::new(
@@ -163,6 +168,7 @@ impl Engine {
             },
             store.clone(),
             signals.clone(),
+            lifecycle.clone(),
             engine_id.clone(),
         ));
         tracing::info!(engine = %engine_id, schema = %config.database.schema, "engine started");
@@ -172,6 +178,7 @@ impl Engine {
                 engine_id,
                 store,
                 signals,
+                lifecycle,
                 scheduler,
                 store_actor,
                 retention,
@@ -198,12 +205,12 @@ async fn register(
     store: &Store,
     me: &store::Identity,
     config: &Config,
-    signals: &Signals,
+    lifecycle: &Lifecycle,
 ) -> Result<(), EngineError> {
     let sent = Instant::now();
     let mut conn = store.conn().await?;
     store::beat(&mut conn, store.schema(), me).await?;
-    signals.liveness.beat(
+    lifecycle.liveness.beat(
         sent,
         Heartbeat::fresh_window(config.scheduler.engine_timeout),
     );
@@ -281,22 +288,22 @@ impl EngineHandle {
 
     /// Events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
-        self.inner.signals.events.subscribe()
+        self.inner.signals.subscribe()
     }
 
     /// The Prometheus metrics.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
-        &self.inner.signals.metrics
+        self.inner.signals.metrics()
     }
 
-    /// The broker link state (see [`crate::events::broker_state`]).
-    pub fn broker_state(&self) -> u8 {
+    /// The broker link state.
+    pub fn broker_state(&self) -> BrokerState {
         self.inner.signals.broker_state()
     }
 
     /// The counters now.
     pub fn counters(&self) -> CounterSnapshot {
-        self.inner.signals.counters.snapshot()
+        self.inner.signals.counters()
     }
 
     /// Waits until message `id` is confirmed or dead-lettered, up to `timeout`.
@@ -383,10 +390,7 @@ impl EngineHandle {
         let timeout = self.inner.config.shutdown.timeout;
         let deadline = Instant::now() + timeout;
         let mut events = self.subscribe();
-        self.inner
-            .signals
-            .draining
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.lifecycle.shutdown.begin();
         let mut left = self.inner.scheduler.send(StopClaiming).await.unwrap_or(0);
         tracing::info!(
             outstanding = left,

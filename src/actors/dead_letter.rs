@@ -33,11 +33,7 @@ use super::{
     store::{MoveToDeadLetters, StoreActor},
 };
 use crate::{
-    broker,
-    config::Config,
-    events::{Counters, EngineEvent, Signals},
-    message::check_header_frame,
-    state::Delivery,
+    broker, config::Config, events::Signals, message::check_header_frame, state::Delivery,
     store::DeadLetterUpdate,
 };
 
@@ -143,21 +139,13 @@ impl DeadLetterActor {
             if moved.contains(&delivery.message.id) {
                 tracing::warn!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
                 announced.push((delivery.message.id, why.clone()));
-                self.signals
-                    .metrics
-                    .dead_lettered
-                    .with_label_values(&[delivery.message.exchange.as_str()])
-                    .inc();
                 to_exchange.push((delivery, why));
             } else {
                 tracing::warn!(message_id = %delivery.message.id, "not dead-lettered: the row is no longer held by this engine");
             }
         }
-        Counters::add(&self.signals.counters.dead_lettered, announced.len());
-        if !announced.is_empty() {
-            self.signals
-                .emit(EngineEvent::DeadLettered(Arc::new(announced)));
-        }
+        let exchanges = to_exchange.iter().map(|(d, _)| d.message.exchange.as_str());
+        self.signals.dead_lettered(announced, exchanges);
         credits.repay();
         if self.config.dead_letter.exchange.is_some() {
             self.to_exchange.extend(to_exchange);

@@ -34,7 +34,8 @@ use super::{
 };
 use crate::{
     config::{Config, OnDeadLetter},
-    events::{Counters, EngineEvent, Signals},
+    events::Signals,
+    lifecycle::Lifecycle,
     state::Delivery,
     store::{ClaimLimits, Claimed, KeyScan, Store},
 };
@@ -116,6 +117,7 @@ pub struct Scheduler {
     peers: Peers,
     store: Store,
     signals: Signals,
+    lifecycle: Lifecycle,
     engine_id: String,
     /// Every row claimed and not yet settled, with its payload size and, once handed to the
     /// Publisher, since when: the in-flight bound
@@ -167,6 +169,7 @@ impl Scheduler {
         peers: Peers,
         store: Store,
         signals: Signals,
+        lifecycle: Lifecycle,
         engine_id: String,
     ) -> Self {
         let window = Window::new(
@@ -180,6 +183,7 @@ impl Scheduler {
             peers,
             store,
             signals,
+            lifecycle,
             engine_id,
             held: HashMap::new(),
             queue: std::collections::VecDeque::new(),
@@ -243,7 +247,7 @@ impl Scheduler {
         if self.stopping || !self.broker_ready || self.credits() == 0 || self.bytes_left() == 0 {
             return;
         }
-        if !self.signals.liveness.fresh() {
+        if !self.lifecycle.liveness.fresh() {
             // The registry beat is overdue: another engine may be taking this one's rows
             // over. The Heartbeat wakes the Scheduler when a beat succeeds again.
             self.more = true;
@@ -338,7 +342,7 @@ impl Scheduler {
     /// row, whatever wakes the Scheduler meanwhile.
     fn back_off(&mut self, ctx: &mut Context<Self>) {
         self.failed_rounds = self.failed_rounds.saturating_add(1);
-        Counters::add(&self.signals.counters.claim_failures, 1);
+        self.signals.claim_failed();
         let delay = crate::backoff::delay(&CLAIM_BACKOFF, self.failed_rounds);
         self.retry_at = Some(Instant::now() + delay);
         self.arm(ctx, delay);
@@ -412,12 +416,7 @@ impl Scheduler {
                 self.held_bytes += size;
             }
         }
-        self.signals
-            .counters
-            .peak_held_bytes
-            .fetch_max(self.held_bytes, std::sync::atomic::Ordering::Relaxed);
-        Counters::add(&self.signals.counters.claimed, rows.len());
-        self.signals.emit(EngineEvent::Claimed(rows.len()));
+        self.signals.claimed(rows.len(), self.held_bytes);
         let max_attempts = self.config.retry.max_attempts;
         let mut exhausted = Vec::new();
         let mut to_publish = Vec::with_capacity(rows.len());
@@ -462,7 +461,7 @@ impl Scheduler {
     /// With the registry beat overdue nothing is handed on: the queue is given back (the
     /// release is fenced, so rows another engine took over are left alone).
     fn pump(&mut self) {
-        if !self.signals.liveness.fresh() || self.stopping {
+        if !self.lifecycle.liveness.fresh() || self.stopping {
             self.give_back_queue();
             return;
         }
@@ -510,7 +509,7 @@ impl Scheduler {
 
     fn log_summary(&self, ctx: &mut Context<Self>) {
         let store = self.store.clone();
-        let counters = self.signals.counters.snapshot();
+        let counters = self.signals.counters();
         let outstanding = self.outstanding();
         let (window, dispatched) = (self.window.size(), self.dispatched);
         ctx.spawn(
@@ -588,7 +587,7 @@ impl Handler<Settled> for Scheduler {
             }
         }
         self.left_window(settled);
-        self.signals.metrics.window.set(self.window.size() as i64);
+        self.signals.window(self.window.size());
         if let Some(delay) = msg.earliest_retry {
             if delay < self.config.scheduler.sweep_interval {
                 self.arm(ctx, delay);
@@ -623,7 +622,7 @@ impl Handler<StopClaiming> for Scheduler {
     fn handle(&mut self, _: StopClaiming, _: &mut Context<Self>) -> usize {
         self.stopping = true;
         self.give_back_queue();
-        self.signals.emit(EngineEvent::ShuttingDown);
+        self.signals.shutting_down();
         self.outstanding()
     }
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::scheduler::Credits;
 use crate::{
-    events::{Counters, EngineEvent, Signals},
+    events::Signals,
     store::{ClaimLimits, Claimed, DeadLetterUpdate, KeyScan, RetryUpdate, Store, StoreError},
 };
 
@@ -165,17 +165,8 @@ impl StoreActor {
     }
 
     fn announce(&self, batch: Record) {
-        Counters::add(&self.signals.counters.confirmed, batch.confirmed.len());
-        Counters::add(&self.signals.counters.retried, batch.retry.len());
-        if !batch.confirmed.is_empty() {
-            self.signals
-                .emit(EngineEvent::Confirmed(std::sync::Arc::new(batch.confirmed)));
-        }
-        if !batch.retry.is_empty() {
-            let retried = batch.retry.into_iter().map(|u| (u.id, u.error)).collect();
-            self.signals
-                .emit(EngineEvent::Retrying(std::sync::Arc::new(retried)));
-        }
+        let retried = batch.retry.into_iter().map(|u| (u.id, u.error)).collect();
+        self.signals.recorded(batch.confirmed, retried);
         batch.credits.repay();
     }
 }
@@ -245,11 +236,7 @@ fn announce_dead_lettered(signals: &Signals, claimed: &Claimed) {
     for (id, reason) in &claimed.dead_lettered {
         tracing::warn!(message_id = %id, %reason, "dead-lettered at claim: the row can never be published");
     }
-    Counters::add(&signals.counters.rejected, claimed.dead_lettered.len());
-    Counters::add(&signals.counters.dead_lettered, claimed.dead_lettered.len());
-    signals.emit(EngineEvent::DeadLettered(std::sync::Arc::new(
-        claimed.dead_lettered.clone(),
-    )));
+    signals.dead_lettered_at_claim(&claimed.dead_lettered);
 }
 
 impl Handler<RenewLeases> for StoreActor {
