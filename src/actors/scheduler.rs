@@ -2,7 +2,8 @@
 //!
 //! It wakes on the insert trigger's NOTIFY (through its own LISTEN connection), on
 //! `EngineHandle::nudge()`, on the safety-net sweep, and when settled messages give credits
-//! back. It holds `publisher.max_in_flight` credits: a claim never asks for more rows than
+//! back. It holds `publisher.max_in_flight` credits, lent one per claimed row and repaid
+//! when the row's outcome is durable (see `credit`): a claim never asks for more rows than
 //! credits left, so the engine's in-flight bound holds end to end (claimed, published,
 //! awaiting confirm, awaiting its database write). Claims loop while they come back full;
 //! a wake-up during a claim is remembered, so a row committed mid-claim is not left for

@@ -69,11 +69,6 @@ impl Credit {
         }
     }
 
-    /// The row this credit belongs to.
-    pub fn id(&self) -> Uuid {
-        self.id
-    }
-
     /// Gives up this credit without repaying it: the same row is held through another
     /// credit (a row claimed again while still held), and one repayment frees it.
     pub fn forfeit(mut self) {
