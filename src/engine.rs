@@ -38,7 +38,8 @@ use crate::{
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
     },
     config::{Config, ConfigError},
-    events::{CounterSnapshot, EngineEvent, Signals},
+    events::{BrokerState, CounterSnapshot, EngineEvent, Signals},
+    lifecycle::Lifecycle,
     store::{self, Outcome, Store, StoreError},
 };
 
@@ -86,6 +87,7 @@ struct Inner {
     engine_id: String,
     store: Store,
     signals: Signals,
+    lifecycle: Lifecycle,
     scheduler: Addr<Scheduler>,
     ledger: Addr<Ledger>,
     retention: Addr<Retention>,
@@ -114,28 +116,23 @@ impl Engine {
         );
         let config = Arc::new(config);
         let signals = Signals::new(16_384);
+        let lifecycle = Lifecycle::default();
         let me = store::Identity::of_this_process(&engine_id);
-        register(&store, &me, &config, &signals).await?;
+        register(&store, &me, &config, &lifecycle).await?;
 
-        // The Scheduler and the actors that return credits to it refer to each other:
-        // make its context first, so its address exists before it runs.
+        // The Scheduler and the actors that wake it (Publisher, Heartbeat) refer to each
+        // other: make its context first, so its address exists before it runs.
         let scheduler_ctx = Context::<Scheduler>::new();
         let scheduler = scheduler_ctx.address();
         let ledger = Ledger::new(
             store.clone(),
             engine_id.clone(),
             config.scheduler.lease_duration,
-            scheduler.clone(),
             signals.clone(),
         )
         .start();
-        let dead_letter = DeadLetterActor::new(
-            config.clone(),
-            ledger.clone(),
-            scheduler.clone(),
-            signals.clone(),
-        )
-        .start();
+        let dead_letter =
+            DeadLetterActor::new(config.clone(), ledger.clone(), signals.clone()).start();
         let tracker = ConfirmTracker::new(
             config.clone(),
             ledger.clone(),
@@ -144,14 +141,17 @@ impl Engine {
         )
         .start();
         let publisher = {
-            let (config, tracker, scheduler, ledger, signals) = (
+            let (config, tracker, scheduler, ledger, signals, lifecycle) = (
                 config.clone(),
                 tracker,
                 scheduler.clone(),
                 ledger.clone(),
                 signals.clone(),
+                lifecycle.clone(),
             );
-            Supervisor::start(move |_| Publisher::new(config, tracker, scheduler, ledger, signals))
+            Supervisor::start(move |_| {
+                Publisher::new(config, tracker, scheduler, ledger, signals, lifecycle)
+            })
         };
         let retention =
             Retention::new(store.clone(), config.retention.clone(), signals.clone()).start();
@@ -162,6 +162,7 @@ impl Engine {
             config.scheduler.engine_timeout,
             scheduler.clone(),
             signals.clone(),
+            lifecycle.liveness.clone(),
         )
         .start();
         scheduler_ctx.run(Scheduler::new(
@@ -173,6 +174,7 @@ impl Engine {
             },
             store.clone(),
             signals.clone(),
+            lifecycle.clone(),
             engine_id.clone(),
         ));
         tracing::info!(engine = %engine_id, schema = %config.database.schema, "engine started");
@@ -182,6 +184,7 @@ impl Engine {
                 engine_id,
                 store,
                 signals,
+                lifecycle,
                 scheduler,
                 ledger,
                 retention,
@@ -211,12 +214,12 @@ async fn register(
     store: &Store,
     me: &store::Identity,
     config: &Config,
-    signals: &Signals,
+    lifecycle: &Lifecycle,
 ) -> Result<(), EngineError> {
     let sent = Instant::now();
     let mut conn = store.conn().await?;
     store::beat(&mut conn, store.schema(), me).await?;
-    signals.liveness.beat(
+    lifecycle.liveness.beat(
         sent,
         Heartbeat::fresh_window(config.scheduler.engine_timeout),
     );
@@ -288,22 +291,22 @@ impl EngineHandle {
 
     /// Events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
-        self.inner.signals.events.subscribe()
+        self.inner.signals.subscribe()
     }
 
     /// The Prometheus metrics.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
-        &self.inner.signals.metrics
+        self.inner.signals.metrics()
     }
 
-    /// The broker link state (see [`crate::events::broker_state`]).
-    pub fn broker_state(&self) -> u8 {
+    /// The broker link state.
+    pub fn broker_state(&self) -> BrokerState {
         self.inner.signals.broker_state()
     }
 
     /// The counters now.
     pub fn counters(&self) -> CounterSnapshot {
-        self.inner.signals.counters.snapshot()
+        self.inner.signals.counters()
     }
 
     /// Waits until message `id` is confirmed or dead-lettered, up to `timeout`.
@@ -390,10 +393,7 @@ impl EngineHandle {
         let timeout = self.inner.config.shutdown.timeout;
         let deadline = Instant::now() + timeout;
         let mut events = self.subscribe();
-        self.inner
-            .signals
-            .draining
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.lifecycle.shutdown.begin();
         let mut left = self.inner.scheduler.send(StopClaiming).await.unwrap_or(0);
         tracing::info!(
             outstanding = left,

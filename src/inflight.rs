@@ -104,15 +104,17 @@ impl InFlightTable {
     /// publisher numbers each channel it opens).
     pub fn insert_on(&mut self, delivery: Delivery, token: u64, channel: u64, deadline: Instant) {
         let id = delivery.message.id;
-        self.entries.insert(
-            id,
-            Entry {
-                delivery,
-                token,
-                channel,
-                deadline,
-            },
-        );
+        let entry = Entry {
+            delivery,
+            token,
+            channel,
+            deadline,
+        };
+        if let Some(replaced) = self.entries.insert(id, entry) {
+            // The same row published again: the new publish holds it now, and its one
+            // credit comes back with the new publish's outcome.
+            replaced.delivery.into_credit().forfeit();
+        }
     }
 
     /// The first unconfirmed publish of `channel` when its close was first seen.
@@ -279,7 +281,7 @@ mod tests {
         let mut t = InFlightTable::new();
         let d = delivery();
         let id = d.message.id;
-        t.insert(d.clone(), 1, Instant::now());
+        t.insert(Delivery::claimed(d.message.clone(), 3), 1, Instant::now());
         t.insert(d, 2, Instant::now() + Duration::from_secs(5));
         assert!(t.settle(id, 1, Answer::Ack).is_none());
         assert!(t.settle(id, 2, Answer::Nack).is_some());

@@ -18,7 +18,7 @@
 //!   per concern (claim, leases, settle, dead letters, stats, retention, inbox, enqueue).
 //! - [`actors`]: the engine: Scheduler, Ledger, Publisher, ConfirmTracker, DeadLetter.
 //! - [`Engine`] / [`EngineHandle`]: start the actors, enqueue, await outcomes, shut down.
-//! - [`events`]: what the engine announces (test signals) and its counters.
+//! - [`events`]: what the engine announces (test signals), its counters and metrics, in one place.
 //! - [`inflight`]: the ConfirmTracker's table: tokens, return correlation, deadlines.
 //!
 //! Producers in other languages enqueue with plain SQL (see README.md, "SQL contract");
@@ -35,6 +35,7 @@ mod enqueue;
 pub mod events;
 pub mod inbox;
 pub mod inflight;
+mod lifecycle;
 pub mod message;
 pub mod metrics;
 pub mod redact;

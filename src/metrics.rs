@@ -1,6 +1,6 @@
 //! Prometheus metrics, one registry per engine (several engines in one process, as in the
-//! tests, do not share counters). The actors update them where the facts are decided;
-//! outbox depth, the oldest pending age and the engines by state come from the database at
+//! tests, do not share counters). The actors update them through `events::Signals`, where
+//! the facts are decided, together with the matching counters and events; outbox depth, the oldest pending age and the engines by state come from the database at
 //! scrape time.
 //!
 //! The `exchange` label is bounded: an exchange name is a producer's free text, and a

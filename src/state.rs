@@ -33,7 +33,7 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use crate::{backoff, config::BackoffConfig, message::OutboxMessage};
+use crate::{actors::scheduler::Credit, backoff, config::BackoffConfig, message::OutboxMessage};
 
 /// A message's lifecycle state; the `status` column of the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -246,14 +246,17 @@ pub enum AfterFailure {
 /// engine (`retry.max_attempts`): no message retries for ever.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
 
-/// A claimed message as the engine holds it while it is in flight: the row plus its state.
-/// Every change of state goes through the [`Status`] transitions.
-#[derive(Debug, Clone)]
+/// A claimed message as the engine holds it while it is in flight: the row plus its state,
+/// and its share of the engine's in-flight bound (a [`Credit`], which goes back to the
+/// Scheduler with the row's durable outcome). Every change of state goes through the
+/// [`Status`] transitions. Not `Clone`: a row in flight is held once.
+#[derive(Debug)]
 pub struct Delivery {
     /// The claimed row.
     pub message: OutboxMessage,
     state: Status,
     max_attempts: u32,
+    credit: Credit,
 }
 
 impl Delivery {
@@ -264,11 +267,31 @@ impl Delivery {
             .max_attempts
             .unwrap_or(default_max_attempts)
             .clamp(1, MAX_ATTEMPTS_LIMIT);
+        let credit = Credit::unbacked(message.id, message.ordering_key.is_some());
         Delivery {
             message,
             state: Status::InFlight,
             max_attempts,
+            credit,
         }
+    }
+
+    /// This delivery holding `credit` (the Scheduler's, for the row it claimed).
+    pub(crate) fn holding(mut self, credit: Credit) -> Delivery {
+        self.credit = credit;
+        self
+    }
+
+    /// The row's credit, the delivery done with (its outcome is about to be written).
+    pub fn into_credit(self) -> Credit {
+        self.credit
+    }
+
+    /// The row's credit, while the delivery is kept for something else (the dead-letter
+    /// exchange, after the move): it holds an unbacked one from now on.
+    pub fn take_credit(&mut self) -> Credit {
+        let spent = Credit::unbacked(self.message.id, self.message.ordering_key.is_some());
+        std::mem::replace(&mut self.credit, spent)
     }
 
     /// `InFlight` from the claim until a transition moves it on.

@@ -120,7 +120,7 @@ async fn secret_dead_letter(db: &TestDb) -> Uuid {
 
 async fn wait_broker_connected(engine: &EngineHandle) {
     let mut events = engine.subscribe();
-    if engine.broker_state() == courier::events::broker_state::CONNECTED {
+    if engine.broker_state() == courier::events::BrokerState::Connected {
         return;
     }
     within(20, "broker connected", async {
@@ -128,7 +128,7 @@ async fn wait_broker_connected(engine: &EngineHandle) {
             events.recv().await,
             Ok(courier::events::EngineEvent::BrokerConnected)
         ) {
-            if engine.broker_state() == courier::events::broker_state::CONNECTED {
+            if engine.broker_state() == courier::events::BrokerState::Connected {
                 return;
             }
         }

@@ -36,7 +36,7 @@ async fn schemathesis_finds_no_server_error_and_no_row_is_lost() {
     // The publisher may have connected while Engine::start was opening the admin pools,
     // before anyone could subscribe: the state says so where the event was missed.
     let mut events = engine.subscribe();
-    let connected = || engine.broker_state() == courier::events::broker_state::CONNECTED;
+    let connected = || engine.broker_state() == courier::events::BrokerState::Connected;
     common::within(10, "broker connected", async {
         while !connected() {
             let _ = tokio::time::timeout(Duration::from_millis(100), events.recv()).await;

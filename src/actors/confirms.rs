@@ -42,7 +42,7 @@ use super::{
 use crate::{
     broker::ChannelClose,
     config::Config,
-    events::{Counters, Signals},
+    events::Signals,
     inflight::{Answer, InFlightTable, ReturnNote, Settled},
     state::{AfterFailure, Delivery, FailureReason},
     store::RetryUpdate,
@@ -127,56 +127,28 @@ impl ConfirmTracker {
     }
 
     fn update_gauge(&self) {
-        let n = self.in_flight.len() as u64;
-        let counters = &self.signals.counters;
-        counters
-            .in_flight
-            .store(n, std::sync::atomic::Ordering::Relaxed);
-        self.signals.metrics.in_flight.set(n as i64);
-        counters
-            .peak_in_flight
-            .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+        self.signals.in_flight(self.in_flight.len());
     }
 
     /// Applies one failed attempt to `delivery`, adding the write to `out`.
     fn fail(&self, mut delivery: Delivery, reason: FailureReason, out: &mut Outcomes) {
         let id = delivery.message.id;
-        let counters = &self.signals.counters;
-        let counter = match &reason {
-            FailureReason::Nacked => &counters.nacked,
-            FailureReason::Returned { .. } => &counters.returned,
-            FailureReason::ConfirmTimeout(_) => &counters.timed_out,
-            FailureReason::ChannelLost(_) => &counters.channel_lost,
-            FailureReason::Rejected(_)
-            | FailureReason::Refused { .. }
-            | FailureReason::LeaseExpired => &counters.rejected,
-        };
-        Counters::add(counter, 1);
         let exchange = delivery.message.exchange.clone();
-        let metrics = &self.signals.metrics;
-        match &reason {
-            FailureReason::Nacked => metrics.nacked.with_label_values(&[&exchange]).inc(),
-            FailureReason::Returned { .. } => {
-                metrics.returned.with_label_values(&[&exchange]).inc()
-            }
-            FailureReason::ConfirmTimeout(_) => {
-                metrics.timed_out.with_label_values(&[&exchange]).inc()
-            }
-            _ => {}
-        }
+        self.signals.failed(&exchange, &reason);
         let _span =
             tracing::debug_span!("message", message_id = %id, exchange = %exchange, attempt = delivery.attempts())
                 .entered();
         match delivery.fail(&reason, &self.config.retry.backoff) {
             Ok(AfterFailure::Retry { delay, refund }) => {
                 tracing::debug!(reason = %reason, retry_in = ?delay, refund, "retrying");
-                metrics.retried.with_label_values(&[&exchange]).inc();
+                self.signals.retry_decided(&exchange);
                 out.record.retry.push(RetryUpdate {
                     id,
                     delay,
                     error: reason.to_string(),
                     refund,
                 });
+                out.record.credits.retrying(delivery.into_credit(), delay);
             }
             Ok(AfterFailure::DeadLetter) => {
                 tracing::debug!(reason = %reason, "failed: attempts exhausted");
@@ -205,21 +177,10 @@ impl ConfirmTracker {
             None => {} // an earlier publish of a message already settled (e.g. timed out)
             Some(Settled::Ack(mut delivery)) => match delivery.ack() {
                 Ok(()) => {
-                    Counters::add(&self.signals.counters.acked, 1);
-                    let metrics = &self.signals.metrics;
-                    metrics
-                        .confirmed
-                        .with_label_values(&[delivery.message.exchange.as_str()])
-                        .inc();
-                    let age = chrono::Utc::now() - delivery.message.created_at;
-                    metrics
-                        .latency
-                        .observe(age.to_std().unwrap_or_default().as_secs_f64());
+                    self.signals.acked(&delivery.message);
                     tracing::debug!(message_id = %r.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
-                    if delivery.message.ordering_key.is_some() {
-                        out.record.keyed += 1;
-                    }
+                    out.record.credits.settled(delivery.into_credit());
                 }
                 Err(e) => {
                     tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")
@@ -246,14 +207,14 @@ impl ConfirmTracker {
             return;
         };
         if id != r.id {
-            Counters::add(&self.signals.counters.returns_on_other_confirm, 1);
+            self.signals.return_on_other_confirm();
         }
         let reason = FailureReason::Returned {
             code: returned.reply_code,
             text: returned.reply_text.to_string(),
         };
         if self.in_flight.note_return(id, reason) == ReturnNote::Late {
-            Counters::add(&self.signals.counters.late_returns, 1);
+            self.signals.late_return();
             tracing::warn!(message_id = %id, "a return arrived for a message no longer in flight");
         }
     }

@@ -30,14 +30,10 @@ use uuid::Uuid;
 
 use super::{
     ledger::{Ledger, MoveToDeadLetters},
-    scheduler::{Scheduler, Settled},
+    scheduler::Credits,
 };
 use crate::{
-    broker,
-    config::Config,
-    events::{Counters, EngineEvent, Signals},
-    message::check_header_frame,
-    state::Delivery,
+    broker, config::Config, events::Signals, message::check_header_frame, state::Delivery,
     store::DeadLetterUpdate,
 };
 
@@ -56,7 +52,6 @@ pub struct Bury(pub Vec<(Delivery, String)>);
 pub struct DeadLetterActor {
     config: Arc<Config>,
     ledger: Addr<Ledger>,
-    scheduler: Addr<Scheduler>,
     signals: Signals,
     pending: Vec<(Delivery, String)>,
     busy: bool,
@@ -70,16 +65,10 @@ pub struct DeadLetterActor {
 
 impl DeadLetterActor {
     /// A dead-letter actor writing through `ledger`.
-    pub fn new(
-        config: Arc<Config>,
-        ledger: Addr<Ledger>,
-        scheduler: Addr<Scheduler>,
-        signals: Signals,
-    ) -> Self {
+    pub fn new(config: Arc<Config>, ledger: Addr<Ledger>, signals: Signals) -> Self {
         DeadLetterActor {
             config,
             ledger,
-            scheduler,
             signals,
             pending: Vec::new(),
             busy: false,
@@ -140,34 +129,24 @@ impl DeadLetterActor {
         moved: Vec<Uuid>,
     ) {
         let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
-        let settled: Vec<Uuid> = batch.iter().map(|(d, _)| d.message.id).collect();
-        let keys_freed = batch.iter().any(|(d, _)| d.message.ordering_key.is_some());
+        // Every row of the batch is settled here, moved or not (a row no longer held was
+        // taken over by another engine: it is not this engine's to bound any more).
+        let mut credits = Credits::default();
         let mut announced = Vec::with_capacity(moved.len());
         let mut to_exchange = Vec::new();
-        for (delivery, why) in batch {
+        for (mut delivery, why) in batch {
+            credits.settled(delivery.take_credit());
             if moved.contains(&delivery.message.id) {
                 tracing::warn!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
                 announced.push((delivery.message.id, why.clone()));
-                self.signals
-                    .metrics
-                    .dead_lettered
-                    .with_label_values(&[delivery.message.exchange.as_str()])
-                    .inc();
                 to_exchange.push((delivery, why));
             } else {
                 tracing::warn!(message_id = %delivery.message.id, "not dead-lettered: the row is no longer held by this engine");
             }
         }
-        Counters::add(&self.signals.counters.dead_lettered, announced.len());
-        if !announced.is_empty() {
-            self.signals
-                .emit(EngineEvent::DeadLettered(Arc::new(announced)));
-        }
-        self.scheduler.do_send(Settled {
-            ids: settled,
-            earliest_retry: None,
-            keys_freed,
-        });
+        let exchanges = to_exchange.iter().map(|(d, _)| d.message.exchange.as_str());
+        self.signals.dead_lettered(announced, exchanges);
+        credits.repay();
         if self.config.dead_letter.exchange.is_some() {
             self.to_exchange.extend(to_exchange);
             let over = self.to_exchange.len().saturating_sub(EXCHANGE_BACKLOG);

@@ -23,7 +23,8 @@ use diesel_async::AsyncPgConnection;
 
 use super::scheduler::{Scheduler, Wake};
 use crate::{
-    events::{Counters, Signals},
+    events::Signals,
+    lifecycle::Liveness,
     store::{self, Beat, Identity, Rescued, Store, StoreError},
 };
 
@@ -40,6 +41,7 @@ pub struct Heartbeat {
     engine_timeout: Duration,
     scheduler: Addr<Scheduler>,
     signals: Signals,
+    liveness: Liveness,
     conn: Option<AsyncPgConnection>,
     beating: bool,
     stopped: bool,
@@ -55,6 +57,7 @@ impl Heartbeat {
         engine_timeout: Duration,
         scheduler: Addr<Scheduler>,
         signals: Signals,
+        liveness: Liveness,
     ) -> Self {
         Heartbeat {
             store,
@@ -63,6 +66,7 @@ impl Heartbeat {
             engine_timeout,
             scheduler,
             signals,
+            liveness,
             conn: None,
             beating: false,
             stopped: false,
@@ -118,21 +122,18 @@ impl Heartbeat {
     }
 
     fn beaten(&mut self, sent: Instant, beat: Beat, rescued: Vec<Rescued>) {
-        let was_fresh = self.signals.liveness.fresh();
+        let was_fresh = self.liveness.fresh();
         if self.stopped {
             return;
         }
-        self.signals
-            .liveness
+        self.liveness
             .beat(sent, Self::fresh_window(self.engine_timeout));
         if self.failures > 0 {
             tracing::info!(failures = self.failures, "engine heartbeat back");
             self.failures = 0;
         }
-        let counters = &self.signals.counters;
         if beat == Beat::Rejoined {
-            Counters::add(&counters.rejoins, 1);
-            self.signals.metrics.rejoins.inc();
+            self.signals.rejoined();
             tracing::warn!(engine = %self.me.id,
                 "this engine had been declared dead (silent for longer than scheduler.engine_timeout): \
                  the rows it held were taken over; it rejoined and goes on");
@@ -140,13 +141,7 @@ impl Heartbeat {
         for r in &rescued {
             tracing::warn!(dead_engine = %r.engine, rows = r.rows,
                 "an engine missed its heartbeats; declared it dead and freed the rows it held");
-            Counters::add(&counters.engines_rescued, 1);
-            Counters::add(&counters.rows_rescued, usize::try_from(r.rows).unwrap_or(0));
-            let metrics = &self.signals.metrics;
-            metrics.engines_rescued.inc();
-            metrics
-                .rows_rescued
-                .inc_by(u64::try_from(r.rows).unwrap_or(0));
+            self.signals.rescued(r.rows);
         }
         if !was_fresh || beat == Beat::Rejoined || rescued.iter().any(|r| r.rows > 0) {
             self.scheduler.do_send(Wake::ALL);

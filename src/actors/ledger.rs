@@ -11,16 +11,16 @@
 //! no timer).
 //! A failed flush keeps its rows and is retried with backoff: a database outage delays the
 //! bookkeeping, it never drops an ack. Only after a flush commits are events announced and
-//! the Scheduler's in-flight credits returned.
+//! the rows' credits repaid to the Scheduler (see `scheduler::credit`).
 
 use std::time::Duration;
 
 use actix::prelude::*;
 use uuid::Uuid;
 
-use super::scheduler::{Scheduler, Settled};
+use super::scheduler::Credits;
 use crate::{
-    events::{Counters, EngineEvent, Signals},
+    events::Signals,
     store::{ClaimLimits, Claimed, DeadLetterUpdate, KeyScan, RetryUpdate, Store, StoreError},
 };
 
@@ -57,9 +57,8 @@ pub struct Record {
     pub confirmed: Vec<Uuid>,
     /// Failed attempts with attempts left.
     pub retry: Vec<RetryUpdate>,
-    /// How many of `confirmed` carry an ordering key: each one lets its key's next
-    /// message go, so the Scheduler claims again once they are written.
-    pub keyed: usize,
+    /// The credits of all of them, repaid once they are written.
+    pub credits: Credits,
 }
 
 /// Move failed rows to `dead_letters` (answered with the ids moved).
@@ -76,7 +75,7 @@ pub struct NextDue;
 /// credits return to the Scheduler.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Release(pub Vec<Uuid>);
+pub struct Release(pub Credits);
 
 /// Give back every row this engine still holds (end of a shutdown that timed out), so the
 /// next engine starts on them at once instead of waiting for the lease to expire.
@@ -95,7 +94,6 @@ pub struct Ledger {
     store: Store,
     engine_id: String,
     lease: Duration,
-    scheduler: Addr<Scheduler>,
     signals: Signals,
     pending: Record,
     /// Flushes running now (at most `FLUSHES`).
@@ -105,19 +103,12 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// A Ledger for `engine_id`, returning credits to `scheduler`.
-    pub fn new(
-        store: Store,
-        engine_id: String,
-        lease: Duration,
-        scheduler: Addr<Scheduler>,
-        signals: Signals,
-    ) -> Self {
+    /// A Ledger for `engine_id`.
+    pub fn new(store: Store, engine_id: String, lease: Duration, signals: Signals) -> Self {
         Ledger {
             store,
             engine_id,
             lease,
-            scheduler,
             signals,
             pending: Record::default(),
             flushing: 0,
@@ -167,6 +158,7 @@ impl Ledger {
                         );
                         act.pending.confirmed.splice(0..0, batch.confirmed);
                         act.pending.retry.splice(0..0, batch.retry);
+                        act.pending.credits.absorb(batch.credits);
                         ctx.run_later(delay, |act, ctx| {
                             act.flushing -= 1;
                             act.flush(ctx);
@@ -177,26 +169,9 @@ impl Ledger {
     }
 
     fn announce(&self, batch: Record) {
-        let settled: Vec<Uuid> = (batch.confirmed.iter().copied())
-            .chain(batch.retry.iter().map(|u| u.id))
-            .collect();
-        let earliest_retry = batch.retry.iter().map(|u| u.delay).min();
-        Counters::add(&self.signals.counters.confirmed, batch.confirmed.len());
-        Counters::add(&self.signals.counters.retried, batch.retry.len());
-        if !batch.confirmed.is_empty() {
-            self.signals
-                .emit(EngineEvent::Confirmed(std::sync::Arc::new(batch.confirmed)));
-        }
-        if !batch.retry.is_empty() {
-            let retried = batch.retry.into_iter().map(|u| (u.id, u.error)).collect();
-            self.signals
-                .emit(EngineEvent::Retrying(std::sync::Arc::new(retried)));
-        }
-        self.scheduler.do_send(Settled {
-            ids: settled,
-            earliest_retry,
-            keys_freed: batch.keyed > 0,
-        });
+        let retried = batch.retry.into_iter().map(|u| (u.id, u.error)).collect();
+        self.signals.recorded(batch.confirmed, retried);
+        batch.credits.repay();
     }
 }
 
@@ -259,11 +234,7 @@ fn announce_dead_lettered(signals: &Signals, claimed: &Claimed) {
     for (id, reason) in &claimed.dead_lettered {
         tracing::warn!(message_id = %id, %reason, "dead-lettered at claim: the row can never be published");
     }
-    Counters::add(&signals.counters.rejected, claimed.dead_lettered.len());
-    Counters::add(&signals.counters.dead_lettered, claimed.dead_lettered.len());
-    signals.emit(EngineEvent::DeadLettered(std::sync::Arc::new(
-        claimed.dead_lettered.clone(),
-    )));
+    signals.dead_lettered_at_claim(&claimed.dead_lettered);
 }
 
 impl Handler<RenewLeases> for Ledger {
@@ -293,7 +264,7 @@ impl Handler<Record> for Ledger {
     fn handle(&mut self, msg: Record, ctx: &mut Context<Self>) {
         self.pending.confirmed.extend(msg.confirmed);
         self.pending.retry.extend(msg.retry);
-        self.pending.keyed += msg.keyed;
+        self.pending.credits.absorb(msg.credits);
         self.flush(ctx);
     }
 }
@@ -314,19 +285,16 @@ impl Handler<Release> for Ledger {
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
-        let n = msg.0.len();
-        let ids = msg.0.clone();
-        let release = async move { store.release(&engine, &msg.0).await };
-        ctx.spawn(release.into_actor(self).map(move |result, act, _| {
+        let credits = msg.0;
+        let ids = credits.ids().to_vec();
+        let n = ids.len();
+        let release = async move { store.release(&engine, &ids).await };
+        ctx.spawn(release.into_actor(self).map(move |result, _, _| {
             match result {
                 Ok(released) => tracing::info!(released, "gave back unpublished rows"),
                 Err(e) => tracing::warn!(error = %e, rows = n, "could not give back unpublished rows; their leases will expire"),
             }
-            act.scheduler.do_send(Settled {
-                ids,
-                earliest_retry: None,
-                keys_freed: true,
-            });
+            credits.repay();
         }));
     }
 }

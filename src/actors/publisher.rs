@@ -54,13 +54,14 @@ use stuck::ChannelAnswers;
 use super::{
     confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
     ledger::{Ledger, Release},
-    scheduler::{BrokerReady, Scheduler},
+    scheduler::{BrokerReady, Credits, Scheduler},
 };
 use crate::{
     backoff,
     broker::{self, BrokerError, ChannelClose},
     config::Config,
-    events::{Counters, EngineEvent, Signals},
+    events::{BrokerState, Signals},
+    lifecycle::Lifecycle,
     state::{Delivery, FailureReason},
 };
 
@@ -106,6 +107,7 @@ pub struct Publisher {
     ledger: Addr<Ledger>,
     generation: u64,
     signals: Signals,
+    lifecycle: Lifecycle,
     link: Option<Link>,
     known_exchanges: HashMap<String, Instant>,
     /// Exchanges the broker refused by closing the channel, with when and why.
@@ -128,6 +130,7 @@ impl Publisher {
         scheduler: Addr<Scheduler>,
         ledger: Addr<Ledger>,
         signals: Signals,
+        lifecycle: Lifecycle,
     ) -> Self {
         Publisher {
             config,
@@ -136,6 +139,7 @@ impl Publisher {
             ledger,
             generation: 0,
             signals,
+            lifecycle,
             link: None,
             known_exchanges: HashMap::new(),
             refused_exchanges: HashMap::new(),
@@ -161,14 +165,9 @@ impl Publisher {
                         let url = act.config.broker.url.get(node).map(|u| u.redacted());
                         tracing::info!(broker = url.as_deref().unwrap_or_default(), node, "connected to RabbitMQ");
                         if act.ever_connected {
-                            Counters::add(&act.signals.counters.reconnects, 1);
-                        }
-                        if act.ever_connected {
-                            act.signals.metrics.reconnects.inc();
+                            act.signals.reconnected();
                         }
                         act.ever_connected = true;
-                        act.signals
-                            .set_broker(crate::events::broker_state::CONNECTED);
                         act.failed_connects = 0;
                         act.known_exchanges.clear();
                         act.channels_opened += 1;
@@ -182,7 +181,7 @@ impl Publisher {
                             act.signals.clone(),
                         );
                         act.link = Some(link);
-                        act.signals.emit(EngineEvent::BrokerConnected);
+                        act.signals.broker_connected();
                         act.scheduler.do_send(BrokerReady(true));
                     }
                     Err(e) => {
@@ -209,11 +208,9 @@ impl Publisher {
         self.link = None;
         // Reconnect at once, starting with the next node of the list (round robin).
         self.next_node = self.node + 1;
-        self.signals
-            .set_broker(crate::events::broker_state::DISCONNECTED);
+        self.signals.broker_disconnected(why.clone());
         self.scheduler.do_send(BrokerReady(false));
-        self.tracker.do_send(ConnectionLost(why.clone()));
-        self.signals.emit(EngineEvent::BrokerDisconnected(why));
+        self.tracker.do_send(ConnectionLost(why));
         ctx.stop(); // the Supervisor restarts us: `restarting`, then `started` reconnects.
     }
 
@@ -223,7 +220,7 @@ impl Publisher {
         if self.link.is_none() {
             return;
         }
-        Counters::add(&self.signals.counters.channel_closes, 1);
+        self.signals.channel_closed();
         self.open_new_channel(
             ctx,
             "publishing channel closed by the broker; opened a new one",
@@ -236,7 +233,7 @@ impl Publisher {
         let Some(link) = &self.link else { return };
         tracing::warn!(nacks, node = self.node, after = ?stuck::STUCK_AFTER,
             "every publish on the channel was nacked; replacing the channel");
-        Counters::add(&self.signals.counters.channels_replaced, 1);
+        self.signals.channel_replaced();
         // Its unconfirmed publishes fail with the close and are published again.
         let old = link.channel.clone();
         actix::spawn(async move {
@@ -335,22 +332,15 @@ fn watch(
             match event {
                 Event::ConnectionBlocked(reason) => {
                     blocked_since.get_or_insert_with(Instant::now);
-                    signals.set_broker(crate::events::broker_state::BLOCKED);
                     tracing::warn!(%reason, "RabbitMQ blocked publishers; pausing claims");
+                    signals.broker_blocked(reason);
                     scheduler.do_send(BrokerReady(false));
-                    signals.emit(EngineEvent::BrokerBlocked(reason));
                 }
                 Event::ConnectionUnblocked => {
-                    if let Some(since) = blocked_since.take() {
-                        signals
-                            .metrics
-                            .blocked_seconds
-                            .inc_by(since.elapsed().as_secs_f64());
-                    }
-                    signals.set_broker(crate::events::broker_state::CONNECTED);
+                    let blocked_for = blocked_since.take().map(|since| since.elapsed());
                     tracing::info!("RabbitMQ unblocked publishers; resuming");
+                    signals.broker_unblocked(blocked_for);
                     scheduler.do_send(BrokerReady(true));
-                    signals.emit(EngineEvent::BrokerUnblocked);
                 }
                 // A channel closed by the broker is reported here too: it is not the
                 // connection failing, but it tells which exchange was refused.
@@ -517,7 +507,7 @@ async fn publish_round(
     // Bounded by progress: a socket that died without failing its pending writes must not
     // hold the publisher (and its mailbox) forever, but a slow link that keeps writing is
     // alive however long the batch takes. A broker that blocked publishers is waited for.
-    let blocked = || signals.broker_state() == crate::events::broker_state::BLOCKED;
+    let blocked = || signals.broker_state() == BrokerState::Blocked;
     let Some(results) = broker::until_stalled(writes, check_timeout, blocked).await else {
         let why = format!(
             "no publish of the batch written for {}",
@@ -625,8 +615,8 @@ impl Handler<Publish> for Publisher {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
-        let overdue = !self.signals.liveness.fresh();
-        if self.signals.is_draining() || overdue {
+        let overdue = !self.lifecycle.liveness.fresh();
+        if self.lifecycle.shutdown.begun() || overdue {
             // Draining, or the registry beat is overdue (this engine may have been declared
             // dead and its rows taken over): give the rows back unpublished. The release is
             // fenced by the holder, so rows another engine took are left alone.
@@ -636,8 +626,7 @@ impl Handler<Publish> for Publisher {
                     "engine heartbeat overdue; giving claimed rows back unpublished"
                 );
             }
-            let ids = msg.0.iter().map(|d| d.message.id).collect();
-            self.ledger.do_send(Release(ids));
+            self.ledger.do_send(Release(Credits::released(msg.0)));
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         if self.link.is_none() {
@@ -712,17 +701,10 @@ impl Handler<Publish> for Publisher {
             for (name, close) in round.refused {
                 act.refused_exchanges.insert(name, (now, close));
             }
-            Counters::add(&act.signals.counters.published, round.published.len());
-            for p in &round.published {
-                act.signals
-                    .metrics
-                    .published
-                    .with_label_values(&[p.delivery.message.exchange.as_str()])
-                    .inc();
-            }
+            let exchanges = round.published.iter();
+            act.signals
+                .published(exchanges.map(|p| p.delivery.message.exchange.as_str()));
             if !round.published.is_empty() {
-                act.signals
-                    .emit(EngineEvent::Published(round.published.len()));
                 act.tracker.do_send(Track(round.published));
             }
             if !round.unsent.is_empty() {

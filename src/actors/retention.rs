@@ -14,7 +14,7 @@ use rand::Rng;
 
 use crate::{
     config::{RetentionConfig, RetentionMode},
-    events::{Counters, Signals},
+    events::Signals,
     store::{Store, StoreError},
 };
 
@@ -80,7 +80,7 @@ impl Actor for Retention {
                     match result {
                         Ok(0) => {}
                         Ok(n) => {
-                            Counters::add(&act.signals.counters.retention_removed, n);
+                            act.signals.retention_removed(n);
                             tracing::info!(removed = n, mode = ?act.config.mode, "retention");
                         }
                         Err(e) => tracing::warn!(error = %e, "retention failed; next run retries"),
@@ -102,7 +102,7 @@ impl Handler<RunRetention> for Retention {
         );
         Box::pin(async move {
             let n = run_once(&store, &config).await?;
-            Counters::add(&signals.counters.retention_removed, n);
+            signals.retention_removed(n);
             Ok(n)
         })
     }

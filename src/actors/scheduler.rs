@@ -2,7 +2,8 @@
 //!
 //! It wakes on the insert trigger's NOTIFY (through its own LISTEN connection), on
 //! `EngineHandle::nudge()`, on the safety-net sweep, and when settled messages give credits
-//! back. It holds `publisher.max_in_flight` credits: a claim never asks for more rows than
+//! back. It holds `publisher.max_in_flight` credits, lent one per claimed row and repaid
+//! when the row's outcome is durable (see `credit`): a claim never asks for more rows than
 //! credits left, so the engine's in-flight bound holds end to end (claimed, published,
 //! awaiting confirm, awaiting its database write). Claims loop while they come back full;
 //! a wake-up during a claim is remembered, so a row committed mid-claim is not left for
@@ -34,14 +35,18 @@ use super::{
 };
 use crate::{
     config::{Config, OnDeadLetter},
-    events::{Counters, EngineEvent, Signals},
+    events::Signals,
+    lifecycle::Lifecycle,
     state::Delivery,
     store::{ClaimLimits, Claimed, KeyScan, Store},
 };
 
+mod credit;
 mod demand;
 mod listen;
 mod window;
+
+pub use credit::{Credit, CreditLine, Credits};
 
 use demand::{Demand, Kind};
 use window::Window;
@@ -68,16 +73,18 @@ impl Wake {
 }
 
 /// Messages reached a durable outcome (or were given back): their credits come back.
+/// Only [`Credits`] and [`Credit`] build it (the fields are private to this module), so
+/// credits come back through them and nowhere else.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct Settled {
     /// Which: an id the Scheduler no longer holds (settled twice) gives nothing back.
-    pub ids: Vec<uuid::Uuid>,
+    ids: Vec<uuid::Uuid>,
     /// The shortest backoff among those sent back to `retrying`: the Scheduler wakes then
     /// instead of at the next sweep.
-    pub earliest_retry: Option<Duration>,
+    earliest_retry: Option<Duration>,
     /// Some of them carried an ordering key: their keys' next messages may be due now.
-    pub keys_freed: bool,
+    keys_freed: bool,
 }
 
 /// The broker can (or cannot) take publishes: connected and not blocked.
@@ -111,6 +118,7 @@ pub struct Scheduler {
     peers: Peers,
     store: Store,
     signals: Signals,
+    lifecycle: Lifecycle,
     engine_id: String,
     /// Every row claimed and not yet settled, with its payload size and, once handed to the
     /// Publisher, since when: the in-flight bound
@@ -140,6 +148,8 @@ pub struct Scheduler {
     /// (the database is gone: neither wake-ups nor settlements may spin the loop).
     failed_rounds: u32,
     retry_at: Option<Instant>,
+    /// Lends each claimed row its credit (set when the actor starts, before any claim).
+    credit_line: Option<CreditLine>,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
@@ -152,6 +162,7 @@ impl Scheduler {
         peers: Peers,
         store: Store,
         signals: Signals,
+        lifecycle: Lifecycle,
         engine_id: String,
     ) -> Self {
         let window = Window::new(
@@ -165,6 +176,7 @@ impl Scheduler {
             peers,
             store,
             signals,
+            lifecycle,
             engine_id,
             held: HashMap::new(),
             queue: std::collections::VecDeque::new(),
@@ -179,6 +191,7 @@ impl Scheduler {
             demand: Demand::default(),
             failed_rounds: 0,
             retry_at: None,
+            credit_line: None,
         }
     }
 
@@ -227,7 +240,7 @@ impl Scheduler {
         if self.stopping || !self.broker_ready || self.credits() == 0 || self.bytes_left() == 0 {
             return;
         }
-        if !self.signals.liveness.fresh() {
+        if !self.lifecycle.liveness.fresh() {
             // The registry beat is overdue: another engine may be taking this one's rows
             // over. The Heartbeat wakes the Scheduler when a beat succeeds again.
             self.more = true;
@@ -322,7 +335,7 @@ impl Scheduler {
     /// row, whatever wakes the Scheduler meanwhile.
     fn back_off(&mut self, ctx: &mut Context<Self>) {
         self.failed_rounds = self.failed_rounds.saturating_add(1);
-        Counters::add(&self.signals.counters.claim_failures, 1);
+        self.signals.claim_failed();
         let delay = crate::backoff::CLAIM.delay(self.failed_rounds);
         self.retry_at = Some(Instant::now() + delay);
         self.arm(ctx, delay);
@@ -396,17 +409,12 @@ impl Scheduler {
                 self.held_bytes += size;
             }
         }
-        self.signals
-            .counters
-            .peak_held_bytes
-            .fetch_max(self.held_bytes, std::sync::atomic::Ordering::Relaxed);
-        Counters::add(&self.signals.counters.claimed, rows.len());
-        self.signals.emit(EngineEvent::Claimed(rows.len()));
+        self.signals.claimed(rows.len(), self.held_bytes);
         let max_attempts = self.config.retry.max_attempts;
         let mut exhausted = Vec::new();
         let mut to_publish = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut delivery = Delivery::claimed(row, max_attempts);
+            let mut delivery = self.lend(Delivery::claimed(row, max_attempts));
             if delivery.over_budget() {
                 match delivery.exhaust() {
                     Ok(()) => {
@@ -430,11 +438,23 @@ impl Scheduler {
         self.pump();
     }
 
+    /// `delivery` holding its credit: it comes back with the row's durable outcome.
+    fn lend(&self, delivery: Delivery) -> Delivery {
+        match &self.credit_line {
+            Some(line) => {
+                let m = &delivery.message;
+                let credit = line.lend(m.id, m.ordering_key.is_some());
+                delivery.holding(credit)
+            }
+            None => delivery,
+        }
+    }
+
     /// Hands queued rows to the Publisher while the window has room, in publish batches.
     /// With the registry beat overdue nothing is handed on: the queue is given back (the
     /// release is fenced, so rows another engine took over are left alone).
     fn pump(&mut self) {
-        if !self.signals.liveness.fresh() || self.stopping {
+        if !self.lifecycle.liveness.fresh() || self.stopping {
             self.give_back_queue();
             return;
         }
@@ -476,13 +496,13 @@ impl Scheduler {
         if self.queue.is_empty() {
             return;
         }
-        let ids = self.queue.drain(..).map(|d| d.message.id).collect();
-        self.peers.ledger.do_send(Release(ids));
+        let credits = Credits::released(self.queue.drain(..));
+        self.peers.ledger.do_send(Release(credits));
     }
 
     fn log_summary(&self, ctx: &mut Context<Self>) {
         let store = self.store.clone();
-        let counters = self.signals.counters.snapshot();
+        let counters = self.signals.counters();
         let outstanding = self.outstanding();
         let (window, dispatched) = (self.window.size(), self.dispatched);
         ctx.spawn(
@@ -511,6 +531,7 @@ impl Actor for Scheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.credit_line = Some(CreditLine::new(ctx.address().downgrade().recipient()));
         ctx.run_interval(self.config.scheduler.sweep_interval, |act, ctx| {
             act.wake(ctx, Wake::ALL)
         });
@@ -559,7 +580,7 @@ impl Handler<Settled> for Scheduler {
             }
         }
         self.left_window(settled);
-        self.signals.metrics.window.set(self.window.size() as i64);
+        self.signals.window(self.window.size());
         if let Some(delay) = msg.earliest_retry {
             if delay < self.config.scheduler.sweep_interval {
                 self.arm(ctx, delay);
@@ -594,7 +615,7 @@ impl Handler<StopClaiming> for Scheduler {
     fn handle(&mut self, _: StopClaiming, _: &mut Context<Self>) -> usize {
         self.stopping = true;
         self.give_back_queue();
-        self.signals.emit(EngineEvent::ShuttingDown);
+        self.signals.shutting_down();
         self.outstanding()
     }
 }

@@ -13,7 +13,6 @@ use super::{
     queries::{self, AdminStats, DeadLetterPayload},
     AdminState, ApiError,
 };
-use crate::events::broker_state;
 
 const OPENAPI: &str = include_str!("openapi.json");
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -70,11 +69,7 @@ async fn health() -> HttpResponse {
 }
 
 fn broker(state: &AdminState) -> &'static str {
-    match state.engine.broker_state() {
-        broker_state::CONNECTED => "connected",
-        broker_state::BLOCKED => "blocked",
-        _ => "disconnected",
-    }
+    state.engine.broker_state().as_str()
 }
 
 /// Connectivity only: `SELECT 1` on the probe connection and the broker's state; no counts.

@@ -15,7 +15,7 @@ use futures::StreamExt;
 
 use super::{Scheduler, Wake};
 use crate::{
-    events::{EngineEvent, Signals},
+    events::Signals,
     store::{establish, Store, StoreError},
 };
 
@@ -74,7 +74,7 @@ async fn listen(
              silence this"
         );
     }
-    signals.emit(EngineEvent::ListenerReady { receiving });
+    signals.listener_ready(receiving);
     addr.do_send(Wake::ALL);
 
     let mut alive = tokio::time::interval(Duration::from_secs(1));
