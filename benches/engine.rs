@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use courier::{config::SecretUrl, events::EngineEvent, Config, Engine, OutboxMessage, Store};
+use courier::{config::SecretUrl, Config, Engine, EngineEvent, OutboxMessage, Store};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use lapin::{
@@ -41,7 +41,7 @@ async fn setup() -> Store {
     db.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
         .await
         .expect("drop schema");
-    courier::store::migrate(&SecretUrl::new(DB), SCHEMA, Duration::from_secs(10))
+    courier::migrate(&SecretUrl::new(DB), SCHEMA, Duration::from_secs(10))
         .await
         .expect("migrate");
     let conn = Connection::connect(AMQP, ConnectionProperties::default())

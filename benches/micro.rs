@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use courier::{
-    backoff,
     config::BackoffConfig,
-    inflight::{Answer, InFlightTable, Settled},
-    state::{Delivery, FailureReason},
+    testing::backoff,
+    testing::{Answer, InFlightTable, Settled},
+    testing::{Delivery, FailureReason},
     OutboxMessage,
 };
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};

@@ -188,7 +188,7 @@ async fn fresh_schema(schema: &str) {
     c.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .await
         .expect("drop");
-    courier::store::migrate(
+    courier::migrate(
         &courier::config::SecretUrl::new(DB),
         schema,
         Duration::from_secs(10),

@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let path = std::env::var("COURIER_CONFIG").unwrap_or_else(|_| "config.yaml".into());
     let config = courier::Config::load(path.as_ref())?;
     courier::cli::init_logging(&config);
-    courier::store::migrate(
+    courier::migrate(
         &config.database.url,
         &config.database.schema,
         config.database.connect_timeout,

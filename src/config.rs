@@ -105,7 +105,7 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
-pub use crate::redact::redact_url;
+pub(crate) use crate::redact::redact_url;
 
 mod broker;
 
@@ -470,7 +470,7 @@ pub enum LogFormat {
 }
 
 /// The prefix of every environment override.
-pub const ENV_PREFIX: &str = "COURIER_";
+pub(crate) const ENV_PREFIX: &str = "COURIER_";
 
 impl Config {
     /// Reads `path`, applies `COURIER_*` overrides from the process environment, validates.
@@ -697,7 +697,7 @@ fn check_url_scheme(key: &str, url: &SecretUrl, allowed: &[&str]) -> Result<(), 
 }
 
 /// Every leaf key of the configuration as a dotted path, from the defaults' shape.
-pub fn leaf_keys() -> Vec<Vec<String>> {
+pub(crate) fn leaf_keys() -> Vec<Vec<String>> {
     let defaults = serde_yaml_ng::to_value(Config::default()).unwrap_or(Value::Null);
     let mut out = Vec::new();
     collect_leaves(&defaults, &mut Vec::new(), &mut out);
@@ -721,7 +721,7 @@ fn collect_leaves(value: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<Strin
 
 /// The environment variable that overrides a dotted key: `retry.backoff.initial` →
 /// `COURIER_RETRY_BACKOFF_INITIAL`.
-pub fn env_name(path: &[String]) -> String {
+pub(crate) fn env_name(path: &[String]) -> String {
     format!("{ENV_PREFIX}{}", path.join("_").to_uppercase())
 }
 
@@ -764,7 +764,7 @@ fn apply_env(
 }
 
 /// `COURIER_*` variables that are read elsewhere, not configuration keys.
-pub const ENV_NOT_CONFIG: &[&str] = &["COURIER_CONFIG"];
+pub(crate) const ENV_NOT_CONFIG: &[&str] = &["COURIER_CONFIG"];
 
 fn lookup<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter()

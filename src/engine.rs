@@ -295,7 +295,7 @@ impl EngineHandle {
     }
 
     /// The Prometheus metrics.
-    pub fn metrics(&self) -> &crate::metrics::Metrics {
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
         self.inner.signals.metrics()
     }
 

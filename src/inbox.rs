@@ -100,11 +100,6 @@ impl InboxConfig {
     }
 }
 
-/// First delay before a delivery held during a database outage is tried again.
-pub const DATABASE_RETRY_INITIAL: Duration = backoff::INBOX_HOLD.first;
-/// Longest delay between tries of a held delivery.
-pub const DATABASE_RETRY_MAX: Duration = backoff::INBOX_HOLD.max;
-
 /// One delivery, as the handler sees it.
 #[derive(Debug, Clone)]
 pub struct InboxMessage {

@@ -23,7 +23,7 @@ use prometheus::{
 
 use crate::store::{EngineRecord, Stats};
 
-/// Most distinct `exchange` label values per engine (besides [`OTHER_EXCHANGE`]).
+/// Most distinct `exchange` label values per engine (besides `_other`).
 pub const MAX_EXCHANGE_LABELS: usize = 100;
 
 /// The `exchange` label of everything not (yet) given its own.
@@ -312,7 +312,8 @@ impl Metrics {
 
     /// The `exchange` label `exchange` is counted under right now: its own name once the
     /// broker confirmed a message to it (within the cap), else [`OTHER_EXCHANGE`].
-    pub fn exchange_label<'a>(&self, exchange: &'a str) -> &'a str {
+    #[cfg(test)]
+    fn exchange_label<'a>(&self, exchange: &'a str) -> &'a str {
         self.published.labels.label(exchange)
     }
 

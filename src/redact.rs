@@ -9,7 +9,7 @@
 //! not echoed at all.
 
 /// Replaces the password of a URL, and the value of every credential-like query parameter
-/// (see [`is_secret_param`]), with `***`. A key=value connection string (`host=h
+/// (see `is_secret_param`), with `***`. A key=value connection string (`host=h
 /// password=p`) is redacted the same way. Anything else that does not parse is not echoed
 /// at all, since it may still contain a password in a shape the parser did not understand.
 pub fn redact_url(raw: &str) -> String {

@@ -120,15 +120,15 @@ async fn secret_dead_letter(db: &TestDb) -> Uuid {
 
 async fn wait_broker_connected(engine: &EngineHandle) {
     let mut events = engine.subscribe();
-    if engine.broker_state() == courier::events::BrokerState::Connected {
+    if engine.broker_state() == courier::BrokerState::Connected {
         return;
     }
     within(20, "broker connected", async {
         while !matches!(
             events.recv().await,
-            Ok(courier::events::EngineEvent::BrokerConnected)
+            Ok(courier::EngineEvent::BrokerConnected)
         ) {
-            if engine.broker_state() == courier::events::BrokerState::Connected {
+            if engine.broker_state() == courier::BrokerState::Connected {
                 return;
             }
         }
@@ -528,7 +528,7 @@ async fn metric_labels_stay_bounded_for_exchanges_that_do_not_exist() {
         .collect();
     assert!(!labels.iter().any(|l| l.starts_with("nope.")), "{labels:?}");
     assert!(
-        labels.len() <= courier::metrics::MAX_EXCHANGE_LABELS + 1,
+        labels.len() <= courier::testing::MAX_EXCHANGE_LABELS + 1,
         "{labels:?}"
     );
     assert!(

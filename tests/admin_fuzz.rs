@@ -3,10 +3,11 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{process::Command, time::Duration};
 
 use common::TestDb;
-use courier::{store::DeadLetterUpdate, Engine, OutboxMessage};
+use courier::{testing::DeadLetterUpdate, Engine, OutboxMessage};
 
 #[actix_rt::test]
 async fn schemathesis_finds_no_server_error_and_no_row_is_lost() {
@@ -36,7 +37,7 @@ async fn schemathesis_finds_no_server_error_and_no_row_is_lost() {
     // The publisher may have connected while Engine::start was opening the admin pools,
     // before anyone could subscribe: the state says so where the event was missed.
     let mut events = engine.subscribe();
-    let connected = || engine.broker_state() == courier::events::BrokerState::Connected;
+    let connected = || engine.broker_state() == courier::BrokerState::Connected;
     common::within(10, "broker connected", async {
         while !connected() {
             let _ = tokio::time::timeout(Duration::from_millis(100), events.recv()).await;

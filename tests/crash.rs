@@ -8,10 +8,11 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::time::{Duration, Instant};
 
 use common::{audit::audit, broker::TestBroker, eventually, EngineProcess, TestDb};
-use courier::{store::EngineRecord, Status};
+use courier::{testing::EngineRecord, Status};
 use uuid::Uuid;
 
 const ROWS: usize = 5_000;

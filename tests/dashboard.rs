@@ -5,10 +5,11 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{process::Command, time::Duration};
 
 use common::{broker::TestBroker, TestDb};
-use courier::{store::DeadLetterUpdate, Engine, OutboxMessage, Outcome};
+use courier::{testing::DeadLetterUpdate, Engine, OutboxMessage, Outcome};
 
 #[actix_rt::test]
 async fn clicking_requeue_in_chromium_moves_the_row_and_it_is_delivered() {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{collections::HashSet, time::Duration};
 
 use common::{
@@ -15,7 +16,7 @@ use common::{
     proxy::Proxy,
     within, EngineProcess, TestDb,
 };
-use courier::{config::SecretUrl, events::EngineEvent, Engine, EngineHandle, Outcome, Status};
+use courier::{config::SecretUrl, Engine, EngineEvent, EngineHandle, Outcome, Status};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(180);

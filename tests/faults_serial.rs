@@ -11,6 +11,7 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{process::Command, time::Duration};
 
 use common::{
@@ -21,7 +22,7 @@ use common::{
     ordering::{assert_first_seen_in_order, insert_keyed},
     within, EngineProcess, TestDb,
 };
-use courier::{events::EngineEvent, Engine, Status};
+use courier::{Engine, EngineEvent, Status};
 
 const WAIT: Duration = Duration::from_secs(240);
 
@@ -172,7 +173,7 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
             // live engine's rescue finds nobody dead.
             let mut conn = db.raw().await;
             let rescued =
-                courier::store::rescue(&mut conn, &db.schema, "rescuer", Duration::from_secs(5))
+                courier::testing::rescue(&mut conn, &db.schema, "rescuer", Duration::from_secs(5))
                     .await
                     .expect("rescue");
             assert!(

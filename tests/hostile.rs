@@ -6,12 +6,12 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{collections::HashMap, time::Duration};
 
 use common::{audit::audit, broker::TestBroker, eventually, TestDb};
 use courier::{
-    config::OnDeadLetter, state::Status, store::KeyScan, Engine, EngineHandle, OutboxMessage,
-    Outcome,
+    config::OnDeadLetter, testing::KeyScan, Engine, EngineHandle, OutboxMessage, Outcome, Status,
 };
 use diesel::sql_types::{Bytea, Integer, Nullable, Text};
 use diesel_async::{AsyncConnection, RunQueryDsl};

@@ -3,12 +3,13 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{process::Command, time::Duration};
 
 use common::{broker::TestBroker, TestDb};
 use courier::{
     config::RetentionMode,
-    store::{DeadLetterUpdate, MessageState},
+    testing::{DeadLetterUpdate, MessageState},
     Engine, OutboxMessage, Outcome, Status,
 };
 use lapin::types::AMQPValue;

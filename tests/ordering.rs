@@ -5,6 +5,7 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -19,8 +20,8 @@ use common::{
 };
 use courier::{
     config::OnDeadLetter,
-    store::{DeadLetterUpdate, KeyScan, RetryUpdate, Store},
-    Engine, OutboxMessage, Outcome, Status,
+    testing::{DeadLetterUpdate, KeyScan, RetryUpdate},
+    Engine, OutboxMessage, Outcome, Status, Store,
 };
 use lapin::ExchangeKind;
 use uuid::Uuid;
@@ -365,7 +366,10 @@ async fn failing_head_run(mode: OnDeadLetter) {
         for id in &stuck[1..] {
             assert_eq!(
                 store.message_state(*id).await.unwrap(),
-                Some(courier::store::MessageState::Outbox(Status::Pending, None)),
+                Some(courier::testing::MessageState::Outbox(
+                    Status::Pending,
+                    None
+                )),
                 "k000's later messages wait for an operator"
             );
         }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{collections::HashSet, time::Duration};
 
 use common::{
@@ -11,7 +12,7 @@ use common::{
     proxy::Proxy,
     within, TestDb,
 };
-use courier::{events::EngineEvent, state::Status, Engine, EngineHandle, OutboxMessage, Outcome};
+use courier::{Engine, EngineEvent, EngineHandle, OutboxMessage, Outcome, Status};
 use lapin::{types::AMQPValue, ExchangeKind};
 use uuid::Uuid;
 

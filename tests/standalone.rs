@@ -9,7 +9,7 @@ use std::{
 };
 
 use common::{broker::TestBroker, eventually, TestDbGuard};
-use courier::{state::Status, store::Store};
+use courier::{Status, Store};
 
 #[tokio::test]
 async fn run_publishes_until_sigterm_then_exits_zero() {

@@ -3,11 +3,12 @@
 
 mod common;
 
+use courier::testing::StoreInternals as _;
 use std::{collections::HashSet, time::Duration};
 
 use common::{within, TestDb};
 use courier::{
-    store::{DeadLetterUpdate, MessageState, RetryUpdate},
+    testing::{DeadLetterUpdate, MessageState, RetryUpdate},
     OutboxMessage, Status,
 };
 use diesel::{sql_types::Text, QueryableByName};
@@ -113,7 +114,7 @@ async fn contract_rejects_zero_max_attempts_at_insert() {
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let db = TestDb::new("migrate").await;
-    let again = courier::store::migrate(&db.config.database.url, &db.schema, LONG)
+    let again = courier::migrate(&db.config.database.url, &db.schema, LONG)
         .await
         .unwrap();
     assert!(again.is_empty(), "second run applied {again:?}");

@@ -16,7 +16,7 @@ use std::{
 
 use courier::{
     config::{DatabaseConfig, SecretUrl},
-    store::{self, Store, StoreError},
+    Store, StoreError,
 };
 use diesel::QueryableByName;
 
@@ -133,7 +133,7 @@ struct SslRow {
 /// session is encrypted and as whom.
 async fn session(cfg: &DatabaseConfig) -> Result<SslRow, StoreError> {
     use diesel_async::RunQueryDsl;
-    store::migrate(&cfg.url, &cfg.schema, cfg.connect_timeout).await?;
+    courier::migrate(&cfg.url, &cfg.schema, cfg.connect_timeout).await?;
     let store = Store::connect(cfg).await?;
     store.stats().await?;
     let mut conn = store.conn().await?;
@@ -365,7 +365,7 @@ async fn primary_failover_mid_stream_loses_nothing() {
     config.database.url = pair.url();
     config.database.schema = schema.clone();
     config.database.connect_timeout = Duration::from_secs(5);
-    store::migrate(&config.database.url, &schema, Duration::from_secs(10))
+    courier::migrate(&config.database.url, &schema, Duration::from_secs(10))
         .await
         .expect("migrate");
     let broker = TestBroker::new("failover").await;
@@ -434,10 +434,7 @@ async fn primary_failover_mid_stream_loses_nothing() {
     .await;
     // LISTEN is back too, on the new primary, and its self-check NOTIFY arrives.
     common::events::wait_event(&mut after, 60, "LISTEN on the promoted standby", |e| {
-        matches!(
-            e,
-            courier::events::EngineEvent::ListenerReady { receiving: true }
-        )
+        matches!(e, courier::EngineEvent::ListenerReady { receiving: true })
     })
     .await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -24,11 +24,10 @@ use common::{
     unique_name, within, EngineProcess, TestDb,
 };
 use courier::{
-    broker::{self, BrokerError},
     config::{BrokerConfig, BrokerUrls, SecretUrl, TlsVerify},
-    events::EngineEvent,
     inbox::{Handler, HandlerError, Inbox, InboxConfig, InboxMessage},
-    Engine, OutboxMessage,
+    testing::{broker, BrokerError},
+    Engine, EngineEvent, OutboxMessage,
 };
 use lapin::{
     options::BasicPublishOptions,

@@ -17,8 +17,8 @@
 
 mod api;
 mod auth;
-pub mod conn_url;
-pub mod queries;
+mod conn_url;
+mod queries;
 
 use actix_web::{
     body::MessageBody,
@@ -32,7 +32,8 @@ use uuid::Uuid;
 
 use crate::{store::StoreError, EngineHandle};
 
-pub use queries::{AdminDb, AdminDbError};
+pub(crate) use queries::AdminDb;
+pub use queries::AdminDbError;
 
 /// Why the admin server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,7 @@ pub enum AdminError {
 
 /// The Content-Security-Policy of every response: nothing but this server's own script,
 /// style and API; no framing, no forms, no base URL.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+pub(crate) const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 

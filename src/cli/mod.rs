@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 mod commands;
-pub use commands::stats_json;
 mod dead_letters;
 mod demo;
 mod escape;
@@ -28,16 +27,16 @@ pub struct Cli {
         env = "COURIER_CONFIG",
         default_value = "config.yaml"
     )]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
 
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the engine: publish outbox rows until SIGINT or SIGTERM (migrates first unless
     /// `database.auto_migrate: false`).
     Run,
@@ -133,11 +132,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
 ///   stay; its info lines are internals.
 /// - `tokio_postgres=info`: at debug it logs every statement with its bound parameters
 ///   (payloads and headers of the rows an application enqueues or an operator requeues).
-pub const QUIET_LIBRARIES: &str =
+pub(crate) const QUIET_LIBRARIES: &str =
     "lapin=warn,lapin::returned_messages=off,lapin::channel=off,tokio_postgres=info";
 
 /// The filter: [`QUIET_LIBRARIES`], then `RUST_LOG` when set and valid, else `level`.
-pub fn log_filter(level: &str, rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+pub(crate) fn log_filter(level: &str, rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
     let with_defaults = |user: &str| {
         tracing_subscriber::EnvFilter::try_new(format!("{QUIET_LIBRARIES},{user}")).ok()
     };
@@ -147,7 +146,7 @@ pub fn log_filter(level: &str, rust_log: Option<&str>) -> tracing_subscriber::En
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(format!("{QUIET_LIBRARIES},info")))
 }
 
-/// Installs the tracing subscriber: [`log_filter`], pretty or JSON, on stderr; colours only
+/// Installs the tracing subscriber: the level filter (`logging.level`, `RUST_LOG`, quiet libraries), pretty or JSON, on stderr; colours only
 /// when stderr is a terminal (and `NO_COLOR` is unset), so files and pipes get plain text.
 pub fn init_logging(config: &Config) {
     use std::io::IsTerminal;

@@ -96,7 +96,7 @@ impl Counters {
     }
 }
 
-/// A copy of [`Counters`] at one instant.
+/// The engine's running totals at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[allow(missing_docs)]
 pub struct CounterSnapshot {

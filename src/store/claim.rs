@@ -41,7 +41,7 @@ impl ClaimLimits {
     }
 }
 
-/// How a claim walks the keys of keyed rows (see [`Store::claim_keyed`]).
+/// How a claim walks the keys of keyed rows (see `Store::claim_keyed`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyScan {
     /// Resume the round-robin walk over keys at this key (the last one served); `None`
@@ -212,7 +212,7 @@ fn claim_keyed(s: &Schema) -> String {
 impl Store {
     /// Claims up to `limit` rows for `engine` with a lease of `lease` (no byte budget):
     /// see [`claim_due`](Self::claim_due). Returns the messages ready to publish.
-    pub async fn claim(
+    pub(crate) async fn claim(
         &self,
         engine: &str,
         limit: u32,
@@ -229,7 +229,7 @@ impl Store {
     /// `locked_by`, `locked_until` and counts the attempt. Rows that can never be published
     /// are dead-lettered at once (see [`Claimed::dead_lettered`]). Keyed rows:
     /// [`claim_keyed`](Self::claim_keyed).
-    pub async fn claim_due(
+    pub(crate) async fn claim_due(
         &self,
         engine: &str,
         limits: ClaimLimits,
@@ -254,7 +254,7 @@ impl Store {
 
     /// Claims up to `limit` keyed rows for `engine` (no byte budget): see
     /// [`claim_keyed_within`](Self::claim_keyed_within).
-    pub async fn claim_keyed(
+    pub(crate) async fn claim_keyed(
         &self,
         engine: &str,
         limit: u32,
@@ -268,7 +268,7 @@ impl Store {
     /// Claims keyed rows for `engine` within `limits`: the due head of each key that has
     /// nothing in flight (nor, with `keys.block_on_dead_letter`, a dead letter), walking the
     /// keys round-robin from `keys.after`.
-    pub async fn claim_keyed_within(
+    pub(crate) async fn claim_keyed_within(
         &self,
         engine: &str,
         limits: ClaimLimits,
@@ -360,7 +360,7 @@ fn next_due(s: &Schema) -> String {
 
 impl Store {
     /// How long until the earliest row that is not due yet becomes due (`None`: none).
-    pub async fn next_due(&self) -> Result<Option<Duration>, StoreError> {
+    pub(crate) async fn next_due(&self) -> Result<Option<Duration>, StoreError> {
         let mut conn = self.op().await?;
         let row: AgeRow = conn
             .fetch_one(diesel::sql_query(next_due(&self.schema)))

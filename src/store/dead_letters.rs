@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{millis, not_found_is_none, IdRow, Schema, Store, StoreError};
 
-/// A dead-letter decision for one message, written by [`Store::move_to_dead_letters`].
+/// A dead-letter decision for one message, written by `Store::move_to_dead_letters`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetterUpdate {
     /// The row.
@@ -222,7 +222,7 @@ fn move_to_dead_letters(s: &Schema) -> String {
 impl Store {
     /// Moves failed rows `engine` holds to `dead_letters`, in one transaction, with their
     /// final error. Returns the ids moved.
-    pub async fn move_to_dead_letters(
+    pub(crate) async fn move_to_dead_letters(
         &self,
         engine: &str,
         updates: &[DeadLetterUpdate],

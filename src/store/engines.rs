@@ -171,7 +171,7 @@ pub async fn rescue(
 
 impl Store {
     /// Every engine of the registry, the rows each holds, newest first.
-    pub async fn engines(&self) -> Result<Vec<EngineRecord>, StoreError> {
+    pub(crate) async fn engines(&self) -> Result<Vec<EngineRecord>, StoreError> {
         let s = format!("\"{}\"", self.schema());
         let sql = format!(
             "SELECT e.id, e.host, e.pid, e.version, e.started_at, e.heartbeat_at,

@@ -36,7 +36,7 @@ fn renew(s: &Schema) -> String {
 
 impl Store {
     /// Extends the lease of rows `engine` still holds. Returns how many it still held.
-    pub async fn renew_leases(
+    pub(crate) async fn renew_leases(
         &self,
         engine: &str,
         ids: &[Uuid],

@@ -255,7 +255,7 @@ impl Store {
     }
 
     /// The (secret) database URL, for opening dedicated connections.
-    pub fn url(&self) -> &SecretUrl {
+    pub(crate) fn url(&self) -> &SecretUrl {
         &self.url
     }
 

@@ -25,12 +25,12 @@ fn notify(s: &Schema) -> String {
 
 impl Store {
     /// The NOTIFY channel of the insert trigger: `<schema>.outbox`.
-    pub fn notify_channel(&self) -> String {
+    pub(crate) fn notify_channel(&self) -> String {
         channel(&self.schema)
     }
 
     /// Sends a NOTIFY on the outbox channel with `payload` (the listener's self-check).
-    pub async fn notify(&self, payload: &str) -> Result<(), StoreError> {
+    pub(crate) async fn notify(&self, payload: &str) -> Result<(), StoreError> {
         let mut conn = self.op().await?;
         conn.run(diesel::sql_query(notify(&self.schema)).bind::<Text, _>(payload))
             .await?;

@@ -56,7 +56,7 @@ fn vacuum(s: &Schema) -> String {
 impl Store {
     /// Deletes (or, with `archive`, moves to `outbox_archive`) up to `limit` rows confirmed
     /// more than `older_than` ago. Returns how many.
-    pub async fn purge_confirmed(
+    pub(crate) async fn purge_confirmed(
         &self,
         older_than: Duration,
         limit: u32,
@@ -78,7 +78,7 @@ impl Store {
     }
 
     /// Runs a plain `VACUUM` on the outbox (after retention removed rows).
-    pub async fn vacuum_outbox(&self) -> Result<(), StoreError> {
+    pub(crate) async fn vacuum_outbox(&self) -> Result<(), StoreError> {
         use diesel_async::SimpleAsyncConnection;
         let mut conn = self.op().await?;
         conn.batch_execute(&vacuum(&self.schema)).await?;

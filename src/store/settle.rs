@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{millis, Schema, Store, StoreError};
 
-/// A retry decision for one message, written in a batch by [`Store::mark_retrying`].
+/// A retry decision for one message, written in a batch by `Store::mark_retrying`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryUpdate {
     /// The row.
@@ -59,7 +59,7 @@ fn confirm(s: &Schema) -> String {
 
 impl Store {
     /// Marks a batch `confirmed` (one statement). Returns the rows changed.
-    pub async fn mark_confirmed(&self, ids: &[Uuid]) -> Result<usize, StoreError> {
+    pub(crate) async fn mark_confirmed(&self, ids: &[Uuid]) -> Result<usize, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -97,7 +97,7 @@ fn retry(s: &Schema) -> String {
 impl Store {
     /// Marks a batch `retrying` with `next_attempt_at` and `last_error` (one statement),
     /// for rows `engine` still holds.
-    pub async fn mark_retrying(
+    pub(crate) async fn mark_retrying(
         &self,
         engine: &str,
         updates: &[RetryUpdate],
@@ -158,7 +158,7 @@ fn release_all(s: &Schema) -> String {
 impl Store {
     /// Gives back rows `engine` claimed but never published: they are due again at once and
     /// the attempt is not counted.
-    pub async fn release(&self, engine: &str, ids: &[Uuid]) -> Result<usize, StoreError> {
+    pub(crate) async fn release(&self, engine: &str, ids: &[Uuid]) -> Result<usize, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -174,7 +174,7 @@ impl Store {
 
     /// Gives back every row `engine` still holds (shutdown): due again at once, attempt
     /// refunded. Returns how many.
-    pub async fn release_all(&self, engine: &str) -> Result<usize, StoreError> {
+    pub(crate) async fn release_all(&self, engine: &str) -> Result<usize, StoreError> {
         let mut conn = self.op().await?;
         Ok(conn
             .run(diesel::sql_query(&self.statements.settle.release_all).bind::<Text, _>(engine))

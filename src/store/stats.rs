@@ -213,7 +213,7 @@ fn dead_letter_of(s: &Schema) -> String {
 
 impl Store {
     /// Where one message is now, or `None` if it is in neither table.
-    pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
+    pub(crate) async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
         let mut conn = self.op().await?;
         let row: Option<StatusRow> = conn
             .fetch_one(
@@ -266,7 +266,7 @@ fn publishers(s: &Schema) -> String {
 impl Store {
     /// Commit→confirmed latency percentiles (p50, p99) in milliseconds over `ids`, from
     /// the database's own timestamps (`created_at` → `confirmed_at`).
-    pub async fn latency_of(&self, ids: &[Uuid]) -> Result<Option<(f64, f64)>, StoreError> {
+    pub(crate) async fn latency_of(&self, ids: &[Uuid]) -> Result<Option<(f64, f64)>, StoreError> {
         #[derive(QueryableByName)]
         struct Pct {
             #[diesel(sql_type = Nullable<Double>)]
@@ -285,7 +285,9 @@ impl Store {
     }
 
     /// Confirmed rows by the engine that published them (`locked_by` is kept on confirm).
-    pub async fn publishers_of_confirmed(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+    pub(crate) async fn publishers_of_confirmed(
+        &self,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
         let mut conn = self.op().await?;
         let rows: Vec<CountRow> = conn
             .fetch_all(diesel::sql_query(publishers(&self.schema)))

@@ -2,6 +2,7 @@
 //! received by a consumer at least once, or sits in `dead_letters` with a reason.
 //! Duplicates are counted and reported.
 
+use courier::testing::StoreInternals as _;
 use std::collections::HashMap;
 
 use courier::Outcome;

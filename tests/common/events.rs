@@ -1,7 +1,7 @@
 //! Awaiting engine events in tests: every wait is bounded and fails the test naming what
 //! it waited for.
 
-use courier::events::EngineEvent;
+use courier::EngineEvent;
 
 use super::within;
 

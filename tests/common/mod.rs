@@ -10,11 +10,12 @@ pub mod ordering;
 pub mod proxy;
 pub mod topology;
 
+use courier::testing::StoreInternals as _;
 use std::{future::Future, time::Duration};
 
 use courier::{
     config::{Config, SecretUrl},
-    store::Store,
+    Store,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 
@@ -78,7 +79,7 @@ impl TestDb {
         config.database.url = SecretUrl::new(database_url());
         config.broker.url = SecretUrl::new(broker_url()).into();
         config.database.schema = schema.clone();
-        courier::store::migrate(&config.database.url, &schema, Duration::from_secs(10))
+        courier::migrate(&config.database.url, &schema, Duration::from_secs(10))
             .await
             .expect("migrate test schema");
         TestDb { schema, config }
@@ -151,7 +152,7 @@ pub async fn migrated_by_process(schema: &str, secs: u64) -> Store {
     let mut config = Config::default();
     config.database.url = SecretUrl::new(database_url());
     config.database.schema = schema.to_string();
-    let all = courier::store::MIGRATION_NAMES().len() as i64;
+    let all = courier::testing::MIGRATION_NAMES().len() as i64;
     eventually(secs, "every migration applied by `courier run`", || {
         let config = config.clone();
         let schema = schema.to_string();
