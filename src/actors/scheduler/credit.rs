@@ -4,7 +4,7 @@
 //! (`publisher.max_in_flight` rows, `publisher.max_in_flight_bytes` bytes, the measured
 //! window) until the credit comes back. The credit travels inside the row's
 //! [`Delivery`](crate::state::Delivery) — Publisher, ConfirmTracker, DeadLetter actor —
-//! to whichever write makes the row's outcome durable: the Store actor's outcome flush, the
+//! to whichever write makes the row's outcome durable: the Ledger's outcome flush, the
 //! move to `dead_letters`, or a release. That writer gathers the credits of one write into
 //! a [`Credits`] batch and repays the batch once the write is done: one message to the
 //! Scheduler per write, never one per row.
