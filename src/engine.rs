@@ -137,6 +137,7 @@ impl Engine {
             config.clone(),
             ledger.clone(),
             dead_letter.clone(),
+            scheduler.clone(),
             signals.clone(),
         )
         .start();

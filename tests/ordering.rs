@@ -33,6 +33,7 @@ fn block() -> KeyScan {
     KeyScan {
         after: None,
         block_on_dead_letter: true,
+        run: 0,
     }
 }
 
@@ -40,6 +41,7 @@ fn carry_on() -> KeyScan {
     KeyScan {
         after: None,
         block_on_dead_letter: false,
+        run: 0,
     }
 }
 
@@ -329,7 +331,9 @@ async fn three_claimers_never_hold_two_rows_of_one_key() {
 }
 
 /// 6 keys through the engine; key k000's head goes to an exchange whose queue nacks.
-async fn failing_head_run(mode: OnDeadLetter) {
+/// Row `at` of key k000 is nacked until it is dead-lettered (`at` 0: the head; else a row
+/// inside the head's run, published on the ack of the one before).
+async fn failing_row_run(mode: OnDeadLetter, at: usize) {
     let db = TestDb::new("ord_block").await;
     let mut broker = TestBroker::new("ord_block").await;
     let nacks = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
@@ -341,7 +345,7 @@ async fn failing_head_run(mode: OnDeadLetter) {
     let stuck = keyed.by_key["k000"].clone();
     db.exec(&format!(
         "UPDATE {{s}}.outbox SET exchange = '{nacks}' WHERE id = '{}'",
-        stuck[0]
+        stuck[at]
     ))
     .await;
     let mut config = db.engine_config();
@@ -356,14 +360,14 @@ async fn failing_head_run(mode: OnDeadLetter) {
         .flat_map(|(_, ids)| ids.clone())
         .chain(plain.iter().copied())
         .collect();
-    let head = engine.wait_for(stuck[0], WAIT).await.unwrap();
+    let head = engine.wait_for(stuck[at], WAIT).await.unwrap();
     assert!(matches!(head, Outcome::DeadLettered(_)), "{head:?}");
     let done = engine.wait_for_all(&others, WAIT).await.unwrap();
     assert!(done.values().all(|o| *o == Outcome::Confirmed));
     let store = db.store().await;
     if mode == OnDeadLetter::Block {
         // Every other key finished while k000 waited behind its dead letter.
-        for id in &stuck[1..] {
+        for id in &stuck[at + 1..] {
             assert_eq!(
                 store.message_state(*id).await.unwrap(),
                 Some(courier::testing::MessageState::Outbox(
@@ -373,18 +377,18 @@ async fn failing_head_run(mode: OnDeadLetter) {
                 "k000's later messages wait for an operator"
             );
         }
-        store.discard_dead_letters(&[stuck[0]]).await.unwrap();
+        store.discard_dead_letters(&[stuck[at]]).await.unwrap();
     }
-    let rest = engine.wait_for_all(&stuck[1..], WAIT).await.unwrap();
+    let rest = engine.wait_for_all(&stuck[at + 1..], WAIT).await.unwrap();
     assert!(rest.values().all(|o| *o == Outcome::Confirmed));
     // A discarded dead letter is gone by an operator's decision; everything else is audited.
     let mut expected = keyed.clone();
-    expected.by_key.get_mut("k000").unwrap().remove(0);
+    expected.by_key.get_mut("k000").unwrap().remove(at);
     let committed: Vec<Uuid> = keyed
         .all
         .iter()
         .chain(&plain)
-        .filter(|id| mode == OnDeadLetter::Continue || **id != stuck[0])
+        .filter(|id| mode == OnDeadLetter::Continue || **id != stuck[at])
         .copied()
         .collect();
     let (a, received) = audit_received(&db, &broker, &broker.queue, &committed).await;
@@ -395,12 +399,17 @@ async fn failing_head_run(mode: OnDeadLetter) {
 
 #[actix_rt::test]
 async fn a_failing_head_blocks_only_its_key_until_an_operator_discards_it() {
-    failing_head_run(OnDeadLetter::Block).await;
+    failing_row_run(OnDeadLetter::Block, 0).await;
+}
+
+#[actix_rt::test]
+async fn a_failing_row_inside_a_run_stops_its_key_there_until_an_operator_discards_it() {
+    failing_row_run(OnDeadLetter::Block, 7).await;
 }
 
 #[actix_rt::test]
 async fn with_continue_a_key_goes_on_past_its_dead_letter() {
-    failing_head_run(OnDeadLetter::Continue).await;
+    failing_row_run(OnDeadLetter::Continue, 0).await;
 }
 
 #[actix_rt::test]
@@ -417,4 +426,106 @@ async fn keyed_rows_keep_their_order_without_notify_too() {
     let (_, received) = audit_received(&db, &broker, &broker.queue, &keyed.all).await;
     assert_first_seen_in_order(&received, &keyed);
     engine.shutdown().await;
+}
+
+fn runs_of(n: u32) -> KeyScan {
+    KeyScan {
+        after: None,
+        block_on_dead_letter: true,
+        run: n,
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_claim_takes_each_heads_run_in_order_and_stops_at_a_row_not_due() {
+    let db = TestDb::new("ord_runs").await;
+    let store = db.store().await;
+    let keyed = insert_keyed(&db, "ex", 3, 6).await;
+    // k001's fourth row is delayed: its run must end before it, never skip it.
+    let delayed = keyed.by_key["k001"][3];
+    db.exec(&format!(
+        "UPDATE \"{}\".outbox SET next_attempt_at = now() + interval '1 hour' WHERE id = '{delayed}'",
+        db.schema
+    ))
+    .await;
+    let claimed = store
+        .claim_keyed("e", 100, LONG, &runs_of(4))
+        .await
+        .expect("claim")
+        .messages;
+    let got: Vec<(String, Uuid)> = claimed
+        .iter()
+        .map(|m| (m.ordering_key.clone().unwrap_or_default(), m.id))
+        .collect();
+    let mut expected = Vec::new();
+    for (key, ids) in &keyed.by_key {
+        let take = if key == "k001" { 3 } else { 5 };
+        expected.extend(ids[..take].iter().map(|id| (key.clone(), *id)));
+    }
+    assert_eq!(
+        got, expected,
+        "heads and runs, by key then seq, nothing skipped"
+    );
+    // Within the row limit, runs fill after every head: no key's row without its head.
+    let db2 = TestDb::new("ord_runs_limit").await;
+    let store2 = db2.store().await;
+    let keyed2 = insert_keyed(&db2, "ex", 4, 5).await;
+    let claimed = store2
+        .claim_keyed("e", 6, LONG, &runs_of(4))
+        .await
+        .expect("claim")
+        .messages;
+    assert_eq!(claimed.len(), 6, "the row limit holds");
+    let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for m in &claimed {
+        by_key
+            .entry(m.ordering_key.clone().unwrap_or_default())
+            .or_default()
+            .push(m.id);
+    }
+    assert_eq!(by_key.len(), 4, "every head first: {by_key:?}");
+    for (key, ids) in &by_key {
+        assert_eq!(
+            ids[..],
+            keyed2.by_key[key][..ids.len()],
+            "a prefix of {key}'s rows"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dead_engines_run_is_taken_back_one_row_at_a_time_in_order() {
+    let db = TestDb::new("ord_run_rescue").await;
+    let store = db.store().await;
+    let keyed = insert_keyed(&db, "ex", 1, 5).await;
+    let ids = &keyed.by_key["k000"];
+    let held = store
+        .claim_keyed("dead", 100, LONG, &runs_of(10))
+        .await
+        .expect("claim")
+        .messages;
+    assert_eq!(held.len(), 5, "the head and its run");
+    // The engine dies: its leases end (as the registry's rescue or the lease itself does).
+    db.exec(&format!(
+        "UPDATE \"{}\".outbox SET locked_until = now() - interval '1 second'",
+        db.schema
+    ))
+    .await;
+    for (n, id) in ids.iter().enumerate() {
+        let taken = store.claim("live", 100, LONG).await.expect("claim");
+        assert_eq!(
+            taken.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![*id],
+            "round {n}: only the key's first open row"
+        );
+        assert!(
+            store
+                .claim("live", 100, LONG)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "round {n}: the next waits for it"
+        );
+        store.mark_confirmed(&[*id]).await.unwrap();
+    }
 }

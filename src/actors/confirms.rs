@@ -38,6 +38,7 @@ use uuid::Uuid;
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     ledger::{Ledger, Record},
+    scheduler::{KeyTurn, Scheduler},
 };
 use crate::{
     broker::ChannelClose,
@@ -103,6 +104,8 @@ pub struct ConfirmTracker {
     config: Arc<Config>,
     ledger: Addr<Ledger>,
     dead_letter: Addr<DeadLetterActor>,
+    /// Told keyed rows' answers at once (see `KeyTurn`).
+    scheduler: Addr<Scheduler>,
     signals: Signals,
     in_flight: InFlightTable,
     pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
@@ -114,12 +117,14 @@ impl ConfirmTracker {
         config: Arc<Config>,
         ledger: Addr<Ledger>,
         dead_letter: Addr<DeadLetterActor>,
+        scheduler: Addr<Scheduler>,
         signals: Signals,
     ) -> Self {
         ConfirmTracker {
             config,
             ledger,
             dead_letter,
+            scheduler,
             signals,
             in_flight: InFlightTable::new(),
             pump: None,
@@ -134,6 +139,9 @@ impl ConfirmTracker {
     fn fail(&self, mut delivery: Delivery, reason: FailureReason, out: &mut Outcomes) {
         let id = delivery.message.id;
         let exchange = delivery.message.exchange.clone();
+        if delivery.message.ordering_key.is_some() {
+            out.turns.push((id, false));
+        }
         self.signals.failed(&exchange, &reason);
         let _span =
             tracing::debug_span!("message", message_id = %id, exchange = %exchange, attempt = delivery.attempts())
@@ -180,6 +188,9 @@ impl ConfirmTracker {
                     self.signals.acked(&delivery.message);
                     tracing::debug!(message_id = %r.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
+                    if delivery.message.ordering_key.is_some() {
+                        out.turns.push((r.id, true));
+                    }
                     out.record.credits.settled(delivery.into_credit());
                 }
                 Err(e) => {
@@ -220,6 +231,10 @@ impl ConfirmTracker {
     }
 
     fn send(&self, out: Outcomes) {
+        if !out.turns.is_empty() {
+            // First: a key's next row is published on its predecessor's ack, not its write.
+            self.scheduler.do_send(KeyTurn(out.turns));
+        }
         if !out.record.confirmed.is_empty() || !out.record.retry.is_empty() {
             self.ledger.do_send(out.record);
         }
@@ -247,6 +262,8 @@ impl ConfirmTracker {
 struct Outcomes {
     record: Record,
     dead: Vec<(Delivery, String)>,
+    /// Keyed rows' answers, for the runs waiting on them.
+    turns: Vec<(Uuid, bool)>,
 }
 
 /// Runs every confirm future; batches what resolved together.

@@ -14,11 +14,14 @@
 //! broker needs to run at full rate. While the engine's registry beat is overdue (see the
 //! Heartbeat) it neither claims nor hands anything on.
 //!
-//! Ordered rows: the keyed claim takes only the head of each ordering key, so a key's next
-//! message becomes claimable when its head is confirmed or dead-lettered. Those settlements
-//! say so (`Settled::keys_freed`) and the Scheduler claims keyed heads again at once; it also
-//! remembers the last key served, so successive claims walk the keys round-robin and none
-//! starves. Which kinds of rows a round claims, and how it splits its room, is decided by
+//! Ordered rows: the keyed claim takes the head of each ordering key with nothing in flight,
+//! and the key's run (the rows after it, `ordering.run`). Heads are queued like any row; a
+//! run waits here and hands on its next row when the ConfirmTracker reports the broker's ack
+//! of the one before ([`KeyTurn`]), so a key moves at one broker round trip per message. A
+//! failure ends the run: the rest goes back unpublished. A key's next claim comes when its
+//! last row is confirmed or dead-lettered: those settlements say so (`Settled::keys_freed`)
+//! and the Scheduler claims keyed heads again at once; it also remembers the last key
+//! served, so successive claims walk the keys round-robin and none starves. Which kinds of rows a round claims, and how it splits its room, is decided by
 //! the `demand` module: an engine without keyed traffic never walks the keys.
 
 use std::{
@@ -87,6 +90,13 @@ pub struct Settled {
     keys_freed: bool,
 }
 
+/// Keyed rows' first answers from the broker, in the order they came: `true` an ack,
+/// `false` a failure. A run waiting on one of them goes on (the next row is published at
+/// once, before the ack's write) or is given back.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct KeyTurn(pub Vec<(uuid::Uuid, bool)>);
+
 /// The broker can (or cannot) take publishes: connected and not blocked.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
@@ -150,6 +160,11 @@ pub struct Scheduler {
     retry_at: Option<Instant>,
     /// Lends each claimed row its credit (set when the actor starts, before any claim).
     credit_line: Option<CreditLine>,
+    /// Keys' runs: the rows claimed after a key's head, each handed on when the broker
+    /// acked the one before (see [`KeyTurn`]).
+    runs: HashMap<String, std::collections::VecDeque<Delivery>>,
+    /// The dispatched row each run waits on, by id: its ack hands on the next.
+    run_turns: HashMap<uuid::Uuid, String>,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
@@ -192,6 +207,8 @@ impl Scheduler {
             failed_rounds: 0,
             retry_at: None,
             credit_line: None,
+            runs: HashMap::new(),
+            run_turns: HashMap::new(),
         }
     }
 
@@ -281,6 +298,7 @@ impl Scheduler {
             let keys = KeyScan {
                 after: self.next_key.clone(),
                 block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
+                run: self.config.ordering.run,
             };
             let limits = self.limits(limit, total);
             self.peers
@@ -304,7 +322,7 @@ impl Scheduler {
         match answer {
             Ok(Ok(claimed)) => {
                 let n = claimed.messages.len() + claimed.dead_lettered.len();
-                self.dispatch(claimed.messages);
+                self.dispatch(claimed.messages, kind == Kind::Keyed);
                 Some((n, claimed.full))
             }
             Ok(Err(e)) => {
@@ -399,7 +417,10 @@ impl Scheduler {
             .spawn(ctx);
     }
 
-    fn dispatch(&mut self, rows: Vec<crate::OutboxMessage>) {
+    /// Takes claimed rows into the bound and queues them for the Publisher. A keyed claim
+    /// returns each key's head followed by its run (in `seq` order): the heads are queued,
+    /// each run waits for its head's ack.
+    fn dispatch(&mut self, rows: Vec<crate::OutboxMessage>, keyed: bool) {
         if rows.is_empty() {
             return;
         }
@@ -413,8 +434,16 @@ impl Scheduler {
         let max_attempts = self.config.retry.max_attempts;
         let mut exhausted = Vec::new();
         let mut to_publish = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut delivery = self.lend(Delivery::claimed(row, max_attempts));
+        let deliveries: Vec<Delivery> = rows
+            .into_iter()
+            .map(|row| self.lend(Delivery::claimed(row, max_attempts)))
+            .collect();
+        let deliveries = if keyed {
+            self.start_runs(deliveries)
+        } else {
+            deliveries
+        };
+        for mut delivery in deliveries {
             if delivery.over_budget() {
                 match delivery.exhaust() {
                     Ok(()) => {
@@ -436,6 +465,85 @@ impl Scheduler {
         }
         self.queue.extend(to_publish);
         self.pump();
+    }
+
+    /// Splits keyed rows (ordered by key, then `seq`) into heads, returned, and runs, kept
+    /// until their turn. A row past its attempt budget ends its key's run: a head's whole
+    /// run, or the row and those after it, are given back, to be handled as heads later, in
+    /// order.
+    fn start_runs(&mut self, rows: Vec<Delivery>) -> Vec<Delivery> {
+        let mut heads = Vec::new();
+        let mut give_back = Vec::new();
+        let mut current: Option<(String, bool)> = None;
+        for delivery in rows {
+            let Some(key) = delivery.message.ordering_key.clone() else {
+                heads.push(delivery);
+                continue;
+            };
+            match &mut current {
+                Some((k, broken)) if *k == key => {
+                    if *broken || delivery.over_budget() {
+                        *broken = true;
+                        give_back.push(delivery);
+                    } else {
+                        self.runs.entry(key).or_default().push_back(delivery);
+                    }
+                }
+                _ => {
+                    current = Some((key, delivery.over_budget()));
+                    heads.push(delivery);
+                }
+            }
+        }
+        for head in &heads {
+            if let Some(key) = &head.message.ordering_key {
+                if self.runs.contains_key(key) {
+                    self.run_turns.insert(head.message.id, key.clone());
+                }
+            }
+        }
+        if !give_back.is_empty() {
+            self.peers
+                .ledger
+                .do_send(Release(Credits::released(give_back)));
+        }
+        heads
+    }
+
+    /// The row a run waited on was acked: its key's next row goes first in the queue.
+    /// It failed (or settled without an ack): the rest of the run is given back unpublished,
+    /// and the key is claimed again from its head, as any key.
+    fn turn(&mut self, id: uuid::Uuid, acked: bool) {
+        let Some(key) = self.run_turns.remove(&id) else {
+            return;
+        };
+        if !acked {
+            self.end_run(&key);
+            return;
+        }
+        let Some(run) = self.runs.get_mut(&key) else {
+            return;
+        };
+        let Some(next) = run.pop_front() else {
+            self.runs.remove(&key);
+            return;
+        };
+        if run.is_empty() {
+            self.runs.remove(&key);
+        } else {
+            self.run_turns.insert(next.message.id, key);
+        }
+        self.queue.push_front(next);
+        self.pump();
+    }
+
+    /// Gives back the rest of `key`'s run unpublished.
+    fn end_run(&mut self, key: &str) {
+        if let Some(run) = self.runs.remove(key) {
+            if !run.is_empty() {
+                self.peers.ledger.do_send(Release(Credits::released(run)));
+            }
+        }
     }
 
     /// `delivery` holding its credit: it comes back with the row's durable outcome.
@@ -493,11 +601,13 @@ impl Scheduler {
 
     /// Gives back every queued row unpublished; their credits return when it is written.
     fn give_back_queue(&mut self) {
-        if self.queue.is_empty() {
+        self.run_turns.clear();
+        let runs = std::mem::take(&mut self.runs).into_values().flatten();
+        let rows: Vec<Delivery> = self.queue.drain(..).chain(runs).collect();
+        if rows.is_empty() {
             return;
         }
-        let credits = Credits::released(self.queue.drain(..));
-        self.peers.ledger.do_send(Release(credits));
+        self.peers.ledger.do_send(Release(Credits::released(rows)));
     }
 
     fn log_summary(&self, ctx: &mut Context<Self>) {
@@ -574,6 +684,11 @@ impl Handler<Settled> for Scheduler {
     fn handle(&mut self, msg: Settled, ctx: &mut Context<Self>) {
         let mut settled = Vec::new();
         for id in &msg.ids {
+            // A run's current row settled without its turn (an outcome that bypassed the
+            // ConfirmTracker): the run cannot go on in order, so it is given back.
+            if let Some(key) = self.run_turns.remove(id) {
+                self.end_run(&key);
+            }
             if let Some((size, dispatched)) = self.held.remove(id) {
                 self.held_bytes -= size;
                 settled.extend(dispatched);
@@ -594,6 +709,16 @@ impl Handler<Settled> for Scheduler {
             self.wake(ctx, keyed);
         } else if self.more {
             self.maybe_claim(ctx);
+        }
+    }
+}
+
+impl Handler<KeyTurn> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: KeyTurn, _: &mut Context<Self>) {
+        for (id, acked) in msg.0 {
+            self.turn(id, acked);
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct KeyScan {
     pub after: Option<String>,
     /// A key whose head sits in `dead_letters` waits (`ordering.on_dead_letter: block`).
     pub block_on_dead_letter: bool,
+    /// Rows after each head to take with it (its run; 0: heads only).
+    pub run: u32,
 }
 
 /// What one claim returned.
@@ -116,7 +118,8 @@ fn fit(max_payload: &str, budget: &str) -> String {
 /// -- name: claim_due
 ///
 /// Two locked sets: rows whose lease expired (a crashed or partitioned engine, keyed or
-/// not) go first, and unkeyed due rows (their own partial index) fill the rest, oldest
+/// not; of a key, only its first open row: a dead engine's run is taken back one row at a
+/// time, in order) go first, and unkeyed due rows (their own partial index) fill the rest, oldest
 /// first, so the batch never exceeds $1 rows; of those, the ones that fit the byte budget
 /// are taken (the rest are unlocked again at commit). Keyed rows are claimed by
 /// [`claim_keyed`], a separate statement, so the hot path of unkeyed rows is planned and
@@ -127,8 +130,12 @@ fn fit(max_payload: &str, budget: &str) -> String {
 fn claim_due(s: &Schema) -> String {
     format!(
         "WITH expired AS (
-                    SELECT id, octet_length(payload) AS size, locked_until AS at FROM {s}.outbox
+                    SELECT id, octet_length(payload) AS size, locked_until AS at FROM {s}.outbox e
                     WHERE status = 'in_flight' AND locked_until < now()
+                      AND (ordering_key IS NULL OR NOT EXISTS (
+                              SELECT 1 FROM {s}.outbox p
+                              WHERE p.ordering_key = e.ordering_key AND p.seq < e.seq
+                                AND p.status IN ('pending', 'in_flight', 'retrying')))
                     ORDER BY locked_until
                     LIMIT $1
                     FOR UPDATE SKIP LOCKED
@@ -153,19 +160,45 @@ fn claim_due(s: &Schema) -> String {
     )
 }
 
+/// The rows of a locked candidate set (`picked`: id, payload size, `pos` in its key's run,
+/// order) that fit the byte budget `budget` and the row limit `limit`, taken in run
+/// position first: every head before any key's second row, and so on. A key's rows are
+/// therefore always a prefix of its run: a row is never taken without the rows of its key
+/// before it. The first row always fits.
+fn fit_runs(max_payload: &str, budget: &str, limit: &str) -> String {
+    format!(
+        "fit AS (
+            SELECT id FROM (
+                SELECT id,
+                       sum(CASE WHEN size <= {max_payload} THEN size ELSE 0 END)
+                           OVER (ORDER BY pos, ord, id) AS running,
+                       row_number() OVER (ORDER BY pos, ord, id) AS rn
+                FROM picked) t
+            WHERE rn = 1 OR (running <= {budget} AND rn <= {limit})
+         )"
+    )
+}
+
 /// -- name: claim_keyed
 ///
-/// Keyed rows: only the head of each key (its lowest open `seq`), only when it is due and
+/// Keyed rows: the head of each key (its lowest open `seq`), only when it is due and
 /// nothing of its key is in flight (and, with `$5`, nothing of its key sits in
-/// dead_letters). Keys are walked one index probe each (a loose index scan), round-robin:
-/// after the cursor `$4` (the last key served, '' at first), then from the start up to and
-/// including it; the walk stops as soon as `$1` heads are found, so the cost follows the
-/// rows claimed, not the number of keys. A head locked by another engine is skipped (SKIP
-/// LOCKED), and a key with a row in flight is skipped, so a key is served by one engine at
-/// a time. The heads that fit the byte budget are taken.
+/// dead_letters), **and the key's run**: up to `$8` rows that follow the head in `seq`
+/// order, as long as each is due and publishable (a delayed, over-size or absent row ends
+/// the run; nothing is skipped). The engine publishes a run's rows one at a time, each as
+/// soon as the broker acked the one before (not after its write and a new claim), so a key
+/// costs one broker round trip per message. Keys are walked one index probe each (a loose
+/// index scan), round-robin: after the cursor `$4` (the last key served, '' at first), then
+/// from the start up to and including it; the walk stops as soon as `$1` heads are found,
+/// so the cost follows the rows claimed, not the number of keys. A head locked by another
+/// engine is skipped (SKIP LOCKED), and a key with a row in flight is skipped, so a key is
+/// served by one engine at a time; a run's rows are locked after their head (waiting, not
+/// skipping: a skipped row would be a gap in the key's order). Of heads and runs, rows are
+/// taken in run position order while they fit the byte budget and `$1` rows. The rows come
+/// back ordered by key and `seq`, so the first row of each key is its head.
 ///
-/// `$1` most heads, `$2` engine id, `$3` lease (ms), `$4` key cursor, `$5` block on a dead
-/// letter, `$6` `max_payload_bytes`, `$7` byte budget.
+/// `$1` most rows, `$2` engine id, `$3` lease (ms), `$4` key cursor, `$5` block on a dead
+/// letter, `$6` `max_payload_bytes`, `$7` byte budget, `$8` most rows after each head.
 fn claim_keyed(s: &Schema) -> String {
     format!(
         "WITH RECURSIVE ahead AS (
@@ -195,16 +228,40 @@ fn claim_keyed(s: &Schema) -> String {
                       AND NOT ($5 AND EXISTS (SELECT 1 FROM {s}.dead_letters d
                                               WHERE d.ordering_key = h.k OFFSET 0))
                     LIMIT $1
-                 ), picked AS (
-                    SELECT o.id, octet_length(o.payload) AS size, o.seq AS ord
+                 ), heads AS (
+                    SELECT o.id, octet_length(o.payload) AS size, o.seq, o.ordering_key AS k
                     FROM ready r JOIN {s}.outbox o ON o.id = r.id
                     WHERE o.status IN ('pending', 'retrying') AND o.next_attempt_at <= now()
                     FOR UPDATE OF o SKIP LOCKED
-                 ), {fit}
-                 UPDATE {s}.outbox o {CLAIM_SET}
-                 WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
-                 RETURNING {columns}",
-        fit = fit("$6", "$7"),
+                 ), following AS (
+                    SELECT f.* FROM heads h, LATERAL (
+                        SELECT n.id, octet_length(n.payload) AS size, n.seq, n.ordering_key AS k,
+                               row_number() OVER (ORDER BY n.seq) AS pos,
+                               n.status IN ('pending', 'retrying') AND n.next_attempt_at <= now()
+                                   AND octet_length(n.payload) <= $6 AS ok
+                        FROM {s}.outbox n
+                        WHERE n.ordering_key = h.k AND n.seq > h.seq AND {OPEN}
+                        ORDER BY n.seq LIMIT $8) f
+                 ), run AS (
+                    SELECT id, size, seq, pos FROM (
+                        SELECT *, bool_and(ok) OVER (PARTITION BY k ORDER BY pos) AS clear
+                        FROM following) t
+                    WHERE clear
+                 ), run_locked AS (
+                    SELECT o.id, r.size, r.seq, r.pos
+                    FROM run r JOIN {s}.outbox o ON o.id = r.id
+                    WHERE o.status IN ('pending', 'retrying')
+                    FOR UPDATE OF o
+                 ), picked AS (
+                    SELECT id, size, seq AS ord, 0::bigint AS pos FROM heads
+                    UNION ALL SELECT id, size, seq, pos FROM run_locked
+                 ), {fit}, taken AS (
+                    UPDATE {s}.outbox o {CLAIM_SET}
+                    WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
+                    RETURNING {columns}, o.seq AS run_seq
+                 )
+                 SELECT * FROM taken ORDER BY ordering_key, run_seq",
+        fit = fit_runs("$6", "$7", "$1"),
         columns = message_columns("$6"),
     )
 }
@@ -285,7 +342,8 @@ impl Store {
                     .bind::<Text, _>(keys.after.as_deref().unwrap_or(""))
                     .bind::<Bool, _>(keys.block_on_dead_letter)
                     .bind::<BigInt, _>(clamp_i64(limits.max_payload))
-                    .bind::<BigInt, _>(clamp_i64(limits.bytes)),
+                    .bind::<BigInt, _>(clamp_i64(limits.bytes))
+                    .bind::<BigInt, _>(i64::from(keys.run)),
             )
             .await?;
         drop(conn);
