@@ -19,6 +19,7 @@
 //! BENCH_QUEUES=classic BENCH_BACKLOG=0 cargo bench --bench side_by_side   # classic only
 //! BENCH_WINDOWS=500,1000,2000 cargo bench --bench side_by_side   # + fixed in-flight windows,
 //!     raw lapin at the same windows, and a crash line per window (max_in_flight)
+//! BENCH_RUN0=1: each keyed variant also with `ordering.run: 0` (heads only, the old way)
 //! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed)
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
@@ -784,12 +785,27 @@ fn main() {
         }
         if kind == "classic" {
             // Per-key order: one message of a key in flight at a time, so one key runs at
-            // one round trip per message; many keys pipeline like unkeyed rows.
-            for keys in [1, 100, 10_000] {
+            // one broker round trip per message; many keys pipeline like unkeyed rows.
+            // BENCH_RUN0=1 adds each with `ordering.run: 0` (a claim per message of a key).
+            let run0 = env_usize("BENCH_RUN0", 0) > 0;
+            for keys in [1, 100, 1_000, 10_000] {
                 let m = if keys == 1 { keyed_one_n } else { n };
                 let mut r = rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys), &[]));
                 r.name = format!("{} ({kind})", r.name);
                 rows.push(r);
+                if run0 {
+                    let heads_only = [("COURIER_ORDERING_RUN", "0".to_string())];
+                    let mut r = rt.block_on(courier_drain_keyed(
+                        schema,
+                        &queue,
+                        m,
+                        1,
+                        Some(keys),
+                        &heads_only,
+                    ));
+                    r.name = format!("{}, ordering.run 0 ({kind})", r.name);
+                    rows.push(r);
+                }
             }
         }
         if kind == "classic" {
