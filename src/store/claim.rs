@@ -194,8 +194,9 @@ fn fit_runs(max_payload: &str, budget: &str, limit: &str) -> String {
 /// engine is skipped (SKIP LOCKED), and a key with a row in flight is skipped, so a key is
 /// served by one engine at a time; a run's rows are locked after their head (waiting, not
 /// skipping: a skipped row would be a gap in the key's order). Of heads and runs, rows are
-/// taken in run position order while they fit the byte budget and `$1` rows. The rows come
-/// back ordered by key and `seq`, so the first row of each key is its head.
+/// taken in run position order while they fit the byte budget and `$1` rows (each key's run
+/// is read only as far as its share of the rows left after the heads). The rows come back
+/// ordered by key and `seq`, so the first row of each key is its head.
 ///
 /// `$1` most rows, `$2` engine id, `$3` lease (ms), `$4` key cursor, `$5` block on a dead
 /// letter, `$6` `max_payload_bytes`, `$7` byte budget, `$8` most rows after each head.
@@ -233,6 +234,9 @@ fn claim_keyed(s: &Schema) -> String {
                     FROM ready r JOIN {s}.outbox o ON o.id = r.id
                     WHERE o.status IN ('pending', 'retrying') AND o.next_attempt_at <= now()
                     FOR UPDATE OF o SKIP LOCKED
+                 ), share AS (
+                    SELECT least($8, ($1 - count(*) + greatest(count(*), 1) - 1) / greatest(count(*), 1)) AS room
+                    FROM heads
                  ), following AS (
                     SELECT f.* FROM heads h, LATERAL (
                         SELECT n.id, octet_length(n.payload) AS size, n.seq, n.ordering_key AS k,
@@ -241,7 +245,7 @@ fn claim_keyed(s: &Schema) -> String {
                                    AND octet_length(n.payload) <= $6 AS ok
                         FROM {s}.outbox n
                         WHERE n.ordering_key = h.k AND n.seq > h.seq AND {OPEN}
-                        ORDER BY n.seq LIMIT $8) f
+                        ORDER BY n.seq LIMIT (SELECT room FROM share)) f
                  ), run AS (
                     SELECT id, size, seq, pos FROM (
                         SELECT *, bool_and(ok) OVER (PARTITION BY k ORDER BY pos) AS clear
