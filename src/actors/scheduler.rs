@@ -515,7 +515,8 @@ impl Scheduler {
         heads
     }
 
-    /// The row a run waited on was acked: its key's next row goes first in the queue.
+    /// The row a run waited on was acked: its key's next row goes first in the queue (the
+    /// caller pumps).
     /// It failed (or settled without an ack): the rest of the run is given back unpublished,
     /// and the key is claimed again from its head, as any key.
     fn turn(&mut self, id: uuid::Uuid, acked: bool) {
@@ -542,7 +543,6 @@ impl Scheduler {
             self.run_turns.insert(next.message.id, key);
         }
         self.queue.push_front(next);
-        self.pump();
     }
 
     /// Gives back the rest of `key`'s run unpublished.
@@ -734,6 +734,8 @@ impl Handler<KeyTurn> for Scheduler {
         for (id, acked) in msg.0 {
             self.turn(id, acked);
         }
+        // The next rows of every run that moved, in one publish batch.
+        self.pump();
     }
 }
 
