@@ -34,6 +34,7 @@ fn block() -> KeyScan {
         after: None,
         block_on_dead_letter: true,
         run: 0,
+        heads: None,
     }
 }
 
@@ -42,6 +43,7 @@ fn carry_on() -> KeyScan {
         after: None,
         block_on_dead_letter: false,
         run: 0,
+        heads: None,
     }
 }
 
@@ -433,6 +435,7 @@ fn runs_of(n: u32) -> KeyScan {
         after: None,
         block_on_dead_letter: true,
         run: n,
+        heads: None,
     }
 }
 
@@ -527,5 +530,36 @@ async fn a_dead_engines_run_is_taken_back_one_row_at_a_time_in_order() {
             "round {n}: the next waits for it"
         );
         store.mark_confirmed(&[*id]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_claim_takes_at_most_its_heads_and_gives_the_rest_of_its_rows_to_their_runs() {
+    let db = TestDb::new("ord_run_heads").await;
+    let store = db.store().await;
+    let keyed = insert_keyed(&db, "ex", 4, 5).await;
+    let scan = KeyScan {
+        heads: Some(2),
+        ..runs_of(3)
+    };
+    let claimed = store
+        .claim_keyed("e", 100, LONG, &scan)
+        .await
+        .expect("claim")
+        .messages;
+    let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for m in &claimed {
+        by_key
+            .entry(m.ordering_key.clone().unwrap_or_default())
+            .or_default()
+            .push(m.id);
+    }
+    assert_eq!(by_key.len(), 2, "two heads: {by_key:?}");
+    for (key, ids) in &by_key {
+        assert_eq!(
+            ids[..],
+            keyed.by_key[key][..4],
+            "{key}: its head and a run of three"
+        );
     }
 }

@@ -283,7 +283,14 @@ impl Scheduler {
             return;
         };
         self.more = false;
-        let total = split.unkeyed + split.keyed;
+        // Heads share the claim's room; their runs may take the credits beyond it (held, not
+        // published, until their turn), so a run is not cut short by the batch size.
+        let heads = split.keyed;
+        let run = self.config.ordering.run;
+        let keyed_rows = (heads as usize * (1 + run as usize))
+            .min(self.credits().saturating_sub(split.unkeyed as usize))
+            .max(heads as usize) as u32;
+        let total = split.unkeyed + keyed_rows;
         if split.unkeyed > 0 {
             let limit = split.unkeyed;
             let limits = self.limits(limit, total);
@@ -297,14 +304,14 @@ impl Scheduler {
                 })
                 .spawn(ctx);
         }
-        if split.keyed > 0 {
-            let limit = split.keyed;
+        if heads > 0 {
             let keys = KeyScan {
                 after: self.next_key.clone(),
                 block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
-                run: self.config.ordering.run,
+                run,
+                heads: Some(heads),
             };
-            let limits = self.limits(limit, total);
+            let limits = self.limits(keyed_rows, total);
             self.peers
                 .ledger
                 .send(ClaimKeyed { limits, keys })

@@ -51,6 +51,9 @@ pub struct KeyScan {
     pub block_on_dead_letter: bool,
     /// Rows after each head to take with it (its run; 0: heads only).
     pub run: u32,
+    /// Most heads (`None`: as many as the claim's rows). The Scheduler asks for fewer heads
+    /// than rows, so that runs get room.
+    pub heads: Option<u32>,
 }
 
 /// What one claim returned.
@@ -189,7 +192,7 @@ fn fit_runs(max_payload: &str, budget: &str, limit: &str) -> String {
 /// soon as the broker acked the one before (not after its write and a new claim), so a key
 /// costs one broker round trip per message. Keys are walked one index probe each (a loose
 /// index scan), round-robin: after the cursor `$4` (the last key served, '' at first), then
-/// from the start up to and including it; the walk stops as soon as `$1` heads are found,
+/// from the start up to and including it; the walk stops as soon as `$9` heads are found,
 /// so the cost follows the rows claimed, not the number of keys. A head locked by another
 /// engine is skipped (SKIP LOCKED), and a key with a row in flight is skipped, so a key is
 /// served by one engine at a time; a run's rows are locked after their head (waiting, not
@@ -199,7 +202,8 @@ fn fit_runs(max_payload: &str, budget: &str, limit: &str) -> String {
 /// ordered by key and `seq`, so the first row of each key is its head.
 ///
 /// `$1` most rows, `$2` engine id, `$3` lease (ms), `$4` key cursor, `$5` block on a dead
-/// letter, `$6` `max_payload_bytes`, `$7` byte budget, `$8` most rows after each head.
+/// letter, `$6` `max_payload_bytes`, `$7` byte budget, `$8` most rows after each head,
+/// `$9` most heads.
 fn claim_keyed(s: &Schema) -> String {
     format!(
         "WITH RECURSIVE ahead AS (
@@ -228,7 +232,7 @@ fn claim_keyed(s: &Schema) -> String {
                                       OFFSET 0)
                       AND NOT ($5 AND EXISTS (SELECT 1 FROM {s}.dead_letters d
                                               WHERE d.ordering_key = h.k OFFSET 0))
-                    LIMIT $1
+                    LIMIT $9
                  ), heads AS (
                     SELECT o.id, octet_length(o.payload) AS size, o.seq, o.ordering_key AS k
                     FROM ready r JOIN {s}.outbox o ON o.id = r.id
@@ -347,7 +351,10 @@ impl Store {
                     .bind::<Bool, _>(keys.block_on_dead_letter)
                     .bind::<BigInt, _>(clamp_i64(limits.max_payload))
                     .bind::<BigInt, _>(clamp_i64(limits.bytes))
-                    .bind::<BigInt, _>(i64::from(keys.run)),
+                    .bind::<BigInt, _>(i64::from(keys.run))
+                    .bind::<BigInt, _>(i64::from(
+                        keys.heads.unwrap_or(limits.rows).min(limits.rows),
+                    )),
             )
             .await?;
         drop(conn);
