@@ -21,8 +21,9 @@
 //! failure ends the run: the rest goes back unpublished. A key's next claim comes when its
 //! last row is confirmed or dead-lettered: those settlements say so (`Settled::keys_freed`)
 //! and the Scheduler claims keyed heads again at once; it also remembers the last key
-//! served, so successive claims walk the keys round-robin and none starves. Which kinds of rows a round claims, and how it splits its room, is decided by
-//! the `demand` module: an engine without keyed traffic never walks the keys.
+//! served, so successive claims walk the keys round-robin and none starves. Which kinds of
+//! rows a round claims, and how it splits its room, is decided by the `demand` module: an
+//! engine without keyed traffic never walks the keys.
 
 use std::{
     collections::HashMap,
@@ -523,9 +524,8 @@ impl Scheduler {
     }
 
     /// The row a run waited on was acked: its key's next row goes first in the queue (the
-    /// caller pumps).
-    /// It failed (or settled without an ack): the rest of the run is given back unpublished,
-    /// and the key is claimed again from its head, as any key.
+    /// caller pumps). It failed: the rest of the run is given back unpublished, and the key
+    /// is claimed again from its head, as any key.
     fn turn(&mut self, id: uuid::Uuid, acked: bool) {
         let Some(key) = self.run_turns.remove(&id) else {
             return;
