@@ -430,6 +430,18 @@ async fn keyed_rows_keep_their_order_without_notify_too() {
     engine.shutdown().await;
 }
 
+/// Claimed rows' ids by key, in the order the claim returned them.
+fn by_key(claimed: &[OutboxMessage]) -> HashMap<String, Vec<Uuid>> {
+    let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for m in claimed {
+        by_key
+            .entry(m.ordering_key.clone().unwrap_or_default())
+            .or_default()
+            .push(m.id);
+    }
+    by_key
+}
+
 fn runs_of(n: u32) -> KeyScan {
     KeyScan {
         after: None,
@@ -479,13 +491,7 @@ async fn a_keyed_claim_takes_each_heads_run_in_order_and_stops_at_a_row_not_due(
         .expect("claim")
         .messages;
     assert_eq!(claimed.len(), 6, "the row limit holds");
-    let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
-    for m in &claimed {
-        by_key
-            .entry(m.ordering_key.clone().unwrap_or_default())
-            .or_default()
-            .push(m.id);
-    }
+    let by_key = by_key(&claimed);
     assert_eq!(by_key.len(), 4, "every head first: {by_key:?}");
     for (key, ids) in &by_key {
         assert_eq!(
@@ -547,13 +553,7 @@ async fn a_keyed_claim_takes_at_most_its_heads_and_gives_the_rest_of_its_rows_to
         .await
         .expect("claim")
         .messages;
-    let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
-    for m in &claimed {
-        by_key
-            .entry(m.ordering_key.clone().unwrap_or_default())
-            .or_default()
-            .push(m.id);
-    }
+    let by_key = by_key(&claimed);
     assert_eq!(by_key.len(), 2, "two heads: {by_key:?}");
     for (key, ids) in &by_key {
         assert_eq!(
