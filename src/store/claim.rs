@@ -104,7 +104,12 @@ const OPEN: &str = "status IN ('pending', 'in_flight', 'retrying')";
 /// byte budget `budget` (bytes claimed in order, over-size payloads counting nothing since
 /// they are never fetched). The first row always fits: one message larger than the whole
 /// budget still goes, alone.
-fn fit(max_payload: &str, budget: &str) -> String {
+///
+/// With `limit`, also at most that many rows: the keyed claim reads heads and their runs
+/// together (its `ord` is a run position, then `seq`: every head before any key's second
+/// row), so any prefix it keeps holds each key's rows without a gap.
+fn fit(max_payload: &str, budget: &str, limit: Option<&str>) -> String {
+    let within = limit.map_or(String::new(), |l| format!(" AND rn <= {l}"));
     format!(
         "fit AS (
             SELECT id FROM (
@@ -113,7 +118,7 @@ fn fit(max_payload: &str, budget: &str) -> String {
                            OVER (ORDER BY ord, id) AS running,
                        row_number() OVER (ORDER BY ord, id) AS rn
                 FROM picked) t
-            WHERE rn = 1 OR running <= {budget}
+            WHERE rn = 1 OR (running <= {budget}{within})
          )"
     )
 }
@@ -158,27 +163,8 @@ fn claim_due(s: &Schema) -> String {
                  FROM fit c
                  WHERE o.id = c.id
                  RETURNING {columns}",
-        fit = fit("$4", "$5"),
+        fit = fit("$4", "$5", None),
         columns = message_columns("$4"),
-    )
-}
-
-/// The rows of a locked candidate set (`picked`: id, payload size, `pos` in its key's run,
-/// order) that fit the byte budget `budget` and the row limit `limit`, taken in run
-/// position first: every head before any key's second row, and so on. A key's rows are
-/// therefore always a prefix of its run: a row is never taken without the rows of its key
-/// before it. The first row always fits.
-fn fit_runs(max_payload: &str, budget: &str, limit: &str) -> String {
-    format!(
-        "fit AS (
-            SELECT id FROM (
-                SELECT id,
-                       sum(CASE WHEN size <= {max_payload} THEN size ELSE 0 END)
-                           OVER (ORDER BY pos, ord, id) AS running,
-                       row_number() OVER (ORDER BY pos, ord, id) AS rn
-                FROM picked) t
-            WHERE rn = 1 OR (running <= {budget} AND rn <= {limit})
-         )"
     )
 }
 
@@ -261,15 +247,15 @@ fn claim_keyed(s: &Schema) -> String {
                     WHERE o.status IN ('pending', 'retrying')
                     FOR UPDATE OF o
                  ), picked AS (
-                    SELECT id, size, seq AS ord, 0::bigint AS pos FROM heads
-                    UNION ALL SELECT id, size, seq, pos FROM run_locked
+                    SELECT id, size, (0::bigint, seq) AS ord FROM heads
+                    UNION ALL SELECT id, size, (pos, seq) FROM run_locked
                  ), {fit}, taken AS (
                     UPDATE {s}.outbox o {CLAIM_SET}
                     WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
                     RETURNING {columns}, o.seq AS run_seq
                  )
                  SELECT * FROM taken ORDER BY ordering_key, run_seq",
-        fit = fit_runs("$6", "$7", "$1"),
+        fit = fit("$6", "$7", Some("$1")),
         columns = message_columns("$6"),
     )
 }
