@@ -354,6 +354,18 @@ fn child(mode: &[&str]) -> (f64, f64, f64) {
     (v[0], v[1], v[2])
 }
 
+/// Raw lapin (no database) publishing `n` messages with at most `window` unconfirmed.
+fn raw_lapin(kind: &str, n: usize, window: &str) -> Row {
+    let (secs, rss, cpu) = child(&["raw", &n.to_string(), window]);
+    Row {
+        name: format!("raw lapin, window {window} ({kind})"),
+        messages: n,
+        seconds: secs,
+        rss_mb: rss,
+        cpu_per_10k: cpu / (n as f64 / 1e4),
+    }
+}
+
 fn run_child(args: &[String]) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -758,14 +770,7 @@ fn main() {
         }
         let queue = rt.block_on(fresh_queue(kind));
         let mut rows = Vec::new();
-        let (secs, rss, cpu) = child(&["raw", &n.to_string(), "1024"]);
-        rows.push(Row {
-            name: format!("raw lapin, window 1024 ({kind})"),
-            messages: n,
-            seconds: secs,
-            rss_mb: rss,
-            cpu_per_10k: cpu / (n as f64 / 1e4),
-        });
+        rows.push(raw_lapin(kind, n, "1024"));
         rt.block_on(purge(&queue));
         rt.block_on(async {
             fresh_schema(schema).await;
@@ -792,14 +797,7 @@ fn main() {
             // Raw lapin at the same window: what the broker itself gives with that many
             // unconfirmed, no database and no engine.
             if size != "4096" {
-                let (secs, rss, cpu) = child(&["raw", &n.to_string(), size.trim()]);
-                rows.push(Row {
-                    name: format!("raw lapin, window {} ({kind})", size.trim()),
-                    messages: n,
-                    seconds: secs,
-                    rss_mb: rss,
-                    cpu_per_10k: cpu / (n as f64 / 1e4),
-                });
+                rows.push(raw_lapin(kind, n, size.trim()));
                 rt.block_on(purge(&queue));
             }
             let fixed = [
