@@ -20,6 +20,8 @@
 //! BENCH_WINDOWS=500,1000,2000 cargo bench --bench side_by_side   # + fixed in-flight windows,
 //!     raw lapin at the same windows, and a crash line per window (max_in_flight)
 //! BENCH_RUN0=1: each keyed variant also with `ordering.run: 0` (heads only, the old way)
+//! BENCH_HISTORY=0,1000000,5000000: drain BENCH_HISTORY_N (50,000) new rows into a table
+//!     already holding that many confirmed rows (a week of history), one line each
 //! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed)
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
@@ -226,8 +228,15 @@ struct Count {
 }
 
 async fn confirmed(c: &mut AsyncPgConnection, schema: &str) -> i64 {
+    confirmed_since(c, schema, "-infinity").await
+}
+
+/// Rows confirmed since `since` (a database timestamp): counted through the partial index
+/// on `confirmed_at`, so a table with history costs the bench's polling nothing.
+async fn confirmed_since(c: &mut AsyncPgConnection, schema: &str, since: &str) -> i64 {
     let r: Count = diesel::sql_query(format!(
-        "SELECT count(*) AS n FROM \"{schema}\".outbox WHERE status = 'confirmed'"
+        "SELECT count(*) AS n FROM \"{schema}\".outbox
+         WHERE status = 'confirmed' AND confirmed_at >= '{since}'::timestamptz"
     ))
     .get_result(c)
     .await
@@ -455,17 +464,47 @@ async fn courier_drain_keyed(
     extra: &[(&str, String)],
 ) -> Row {
     fresh_schema(schema).await;
+    drain(schema, queue, n, engines, keys, extra).await
+}
+
+/// Starts the engines on `schema` as it is, commits `n` rows and times until all are
+/// confirmed (on top of any rows confirmed before).
+async fn drain(
+    schema: &str,
+    queue: &str,
+    n: usize,
+    engines: usize,
+    keys: Option<usize>,
+    extra: &[(&str, String)],
+) -> Row {
     purge(queue).await;
     let children = Engines((0..engines).map(|_| spawn_engine(schema, extra)).collect());
     let mut c = db().await;
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        now: String,
+    }
+    let since: Now = diesel::sql_query("SELECT now()::text AS now")
+        .get_result(&mut c)
+        .await
+        .expect("now");
     // Engines are idle and listening once their first sweep has run.
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Timed from the commit: rows in the outbox → all confirmed and marked.
+    let before_insert = db_work(&mut c).await;
+    let inserting = Instant::now();
     insert_keyed_rows(schema, n, keys).await;
+    let insert_seconds = inserting.elapsed().as_secs_f64();
     let (broker0, pg0) = (cpu_of("beam.smp"), cpu_of("postgres"));
     let work0 = db_work(&mut c).await;
+    eprintln!(
+        "  the producer's insert of {n} rows: {insert_seconds:.2} s, {:.0} WAL bytes ({:.3} full-page images) per row",
+        (work0.wal_bytes - before_insert.wal_bytes) / n as f64,
+        (work0.fpi - before_insert.fpi) as f64 / n as f64,
+    );
     let start = Instant::now();
-    while confirmed(&mut c, schema).await < n as i64 {
+    while confirmed_since(&mut c, schema, &since.now).await < n as i64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -475,11 +514,12 @@ async fn courier_drain_keyed(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let work = db_work(&mut c).await;
     eprintln!(
-        "  cpu during {engines} engine(s): broker {:.0}%, PostgreSQL {:.0}%, engines {:.0}% of one core over {seconds:.1} s (2 cores = 200%); database per message: {:.0} WAL bytes, {:.3} transactions",
+        "  cpu during {engines} engine(s): broker {:.0}%, PostgreSQL {:.0}%, engines {:.0}% of one core over {seconds:.1} s (2 cores = 200%); database per message: {:.0} WAL bytes ({:.3} full-page images), {:.3} transactions",
         broker_cpu / seconds * 100.0,
         pg_cpu / seconds * 100.0,
         cpu / seconds * 100.0,
         (work.wal_bytes - work0.wal_bytes) / n as f64,
+        (work.fpi - work0.fpi) as f64 / n as f64,
         (work.commits - work0.commits) as f64 / n as f64,
     );
     Row {
@@ -507,12 +547,15 @@ struct DbWork {
     wal_bytes: f64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     commits: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    fpi: i64,
 }
 
 async fn db_work(c: &mut AsyncPgConnection) -> DbWork {
     diesel::sql_query(
         "SELECT (SELECT wal_bytes FROM pg_stat_wal)::float8 AS wal_bytes,
-                (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::bigint AS commits",
+                (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::bigint AS commits,
+                (SELECT wal_fpi FROM pg_stat_wal)::bigint AS fpi",
     )
     .get_result(c)
     .await
@@ -726,6 +769,57 @@ async fn sustained_with_retention(schema: &str, queue: &str, n: usize) {
     stop(engine);
 }
 
+/// Fills a fresh outbox with `rows` confirmed rows spread over the last week (what the
+/// default 7-day retention keeps), vacuumed and checkpointed as a week-old table would be.
+async fn fill_history(schema: &str, rows: usize) {
+    fresh_schema(schema).await;
+    let mut c = db().await;
+    let payload = "x".repeat(PAYLOAD);
+    for start in (0..rows).step_by(500_000) {
+        let count = (rows - start).min(500_000);
+        c.batch_execute(&format!(
+            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, created_at)
+             SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8'), t
+             FROM generate_series(1, {count}) i,
+                  LATERAL (SELECT now() - interval '7 days' * (1 - (i + {start})::float8 / {rows})) AS a(t);
+             -- The two updates every row goes through (claim, confirm), leaving the dead
+             -- versions and index entries a real table has until vacuum.
+             UPDATE \"{schema}\".outbox SET status = 'in_flight', attempts = 1,
+                 locked_by = 'bench-history', locked_until = created_at + interval '30 s'
+             WHERE status = 'pending';
+             UPDATE \"{schema}\".outbox SET status = 'confirmed', confirmed_at = created_at,
+                 updated_at = created_at, locked_until = NULL
+             WHERE status = 'in_flight';"
+        ))
+        .await
+        .expect("history insert");
+    }
+    for statement in [
+        format!("VACUUM ANALYZE \"{schema}\".outbox"),
+        "CHECKPOINT".into(),
+    ] {
+        c.batch_execute(&statement).await.expect("vacuum");
+    }
+}
+
+/// The drain rate of `n` new rows with 0 and each of `histories` confirmed rows already in
+/// the table (BENCH_HISTORY).
+async fn history_curve(schema: &str, queue: &str, n: usize, histories: &[usize]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for &h in histories {
+        fill_history(schema, h).await;
+        let mut c = db().await;
+        let size = outbox_size(&mut c, schema).await;
+        let mut r = drain(schema, queue, n, 1, None, &[]).await;
+        r.name = format!(
+            "Courier, 1 engine, {h} confirmed rows of history ({:.0} MB)",
+            size.bytes as f64 / 1e6
+        );
+        rows.push(r);
+    }
+    rows
+}
+
 fn print_table(rows: &[Row], limit: f64, naive: f64) {
     println!();
     println!("| variant | messages | msg/s | × raw lapin | × naive | peak RSS MB | CPU s / 10k |");
@@ -863,6 +957,28 @@ fn main() {
         results.insert(kind, rows);
     }
     let queue = rt.block_on(fresh_queue("classic"));
+    let histories: Vec<usize> = std::env::var("BENCH_HISTORY")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    if !histories.is_empty() {
+        let hn = env_usize("BENCH_HISTORY_N", 50_000);
+        let rows = rt.block_on(history_curve(schema, &queue, hn, &histories));
+        let fresh = rows[0].rate();
+        println!("\na table with history (classic, {hn} new rows each):\n");
+        println!("| variant | msg/s | × no history | CPU s / 10k |");
+        println!("|---|---:|---:|---:|");
+        for r in &rows {
+            println!(
+                "| {} | {:.0} | {:.2} | {:.2} |",
+                r.name,
+                r.rate(),
+                r.rate() / fresh,
+                r.cpu_per_10k
+            );
+        }
+    }
     let (p50, p99, rss) = rt.block_on(courier_latency(schema, 500));
     println!("\ncommit→confirmed on an idle engine, 500 single messages: p50 {p50:.2} ms, p99 {p99:.2} ms (engine RSS {rss:.1} MB)");
     rt.block_on(purge(&queue));

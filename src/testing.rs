@@ -21,7 +21,7 @@ pub use crate::metrics::MAX_EXCHANGE_LABELS;
 pub use crate::state::{AfterFailure, Delivery, FailureReason, TransitionError};
 pub use crate::store::{
     establish, rescue, Claimed, DeadLetterUpdate, EngineRecord, KeyScan, MessageState, Rescued,
-    RetryUpdate, MIGRATION_NAMES,
+    RetryUpdate, EXACT_UP_TO, MIGRATION_NAMES,
 };
 
 use crate::{store::Store, OutboxMessage, StoreError};

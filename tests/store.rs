@@ -425,3 +425,61 @@ async fn claims_oldest_first_in_bounded_batches() {
     assert_eq!(seen.len(), 10);
     assert!(seen.windows(2).all(|w| w[0].created_at <= w[1].created_at));
 }
+
+/// What the CLI, `/metrics` and the engine's periodic summary read stays bounded however
+/// much history the outbox holds: with 50,000 confirmed rows (the default retention keeps a
+/// week of them), the stats and the oldest-open-row age read at most the bounded count's
+/// rows. The engine's summary once ran `min(created_at)` over the open statuses, which
+/// matched no partial index and read the whole table every 30 s.
+#[tokio::test]
+async fn stats_and_the_summary_read_a_bounded_part_of_a_table_with_history() {
+    #[derive(QueryableByName)]
+    struct Reads {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq_tup_read: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        idx_scan: i64,
+    }
+    let db = TestDb::new("history_reads").await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, status, confirmed_at)
+         SELECT 'ex', 'rk', 'confirmed', now() - i * interval '1 second'
+         FROM generate_series(1, 50000) i;
+         INSERT INTO {s}.outbox (exchange, routing_key, created_at)
+         VALUES ('ex', 'open', now() - interval '1 hour');
+         ANALYZE {s}.outbox",
+    )
+    .await;
+    async fn reads(db: &TestDb) -> Reads {
+        let sql = format!(
+            "SELECT coalesce(seq_tup_read, 0) AS seq_tup_read, coalesce(idx_scan, 0) AS idx_scan
+             FROM pg_stat_user_tables WHERE relid = '\"{}\".outbox'::regclass",
+            db.schema
+        );
+        let mut conn = db.raw().await;
+        diesel::sql_query(sql)
+            .get_result::<Reads>(&mut conn)
+            .await
+            .expect("pg_stat_user_tables")
+    }
+    let before = reads(&db).await;
+    let store = db.store().await;
+    let stats = store.stats().await.expect("stats");
+    let age = store.oldest_pending_age().await.expect("oldest");
+    // Closing the pool's connections makes their backends report their reads at once.
+    drop(store);
+    assert!(stats.approximate.contains(&"confirmed"), "{stats:?}");
+    assert_eq!(stats.count(Status::Pending), 1);
+    let age = age.expect("one open row");
+    assert!(age >= Duration::from_secs(3590), "{age:?}");
+    let after = common::eventually(30, "the pool's reads reported", || async {
+        let r = reads(&db).await;
+        (r.idx_scan > before.idx_scan).then_some(r)
+    })
+    .await;
+    let read = after.seq_tup_read - before.seq_tup_read;
+    assert!(
+        read <= 2 * courier::testing::EXACT_UP_TO,
+        "stats and the summary read {read} rows of a table of 50,001"
+    );
+}

@@ -5,15 +5,14 @@
 //! `options=-c statement_timeout=<admin.statement_timeout>` (tokio-postgres passes libpq's
 //! `options` in the startup packet), so no admin query can run longer than that, and the
 //! engine's claims, confirms and lease renewals never wait behind an operator's browser.
-//! Counts are bounded: open rows (pending, retrying, in flight) are counted through their
-//! partial indexes up to [`EXACT_UP_TO`] each; `confirmed` and `dead_letters` likewise, and
-//! past the bound they come from the planner's estimate (`pg_class.reltuples`).
+//! Counts are the store's bounded ones ([`crate::store::Store::stats`]): they cost the same
+//! whatever history the outbox holds.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    sql_types::{BigInt, Bytea, Double, Integer, Nullable, Text, Timestamptz},
+    sql_types::{BigInt, Bytea, Integer, Nullable, Text, Timestamptz},
     QueryableByName,
 };
 use uuid::Uuid;
@@ -23,8 +22,6 @@ use crate::{
     store::{Stats, Store, StoreError},
 };
 
-/// Counts are exact up to this many rows per status (and index); beyond, estimated.
-pub const EXACT_UP_TO: i64 = 10_000;
 /// Most dead letters one list returns.
 pub const LIST_MAX: u32 = 500;
 /// Producer text in lists (exchange, keys, content type) is cut to this many characters.
@@ -183,109 +180,10 @@ impl AdminDb {
 
     /// Bounded counts and the oldest open row's age (see the module doc).
     pub async fn stats(&self) -> Result<AdminStats, StoreError> {
-        #[derive(QueryableByName)]
-        struct Row {
-            #[diesel(sql_type = BigInt)]
-            pending: i64,
-            #[diesel(sql_type = BigInt)]
-            pending_keyed: i64,
-            #[diesel(sql_type = BigInt)]
-            retrying: i64,
-            #[diesel(sql_type = BigInt)]
-            retrying_keyed: i64,
-            #[diesel(sql_type = BigInt)]
-            in_flight: i64,
-            #[diesel(sql_type = BigInt)]
-            confirmed: i64,
-            #[diesel(sql_type = BigInt)]
-            dead_letters: i64,
-            #[diesel(sql_type = Nullable<Double>)]
-            confirmed_estimate: Option<f64>,
-            #[diesel(sql_type = Nullable<Double>)]
-            dead_letters_estimate: Option<f64>,
-            #[diesel(sql_type = Nullable<Double>)]
-            oldest_age: Option<f64>,
-        }
-        let s = format!("\"{}\"", self.api.schema());
-        let schema = self.api.schema();
-        // Each count reads at most $1 entries of one partial index (or of the table);
-        // the oldest age reads the $1 earliest-due entries of each open-row index, so it is
-        // exact while fewer than $1 rows are open per index (a producer's `-infinity`
-        // created_at is skipped: it would overflow the interval).
-        let bounded = |filter: &str, table: &str| {
-            format!("(SELECT count(*) FROM (SELECT 1 FROM {s}.{table} WHERE {filter} LIMIT $1) t)")
-        };
-        let sql = format!(
-            "SELECT {} AS pending, {} AS pending_keyed, {} AS retrying, {} AS retrying_keyed,
-                    {} AS in_flight, {} AS confirmed, {} AS dead_letters,
-                    (SELECT reltuples FROM pg_class
-                     WHERE oid = to_regclass('\"{schema}\".outbox_confirmed_idx'))::float8
-                        AS confirmed_estimate,
-                    (SELECT reltuples FROM pg_class
-                     WHERE oid = to_regclass('\"{schema}\".dead_letters'))::float8
-                        AS dead_letters_estimate,
-                    EXTRACT(EPOCH FROM now() - least(
-                      (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
-                         FROM (SELECT created_at FROM {s}.outbox
-                         WHERE status IN ('pending', 'retrying') AND ordering_key IS NULL
-                         ORDER BY next_attempt_at LIMIT $1) a),
-                      (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
-                         FROM (SELECT created_at FROM {s}.outbox
-                         WHERE status IN ('pending', 'retrying') AND ordering_key IS NOT NULL
-                         ORDER BY next_attempt_at LIMIT $1) b),
-                      (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
-                         FROM (SELECT created_at FROM {s}.outbox
-                         WHERE status = 'in_flight' ORDER BY locked_until LIMIT $1) c)
-                    ))::float8 AS oldest_age",
-            bounded("status = 'pending' AND ordering_key IS NULL", "outbox"),
-            bounded("status = 'pending' AND ordering_key IS NOT NULL", "outbox"),
-            bounded("status = 'retrying' AND ordering_key IS NULL", "outbox"),
-            bounded("status = 'retrying' AND ordering_key IS NOT NULL", "outbox"),
-            bounded("status = 'in_flight'", "outbox"),
-            bounded("status = 'confirmed'", "outbox"),
-            bounded("true", "dead_letters"),
-        );
-        let mut conn = self.api.op().await?;
-        let r: Row = conn
-            .fetch_one(diesel::sql_query(sql).bind::<BigInt, _>(EXACT_UP_TO))
-            .await?;
-        let mut approximate = Vec::new();
-        let mut exact_or_lower_bound = |name: &'static str, parts: &[i64]| {
-            if parts.iter().any(|n| *n >= EXACT_UP_TO) {
-                approximate.push(name);
-            }
-            parts.iter().sum::<i64>()
-        };
-        let pending = exact_or_lower_bound("pending", &[r.pending, r.pending_keyed]);
-        let retrying = exact_or_lower_bound("retrying", &[r.retrying, r.retrying_keyed]);
-        let in_flight = exact_or_lower_bound("in_flight", &[r.in_flight]);
-        let confirmed = exact_or_estimate(r.confirmed, r.confirmed_estimate);
-        let dead_letters = exact_or_estimate(r.dead_letters, r.dead_letters_estimate);
-        if r.confirmed >= EXACT_UP_TO {
-            approximate.push("confirmed");
-        }
-        if r.dead_letters >= EXACT_UP_TO {
-            approximate.push("dead_letters");
-        }
-        let outbox: BTreeMap<String, i64> = [
-            ("pending", pending),
-            ("in_flight", in_flight),
-            ("confirmed", confirmed),
-            ("retrying", retrying),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let stats = self.api.stats().await?;
         Ok(AdminStats {
-            stats: Stats {
-                outbox,
-                dead_letters,
-                oldest_pending_age: r
-                    .oldest_age
-                    .filter(|a| a.is_finite())
-                    .map(|a| Duration::from_secs_f64(a.max(0.0))),
-            },
-            approximate,
+            approximate: stats.approximate.clone(),
+            stats,
         })
     }
 
@@ -365,28 +263,6 @@ fn summary_columns() -> String {
     )
 }
 
-/// An exact count below the bound; at or above it, the larger of the bound and the
-/// planner's estimate (`reltuples` is -1 or 0 before the first ANALYZE).
-fn exact_or_estimate(counted: i64, estimate: Option<f64>) -> i64 {
-    if counted < EXACT_UP_TO {
-        return counted;
-    }
-    let estimate = estimate.filter(|e| e.is_finite()).unwrap_or(0.0);
-    counted.max(estimate as i64)
-}
-
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_past_the_bound_use_the_estimate() {
-        assert_eq!(exact_or_estimate(12, Some(50_000.0)), 12);
-        assert_eq!(exact_or_estimate(EXACT_UP_TO, Some(50_000.0)), 50_000);
-        assert_eq!(exact_or_estimate(EXACT_UP_TO, Some(-1.0)), EXACT_UP_TO);
-    }
 }

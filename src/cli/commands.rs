@@ -7,7 +7,7 @@ use anyhow::Context;
 use super::escape::one_line;
 use crate::{
     config::Config,
-    state::ALL_STATUSES,
+    state::{Status, ALL_STATUSES},
     store::{EngineRecord, Store},
 };
 
@@ -74,14 +74,24 @@ pub fn stats_json(stats: &crate::store::Stats) -> serde_json::Value {
         "outbox": stats.outbox,
         "dead_letters": stats.dead_letters,
         "oldest_pending_age_seconds": stats.oldest_pending_age.map(|a| a.as_secs_f64()),
+        "approximate": stats.approximate,
     })
 }
 
+/// One line per status (`≈`: an estimate, past the exact bound) and the dead letters.
 fn print_stats(stats: &crate::store::Stats) {
-    for status in ALL_STATUSES {
-        println!("{:<13} {:>10}", status.as_str(), stats.count(status));
+    let line = |name: &str, n: i64| {
+        let mark = if stats.approximate.contains(&name) {
+            "≈"
+        } else {
+            ""
+        };
+        println!("{name:<13} {:>10}", format!("{mark}{n}"));
+    };
+    for status in ALL_STATUSES.into_iter().filter(|s| *s != Status::Failed) {
+        line(status.as_str(), stats.count(status));
     }
-    println!("{:<13} {:>10}", "dead_letters", stats.dead_letters);
+    line("dead_letters", stats.dead_letters);
     match stats.oldest_pending_age {
         Some(age) => println!(
             "oldest undelivered: {}",

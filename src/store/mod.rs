@@ -56,7 +56,7 @@ pub use engines::{beat, rescue, Beat, EngineRecord, Identity, Rescued};
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
 pub use settle::RetryUpdate;
-pub use stats::{MessageState, Outcome, Stats};
+pub use stats::{MessageState, Outcome, Stats, EXACT_UP_TO};
 
 use crate::config::{DatabaseConfig, Pooler, SecretUrl};
 

@@ -15,9 +15,10 @@ use diesel::{
 use uuid::Uuid;
 
 use super::{not_found_is_none, Schema, Store, StoreError};
-use crate::state::{Status, ALL_STATUSES};
+use crate::state::Status;
 
-/// Counts by status and the age of the oldest undelivered row.
+/// Counts by status and the age of the oldest undelivered row. `failed` is not counted:
+/// no statement writes it (a row that failed for good is in `dead_letters`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Stats {
     /// Rows in the outbox by status (every status present, zero included).
@@ -26,6 +27,9 @@ pub struct Stats {
     pub dead_letters: i64,
     /// Age of the oldest row not yet confirmed (pending, retrying or in flight).
     pub oldest_pending_age: Option<Duration>,
+    /// Keys of `outbox` (and `dead_letters`) whose number is an estimate: past
+    /// [`EXACT_UP_TO`], counts are not read row by row.
+    pub approximate: Vec<&'static str>,
 }
 
 impl Stats {
@@ -63,16 +67,11 @@ struct OutcomeRow {
     last_error: Option<String>,
 }
 
+/// A count per name (a status, an engine).
 #[derive(QueryableByName)]
 struct CountRow {
     #[diesel(sql_type = Text)]
     status: String,
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(QueryableByName)]
-struct TotalRow {
     #[diesel(sql_type = BigInt)]
     n: i64,
 }
@@ -101,61 +100,177 @@ struct StatusRow {
     last_error: Option<String>,
 }
 
-/// -- name: counts
-///
-/// No parameters.
-fn counts(s: &Schema) -> String {
-    format!("SELECT status::text AS status, count(*) AS n FROM {s}.outbox GROUP BY status")
+/// Counts are exact up to this many rows per status (and per index); beyond, estimated.
+pub const EXACT_UP_TO: i64 = 10_000;
+
+/// At most `$1` rows of `table` matching `filter`: each filter below is the predicate of a
+/// partial index, so a count reads at most `$1` index entries, however many confirmed rows
+/// the week's history holds (a `count(*) GROUP BY status` read all of them).
+fn bounded_count(s: &Schema, table: &str, filter: &str) -> String {
+    format!("(SELECT count(*) FROM (SELECT 1 FROM {s}.{table} WHERE {filter} LIMIT $1) t)")
 }
 
-/// -- name: dead_letter_count
+/// The age of the oldest open row, from the `$1` earliest-due entries of each open-row
+/// index: exact while fewer than `$1` rows are open per index. A producer's `-infinity`
+/// `created_at` is skipped (it would overflow the interval).
+fn oldest_open_age(s: &Schema) -> String {
+    format!(
+        "EXTRACT(EPOCH FROM now() - least(
+           (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
+              FROM (SELECT created_at FROM {s}.outbox
+              WHERE status IN ('pending', 'retrying') AND ordering_key IS NULL
+              ORDER BY next_attempt_at LIMIT $1) a),
+           (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
+              FROM (SELECT created_at FROM {s}.outbox
+              WHERE status IN ('pending', 'retrying') AND ordering_key IS NOT NULL
+              ORDER BY next_attempt_at LIMIT $1) b),
+           (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
+              FROM (SELECT created_at FROM {s}.outbox
+              WHERE status = 'in_flight' ORDER BY locked_until LIMIT $1) c)
+         ))::float8"
+    )
+}
+
+/// -- name: stats
 ///
-/// No parameters.
-fn dead_letter_count(s: &Schema) -> String {
-    format!("SELECT count(*) AS n FROM {s}.dead_letters")
+/// `$1` the bound ([`EXACT_UP_TO`]). Past it, `confirmed` and `dead_letters` come from the
+/// planner's estimate (`pg_class.reltuples`).
+fn stats(s: &Schema) -> String {
+    let schema = s.name();
+    let oldest = oldest_open_age(s);
+    format!(
+        "SELECT {} AS pending, {} AS pending_keyed, {} AS retrying, {} AS retrying_keyed,
+                {} AS in_flight, {} AS confirmed, {} AS dead_letters,
+                (SELECT reltuples FROM pg_class
+                 WHERE oid = to_regclass('\"{schema}\".outbox_confirmed_idx'))::float8
+                    AS confirmed_estimate,
+                (SELECT reltuples FROM pg_class
+                 WHERE oid = to_regclass('\"{schema}\".dead_letters'))::float8
+                    AS dead_letters_estimate,
+                {oldest} AS oldest_age",
+        bounded_count(s, "outbox", "status = 'pending' AND ordering_key IS NULL"),
+        bounded_count(
+            s,
+            "outbox",
+            "status = 'pending' AND ordering_key IS NOT NULL"
+        ),
+        bounded_count(s, "outbox", "status = 'retrying' AND ordering_key IS NULL"),
+        bounded_count(
+            s,
+            "outbox",
+            "status = 'retrying' AND ordering_key IS NOT NULL"
+        ),
+        bounded_count(s, "outbox", "status = 'in_flight'"),
+        bounded_count(s, "outbox", "status = 'confirmed'"),
+        bounded_count(s, "dead_letters", "true"),
+    )
+}
+
+#[derive(QueryableByName)]
+struct StatsRow {
+    #[diesel(sql_type = BigInt)]
+    pending: i64,
+    #[diesel(sql_type = BigInt)]
+    pending_keyed: i64,
+    #[diesel(sql_type = BigInt)]
+    retrying: i64,
+    #[diesel(sql_type = BigInt)]
+    retrying_keyed: i64,
+    #[diesel(sql_type = BigInt)]
+    in_flight: i64,
+    #[diesel(sql_type = BigInt)]
+    confirmed: i64,
+    #[diesel(sql_type = BigInt)]
+    dead_letters: i64,
+    #[diesel(sql_type = Nullable<Double>)]
+    confirmed_estimate: Option<f64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    dead_letters_estimate: Option<f64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    oldest_age: Option<f64>,
+}
+
+impl StatsRow {
+    fn into_stats(self) -> Stats {
+        let mut approximate = Vec::new();
+        let mut exact_or_lower_bound = |name: &'static str, parts: &[i64]| {
+            if parts.iter().any(|n| *n >= EXACT_UP_TO) {
+                approximate.push(name);
+            }
+            parts.iter().sum::<i64>()
+        };
+        let pending = exact_or_lower_bound("pending", &[self.pending, self.pending_keyed]);
+        let retrying = exact_or_lower_bound("retrying", &[self.retrying, self.retrying_keyed]);
+        let in_flight = exact_or_lower_bound("in_flight", &[self.in_flight]);
+        if self.confirmed >= EXACT_UP_TO {
+            approximate.push("confirmed");
+        }
+        if self.dead_letters >= EXACT_UP_TO {
+            approximate.push("dead_letters");
+        }
+        let outbox = [
+            ("pending", pending),
+            ("in_flight", in_flight),
+            (
+                "confirmed",
+                exact_or_estimate(self.confirmed, self.confirmed_estimate),
+            ),
+            ("retrying", retrying),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Stats {
+            outbox,
+            dead_letters: exact_or_estimate(self.dead_letters, self.dead_letters_estimate),
+            oldest_pending_age: AgeRow {
+                age: self.oldest_age,
+            }
+            .duration(),
+            approximate,
+        }
+    }
+}
+
+/// An exact count below the bound; at or above it, the larger of the bound and the
+/// planner's estimate (`reltuples` is -1 or 0 before the first ANALYZE).
+fn exact_or_estimate(counted: i64, estimate: Option<f64>) -> i64 {
+    if counted < EXACT_UP_TO {
+        return counted;
+    }
+    let estimate = estimate.filter(|e| e.is_finite()).unwrap_or(0.0);
+    counted.max(estimate as i64)
 }
 
 /// -- name: oldest_pending_age
 ///
-/// No parameters.
+/// `$1` the bound ([`EXACT_UP_TO`]).
 fn oldest_pending(s: &Schema) -> String {
-    format!(
-        "SELECT EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS age
-                 FROM {s}.outbox WHERE status IN ('pending', 'retrying', 'in_flight')"
-    )
+    format!("SELECT {} AS age", oldest_open_age(s))
 }
 
 impl Store {
-    /// Counts by status, dead letters, and the oldest undelivered row's age.
+    /// Counts by status, dead letters, and the oldest undelivered row's age, bounded (see
+    /// [`EXACT_UP_TO`]): the CLI, the admin API and `/metrics` read them while the engine
+    /// runs, on an outbox that may hold a week of confirmed rows.
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let mut conn = self.op().await?;
-        let counts: Vec<CountRow> = conn
-            .fetch_all(diesel::sql_query(counts(&self.schema)))
+        let row: StatsRow = conn
+            .fetch_one(diesel::sql_query(stats(&self.schema)).bind::<BigInt, _>(EXACT_UP_TO))
             .await?;
-        let mut outbox: BTreeMap<String, i64> = ALL_STATUSES
-            .iter()
-            .map(|s| (s.as_str().to_string(), 0))
-            .collect();
-        for row in counts {
-            outbox.insert(row.status, row.n);
-        }
-        let dead: TotalRow = conn
-            .fetch_one(diesel::sql_query(dead_letter_count(&self.schema)))
-            .await?;
-        drop(conn);
-        Ok(Stats {
-            outbox,
-            dead_letters: dead.n,
-            oldest_pending_age: self.oldest_pending_age().await?,
-        })
+        Ok(row.into_stats())
     }
 
     /// Age of the oldest row not yet confirmed (pending, retrying or in flight), without
-    /// counting anything (the engine's periodic summary).
+    /// counting anything (the engine's periodic summary). It reads the open-row indexes
+    /// only: a `min(created_at)` over the open statuses matched no partial index and read
+    /// the whole table, history included, every summary.
     pub async fn oldest_pending_age(&self) -> Result<Option<Duration>, StoreError> {
         let mut conn = self.op().await?;
         let age: AgeRow = conn
-            .fetch_one(diesel::sql_query(oldest_pending(&self.schema)))
+            .fetch_one(
+                diesel::sql_query(oldest_pending(&self.schema)).bind::<BigInt, _>(EXACT_UP_TO),
+            )
             .await?;
         Ok(age.duration())
     }
@@ -293,5 +408,17 @@ impl Store {
             .fetch_all(diesel::sql_query(publishers(&self.schema)))
             .await?;
         Ok(rows.into_iter().map(|r| (r.status, r.n)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_past_the_bound_use_the_estimate() {
+        assert_eq!(exact_or_estimate(12, Some(50_000.0)), 12);
+        assert_eq!(exact_or_estimate(EXACT_UP_TO, Some(50_000.0)), 50_000);
+        assert_eq!(exact_or_estimate(EXACT_UP_TO, Some(-1.0)), EXACT_UP_TO);
     }
 }
