@@ -15,7 +15,9 @@ use uuid::Uuid;
 /// One outbox row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxMessage {
-    /// Row id, sent as the AMQP `message_id`.
+    /// Row id, sent as the AMQP `message_id`. [`OutboxMessage::new`] makes a time-ordered one
+    /// (UUID version 7), like the table's default: new ids land at the primary key's right
+    /// edge instead of on a random page of the whole retained history.
     pub id: Uuid,
     /// Target exchange (`""` is the default exchange).
     pub exchange: String,
@@ -56,7 +58,7 @@ impl OutboxMessage {
         payload: impl Into<Vec<u8>>,
     ) -> Self {
         OutboxMessage {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             payload: payload.into(),

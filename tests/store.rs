@@ -483,3 +483,27 @@ async fn stats_and_the_summary_read_a_bounded_part_of_a_table_with_history() {
         "stats and the summary read {read} rows of a table of 50,001"
     );
 }
+
+/// Contract v4: ids default to UUID version 7, so new rows sort after old ones in the
+/// primary key (its new entries stay on the right edge however much history it holds), and
+/// `OutboxMessage::new` makes the same kind.
+#[tokio::test]
+async fn default_ids_are_time_ordered() {
+    let db = TestDb::new("v7_ids").await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key) VALUES ('ex', 'first');
+         SELECT pg_sleep(0.005);
+         INSERT INTO {s}.outbox (exchange, routing_key) VALUES ('ex', 'second');",
+    )
+    .await;
+    let ids = query_text(
+        &db,
+        "SELECT id::text AS v FROM {s}.outbox ORDER BY created_at, routing_key",
+    )
+    .await;
+    let ids: Vec<Uuid> = ids.iter().map(|i| i.parse().expect("uuid")).collect();
+    assert!(ids.iter().all(|i| i.get_version_num() == 7), "{ids:?}");
+    assert!(ids[0] < ids[1], "{ids:?}");
+    let made = OutboxMessage::new("ex", "rk", b"x".to_vec());
+    assert_eq!(made.id.get_version_num(), 7);
+}
