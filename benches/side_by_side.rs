@@ -22,6 +22,8 @@
 //! BENCH_RUN0=1: each keyed variant also with `ordering.run: 0` (heads only, the old way)
 //! BENCH_HISTORY=0,1000000,5000000: drain BENCH_HISTORY_N (50,000) new rows into a table
 //!     already holding that many confirmed rows (a week of history), one line each
+//! BENCH_SSLMODE=disable: the engines reach PostgreSQL without TLS (default: libpq's
+//!     `prefer`, TLS when the server offers it)
 //! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed)
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
@@ -399,9 +401,19 @@ fn run_child(args: &[String]) {
 
 // ---------------------------------------------------------------- Courier processes
 
+/// The engines' database URL: libpq's default `sslmode=prefer` takes TLS when the server
+/// offers it (Debian's does, with its snakeoil certificate), as a user's engine would;
+/// BENCH_SSLMODE=disable measures plain loopback, like the bench's own connections.
+fn engine_db_url() -> String {
+    match std::env::var("BENCH_SSLMODE") {
+        Ok(mode) => format!("{DB}?sslmode={mode}"),
+        Err(_) => DB.to_string(),
+    }
+}
+
 fn courier_env(schema: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("COURIER_DATABASE_URL", DB.into()),
+        ("COURIER_DATABASE_URL", engine_db_url()),
         ("COURIER_DATABASE_SCHEMA", schema.into()),
         ("COURIER_DATABASE_AUTO_MIGRATE", "false".into()),
         ("COURIER_BROKER_URL", AMQP.into()),

@@ -74,6 +74,7 @@ pub struct Claimed {
 pub(super) struct Statements {
     due: String,
     keyed: String,
+    next_due: String,
 }
 
 impl Statements {
@@ -81,6 +82,7 @@ impl Statements {
         Statements {
             due: claim_due(s),
             keyed: claim_keyed(s),
+            next_due: next_due(s),
         }
     }
 }
@@ -288,7 +290,7 @@ impl Store {
     ) -> Result<Claimed, StoreError> {
         let mut conn = self.op().await?;
         let rows: Vec<ClaimedRow> = conn
-            .fetch_all(
+            .fetch_all_prepared(
                 diesel::sql_query(&self.statements.claim.due)
                     .bind::<BigInt, _>(i64::from(limits.rows))
                     .bind::<Text, _>(engine)
@@ -328,7 +330,7 @@ impl Store {
     ) -> Result<Claimed, StoreError> {
         let mut conn = self.op().await?;
         let rows: Vec<ClaimedRow> = conn
-            .fetch_all(
+            .fetch_all_prepared(
                 diesel::sql_query(&self.statements.claim.keyed)
                     .bind::<BigInt, _>(i64::from(limits.rows))
                     .bind::<Text, _>(engine)
@@ -417,10 +419,10 @@ impl Store {
     /// How long until the earliest row that is not due yet becomes due (`None`: none).
     pub(crate) async fn next_due(&self) -> Result<Option<Duration>, StoreError> {
         let mut conn = self.op().await?;
-        let row: AgeRow = conn
-            .fetch_one(diesel::sql_query(next_due(&self.schema)))
+        let rows: Vec<AgeRow> = conn
+            .fetch_all_prepared(diesel::sql_query(&self.statements.claim.next_due))
             .await?;
-        Ok(row.duration())
+        Ok(rows.into_iter().next().and_then(AgeRow::duration))
     }
 }
 

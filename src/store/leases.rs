@@ -47,7 +47,7 @@ impl Store {
         }
         let mut conn = self.op().await?;
         Ok(conn
-            .run(
+            .run_prepared(
                 diesel::sql_query(&self.statements.leases.renew)
                     .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
                     .bind::<Text, _>(engine)

@@ -3,10 +3,19 @@
 //! tokio-postgres prepares every statement (Parse, then Bind in a second round trip) and
 //! closes it afterwards, and only an open transaction keeps those three on the server
 //! connection that holds the statement. `BEGIN`/`COMMIT` go by the simple protocol.
+//!
+//! Without a pooler, the engine's hot statements ([`OpConn::run_prepared`],
+//! [`OpConn::fetch_all_prepared`]) stay prepared on their connection: diesel never caches
+//! raw SQL, so each claim and confirm used to cost a Parse (and its planning), a Bind and a
+//! Close — three round trips where one does.
 
 use std::ops::{Deref, DerefMut};
 
-use diesel::result::QueryResult;
+use diesel::{
+    pg::Pg,
+    query_builder::{AstPass, Query, QueryFragment, QueryId},
+    result::QueryResult,
+};
 use diesel_async::{
     methods::LoadQuery, pooled_connection::deadpool::Object, AsyncPgConnection, RunQueryDsl,
     SimpleAsyncConnection,
@@ -105,6 +114,65 @@ impl OpConn {
             self.end(result).await
         })
     }
+}
+
+impl OpConn {
+    /// [`run`](Self::run) for a statement whose text is fixed (formatted once per schema):
+    /// kept prepared on this connection unless a transaction-mode pooler sits between.
+    pub(crate) fn run_prepared<'a, Q>(&'a mut self, query: Q) -> BoxFuture<'a, QueryResult<usize>>
+    where
+        Q: QueryFragment<Pg> + QueryId + Send + 'a,
+    {
+        if self.per_statement_tx {
+            self.run(query)
+        } else {
+            self.run(Prepared(query))
+        }
+    }
+
+    /// [`fetch_all`](Self::fetch_all) for a statement whose text is fixed, kept prepared as
+    /// [`run_prepared`](Self::run_prepared) says.
+    pub(crate) fn fetch_all_prepared<'a, 'q, U, Q>(
+        &'a mut self,
+        query: Q,
+    ) -> BoxFuture<'a, QueryResult<Vec<U>>>
+    where
+        Q: LoadQuery<'q, AsyncPgConnection, U> + Send + 'q,
+        Prepared<Q>: LoadQuery<'q, AsyncPgConnection, U>,
+        U: Send + 'a,
+        'q: 'a,
+    {
+        if self.per_statement_tx {
+            self.fetch_all(query)
+        } else {
+            self.fetch_all(Prepared(query))
+        }
+    }
+}
+
+/// A raw SQL statement that may stay prepared: diesel marks every `sql_query` unsafe to
+/// cache, because its text could be built from values. Only statements whose text is fixed
+/// per schema are wrapped (each distinct text is one cache entry per connection), and its
+/// cache key is that text.
+pub(crate) struct Prepared<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Prepared<Q> {
+    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q> QueryId for Prepared<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: Query> Query for Prepared<Q> {
+    type SqlType = Q::SqlType;
 }
 
 impl Deref for OpConn {

@@ -65,7 +65,7 @@ impl Store {
         }
         let mut conn = self.op().await?;
         Ok(conn
-            .run(
+            .run_prepared(
                 diesel::sql_query(&self.statements.settle.confirm)
                     .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
             )
@@ -111,7 +111,7 @@ impl Store {
         let refunds: Vec<bool> = updates.iter().map(|u| u.refund).collect();
         let mut conn = self.op().await?;
         Ok(conn
-            .run(
+            .run_prepared(
                 diesel::sql_query(&self.statements.settle.retry)
                     .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
                     .bind::<Array<BigInt>, _>(delays)
@@ -164,7 +164,7 @@ impl Store {
         }
         let mut conn = self.op().await?;
         Ok(conn
-            .run(
+            .run_prepared(
                 diesel::sql_query(&self.statements.settle.release)
                     .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
                     .bind::<Text, _>(engine),
