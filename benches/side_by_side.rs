@@ -21,7 +21,8 @@
 //!     raw lapin at the same windows, and a crash line per window (max_in_flight)
 //! BENCH_RUN0=1: each keyed variant also with `ordering.run: 0` (heads only, the old way)
 //! BENCH_HISTORY=0,1000000,5000000: drain BENCH_HISTORY_N (50,000) new rows into a table
-//!     already holding that many confirmed rows (a week of history), one line each
+//!     already holding that many confirmed rows (a week of history), one line each;
+//!     BENCH_HISTORY_FILL=sparse leaves the history's pages two-thirds free (see fill_history)
 //! BENCH_SSLMODE=disable: the engines reach PostgreSQL without TLS (default: libpq's
 //!     `prefer`, TLS when the server offers it)
 //! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed)
@@ -667,7 +668,9 @@ async fn courier_latency(schema: &str, samples: usize) -> (f64, f64, f64) {
                 lat.push(d.ms);
                 break;
             }
-            tokio::time::sleep(Duration::from_micros(500)).await;
+            // The latency is the database's own timestamps, so polling faster only takes
+            // CPU from the engine and PostgreSQL on this 2-core machine.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     let (rss, _) = stop(child);
@@ -787,21 +790,39 @@ async fn fill_history(schema: &str, rows: usize) {
     fresh_schema(schema).await;
     let mut c = db().await;
     let payload = "x".repeat(PAYLOAD);
-    for start in (0..rows).step_by(500_000) {
-        let count = (rows - start).min(500_000);
-        c.batch_execute(&format!(
-            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, created_at)
-             SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8'), t
-             FROM generate_series(1, {count}) i,
-                  LATERAL (SELECT now() - interval '7 days' * (1 - (i + {start})::float8 / {rows})) AS a(t);
-             -- The two updates every row goes through (claim, confirm), leaving the dead
-             -- versions and index entries a real table has until vacuum.
-             UPDATE \"{schema}\".outbox SET status = 'in_flight', attempts = 1,
+    // Packed (default): each row written once, confirmed, as the old part of a table looks
+    // once vacuum has reclaimed its dead versions and new rows have filled the space.
+    // BENCH_HISTORY_FILL=sparse: every row goes through the claim and confirm updates in
+    // bulk, so after vacuum each heap page is two-thirds free space that new rows are then
+    // scattered into (the worst case for locality).
+    let sparse = std::env::var("BENCH_HISTORY_FILL").is_ok_and(|f| f == "sparse");
+    let lifecycle = if sparse {
+        format!(
+            "UPDATE \"{schema}\".outbox SET status = 'in_flight', attempts = 1,
                  locked_by = 'bench-history', locked_until = created_at + interval '30 s'
              WHERE status = 'pending';
              UPDATE \"{schema}\".outbox SET status = 'confirmed', confirmed_at = created_at,
                  updated_at = created_at, locked_until = NULL
              WHERE status = 'in_flight';"
+        )
+    } else {
+        String::new()
+    };
+    let (status, confirmed_at) = if sparse {
+        ("pending", "NULL")
+    } else {
+        ("confirmed", "t")
+    };
+    for start in (0..rows).step_by(500_000) {
+        let count = (rows - start).min(500_000);
+        c.batch_execute(&format!(
+            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, created_at,
+                 updated_at, status, attempts, confirmed_at)
+             SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8'), t, t,
+                    '{status}', 1, {confirmed_at}
+             FROM generate_series(1, {count}) i,
+                  LATERAL (SELECT now() - interval '7 days' * (1 - (i + {start})::float8 / {rows})) AS a(t);
+             {lifecycle}"
         ))
         .await
         .expect("history insert");
@@ -921,6 +942,12 @@ fn main() {
             let run0 = env_usize("BENCH_RUN0", 0) > 0;
             for keys in [1, 100, 1_000, 10_000] {
                 let m = if keys == 1 { keyed_one_n } else { n };
+                // Per-key order allows one unconfirmed message per key: raw lapin held to
+                // that many is the limit for `keys` keys (past 1,024, the limit above).
+                if keys < 1024 {
+                    rows.push(raw_lapin(kind, m, &keys.to_string()));
+                    rt.block_on(purge(&queue));
+                }
                 let mut r = rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys), &[]));
                 r.name = format!("{} ({kind})", r.name);
                 rows.push(r);
