@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{
     auth::{authorize, Access},
-    queries::{self, AdminStats, DeadLetterPayload},
+    queries::{self, DeadLetterPayload},
     AdminState, ApiError,
 };
 
@@ -102,7 +102,7 @@ async fn ready(state: State) -> HttpResponse {
 async fn metrics(state: State) -> HttpResponse {
     let m = state.engine.metrics();
     match state.db.stats().await {
-        Ok(s) => m.observe_stats(&s.stats),
+        Ok(s) => m.observe_stats(&s),
         Err(e) => tracing::debug!(error = %e, "metrics: outbox counts unavailable"),
     }
     match state.db.store().engines().await {
@@ -114,18 +114,9 @@ async fn metrics(state: State) -> HttpResponse {
         .body(m.render())
 }
 
-fn stats_json(s: &AdminStats) -> serde_json::Value {
-    serde_json::json!({
-        "outbox": s.stats.outbox,
-        "dead_letters": s.stats.dead_letters,
-        "oldest_pending_age_seconds": s.stats.oldest_pending_age.map(|a| a.as_secs_f64()),
-        "approximate": s.approximate,
-    })
-}
-
 async fn stats(state: State) -> Result<HttpResponse, ApiError> {
     let s = state.db.stats().await?;
-    let mut body = stats_json(&s);
+    let mut body = s.to_json();
     body["counters"] = serde_json::to_value(state.engine.counters()).unwrap_or_default();
     body["broker"] = serde_json::json!(broker(&state));
     Ok(HttpResponse::Ok().json(body))

@@ -52,15 +52,6 @@ pub struct AdminDb {
     probe: Store,
 }
 
-/// The outbox and dead-letter counts the admin API shows, and which of them are estimates.
-#[derive(Debug, Clone, Default)]
-pub struct AdminStats {
-    /// Counts (`failed` is not counted: the engine never leaves a row in it).
-    pub stats: Stats,
-    /// Keys of `stats.outbox` (and `dead_letters`) whose number is an estimate.
-    pub approximate: Vec<&'static str>,
-}
-
 /// One dead letter without its payload and headers (which only a token may read).
 #[derive(Debug, Clone, QueryableByName, serde::Serialize)]
 pub struct DeadLetterSummary {
@@ -178,13 +169,10 @@ impl AdminDb {
         Ok(())
     }
 
-    /// Bounded counts and the oldest open row's age (see the module doc).
-    pub async fn stats(&self) -> Result<AdminStats, StoreError> {
-        let stats = self.api.stats().await?;
-        Ok(AdminStats {
-            approximate: stats.approximate.clone(),
-            stats,
-        })
+    /// Bounded counts and the oldest open row's age (see the module doc), on the admin
+    /// pool.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        self.api.stats().await
     }
 
     /// Dead letters without payloads, newest first, failed within `since` (all when

@@ -44,7 +44,7 @@ pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<
             .await
             .with_context(|| format!("reading schema `{}`", config.database.schema))?;
         if json {
-            println!("{}", stats_json(&stats));
+            println!("{}", stats.to_json());
         } else {
             if watch {
                 if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -66,16 +66,6 @@ pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
-}
-
-/// The stats as a JSON object (also served by the admin API).
-pub fn stats_json(stats: &crate::store::Stats) -> serde_json::Value {
-    serde_json::json!({
-        "outbox": stats.outbox,
-        "dead_letters": stats.dead_letters,
-        "oldest_pending_age_seconds": stats.oldest_pending_age.map(|a| a.as_secs_f64()),
-        "approximate": stats.approximate,
-    })
 }
 
 /// One line per status (`≈`: an estimate, past the exact bound) and the dead letters.

@@ -21,7 +21,7 @@ use crate::state::Status;
 /// no statement writes it (a row that failed for good is in `dead_letters`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Stats {
-    /// Rows in the outbox by status (every status present, zero included).
+    /// Rows in the outbox by status: `pending`, `in_flight`, `confirmed`, `retrying`.
     pub outbox: BTreeMap<String, i64>,
     /// Rows in `dead_letters`.
     pub dead_letters: i64,
@@ -33,6 +33,17 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The stats as JSON, as `courier status --json` prints them and the admin API serves
+    /// them (ages in seconds).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "outbox": self.outbox,
+            "dead_letters": self.dead_letters,
+            "oldest_pending_age_seconds": self.oldest_pending_age.map(|a| a.as_secs_f64()),
+            "approximate": self.approximate,
+        })
+    }
+
     /// The count for one status.
     pub fn count(&self, status: Status) -> i64 {
         self.outbox.get(status.as_str()).copied().unwrap_or(0)

@@ -345,9 +345,7 @@ impl TestDb {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
         }
-        let mut conn = AsyncPgConnection::establish(&database_url())
-            .await
-            .expect("connect");
+        let mut conn = self.raw().await;
         let sql = format!(
             "SELECT count(*) AS n FROM \"{}\".outbox WHERE status::text = $1",
             self.schema
