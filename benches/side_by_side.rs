@@ -25,7 +25,12 @@
 //!     BENCH_HISTORY_FILL=sparse leaves the history's pages two-thirds free (see fill_history)
 //! BENCH_SSLMODE=disable: the engines reach PostgreSQL without TLS (default: libpq's
 //!     `prefer`, TLS when the server offers it)
-//! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed)
+//! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed);
+//!     0 leaves it out
+//! BENCH_ENGINES=1,2,3 and BENCH_KEYS=1,100,1000,10000 (defaults): which engine counts and
+//!     key counts run (an empty list runs none), to repeat one comparison quickly
+//! Any COURIER_* variable set for the bench reaches every engine it starts (e.g.
+//!     COURIER_ORDERING_RUN=0)
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
 //! ```
@@ -52,6 +57,14 @@ const DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const EXCHANGE: &str = "courier.bench";
 const PAYLOAD: usize = 256;
+
+/// A comma-separated list of numbers (`BENCH_ENGINES`, `BENCH_KEYS`); unset: `default`.
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(name) {
+        Ok(v) => v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+        Err(_) => default.to_vec(),
+    }
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -936,7 +949,7 @@ fn main() {
             rss_mb: rss,
             cpu_per_10k: cpu / (naive_n as f64 / 1e4),
         });
-        for engines in [1, 2, 3] {
+        for engines in env_list("BENCH_ENGINES", &[1, 2, 3]) {
             let mut r = rt.block_on(courier_drain(schema, &queue, n, engines));
             r.name = format!("{} ({kind})", r.name);
             rows.push(r);
@@ -965,7 +978,7 @@ fn main() {
             // one broker round trip per message; many keys pipeline like unkeyed rows.
             // BENCH_RUN0=1 adds each with `ordering.run: 0` (a claim per message of a key).
             let run0 = env_usize("BENCH_RUN0", 0) > 0;
-            for keys in [1, 100, 1_000, 10_000] {
+            for keys in env_list("BENCH_KEYS", &[1, 100, 1_000, 10_000]) {
                 let m = if keys == 1 { keyed_one_n } else { n };
                 // Per-key order allows one unconfirmed message per key: raw lapin held to
                 // that many is the limit for `keys` keys (past 1,024, the limit above).
@@ -997,7 +1010,7 @@ fn main() {
             let crash_n = env_usize("BENCH_CRASH_N", 5_000);
             let caps =
                 std::iter::once("default").chain(windows.split(',').filter(|w| !w.is_empty()));
-            for cap in caps {
+            for cap in caps.filter(|_| crash_n > 0) {
                 let env: Vec<(&str, String)> = match cap {
                     "default" => vec![],
                     w => vec![("COURIER_PUBLISHER_MAX_IN_FLIGHT", w.trim().to_string())],
