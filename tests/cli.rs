@@ -206,3 +206,45 @@ fn engines_on_an_unmigrated_schema_fails_like_status() {
     }
     drop(common::TestDbGuard(schema));
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_definitions_without_a_config() {
+    let missing = ["--config", "/nonexistent/courier.yaml"];
+    for (shell, mark) in [
+        ("bash", "_courier()"),
+        ("zsh", "#compdef courier"),
+        ("fish", "complete -c courier"),
+    ] {
+        let o = courier(&[&missing[..], &["completions", shell]].concat(), &[]);
+        assert!(o.status.success(), "{shell}: {}", text(&o));
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            script.contains(mark) && script.contains("doctor") && script.contains("dead-letters"),
+            "{shell}: {script}"
+        );
+    }
+    let o = courier(&[&missing[..], &["man"]].concat(), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let page = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        page.contains(".TH courier") && page.contains("doctor"),
+        "{page}"
+    );
+
+    let dir = std::env::temp_dir().join(common::unique_name("man"));
+    let o = courier(&["man", "--dir", dir.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    for page in [
+        "courier.1",
+        "courier-run.1",
+        "courier-doctor.1",
+        "courier-dead-letters.1",
+    ] {
+        assert!(
+            dir.join(page).is_file(),
+            "{page} missing in {}",
+            dir.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -6,77 +6,13 @@
 
 mod common;
 
-use std::{collections::HashSet, process::Command, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
-use common::{audit::audit, broker::TestBroker, TestDb};
+use common::{audit::audit, broker::TestBroker, user::TestUser, TestDb};
 use courier::{config::SecretUrl, Engine, OutboxMessage, Outcome, Status};
 use diesel_async::RunQueryDsl;
 use lapin::{options::ExchangeDeclareOptions, types::FieldTable, ExchangeKind};
 use uuid::Uuid;
-
-/// A RabbitMQ user of this test only, deleted on drop.
-struct TestUser {
-    name: String,
-    password: String,
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl TestUser {
-    /// A user that may configure and read everything and write everything except
-    /// exchanges and queues whose name ends in `.denied`.
-    fn without_write_on_denied() -> TestUser {
-        let name = common::unique_name("user");
-        let password = Uuid::new_v4().simple().to_string();
-        rabbitmqctl(&["add_user", &name, &password]);
-        let user = TestUser { name, password };
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            "/",
-            &user.name,
-            ".*",
-            r"^(?!.*\.denied$).*",
-            ".*",
-        ]);
-        user
-    }
-
-    /// Takes write away on exchanges whose name ends in `.late` too.
-    fn revoke_late(&self) {
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            "/",
-            &self.name,
-            ".*",
-            r"^(?!.*\.(denied|late)$).*",
-            ".*",
-        ]);
-    }
-
-    fn amqp_url(&self) -> String {
-        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_user", &self.name])
-            .output();
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {

@@ -12,6 +12,7 @@ use crate::config::{Config, LogFormat};
 mod commands;
 mod dead_letters;
 mod demo;
+mod doctor;
 mod escape;
 
 /// Courier: publishes PostgreSQL outbox rows to RabbitMQ with publisher confirms, retries
@@ -68,6 +69,32 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 10_000)]
         messages: usize,
     },
+    /// Check the whole setup: config, database (and its TLS), schema version, NOTIFY,
+    /// broker, the exchanges open rows name and the dead-letter exchange (exist, publish
+    /// allowed), the admin API's address. One line per check with the fix; exit 0 when
+    /// none failed, 1 otherwise.
+    Doctor {
+        /// Print JSON (one object: `ok` and the checks).
+        #[arg(long)]
+        json: bool,
+        /// As a service's pre-start check: an open row naming a missing or refused exchange
+        /// only warns (the engine dead-letters such rows; they must not stop it starting).
+        #[arg(long)]
+        pre_start: bool,
+    },
+    /// Print a completion script for SHELL on stdout, e.g.
+    /// `courier completions bash > /etc/bash_completion.d/courier`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout (`courier man | man -l -`), or with --dir write it
+    /// and a page per command (courier-run.1, …) into DIR.
+    Man {
+        /// Write courier.1 and courier-COMMAND.1 here instead of printing courier.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Why the process exits non-zero.
@@ -98,6 +125,18 @@ impl Failure {
 
 /// Parses nothing (clap did), loads the config, sets up logging and runs the command.
 pub fn run(cli: Cli) -> Result<(), Failure> {
+    // Generated from the argument definitions alone: no config file needed.
+    match cli.command {
+        Command::Completions { shell } => return completions(shell).map_err(Failure::Runtime),
+        Command::Man { dir } => return man(dir.as_deref()).map_err(Failure::Runtime),
+        // Loads the config itself: a bad one is a failed check, not a usage error.
+        Command::Doctor { json, pre_start } => {
+            return actix_rt::System::new()
+                .block_on(doctor::run(&cli.config, json, pre_start))
+                .map_err(Failure::Runtime)
+        }
+        _ => {}
+    }
     let mut config =
         Config::load(&cli.config).map_err(|e| Failure::Config(anyhow::Error::new(e)))?;
     if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
@@ -114,9 +153,40 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Command::Engines { json } => commands::engines(&config, json).await,
             Command::DeadLetters(cmd) => dead_letters::run(&config, cmd).await,
             Command::Demo { messages } => demo::run(config, messages).await,
+            Command::Completions { .. } | Command::Man { .. } | Command::Doctor { .. } => Ok(()),
         }
         .map_err(Failure::Runtime)
     })
+}
+
+/// `courier completions SHELL`
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "courier", &mut script);
+    match std::io::stdout().lock().write_all(&script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing the completion script"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `courier man [--dir DIR]`, from the argument definitions.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let command = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => match clap_mangen::Man::new(command).render(&mut std::io::stdout().lock()) {
+            // `courier man | head`: the reader is done, not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("writing the man page"),
+        },
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(command, dir))
+            .with_context(|| format!("writing man pages into {}", dir.display())),
+    }
 }
 
 /// Library log targets quieted before the configured level or `RUST_LOG` is applied (a

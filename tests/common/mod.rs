@@ -9,6 +9,7 @@ pub mod events;
 pub mod ordering;
 pub mod proxy;
 pub mod topology;
+pub mod user;
 
 use courier::testing::StoreInternals as _;
 use std::{future::Future, time::Duration};

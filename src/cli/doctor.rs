@@ -1,0 +1,594 @@
+//! `courier doctor`: checks the whole setup a new operator (or `ExecStartPre`) depends on and
+//! prints one line per check, with a verdict and, when it is not `ok`, the fix.
+//!
+//! Each check only reads, except two harmless probes: a NOTIFY on the outbox channel (an
+//! engine that hears it claims once, finding nothing new) and a publish per exchange inside
+//! an AMQP transaction that is rolled back, so nothing is ever routed. RabbitMQ checks
+//! that a publish is allowed (the user's `write` permission) and that its exchange exists
+//! when the publish arrives, not at commit: the probe sees exactly what the engine would.
+
+use std::{path::Path, time::Duration};
+
+use diesel::{sql_types::Text, QueryableByName};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::StreamExt;
+use lapin::{options::BasicPublishOptions, BasicProperties, Connection};
+
+use crate::{
+    broker::{self, ChannelClose},
+    config::{Config, SecretUrl},
+    store::{establish, Store, MIGRATION_NAMES},
+};
+
+/// How long the NOTIFY round trip may take.
+const NOTIFY_WAIT: Duration = Duration::from_secs(2);
+/// How long one exchange probe may take.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+/// Most distinct exchanges probed (named by open rows, then the dead-letter exchange).
+const MOST_EXCHANGES: i64 = 50;
+
+/// A check's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    /// Works, but worth knowing.
+    Warn,
+    Fail,
+    /// Not applicable, or impossible after an earlier failure.
+    Skip,
+}
+
+impl Verdict {
+    fn word(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "skip",
+        }
+    }
+}
+
+/// One line of the report.
+struct Check {
+    name: &'static str,
+    verdict: Verdict,
+    detail: String,
+    fix: Option<String>,
+}
+
+impl Check {
+    fn new(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            verdict,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Check {
+        self.fix = Some(fix.into());
+        self
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "check": self.name,
+            "verdict": self.verdict.word().to_lowercase(),
+            "detail": self.detail,
+            "fix": self.fix,
+        })
+    }
+}
+
+/// `courier doctor [--json] [--pre-start]`: prints the report; fails when any check failed.
+///
+/// With `pre_start` (a service manager's `ExecStartPre`) an open row naming a missing or
+/// refused exchange is a warning: that is one producer's row, which the engine retries and
+/// dead-letters, and it must never keep the engine from delivering every other row.
+pub async fn run(config_path: &Path, json: bool, pre_start: bool) -> anyhow::Result<()> {
+    let checks = checks(config_path, pre_start).await;
+    if json {
+        let all: Vec<serde_json::Value> = checks.iter().map(Check::json).collect();
+        let ok = !checks.iter().any(|c| c.verdict == Verdict::Fail);
+        println!("{}", serde_json::json!({ "ok": ok, "checks": all }));
+    } else {
+        for c in &checks {
+            println!("{:<4}  {:<12} {}", c.verdict.word(), c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("{:<4}  {:<12} fix: {fix}", "", "");
+            }
+        }
+    }
+    let failed = checks.iter().filter(|c| c.verdict == Verdict::Fail).count();
+    match failed {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} check(s) failed"),
+    }
+}
+
+/// Every check, in the order a setup is built.
+async fn checks(config_path: &Path, pre_start: bool) -> Vec<Check> {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            return vec![Check::new("config", Verdict::Fail, e.to_string()).fix(
+                "correct the file or the COURIER_* variable named above \
+                 (README: Configuration reference)",
+            )]
+        }
+    };
+    let mut out = vec![Check::new(
+        "config",
+        Verdict::Ok,
+        format!("{} is valid", config_path.display()),
+    )];
+    let db = database(&config, &mut out).await;
+    let migrated = match db {
+        Some(mut conn) => schema(&config, &mut conn, &mut out).await,
+        None => {
+            out.push(skipped("schema", "the database"));
+            false
+        }
+    };
+    notify(&config, migrated, &mut out).await;
+    let amqp = broker(&config, &mut out).await;
+    exchanges(&config, migrated, amqp.as_ref(), pre_start, &mut out).await;
+    if let Some(conn) = amqp {
+        let _ = conn.close(200, "doctor done".into()).await;
+    }
+    out.push(admin_bind(&config));
+    out
+}
+
+fn skipped(name: &'static str, what: &str) -> Check {
+    Check::new(
+        name,
+        Verdict::Skip,
+        format!("needs {what}, which failed above"),
+    )
+}
+
+/// The database is reachable, and over TLS when the URL asks for it (libpq's `sslmode`).
+async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnection> {
+    let url = &config.database.url;
+    let mut conn = match establish(url, config.database.connect_timeout).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let fix = if e.is_transient() {
+                "is PostgreSQL running and reachable at that host and port? (database.url)"
+            } else {
+                "correct the user, password, database or TLS settings in database.url \
+                 (the reason above is PostgreSQL's own)"
+            };
+            out.push(Check::new("database", Verdict::Fail, e.to_string()).fix(fix));
+            return None;
+        }
+    };
+    #[derive(QueryableByName)]
+    struct Server {
+        #[diesel(sql_type = Text)]
+        version: String,
+        #[diesel(sql_type = Text)]
+        tls: String,
+    }
+    let server = diesel::sql_query(
+        "SELECT current_setting('server_version') AS version,
+                coalesce((SELECT CASE WHEN ssl THEN version ELSE 'off' END
+                          FROM pg_stat_ssl WHERE pid = pg_backend_pid()), 'off') AS tls",
+    )
+    .get_result::<Server>(&mut conn)
+    .await;
+    let check = match server {
+        Ok(s) => Check::new(
+            "database",
+            Verdict::Ok,
+            format!(
+                "{} reachable: PostgreSQL {}, TLS {}",
+                url.redacted(),
+                s.version,
+                s.tls
+            ),
+        ),
+        Err(e) => Check::new("database", Verdict::Warn, format!("connected, but {e}")),
+    };
+    out.push(check);
+    Some(conn)
+}
+
+/// Whether the schema holds exactly the migrations this binary knows.
+async fn schema(config: &Config, conn: &mut AsyncPgConnection, out: &mut Vec<Check>) -> bool {
+    #[derive(QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = Text)]
+        version: String,
+    }
+    let name = &config.database.schema;
+    let quoted = format!("\"{name}\"");
+    let applied = diesel::sql_query(format!(
+        "SELECT version::text AS version FROM {quoted}.__diesel_schema_migrations"
+    ))
+    .load::<Applied>(conn)
+    .await;
+    let known: Vec<String> = MIGRATION_NAMES().iter().map(|n| version_of(n)).collect();
+    let migrate_fix = if config.database.auto_migrate {
+        "`courier run` migrates it at start (database.auto_migrate: true); or run `courier migrate`"
+    } else {
+        "run `courier migrate` (database.auto_migrate is false)"
+    };
+    let applied: Vec<String> = match applied {
+        Ok(rows) => rows.into_iter().map(|r| r.version).collect(),
+        Err(_) => {
+            let verdict = if config.database.auto_migrate {
+                Verdict::Warn
+            } else {
+                Verdict::Fail
+            };
+            out.push(
+                Check::new(
+                    "schema",
+                    verdict,
+                    format!("schema `{name}` holds no Courier tables yet"),
+                )
+                .fix(migrate_fix),
+            );
+            return false;
+        }
+    };
+    let unknown: Vec<&String> = applied.iter().filter(|v| !known.contains(v)).collect();
+    let missing = known.iter().filter(|v| !applied.contains(v)).count();
+    let check = if !unknown.is_empty() {
+        Check::new(
+            "schema",
+            Verdict::Fail,
+            format!(
+                "schema `{name}` has migrations this courier does not know ({}): it is newer",
+                unknown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .fix("run the courier version that migrated it, or a newer one")
+    } else if missing > 0 {
+        let verdict = if config.database.auto_migrate {
+            Verdict::Warn
+        } else {
+            Verdict::Fail
+        };
+        Check::new(
+            "schema",
+            verdict,
+            format!(
+                "schema `{name}` lacks {missing} of {} migrations",
+                known.len()
+            ),
+        )
+        .fix(migrate_fix)
+    } else {
+        Check::new(
+            "schema",
+            Verdict::Ok,
+            format!("schema `{name}` is migrated ({} migrations)", known.len()),
+        )
+    };
+    out.push(check);
+    missing == 0 && unknown.is_empty()
+}
+
+/// diesel's version of a migration directory name: its leading date and number, digits only.
+fn version_of(name: &str) -> String {
+    let prefix = name.split('_').next().unwrap_or(name);
+    prefix.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// A NOTIFY on the outbox channel reaches a LISTEN connection (a transaction-mode pooler
+/// drops them).
+async fn notify(config: &Config, migrated: bool, out: &mut Vec<Check>) {
+    if !config.database.listen {
+        out.push(Check::new(
+            "notify",
+            Verdict::Skip,
+            "database.listen is false: engines poll (scheduler.sweep_interval)",
+        ));
+        return;
+    }
+    if !migrated {
+        out.push(skipped("notify", "the migrated schema"));
+        return;
+    }
+    let check = match notify_round_trip(config).await {
+        Ok(true) => Check::new(
+            "notify",
+            Verdict::Ok,
+            "a NOTIFY on the outbox channel arrived: new rows wake engines at once",
+        ),
+        Ok(false) => Check::new(
+            "notify",
+            Verdict::Fail,
+            format!(
+                "a NOTIFY sent on the outbox channel never arrived within {}",
+                humantime::format_duration(NOTIFY_WAIT)
+            ),
+        )
+        .fix(
+            "behind a transaction-mode pooler (PgBouncer pool_mode = transaction) set \
+             database.listen: false and database.pooler: transaction",
+        ),
+        Err(e) => Check::new("notify", Verdict::Fail, e.to_string())
+            .fix("check database.url; LISTEN needs its own connection"),
+    };
+    out.push(check);
+}
+
+async fn notify_round_trip(config: &Config) -> anyhow::Result<bool> {
+    let store = Store::connect(&config.database).await?;
+    let channel = store.notify_channel();
+    let mut conn = establish(&config.database.url, config.database.connect_timeout).await?;
+    conn.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
+    let token = format!("doctor:{}", uuid::Uuid::new_v4());
+    store.notify(&token).await?;
+    let mut stream = Box::pin(conn.notifications_stream());
+    let heard = tokio::time::timeout(NOTIFY_WAIT, async {
+        while let Some(Ok(note)) = stream.next().await {
+            if note.payload == token {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    Ok(heard)
+}
+
+/// The broker accepts a connection with these credentials, on some node of the list.
+async fn broker(config: &Config, out: &mut Vec<Check>) -> Option<Connection> {
+    match broker::connect_from(&config.broker, " (doctor)", 0).await {
+        Ok((conn, node)) => {
+            let url = config
+                .broker
+                .url
+                .get(node)
+                .map(SecretUrl::redacted)
+                .unwrap_or_default();
+            out.push(Check::new(
+                "broker",
+                Verdict::Ok,
+                format!("{url} accepted the connection"),
+            ));
+            Some(conn)
+        }
+        Err(e) => {
+            let fix = if e.is_permanent() {
+                "correct the user, password, vhost or TLS settings in broker.url / broker.tls \
+                 (the broker refused them; retrying will not help)"
+            } else {
+                "is RabbitMQ running and reachable at that host and port? (broker.url)"
+            };
+            out.push(Check::new("broker", Verdict::Fail, e.to_string()).fix(fix));
+            None
+        }
+    }
+}
+
+/// What one probe publish found.
+enum Probe {
+    Accepted,
+    Missing,
+    Refused(String),
+    Failed(String),
+}
+
+/// The exchanges open rows name, and the dead-letter exchange: each exists and this user
+/// may publish to it.
+async fn exchanges(
+    config: &Config,
+    migrated: bool,
+    amqp: Option<&Connection>,
+    pre_start: bool,
+    out: &mut Vec<Check>,
+) {
+    let (Some(amqp), true) = (amqp, migrated) else {
+        let what = if migrated {
+            "the broker"
+        } else {
+            "the migrated schema"
+        };
+        out.push(skipped("exchanges", what));
+        out.push(skipped("permissions", what));
+        return;
+    };
+    let named = match named_exchanges(config).await {
+        Ok(named) => named,
+        Err(e) => {
+            out.push(Check::new("exchanges", Verdict::Fail, e.to_string()));
+            out.push(skipped("permissions", "the list of exchanges"));
+            return;
+        }
+    };
+    let dlx = config.dead_letter.exchange.clone();
+    let mut missing = Vec::new();
+    let mut refused = Vec::new();
+    let mut failed = Vec::new();
+    let mut probed = Vec::new();
+    // Whether a failure concerns dead_letter.exchange (always a failure), not only rows.
+    let mut dlx_bad = false;
+    for (exchange, rows) in named
+        .iter()
+        .map(|(e, n)| (e.clone(), Some(*n)))
+        .chain(dlx.iter().map(|e| (e.clone(), None)))
+    {
+        let shown = match rows {
+            Some(n) => format!("`{exchange}` ({n} open rows)"),
+            None => format!("`{exchange}` (dead_letter.exchange)"),
+        };
+        match probe(amqp, &exchange).await {
+            Probe::Accepted => probed.push(shown),
+            Probe::Missing => {
+                dlx_bad |= rows.is_none();
+                missing.push(shown)
+            }
+            Probe::Refused(why) => {
+                dlx_bad |= rows.is_none();
+                refused.push(format!("{shown}: {why}"))
+            }
+            Probe::Failed(why) => failed.push(format!("{shown}: {why}")),
+        }
+    }
+    let user = broker_user(config);
+    let bad = if pre_start && !dlx_bad {
+        Verdict::Warn
+    } else {
+        Verdict::Fail
+    };
+    out.push(if !missing.is_empty() {
+        Check::new("exchanges", bad, format!("missing: {}", missing.join(", "))).fix(
+            "declare them (the engine never declares exchanges), or correct the rows / \
+             dead_letter.exchange; rows to a missing exchange are retried, then dead-lettered",
+        )
+    } else if !failed.is_empty() {
+        Check::new(
+            "exchanges",
+            Verdict::Fail,
+            format!("could not probe: {}", failed.join("; ")),
+        )
+    } else if probed.is_empty() {
+        Check::new(
+            "exchanges",
+            Verdict::Ok,
+            "no open rows name an exchange, and dead_letter.exchange is not set",
+        )
+    } else {
+        Check::new(
+            "exchanges",
+            Verdict::Ok,
+            format!("exist: {}", probed.join(", ")),
+        )
+    });
+    out.push(if !refused.is_empty() {
+        Check::new(
+            "permissions",
+            bad,
+            format!("publishing refused to {}", refused.join("; ")),
+        )
+        .fix(format!(
+            "grant {user} write permission on those exchanges in the vhost \
+             (rabbitmqctl set_permissions -p VHOST {user} CONF WRITE READ)"
+        ))
+    } else if probed.is_empty() {
+        Check::new(
+            "permissions",
+            Verdict::Skip,
+            "no exchange to probe (no open rows, no dead_letter.exchange)",
+        )
+    } else {
+        Check::new(
+            "permissions",
+            Verdict::Ok,
+            format!("{user} may publish to every exchange probed"),
+        )
+    });
+}
+
+/// The user of the first broker URL, for the fix text.
+fn broker_user(config: &Config) -> String {
+    config
+        .broker
+        .url
+        .get(0)
+        .and_then(|u| url::Url::parse(u.expose()).ok())
+        .map(|u| match u.username() {
+            "" => "guest".to_string(),
+            name => name.to_string(),
+        })
+        .unwrap_or_else(|| "the user".into())
+}
+
+/// The distinct exchanges of open rows (a bounded read), with their row counts.
+async fn named_exchanges(config: &Config) -> anyhow::Result<Vec<(String, i64)>> {
+    #[derive(QueryableByName)]
+    struct Named {
+        #[diesel(sql_type = Text)]
+        exchange: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        rows: i64,
+    }
+    let mut conn = establish(&config.database.url, config.database.connect_timeout).await?;
+    let schema = &config.database.schema;
+    let named = diesel::sql_query(format!(
+        "SELECT exchange, count(*) AS rows FROM (
+             SELECT exchange FROM \"{schema}\".outbox
+             WHERE status IN ('pending', 'in_flight', 'retrying') LIMIT 100000) open
+         GROUP BY exchange ORDER BY count(*) DESC LIMIT {MOST_EXCHANGES}"
+    ))
+    .load::<Named>(&mut conn)
+    .await?;
+    Ok(named.into_iter().map(|n| (n.exchange, n.rows)).collect())
+}
+
+/// Publishes an empty message to `exchange` inside a transaction and rolls it back: the
+/// broker checks the exchange and the permission on the publish, and routes nothing.
+async fn probe(conn: &Connection, exchange: &str) -> Probe {
+    let attempt = async {
+        let channel = conn.create_channel().await?;
+        channel.tx_select().await?;
+        channel
+            .basic_publish(
+                exchange.into(),
+                "courier.doctor.probe".into(),
+                BasicPublishOptions::default(),
+                &[],
+                BasicProperties::default(),
+            )
+            .await?;
+        channel.tx_rollback().await?;
+        let _ = channel.close(200, "probe done".into()).await;
+        Ok::<(), lapin::Error>(())
+    };
+    match tokio::time::timeout(PROBE_WAIT, attempt).await {
+        Err(_) => Probe::Failed(format!(
+            "no answer within {}",
+            humantime::format_duration(PROBE_WAIT)
+        )),
+        Ok(Ok(())) => Probe::Accepted,
+        Ok(Err(e)) => match ChannelClose::from_error(&e) {
+            Some(close) if close.code == 404 => Probe::Missing,
+            Some(close) if close.code == 403 => Probe::Refused(close.text.clone()),
+            _ => Probe::Failed(e.to_string()),
+        },
+    }
+}
+
+/// The admin API's address can be bound (nothing else listens there).
+fn admin_bind(config: &Config) -> Check {
+    let Some(bind) = &config.admin.bind else {
+        return Check::new("admin", Verdict::Skip, "admin.bind is null: no admin API");
+    };
+    match std::net::TcpListener::bind(bind.as_str()) {
+        Ok(_) => Check::new(
+            "admin",
+            Verdict::Ok,
+            format!("{bind} is free for the admin API"),
+        ),
+        Err(e) => Check::new("admin", Verdict::Fail, format!("cannot bind {bind}: {e}")).fix(
+            "another process listens there (an engine already running?): stop it or change \
+             admin.bind",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_of;
+
+    #[test]
+    fn a_migration_name_gives_diesel_its_version() {
+        assert_eq!(
+            version_of("2026-12-04-000008_time_ordered_ids"),
+            "20261204000008"
+        );
+    }
+}

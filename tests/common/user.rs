@@ -1,0 +1,69 @@
+//! RabbitMQ users of one test, for permission faults.
+
+use std::process::Command;
+
+use uuid::Uuid;
+
+/// A RabbitMQ user of this test only, deleted on drop.
+pub struct TestUser {
+    pub name: String,
+    pub password: String,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestUser {
+    /// A user that may configure and read everything and write everything except
+    /// exchanges and queues whose name ends in `.denied`.
+    pub fn without_write_on_denied() -> TestUser {
+        let name = super::unique_name("user");
+        let password = Uuid::new_v4().simple().to_string();
+        rabbitmqctl(&["add_user", &name, &password]);
+        let user = TestUser { name, password };
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &user.name,
+            ".*",
+            r"^(?!.*\.denied$).*",
+            ".*",
+        ]);
+        user
+    }
+
+    /// Takes write away on exchanges whose name ends in `.late` too.
+    pub fn revoke_late(&self) {
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &self.name,
+            ".*",
+            r"^(?!.*\.(denied|late)$).*",
+            ".*",
+        ]);
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}

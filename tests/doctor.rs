@@ -1,0 +1,201 @@
+//! `courier doctor` against a good setup and against each kind of broken one: every check
+//! says ok on the first; on the others the failing check names the fault and its fix, and
+//! the exit code is 1.
+
+mod common;
+
+use std::process::Output;
+
+use common::{broker::TestBroker, user::TestUser, TestDb};
+use lapin::ExchangeKind;
+
+/// `courier doctor` with `env` (the repository's config.yaml under it).
+async fn doctor(args: &[&str], env: Vec<(&'static str, String)>) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        common::courier_command()
+            .arg("doctor")
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("run courier doctor")
+    })
+    .await
+    .expect("doctor thread")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The report line of `check` (its verdict and detail), and its fix line if any.
+fn line(report: &str, check: &str) -> String {
+    let mut lines = report.lines();
+    let mut found = String::new();
+    while let Some(l) = lines.next() {
+        if l.split_whitespace().nth(1) == Some(check) {
+            found = l.to_string();
+            if let Some(next) = lines.clone().next() {
+                if next.trim_start().starts_with("fix:") {
+                    found = format!("{found}\n{next}");
+                }
+            }
+            break;
+        }
+    }
+    assert!(!found.is_empty(), "no `{check}` line in:\n{report}");
+    found
+}
+
+/// A free local address for the admin API.
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").to_string()
+}
+
+fn env_for(db: &TestDb, broker: &TestBroker) -> Vec<(&'static str, String)> {
+    let mut env = db.process_env();
+    env.push(("COURIER_DEAD_LETTER_EXCHANGE", broker.exchange.clone()));
+    env.push(("COURIER_ADMIN_BIND", free_address()));
+    env
+}
+
+#[actix_rt::test]
+async fn a_good_setup_passes_every_check() {
+    let db = TestDb::new("doctorok").await;
+    let broker = TestBroker::new("doctorok").await;
+    db.insert_sql(&broker.exchange, 3, "routed.{i}").await;
+    let o = doctor(&[], env_for(&db, &broker)).await;
+    let report = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{report}");
+    for check in [
+        "config",
+        "database",
+        "schema",
+        "notify",
+        "broker",
+        "exchanges",
+    ] {
+        assert!(line(&report, check).starts_with("ok "), "{report}");
+    }
+    assert!(
+        line(&report, "exchanges").contains("(3 open rows)"),
+        "{report}"
+    );
+    assert!(
+        line(&report, "exchanges").contains("(dead_letter.exchange)"),
+        "{report}"
+    );
+    assert!(line(&report, "permissions").starts_with("ok "), "{report}");
+    assert!(line(&report, "admin").starts_with("ok "), "{report}");
+    // The probe publishes inside a rolled-back transaction: nothing reached the queue.
+    assert_eq!(broker.depth(&broker.queue).await, 0);
+
+    let o = doctor(&["--json"], env_for(&db, &broker)).await;
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("doctor --json");
+    assert_eq!(json["ok"], true, "{json}");
+    assert_eq!(json["checks"].as_array().map(Vec::len), Some(8), "{json}");
+}
+
+#[actix_rt::test]
+async fn missing_exchanges_refused_publishes_and_a_taken_admin_port_each_fail_with_their_fix() {
+    let db = TestDb::new("doctorbad").await;
+    let mut broker = TestBroker::new("doctorbad").await;
+    let denied = broker.extra_exchange("denied", ExchangeKind::Topic).await;
+    let missing = format!("{}.missing", broker.exchange);
+    db.insert_sql(&missing, 2, "k").await;
+    db.insert_sql(&denied, 1, "k").await;
+    let user = TestUser::without_write_on_denied();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut env = db.process_env();
+    env.retain(|(k, _)| *k != "COURIER_BROKER_URL");
+    env.push(("COURIER_BROKER_URL", user.amqp_url()));
+    env.push((
+        "COURIER_ADMIN_BIND",
+        taken.local_addr().expect("addr").to_string(),
+    ));
+
+    let o = doctor(&[], env.clone()).await;
+    let report = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    let exchanges = line(&report, "exchanges");
+    assert!(exchanges.starts_with("FAIL"), "{report}");
+    assert!(
+        exchanges.contains(&format!("`{missing}` (2 open rows)")),
+        "{report}"
+    );
+    assert!(exchanges.contains("fix: declare them"), "{report}");
+    let permissions = line(&report, "permissions");
+    assert!(permissions.starts_with("FAIL"), "{report}");
+    assert!(permissions.contains(&denied), "{report}");
+    assert!(
+        permissions.contains(&format!("grant {}", user.name)),
+        "{report}"
+    );
+    let admin = line(&report, "admin");
+    assert!(
+        admin.starts_with("FAIL") && admin.contains("fix:"),
+        "{report}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("3 check(s) failed"));
+
+    // Before a service starts, producers' rows naming a bad exchange only warn: the engine
+    // dead-letters them, and they must not keep it from delivering the others.
+    drop(taken);
+    let o = doctor(&["--pre-start"], env).await;
+    let report = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{report}");
+    assert!(line(&report, "exchanges").starts_with("warn"), "{report}");
+    assert!(line(&report, "permissions").starts_with("warn"), "{report}");
+}
+
+#[actix_rt::test]
+async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their_fix() {
+    let schema = common::unique_name("doctornew");
+    let env = vec![
+        ("COURIER_DATABASE_URL", common::database_url()),
+        ("COURIER_DATABASE_SCHEMA", schema.clone()),
+        ("COURIER_DATABASE_AUTO_MIGRATE", "false".to_string()),
+        (
+            "COURIER_BROKER_URL",
+            "amqp://guest:wrong@127.0.0.1:5672/%2f".to_string(),
+        ),
+    ];
+    let o = doctor(&[], env).await;
+    let report = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    let schema_line = line(&report, "schema");
+    assert!(schema_line.starts_with("FAIL"), "{report}");
+    assert!(schema_line.contains("run `courier migrate`"), "{report}");
+    let broker = line(&report, "broker");
+    assert!(
+        broker.starts_with("FAIL") && broker.contains("ACCESS_REFUSED"),
+        "{report}"
+    );
+    assert!(broker.contains("retrying will not help"), "{report}");
+    assert!(!report.contains("wrong"), "the password leaked: {report}");
+    assert!(line(&report, "exchanges").starts_with("skip"), "{report}");
+
+    let url = format!("{}_no_such_db", common::database_url());
+    let o = doctor(&[], vec![("COURIER_DATABASE_URL", url)]).await;
+    let database = line(&stdout(&o), "database");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        database.starts_with("FAIL") && database.contains("does not exist"),
+        "{database}"
+    );
+    assert!(
+        database.contains("fix: correct the user, password, database"),
+        "{database}"
+    );
+
+    // A bad config is a failed check (exit 1), not a usage error.
+    let o = doctor(&[], vec![("COURIER_RETRY_MAX_ATTEMPTS", "0".to_string())]).await;
+    let config = line(&stdout(&o), "config");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        config.starts_with("FAIL") && config.contains("retry.max_attempts"),
+        "{config}"
+    );
+}
