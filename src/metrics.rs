@@ -114,8 +114,14 @@ pub struct Metrics {
     pub latency: Histogram,
     /// Broker reconnects.
     pub reconnects: IntCounter,
-    /// Seconds spent blocked by the broker (memory or disk alarm).
+    /// Seconds spent blocked by the broker (memory or disk alarm), counted when the block
+    /// ends.
     pub blocked_seconds: prometheus::Counter,
+    /// 1 while the broker connection is open (blocked or not), else 0.
+    pub broker_up: IntGauge,
+    /// 1 while the broker blocks publishers (memory or disk alarm) now, else 0: an alert
+    /// on a block that lasts minutes reads this, not the counter above.
+    pub broker_blocked: IntGauge,
     /// Engines of the registry by state, `running` or `dead` (read at scrape).
     pub engines: IntGaugeVec,
     /// Other engines this one declared dead.
@@ -137,6 +143,9 @@ fn counter_vec(
     registry
         .register(Box::new(c.clone()))
         .expect("unique metric");
+    // Exported at 0 from the start: a dashboard or alert reading `rate()` of a counter
+    // that has never counted gets 0, not "no data".
+    c.with_label_values(&[OTHER_EXCHANGE]);
     ExchangeCounter {
         inner: c,
         labels: labels.clone(),
@@ -224,6 +233,22 @@ impl Metrics {
             .namespace("courier"),
         )
         .expect("valid metric");
+        let broker_up = IntGauge::with_opts(
+            Opts::new(
+                "broker_up",
+                "1 while the broker connection is open (blocked or not)",
+            )
+            .namespace("courier"),
+        )
+        .expect("valid metric");
+        let broker_blocked = IntGauge::with_opts(
+            Opts::new(
+                "broker_blocked",
+                "1 while the broker blocks publishers (memory or disk alarm)",
+            )
+            .namespace("courier"),
+        )
+        .expect("valid metric");
         let rejoins = IntCounter::with_opts(
             Opts::new(
                 "rejoins_total",
@@ -241,6 +266,8 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(reconnects.clone()),
             Box::new(blocked_seconds.clone()),
+            Box::new(broker_up.clone()),
+            Box::new(broker_blocked.clone()),
             Box::new(engines.clone()),
             Box::new(engines_rescued.clone()),
             Box::new(rows_rescued.clone()),
@@ -303,6 +330,8 @@ impl Metrics {
             latency,
             reconnects,
             blocked_seconds,
+            broker_up,
+            broker_blocked,
             engines,
             engines_rescued,
             rows_rescued,

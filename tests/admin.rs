@@ -657,3 +657,67 @@ async fn hostile_producer_text_is_escaped_in_the_cli() {
     );
     assert!(show.contains("body\\x1b[2Jgone"), "{show}");
 }
+
+/// The `courier_*` metric names `text` (an alert rule file, a dashboard) uses.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("courier_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[actix_rt::test]
+async fn every_metric_the_shipped_dashboard_and_alerts_use_is_exported_from_the_start() {
+    let db = TestDb::new("shipped").await;
+    let (engine, addr) = admin_engine(&db, |_| {}).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let metrics = get(&addr, "/metrics", None).await.body;
+    for file in ["prometheus/alerts.yaml", "grafana/courier.json"] {
+        let text = std::fs::read_to_string(root.join(file)).expect("shipped file");
+        let used = metric_names(&text);
+        assert!(used.len() >= 5, "{file}: {used:?}");
+        for name in used {
+            // A histogram is exported as its _bucket, _sum and _count series.
+            let exported = metrics
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));
+            assert!(
+                exported,
+                "{file} uses {name}, which /metrics does not export:\n{metrics}"
+            );
+        }
+    }
+    engine.shutdown().await;
+}
+
+/// `promtool` (Debian's `prometheus` package, installed by scripts/test-tools) checks the
+/// shipped rules and runs their unit tests: each alert fires on what should fire it, only
+/// after its `for:`.
+#[test]
+fn the_shipped_alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yaml"][..],
+        &["test", "rules", "alerts.test.yaml"][..],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (scripts/test-tools installs Debian's prometheus package)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -58,6 +58,13 @@ impl Signals {
 
     fn set_broker(&self, state: BrokerState) {
         self.broker.store(state.to_u8(), Ordering::SeqCst);
+        let (up, blocked) = match state {
+            BrokerState::Connected => (1, 0),
+            BrokerState::Blocked => (1, 1),
+            BrokerState::Disconnected => (0, 0),
+        };
+        self.metrics.broker_up.set(up);
+        self.metrics.broker_blocked.set(blocked);
     }
 
     /// Announces an event (dropped when nobody listens).
@@ -350,6 +357,9 @@ mod tests {
         assert_eq!(signals.broker_state(), BrokerState::Connected);
         signals.broker_blocked("memory".into());
         assert_eq!(signals.broker_state().as_str(), "blocked");
+        let text = signals.metrics().render();
+        assert!(text.contains("courier_broker_blocked 1"), "{text}");
+        assert!(text.contains("courier_broker_up 1"), "{text}");
         signals.broker_unblocked(Some(Duration::from_secs(2)));
         assert_eq!(signals.broker_state(), BrokerState::Connected);
         signals.broker_disconnected("gone".into());
@@ -366,5 +376,7 @@ mod tests {
             text.contains("courier_broker_blocked_seconds_total 2"),
             "{text}"
         );
+        assert!(text.contains("courier_broker_blocked 0"), "{text}");
+        assert!(text.contains("courier_broker_up 0"), "{text}");
     }
 }
