@@ -137,6 +137,39 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// The admin HTTP API and dashboard.
     pub admin: AdminConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `telemetry.*`: OpenTelemetry traces of each message (see `telemetry.rs`). Every key left
+/// null falls back to the standard `OTEL_*` variable, then to the OpenTelemetry default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Make spans for each message. Also on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+    /// `..._TRACES_ENDPOINT`) is set; `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`
+    /// turn them off whatever this says.
+    pub traces: bool,
+    /// The collector's OTLP/HTTP base URL (`/v1/traces` is appended); null:
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`, else
+    /// `http://localhost:4318`.
+    pub endpoint: Option<String>,
+    /// `http/protobuf` or `http/json`; null: `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`, else
+    /// `http/protobuf`.
+    pub protocol: Option<OtlpProtocol>,
+    /// The `service.name` resource attribute; null: `OTEL_SERVICE_NAME`, else `courier`.
+    pub service_name: Option<String>,
+}
+
+/// `telemetry.protocol`: OTLP's HTTP encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    /// `http/protobuf`
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// `http/json`
+    #[serde(rename = "http/json")]
+    HttpJson,
 }
 
 /// `retention.*`

@@ -82,6 +82,10 @@ pub struct InboxConfig {
     /// Inbox rows older than this are deleted (a duplicate older than this is processed
     /// again); `None` keeps them.
     pub retention: Option<Duration>,
+    /// An OpenTelemetry span `process <queue>` (kind consumer) per message, continuing the
+    /// trace of the delivery's `traceparent` header (the engine's `publish` span), sent to
+    /// the global tracer provider (see [`crate::telemetry`]).
+    pub traces: bool,
 }
 
 impl InboxConfig {
@@ -96,6 +100,7 @@ impl InboxConfig {
             max_redeliveries: 5,
             database_retry: backoff::INBOX_HOLD.into(),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            traces: false,
         }
     }
 }
@@ -244,6 +249,23 @@ impl Inbox {
     /// A handler error is `Ok(Failed)`, unless it is the connection breaking under the
     /// handler's own statement: that, like any database failure, is an `Err`.
     pub async fn process(
+        &self,
+        handler: &dyn Handler,
+        msg: &InboxMessage,
+    ) -> Result<Disposition, StoreError> {
+        let span = self.config.traces.then(|| {
+            let headers = msg.properties.headers().as_ref();
+            crate::telemetry::consumer_span(&self.config.queue, headers, &msg.message_id)
+        });
+        let result = self.apply(handler, msg).await;
+        if let Some(span) = span {
+            crate::telemetry::end_consumer_span(&span, &result);
+        }
+        result
+    }
+
+    /// [`Inbox::process`] without its span.
+    async fn apply(
         &self,
         handler: &dyn Handler,
         msg: &InboxMessage,

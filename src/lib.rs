@@ -63,6 +63,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod inbox;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;
 

@@ -257,6 +257,8 @@ pub struct Delivery {
     state: Status,
     max_attempts: u32,
     credit: Credit,
+    /// This attempt's spans, when `telemetry.traces` is on.
+    pub(crate) trace: Option<crate::telemetry::MessageTrace>,
 }
 
 impl Delivery {
@@ -273,6 +275,7 @@ impl Delivery {
             state: Status::InFlight,
             max_attempts,
             credit,
+            trace: None,
         }
     }
 

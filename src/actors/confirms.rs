@@ -156,6 +156,9 @@ impl ConfirmTracker {
                     error: reason.to_string(),
                     refund,
                 });
+                if let Some(trace) = delivery.trace.take() {
+                    trace.failed(&reason.to_string(), true);
+                }
                 out.record.credits.retrying(delivery.into_credit(), delay);
             }
             Ok(AfterFailure::DeadLetter) => {
@@ -165,6 +168,7 @@ impl ConfirmTracker {
                     delivery.attempts(),
                     delivery.max_attempts()
                 );
+                delivery.trace = delivery.trace.take().and_then(|t| t.failed(&why, false));
                 out.dead.push((delivery, why));
             }
             Err(e) => tracing::error!(error = %e, "state machine refused a failure"),
@@ -188,6 +192,9 @@ impl ConfirmTracker {
                     self.signals.acked(&delivery.message);
                     tracing::debug!(message_id = %r.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
+                    if let Some(trace) = delivery.trace.take() {
+                        trace.confirmed();
+                    }
                     if delivery.message.ordering_key.is_some() {
                         out.turns.push((r.id, true));
                     }

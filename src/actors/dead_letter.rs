@@ -85,6 +85,8 @@ impl DeadLetterActor {
         }
         self.busy = true;
         let batch = std::mem::take(&mut self.pending);
+        // Where each moved row's `dead letter` span starts.
+        let since = std::time::SystemTime::now();
         let updates = batch
             .iter()
             .map(|(d, why)| DeadLetterUpdate {
@@ -95,10 +97,10 @@ impl DeadLetterActor {
         self.ledger
             .send(MoveToDeadLetters(updates))
             .into_actor(self)
-            .map(|result, act, ctx| match result {
+            .map(move |result, act, ctx| match result {
                 Ok(Ok(moved)) => {
                     act.failures = 0;
-                    act.buried(ctx, batch, moved);
+                    act.buried(ctx, batch, moved, since);
                 }
                 Ok(Err(e)) => act.retry_later(ctx, batch, e.to_string()),
                 Err(e) => act.retry_later(ctx, batch, e.to_string()),
@@ -127,6 +129,7 @@ impl DeadLetterActor {
         ctx: &mut Context<Self>,
         batch: Vec<(Delivery, String)>,
         moved: Vec<Uuid>,
+        since: std::time::SystemTime,
     ) {
         let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
         // Every row of the batch is settled here, moved or not (a row no longer held was
@@ -138,6 +141,9 @@ impl DeadLetterActor {
             credits.settled(delivery.take_credit());
             if moved.contains(&delivery.message.id) {
                 tracing::warn!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
+                if let Some(trace) = delivery.trace.take() {
+                    trace.dead_lettered(since, &why);
+                }
                 announced.push((delivery.message.id, why.clone()));
                 to_exchange.push((delivery, why));
             } else {

@@ -376,7 +376,7 @@ struct Prepared {
     properties: BasicProperties,
 }
 
-fn prepare(d: &Delivery, max_payload: u64, frame_max: u32) -> Result<Prepared, String> {
+fn prepare(d: &mut Delivery, max_payload: u64, frame_max: u32) -> Result<Prepared, String> {
     let m = &d.message;
     if m.payload.len() as u64 > max_payload {
         return Err(format!(
@@ -384,7 +384,14 @@ fn prepare(d: &Delivery, max_payload: u64, frame_max: u32) -> Result<Prepared, S
             m.payload.len()
         ));
     }
-    let properties = m.amqp_properties()?;
+    let mut properties = m.amqp_properties()?;
+    if let Some(trace) = d.trace.as_mut() {
+        // The message carries the engine's span context on to its consumers.
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        trace.publishing(&mut headers);
+        properties = properties.with_headers(headers);
+    }
+    let m = &d.message;
     crate::message::check_header_frame(&properties, frame_max)?;
     Ok(Prepared {
         exchange: m.amqp_exchange()?,
@@ -646,7 +653,7 @@ impl Handler<Publish> for Publisher {
         let mut ready = Vec::with_capacity(msg.0.len());
         let mut rejected = Vec::new();
         let mut unknown = HashSet::new();
-        for d in msg.0 {
+        for mut d in msg.0 {
             if let Some(close) = self.refusal(&d.message.exchange) {
                 let why = FailureReason::Refused {
                     code: close.code,
@@ -655,7 +662,7 @@ impl Handler<Publish> for Publisher {
                 rejected.push((d, why));
                 continue;
             }
-            match prepare(&d, max_payload, frame_max) {
+            match prepare(&mut d, max_payload, frame_max) {
                 Ok(p) => {
                     if !self.exchange_known(&d.message.exchange) {
                         unknown.insert(d.message.exchange.clone());

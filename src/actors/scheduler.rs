@@ -43,6 +43,7 @@ use crate::{
     lifecycle::Lifecycle,
     state::Delivery,
     store::{ClaimLimits, Claimed, KeyScan, Store},
+    telemetry::MessageTrace,
 };
 
 mod credit;
@@ -444,11 +445,18 @@ impl Scheduler {
         }
         self.signals.claimed(rows.len(), self.held_bytes);
         let max_attempts = self.config.retry.max_attempts;
+        let traces = self.config.telemetry.traces;
         let mut exhausted = Vec::new();
         let mut to_publish = Vec::with_capacity(rows.len());
         let deliveries: Vec<Delivery> = rows
             .into_iter()
-            .map(|row| self.lend(Delivery::claimed(row, max_attempts)))
+            .map(|row| {
+                let mut d = Delivery::claimed(row, max_attempts);
+                if traces {
+                    d.trace = Some(MessageTrace::claimed(&d.message, d.attempts()));
+                }
+                self.lend(d)
+            })
             .collect();
         let deliveries = if keyed {
             self.start_runs(deliveries)

@@ -144,6 +144,12 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         config.logging.level = "warn".into();
     }
     init_logging(&config);
+    // Built outside the async runtime: the exporter's blocking HTTP client owns a runtime
+    // of its own, which must not be created or dropped inside another. Kept until exit.
+    let _traces = match cli.command {
+        Command::Run => start_traces(&mut config).map_err(|e| Failure::Config(e.into()))?,
+        _ => None,
+    };
     let system = actix_rt::System::new();
     system.block_on(async move {
         match cli.command {
@@ -157,6 +163,22 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         .map_err(Failure::Runtime)
     })
+}
+
+/// The OTLP exporter, when traces are wanted (`telemetry.traces`, or an OTLP endpoint in
+/// the environment; see [`crate::telemetry::traces_wanted`]); the engine makes spans only
+/// then.
+fn start_traces(
+    config: &mut Config,
+) -> Result<Option<crate::telemetry::Traces>, crate::telemetry::TelemetryError> {
+    config.telemetry.traces =
+        crate::telemetry::traces_wanted(&config.telemetry, |name| std::env::var(name).ok());
+    if !config.telemetry.traces {
+        return Ok(None);
+    }
+    let traces = crate::telemetry::Traces::install(&config.telemetry)?;
+    tracing::info!("OpenTelemetry traces on: each message's spans are exported over OTLP/HTTP");
+    Ok(Some(traces))
 }
 
 /// `courier completions SHELL`
