@@ -382,6 +382,18 @@ enum Probe {
     Failed(String),
 }
 
+/// The probes of every exchange, sorted by what they found (each named with why it was
+/// probed: its open rows, or `dead_letter.exchange`).
+#[derive(Default)]
+struct Probed {
+    accepted: Vec<String>,
+    missing: Vec<String>,
+    refused: Vec<String>,
+    failed: Vec<String>,
+    /// A failure concerns `dead_letter.exchange` (always a failure), not only rows.
+    dead_letter_exchange_bad: bool,
+}
+
 /// The exchanges open rows name, and the dead-letter exchange: each exists and this user
 /// may publish to it.
 async fn exchanges(
@@ -409,88 +421,73 @@ async fn exchanges(
             return;
         }
     };
-    let dlx = config.dead_letter.exchange.clone();
-    let mut missing = Vec::new();
-    let mut refused = Vec::new();
-    let mut failed = Vec::new();
-    let mut probed = Vec::new();
-    // Whether a failure concerns dead_letter.exchange (always a failure), not only rows.
-    let mut dlx_bad = false;
-    for (exchange, rows) in named
+    let rows = named.into_iter().map(|(e, n)| (e, Some(n)));
+    let dlx = config
+        .dead_letter
+        .exchange
         .iter()
-        .map(|(e, n)| (e.clone(), Some(*n)))
-        .chain(dlx.iter().map(|e| (e.clone(), None)))
-    {
+        .map(|e| (e.clone(), None));
+    let mut probed = Probed::default();
+    for (exchange, rows) in rows.chain(dlx) {
         let shown = match rows {
             Some(n) => format!("`{exchange}` ({n} open rows)"),
             None => format!("`{exchange}` (dead_letter.exchange)"),
         };
-        match probe(amqp, &exchange).await {
-            Probe::Accepted => probed.push(shown),
-            Probe::Missing => {
-                dlx_bad |= rows.is_none();
-                missing.push(shown)
-            }
-            Probe::Refused(why) => {
-                dlx_bad |= rows.is_none();
-                refused.push(format!("{shown}: {why}"))
-            }
-            Probe::Failed(why) => failed.push(format!("{shown}: {why}")),
+        let found = probe(amqp, &exchange).await;
+        if matches!(found, Probe::Missing | Probe::Refused(_)) && rows.is_none() {
+            probed.dead_letter_exchange_bad = true;
+        }
+        match found {
+            Probe::Accepted => probed.accepted.push(shown),
+            Probe::Missing => probed.missing.push(shown),
+            Probe::Refused(why) => probed.refused.push(format!("{shown}: {why}")),
+            Probe::Failed(why) => probed.failed.push(format!("{shown}: {why}")),
         }
     }
-    let user = broker_user(config);
-    let bad = if pre_start && !dlx_bad {
+    // Before a start, a producer's bad row only warns: the engine dead-letters it.
+    let bad = if pre_start && !probed.dead_letter_exchange_bad {
         Verdict::Warn
     } else {
         Verdict::Fail
     };
-    out.push(if !missing.is_empty() {
-        Check::new("exchanges", bad, format!("missing: {}", missing.join(", "))).fix(
+    out.push(exchanges_check(&probed, bad));
+    out.push(permissions_check(&probed, bad, &broker_user(config)));
+}
+
+fn exchanges_check(probed: &Probed, bad: Verdict) -> Check {
+    if !probed.missing.is_empty() {
+        let detail = format!("missing: {}", probed.missing.join(", "));
+        return Check::new("exchanges", bad, detail).fix(
             "declare them (the engine never declares exchanges), or correct the rows / \
              dead_letter.exchange; rows to a missing exchange are retried, then dead-lettered",
-        )
-    } else if !failed.is_empty() {
-        Check::new(
-            "exchanges",
-            Verdict::Fail,
-            format!("could not probe: {}", failed.join("; ")),
-        )
-    } else if probed.is_empty() {
-        Check::new(
-            "exchanges",
-            Verdict::Ok,
-            "no open rows name an exchange, and dead_letter.exchange is not set",
-        )
-    } else {
-        Check::new(
-            "exchanges",
-            Verdict::Ok,
-            format!("exist: {}", probed.join(", ")),
-        )
-    });
-    out.push(if !refused.is_empty() {
-        Check::new(
-            "permissions",
-            bad,
-            format!("publishing refused to {}", refused.join("; ")),
-        )
-        .fix(format!(
+        );
+    }
+    if !probed.failed.is_empty() {
+        let detail = format!("could not probe: {}", probed.failed.join("; "));
+        return Check::new("exchanges", Verdict::Fail, detail);
+    }
+    if probed.accepted.is_empty() {
+        let detail = "no open rows name an exchange, and dead_letter.exchange is not set";
+        return Check::new("exchanges", Verdict::Ok, detail);
+    }
+    let detail = format!("exist: {}", probed.accepted.join(", "));
+    Check::new("exchanges", Verdict::Ok, detail)
+}
+
+fn permissions_check(probed: &Probed, bad: Verdict, user: &str) -> Check {
+    if !probed.refused.is_empty() {
+        let detail = format!("publishing refused to {}", probed.refused.join("; "));
+        return Check::new("permissions", bad, detail).fix(format!(
             "grant {user} write permission on those exchanges in the vhost \
              (rabbitmqctl set_permissions -p VHOST {user} CONF WRITE READ)"
-        ))
-    } else if probed.is_empty() {
-        Check::new(
-            "permissions",
-            Verdict::Skip,
-            "no exchange to probe (no open rows, no dead_letter.exchange)",
-        )
-    } else {
-        Check::new(
-            "permissions",
-            Verdict::Ok,
-            format!("{user} may publish to every exchange probed"),
-        )
-    });
+        ));
+    }
+    if probed.accepted.is_empty() {
+        let detail = "no existing exchange to probe (none named, or none found)";
+        return Check::new("permissions", Verdict::Skip, detail);
+    }
+    let detail = format!("{user} may publish to every exchange probed");
+    Check::new("permissions", Verdict::Ok, detail)
 }
 
 /// The user of the first broker URL, for the fix text.
