@@ -181,8 +181,14 @@ pub enum FailureReason {
     ConfirmTimeout(Duration),
     /// The channel or connection failed before the confirm arrived.
     ChannelLost(String),
-    /// The message could not be sent at all (missing exchange, bad headers, too large…).
+    /// The message was not sent because its exchange does not exist (yet: it may be
+    /// declared later, so the row keeps its backoff).
     Rejected(String),
+    /// The message can never be published as written: headers that are not a JSON object
+    /// (or not representable in AMQP), an exchange or routing key over 255 bytes, a payload
+    /// over `publisher.max_payload_bytes`, headers over the connection's frame size. No
+    /// further attempt can succeed, so the row is dead-lettered at once.
+    Unpublishable(String),
     /// The broker closed the channel because of this message (its exchange is named in the
     /// close, e.g. 403 ACCESS_REFUSED on an internal exchange or one the user may not write
     /// to), or it was held back because the broker refused its exchange moments ago. Unlike
@@ -204,6 +210,12 @@ impl FailureReason {
     pub fn is_collateral(&self) -> bool {
         matches!(self, FailureReason::ChannelLost(_))
     }
+
+    /// Failures no retry can mend: the row goes to `dead_letters` at once, whatever attempts
+    /// it has left.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, FailureReason::Unpublishable(_))
+    }
 }
 
 impl fmt::Display for FailureReason {
@@ -217,7 +229,10 @@ impl fmt::Display for FailureReason {
                 write!(f, "no confirm within {}", humantime::format_duration(*d))
             }
             FailureReason::ChannelLost(why) => write!(f, "channel lost before confirm: {why}"),
-            FailureReason::Rejected(why) => write!(f, "not publishable: {why}"),
+            FailureReason::Rejected(why) => write!(f, "not published: {why}"),
+            FailureReason::Unpublishable(why) => {
+                write!(f, "can never be published, so not retried: {why}")
+            }
             FailureReason::Refused { code, text } => {
                 write!(f, "refused by broker (channel closed): {code} {text}")
             }
@@ -331,7 +346,9 @@ impl Delivery {
         backoff: &BackoffConfig,
     ) -> Result<AfterFailure, TransitionError> {
         let refund = reason.is_collateral();
-        let counted = if refund {
+        let counted = if reason.is_permanent() {
+            self.max_attempts // no attempt left can succeed
+        } else if refund {
             self.attempts().saturating_sub(1)
         } else {
             self.attempts()

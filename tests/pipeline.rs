@@ -458,6 +458,7 @@ async fn bad_rows_are_dead_lettered_with_a_reason_and_never_block_others() {
     broker.bind(&q, &direct, "needed").await;
     let mut config = db.engine_config();
     config.publisher.max_payload_bytes = 1024;
+    let max_attempts = config.retry.max_attempts;
     let engine = start(config).await;
     let missing = OutboxMessage::new(format!("{}.missing", broker.exchange), "k", b"x".to_vec());
     let empty_key = OutboxMessage::new(&direct, "", b"x".to_vec());
@@ -491,6 +492,22 @@ async fn bad_rows_are_dead_lettered_with_a_reason_and_never_block_others() {
     assert!(dead_reason(&outcomes[&too_big.id]).contains("max_payload_bytes"));
     assert!(dead_reason(&outcomes[&long_name.id]).contains("255"));
     assert!(dead_reason(&outcomes[&bad_headers]).contains("JSON object"));
+    // What no retry can mend is dead-lettered at its first attempt; a missing exchange
+    // (it may be declared meanwhile) keeps its backoff and spends its budget.
+    for id in [long_name.id, bad_headers] {
+        let why = dead_reason(&outcomes[&id]);
+        assert!(
+            why.contains("can never be published, so not retried"),
+            "{why}"
+        );
+        assert!(why.contains("(attempt 1 of "), "{why}");
+    }
+    let budget = max_attempts;
+    let why = dead_reason(&outcomes[&missing.id]);
+    assert!(
+        why.contains(&format!("(attempt {budget} of {budget})")),
+        "{why}"
+    );
     for m in &good {
         assert_eq!(outcomes[&m.id], Outcome::Confirmed);
     }

@@ -670,7 +670,7 @@ impl Handler<Publish> for Publisher {
                     self.next_token += 1;
                     ready.push((d, p, self.next_token));
                 }
-                Err(why) => rejected.push((d, FailureReason::Rejected(why))),
+                Err(why) => rejected.push((d, FailureReason::Unpublishable(why))),
             }
         }
         if !rejected.is_empty() {

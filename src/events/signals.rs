@@ -194,6 +194,7 @@ impl Signals {
             FailureReason::ConfirmTimeout(_) => (&c.timed_out, Some(&m.timed_out)),
             FailureReason::ChannelLost(_) => (&c.channel_lost, None),
             FailureReason::Rejected(_)
+            | FailureReason::Unpublishable(_)
             | FailureReason::Refused { .. }
             | FailureReason::LeaseExpired => (&c.rejected, None),
         };
