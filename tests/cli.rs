@@ -190,14 +190,18 @@ fn engines_on_an_unmigrated_schema_fails_like_status() {
         ("COURIER_DATABASE_SCHEMA", schema.clone()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    for args in [&["status"][..], &["engines"], &["engines", "--json"]] {
+    for args in [
+        &["status"][..],
+        &["status", "--watch"],
+        &["engines"],
+        &["engines", "--json"],
+        &["dead-letters", "list"],
+    ] {
         let o = courier(args, &env);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
-        assert!(
-            text(&o).contains(&format!("reading schema `{schema}`")),
-            "{args:?}: {}",
-            text(&o)
-        );
+        let said = format!("schema `{schema}` is not migrated yet: run `courier migrate`");
+        assert_eq!(text(&o).matches(&said).count(), 1, "{args:?}: {}", text(&o));
+        assert!(!text(&o).contains("does not exist"), "{args:?}: {}", text(&o));
         assert!(
             o.stdout.is_empty(),
             "{args:?}: nothing on stdout: {}",

@@ -35,9 +35,24 @@ async fn apply_migrations(config: &Config) -> anyhow::Result<Vec<String>> {
         .with_context(|| format!("migrating schema `{}`", config.database.schema))
 }
 
+/// The store, once its schema is known to be migrated: a command run before `courier
+/// migrate` says so in one line instead of failing on a missing table.
+pub(super) async fn migrated_store(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::connect(&config.database).await?;
+    let schema = &config.database.schema;
+    let migrated = store
+        .is_migrated()
+        .await
+        .with_context(|| format!("reading schema `{schema}`"))?;
+    if !migrated {
+        anyhow::bail!("schema `{schema}` is not migrated yet: run `courier migrate`");
+    }
+    Ok(store)
+}
+
 /// `courier status [--watch] [--json]`
 pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database).await?;
+    let store = migrated_store(config).await?;
     loop {
         let stats = store
             .stats()
@@ -94,7 +109,7 @@ fn print_stats(stats: &crate::store::Stats) {
 /// `courier engines [--json]`: who is running and what each holds, from the registry. A
 /// schema that is not migrated (or predates the registry) fails like `courier status` does.
 pub async fn engines(config: &Config, json: bool) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database).await?;
+    let store = migrated_store(config).await?;
     let engines = store
         .engines()
         .await

@@ -51,7 +51,7 @@ pub enum DeadLetterCommand {
 
 /// Runs one dead-letter subcommand.
 pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database).await?;
+    let store = super::commands::migrated_store(config).await?;
     match cmd {
         DeadLetterCommand::List { limit, since } => list(&store, limit, since).await,
         DeadLetterCommand::Show { id } => show(&store, id).await,

@@ -107,3 +107,28 @@ async fn run(
     .await;
     joined.map_err(StoreError::MigrationTask)?
 }
+
+/// -- name: is_migrated
+///
+/// Whether the schema holds the outbox at all (a schema never migrated has none).
+fn is_migrated(s: &super::Schema) -> String {
+    format!("SELECT to_regclass('{s}.outbox') IS NOT NULL AS v")
+}
+
+impl super::Store {
+    /// Whether `courier migrate` (or an engine) has created this schema's tables, so a
+    /// command can say so instead of failing on a missing relation.
+    pub async fn is_migrated(&self) -> Result<bool, StoreError> {
+        #[derive(diesel::QueryableByName)]
+        struct Flag {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            v: bool,
+        }
+        let mut conn = self.op().await?;
+        let rows: Vec<Flag> = conn
+            .fetch_all(diesel::sql_query(is_migrated(&self.schema)))
+            .await?;
+        Ok(rows.first().is_some_and(|f| f.v))
+    }
+}
+
