@@ -305,6 +305,12 @@ impl EngineHandle {
         self.inner.signals.broker_state()
     }
 
+    /// Why the broker refuses this engine now (login, vhost, TLS: a fault no retry mends),
+    /// while it does.
+    pub fn broker_refusal(&self) -> Option<String> {
+        self.inner.signals.broker_refusal()
+    }
+
     /// The counters now.
     pub fn counters(&self) -> CounterSnapshot {
         self.inner.signals.counters()

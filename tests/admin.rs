@@ -9,7 +9,10 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::{broker::TestBroker, within, TestDb};
-use courier::{config::Config, Engine, EngineHandle, OutboxMessage, Outcome};
+use courier::{
+    config::{Config, SecretUrl},
+    Engine, EngineHandle, OutboxMessage, Outcome,
+};
 use diesel::QueryableByName;
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -720,4 +723,48 @@ fn the_shipped_alert_rules_pass_promtool_and_their_unit_tests() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A refusal while running (the engine's broker user deleted: its connection is closed and
+/// every login refused) is a fault no retry mends: `/ready` says so with the broker's own
+/// reason, and forgets it once the user is back and the engine reconnected.
+#[actix_rt::test]
+async fn ready_names_a_broker_refusal_that_appears_while_running() {
+    let db = TestDb::new("readyrefused").await;
+    let user = common::user::TestUser::without_write_on_denied();
+    let url = user.amqp_url();
+    let (engine, addr) = admin_engine(&db, |c| {
+        c.broker.url = SecretUrl::new(url).into();
+    })
+    .await;
+    common::eventually(20, "the engine connected", || {
+        let connected = engine.broker_state() == courier::BrokerState::Connected;
+        async move { connected.then_some(()) }
+    })
+    .await;
+    // From here on: the next BrokerConnected is the reconnection.
+    let mut events = engine.subscribe();
+    user.delete();
+    let reply = common::eventually(30, "/ready to name the refusal", || {
+        let addr = addr.clone();
+        async move {
+            let reply = get(&addr, "/ready", None).await;
+            reply.body.contains("broker_error").then_some(reply)
+        }
+    })
+    .await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    let body: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
+    let why = body["broker_error"].as_str().unwrap_or_default();
+    assert!(why.contains("ACCESS_REFUSED"), "{body}");
+    assert!(!why.contains(&user.password), "the password leaked: {body}");
+    user.restore();
+    common::events::wait_event(&mut events, 60, "the engine reconnected", |e| {
+        matches!(e, courier::EngineEvent::BrokerConnected)
+    })
+    .await;
+    let reply = get(&addr, "/ready", None).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(!reply.body.contains("broker_error"), "{}", reply.body);
+    engine.shutdown().await;
 }

@@ -201,7 +201,11 @@ fn engines_on_an_unmigrated_schema_fails_like_status() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
         let said = format!("schema `{schema}` is not migrated yet: run `courier migrate`");
         assert_eq!(text(&o).matches(&said).count(), 1, "{args:?}: {}", text(&o));
-        assert!(!text(&o).contains("does not exist"), "{args:?}: {}", text(&o));
+        assert!(
+            !text(&o).contains("does not exist"),
+            "{args:?}: {}",
+            text(&o)
+        );
         assert!(
             o.stdout.is_empty(),
             "{args:?}: nothing on stdout: {}",

@@ -189,6 +189,7 @@ impl Publisher {
                         act.failed_connects += 1;
                         let delay = backoff::RECONNECT.delay(act.failed_connects);
                         if e.is_permanent() {
+                            act.signals.broker_refused(e.to_string());
                             tracing::error!(error = %e, retry_in = ?delay, "RabbitMQ refused the connection; this needs a change of configuration or on the broker");
                         } else {
                             tracing::warn!(error = %e, retry_in = ?delay, "cannot reach RabbitMQ");

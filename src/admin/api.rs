@@ -74,21 +74,32 @@ fn broker(state: &AdminState) -> &'static str {
 
 /// Connectivity only: `SELECT 1` on the probe connection and the broker's state; no counts.
 async fn ready(state: State) -> HttpResponse {
-    let database = match tokio::time::timeout(READY_TIMEOUT, state.db.ping()).await {
-        Ok(Ok(())) => true,
+    let database_error = match tokio::time::timeout(READY_TIMEOUT, state.db.ping()).await {
+        Ok(Ok(())) => None,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "readiness: database check failed");
-            false
+            Some(e.to_string())
         }
-        Err(_) => false,
+        Err(_) => Some(format!(
+            "no answer within {}",
+            humantime::format_duration(READY_TIMEOUT)
+        )),
     };
+    let database = database_error.is_none();
     let broker = broker(&state);
     let ok = database && broker == "connected";
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "ready": ok,
         "database": if database { "connected" } else { "unreachable" },
         "broker": broker,
     });
+    // Why, when it is not: the cause (secrets redacted), not only the verdict.
+    if let Some(e) = database_error {
+        body["database_error"] = e.into();
+    }
+    if let Some(refusal) = state.engine.broker_refusal() {
+        body["broker_error"] = refusal.into();
+    }
     if ok {
         HttpResponse::Ok().json(body)
     } else {

@@ -20,6 +20,8 @@ pub struct Signals {
     metrics: Arc<Metrics>,
     /// The broker link (a [`BrokerState`]; atomic so the publish path reads it lock-free).
     broker: Arc<std::sync::atomic::AtomicU8>,
+    /// Why the broker refuses this engine (login, vhost, TLS), until it connects again.
+    refusal: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Signals {
@@ -33,6 +35,7 @@ impl Signals {
             broker: Arc::new(std::sync::atomic::AtomicU8::new(
                 BrokerState::Disconnected.to_u8(),
             )),
+            refusal: Arc::default(),
         }
     }
 
@@ -56,8 +59,26 @@ impl Signals {
         BrokerState::from_u8(self.broker.load(Ordering::SeqCst))
     }
 
+    /// Why the broker refuses this engine now (a fault no retry mends), if it does.
+    pub fn broker_refusal(&self) -> Option<String> {
+        self.refusal.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// The broker refused the connection for `why` (login, vhost, TLS): kept for `/ready`
+    /// until a connection succeeds.
+    pub fn broker_refused(&self, why: String) {
+        if let Ok(mut refusal) = self.refusal.lock() {
+            *refusal = Some(why);
+        }
+    }
+
     fn set_broker(&self, state: BrokerState) {
         self.broker.store(state.to_u8(), Ordering::SeqCst);
+        if state != BrokerState::Disconnected {
+            if let Ok(mut refusal) = self.refusal.lock() {
+                *refusal = None;
+            }
+        }
         let (up, blocked) = match state {
             BrokerState::Connected => (1, 0),
             BrokerState::Blocked => (1, 1),

@@ -131,4 +131,3 @@ impl super::Store {
         Ok(rows.first().is_some_and(|f| f.v))
     }
 }
-

@@ -55,6 +55,17 @@ impl TestUser {
         ]);
     }
 
+    /// Deletes the user (the broker closes its connections); [`TestUser::restore`] brings
+    /// it back with the same password and full permissions.
+    pub fn delete(&self) {
+        rabbitmqctl(&["delete_user", &self.name]);
+    }
+
+    pub fn restore(&self) {
+        rabbitmqctl(&["add_user", &self.name, &self.password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &self.name, ".*", ".*", ".*"]);
+    }
+
     pub fn amqp_url(&self) -> String {
         format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
     }
