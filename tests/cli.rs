@@ -256,3 +256,41 @@ fn completions_and_man_pages_come_from_the_command_definitions_without_a_config(
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `courier demo` counts its rows' outcomes in the database: it finishes, and reports every
+/// row, even when another engine (here `courier run` on the demo's own schema) publishes
+/// most of them; it labels its latencies as those of a backlog and rounds its rate.
+#[actix_rt::test]
+async fn the_demo_finishes_whoever_publishes_its_rows() {
+    let schema = common::unique_name("clidemo");
+    let demo_schema = format!("{schema}_demo");
+    let _guards = (
+        common::TestDbGuard(schema.clone()),
+        common::TestDbGuard(demo_schema.clone()),
+    );
+    let env = vec![
+        ("COURIER_DATABASE_URL", common::database_url()),
+        ("COURIER_DATABASE_SCHEMA", demo_schema.clone()),
+        ("COURIER_BROKER_URL", common::broker_url()),
+    ];
+    let mut other = common::EngineProcess::spawn("clidemo", &env);
+    common::migrated_by_process(&demo_schema, 30).await;
+    let env = [
+        ("COURIER_DATABASE_URL", common::database_url()),
+        ("COURIER_DATABASE_SCHEMA", schema.clone()),
+        ("COURIER_BROKER_URL", common::broker_url()),
+    ];
+    let o = common::within(
+        120,
+        "courier demo beside another engine",
+        courier_beside(&["demo", "--messages", "3000"], &env),
+    )
+    .await;
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("| confirmed | 3000 |"), "{out}");
+    assert!(out.contains(&format!("outbox schema `{demo_schema}`")), "{out}");
+    assert!(out.contains("3000 queued at once"), "{out}");
+    assert!(out.contains("msg/s |") && out.contains("≈ "), "{out}");
+    assert!(other.terminate(20).await.success(), "{}", other.log());
+}
