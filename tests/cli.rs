@@ -289,7 +289,10 @@ async fn the_demo_finishes_whoever_publishes_its_rows() {
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("| confirmed | 3000 |"), "{out}");
-    assert!(out.contains(&format!("outbox schema `{demo_schema}`")), "{out}");
+    assert!(
+        out.contains(&format!("outbox schema `{demo_schema}`")),
+        "{out}"
+    );
     assert!(out.contains("3000 queued at once"), "{out}");
     assert!(out.contains("msg/s |") && out.contains("≈ "), "{out}");
     assert!(other.terminate(20).await.success(), "{}", other.log());
