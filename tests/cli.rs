@@ -297,3 +297,63 @@ async fn the_demo_finishes_whoever_publishes_its_rows() {
     assert!(out.contains("msg/s |") && out.contains("≈ "), "{out}");
     assert!(other.terminate(20).await.success(), "{}", other.log());
 }
+
+/// `courier status` names the keys held back by a dead letter (escaped, with what holds
+/// them), and `dead-letters list` prints its times with their zone.
+#[actix_rt::test]
+async fn status_names_blocked_keys_and_dead_letters_list_says_the_zone() {
+    let db = common::TestDb::new("cliblocked").await;
+    db.exec(
+        "INSERT INTO {s}.dead_letters (id, attempts, created_at, exchange, routing_key, payload,
+                                        headers, last_error, ordering_key)
+         VALUES ('00000000-0000-4000-8000-0000000000b1', 3, now(), 'orders', 'order.paid', 'x',
+                 '{}', 'returned by broker', 'order-42'),
+                ('00000000-0000-4000-8000-0000000000b2', 3, now(), 'orders', 'order.paid', 'x',
+                 '{}', 'returned by broker', E'evil\\x1b[31m')",
+    )
+    .await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload, ordering_key)
+         SELECT 'orders', 'order.shipped', 'y', k FROM (VALUES ('order-42'), ('order-42'),
+                ('order-42'), (E'evil\\x1b[31m'), ('order-7')) AS v(k)",
+    )
+    .await;
+    let env = [
+        ("COURIER_DATABASE_URL", common::database_url()),
+        ("COURIER_DATABASE_SCHEMA", db.schema.clone()),
+    ];
+    let o = courier_beside(&["status"], &env).await;
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("keys blocked behind a dead letter"), "{out}");
+    assert!(
+        out.contains("order-42  3 waiting  behind 00000000-0000-4000-8000-0000000000b1"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "a control sequence reached the terminal: {out:?}"
+    );
+    assert!(
+        !out.contains("order-7"),
+        "order-7 has no dead letter: {out}"
+    );
+    let o = courier_beside(&["status", "--json"], &env).await;
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status --json");
+    let keys = json["blocked_keys"].as_array().expect("blocked_keys");
+    let order = keys
+        .iter()
+        .find(|k| k["key"] == "order-42")
+        .expect("order-42");
+    assert_eq!(order["waiting"], 3, "{json}");
+    assert_eq!(keys.len(), 2, "{json}");
+
+    let o = courier_beside(&["dead-letters", "list"], &env).await;
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("0000000000b1"))
+        .expect("the dead letter is listed");
+    assert!(line.contains(" UTC"), "{line}");
+}

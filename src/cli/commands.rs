@@ -58,8 +58,13 @@ pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<
             .stats()
             .await
             .with_context(|| format!("reading schema `{}`", config.database.schema))?;
+        let blocked = blocked_keys(config, &store).await?;
         if json {
-            println!("{}", stats.to_json());
+            let mut out = stats.to_json();
+            if let Some(blocked) = &blocked {
+                out["blocked_keys"] = serde_json::to_value(blocked).unwrap_or_default();
+            }
+            println!("{out}");
         } else {
             if watch {
                 if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -72,6 +77,9 @@ pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<
                 );
             }
             print_stats(&stats);
+            if let Some(blocked) = &blocked {
+                print_blocked(blocked);
+            }
         }
         if !watch {
             return Ok(());
@@ -80,6 +88,49 @@ pub async fn status(config: &Config, watch: bool, json: bool) -> anyhow::Result<
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
+    }
+}
+
+/// Most blocked keys `courier status` names.
+const BLOCKED_SHOWN: u32 = 10;
+
+/// The keys waiting behind a dead letter, when dead letters block their key
+/// (`ordering.on_dead_letter: block`); `None` when they do not.
+async fn blocked_keys(
+    config: &Config,
+    store: &Store,
+) -> anyhow::Result<Option<Vec<crate::store::BlockedKey>>> {
+    if config.ordering.on_dead_letter != crate::config::OnDeadLetter::Block {
+        return Ok(None);
+    }
+    let keys = store
+        .blocked_keys(BLOCKED_SHOWN + 1)
+        .await
+        .with_context(|| format!("reading schema `{}`", config.database.schema))?;
+    Ok(Some(keys))
+}
+
+/// Each blocked key, its waiting rows and the dead letter that holds it (keys are producer
+/// text: escaped).
+fn print_blocked(blocked: &[crate::store::BlockedKey]) {
+    if blocked.is_empty() {
+        return;
+    }
+    println!("\nkeys blocked behind a dead letter (requeue or discard it to let the key go on):");
+    for b in blocked.iter().take(BLOCKED_SHOWN as usize) {
+        let waiting = match b.waiting {
+            n if n > 10_000 => "over 10000".to_string(),
+            n => n.to_string(),
+        };
+        println!(
+            "  {}  {waiting} waiting  behind {}  (courier dead-letters show {})",
+            one_line(&b.key),
+            b.dead_letter,
+            b.dead_letter
+        );
+    }
+    if blocked.len() > BLOCKED_SHOWN as usize {
+        println!("  … and more");
     }
 }
 

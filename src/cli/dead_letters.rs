@@ -112,17 +112,17 @@ fn clip(s: &str, n: usize) -> String {
 async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Result<()> {
     let rows = store.dead_letters(since, limit).await?;
     println!(
-        "{:<36}  {:<20}  {:<20}  {:>8}  {:<20}  last error",
+        "{:<36}  {:<20}  {:<20}  {:>8}  {:<23}  last error",
         "id", "exchange", "routing key", "attempts", "failed at"
     );
     for r in &rows {
         println!(
-            "{:<36}  {:<20}  {:<20}  {:>8}  {:<20}  {}",
+            "{:<36}  {:<20}  {:<20}  {:>8}  {:<23}  {}",
             r.id,
             clip(&r.exchange, 20),
             clip(&r.routing_key, 20),
             r.attempts,
-            r.failed_at.format("%Y-%m-%d %H:%M:%S"),
+            r.failed_at.format("%Y-%m-%d %H:%M:%S UTC"),
             clip(r.last_error.as_deref().unwrap_or(""), 80)
         );
     }

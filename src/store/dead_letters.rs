@@ -366,6 +366,55 @@ impl Store {
     }
 }
 
+/// A key held back by a dead letter (`ordering.on_dead_letter: block`).
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName, serde::Serialize)]
+pub struct BlockedKey {
+    /// The ordering key (producer text: escape it before printing).
+    #[diesel(sql_type = Text)]
+    pub key: String,
+    /// Its earliest dead letter: requeue or discard it to let the key go on.
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub dead_letter: Uuid,
+    /// Open rows of the key waiting behind it (counted up to 10,001).
+    #[diesel(sql_type = BigInt)]
+    pub waiting: i64,
+}
+
+/// -- name: blocked_keys
+///
+/// Keys with a dead letter and open rows behind it, longest blocked first. Each key is one
+/// probe of the open-key index; the dead letters are the operators' table, small by design.
+///
+/// `$1` most keys.
+fn blocked_keys(s: &Schema) -> String {
+    format!(
+        "SELECT d.ordering_key AS key, d.id AS dead_letter,
+                (SELECT count(*) FROM (SELECT 1 FROM {s}.outbox o
+                                       WHERE o.ordering_key = d.ordering_key
+                                         AND o.status IN ('pending', 'in_flight', 'retrying')
+                                       LIMIT 10001) w) AS waiting
+         FROM (SELECT DISTINCT ON (ordering_key) ordering_key, id, failed_at
+               FROM {s}.dead_letters WHERE ordering_key IS NOT NULL
+               ORDER BY ordering_key, failed_at) d
+         WHERE EXISTS (SELECT 1 FROM {s}.outbox o
+                       WHERE o.ordering_key = d.ordering_key
+                         AND o.status IN ('pending', 'in_flight', 'retrying'))
+         ORDER BY d.failed_at, d.ordering_key LIMIT $1"
+    )
+}
+
+impl Store {
+    /// Keys whose rows wait behind a dead letter, at most `limit` of them.
+    pub async fn blocked_keys(&self, limit: u32) -> Result<Vec<BlockedKey>, StoreError> {
+        let mut conn = self.op().await?;
+        Ok(conn
+            .fetch_all(
+                diesel::sql_query(blocked_keys(&self.schema)).bind::<BigInt, _>(i64::from(limit)),
+            )
+            .await?)
+    }
+}
+
 /// -- name: discard_dead_letters
 ///
 /// `$1` dead letter ids.

@@ -54,7 +54,7 @@ pub use claim::{ClaimLimits, Claimed, KeyScan};
 pub(crate) use connect::take_query_keys;
 use connect::PgTarget;
 pub(crate) use dead_letters::headers_from_text;
-pub use dead_letters::{DeadLetter, DeadLetterUpdate};
+pub use dead_letters::{BlockedKey, DeadLetter, DeadLetterUpdate};
 pub use engines::{beat, rescue, Beat, EngineRecord, Identity, Rescued};
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
