@@ -2,9 +2,15 @@
 //! `order.*` events to an `orders_applied` table exactly once, however often RabbitMQ
 //! delivers them (at-least-once in, effectively-once out).
 //!
+//! It consumes `courier.example.orders` (declared here too, so either example may start
+//! first), the queue `cargo run --example embedded` publishes its events to; `QUEUE=…`
+//! consumes another (e.g. `QUEUE=courier.demo` after `courier demo`). Each event applied is
+//! printed; a redelivered one is skipped silently and counted in the report printed at
+//! Ctrl-C.
+//!
 //! ```sh
-//! cargo run --example consumer            # uses ./config.yaml; consumes queue `courier.demo`
-//! cargo run -- demo --messages 1000       # in another terminal: something to consume
+//! cargo run --example consumer            # ./config.yaml
+//! psql -h 127.0.0.1 -U postgres -c 'SELECT * FROM courier.orders_applied'
 //! ```
 
 use std::sync::Arc;
@@ -36,9 +42,35 @@ impl courier::inbox::Handler for ApplyOrder {
             .bind::<Bytea, _>(&msg.payload)
             .execute(tx)
             .await?;
+            println!(
+                "applied {} {} ({} bytes)",
+                msg.routing_key,
+                msg.message_id,
+                msg.payload.len()
+            );
             Ok(())
         })
     }
+}
+
+/// The queue, durable, so the consumer can start before anything published to it.
+async fn declare_queue(config: &courier::Config, queue: &str) -> anyhow::Result<()> {
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let url = config
+        .broker
+        .url
+        .get(0)
+        .ok_or_else(|| anyhow::anyhow!("broker.url is empty"))?;
+    let conn = lapin::Connection::connect(url.expose(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), options, FieldTable::default())
+        .await?;
+    let _ = conn.close(200, "declared".into()).await;
+    Ok(())
 }
 
 #[actix_rt::main]
@@ -63,7 +95,9 @@ async fn main() -> anyhow::Result<()> {
                  applied_at timestamptz NOT NULL DEFAULT now())"
         ))
         .await?;
-    let queue = std::env::var("QUEUE").unwrap_or_else(|_| "courier.demo".into());
+    let queue = std::env::var("QUEUE").unwrap_or_else(|_| "courier.example.orders".into());
+    declare_queue(&config, &queue).await?;
+    println!("consuming queue `{queue}`; applied events go to table `{schema}.orders_applied` (Ctrl-C stops)");
     let inbox = Inbox::new(
         store,
         config.broker.clone(),
