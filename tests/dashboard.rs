@@ -1,7 +1,10 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium`, driven by
 //! playwright-core from npm; `scripts/test` installs both): it shows the engine (in the
-//! Engines panel too, as running), and a click on "requeue" moves the dead letter back to
-//! the outbox, where the engine delivers it. Screenshots land in target/tmp.
+//! Engines panel too, as running), says why the oldest row waits (its key behind a dead
+//! letter), keeps the rate chart's history across a reload, shows a payload as text and hex,
+//! serves its favicon, and a click on "requeue" moves the dead letter back to the outbox,
+//! where the engine delivers it (tests/dashboard/click.mjs). Screenshots land in target/tmp,
+//! or in `DASHBOARD_SHOTS` (README's are made with `DASHBOARD_SHOTS=docs`).
 
 mod common;
 
@@ -31,6 +34,20 @@ async fn clicking_requeue_in_chromium_moves_the_row_and_it_is_delivered() {
         .collect();
     store.move_to_dead_letters("op", &updates).await.unwrap();
     let target = msgs[0].id;
+    let viewed = msgs[1].id;
+    // A key held behind a dead letter, with the oldest open row: the card must say why.
+    db.exec(
+        "INSERT INTO {s}.dead_letters (id, attempts, created_at, exchange, routing_key, payload,
+                                        headers, last_error, ordering_key)
+         VALUES (gen_random_uuid(), 3, now(), 'orders', 'order.paid', 'x', '{}',
+                 'returned by broker', 'order-42')",
+    )
+    .await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload, ordering_key, created_at)
+         VALUES ('orders', 'order.shipped', 'y', 'order-42', now() - interval '1 hour')",
+    )
+    .await;
 
     let addr = format!("127.0.0.1:{}", common::proxy::Proxy::free_port());
     let mut config = db.engine_config();
@@ -38,11 +55,15 @@ async fn clicking_requeue_in_chromium_moves_the_row_and_it_is_delivered() {
     config.admin.token = Some("dash-token".into());
     let engine = Engine::start(config).await.unwrap();
 
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dir = match std::env::var("DASHBOARD_SHOTS") {
+        Ok(d) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(d),
+        Err(_) => std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+    };
     let shot = dir.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboard/click.mjs");
     let url = format!("http://{addr}/");
-    let shot_arg = shot.to_string_lossy().to_string();
+    let shots_arg = dir.to_string_lossy().to_string();
     let engine_id = engine.engine_id().to_string();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
@@ -51,8 +72,9 @@ async fn clicking_requeue_in_chromium_moves_the_row_and_it_is_delivered() {
                 url.as_str(),
                 "dash-token",
                 &target.to_string(),
-                &shot_arg,
+                &shots_arg,
                 &engine_id,
+                &viewed.to_string(),
             ])
             .output()
     })
@@ -80,6 +102,6 @@ async fn clicking_requeue_in_chromium_moves_the_row_and_it_is_delivered() {
     );
     let got = broker.take(&broker.queue, 1, 10).await;
     assert_eq!(got[0].id, target);
-    assert_eq!(store.stats().await.unwrap().dead_letters, 3);
+    assert_eq!(store.stats().await.unwrap().dead_letters, 4);
     engine.shutdown().await;
 }

@@ -18,6 +18,7 @@ const OPENAPI: &str = include_str!("openapi.json");
 const DASHBOARD: &str = include_str!("dashboard.html");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("dashboard.css");
+const FAVICON: &str = include_str!("favicon.svg");
 
 /// Bound on the readiness probe's `SELECT 1`.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,6 +40,10 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         web::get().to(|| file("text/css; charset=utf-8", DASHBOARD_CSS)),
     )
     .route(
+        "/favicon.svg",
+        web::get().to(|| file("image/svg+xml", FAVICON)),
+    )
+    .route(
         "/api/openapi.json",
         web::get().to(|| file("application/json", OPENAPI)),
     )
@@ -46,6 +51,7 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     .route("/ready", web::get().to(ready))
     .route("/metrics", web::get().to(metrics))
     .route("/api/stats", web::get().to(stats))
+    .route("/api/rates", web::get().to(rates))
     .route("/api/engines", web::get().to(engines))
     .route("/api/dead-letters", web::get().to(list_dead_letters))
     .route("/api/dead-letters/{id}", web::get().to(show_dead_letter))
@@ -130,7 +136,65 @@ async fn stats(state: State) -> Result<HttpResponse, ApiError> {
     let mut body = s.to_json();
     body["counters"] = serde_json::to_value(state.engine.counters()).unwrap_or_default();
     body["broker"] = serde_json::json!(broker(&state));
+    // Why the oldest row is old; left out when the read fails (the counts still answer).
+    match state.db.store().oldest_open().await {
+        Ok(Some(oldest)) => {
+            body["oldest"] = serde_json::json!({
+                "id": oldest.id,
+                "status": oldest.status,
+                "ordering_key": oldest.ordering_key,
+                "reason": oldest_reason(&state, &oldest),
+            });
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "stats: oldest open row unavailable"),
+    }
     Ok(HttpResponse::Ok().json(body))
+}
+
+/// What the oldest open row waits for, in an operator's words: what holds everything
+/// first (the broker), then what holds this row.
+fn oldest_reason(state: &AdminState, o: &crate::store::OldestOpen) -> String {
+    let blocks =
+        state.engine.config().ordering.on_dead_letter == crate::config::OnDeadLetter::Block;
+    let due_in = o.due_in_seconds.unwrap_or(0.0);
+    let wait = |s: f64| humantime::format_duration(Duration::from_secs(s.max(0.0).ceil() as u64));
+    match (state.engine.broker_state(), o.key_dead_letter) {
+        (crate::BrokerState::Blocked, _) => {
+            "the broker blocks publishers (a memory or disk alarm on RabbitMQ)".into()
+        }
+        (crate::BrokerState::Disconnected, _) => {
+            "this engine has no broker connection (see /ready)".into()
+        }
+        (_, Some(dead)) if blocks && o.status != "in_flight" => {
+            format!("its ordering key waits behind dead letter {dead}: requeue or discard it")
+        }
+        _ if o.status == "in_flight" => {
+            "published or being published; waiting for the broker's confirm".into()
+        }
+        _ if due_in > 0.0 && o.attempts == 0 => {
+            format!("delayed by its producer: due in {}", wait(due_in))
+        }
+        _ if due_in > 0.0 => format!(
+            "retrying in {} after: {}",
+            wait(due_in),
+            o.last_error.as_deref().unwrap_or("a failed attempt")
+        ),
+        _ if o.ordering_key.is_some() => {
+            "due; waiting for the message before it in its ordering key".into()
+        }
+        _ => "due; waiting its turn behind the backlog".into(),
+    }
+}
+
+/// The rate chart's history (sampled by the server, so a reload keeps it).
+async fn rates(state: State) -> HttpResponse {
+    let body = state
+        .rates
+        .lock()
+        .map(|h| h.to_json())
+        .unwrap_or_else(|_| serde_json::json!({ "interval_seconds": 2, "samples": [] }));
+    HttpResponse::Ok().json(body)
 }
 
 /// The engine registry, running engines first: open like the stats, since an engine's id,

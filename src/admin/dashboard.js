@@ -5,17 +5,27 @@ tokenInput.value = sessionStorage.getItem("courierToken") || "";
 tokenInput.addEventListener("change", () => sessionStorage.setItem("courierToken", tokenInput.value));
 const auth = () => ({ Authorization: "Bearer " + tokenInput.value });
 
-const history = []; // {t, published, confirmed}
-const states = ["pending", "in_flight", "confirmed", "retrying"];
+// Outbox rows by status, as the cards name them: `in_flight` rows are claimed by some engine
+// (published or about to be); "awaiting confirm" below is this engine's publishes the broker
+// has not answered yet.
+const states = [
+  ["pending", "pending", "rows waiting to be claimed"],
+  ["in_flight", "claimed (in flight)", "rows an engine holds: being published or awaiting its confirm (all engines)"],
+  ["confirmed", "confirmed", "rows the broker confirmed (kept for retention.confirmed)"],
+  ["retrying", "retrying", "rows waiting for their next attempt after a failure"],
+];
 
 function text(el, s) { el.textContent = s; return el; }
 function cell(row, s, cls) { const td = document.createElement("td"); text(td, s); if (cls) td.className = cls; row.appendChild(td); return td; }
 
-function card(k, v) {
+function card(k, v, title, why) {
   const d = document.createElement("div"); d.className = "card";
   const vv = document.createElement("div"); vv.className = "v"; text(vv, v);
   const kk = document.createElement("div"); kk.className = "k"; text(kk, k);
-  d.append(vv, kk); return d;
+  d.append(vv, kk);
+  if (title) d.title = title;
+  if (why) { const w = document.createElement("div"); w.className = "why"; text(w, why); d.append(w); }
+  return d;
 }
 
 // Counts past 10,000 are estimates: say so.
@@ -40,14 +50,16 @@ async function refreshStats() {
   try {
     const r = await fetch("/api/stats");
     const s = await r.json();
+    const oldest = card("oldest undelivered", age(s.oldest_pending_age_seconds),
+      "age of the oldest row not yet confirmed", s.oldest ? s.oldest.reason : "nothing waiting");
+    oldest.id = "oldestCard";
+    if (s.oldest && s.oldest_pending_age_seconds > 60) oldest.classList.add("alert");
     cards.replaceChildren(
-      ...states.map(st => card(st.replace("_", " "), approx(s, st) + (s.outbox[st] ?? 0))),
-      card("dead letters", approx(s, "dead_letters") + s.dead_letters),
-      card("oldest pending", age(s.oldest_pending_age_seconds)),
-      card("awaiting confirm", s.counters.in_flight));
-    history.push({ t: Date.now() / 1000, published: s.counters.published, confirmed: s.counters.confirmed });
-    while (history.length > 300) history.shift();
-    drawRates();
+      ...states.map(([st, name, title]) => card(name, approx(s, st) + (s.outbox[st] ?? 0), title)),
+      card("dead letters", approx(s, "dead_letters") + s.dead_letters, "rows in dead_letters, waiting for a person"),
+      oldest,
+      card("awaiting broker confirm", s.counters.in_flight, "this engine's publishes the broker has not acked or nacked yet"));
+    await refreshRates();
   } catch (e) { cards.replaceChildren(card("stats", "unavailable")); }
   try {
     const r = await fetch("/ready");
@@ -71,38 +83,82 @@ async function refreshEngines() {
       cell(tr, e.id); cell(tr, e.host); cell(tr, e.pid); cell(tr, e.version);
       const st = document.createElement("span"); text(st, e.state).className = "pill " + (e.state === "running" ? "ok" : "bad");
       cell(tr, "", "state").append(st);
-      cell(tr, age(e.since_beat_ms / 1000) + " ago"); cell(tr, e.holds); cell(tr, new Date(e.started_at).toLocaleString());
+      cell(tr, age(e.since_beat_ms / 1000) + " ago"); cell(tr, e.holds); cell(tr, new Date(e.started_at).toLocaleString(undefined, { timeZoneName: "short" }));
       return tr;
     }));
   } catch (e) { text(document.getElementById("engCount"), "(unavailable)"); }
 }
 
-function rates() {
+// The rate history is the server's (GET /api/rates), so a reload keeps it.
+async function refreshRates() {
+  try {
+    const r = await fetch("/api/rates");
+    drawRates(await r.json());
+  } catch (e) { text(document.getElementById("ratesText"), "rates unavailable"); }
+}
+
+function rates(samples) {
   const out = [];
-  for (let i = 1; i < history.length; i++) {
-    const a = history[i - 1], b = history[i], dt = Math.max(b.t - a.t, 0.001);
-    out.push({ pub: (b.published - a.published) / dt, conf: (b.confirmed - a.confirmed) / dt });
+  for (let i = 1; i < samples.length; i++) {
+    const a = samples[i - 1], b = samples[i], dt = Math.max(b.t - a.t, 0.001);
+    out.push({ t: b.t, pub: Math.max(0, (b.published - a.published) / dt), conf: Math.max(0, (b.confirmed - a.confirmed) / dt) });
   }
   return out;
 }
 
-function drawRates() {
+// A round axis maximum: 1, 2 or 5 times a power of ten.
+function niceMax(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(Math.max(v, 1))));
+  return [1, 2, 5, 10].map(m => m * p).find(m => m >= v);
+}
+
+function clock(t) {
+  const d = new Date(t * 1000);
+  return d.getHours().toString().padStart(2, "0") + ":" + d.getMinutes().toString().padStart(2, "0");
+}
+
+function drawRates(history) {
   const c = document.getElementById("rates"), g = c.getContext("2d");
-  const rs = rates();
+  const rs = rates(history.samples || []);
+  const span = 30 * 60, now = Date.now() / 1000;
+  const left = 64, right = 16, top = 28, bottom = 28;
+  const w = c.width - left - right, h = c.height - top - bottom;
+  const max = niceMax(Math.max(10, ...rs.map(r => Math.max(r.pub, r.conf))));
+  const x = t => left + w - ((now - t) / span) * w, y = v => top + h - (v / max) * h;
   g.clearRect(0, 0, c.width, c.height);
-  const max = Math.max(10, ...rs.map(r => Math.max(r.pub, r.conf)));
-  const line = (key, color) => {
-    g.strokeStyle = color; g.beginPath();
-    rs.forEach((r, i) => {
-      const x = c.width - (rs.length - i) * (c.width / 300), y = c.height - 10 - (r[key] / max) * (c.height - 20);
-      i ? g.lineTo(x, y) : g.moveTo(x, y);
-    });
-    g.stroke();
+  g.font = "12px system-ui, sans-serif"; g.lineWidth = 1;
+  // Axes, grid and their units.
+  g.strokeStyle = "#dde"; g.fillStyle = "#556"; g.textAlign = "right"; g.textBaseline = "middle";
+  for (let i = 0; i <= 4; i++) {
+    const v = (max * i) / 4;
+    g.beginPath(); g.moveTo(left, y(v)); g.lineTo(left + w, y(v)); g.stroke();
+    g.fillText(v >= 1000 ? (v / 1000) + "k" : String(v), left - 6, y(v));
+  }
+  g.save(); g.translate(14, top + h / 2); g.rotate(-Math.PI / 2); g.textAlign = "center";
+  g.fillText("messages / second", 0, 0); g.restore();
+  g.textAlign = "center"; g.textBaseline = "top";
+  for (let m = 0; m <= 30; m += 5) {
+    const t = now - m * 60;
+    g.fillText(m === 0 ? "now" : clock(t), x(t), top + h + 6);
+  }
+  g.strokeStyle = "#889"; g.beginPath(); g.moveTo(left, top); g.lineTo(left, top + h); g.lineTo(left + w, top + h); g.stroke();
+  // The series: published solid blue, confirmed dashed green.
+  const line = (key, color, dash) => {
+    g.strokeStyle = color; g.lineWidth = 2; g.setLineDash(dash); g.beginPath();
+    rs.forEach((r, i) => { i ? g.lineTo(x(r.t), y(r[key])) : g.moveTo(x(r.t), y(r[key])); });
+    g.stroke(); g.setLineDash([]);
   };
-  line("pub", "#2e86de"); line("conf", "#1f8a4c");
+  line("pub", "#2e86de", []); line("conf", "#1f8a4c", [6, 4]);
+  g.textAlign = "left"; g.textBaseline = "middle"; g.lineWidth = 2;
+  [["published", "#2e86de", []], ["confirmed", "#1f8a4c", [6, 4]]].forEach(([name, color, dash], i) => {
+    const lx = left + 8 + i * 130;
+    g.strokeStyle = color; g.setLineDash(dash); g.beginPath(); g.moveTo(lx, 12); g.lineTo(lx + 28, 12); g.stroke(); g.setLineDash([]);
+    g.fillStyle = "#1d2330"; g.fillText(name, lx + 34, 12);
+  });
   const last = rs[rs.length - 1] || { pub: 0, conf: 0 };
   text(document.getElementById("ratesText"),
-    `publish ${last.pub.toFixed(0)} msg/s (blue) · confirm ${last.conf.toFixed(0)} msg/s (green) · last ${Math.round(history.length * 2 / 60)} min, scale 0–${max.toFixed(0)} msg/s`);
+    `now: published ${last.pub.toFixed(0)} msg/s, confirmed ${last.conf.toFixed(0)} msg/s; ` +
+    `${rs.length} samples every ${history.interval_seconds || 2} s, kept by the server`);
 }
 
 async function act(id, method, path) {
@@ -114,18 +170,53 @@ async function act(id, method, path) {
 }
 
 // Payloads and headers need the token (admin or read-only); shown as text, never as HTML.
+// The payload shown (the last one fetched) and how: text when it is UTF-8, else hex.
+let shown = null;
+
+function hexDump(bytes) {
+  const lines = [];
+  for (let off = 0; off < bytes.length; off += 16) {
+    const row = bytes.slice(off, off + 16);
+    const hex = Array.from(row, b => b.toString(16).padStart(2, "0")).join(" ");
+    const ascii = Array.from(row, b => (b >= 32 && b < 127 ? String.fromCharCode(b) : ".")).join("");
+    lines.push(off.toString(16).padStart(8, "0") + "  " + hex.padEnd(48) + "  " + ascii);
+  }
+  return lines.join("\n");
+}
+
+function renderPayload(mode) {
+  if (!shown) return;
+  const pre = document.getElementById("payload");
+  const bytes = Uint8Array.from(atob(shown.payload_base64 || ""), ch => ch.charCodeAt(0));
+  const asText = mode === "text" && shown.payload_text !== null && shown.payload_text !== undefined;
+  const payload = asText ? shown.payload_text : hexDump(bytes);
+  const headers = shown.headers_withheld ? "(headers too large to show)" : JSON.stringify(shown.headers, null, 2);
+  text(pre, `headers: ${headers}\n\n${payload}`);
+  pre.dataset.view = asText ? "text" : "hex";
+  document.getElementById("asText").classList.toggle("on", asText);
+  document.getElementById("asHex").classList.toggle("on", !asText);
+  document.getElementById("asText").disabled = shown.payload_text === null || shown.payload_text === undefined;
+}
+
+// Payloads and headers need the token (admin or read-only); shown as text, never as HTML.
 async function showPayload(id) {
   const title = document.getElementById("payloadTitle"), pre = document.getElementById("payload");
+  const view = document.getElementById("payloadView");
   const r = await fetch(`/api/dead-letters/${id}/payload`, { headers: auth() });
   const body = await r.json().catch(() => ({}));
   title.className = ""; pre.className = "";
-  if (!r.ok) { text(title, `payload of ${id}`); text(pre, `error: ${body.error || r.status} (enter a token)`); return; }
+  if (!r.ok) {
+    shown = null; view.className = "hidden";
+    text(title, `payload of ${id}`); text(pre, `error: ${body.error || r.status} (enter a token)`); return;
+  }
+  shown = body; view.className = "";
   const cut = body.payload_truncated ? ` (first ${size(body.payload_base64.length * 3 / 4)} shown)` : "";
   text(title, `payload of ${id}: ${size(body.payload_bytes)}${cut}, ${body.content_type || "no content type"}`);
-  const payload = body.payload_text ?? ("base64: " + body.payload_base64);
-  const headers = body.headers_withheld ? "(headers too large to show)" : JSON.stringify(body.headers, null, 2);
-  text(pre, `headers: ${headers}\n\n${payload}`);
+  renderPayload(body.payload_text !== null && body.payload_text !== undefined ? "text" : "hex");
 }
+
+document.getElementById("asText").onclick = () => renderPayload("text");
+document.getElementById("asHex").onclick = () => renderPayload("hex");
 
 async function refreshDead() {
   const tbody = document.getElementById("dead");
@@ -136,7 +227,7 @@ async function refreshDead() {
     tbody.replaceChildren(...rows.map(d => {
       const tr = document.createElement("tr"); tr.dataset.id = d.id;
       cell(tr, d.id); cell(tr, d.exchange); cell(tr, d.routing_key); cell(tr, d.ordering_key || ""); cell(tr, d.attempts); cell(tr, size(d.payload_bytes));
-      cell(tr, new Date(d.failed_at).toLocaleString()); cell(tr, d.last_error || "", "err").title = d.last_error || "";
+      cell(tr, new Date(d.failed_at).toLocaleString(undefined, { timeZoneName: "short" })); cell(tr, d.last_error || "", "err").title = d.last_error || "";
       const td = cell(tr, "");
       const rq = document.createElement("button"); text(rq, "requeue"); rq.className = "requeue";
       rq.onclick = () => act(d.id, "POST", `/api/dead-letters/${d.id}/requeue`);

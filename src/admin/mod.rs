@@ -18,6 +18,7 @@
 mod api;
 mod auth;
 mod conn_url;
+mod history;
 mod queries;
 
 use actix_web::{
@@ -56,6 +57,8 @@ pub(crate) const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src
 pub(crate) struct AdminState {
     pub(crate) engine: EngineHandle,
     pub(crate) db: AdminDb,
+    /// The rate chart's samples (see `history.rs`).
+    rates: std::sync::Arc<std::sync::Mutex<history::RateHistory>>,
 }
 
 /// Opens the admin pools and starts the server on `bind`; returns its handle (stopped by
@@ -63,7 +66,9 @@ pub(crate) struct AdminState {
 pub async fn start(engine: EngineHandle, bind: &str) -> Result<ServerHandle, AdminError> {
     let config = engine.config().clone();
     let db = AdminDb::connect(&config.database, &config.admin).await?;
-    let state = web::Data::new(AdminState { engine, db });
+    let rates = std::sync::Arc::default();
+    history::start(engine.clone(), &rates);
+    let state = web::Data::new(AdminState { engine, db, rates });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())

@@ -59,7 +59,7 @@ pub use engines::{beat, rescue, Beat, EngineRecord, Identity, Rescued};
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
 pub use settle::RetryUpdate;
-pub use stats::{MessageState, Outcome, Stats, EXACT_UP_TO};
+pub use stats::{MessageState, OldestOpen, Outcome, Stats, EXACT_UP_TO};
 
 use crate::config::{DatabaseConfig, Pooler, SecretUrl};
 

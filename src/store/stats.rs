@@ -253,6 +253,71 @@ fn exact_or_estimate(counted: i64, estimate: Option<f64>) -> i64 {
     counted.max(estimate as i64)
 }
 
+/// The oldest open row and what it waits for (the dashboard says why a row is old).
+#[derive(Debug, Clone, QueryableByName)]
+pub struct OldestOpen {
+    /// The row.
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub id: Uuid,
+    /// `pending`, `in_flight` or `retrying`.
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    /// Its ordering key, if any (producer text).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub ordering_key: Option<String>,
+    /// Attempts so far.
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub attempts: i32,
+    /// Why its last attempt failed, if one did.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub last_error: Option<String>,
+    /// Seconds until it is due (positive: delayed by its producer or its backoff).
+    #[diesel(sql_type = Nullable<Double>)]
+    pub due_in_seconds: Option<f64>,
+    /// The earliest dead letter of its key, if the key has one.
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    pub key_dead_letter: Option<Uuid>,
+}
+
+/// -- name: oldest_open
+///
+/// The oldest open row among the `$1` earliest-due entries of each open-row index (as
+/// [`oldest_open_age`]), with what it waits for.
+fn oldest_open(s: &Schema) -> String {
+    format!(
+        "WITH candidates AS (
+            (SELECT id, created_at FROM {s}.outbox
+             WHERE status IN ('pending', 'retrying') AND ordering_key IS NULL
+             ORDER BY next_attempt_at LIMIT $1)
+            UNION ALL
+            (SELECT id, created_at FROM {s}.outbox
+             WHERE status IN ('pending', 'retrying') AND ordering_key IS NOT NULL
+             ORDER BY next_attempt_at LIMIT $1)
+            UNION ALL
+            (SELECT id, created_at FROM {s}.outbox
+             WHERE status = 'in_flight' ORDER BY locked_until LIMIT $1)
+         ), oldest AS (
+            SELECT id FROM candidates WHERE isfinite(created_at) ORDER BY created_at LIMIT 1
+         )
+         SELECT o.id, o.status::text AS status, o.ordering_key, o.attempts, o.last_error,
+                EXTRACT(EPOCH FROM o.next_attempt_at - now())::float8 AS due_in_seconds,
+                (SELECT d.id FROM {s}.dead_letters d WHERE d.ordering_key = o.ordering_key
+                 ORDER BY d.failed_at LIMIT 1) AS key_dead_letter
+         FROM {s}.outbox o JOIN oldest USING (id)"
+    )
+}
+
+impl Store {
+    /// The oldest open row and what it waits for; `None` when nothing is open.
+    pub async fn oldest_open(&self) -> Result<Option<OldestOpen>, StoreError> {
+        let mut conn = self.op().await?;
+        let rows: Vec<OldestOpen> = conn
+            .fetch_all(diesel::sql_query(oldest_open(&self.schema)).bind::<BigInt, _>(EXACT_UP_TO))
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+}
+
 /// -- name: oldest_pending_age
 ///
 /// `$1` the bound ([`EXACT_UP_TO`]).
