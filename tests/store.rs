@@ -507,3 +507,39 @@ async fn default_ids_are_time_ordered() {
     let made = OutboxMessage::new("ex", "rk", b"x".to_vec());
     assert_eq!(made.id.get_version_num(), 7);
 }
+
+/// A pool that cannot make a connection says why in the cause's words: the refusal, once,
+/// not deadpool's "Error occurred while creating a new object" around it.
+#[tokio::test]
+async fn a_pool_that_cannot_connect_names_the_cause_not_the_pool() {
+    let db = TestDb::new("poolwords").await;
+    let proxy = common::proxy::Proxy::start("127.0.0.1:5432".parse().unwrap());
+    let mut config = db.engine_config();
+    let url = common::database_url().replace("127.0.0.1:5432", &proxy.addr.to_string());
+    config.database.url = courier::config::SecretUrl::new(url);
+    config.database.connect_timeout = Duration::from_secs(2);
+    let store = courier::Store::connect(&config.database)
+        .await
+        .expect("connect");
+    proxy.refuse(true);
+    proxy.cut();
+    // The open connection was closed under the pool; a new one is refused.
+    let e = within(20, "the pool to give up", async {
+        loop {
+            match store.conn().await {
+                Err(e) => return e.to_string(),
+                Ok(mut conn) => {
+                    let _ = conn.batch_execute("SELECT 1").await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(!e.contains("Error occurred while creating"), "{e}");
+    assert_eq!(e.matches("cannot connect to PostgreSQL").count(), 1, "{e}");
+    assert!(
+        e.len() > "cannot connect to PostgreSQL at ".len() + 40,
+        "no cause: {e}"
+    );
+}

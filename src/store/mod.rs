@@ -294,7 +294,7 @@ impl Store {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(StoreError::Connect {
                 target: self.url.redacted(),
-                reason: scrub(&e.to_string(), &self.url),
+                reason: scrub(&self.pool_failure(&e), &self.url),
             }),
             Err(_) => Err(StoreError::Connect {
                 target: self.url.redacted(),
@@ -303,6 +303,24 @@ impl Store {
                     humantime::format_duration(self.connect_timeout)
                 ),
             }),
+        }
+    }
+
+    /// Why the pool handed out no connection, in the cause's words: deadpool wraps the
+    /// connect error in "Error occurred while creating a new object", and that connect
+    /// error already names the target this error names again.
+    fn pool_failure(&self, e: &diesel_async::pooled_connection::deadpool::PoolError) -> String {
+        use diesel_async::pooled_connection::deadpool::PoolError as Failure;
+        match e {
+            Failure::Backend(cause) => {
+                let text = cause.to_string();
+                let prefix = format!("cannot connect to PostgreSQL at {}: ", self.url.redacted());
+                text.strip_prefix(&prefix)
+                    .map_or(text.clone(), str::to_string)
+            }
+            Failure::Timeout(_) => "no pooled connection came free or could be made in time".into(),
+            Failure::Closed => "the connection pool is closed (the engine is stopping)".into(),
+            other => other.to_string(),
         }
     }
 
