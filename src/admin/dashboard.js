@@ -158,7 +158,7 @@ function drawRates(history) {
   const last = rs[rs.length - 1] || { pub: 0, conf: 0 };
   text(document.getElementById("ratesText"),
     `now: published ${last.pub.toFixed(0)} msg/s, confirmed ${last.conf.toFixed(0)} msg/s; ` +
-    `${rs.length} samples every ${history.interval_seconds || 2} s, kept by the server`);
+    `${rs.length} sample${rs.length === 1 ? "" : "s"} every ${history.interval_seconds || 2} s, kept by the server`);
 }
 
 async function act(id, method, path) {

@@ -14,8 +14,8 @@ const browser = await chromium.launch({
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 const samples = async page => {
-  const t = await page.locator("#ratesText", { hasText: /[1-9]\d* samples every/ }).textContent({ timeout: 15000 });
-  return Number(/(\d+) samples every/.exec(t)[1]);
+  const t = await page.locator("#ratesText", { hasText: /[1-9]\d* samples? every/ }).textContent({ timeout: 15000 });
+  return Number(/(\d+) samples? every/.exec(t)[1]);
 };
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
