@@ -108,6 +108,9 @@ async fn main() -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
-    println!("stopped: {report:?}");
+    println!(
+        "stopped: {} applied, {} duplicates skipped, {} requeued after a handler error, {} rejected, {} held during a database outage",
+        report.applied, report.duplicates, report.requeued, report.rejected, report.held
+    );
     Ok(())
 }

@@ -88,7 +88,7 @@ pub async fn run(mut config: Config, n: usize) -> anyhow::Result<()> {
     let ids: Vec<uuid::Uuid> = messages.iter().map(|m| m.id).collect();
     let bar = ProgressBar::new(n as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} confirmed {pos}/{len} [{bar:40}] {per_sec} {msg}")
+        ProgressStyle::with_template("{spinner} confirmed {pos}/{len} [{bar:40}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -126,7 +126,8 @@ pub async fn run(mut config: Config, n: usize) -> anyhow::Result<()> {
     println!(
         "\nThe latencies are of a {n}-message backlog, queueing included; one message on an idle \
          engine takes about 2 ms (README, Speed).\nThe messages are in queue `{QUEUE}`; \
-         `COURIER_DATABASE_SCHEMA={schema} courier status` shows the demo's outbox."
+         `COURIER_DATABASE_SCHEMA={schema} courier status` (or `cargo run --release -- status`) \
+         shows the demo's outbox."
     );
     Ok(())
 }

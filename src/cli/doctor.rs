@@ -146,7 +146,7 @@ fn skipped(name: &'static str, what: &str) -> Check {
     Check::new(
         name,
         Verdict::Skip,
-        format!("needs {what}, which failed above"),
+        format!("needs {what}, not ready above"),
     )
 }
 
