@@ -456,7 +456,10 @@ async fn exchanges(
 
 fn exchanges_check(probed: &Probed, bad: Verdict) -> Check {
     if !probed.missing.is_empty() {
-        let detail = format!("missing: {}", probed.missing.join(", "));
+        let mut detail = format!("missing: {}", probed.missing.join(", "));
+        if !probed.failed.is_empty() {
+            detail.push_str(&format!("; could not probe: {}", probed.failed.join("; ")));
+        }
         return Check::new("exchanges", bad, detail).fix(
             "declare them (the engine never declares exchanges), or correct the rows / \
              dead_letter.exchange; rows to a missing exchange are retried, then dead-lettered",
@@ -526,37 +529,81 @@ async fn named_exchanges(config: &Config) -> anyhow::Result<Vec<(String, i64)>> 
     Ok(named.into_iter().map(|n| (n.exchange, n.rows)).collect())
 }
 
-/// Publishes an empty message to `exchange` inside a transaction and rolls it back: the
-/// broker checks the exchange and the permission on the publish, and routes nothing.
+/// Whether `exchange` exists (a passive declare: the broker answers the declare itself, so
+/// a 404 is told apart from any other close), then whether this user may publish to it.
 async fn probe(conn: &Connection, exchange: &str) -> Probe {
-    let attempt = async {
-        let channel = conn.create_channel().await?;
-        channel.tx_select().await?;
-        channel
-            .basic_publish(
-                exchange.into(),
-                "courier.doctor.probe".into(),
-                BasicPublishOptions::default(),
-                &[],
-                BasicProperties::default(),
-            )
-            .await?;
-        channel.tx_rollback().await?;
-        let _ = channel.close(200, "probe done".into()).await;
-        Ok::<(), lapin::Error>(())
+    let bounded = |what: &'static str| {
+        move |_| {
+            Probe::Failed(format!(
+                "no answer to {what} within {}",
+                humantime::format_duration(PROBE_WAIT)
+            ))
+        }
     };
-    match tokio::time::timeout(PROBE_WAIT, attempt).await {
-        Err(_) => Probe::Failed(format!(
-            "no answer within {}",
-            humantime::format_duration(PROBE_WAIT)
-        )),
+    // The default exchange always exists and refuses a declare, even a passive one.
+    if !exchange.is_empty() {
+        match tokio::time::timeout(PROBE_WAIT, declare_passive(conn, exchange)).await {
+            Err(e) => return bounded("a passive declare")(e),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return match ChannelClose::from_error(&e) {
+                    Some(close) if close.code == 404 => Probe::Missing,
+                    _ => Probe::Failed(e.to_string()),
+                }
+            }
+        }
+    }
+    match tokio::time::timeout(PROBE_WAIT, publish_rolled_back(conn, exchange)).await {
+        Err(e) => bounded("a publish")(e),
         Ok(Ok(())) => Probe::Accepted,
         Ok(Err(e)) => match ChannelClose::from_error(&e) {
             Some(close) if close.code == 404 => Probe::Missing,
-            Some(close) if close.code == 403 => Probe::Refused(close.text.clone()),
-            _ => Probe::Failed(e.to_string()),
+            Some(close) => Probe::Refused(close.text),
+            // The broker closed the channel on the publish, and lapin learnt it before it
+            // could send the rollback: the exchange exists, so that close was a refusal.
+            None if matches!(e.kind(), lapin::ErrorKind::InvalidChannelState(..)) => {
+                Probe::Refused("the broker closed the channel on a publish to it".into())
+            }
+            None => Probe::Failed(e.to_string()),
         },
     }
+}
+
+async fn declare_passive(conn: &Connection, exchange: &str) -> Result<(), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let passive = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            passive,
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "probe done".into()).await;
+    Ok(())
+}
+
+/// Publishes an empty message to `exchange` inside a transaction and rolls it back: the
+/// broker checks the permission on the publish, and routes nothing.
+async fn publish_rolled_back(conn: &Connection, exchange: &str) -> Result<(), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel.tx_select().await?;
+    channel
+        .basic_publish(
+            exchange.into(),
+            "courier.doctor.probe".into(),
+            BasicPublishOptions::default(),
+            &[],
+            BasicProperties::default(),
+        )
+        .await?;
+    channel.tx_rollback().await?;
+    let _ = channel.close(200, "probe done".into()).await;
+    Ok(())
 }
 
 /// The admin API's address can be bound (nothing else listens there).
