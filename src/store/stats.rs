@@ -121,24 +121,32 @@ fn bounded_count(s: &Schema, table: &str, filter: &str) -> String {
     format!("(SELECT count(*) FROM (SELECT 1 FROM {s}.{table} WHERE {filter} LIMIT $1) t)")
 }
 
-/// The age of the oldest open row, from the `$1` earliest-due entries of each open-row
-/// index: exact while fewer than `$1` rows are open per index. A producer's `-infinity`
+/// The `$1` earliest-due entries of each open-row index (id and `created_at`): where the
+/// oldest open row is, exactly while fewer than `$1` rows are open per index. Both the age
+/// in the stats and the dashboard's oldest row read these, and nothing else.
+fn open_heads(s: &Schema) -> String {
+    format!(
+        "(SELECT id, created_at FROM {s}.outbox
+          WHERE status IN ('pending', 'retrying') AND ordering_key IS NULL
+          ORDER BY next_attempt_at LIMIT $1)
+         UNION ALL
+         (SELECT id, created_at FROM {s}.outbox
+          WHERE status IN ('pending', 'retrying') AND ordering_key IS NOT NULL
+          ORDER BY next_attempt_at LIMIT $1)
+         UNION ALL
+         (SELECT id, created_at FROM {s}.outbox
+          WHERE status = 'in_flight' ORDER BY locked_until LIMIT $1)"
+    )
+}
+
+/// The age of the oldest open row, from [`open_heads`]. A producer's `-infinity`
 /// `created_at` is skipped (it would overflow the interval).
 fn oldest_open_age(s: &Schema) -> String {
     format!(
-        "EXTRACT(EPOCH FROM now() - least(
-           (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
-              FROM (SELECT created_at FROM {s}.outbox
-              WHERE status IN ('pending', 'retrying') AND ordering_key IS NULL
-              ORDER BY next_attempt_at LIMIT $1) a),
-           (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
-              FROM (SELECT created_at FROM {s}.outbox
-              WHERE status IN ('pending', 'retrying') AND ordering_key IS NOT NULL
-              ORDER BY next_attempt_at LIMIT $1) b),
-           (SELECT min(created_at) FILTER (WHERE isfinite(created_at))
-              FROM (SELECT created_at FROM {s}.outbox
-              WHERE status = 'in_flight' ORDER BY locked_until LIMIT $1) c)
-         ))::float8"
+        "EXTRACT(EPOCH FROM now() - (
+           SELECT min(created_at) FILTER (WHERE isfinite(created_at)) FROM ({heads}) h
+         ))::float8",
+        heads = open_heads(s)
     )
 }
 
@@ -281,29 +289,19 @@ pub struct OldestOpen {
 
 /// -- name: oldest_open
 ///
-/// The oldest open row among the `$1` earliest-due entries of each open-row index (as
-/// [`oldest_open_age`]), with what it waits for.
+/// The oldest open row among [`open_heads`] (the row whose age the stats give), with what
+/// it waits for.
 fn oldest_open(s: &Schema) -> String {
     format!(
-        "WITH candidates AS (
-            (SELECT id, created_at FROM {s}.outbox
-             WHERE status IN ('pending', 'retrying') AND ordering_key IS NULL
-             ORDER BY next_attempt_at LIMIT $1)
-            UNION ALL
-            (SELECT id, created_at FROM {s}.outbox
-             WHERE status IN ('pending', 'retrying') AND ordering_key IS NOT NULL
-             ORDER BY next_attempt_at LIMIT $1)
-            UNION ALL
-            (SELECT id, created_at FROM {s}.outbox
-             WHERE status = 'in_flight' ORDER BY locked_until LIMIT $1)
-         ), oldest AS (
+        "WITH candidates AS ({heads}), oldest AS (
             SELECT id FROM candidates WHERE isfinite(created_at) ORDER BY created_at LIMIT 1
          )
          SELECT o.id, o.status::text AS status, o.ordering_key, o.attempts, o.last_error,
                 EXTRACT(EPOCH FROM o.next_attempt_at - now())::float8 AS due_in_seconds,
                 (SELECT d.id FROM {s}.dead_letters d WHERE d.ordering_key = o.ordering_key
                  ORDER BY d.failed_at LIMIT 1) AS key_dead_letter
-         FROM {s}.outbox o JOIN oldest USING (id)"
+         FROM {s}.outbox o JOIN oldest USING (id)",
+        heads = open_heads(s)
     )
 }
 
