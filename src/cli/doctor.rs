@@ -124,17 +124,25 @@ async fn checks(config_path: &Path, pre_start: bool) -> Vec<Check> {
         Verdict::Ok,
         format!("{} is valid", config_path.display()),
     )];
-    let db = database(&config, &mut out).await;
-    let migrated = match db {
-        Some(mut conn) => schema(&config, &mut conn, &mut out).await,
+    // The database connection, kept once its schema is known to be migrated: the exchange
+    // check reads the open rows through it.
+    let mut migrated = match database(&config, &mut out).await {
+        Some(mut conn) => schema(&config, &mut conn, &mut out).await.then_some(conn),
         None => {
             out.push(skipped("schema", "the database"));
-            false
+            None
         }
     };
-    notify(&config, migrated, &mut out).await;
+    notify(&config, migrated.is_some(), &mut out).await;
     let amqp = broker(&config, &mut out).await;
-    exchanges(&config, migrated, amqp.as_ref(), pre_start, &mut out).await;
+    exchanges(
+        &config,
+        migrated.as_mut(),
+        amqp.as_ref(),
+        pre_start,
+        &mut out,
+    )
+    .await;
     if let Some(conn) = amqp {
         let _ = conn.close(200, "doctor done".into()).await;
     }
@@ -398,22 +406,22 @@ struct Probed {
 /// may publish to it.
 async fn exchanges(
     config: &Config,
-    migrated: bool,
+    db: Option<&mut AsyncPgConnection>,
     amqp: Option<&Connection>,
     pre_start: bool,
     out: &mut Vec<Check>,
 ) {
-    let (Some(amqp), true) = (amqp, migrated) else {
-        let what = if migrated {
-            "the broker"
-        } else {
-            "the migrated schema"
-        };
+    let what = if db.is_some() {
+        "the broker"
+    } else {
+        "the migrated schema"
+    };
+    let (Some(amqp), Some(db)) = (amqp, db) else {
         out.push(skipped("exchanges", what));
         out.push(skipped("permissions", what));
         return;
     };
-    let named = match named_exchanges(config).await {
+    let named = match named_exchanges(config, db).await {
         Ok(named) => named,
         Err(e) => {
             out.push(Check::new("exchanges", Verdict::Fail, e.to_string()));
@@ -508,7 +516,10 @@ fn broker_user(config: &Config) -> String {
 }
 
 /// The distinct exchanges of open rows (a bounded read), with their row counts.
-async fn named_exchanges(config: &Config) -> anyhow::Result<Vec<(String, i64)>> {
+async fn named_exchanges(
+    config: &Config,
+    conn: &mut AsyncPgConnection,
+) -> anyhow::Result<Vec<(String, i64)>> {
     #[derive(QueryableByName)]
     struct Named {
         #[diesel(sql_type = Text)]
@@ -516,7 +527,6 @@ async fn named_exchanges(config: &Config) -> anyhow::Result<Vec<(String, i64)>> 
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         rows: i64,
     }
-    let mut conn = establish(&config.database.url, config.database.connect_timeout).await?;
     let schema = &config.database.schema;
     let named = diesel::sql_query(format!(
         "SELECT exchange, count(*) AS rows FROM (
@@ -524,7 +534,7 @@ async fn named_exchanges(config: &Config) -> anyhow::Result<Vec<(String, i64)>> 
              WHERE status IN ('pending', 'in_flight', 'retrying') LIMIT 100000) open
          GROUP BY exchange ORDER BY count(*) DESC LIMIT {MOST_EXCHANGES}"
     ))
-    .load::<Named>(&mut conn)
+    .load::<Named>(conn)
     .await?;
     Ok(named.into_iter().map(|n| (n.exchange, n.rows)).collect())
 }
