@@ -103,10 +103,24 @@ impl MessageTrace {
         span.end();
     }
 
-    /// The attempt failed for `reason`. With `retrying` the row goes back for another
-    /// attempt and the spans end here; otherwise it is dead-lettered and the `publish` span
-    /// stays open until [`MessageTrace::dead_lettered`].
-    pub(crate) fn failed(self, reason: &str, retrying: bool) -> Option<MessageTrace> {
+    /// The attempt failed for `reason` and the row goes back for another attempt: the
+    /// spans end here.
+    pub(crate) fn retrying(self, reason: &str) {
+        let span = self.failed(reason);
+        span.set_attribute(KeyValue::new("courier.outcome", "retrying"));
+        span.end();
+    }
+
+    /// The attempt failed for `reason` and the row is to be dead-lettered: the `publish`
+    /// span stays open until [`MessageTrace::dead_lettered`].
+    pub(crate) fn exhausted(mut self, reason: &str) -> MessageTrace {
+        self.failed(reason);
+        self.confirm = None;
+        self
+    }
+
+    /// Ends `confirm` with `reason` and marks the `publish` span failed; returns it.
+    fn failed(&self, reason: &str) -> opentelemetry::trace::SpanRef<'_> {
         if let Some(confirm) = &self.confirm {
             confirm.span().set_status(Status::error(reason.to_string()));
             confirm.span().end();
@@ -117,15 +131,7 @@ impl MessageTrace {
             vec![KeyValue::new("courier.reason", reason.to_string())],
         );
         span.set_status(Status::error(reason.to_string()));
-        if retrying {
-            span.set_attribute(KeyValue::new("courier.outcome", "retrying"));
-            span.end();
-            return None;
-        }
-        Some(MessageTrace {
-            confirm: None,
-            ..self
-        })
+        span
     }
 
     /// The row moved to `dead_letters` (the move started at `since`).

@@ -157,7 +157,7 @@ impl ConfirmTracker {
                     refund,
                 });
                 if let Some(trace) = delivery.trace.take() {
-                    trace.failed(&reason.to_string(), true);
+                    trace.retrying(&reason.to_string());
                 }
                 out.record.credits.retrying(delivery.into_credit(), delay);
             }
@@ -168,7 +168,7 @@ impl ConfirmTracker {
                     delivery.attempts(),
                     delivery.max_attempts()
                 );
-                delivery.trace = delivery.trace.take().and_then(|t| t.failed(&why, false));
+                delivery.trace = delivery.trace.take().map(|t| t.exhausted(&why));
                 out.dead.push((delivery, why));
             }
             Err(e) => tracing::error!(error = %e, "state machine refused a failure"),
