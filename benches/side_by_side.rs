@@ -31,6 +31,7 @@
 //!     key counts run (an empty list runs none), to repeat one comparison quickly
 //! Any COURIER_* variable set for the bench reaches every engine it starts (e.g.
 //!     COURIER_ORDERING_RUN=0)
+//! BENCH_ENGINE_LOG=debug: the engines' log filter (default warn), on the bench's stderr
 //! BENCH_QUEUES=none BENCH_BACKLOG=0 BENCH_LARGE=40 cargo bench --bench side_by_side
 //!                                   # peak RSS with 40 × 20 MiB payloads, byte budget or not
 //! ```
@@ -462,7 +463,11 @@ fn courier_env(schema: &str) -> Vec<(&'static str, String)> {
         ("COURIER_DATABASE_SCHEMA", schema.into()),
         ("COURIER_DATABASE_AUTO_MIGRATE", "false".into()),
         ("COURIER_BROKER_URL", AMQP.into()),
-        ("COURIER_LOGGING_LEVEL", "warn".into()),
+        // BENCH_ENGINE_LOG: the engines' log filter (their stderr is the bench's).
+        (
+            "COURIER_LOGGING_LEVEL",
+            std::env::var("BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into()),
+        ),
     ]
 }
 

@@ -43,6 +43,14 @@ pub trait StoreInternals {
         lease: Duration,
         keys: &KeyScan,
     ) -> Result<Claimed, StoreError>;
+    async fn claim_keys(
+        &self,
+        engine: &str,
+        limit: u32,
+        lease: Duration,
+        keys: &KeyScan,
+        only: &[String],
+    ) -> Result<Claimed, StoreError>;
     async fn renew_leases(
         &self,
         engine: &str,
@@ -85,6 +93,17 @@ impl StoreInternals for Store {
         keys: &KeyScan,
     ) -> Result<Claimed, StoreError> {
         Store::claim_keyed(self, engine, limit, lease, keys).await
+    }
+    async fn claim_keys(
+        &self,
+        engine: &str,
+        limit: u32,
+        lease: Duration,
+        keys: &KeyScan,
+        only: &[String],
+    ) -> Result<Claimed, StoreError> {
+        let limits = crate::store::ClaimLimits::rows(limit);
+        Store::claim_keys_within(self, engine, limits, lease, keys, only).await
     }
     async fn renew_leases(
         &self,

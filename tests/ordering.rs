@@ -430,6 +430,67 @@ async fn keyed_rows_keep_their_order_without_notify_too() {
     engine.shutdown().await;
 }
 
+/// After a claim that saw every key, the engine probes only the keys it frees; a key that
+/// becomes ready otherwise (here: a new key's insert) must still be served at once, not
+/// after the busy keys drain.
+#[actix_rt::test]
+async fn a_new_key_is_served_while_busy_keys_keep_running() {
+    #[derive(diesel::QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        id: Uuid,
+    }
+    use diesel_async::RunQueryDsl;
+    let db = TestDb::new("ord_late_key").await;
+    let broker = TestBroker::new("ord_late_key").await;
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    // Four keys of 400: each key moves at one broker round trip per message.
+    let busy = insert_keyed(&db, &broker.exchange, 4, 400).await;
+    let started = engine.wait_for_all(&busy.all[..40], WAIT).await.unwrap();
+    assert!(started.values().all(|o| *o == Outcome::Confirmed));
+    let mut conn = db.raw().await;
+    let late: Vec<Id> = diesel::sql_query(format!(
+        "INSERT INTO \"{}\".outbox (exchange, routing_key, payload, ordering_key)
+         SELECT $1, 'routed.late.' || n, 'late', 'late' FROM generate_series(1, 5) n
+         RETURNING id",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Text, _>(&broker.exchange)
+    .load(&mut conn)
+    .await
+    .expect("insert the late key");
+    let late: Vec<Uuid> = late.into_iter().map(|r| r.id).collect();
+    let done = engine.wait_for_all(&late, WAIT).await.unwrap();
+    assert!(done.values().all(|o| *o == Outcome::Confirmed));
+    #[derive(diesel::QueryableByName)]
+    struct Open {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let open: Vec<Open> = diesel::sql_query(format!(
+        "SELECT count(*) FILTER (WHERE status <> 'confirmed') AS n FROM \"{}\".outbox
+         WHERE ordering_key <> 'late' GROUP BY ordering_key",
+        db.schema
+    ))
+    .load(&mut conn)
+    .await
+    .expect("open rows by key");
+    assert_eq!(open.len(), 4);
+    assert!(
+        open.iter().all(|o| o.n > 0),
+        "the late key waited for a busy key to drain: {:?}",
+        open.iter().map(|o| o.n).collect::<Vec<_>>()
+    );
+    let all: Vec<Uuid> = busy.all.iter().chain(&late).copied().collect();
+    let done = engine.wait_for_all(&all, WAIT).await.unwrap();
+    assert!(done.values().all(|o| *o == Outcome::Confirmed));
+    let (_, received) = audit_received(&db, &broker, &broker.queue, &busy.all).await;
+    assert_first_seen_in_order(&received, &busy);
+    engine.shutdown().await;
+}
+
 /// Claimed rows' ids by key, in the order the claim returned them.
 fn by_key(claimed: &[OutboxMessage]) -> HashMap<String, Vec<Uuid>> {
     let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
@@ -498,6 +559,40 @@ async fn a_keyed_claim_takes_each_heads_run_in_order_and_stops_at_a_row_not_due(
             ids[..],
             keyed2.by_key[key][..ids.len()],
             "a prefix of {key}'s rows"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_claim_of_listed_keys_takes_their_heads_and_runs_and_nothing_else() {
+    let db = TestDb::new("ord_listed").await;
+    let store = db.store().await;
+    let keyed = insert_keyed(&db, "ex", 4, 4).await;
+    // k002 has its head in flight (another engine's): listed, it is still skipped.
+    let busy = store
+        .claim_keys("other", 100, LONG, &runs_of(0), &["k002".into()])
+        .await
+        .expect("claim")
+        .messages;
+    assert_eq!(busy.len(), 1, "k002's head alone");
+    assert_eq!(busy[0].id, keyed.by_key["k002"][0]);
+    let only: Vec<String> = ["k000", "k002", "k003", "nobody"].map(String::from).into();
+    let claimed = store
+        .claim_keys("e", 100, LONG, &runs_of(2), &only)
+        .await
+        .expect("claim")
+        .messages;
+    let by_key = by_key(&claimed);
+    assert_eq!(
+        by_key.keys().cloned().collect::<HashSet<_>>(),
+        HashSet::from(["k000".to_string(), "k003".to_string()]),
+        "listed keys with nothing in flight only: k001 is not listed, k002 is busy"
+    );
+    for (key, ids) in &by_key {
+        assert_eq!(
+            ids[..],
+            keyed.by_key[key][..3],
+            "{key}: head and run, in order"
         );
     }
 }

@@ -40,6 +40,8 @@ pub struct ClaimKeyed {
     pub limits: ClaimLimits,
     /// Where the walk over ordering keys resumes, and the dead-letter rule.
     pub keys: KeyScan,
+    /// Probe only these keys instead of walking (empty: walk).
+    pub only: Vec<String>,
 }
 
 /// Extend the leases of these rows: the ones the engine really holds (the Scheduler's
@@ -217,9 +219,15 @@ impl Handler<ClaimKeyed> for Ledger {
         let lease = self.lease;
         let signals = self.signals.clone();
         Box::pin(async move {
-            let claimed = store
-                .claim_keyed_within(&engine, msg.limits, lease, &msg.keys)
-                .await?;
+            let claimed = if msg.only.is_empty() {
+                store
+                    .claim_keyed_within(&engine, msg.limits, lease, &msg.keys)
+                    .await?
+            } else {
+                store
+                    .claim_keys_within(&engine, msg.limits, lease, &msg.keys, &msg.only)
+                    .await?
+            };
             announce_dead_lettered(&signals, &claimed);
             Ok(claimed)
         })

@@ -21,7 +21,9 @@
 //! failure ends the run: the rest goes back unpublished. A key's next claim comes when its
 //! last row is confirmed or dead-lettered: those settlements say so (`Settled::keys_freed`)
 //! and the Scheduler claims keyed heads again at once; it also remembers the last key
-//! served, so successive claims walk the keys round-robin and none starves. Which kinds of
+//! served, so successive claims walk the keys round-robin and none starves. Once a walk has
+//! seen every key, the claims that follow this engine's own settlements probe only the keys
+//! they freed, until a wake-up says another key may be ready (`keyed_scan`). Which kinds of
 //! rows a round claims, and how it splits its room, is decided by the `demand` module: an
 //! engine without keyed traffic never walks the keys.
 
@@ -170,10 +172,48 @@ pub struct Scheduler {
     /// Keyed rows dispatched with more of their run behind them: their settlement does not
     /// free their key (the run goes on), so it wakes no keyed claim.
     continuing: std::collections::HashSet<uuid::Uuid>,
+    /// Held rows of each ordering key, and the key of each held keyed row: a key whose
+    /// count drops to zero is free again (its last row settled).
+    key_rows: HashMap<String, u32>,
+    row_key: HashMap<uuid::Uuid, String>,
+    /// Keys freed since the last keyed claim: the next one probes just these (see
+    /// [`Scheduler::keyed_scan`]).
+    freed: Vec<String>,
+    /// The next keyed claim walks every key (see [`Scheduler::keyed_scan`]).
+    walk_due: bool,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
 const MIN_POLL: Duration = Duration::from_millis(10);
+
+/// Whether a keyed claim that walked with a limit of `heads` heads visited every key and
+/// took every ready head: it found fewer heads than its limit, none was left out by the
+/// byte budget, and none was dead-lettered (a key may go on past a dead-lettered head
+/// without any settlement here). Its rows come heads first (see `claim_keyed`), so a
+/// claim that returned any row after a head took every head it found; one that returned
+/// heads only and was cut may have left heads out.
+fn saw_every_key(claimed: &Claimed, heads: u32) -> bool {
+    let found = keys_of(claimed);
+    claimed.dead_lettered.is_empty()
+        && found < heads as usize
+        && (claimed.messages.len() > found || !claimed.full)
+}
+
+/// Whether a claim of listed keys may have left a ready one out (see [`saw_every_key`]).
+fn left_keys_out(claimed: &Claimed) -> bool {
+    !claimed.dead_lettered.is_empty()
+        || (claimed.full && claimed.messages.len() == keys_of(claimed))
+}
+
+/// How many keys a keyed claim's rows belong to: each key's head came with its run.
+fn keys_of(claimed: &Claimed) -> usize {
+    let keys: std::collections::HashSet<&str> = claimed
+        .messages
+        .iter()
+        .filter_map(|m| m.ordering_key.as_deref())
+        .collect();
+    keys.len()
+}
 
 impl Scheduler {
     /// A scheduler holding nothing yet.
@@ -214,6 +254,10 @@ impl Scheduler {
             credit_line: None,
             runs: HashMap::new(),
             run_turns: HashMap::new(),
+            key_rows: HashMap::new(),
+            row_key: HashMap::new(),
+            freed: Vec::new(),
+            walk_due: true,
             continuing: Default::default(),
         }
     }
@@ -247,6 +291,13 @@ impl Scheduler {
 
     /// Notes what may be due and claims (or claims again after the round in progress).
     fn wake(&mut self, ctx: &mut Context<Self>, wake: Wake) {
+        // An insert, a backoff or delay ending, the sweep, a nudge: any key may be ready.
+        self.walk_due |= wake.keyed;
+        self.wake_for(ctx, wake);
+    }
+
+    /// Wakes the claim loop for `wake`'s kinds without deciding how keys are found.
+    fn wake_for(&mut self, ctx: &mut Context<Self>, wake: Wake) {
         self.more = true;
         self.demand.wake(wake);
         self.maybe_claim(ctx);
@@ -307,6 +358,13 @@ impl Scheduler {
                 .spawn(ctx);
         }
         if heads > 0 {
+            let only = self.keyed_scan(heads);
+            let heads = if only.is_empty() {
+                heads
+            } else {
+                only.len() as u32
+            };
+            let walking = only.is_empty();
             let keys = KeyScan {
                 after: self.next_key.clone(),
                 block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
@@ -316,12 +374,17 @@ impl Scheduler {
             let limits = self.limits(keyed_rows, total);
             self.peers
                 .ledger
-                .send(ClaimKeyed { limits, keys })
+                .send(ClaimKeyed { limits, keys, only })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     if let Ok(Ok(claimed)) = &result {
                         act.next_key = claimed.next_key.clone();
                     }
+                    act.walk_due = match &result {
+                        Ok(Ok(c)) if walking => !saw_every_key(c, heads),
+                        Ok(Ok(c)) => act.walk_due || left_keys_out(c),
+                        _ => true,
+                    };
                     let outcome = act.claimed(Kind::Keyed, result);
                     act.answered(ctx, Kind::Keyed, outcome);
                 })
@@ -430,6 +493,40 @@ impl Scheduler {
             .spawn(ctx);
     }
 
+    /// The keys the next keyed claim probes, at most `heads` of them; none: it walks them
+    /// all. Walking visits every key with open rows, in flight or not, one index probe each:
+    /// with a thousand busy keys that was most of the database's extra work per keyed
+    /// message. A key this engine holds becomes ready only when its last row settles, so
+    /// once a walk has seen every key (`walk_due` clear), probing the keys freed since is
+    /// enough, until something else may ready a key (an insert's NOTIFY, a delay or backoff
+    /// ending, the sweep, a nudge: every wake but a settlement sets `walk_due`), or a walk
+    /// stops at its limit with keys unvisited. Keys freed elsewhere (another engine) are
+    /// that engine's to probe; a key that is not ready when probed waits for such a wake.
+    /// (A walk whose limit was reached by heads another engine then locked first looks
+    /// complete: the keys it did not reach wait for the next sweep, a second by default.)
+    fn keyed_scan(&mut self, heads: u32) -> Vec<String> {
+        if self.walk_due {
+            self.freed.clear();
+            return Vec::new();
+        }
+        let n = self.freed.len().min(heads as usize);
+        self.freed.drain(..n).collect()
+    }
+
+    /// Row `id` is no longer held: its key is freed when it was the key's last.
+    fn let_go(&mut self, id: &uuid::Uuid) {
+        let Some(key) = self.row_key.remove(id) else {
+            return;
+        };
+        if let Some(rows) = self.key_rows.get_mut(&key) {
+            *rows -= 1;
+            if *rows == 0 {
+                self.key_rows.remove(&key);
+                self.freed.push(key);
+            }
+        }
+    }
+
     /// Takes claimed rows into the bound and queues them for the Publisher. A keyed claim
     /// returns each key's head followed by its run (in `seq` order): the heads are queued,
     /// each run waits for its head's ack.
@@ -441,6 +538,10 @@ impl Scheduler {
             let size = row.payload.len() as u64;
             if self.held.insert(row.id, (size, None)).is_none() {
                 self.held_bytes += size;
+                if let Some(key) = &row.ordering_key {
+                    *self.key_rows.entry(key.clone()).or_default() += 1;
+                    self.row_key.insert(row.id, key.clone());
+                }
             }
         }
         self.signals.claimed(rows.len(), self.held_bytes);
@@ -721,6 +822,7 @@ impl Handler<Settled> for Scheduler {
             if let Some((size, dispatched)) = self.held.remove(id) {
                 self.held_bytes -= size;
                 settled.extend(dispatched);
+                self.let_go(id);
             }
         }
         self.left_window(settled);
@@ -735,7 +837,8 @@ impl Handler<Settled> for Scheduler {
                 unkeyed: false,
                 keyed: true,
             };
-            self.wake(ctx, keyed);
+            // Only this engine's own keys were freed: `keyed_scan` may probe just those.
+            self.wake_for(ctx, keyed);
         } else if self.more {
             self.maybe_claim(ctx);
         }

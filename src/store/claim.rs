@@ -10,7 +10,7 @@ mod row;
 
 use std::time::Duration;
 
-use diesel::sql_types::{BigInt, Bool, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Text};
 
 use super::{
     clamp_i64, dead_letters::DeadLetterUpdate, millis, stats::AgeRow, Schema, Store, StoreError,
@@ -74,6 +74,7 @@ pub struct Claimed {
 pub(super) struct Statements {
     due: String,
     keyed: String,
+    keys: String,
     next_due: String,
 }
 
@@ -82,6 +83,7 @@ impl Statements {
         Statements {
             due: claim_due(s),
             keyed: claim_keyed(s),
+            keys: claim_keys(s),
             next_due: next_due(s),
         }
     }
@@ -193,8 +195,10 @@ fn claim_due(s: &Schema) -> String {
 /// letter, `$6` `max_payload_bytes`, `$7` byte budget, `$8` most rows after each head,
 /// `$9` most heads.
 fn claim_keyed(s: &Schema) -> String {
-    format!(
-        "WITH RECURSIVE ahead AS (
+    claim_heads(
+        s,
+        &format!(
+            "ahead AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
                      WHERE ordering_key > $4 AND {OPEN}
                      ORDER BY ordering_key, seq LIMIT 1)
@@ -212,8 +216,39 @@ fn claim_keyed(s: &Schema) -> String {
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
                         WHERE ordering_key > h.k AND ordering_key <= $4 AND {OPEN}
                         ORDER BY ordering_key, seq LIMIT 1) n
-                 ), ready AS (
-                    SELECT h.id FROM (SELECT * FROM ahead UNION ALL SELECT * FROM behind) h
+                 )"
+        ),
+        "SELECT * FROM ahead UNION ALL SELECT * FROM behind",
+    )
+}
+
+/// -- name: claim_keys
+///
+/// [`claim_keyed`] for the keys in `$4` (a text array) only, each probed once instead of
+/// walking every key: the keys this engine has just finished with (their last row
+/// settled). The Scheduler uses it only while its last walk found every ready key, so no
+/// key waits behind these (see `Scheduler::keyed_scan`). Same parameters otherwise.
+fn claim_keys(s: &Schema) -> String {
+    claim_heads(
+        s,
+        &format!(
+            "listed AS (
+                    SELECT n.* FROM unnest($4::text[]) AS q(k), LATERAL (
+                        SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
+                        WHERE ordering_key = q.k AND {OPEN}
+                        ORDER BY seq LIMIT 1) n
+                 )"
+        ),
+        "SELECT * FROM listed",
+    )
+}
+
+/// The keyed claim after its candidate heads: `ctes` define them, `candidates` selects
+/// them (key `k`, `id`, `status`, `next_attempt_at`), each key's first open row.
+fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
+    format!(
+        "WITH RECURSIVE {ctes}, ready AS (
+                    SELECT h.id FROM ({candidates}) h
                     WHERE h.status IN ('pending', 'retrying') AND h.next_attempt_at <= now()
                       AND NOT EXISTS (SELECT 1 FROM {s}.outbox f
                                       WHERE f.ordering_key = h.k AND f.status = 'in_flight'
@@ -353,6 +388,40 @@ impl Store {
         let next_key = next_key(keys.after.as_deref(), &served).or(keys.after.clone());
         let mut claimed = self.sort_out(engine, rows, limits).await;
         claimed.next_key = next_key;
+        Ok(claimed)
+    }
+
+    /// [`claim_keyed_within`](Self::claim_keyed_within) for the keys in `only`, each probed
+    /// once, instead of a walk over every key (`keys.after` is not used and stays the
+    /// cursor).
+    pub(crate) async fn claim_keys_within(
+        &self,
+        engine: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+        keys: &KeyScan,
+        only: &[String],
+    ) -> Result<Claimed, StoreError> {
+        let mut conn = self.op().await?;
+        let rows: Vec<ClaimedRow> = conn
+            .fetch_all_prepared(
+                diesel::sql_query(&self.statements.claim.keys)
+                    .bind::<BigInt, _>(i64::from(limits.rows))
+                    .bind::<Text, _>(engine)
+                    .bind::<BigInt, _>(millis(lease))
+                    .bind::<Array<Text>, _>(only)
+                    .bind::<Bool, _>(keys.block_on_dead_letter)
+                    .bind::<BigInt, _>(clamp_i64(limits.max_payload))
+                    .bind::<BigInt, _>(clamp_i64(limits.bytes))
+                    .bind::<BigInt, _>(i64::from(keys.run))
+                    .bind::<BigInt, _>(i64::from(
+                        keys.heads.unwrap_or(limits.rows).min(limits.rows),
+                    )),
+            )
+            .await?;
+        drop(conn);
+        let mut claimed = self.sort_out(engine, rows, limits).await;
+        claimed.next_key = keys.after.clone();
         Ok(claimed)
     }
 
