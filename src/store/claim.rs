@@ -191,7 +191,8 @@ fn claim_due(s: &Schema) -> String {
 /// is read only as far as its share of the rows left after the heads). The rows come back
 /// ordered by key and `seq`, so the first row of each key is its head.
 ///
-/// `$1` most rows, `$2` engine id, `$3` lease (ms), `$4` key cursor, `$5` block on a dead
+/// `$1` most rows, `$2` engine id, `$3` lease (ms), `$4[1]` key cursor (a one-element array,
+/// as `claim_keys` takes its keys), `$5` block on a dead
 /// letter, `$6` `max_payload_bytes`, `$7` byte budget, `$8` most rows after each head,
 /// `$9` most heads.
 fn claim_keyed(s: &Schema) -> String {
@@ -200,7 +201,7 @@ fn claim_keyed(s: &Schema) -> String {
         &format!(
             "ahead AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                     WHERE ordering_key > $4 AND {OPEN}
+                     WHERE ordering_key > $4[1] AND {OPEN}
                      ORDER BY ordering_key, seq LIMIT 1)
                     UNION ALL
                     SELECT n.* FROM ahead h, LATERAL (
@@ -209,12 +210,12 @@ fn claim_keyed(s: &Schema) -> String {
                         ORDER BY ordering_key, seq LIMIT 1) n
                  ), behind AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                     WHERE ordering_key <= $4 AND {OPEN}
+                     WHERE ordering_key <= $4[1] AND {OPEN}
                      ORDER BY ordering_key, seq LIMIT 1)
                     UNION ALL
                     SELECT n.* FROM behind h, LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                        WHERE ordering_key > h.k AND ordering_key <= $4 AND {OPEN}
+                        WHERE ordering_key > h.k AND ordering_key <= $4[1] AND {OPEN}
                         ORDER BY ordering_key, seq LIMIT 1) n
                  )"
         ),
@@ -224,7 +225,7 @@ fn claim_keyed(s: &Schema) -> String {
 
 /// -- name: claim_keys
 ///
-/// [`claim_keyed`] for the keys in `$4` (a text array) only, each probed once instead of
+/// [`claim_keyed`] for the keys in `$4[1]` (a text array) only, each probed once instead of
 /// walking every key: the keys this engine has just finished with (their last row
 /// settled). The Scheduler uses it only while its last walk found every ready key, so no
 /// key waits behind these (see `Scheduler::keyed_scan`). Same parameters otherwise.
@@ -363,24 +364,11 @@ impl Store {
         lease: Duration,
         keys: &KeyScan,
     ) -> Result<Claimed, StoreError> {
-        let mut conn = self.op().await?;
-        let rows: Vec<ClaimedRow> = conn
-            .fetch_all_prepared(
-                diesel::sql_query(&self.statements.claim.keyed)
-                    .bind::<BigInt, _>(i64::from(limits.rows))
-                    .bind::<Text, _>(engine)
-                    .bind::<BigInt, _>(millis(lease))
-                    .bind::<Text, _>(keys.after.as_deref().unwrap_or(""))
-                    .bind::<Bool, _>(keys.block_on_dead_letter)
-                    .bind::<BigInt, _>(clamp_i64(limits.max_payload))
-                    .bind::<BigInt, _>(clamp_i64(limits.bytes))
-                    .bind::<BigInt, _>(i64::from(keys.run))
-                    .bind::<BigInt, _>(i64::from(
-                        keys.heads.unwrap_or(limits.rows).min(limits.rows),
-                    )),
-            )
+        let cursor = [keys.after.clone().unwrap_or_default()];
+        let sql = &self.statements.claim.keyed;
+        let rows = self
+            .keyed_rows(sql, engine, limits, lease, keys, &cursor)
             .await?;
-        drop(conn);
         let served: Vec<&str> = rows
             .iter()
             .filter_map(|r| r.ordering_key.as_deref())
@@ -402,14 +390,34 @@ impl Store {
         keys: &KeyScan,
         only: &[String],
     ) -> Result<Claimed, StoreError> {
+        let sql = &self.statements.claim.keys;
+        let rows = self
+            .keyed_rows(sql, engine, limits, lease, keys, only)
+            .await?;
+        let mut claimed = self.sort_out(engine, rows, limits).await;
+        claimed.next_key = keys.after.clone();
+        Ok(claimed)
+    }
+
+    /// Runs `claim_keyed` or `claim_keys` (`sql`): `keys_param` is the cursor alone, or the
+    /// keys to probe.
+    async fn keyed_rows(
+        &self,
+        sql: &str,
+        engine: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+        keys: &KeyScan,
+        keys_param: &[String],
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
         let mut conn = self.op().await?;
-        let rows: Vec<ClaimedRow> = conn
+        let rows = conn
             .fetch_all_prepared(
-                diesel::sql_query(&self.statements.claim.keys)
+                diesel::sql_query(sql)
                     .bind::<BigInt, _>(i64::from(limits.rows))
                     .bind::<Text, _>(engine)
                     .bind::<BigInt, _>(millis(lease))
-                    .bind::<Array<Text>, _>(only)
+                    .bind::<Array<Text>, _>(keys_param)
                     .bind::<Bool, _>(keys.block_on_dead_letter)
                     .bind::<BigInt, _>(clamp_i64(limits.max_payload))
                     .bind::<BigInt, _>(clamp_i64(limits.bytes))
@@ -419,10 +427,7 @@ impl Store {
                     )),
             )
             .await?;
-        drop(conn);
-        let mut claimed = self.sort_out(engine, rows, limits).await;
-        claimed.next_key = keys.after.clone();
-        Ok(claimed)
+        Ok(rows)
     }
 
     /// Decodes the rows a claim within `limits` returned, one by one, and dead-letters those
