@@ -576,7 +576,10 @@ async fn a_claim_of_listed_keys_takes_their_heads_and_runs_and_nothing_else() {
         .messages;
     assert_eq!(busy.len(), 1, "k002's head alone");
     assert_eq!(busy[0].id, keyed.by_key["k002"][0]);
-    let only: Vec<String> = ["k000", "k002", "k003", "nobody"].map(String::from).into();
+    // k000 twice: a key freed, taken back and freed again before the claim.
+    let only: Vec<String> = ["k000", "k002", "k003", "nobody", "k000"]
+        .map(String::from)
+        .into();
     let claimed = store
         .claim_keys("e", 100, LONG, &runs_of(2), &only)
         .await

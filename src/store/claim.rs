@@ -234,7 +234,8 @@ fn claim_keys(s: &Schema) -> String {
         s,
         &format!(
             "listed AS (
-                    SELECT n.* FROM unnest($4::text[]) AS q(k), LATERAL (
+                    SELECT n.* FROM (SELECT DISTINCT k FROM unnest($4::text[]) AS u(k)) q,
+                    LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
                         WHERE ordering_key = q.k AND {OPEN}
                         ORDER BY seq LIMIT 1) n
