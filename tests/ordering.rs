@@ -491,6 +491,56 @@ async fn a_new_key_is_served_while_busy_keys_keep_running() {
     engine.shutdown().await;
 }
 
+/// Once a walk has seen every key, settlements no longer walk: a keyed row delayed by its
+/// producer must still go when it falls due, not at the next sweep or after the busy keys.
+#[actix_rt::test]
+async fn a_delayed_key_goes_when_due_while_busy_keys_keep_running() {
+    #[derive(diesel::QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        id: Uuid,
+    }
+    use diesel_async::RunQueryDsl;
+    let db = TestDb::new("ord_delayed_key").await;
+    let broker = TestBroker::new("ord_delayed_key").await;
+    let mut config = db.engine_config();
+    config.scheduler.sweep_interval = Duration::from_secs(60);
+    let engine = Engine::start(config).await.expect("engine starts");
+    let mut conn = db.raw().await;
+    let later: Vec<Id> = diesel::sql_query(format!(
+        "INSERT INTO \"{}\".outbox (exchange, routing_key, payload, ordering_key, next_attempt_at)
+         VALUES ($1, 'routed.later.1', 'later', 'later', now() + interval '300 milliseconds')
+         RETURNING id",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Text, _>(&broker.exchange)
+    .load(&mut conn)
+    .await
+    .expect("insert the delayed key");
+    let busy = insert_keyed(&db, &broker.exchange, 4, 1000).await;
+    let done = engine.wait_for_all(&[later[0].id], WAIT).await.unwrap();
+    assert!(done.values().all(|o| *o == Outcome::Confirmed));
+    #[derive(diesel::QueryableByName)]
+    struct Open {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let open: Open = diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM \"{}\".outbox WHERE status <> 'confirmed'",
+        db.schema
+    ))
+    .get_result(&mut conn)
+    .await
+    .expect("open rows");
+    assert!(
+        open.n > 0,
+        "the delayed key waited for the busy keys to drain"
+    );
+    let done = engine.wait_for_all(&busy.all, WAIT).await.unwrap();
+    assert!(done.values().all(|o| *o == Outcome::Confirmed));
+    engine.shutdown().await;
+}
+
 /// Claimed rows' ids by key, in the order the claim returned them.
 fn by_key(claimed: &[OutboxMessage]) -> HashMap<String, Vec<Uuid>> {
     let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
@@ -583,9 +633,9 @@ async fn a_claim_of_listed_keys_takes_their_heads_and_runs_and_nothing_else() {
     let claimed = store
         .claim_keys("e", 100, LONG, &runs_of(2), &only)
         .await
-        .expect("claim")
-        .messages;
-    let by_key = by_key(&claimed);
+        .expect("claim");
+    assert_eq!(claimed.candidates, 2, "k000 and k003 were ready");
+    let by_key = by_key(&claimed.messages);
     assert_eq!(
         by_key.keys().cloned().collect::<HashSet<_>>(),
         HashSet::from(["k000".to_string(), "k003".to_string()]),
@@ -649,9 +699,9 @@ async fn a_keyed_claim_takes_at_most_its_heads_and_gives_the_rest_of_its_rows_to
     let claimed = store
         .claim_keyed("e", 100, LONG, &scan)
         .await
-        .expect("claim")
-        .messages;
-    let by_key = by_key(&claimed);
+        .expect("claim");
+    assert_eq!(claimed.candidates, 2, "the walk stopped at its limit");
+    let by_key = by_key(&claimed.messages);
     assert_eq!(by_key.len(), 2, "two heads: {by_key:?}");
     for (key, ids) in &by_key {
         assert_eq!(

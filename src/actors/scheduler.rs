@@ -187,15 +187,18 @@ pub struct Scheduler {
 const MIN_POLL: Duration = Duration::from_millis(10);
 
 /// Whether a keyed claim that walked with a limit of `heads` heads visited every key and
-/// took every ready head: it found fewer heads than its limit, none was left out by the
-/// byte budget, and none was dead-lettered (a key may go on past a dead-lettered head
+/// took every ready head: it found fewer ready heads than its limit (counted before
+/// locking, so heads another engine locked first do not pass for the end of the keys), it
+/// returned rows (an empty answer does not say how far it walked), none was left out by
+/// the byte budget, and none was dead-lettered (a key may go on past a dead-lettered head
 /// without any settlement here). Its rows come heads first (see `claim_keyed`), so a
 /// claim that returned any row after a head took every head it found; one that returned
 /// heads only and was cut may have left heads out.
 fn saw_every_key(claimed: &Claimed, heads: u32) -> bool {
     let found = keys_of(claimed);
     claimed.dead_lettered.is_empty()
-        && found < heads as usize
+        && found > 0
+        && claimed.candidates < heads as usize
         && (claimed.messages.len() > found || !claimed.full)
 }
 
@@ -380,12 +383,21 @@ impl Scheduler {
                     if let Ok(Ok(claimed)) = &result {
                         act.next_key = claimed.next_key.clone();
                     }
-                    act.walk_due = match &result {
+                    // `|=`: a wake-up that came while this claim ran still asks for a walk.
+                    act.walk_due |= match &result {
                         Ok(Ok(c)) if walking => !saw_every_key(c, heads),
-                        Ok(Ok(c)) => act.walk_due || left_keys_out(c),
+                        Ok(Ok(c)) => left_keys_out(c),
                         _ => true,
                     };
+                    if walking && !act.walk_due {
+                        // Keyed rows that fall due later (a producer's delay) no longer
+                        // wake a walk through settlements: their own timer must.
+                        act.arm_next_due(ctx);
+                    }
+                    let listed_left = !walking && !act.freed.is_empty();
                     let outcome = act.claimed(Kind::Keyed, result);
+                    // Freed keys beyond this claim's heads: keep keyed claims going.
+                    let outcome = outcome.map(|(n, full)| (n, full || listed_left));
                     act.answered(ctx, Kind::Keyed, outcome);
                 })
                 .spawn(ctx);
@@ -481,6 +493,13 @@ impl Scheduler {
             let poll = self.poll;
             self.arm(ctx, poll);
         }
+        self.arm_next_due(ctx);
+    }
+
+    /// Arms the timer for the earliest row not due yet (a delay, a backoff), if it falls
+    /// before the next sweep.
+    fn arm_next_due(&mut self, ctx: &mut Context<Self>) {
+        let sweep = self.config.scheduler.sweep_interval;
         self.peers
             .ledger
             .send(NextDue)
@@ -501,11 +520,14 @@ impl Scheduler {
     /// enough, until something else may ready a key (an insert's NOTIFY, a delay or backoff
     /// ending, the sweep, a nudge: every wake but a settlement sets `walk_due`), or a walk
     /// stops at its limit with keys unvisited. Keys freed elsewhere (another engine) are
-    /// that engine's to probe; a key that is not ready when probed waits for such a wake.
-    /// (A walk whose limit was reached by heads another engine then locked first looks
-    /// complete: the keys it did not reach wait for the next sweep, a second by default.)
+    /// that engine's to probe; a key that is not ready when probed waits for such a wake
+    /// (an engine that stops or gives rows back sends none: its keys wait for the others'
+    /// sweep, a second by default). A walk that saw every key arms the timer for the
+    /// earliest delayed row, which settlements no longer bring to a walk.
     fn keyed_scan(&mut self, heads: u32) -> Vec<String> {
-        if self.walk_due {
+        if self.walk_due || self.freed.is_empty() {
+            // The walk covers them; its answer says whether it saw every key.
+            self.walk_due = false;
             self.freed.clear();
             return Vec::new();
         }

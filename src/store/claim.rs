@@ -68,6 +68,10 @@ pub struct Claimed {
     pub full: bool,
     /// Keyed claims: where the next claim should resume the walk over keys.
     pub next_key: Option<String>,
+    /// Keyed claims: the heads found ready before locking, at most the claim's heads limit
+    /// (fewer: the walk visited every key). Some may have been locked by another engine
+    /// first and skipped. 0 when nothing came back.
+    pub candidates: usize,
 }
 
 /// The claim statements, formatted once per schema: they run for every batch.
@@ -168,7 +172,7 @@ fn claim_due(s: &Schema) -> String {
                  WHERE o.id = c.id
                  RETURNING {columns}",
         fit = fit("$4", "$5", None),
-        columns = message_columns("$4"),
+        columns = message_columns("$4", "0"),
     )
 }
 
@@ -295,7 +299,7 @@ fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
                  )
                  SELECT * FROM taken ORDER BY ordering_key, run_seq",
         fit = fit("$6", "$7", Some("$1")),
-        columns = message_columns("$6"),
+        columns = message_columns("$6", "(SELECT count(*) FROM ready)"),
     )
 }
 
@@ -439,6 +443,7 @@ impl Store {
     async fn sort_out(&self, engine: &str, rows: Vec<ClaimedRow>, limits: ClaimLimits) -> Claimed {
         let mut claimed = Claimed {
             full: rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut),
+            candidates: rows.first().map_or(0, |r| r.candidates.max(0) as usize),
             ..Claimed::default()
         };
         let mut bad = Vec::new();

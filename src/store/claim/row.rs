@@ -21,7 +21,10 @@ use crate::message::OutboxMessage;
 /// for serde_json, e.g. `1e400` or deep nesting), `created_at` only when chrono can hold it
 /// (not `infinity`, not year 200000), and the payload only when it is not over the limit
 /// (its size is read from the varlena header, so an over-size payload is never fetched).
-pub(super) fn message_columns(max_payload: &str) -> String {
+///
+/// `candidates` is the SQL for how many heads a keyed claim found ready before locking them
+/// (`0` for other claims), the same on every row.
+pub(super) fn message_columns(max_payload: &str, candidates: &str) -> String {
     format!(
         "o.id, o.exchange, o.routing_key,
          CASE WHEN octet_length(o.payload) <= {max_payload} THEN o.payload END AS payload,
@@ -33,7 +36,8 @@ pub(super) fn message_columns(max_payload: &str) -> String {
          CASE WHEN isfinite(o.created_at) AND o.created_at < '100000-01-01'
               THEN NULL ELSE o.created_at::text END AS created_at_text,
          o.ordering_key,
-         (SELECT count(*) FROM picked) > (SELECT count(*) FROM fit) AS cut"
+         (SELECT count(*) FROM picked) > (SELECT count(*) FROM fit) AS cut,
+         {candidates}::bigint AS candidates"
     )
 }
 
@@ -73,6 +77,9 @@ pub(super) struct ClaimedRow {
     /// The byte budget left rows of this claim out (the same on every row).
     #[diesel(sql_type = Bool)]
     pub(super) cut: bool,
+    /// Keyed claims: the heads found ready before locking (the same on every row).
+    #[diesel(sql_type = BigInt)]
+    pub(super) candidates: i64,
 }
 
 /// A claimed row that can never be published, with the reason naming the column.
@@ -140,6 +147,7 @@ mod tests {
             created_at_text: None,
             ordering_key: None,
             cut: false,
+            candidates: 0,
         }
     }
 
