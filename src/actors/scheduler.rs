@@ -23,7 +23,7 @@
 //! and the Scheduler claims keyed heads again at once; it also remembers the last key
 //! served, so successive claims walk the keys round-robin and none starves. Once a walk has
 //! seen every key, the claims that follow this engine's own settlements probe only the keys
-//! they freed, until a wake-up says another key may be ready (`keyed_scan`). Which kinds of
+//! they freed, until a wake-up says another key may be ready (the `keys` module). Which kinds of
 //! rows a round claims, and how it splits its room, is decided by the `demand` module: an
 //! engine without keyed traffic never walks the keys.
 
@@ -50,12 +50,14 @@ use crate::{
 
 mod credit;
 mod demand;
+mod keys;
 mod listen;
 mod window;
 
 pub use credit::{Credit, CreditLine, Credits};
 
 use demand::{Demand, Kind};
+use keys::{Keys, Scan};
 use window::Window;
 
 /// What the Ledger answered to a claim.
@@ -172,51 +174,12 @@ pub struct Scheduler {
     /// Keyed rows dispatched with more of their run behind them: their settlement does not
     /// free their key (the run goes on), so it wakes no keyed claim.
     continuing: std::collections::HashSet<uuid::Uuid>,
-    /// Held rows of each ordering key, and the key of each held keyed row: a key whose
-    /// count drops to zero is free again (its last row settled).
-    key_rows: HashMap<String, u32>,
-    row_key: HashMap<uuid::Uuid, String>,
-    /// Keys freed since the last keyed claim: the next one probes just these (see
-    /// [`Scheduler::keyed_scan`]).
-    freed: Vec<String>,
-    /// The next keyed claim walks every key (see [`Scheduler::keyed_scan`]).
-    walk_due: bool,
+    /// Which keys the next keyed claim looks at (see `keys`).
+    keys: Keys,
 }
 
 /// Fastest poll without LISTEN (while rows keep coming).
 const MIN_POLL: Duration = Duration::from_millis(10);
-
-/// Whether a keyed claim that walked with a limit of `heads` heads visited every key and
-/// took every ready head: it found fewer ready heads than its limit (counted before
-/// locking, so heads another engine locked first do not pass for the end of the keys), it
-/// returned rows (an empty answer does not say how far it walked), none was left out by
-/// the byte budget, and none was dead-lettered (a key may go on past a dead-lettered head
-/// without any settlement here). Its rows come heads first (see `claim_keyed`), so a
-/// claim that returned any row after a head took every head it found; one that returned
-/// heads only and was cut may have left heads out.
-fn saw_every_key(claimed: &Claimed, heads: u32) -> bool {
-    let found = keys_of(claimed);
-    claimed.dead_lettered.is_empty()
-        && found > 0
-        && claimed.candidates < heads as usize
-        && (claimed.messages.len() > found || !claimed.full)
-}
-
-/// Whether a claim of listed keys may have left a ready one out (see [`saw_every_key`]).
-fn left_keys_out(claimed: &Claimed) -> bool {
-    !claimed.dead_lettered.is_empty()
-        || (claimed.full && claimed.messages.len() == keys_of(claimed))
-}
-
-/// How many keys a keyed claim's rows belong to: each key's head came with its run.
-fn keys_of(claimed: &Claimed) -> usize {
-    let keys: std::collections::HashSet<&str> = claimed
-        .messages
-        .iter()
-        .filter_map(|m| m.ordering_key.as_deref())
-        .collect();
-    keys.len()
-}
 
 impl Scheduler {
     /// A scheduler holding nothing yet.
@@ -257,10 +220,7 @@ impl Scheduler {
             credit_line: None,
             runs: HashMap::new(),
             run_turns: HashMap::new(),
-            key_rows: HashMap::new(),
-            row_key: HashMap::new(),
-            freed: Vec::new(),
-            walk_due: true,
+            keys: Keys::default(),
             continuing: Default::default(),
         }
     }
@@ -294,8 +254,10 @@ impl Scheduler {
 
     /// Notes what may be due and claims (or claims again after the round in progress).
     fn wake(&mut self, ctx: &mut Context<Self>, wake: Wake) {
-        // An insert, a backoff or delay ending, the sweep, a nudge: any key may be ready.
-        self.walk_due |= wake.keyed;
+        if wake.keyed {
+            // An insert, a backoff or delay ending, the sweep, a nudge: any key may be ready.
+            self.keys.woke();
+        }
         self.wake_for(ctx, wake);
     }
 
@@ -361,13 +323,11 @@ impl Scheduler {
                 .spawn(ctx);
         }
         if heads > 0 {
-            let only = self.keyed_scan(heads);
-            let heads = if only.is_empty() {
-                heads
-            } else {
-                only.len() as u32
+            let scan = self.keys.scan(heads);
+            let (heads, only) = match &scan {
+                Scan::Walk => (heads, Vec::new()),
+                Scan::Listed(keys) => (keys.len() as u32, keys.clone()),
             };
-            let walking = only.is_empty();
             let keys = KeyScan {
                 after: self.next_key.clone(),
                 block_on_dead_letter: self.config.ordering.on_dead_letter == OnDeadLetter::Block,
@@ -383,21 +343,19 @@ impl Scheduler {
                     if let Ok(Ok(claimed)) = &result {
                         act.next_key = claimed.next_key.clone();
                     }
-                    // `|=`: a wake-up that came while this claim ran still asks for a walk.
-                    act.walk_due |= match &result {
-                        Ok(Ok(c)) if walking => !saw_every_key(c, heads),
-                        Ok(Ok(c)) => left_keys_out(c),
-                        _ => true,
+                    let answer = match &result {
+                        Ok(Ok(c)) => Some(c),
+                        _ => None,
                     };
-                    if walking && !act.walk_due {
+                    if act.keys.answered(&scan, heads, answer) {
                         // Keyed rows that fall due later (a producer's delay) no longer
-                        // wake a walk through settlements: their own timer must.
+                        // reach a walk through settlements: their own timer must.
                         act.arm_next_due(ctx);
                     }
-                    let listed_left = !walking && !act.freed.is_empty();
+                    let more_listed = act.keys.more_listed();
                     let outcome = act.claimed(Kind::Keyed, result);
                     // Freed keys beyond this claim's heads: keep keyed claims going.
-                    let outcome = outcome.map(|(n, full)| (n, full || listed_left));
+                    let outcome = outcome.map(|(n, full)| (n, full || more_listed));
                     act.answered(ctx, Kind::Keyed, outcome);
                 })
                 .spawn(ctx);
@@ -512,43 +470,6 @@ impl Scheduler {
             .spawn(ctx);
     }
 
-    /// The keys the next keyed claim probes, at most `heads` of them; none: it walks them
-    /// all. Walking visits every key with open rows, in flight or not, one index probe each:
-    /// with a thousand busy keys that was most of the database's extra work per keyed
-    /// message. A key this engine holds becomes ready only when its last row settles, so
-    /// once a walk has seen every key (`walk_due` clear), probing the keys freed since is
-    /// enough, until something else may ready a key (an insert's NOTIFY, a delay or backoff
-    /// ending, the sweep, a nudge: every wake but a settlement sets `walk_due`), or a walk
-    /// stops at its limit with keys unvisited. Keys freed elsewhere (another engine) are
-    /// that engine's to probe; a key that is not ready when probed waits for such a wake
-    /// (an engine that stops or gives rows back sends none: its keys wait for the others'
-    /// sweep, a second by default). A walk that saw every key arms the timer for the
-    /// earliest delayed row, which settlements no longer bring to a walk.
-    fn keyed_scan(&mut self, heads: u32) -> Vec<String> {
-        if self.walk_due || self.freed.is_empty() {
-            // The walk covers them; its answer says whether it saw every key.
-            self.walk_due = false;
-            self.freed.clear();
-            return Vec::new();
-        }
-        let n = self.freed.len().min(heads as usize);
-        self.freed.drain(..n).collect()
-    }
-
-    /// Row `id` is no longer held: its key is freed when it was the key's last.
-    fn let_go(&mut self, id: &uuid::Uuid) {
-        let Some(key) = self.row_key.remove(id) else {
-            return;
-        };
-        if let Some(rows) = self.key_rows.get_mut(&key) {
-            *rows -= 1;
-            if *rows == 0 {
-                self.key_rows.remove(&key);
-                self.freed.push(key);
-            }
-        }
-    }
-
     /// Takes claimed rows into the bound and queues them for the Publisher. A keyed claim
     /// returns each key's head followed by its run (in `seq` order): the heads are queued,
     /// each run waits for its head's ack.
@@ -561,8 +482,7 @@ impl Scheduler {
             if self.held.insert(row.id, (size, None)).is_none() {
                 self.held_bytes += size;
                 if let Some(key) = &row.ordering_key {
-                    *self.key_rows.entry(key.clone()).or_default() += 1;
-                    self.row_key.insert(row.id, key.clone());
+                    self.keys.held(row.id, key);
                 }
             }
         }
@@ -844,7 +764,7 @@ impl Handler<Settled> for Scheduler {
             if let Some((size, dispatched)) = self.held.remove(id) {
                 self.held_bytes -= size;
                 settled.extend(dispatched);
-                self.let_go(id);
+                self.keys.let_go(id);
             }
         }
         self.left_window(settled);
@@ -859,7 +779,7 @@ impl Handler<Settled> for Scheduler {
                 unkeyed: false,
                 keyed: true,
             };
-            // Only this engine's own keys were freed: `keyed_scan` may probe just those.
+            // Only this engine's own keys were freed: `Keys::scan` may probe just those.
             self.wake_for(ctx, keyed);
         } else if self.more {
             self.maybe_claim(ctx);
