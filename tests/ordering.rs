@@ -430,17 +430,60 @@ async fn keyed_rows_keep_their_order_without_notify_too() {
     engine.shutdown().await;
 }
 
-/// After a claim that saw every key, the engine probes only the keys it frees; a key that
-/// becomes ready otherwise (here: a new key's insert) must still be served at once, not
-/// after the busy keys drain.
-#[actix_rt::test]
-async fn a_new_key_is_served_while_busy_keys_keep_running() {
+/// Inserts `n` rows of key `key`, due `delay_ms` from now; returns their ids.
+async fn insert_key(db: &TestDb, exchange: &str, key: &str, n: i32, delay_ms: i64) -> Vec<Uuid> {
     #[derive(diesel::QueryableByName)]
     struct Id {
         #[diesel(sql_type = diesel::sql_types::Uuid)]
         id: Uuid,
     }
     use diesel_async::RunQueryDsl;
+    let mut conn = db.raw().await;
+    let rows: Vec<Id> = diesel::sql_query(format!(
+        "INSERT INTO \"{}\".outbox
+             (exchange, routing_key, payload, ordering_key, next_attempt_at)
+         SELECT $1, 'routed.' || $2 || '.' || n, 'x', $2,
+                now() + $4 * interval '1 millisecond'
+         FROM generate_series(1, $3) n
+         RETURNING id",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Text, _>(exchange)
+    .bind::<diesel::sql_types::Text, _>(key)
+    .bind::<diesel::sql_types::Integer, _>(n)
+    .bind::<diesel::sql_types::BigInt, _>(delay_ms)
+    .load(&mut conn)
+    .await
+    .expect("insert a key's rows");
+    rows.into_iter().map(|r| r.id).collect()
+}
+
+/// Rows not confirmed yet, by key, for every key but `except`.
+async fn open_by_key(db: &TestDb, except: &str) -> Vec<i64> {
+    #[derive(diesel::QueryableByName)]
+    struct Open {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let mut conn = db.raw().await;
+    let open: Vec<Open> = diesel::sql_query(format!(
+        "SELECT count(*) FILTER (WHERE status <> 'confirmed') AS n FROM \"{}\".outbox
+         WHERE ordering_key <> $1 GROUP BY ordering_key",
+        db.schema
+    ))
+    .bind::<diesel::sql_types::Text, _>(except)
+    .load(&mut conn)
+    .await
+    .expect("open rows by key");
+    open.into_iter().map(|o| o.n).collect()
+}
+
+/// After a claim that saw every key, the engine probes only the keys it frees; a key that
+/// becomes ready otherwise (here: a new key's insert) must still be served at once, not
+/// after the busy keys drain.
+#[actix_rt::test]
+async fn a_new_key_is_served_while_busy_keys_keep_running() {
     let db = TestDb::new("ord_late_key").await;
     let broker = TestBroker::new("ord_late_key").await;
     let engine = Engine::start(db.engine_config())
@@ -450,38 +493,14 @@ async fn a_new_key_is_served_while_busy_keys_keep_running() {
     let busy = insert_keyed(&db, &broker.exchange, 4, 400).await;
     let started = engine.wait_for_all(&busy.all[..40], WAIT).await.unwrap();
     assert!(started.values().all(|o| *o == Outcome::Confirmed));
-    let mut conn = db.raw().await;
-    let late: Vec<Id> = diesel::sql_query(format!(
-        "INSERT INTO \"{}\".outbox (exchange, routing_key, payload, ordering_key)
-         SELECT $1, 'routed.late.' || n, 'late', 'late' FROM generate_series(1, 5) n
-         RETURNING id",
-        db.schema
-    ))
-    .bind::<diesel::sql_types::Text, _>(&broker.exchange)
-    .load(&mut conn)
-    .await
-    .expect("insert the late key");
-    let late: Vec<Uuid> = late.into_iter().map(|r| r.id).collect();
+    let late = insert_key(&db, &broker.exchange, "late", 5, 0).await;
     let done = engine.wait_for_all(&late, WAIT).await.unwrap();
     assert!(done.values().all(|o| *o == Outcome::Confirmed));
-    #[derive(diesel::QueryableByName)]
-    struct Open {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let open: Vec<Open> = diesel::sql_query(format!(
-        "SELECT count(*) FILTER (WHERE status <> 'confirmed') AS n FROM \"{}\".outbox
-         WHERE ordering_key <> 'late' GROUP BY ordering_key",
-        db.schema
-    ))
-    .load(&mut conn)
-    .await
-    .expect("open rows by key");
+    let open = open_by_key(&db, "late").await;
     assert_eq!(open.len(), 4);
     assert!(
-        open.iter().all(|o| o.n > 0),
-        "the late key waited for a busy key to drain: {:?}",
-        open.iter().map(|o| o.n).collect::<Vec<_>>()
+        open.iter().all(|n| *n > 0),
+        "the late key waited for a busy key to drain: {open:?}"
     );
     let all: Vec<Uuid> = busy.all.iter().chain(&late).copied().collect();
     let done = engine.wait_for_all(&all, WAIT).await.unwrap();
@@ -495,45 +514,18 @@ async fn a_new_key_is_served_while_busy_keys_keep_running() {
 /// producer must still go when it falls due, not at the next sweep or after the busy keys.
 #[actix_rt::test]
 async fn a_delayed_key_goes_when_due_while_busy_keys_keep_running() {
-    #[derive(diesel::QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = diesel::sql_types::Uuid)]
-        id: Uuid,
-    }
-    use diesel_async::RunQueryDsl;
     let db = TestDb::new("ord_delayed_key").await;
     let broker = TestBroker::new("ord_delayed_key").await;
     let mut config = db.engine_config();
     config.scheduler.sweep_interval = Duration::from_secs(60);
     let engine = Engine::start(config).await.expect("engine starts");
-    let mut conn = db.raw().await;
-    let later: Vec<Id> = diesel::sql_query(format!(
-        "INSERT INTO \"{}\".outbox (exchange, routing_key, payload, ordering_key, next_attempt_at)
-         VALUES ($1, 'routed.later.1', 'later', 'later', now() + interval '300 milliseconds')
-         RETURNING id",
-        db.schema
-    ))
-    .bind::<diesel::sql_types::Text, _>(&broker.exchange)
-    .load(&mut conn)
-    .await
-    .expect("insert the delayed key");
+    let later = insert_key(&db, &broker.exchange, "later", 1, 300).await;
     let busy = insert_keyed(&db, &broker.exchange, 4, 1000).await;
-    let done = engine.wait_for_all(&[later[0].id], WAIT).await.unwrap();
+    let done = engine.wait_for_all(&later, WAIT).await.unwrap();
     assert!(done.values().all(|o| *o == Outcome::Confirmed));
-    #[derive(diesel::QueryableByName)]
-    struct Open {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let open: Open = diesel::sql_query(format!(
-        "SELECT count(*) AS n FROM \"{}\".outbox WHERE status <> 'confirmed'",
-        db.schema
-    ))
-    .get_result(&mut conn)
-    .await
-    .expect("open rows");
+    let open = open_by_key(&db, "later").await;
     assert!(
-        open.n > 0,
+        open.iter().sum::<i64>() > 0,
         "the delayed key waited for the busy keys to drain"
     );
     let done = engine.wait_for_all(&busy.all, WAIT).await.unwrap();
