@@ -130,6 +130,8 @@ pub struct Metrics {
     pub rows_rescued: IntCounter,
     /// Times this engine found itself declared dead and rejoined.
     pub rejoins: IntCounter,
+    /// Returns that arrived after their message was settled (README, known issue).
+    pub late_returns: IntCounter,
 }
 
 fn counter_vec(
@@ -257,6 +259,14 @@ impl Metrics {
             .namespace("courier"),
         )
         .expect("valid metric");
+        let late_returns = IntCounter::with_opts(
+            Opts::new(
+                "late_returns_total",
+                "broker returns that arrived after their message was recorded confirmed",
+            )
+            .namespace("courier"),
+        )
+        .expect("valid metric");
         for m in [
             Box::new(in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(window.clone()),
@@ -272,6 +282,7 @@ impl Metrics {
             Box::new(engines_rescued.clone()),
             Box::new(rows_rescued.clone()),
             Box::new(rejoins.clone()),
+            Box::new(late_returns.clone()),
         ] {
             registry.register(m).expect("unique metric");
         }
@@ -336,6 +347,7 @@ impl Metrics {
             engines_rescued,
             rows_rescued,
             rejoins,
+            late_returns,
         }
     }
 
@@ -454,6 +466,7 @@ mod tests {
             "courier_engines_rescued_total 0",
             "courier_rows_rescued_total 0",
             "courier_rejoins_total 0",
+            "courier_late_returns_total 0",
         ] {
             assert!(text.contains(counter), "{counter} in {text}");
         }

@@ -238,6 +238,7 @@ impl Signals {
     /// A return arrived for a message no longer in flight.
     pub fn late_return(&self) {
         Counters::add(&self.counters.late_returns, 1);
+        self.metrics.late_returns.inc();
     }
 
     // Durable outcomes (the Store and DeadLetter actors, after their writes commit).
