@@ -16,6 +16,16 @@
 //! return of a batch before it settles any ack in it. A return that names a message still
 //! in flight is remembered until that message's own confirm arrives.
 //!
+//! **An ack waits for the confirms that may carry its return.** The carrier can be a
+//! message of a publish round still being written: the Publisher hands a round's confirms
+//! over only once all its writes are done, and the broker may ack earlier messages in the
+//! same frame meanwhile. So the Publisher says when a round starts (`Writing`) and ends
+//! (`Written`, after its `Track`), the pump stamps each batch with how many confirm
+//! futures it had received, and an ack is settled only when no round is being written and
+//! its batch's stamp covers every future sent to the pump; otherwise it is held, and a
+//! fence (an always-ready future) is sent so that a later batch releases it once the
+//! returns before it are read. With no round writing (an idle engine) nothing is held.
+//!
 //! A confirm failed by a channel close is charged only to the message the close blames
 //! (see `inflight`): the others are refunded, so a row the broker refuses uses up its own
 //! attempts and no neighbour's.
@@ -80,6 +90,17 @@ pub struct Unsent(pub Vec<(Delivery, FailureReason)>);
 #[rtype(result = "()")]
 pub struct ConnectionLost(pub String);
 
+/// A publish round starts writing: until its `Written`, an ack may have its return on one
+/// of the round's confirms, not tracked yet.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Writing;
+
+/// The round announced by `Writing` is over (its `Track` and `Unsent` came first).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Written;
+
 /// How many messages are tracked.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -92,12 +113,22 @@ struct Resolved {
     result: lapin::Result<Confirmation>,
 }
 
-/// Confirms resolved together (see the module documentation).
+/// What the pump yields: a resolved confirm, or a fence (see the module documentation).
+enum Pumped {
+    Confirm(Box<Resolved>),
+    Fence,
+}
+
+/// Confirms resolved together, and how many futures the pump had received when it
+/// yielded them (see the module documentation).
 #[derive(Message)]
 #[rtype(result = "()")]
-struct ResolvedBatch(Vec<Resolved>);
+struct ResolvedBatch {
+    items: Vec<Pumped>,
+    received: u64,
+}
 
-type ConfirmFuture = Pin<Box<dyn Future<Output = Resolved>>>;
+type ConfirmFuture = Pin<Box<dyn Future<Output = Pumped>>>;
 
 /// See the module documentation.
 pub struct ConfirmTracker {
@@ -109,6 +140,15 @@ pub struct ConfirmTracker {
     signals: Signals,
     in_flight: InFlightTable,
     pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
+    /// Futures sent to the pump so far.
+    sent: u64,
+    /// Publish rounds being written (see `Writing`).
+    writing: u32,
+    /// Acks held until the batch stamp reaches `Some(n)` (`None`: until the rounds being
+    /// written end).
+    held: Vec<(Resolved, Option<u64>)>,
+    /// The stamp the newest fence sent will bring.
+    fence_at: u64,
 }
 
 impl ConfirmTracker {
@@ -128,6 +168,40 @@ impl ConfirmTracker {
             signals,
             in_flight: InFlightTable::new(),
             pump: None,
+            sent: 0,
+            writing: 0,
+            held: Vec::new(),
+            fence_at: 0,
+        }
+    }
+
+    fn push(&mut self, fut: ConfirmFuture) {
+        if let Some(pump) = &self.pump {
+            if pump.send(fut).is_ok() {
+                self.sent += 1;
+            }
+        }
+    }
+
+    /// Sends a fence unless one already sent will bring a stamp of at least `need`.
+    fn fence(&mut self, need: u64) {
+        if self.fence_at < need {
+            self.push(Box::pin(std::future::ready(Pumped::Fence)));
+            self.fence_at = self.sent;
+        }
+    }
+
+    /// Holds `r` if its return may still be on a confirm not read yet; else settles it.
+    fn settle_or_hold(&mut self, r: Resolved, received: u64, out: &mut Outcomes) {
+        let ack = matches!(r.result, Ok(Confirmation::Ack(_)));
+        if ack && self.writing > 0 {
+            self.held.push((r, None));
+        } else if ack && received < self.sent {
+            let need = self.sent;
+            self.held.push((r, Some(need)));
+            self.fence(need);
+        } else {
+            self.settle(r, out);
         }
     }
 
@@ -276,14 +350,17 @@ struct Outcomes {
 /// Runs every confirm future; batches what resolved together.
 async fn pump(mut rx: mpsc::UnboundedReceiver<ConfirmFuture>, tracker: Addr<ConfirmTracker>) {
     let mut pending: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
+    let mut received: u64 = 0;
     loop {
         tokio::select! {
             biased;
             incoming = rx.recv() => match incoming {
                 Some(fut) => {
                     pending.push(fut);
+                    received += 1;
                     while let Ok(fut) = rx.try_recv() {
                         pending.push(fut);
+                        received += 1;
                     }
                 }
                 None if pending.is_empty() => return,
@@ -293,11 +370,11 @@ async fn pump(mut rx: mpsc::UnboundedReceiver<ConfirmFuture>, tracker: Addr<Conf
                 }
             },
             Some(first) = pending.next(), if !pending.is_empty() => {
-                let mut batch = vec![first];
+                let mut items = vec![first];
                 while let Some(Some(more)) = pending.next().now_or_never() {
-                    batch.push(more);
+                    items.push(more);
                 }
-                tracker.do_send(ResolvedBatch(batch));
+                tracker.do_send(ResolvedBatch { items, received });
             }
         }
     }
@@ -326,11 +403,11 @@ impl Handler<Track> for ConfirmTracker {
             let token = p.token;
             self.in_flight
                 .insert_on(p.delivery, token, p.channel, deadline);
-            let fut: ConfirmFuture =
-                Box::pin(p.confirm.map(move |result| Resolved { id, token, result }));
-            if let Some(pump) = &self.pump {
-                let _ = pump.send(fut);
-            }
+            let fut: ConfirmFuture = Box::pin(
+                p.confirm
+                    .map(move |result| Pumped::Confirm(Box::new(Resolved { id, token, result }))),
+            );
+            self.push(fut);
         }
         self.update_gauge();
     }
@@ -340,14 +417,55 @@ impl Handler<ResolvedBatch> for ConfirmTracker {
     type Result = ();
 
     fn handle(&mut self, msg: ResolvedBatch, _: &mut Context<Self>) {
-        for r in &msg.0 {
+        let confirms: Vec<Resolved> = msg
+            .items
+            .into_iter()
+            .filter_map(|p| match p {
+                Pumped::Confirm(r) => Some(*r),
+                Pumped::Fence => None,
+            })
+            .collect();
+        for r in &confirms {
             self.note_return(r);
         }
         let mut out = Outcomes::default();
-        for r in msg.0 {
+        // Held acks whose possible carriers have all been read by now.
+        let (due, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(_, need)| need.is_some_and(|n| n <= msg.received));
+        self.held = still;
+        for (r, _) in due {
             self.settle(r, &mut out);
         }
+        for r in confirms {
+            self.settle_or_hold(r, msg.received, &mut out);
+        }
         self.send(out);
+    }
+}
+
+impl Handler<Writing> for ConfirmTracker {
+    type Result = ();
+
+    fn handle(&mut self, _: Writing, _: &mut Context<Self>) {
+        self.writing += 1;
+    }
+}
+
+impl Handler<Written> for ConfirmTracker {
+    type Result = ();
+
+    fn handle(&mut self, _: Written, _: &mut Context<Self>) {
+        self.writing = self.writing.saturating_sub(1);
+        if self.writing == 0 && self.held.iter().any(|(_, need)| need.is_none()) {
+            // The rounds' confirms are in the pump now: release what waited on them once a
+            // fence sent after them comes back.
+            let need = self.sent + 1;
+            for (_, n) in &mut self.held {
+                n.get_or_insert(need);
+            }
+            self.fence(need);
+        }
     }
 }
 
@@ -367,6 +485,10 @@ impl Handler<ConnectionLost> for ConfirmTracker {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionLost, _: &mut Context<Self>) {
+        // A round cut off with its connection never says `Written`; held acks fail below
+        // with every other message of the connection.
+        self.writing = 0;
+        self.held.clear();
         let mut out = Outcomes::default();
         for delivery in self.in_flight.drain() {
             self.fail(

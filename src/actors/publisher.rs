@@ -52,7 +52,7 @@ use exchanges::{exchange_exists, probe_new_exchanges};
 use stuck::ChannelAnswers;
 
 use super::{
-    confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent},
+    confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent, Writing, Written},
     ledger::{Ledger, Release},
     scheduler::{BrokerReady, Credits, Scheduler},
 };
@@ -686,6 +686,7 @@ impl Handler<Publish> for Publisher {
             channel_no: link.channel_no,
             answers: link.answers.clone(),
         };
+        self.tracker.do_send(Writing);
         let round = publish_round(
             on,
             link.side.take(),
@@ -718,6 +719,7 @@ impl Handler<Publish> for Publisher {
             if !round.unsent.is_empty() {
                 act.tracker.do_send(Unsent(round.unsent));
             }
+            act.tracker.do_send(Written);
             let stuck = act.link.as_ref().and_then(|l| l.answers.stuck(now));
             if round.connection_suspect {
                 act.lost(ctx, "publishes hung on the connection".into());
