@@ -130,7 +130,7 @@ pub struct Metrics {
     pub rows_rescued: IntCounter,
     /// Times this engine found itself declared dead and rejoined.
     pub rejoins: IntCounter,
-    /// Returns that arrived after their message was settled (README, known issue).
+    /// Returns that arrived after their message was settled (README, What Courier guarantees).
     pub late_returns: IntCounter,
 }
 
