@@ -40,8 +40,8 @@ pub struct ClaimKeyed {
     pub limits: ClaimLimits,
     /// Where the walk over ordering keys resumes, and the dead-letter rule.
     pub keys: KeyScan,
-    /// Probe only these keys instead of walking (empty: walk).
-    pub only: Vec<String>,
+    /// Probe only these keys (`claim_keys`) instead of walking every key.
+    pub listed: Option<Vec<String>>,
 }
 
 /// Extend the leases of these rows: the ones the engine really holds (the Scheduler's
@@ -219,14 +219,17 @@ impl Handler<ClaimKeyed> for Ledger {
         let lease = self.lease;
         let signals = self.signals.clone();
         Box::pin(async move {
-            let claimed = if msg.only.is_empty() {
-                store
-                    .claim_keyed_within(&engine, msg.limits, lease, &msg.keys)
-                    .await?
-            } else {
-                store
-                    .claim_keys_within(&engine, msg.limits, lease, &msg.keys, &msg.only)
-                    .await?
+            let claimed = match &msg.listed {
+                None => {
+                    store
+                        .claim_keyed_within(&engine, msg.limits, lease, &msg.keys)
+                        .await?
+                }
+                Some(keys) => {
+                    store
+                        .claim_keys_within(&engine, msg.limits, lease, &msg.keys, keys)
+                        .await?
+                }
             };
             announce_dead_lettered(&signals, &claimed);
             Ok(claimed)

@@ -324,9 +324,9 @@ impl Scheduler {
         }
         if heads > 0 {
             let scan = self.keys.scan(heads);
-            let (heads, only) = match &scan {
-                Scan::Walk => (heads, Vec::new()),
-                Scan::Listed(keys) => (keys.len() as u32, keys.clone()),
+            let (heads, listed) = match &scan {
+                Scan::Walk => (heads, None),
+                Scan::Listed(keys) => (keys.len() as u32, Some(keys.clone())),
             };
             let keys = KeyScan {
                 after: self.next_key.clone(),
@@ -337,7 +337,11 @@ impl Scheduler {
             let limits = self.limits(keyed_rows, total);
             self.peers
                 .ledger
-                .send(ClaimKeyed { limits, keys, only })
+                .send(ClaimKeyed {
+                    limits,
+                    keys,
+                    listed,
+                })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     if let Ok(Ok(claimed)) = &result {

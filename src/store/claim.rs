@@ -229,10 +229,10 @@ fn claim_keyed(s: &Schema) -> String {
 
 /// -- name: claim_keys
 ///
-/// [`claim_keyed`] for the keys in `$4[1]` (a text array) only, each probed once instead of
+/// [`claim_keyed`] for the keys in `$4` (a text array) only, each probed once instead of
 /// walking every key: the keys this engine has just finished with (their last row
 /// settled). The Scheduler uses it only while its last walk found every ready key, so no
-/// key waits behind these (see `Scheduler::keyed_scan`). Same parameters otherwise.
+/// key waits behind these (see the Scheduler's `keys` module). Same parameters otherwise.
 fn claim_keys(s: &Schema) -> String {
     claim_heads(
         s,
