@@ -510,6 +510,30 @@ async fn a_new_key_is_served_while_busy_keys_keep_running() {
     engine.shutdown().await;
 }
 
+/// A key's next claim follows the settlement of the last row this engine held of it, in
+/// whatever order the Ledger's flushes commit (two run at once, so a run's last row may
+/// settle before the one ahead of it). With runs of two rows every few messages end a run,
+/// and with the sweep out of the picture a key that missed its claim would wait ten
+/// minutes: the drain must not.
+#[actix_rt::test]
+async fn every_run_of_a_key_is_followed_by_its_next_claim_without_the_sweep() {
+    let db = TestDb::new("ord_run_ends").await;
+    let broker = TestBroker::new("ord_run_ends").await;
+    let mut config = db.engine_config();
+    config.scheduler.sweep_interval = Duration::from_secs(600);
+    config.ordering.run = 2;
+    let engine = Engine::start(config).await.expect("engine starts");
+    let keyed = insert_keyed(&db, &broker.exchange, 3, 1500).await;
+    let done = engine
+        .wait_for_all(&keyed.all, Duration::from_secs(90))
+        .await
+        .expect("every key drained without waiting for the sweep");
+    assert!(done.values().all(|o| *o == Outcome::Confirmed));
+    let (_, received) = audit_received(&db, &broker, &broker.queue, &keyed.all).await;
+    assert_first_seen_in_order(&received, &keyed);
+    engine.shutdown().await;
+}
+
 /// Once a walk has seen every key, settlements no longer walk: a keyed row delayed by its
 /// producer must still go when it falls due, not at the next sweep or after the busy keys.
 #[actix_rt::test]
@@ -517,7 +541,8 @@ async fn a_delayed_key_goes_when_due_while_busy_keys_keep_running() {
     let db = TestDb::new("ord_delayed_key").await;
     let broker = TestBroker::new("ord_delayed_key").await;
     let mut config = db.engine_config();
-    config.scheduler.sweep_interval = Duration::from_secs(60);
+    // Longer than every wait below: nothing may wait for the sweep.
+    config.scheduler.sweep_interval = Duration::from_secs(600);
     let engine = Engine::start(config).await.expect("engine starts");
     let later = insert_key(&db, &broker.exchange, "later", 1, 300).await;
     let busy = insert_keyed(&db, &broker.exchange, 4, 1000).await;

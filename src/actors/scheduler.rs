@@ -171,9 +171,6 @@ pub struct Scheduler {
     runs: HashMap<String, std::collections::VecDeque<Delivery>>,
     /// The dispatched row each run waits on, by id: its ack hands on the next.
     run_turns: HashMap<uuid::Uuid, String>,
-    /// Keyed rows dispatched with more of their run behind them: their settlement does not
-    /// free their key (the run goes on), so it wakes no keyed claim.
-    continuing: std::collections::HashSet<uuid::Uuid>,
     /// Which keys the next keyed claim looks at (see `keys`).
     keys: Keys,
 }
@@ -221,7 +218,6 @@ impl Scheduler {
             runs: HashMap::new(),
             run_turns: HashMap::new(),
             keys: Keys::default(),
-            continuing: Default::default(),
         }
     }
 
@@ -566,7 +562,6 @@ impl Scheduler {
             if let Some(key) = &head.message.ordering_key {
                 if self.runs.contains_key(key) {
                     self.run_turns.insert(head.message.id, key.clone());
-                    self.continuing.insert(head.message.id);
                 }
             }
         }
@@ -587,7 +582,6 @@ impl Scheduler {
         };
         if !acked {
             // Its settlement frees the key again (claimed from its head, as any key).
-            self.continuing.remove(&id);
             self.end_run(&key);
             return;
         }
@@ -601,7 +595,6 @@ impl Scheduler {
         if run.is_empty() {
             self.runs.remove(&key);
         } else {
-            self.continuing.insert(next.message.id);
             self.run_turns.insert(next.message.id, key);
         }
         self.queue.push_front(next);
@@ -671,9 +664,7 @@ impl Scheduler {
 
     /// Gives back every queued row unpublished; their credits return when it is written.
     fn give_back_queue(&mut self) {
-        for (id, _) in self.run_turns.drain() {
-            self.continuing.remove(&id);
-        }
+        self.run_turns.clear();
         let runs = std::mem::take(&mut self.runs).into_values().flatten();
         let rows: Vec<Delivery> = self.queue.drain(..).chain(runs).collect();
         if rows.is_empty() {
@@ -755,20 +746,20 @@ impl Handler<Settled> for Scheduler {
 
     fn handle(&mut self, msg: Settled, ctx: &mut Context<Self>) {
         let mut settled = Vec::new();
-        // Whether a key may be free now: not when every row settled has its run going on.
+        // Whether a key is free now: this engine holds none of its rows any more. Counted
+        // per key, not read off the rows settled: flushes may commit out of order, so a
+        // run's last row can settle before the one ahead of it.
         let mut frees_a_key = false;
         for id in &msg.ids {
             // A run's current row settled without its turn (an outcome that bypassed the
             // ConfirmTracker): the run cannot go on in order, so it is given back.
             if let Some(key) = self.run_turns.remove(id) {
-                self.continuing.remove(id);
                 self.end_run(&key);
             }
-            frees_a_key |= !self.continuing.remove(id);
             if let Some((size, dispatched)) = self.held.remove(id) {
                 self.held_bytes -= size;
                 settled.extend(dispatched);
-                self.keys.let_go(id);
+                frees_a_key |= self.keys.let_go(id);
             }
         }
         self.left_window(settled);

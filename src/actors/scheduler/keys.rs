@@ -57,18 +57,23 @@ impl Keys {
         }
     }
 
-    /// Row `id` is no longer held: its key is freed when it was the key's last.
-    pub(super) fn let_go(&mut self, id: &Uuid) {
+    /// Row `id` is no longer held: its key is freed when it was the key's last, whatever
+    /// order the rows settle in (the Ledger's flushes may commit out of order). Returns
+    /// whether it freed its key.
+    pub(super) fn let_go(&mut self, id: &Uuid) -> bool {
         let Some(key) = self.key_of.remove(id) else {
-            return;
+            return false;
         };
-        if let Some(rows) = self.rows.get_mut(&key) {
-            *rows -= 1;
-            if *rows == 0 {
-                self.rows.remove(&key);
-                self.freed.push(key);
-            }
+        let Some(rows) = self.rows.get_mut(&key) else {
+            return false;
+        };
+        *rows -= 1;
+        if *rows > 0 {
+            return false;
         }
+        self.rows.remove(&key);
+        self.freed.push(key);
+        true
     }
 
     /// A wake-up other than this engine's own settlement: any key may be ready.
@@ -245,11 +250,13 @@ mod tests {
         keys.held(a1, "a");
         keys.held(a2, "a");
         keys.held(a2, "a"); // claimed again while held: counted once
-        keys.let_go(&a1);
-        keys.let_go(&Uuid::now_v7()); // not a keyed row
-        assert!(keys.freed.is_empty(), "a2 still held");
-        keys.let_go(&a2);
+                            // The run's last row settles first: its flush committed before the one ahead.
+        assert!(!keys.let_go(&a2), "a1 still held");
+        assert!(!keys.let_go(&Uuid::now_v7()), "not a keyed row");
+        assert!(keys.freed.is_empty());
+        assert!(keys.let_go(&a1), "the key's last held row frees it");
         assert_eq!(keys.freed, vec!["a".to_string()]);
         assert!(keys.rows.is_empty() && keys.key_of.is_empty());
+        assert!(!keys.let_go(&a1), "settled twice frees nothing");
     }
 }
