@@ -219,6 +219,7 @@ impl Handler<ClaimKeyed> for Ledger {
         let lease = self.lease;
         let signals = self.signals.clone();
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let claimed = match &msg.listed {
                 None => {
                     store
@@ -231,6 +232,16 @@ impl Handler<ClaimKeyed> for Ledger {
                         .await?
                 }
             };
+            // How keyed claims find their heads, and what each costs (debug: one line per
+            // claim, so walks and listed probes can be told apart and timed).
+            tracing::debug!(
+                walk = msg.listed.is_none(),
+                heads = msg.keys.heads,
+                rows = claimed.messages.len(),
+                candidates = claimed.candidates,
+                micros = started.elapsed().as_micros() as u64,
+                "keyed claim"
+            );
             announce_dead_lettered(&signals, &claimed);
             Ok(claimed)
         })
