@@ -105,8 +105,10 @@ const CLAIM_SET: &str = "SET status = 'in_flight',
                            ELSE o.last_error END,
          updated_at = now()";
 
-/// A row still to be delivered (the partial index of keys' open rows uses the same list).
-const OPEN: &str = "status IN ('pending', 'in_flight', 'retrying')";
+/// A row waiting for a claim (the partial index of keys' waiting rows, which the keyed
+/// claims walk, uses the same list). A key's head is its first waiting row: the claims skip
+/// a key with anything in flight, so for the keys they take that is its first open row.
+const WAITING: &str = "status IN ('pending', 'retrying')";
 
 /// The rows of a locked candidate set (`picked`: id, payload size, and its order as two
 /// plain columns `rank`, `at`: a row value such as `(rank, at)` would sort through the
@@ -153,7 +155,11 @@ fn claim_due(s: &Schema) -> String {
                       AND (ordering_key IS NULL OR NOT EXISTS (
                               SELECT 1 FROM {s}.outbox p
                               WHERE p.ordering_key = e.ordering_key AND p.seq < e.seq
-                                AND p.status IN ('pending', 'in_flight', 'retrying')))
+                                AND p.{WAITING}
+                              UNION ALL
+                              SELECT 1 FROM {s}.outbox p
+                              WHERE p.ordering_key = e.ordering_key AND p.seq < e.seq
+                                AND p.status = 'in_flight'))
                     ORDER BY locked_until
                     LIMIT $1
                     FOR UPDATE SKIP LOCKED
@@ -179,7 +185,7 @@ fn claim_due(s: &Schema) -> String {
 
 /// -- name: claim_keyed
 ///
-/// Keyed rows: the head of each key (its lowest open `seq`), only when it is due and
+/// Keyed rows: the head of each key (its lowest waiting `seq`), only when it is due and
 /// nothing of its key is in flight (and, with `$5`, nothing of its key sits in
 /// dead_letters), **and the key's run**: up to `$8` rows that follow the head in `seq`
 /// order, as long as each is due and publishable (a delayed, over-size or absent row ends
@@ -190,9 +196,11 @@ fn claim_due(s: &Schema) -> String {
 /// from the start up to and including it; the walk stops as soon as `$9` heads are found,
 /// so the cost follows the rows claimed, not the number of keys. A head locked by another
 /// engine is skipped (SKIP LOCKED), and a key with a row in flight is skipped, so a key is
-/// served by one engine at a time; a run's rows are locked after their head (waiting, not
-/// skipping: a skipped row would be a gap in the key's order). Of heads and runs, rows are
-/// taken in run position order while they fit the byte budget and `$1` rows (each key's run
+/// served by one engine at a time. A run's rows are locked by the update itself, after
+/// their head: it waits on a lock rather than skip the row (a skipped row would be a gap in
+/// the key's order) and re-checks the status, so a row that left `pending`/`retrying`
+/// meanwhile is not taken; a separate `FOR UPDATE` first would write a lock record per row
+/// for nothing. Of heads and runs, rows are taken in run position order while they fit the byte budget and `$1` rows (each key's run
 /// is read only as far as its share of the rows left after the heads). The rows come back
 /// ordered by key and `seq`, so the first row of each key is its head.
 ///
@@ -206,21 +214,21 @@ fn claim_keyed(s: &Schema) -> String {
         &format!(
             "ahead AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                     WHERE ordering_key > $4[1] AND {OPEN}
+                     WHERE ordering_key > $4[1] AND {WAITING}
                      ORDER BY ordering_key, seq LIMIT 1)
                     UNION ALL
                     SELECT n.* FROM ahead h, LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                        WHERE ordering_key > h.k AND {OPEN}
+                        WHERE ordering_key > h.k AND {WAITING}
                         ORDER BY ordering_key, seq LIMIT 1) n
                  ), behind AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                     WHERE ordering_key <= $4[1] AND {OPEN}
+                     WHERE ordering_key <= $4[1] AND {WAITING}
                      ORDER BY ordering_key, seq LIMIT 1)
                     UNION ALL
                     SELECT n.* FROM behind h, LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                        WHERE ordering_key > h.k AND ordering_key <= $4[1] AND {OPEN}
+                        WHERE ordering_key > h.k AND ordering_key <= $4[1] AND {WAITING}
                         ORDER BY ordering_key, seq LIMIT 1) n
                  )"
         ),
@@ -242,7 +250,7 @@ fn claim_keys(s: &Schema) -> String {
                     SELECT n.* FROM (SELECT DISTINCT k FROM unnest($4::text[]) AS u(k)) q,
                     LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                        WHERE ordering_key = q.k AND {OPEN}
+                        WHERE ordering_key = q.k AND {WAITING}
                         ORDER BY seq LIMIT 1) n
                  )"
         ),
@@ -251,7 +259,7 @@ fn claim_keys(s: &Schema) -> String {
 }
 
 /// The keyed claim after its candidate heads: `ctes` define them, `candidates` selects
-/// them (key `k`, `id`, `status`, `next_attempt_at`), each key's first open row.
+/// them (key `k`, `id`, `status`, `next_attempt_at`), each key's first waiting row.
 fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
     format!(
         "WITH RECURSIVE {ctes}, ready AS (
@@ -278,24 +286,20 @@ fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
                                n.status IN ('pending', 'retrying') AND n.next_attempt_at <= now()
                                    AND octet_length(n.payload) <= $6 AS ok
                         FROM {s}.outbox n
-                        WHERE n.ordering_key = h.k AND n.seq > h.seq AND {OPEN}
+                        WHERE n.ordering_key = h.k AND n.seq > h.seq AND {WAITING}
                         ORDER BY n.seq LIMIT (SELECT room FROM share)) f
                  ), run AS (
                     SELECT id, size, seq, pos FROM (
                         SELECT *, bool_and(ok) OVER (PARTITION BY k ORDER BY pos) AS clear
                         FROM following) t
                     WHERE clear
-                 ), run_locked AS (
-                    SELECT o.id, r.size, r.seq, r.pos
-                    FROM run r JOIN {s}.outbox o ON o.id = r.id
-                    WHERE o.status IN ('pending', 'retrying')
-                    FOR UPDATE OF o
                  ), picked AS (
                     SELECT id, size, 0::bigint AS rank, seq AS at FROM heads
-                    UNION ALL SELECT id, size, pos, seq FROM run_locked
+                    UNION ALL SELECT id, size, pos, seq FROM run
                  ), {fit}, taken AS (
                     UPDATE {s}.outbox o {CLAIM_SET}
                     WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
+                      AND o.status IN ('pending', 'retrying')
                     RETURNING {columns}, o.seq AS run_seq
                  )
                  SELECT * FROM taken ORDER BY ordering_key, run_seq",
