@@ -111,15 +111,15 @@ const CLAIM_SET: &str = "SET status = 'in_flight',
 const WAITING: &str = "status IN ('pending', 'retrying')";
 
 /// The rows of a locked candidate set (`picked`: id, payload size, and its order as two
-/// plain columns `rank`, `at`: a row value such as `(rank, at)` would sort through the
-/// generic record comparison, several times slower on a claim's thousands of rows) that fit the
-/// byte budget `budget` (bytes claimed in order, over-size payloads counting nothing since
-/// they are never fetched). The first row always fits: one message larger than the whole
-/// budget still goes, alone.
+/// plain columns `rank`, `at`; a row value such as `(rank, at)` would sort through the
+/// generic record comparison, slower on a claim's thousands of rows) that fit the byte
+/// budget `budget` (bytes claimed in order, over-size payloads counting nothing since they
+/// are never fetched). The first row always fits: one message larger than the whole budget
+/// still goes, alone.
 ///
 /// With `limit`, also at most that many rows: the keyed claim reads heads and their runs
-/// together (its `rank` is a run position, then `at` is `seq`: every head before any key's second
-/// row), so any prefix it keeps holds each key's rows without a gap.
+/// together (its `rank` is a run position and its `at` the `seq`: every head before any
+/// key's second row), so any prefix it keeps holds each key's rows without a gap.
 fn fit(max_payload: &str, budget: &str, limit: Option<&str>) -> String {
     let within = limit.map_or(String::new(), |l| format!(" AND rn <= {l}"));
     format!(
@@ -200,14 +200,14 @@ fn claim_due(s: &Schema) -> String {
 /// their head: it waits on a lock rather than skip the row (a skipped row would be a gap in
 /// the key's order) and re-checks the status, so a row that left `pending`/`retrying`
 /// meanwhile is not taken; a separate `FOR UPDATE` first would write a lock record per row
-/// for nothing. Of heads and runs, rows are taken in run position order while they fit the byte budget and `$1` rows (each key's run
-/// is read only as far as its share of the rows left after the heads). The rows come back
-/// ordered by key and `seq`, so the first row of each key is its head.
+/// for nothing. Of heads and runs, rows are taken in run position order while they fit the
+/// byte budget and `$1` rows (each key's run is read only as far as its share of the rows
+/// left after the heads). The rows come back ordered by key and `seq`, so the first row of
+/// each key is its head.
 ///
 /// `$1` most rows, `$2` engine id, `$3` lease (ms), `$4[1]` key cursor (a one-element array,
-/// as `claim_keys` takes its keys), `$5` block on a dead
-/// letter, `$6` `max_payload_bytes`, `$7` byte budget, `$8` most rows after each head,
-/// `$9` most heads.
+/// as `claim_keys` takes its keys), `$5` block on a dead letter, `$6` `max_payload_bytes`,
+/// `$7` byte budget, `$8` most rows after each head, `$9` most heads.
 fn claim_keyed(s: &Schema) -> String {
     claim_heads(
         s,

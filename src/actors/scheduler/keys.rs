@@ -249,8 +249,9 @@ mod tests {
         let (a1, a2) = (Uuid::now_v7(), Uuid::now_v7());
         keys.held(a1, "a");
         keys.held(a2, "a");
-        keys.held(a2, "a"); // claimed again while held: counted once
-                            // The run's last row settles first: its flush committed before the one ahead.
+        // Claimed again while held: counted once.
+        keys.held(a2, "a");
+        // The run's last row settles first: its flush committed before the one ahead.
         assert!(!keys.let_go(&a2), "a1 still held");
         assert!(!keys.let_go(&Uuid::now_v7()), "not a keyed row");
         assert!(keys.freed.is_empty());
