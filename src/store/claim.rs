@@ -105,10 +105,8 @@ const CLAIM_SET: &str = "SET status = 'in_flight',
                            ELSE o.last_error END,
          updated_at = now()";
 
-/// A row waiting for a claim (the partial index of keys' waiting rows, which the keyed
-/// claims walk, uses the same list). A key's head is its first waiting row: the claims skip
-/// a key with anything in flight, so for the keys they take that is its first open row.
-const WAITING: &str = "status IN ('pending', 'retrying')";
+/// A row still to be delivered (the partial index of keys' open rows uses the same list).
+const OPEN: &str = "status IN ('pending', 'in_flight', 'retrying')";
 
 /// The rows of a locked candidate set (`picked`: id, payload size, and its order as two
 /// plain columns `rank`, `at`; a row value such as `(rank, at)` would sort through the
@@ -155,11 +153,7 @@ fn claim_due(s: &Schema) -> String {
                       AND (ordering_key IS NULL OR NOT EXISTS (
                               SELECT 1 FROM {s}.outbox p
                               WHERE p.ordering_key = e.ordering_key AND p.seq < e.seq
-                                AND p.{WAITING}
-                              UNION ALL
-                              SELECT 1 FROM {s}.outbox p
-                              WHERE p.ordering_key = e.ordering_key AND p.seq < e.seq
-                                AND p.status = 'in_flight'))
+                                AND p.status IN ('pending', 'in_flight', 'retrying')))
                     ORDER BY locked_until
                     LIMIT $1
                     FOR UPDATE SKIP LOCKED
@@ -185,7 +179,7 @@ fn claim_due(s: &Schema) -> String {
 
 /// -- name: claim_keyed
 ///
-/// Keyed rows: the head of each key (its lowest waiting `seq`), only when it is due and
+/// Keyed rows: the head of each key (its lowest open `seq`), only when it is due and
 /// nothing of its key is in flight (and, with `$5`, nothing of its key sits in
 /// dead_letters), **and the key's run**: up to `$8` rows that follow the head in `seq`
 /// order, as long as each is due and publishable (a delayed, over-size or absent row ends
@@ -214,21 +208,21 @@ fn claim_keyed(s: &Schema) -> String {
         &format!(
             "ahead AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                     WHERE ordering_key > $4[1] AND {WAITING}
+                     WHERE ordering_key > $4[1] AND {OPEN}
                      ORDER BY ordering_key, seq LIMIT 1)
                     UNION ALL
                     SELECT n.* FROM ahead h, LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                        WHERE ordering_key > h.k AND {WAITING}
+                        WHERE ordering_key > h.k AND {OPEN}
                         ORDER BY ordering_key, seq LIMIT 1) n
                  ), behind AS (
                     (SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                     WHERE ordering_key <= $4[1] AND {WAITING}
+                     WHERE ordering_key <= $4[1] AND {OPEN}
                      ORDER BY ordering_key, seq LIMIT 1)
                     UNION ALL
                     SELECT n.* FROM behind h, LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                        WHERE ordering_key > h.k AND ordering_key <= $4[1] AND {WAITING}
+                        WHERE ordering_key > h.k AND ordering_key <= $4[1] AND {OPEN}
                         ORDER BY ordering_key, seq LIMIT 1) n
                  )"
         ),
@@ -250,7 +244,7 @@ fn claim_keys(s: &Schema) -> String {
                     SELECT n.* FROM (SELECT DISTINCT k FROM unnest($4::text[]) AS u(k)) q,
                     LATERAL (
                         SELECT ordering_key AS k, id, status, next_attempt_at FROM {s}.outbox
-                        WHERE ordering_key = q.k AND {WAITING}
+                        WHERE ordering_key = q.k AND {OPEN}
                         ORDER BY seq LIMIT 1) n
                  )"
         ),
@@ -259,7 +253,7 @@ fn claim_keys(s: &Schema) -> String {
 }
 
 /// The keyed claim after its candidate heads: `ctes` define them, `candidates` selects
-/// them (key `k`, `id`, `status`, `next_attempt_at`), each key's first waiting row.
+/// them (key `k`, `id`, `status`, `next_attempt_at`), each key's first open row.
 fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
     format!(
         "WITH RECURSIVE {ctes}, ready AS (
@@ -286,7 +280,7 @@ fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
                                n.status IN ('pending', 'retrying') AND n.next_attempt_at <= now()
                                    AND octet_length(n.payload) <= $6 AS ok
                         FROM {s}.outbox n
-                        WHERE n.ordering_key = h.k AND n.seq > h.seq AND {WAITING}
+                        WHERE n.ordering_key = h.k AND n.seq > h.seq AND {OPEN}
                         ORDER BY n.seq LIMIT (SELECT room FROM share)) f
                  ), run AS (
                     SELECT id, size, seq, pos FROM (

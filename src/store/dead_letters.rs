@@ -383,8 +383,7 @@ pub struct BlockedKey {
 /// -- name: blocked_keys
 ///
 /// Keys with a dead letter and open rows behind it, longest blocked first. Each key is one
-/// probe of the index of keys' waiting rows and one of their rows in flight; the dead
-/// letters are the operators' table, small by design.
+/// probe of the open-key index; the dead letters are the operators' table, small by design.
 ///
 /// `$1` most keys.
 fn blocked_keys(s: &Schema) -> String {
@@ -392,18 +391,14 @@ fn blocked_keys(s: &Schema) -> String {
         "SELECT d.ordering_key AS key, d.id AS dead_letter,
                 (SELECT count(*) FROM (SELECT 1 FROM {s}.outbox o
                                        WHERE o.ordering_key = d.ordering_key
-                                         AND o.status IN ('pending', 'retrying')
-                                       LIMIT 10001) w)
-                + (SELECT count(*) FROM {s}.outbox o
-                   WHERE o.ordering_key = d.ordering_key AND o.status = 'in_flight') AS waiting
+                                         AND o.status IN ('pending', 'in_flight', 'retrying')
+                                       LIMIT 10001) w) AS waiting
          FROM (SELECT DISTINCT ON (ordering_key) ordering_key, id, failed_at
                FROM {s}.dead_letters WHERE ordering_key IS NOT NULL
                ORDER BY ordering_key, failed_at) d
          WHERE EXISTS (SELECT 1 FROM {s}.outbox o
                        WHERE o.ordering_key = d.ordering_key
-                         AND o.status IN ('pending', 'retrying'))
-            OR EXISTS (SELECT 1 FROM {s}.outbox o
-                       WHERE o.ordering_key = d.ordering_key AND o.status = 'in_flight')
+                         AND o.status IN ('pending', 'in_flight', 'retrying'))
          ORDER BY d.failed_at, d.ordering_key LIMIT $1"
     )
 }

@@ -1,8 +1,8 @@
 //! Which ordering keys the next keyed claim looks at: all of them (a walk), or only the keys
 //! this engine freed since. Pure state, so the rules are unit-tested without a database.
 //!
-//! A walk visits every key with waiting rows, one index probe each: with a thousand busy
-//! keys that was most of the database's extra work per keyed message. A key
+//! A walk visits every key with open rows, in flight or not, one index probe each: with a
+//! thousand busy keys that was most of the database's extra work per keyed message. A key
 //! this engine holds becomes ready only when its last row settles, so once a walk has seen
 //! every key, probing the keys freed since is enough, until something else may ready a key:
 //! an insert's NOTIFY, a delay or backoff ending, the sweep, a nudge (every wake-up but a
