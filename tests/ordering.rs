@@ -28,6 +28,8 @@ use uuid::Uuid;
 
 const LONG: Duration = Duration::from_secs(600);
 const WAIT: Duration = Duration::from_secs(120);
+/// A sweep longer than every wait in a test: nothing there may wait for it.
+const NO_SWEEP: Duration = Duration::from_secs(600);
 
 fn block() -> KeyScan {
     KeyScan {
@@ -520,7 +522,7 @@ async fn every_run_of_a_key_is_followed_by_its_next_claim_without_the_sweep() {
     let db = TestDb::new("ord_run_ends").await;
     let broker = TestBroker::new("ord_run_ends").await;
     let mut config = db.engine_config();
-    config.scheduler.sweep_interval = Duration::from_secs(600);
+    config.scheduler.sweep_interval = NO_SWEEP;
     config.ordering.run = 2;
     let engine = Engine::start(config).await.expect("engine starts");
     let keyed = insert_keyed(&db, &broker.exchange, 3, 1500).await;
@@ -541,8 +543,7 @@ async fn a_delayed_key_goes_when_due_while_busy_keys_keep_running() {
     let db = TestDb::new("ord_delayed_key").await;
     let broker = TestBroker::new("ord_delayed_key").await;
     let mut config = db.engine_config();
-    // Longer than every wait below: nothing may wait for the sweep.
-    config.scheduler.sweep_interval = Duration::from_secs(600);
+    config.scheduler.sweep_interval = NO_SWEEP;
     let engine = Engine::start(config).await.expect("engine starts");
     let later = insert_key(&db, &broker.exchange, "later", 1, 300).await;
     let busy = insert_keyed(&db, &broker.exchange, 4, 1000).await;
