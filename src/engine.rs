@@ -35,7 +35,7 @@ use crate::{
         ledger::{Flushed, Ledger, ReleaseAll},
         publisher::Publisher,
         retention::{Retention, RunRetention},
-        scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
+        scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake, RELEASED},
     },
     config::{Config, ConfigError},
     events::{BrokerState, CounterSnapshot, EngineEvent, Signals},
@@ -422,8 +422,20 @@ impl EngineHandle {
         } else {
             self.release_all(left).await
         };
+        self.wake_the_others().await;
         self.deregister().await;
         released
+    }
+
+    /// Rows given back during the shutdown (unpublished, or unconfirmed at its timeout) are
+    /// due at once, but no insert announces them: without a NOTIFY the other engines would
+    /// find them only at their next sweep (`scheduler.sweep_interval`). One NOTIFY, after
+    /// the releases committed, with a payload the listeners read as "anything may be
+    /// ready" (unkeyed rows and every key).
+    async fn wake_the_others(&self) {
+        if let Err(e) = self.inner.store.notify(RELEASED).await {
+            tracing::warn!(error = %e, "could not wake the other engines; they find the released rows at their next sweep");
+        }
     }
 
     /// Leaves the engine registry: no beat after this, and the row goes (other engines

@@ -176,6 +176,70 @@ async fn graceful_shutdown_releases_what_it_could_not_settle() {
     next.shutdown().await;
 }
 
+/// The rows a stopping engine gives back are due at once, but no insert announces them: the
+/// engine wakes the others itself. The engine already running here sweeps every ten
+/// minutes, so only that NOTIFY can bring it to them within the test's bound.
+#[actix_rt::test]
+async fn an_engine_that_stops_wakes_the_others_for_the_rows_it_gave_back() {
+    let db = TestDb::new("stopwake").await;
+    let broker = TestBroker::new("stopwake").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
+    config.broker.heartbeat = Duration::from_secs(60);
+    config.retry.confirm_timeout = Duration::from_secs(30);
+    config.scheduler.lease_duration = Duration::from_secs(120);
+    config.shutdown.timeout = Duration::from_secs(1);
+    let stopping = Engine::start(config).await.unwrap();
+    let warm = db.insert_sql(&broker.exchange, 1, "routed.warm").await;
+    assert_eq!(
+        stopping.wait_for(warm[0], WAIT).await.unwrap(),
+        Outcome::Confirmed
+    );
+    proxy.stall(true); // its confirms cannot arrive: it holds every row until it stops
+    let ids = db.insert_sql(&broker.exchange, 200, "routed.{i}").await;
+    eventually(30, "the first engine holds every row", || async {
+        (db.count(Status::InFlight).await == ids.len() as i64).then_some(())
+    })
+    .await;
+
+    let mut env: Vec<_> = db
+        .process_env()
+        .into_iter()
+        .filter(|(k, _)| *k != "COURIER_LOGGING_LEVEL")
+        .collect();
+    env.push(("COURIER_SCHEDULER_SWEEP_INTERVAL", "10m".into()));
+    env.push((
+        "COURIER_LOGGING_LEVEL",
+        "info,courier::actors::scheduler=debug,courier::actors::ledger=debug".into(),
+    ));
+    let mut running = EngineProcess::spawn("stopwake-running", &env);
+    eventually(30, "the second engine listens", || async {
+        running
+            .log()
+            .contains("LISTEN self-check received")
+            .then_some(())
+    })
+    .await;
+    // The shutdown waits its full second for confirms that cannot come: the running
+    // engine's own first claims, which found every row leased, are long over.
+    let released = within(30, "shutdown", stopping.shutdown()).await;
+    assert_eq!(released, ids.len(), "every held row is given back");
+
+    let mut all = ids.clone();
+    all.extend(warm);
+    eventually(
+        30,
+        "the running engine takes them without its sweep",
+        || async { (db.count(Status::Confirmed).await == all.len() as i64).then_some(()) },
+    )
+    .await;
+    let exit = running.terminate(30).await;
+    assert!(exit.success(), "{}", running.log());
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+}
+
 #[tokio::test]
 async fn three_engine_processes_share_the_load_without_duplicates() {
     let db = TestDb::new("three").await;

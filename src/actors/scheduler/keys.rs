@@ -8,8 +8,10 @@
 //! an insert's NOTIFY, a delay or backoff ending, the sweep, a nudge (every wake-up but a
 //! settlement), or a walk that stopped at its limit with keys unvisited. Keys freed by
 //! another engine are that engine's to probe; a key not ready when probed waits for such a
-//! wake-up. An engine that stops or gives rows back sends no NOTIFY: its keys wait for the
-//! other engines' sweep, a second by default.
+//! wake-up. An engine that stops wakes the others once it has given its rows back (one
+//! NOTIFY); rows an engine gives back while it runs (the rest of a failed run, its queue
+//! when the broker is lost) wait for a wake-up or the other engines' sweep, a second by
+//! default.
 
 use std::collections::{HashMap, HashSet};
 

@@ -92,7 +92,7 @@ async fn listen(
 
 /// The insert trigger says `''` for every inserting statement and `keyed` when keyed rows
 /// were among them (so does a discard that may unblock a key); anything else (another
-/// engine's self-check) may mean anything.
+/// engine's self-check, or [`RELEASED`]) may mean anything.
 fn wake_for(payload: &str) -> Wake {
     match payload {
         "" => Wake {
@@ -109,3 +109,6 @@ fn wake_for(payload: &str) -> Wake {
 
 /// The NOTIFY payload of keyed rows.
 pub const KEYED: &str = "keyed";
+
+/// The NOTIFY payload of an engine that stopped and gave rows back: any row may be due.
+pub(crate) const RELEASED: &str = "released";
