@@ -132,11 +132,14 @@ async fn kill_9_mid_stream_then_restart_delivers_everything() {
     assert_eq!(a.confirmed, ids.len());
 }
 
-#[actix_rt::test]
-async fn graceful_shutdown_releases_what_it_could_not_settle() {
-    let db = TestDb::new("shutdown").await;
-    let broker = TestBroker::new("shutdown").await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+/// An engine publishing through `proxy`, with leases and confirm timeouts long enough that
+/// once the proxy stalls only its shutdown (after one second) gives its rows back, and the
+/// id of a warm message it has confirmed (its broker link is up).
+async fn engine_that_will_hold_its_rows(
+    db: &TestDb,
+    broker: &TestBroker,
+    proxy: &Proxy,
+) -> (EngineHandle, Vec<Uuid>) {
     let mut config = db.engine_config();
     config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
     config.broker.heartbeat = Duration::from_secs(60);
@@ -149,6 +152,15 @@ async fn graceful_shutdown_releases_what_it_could_not_settle() {
         engine.wait_for(warm[0], WAIT).await.unwrap(),
         Outcome::Confirmed
     );
+    (engine, warm)
+}
+
+#[actix_rt::test]
+async fn graceful_shutdown_releases_what_it_could_not_settle() {
+    let db = TestDb::new("shutdown").await;
+    let broker = TestBroker::new("shutdown").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let (engine, warm) = engine_that_will_hold_its_rows(&db, &broker, &proxy).await;
     proxy.stall(true); // confirms cannot arrive
     let mut events = engine.subscribe();
     let ids = db.insert_sql(&broker.exchange, 200, "routed.{i}").await;
@@ -184,18 +196,7 @@ async fn an_engine_that_stops_wakes_the_others_for_the_rows_it_gave_back() {
     let db = TestDb::new("stopwake").await;
     let broker = TestBroker::new("stopwake").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
-    let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
-    config.broker.heartbeat = Duration::from_secs(60);
-    config.retry.confirm_timeout = Duration::from_secs(30);
-    config.scheduler.lease_duration = Duration::from_secs(120);
-    config.shutdown.timeout = Duration::from_secs(1);
-    let stopping = Engine::start(config).await.unwrap();
-    let warm = db.insert_sql(&broker.exchange, 1, "routed.warm").await;
-    assert_eq!(
-        stopping.wait_for(warm[0], WAIT).await.unwrap(),
-        Outcome::Confirmed
-    );
+    let (stopping, warm) = engine_that_will_hold_its_rows(&db, &broker, &proxy).await;
     proxy.stall(true); // its confirms cannot arrive: it holds every row until it stops
     let ids = db.insert_sql(&broker.exchange, 200, "routed.{i}").await;
     eventually(30, "the first engine holds every row", || async {
