@@ -3,10 +3,12 @@
 
 use clap::Parser;
 
-/// jemalloc, for the binary only (an embedding application keeps its own allocator). The
-/// engine allocates and frees a few small buffers per message on one thread (rows, frames,
+/// jemalloc, for the binary only (feature `jemalloc`, on by default; an application that
+/// embeds the library keeps its own allocator and can turn the feature off). The engine
+/// allocates and frees a few small buffers per message on one thread (rows, frames,
 /// futures); with glibc's allocator that was a fifth of the engine's CPU, and jemalloc cut
 /// its CPU per message by about a sixth in the quorum bench (README, Speed).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -14,6 +16,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// 20 MiB payloads the default kept a quarter more memory resident than glibc did (peak RSS
 /// 236 against 189 MB), and returning them at once (`0`) took back the CPU saved.
 /// `_RJEM_MALLOC_CONF` in the environment overrides it.
+#[cfg(feature = "jemalloc")]
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
