@@ -204,15 +204,13 @@ async fn an_engine_that_stops_wakes_the_others_for_the_rows_it_gave_back() {
     })
     .await;
 
-    let mut env: Vec<_> = db
-        .process_env()
-        .into_iter()
-        .filter(|(k, _)| *k != "COURIER_LOGGING_LEVEL")
-        .collect();
+    let mut env = db.process_env();
     env.push(("COURIER_SCHEDULER_SWEEP_INTERVAL", "10m".into()));
+    // Its listener says at debug level when notifications reach it.
+    env.retain(|(k, _)| *k != "COURIER_LOGGING_LEVEL");
     env.push((
         "COURIER_LOGGING_LEVEL",
-        "info,courier::actors::scheduler=debug,courier::actors::ledger=debug".into(),
+        "info,courier::actors::scheduler::listen=debug".into(),
     ));
     let mut running = EngineProcess::spawn("stopwake-running", &env);
     eventually(30, "the second engine listens", || async {
