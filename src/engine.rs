@@ -35,12 +35,12 @@ use crate::{
         ledger::{Flushed, Ledger, ReleaseAll},
         publisher::Publisher,
         retention::{Retention, RunRetention},
-        scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake, RELEASED},
+        scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
     },
     config::{Config, ConfigError},
     events::{BrokerState, CounterSnapshot, EngineEvent, Signals},
     lifecycle::Lifecycle,
-    store::{self, Outcome, Store, StoreError},
+    store::{self, Outcome, Store, StoreError, NOTIFY_RELEASED},
 };
 
 /// Why the engine could not start, or a wait failed.
@@ -433,7 +433,7 @@ impl EngineHandle {
     /// the releases committed, with a payload the listeners read as "anything may be
     /// ready" (unkeyed rows and every key).
     async fn wake_the_others(&self) {
-        if let Err(e) = self.inner.store.notify(RELEASED).await {
+        if let Err(e) = self.inner.store.notify(NOTIFY_RELEASED).await {
             tracing::warn!(error = %e, "could not wake the other engines; they find the released rows at their next sweep");
         }
     }

@@ -55,7 +55,6 @@ mod listen;
 mod window;
 
 pub use credit::{Credit, CreditLine, Credits};
-pub(crate) use listen::RELEASED;
 
 use demand::{Demand, Kind};
 use keys::{Keys, Scan};

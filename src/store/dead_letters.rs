@@ -469,7 +469,7 @@ impl Store {
     /// a failure here is only logged.
     async fn wake_after_discard(&self, discarded: usize) {
         if discarded > 0 {
-            if let Err(e) = self.notify("keyed").await {
+            if let Err(e) = self.notify(super::NOTIFY_KEYED).await {
                 tracing::debug!(error = %e, "could not notify the engines after a discard");
             }
         }

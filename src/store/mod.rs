@@ -58,6 +58,7 @@ pub use dead_letters::{BlockedKey, DeadLetter, DeadLetterUpdate};
 pub use engines::{beat, rescue, Beat, EngineRecord, Identity, Rescued};
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{migrate, migrate_config, MIGRATION_NAMES};
+pub(crate) use notify::{NOTIFY_KEYED, NOTIFY_RELEASED};
 pub use settle::RetryUpdate;
 pub use stats::{MessageState, OldestOpen, Outcome, Stats, EXACT_UP_TO};
 

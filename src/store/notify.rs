@@ -8,6 +8,14 @@ use diesel::sql_types::Text;
 
 use super::{Schema, Store, StoreError};
 
+/// The payload of a NOTIFY about keyed rows: the insert trigger's when keyed rows were among
+/// an insert's, and a discard's that may unblock a key. The trigger's other payload is `''`
+/// (unkeyed rows only).
+pub(crate) const NOTIFY_KEYED: &str = "keyed";
+
+/// The payload of an engine that stopped and gave rows back: any row may be due.
+pub(crate) const NOTIFY_RELEASED: &str = "released";
+
 /// The channel's name: `<schema>.outbox`, unquoted (a channel is not an identifier here,
 /// but a string the trigger passes to `pg_notify`).
 fn channel(s: &Schema) -> String {

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use super::{Scheduler, Wake};
 use crate::{
     events::Signals,
-    store::{establish, Store, StoreError},
+    store::{establish, Store, StoreError, NOTIFY_KEYED},
 };
 
 const SELF_CHECK_WAIT: Duration = Duration::from_secs(2);
@@ -92,23 +92,17 @@ async fn listen(
 
 /// The insert trigger says `''` for every inserting statement and `keyed` when keyed rows
 /// were among them (so does a discard that may unblock a key); anything else (another
-/// engine's self-check, or [`RELEASED`]) may mean anything.
+/// engine's self-check, or a stopping engine's [`NOTIFY_RELEASED`]) may mean anything.
 fn wake_for(payload: &str) -> Wake {
     match payload {
         "" => Wake {
             unkeyed: true,
             keyed: false,
         },
-        KEYED => Wake {
+        NOTIFY_KEYED => Wake {
             unkeyed: false,
             keyed: true,
         },
         _ => Wake::ALL,
     }
 }
-
-/// The NOTIFY payload of keyed rows.
-pub const KEYED: &str = "keyed";
-
-/// The NOTIFY payload of an engine that stopped and gave rows back: any row may be due.
-pub(crate) const RELEASED: &str = "released";
