@@ -324,6 +324,9 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// Most publishing connections one engine opens (`publisher.connections`).
+pub const MAX_PUBLISHER_CONNECTIONS: u32 = 16;
+
 /// `publisher.*` (mandatory and persistent are always on and not configurable).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -335,6 +338,12 @@ pub struct PublisherConfig {
     pub adaptive_window: bool,
     /// Most rows handed to the publisher in one message.
     pub publish_batch: u32,
+    /// AMQP connections the engine publishes over, each with its own confirm channel and
+    /// confirm tracking. RabbitMQ paces each connection on its own (credit flow), so one
+    /// connection is often held back while the broker has room; batches go to the
+    /// connections in turn. A key's next message waits for its predecessor's confirm, so
+    /// per-key order does not depend on which connection carries it.
+    pub connections: u32,
     /// Larger payloads fail without being sent (and without being fetched).
     pub max_payload_bytes: u64,
     /// Most payload bytes claimed and not yet settled, per engine: with large messages this,
@@ -349,6 +358,7 @@ impl Default for PublisherConfig {
             max_in_flight: 4096,
             adaptive_window: true,
             publish_batch: 512,
+            connections: 2,
             max_payload_bytes: 128 * 1024 * 1024,
             max_in_flight_bytes: 64 * 1024 * 1024,
         }
@@ -595,6 +605,12 @@ impl Config {
             "publisher.publish_batch",
             self.publisher.publish_batch as u64,
         )?;
+        if !(1..=MAX_PUBLISHER_CONNECTIONS).contains(&self.publisher.connections) {
+            return Err(ConfigError::invalid(
+                "publisher.connections",
+                format!("must be between 1 and {MAX_PUBLISHER_CONNECTIONS}"),
+            ));
+        }
         positive(
             "publisher.max_payload_bytes",
             self.publisher.max_payload_bytes,
@@ -907,6 +923,19 @@ mod tests {
         let msg = err("database:\n  pool_size: -2\n");
         assert!(msg.contains("pool_size"), "{msg}");
         assert!(err("scheduler:\n  claim_batch: 0\n").contains("scheduler.claim_batch"));
+    }
+
+    #[test]
+    fn publishing_connections_are_bounded() {
+        for n in [0, 17] {
+            let msg = err(&format!("publisher:\n  connections: {n}\n"));
+            assert!(
+                msg.contains("publisher.connections") && msg.contains("between 1 and 16"),
+                "{msg}"
+            );
+        }
+        let one = parse_env("", &[("COURIER_PUBLISHER_CONNECTIONS", "1")]).expect("valid");
+        assert_eq!(one.publisher.connections, 1);
     }
 
     #[test]

@@ -133,27 +133,29 @@ impl Engine {
         .start();
         let dead_letter =
             DeadLetterActor::new(config.clone(), ledger.clone(), signals.clone()).start();
-        let tracker = ConfirmTracker::new(
-            config.clone(),
-            ledger.clone(),
-            dead_letter.clone(),
-            scheduler.clone(),
-            signals.clone(),
-        )
-        .start();
-        let publisher = {
-            let (config, tracker, scheduler, ledger, signals, lifecycle) = (
-                config.clone(),
-                tracker,
-                scheduler.clone(),
-                ledger.clone(),
-                signals.clone(),
-                lifecycle.clone(),
-            );
-            Supervisor::start(move |_| {
-                Publisher::new(config, tracker, scheduler, ledger, signals, lifecycle)
+        // One Publisher per publishing connection, each with its own ConfirmTracker.
+        let publishers = (0..config.publisher.connections as usize)
+            .map(|lane| {
+                let tracker = ConfirmTracker::new(
+                    config.clone(),
+                    ledger.clone(),
+                    dead_letter.clone(),
+                    scheduler.clone(),
+                    signals.clone(),
+                )
+                .start();
+                let (config, scheduler, ledger, signals, lifecycle) = (
+                    config.clone(),
+                    scheduler.clone(),
+                    ledger.clone(),
+                    signals.clone(),
+                    lifecycle.clone(),
+                );
+                Supervisor::start(move |_| {
+                    Publisher::new(lane, config, tracker, scheduler, ledger, signals, lifecycle)
+                })
             })
-        };
+            .collect();
         let retention =
             Retention::new(store.clone(), config.retention.clone(), signals.clone()).start();
         let heartbeat = Heartbeat::new(
@@ -170,7 +172,7 @@ impl Engine {
             config.clone(),
             Peers {
                 ledger: ledger.clone(),
-                publisher,
+                publishers,
                 dead_letter,
             },
             store.clone(),

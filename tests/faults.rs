@@ -16,7 +16,10 @@ use common::{
     proxy::Proxy,
     within, EngineProcess, TestDb,
 };
-use courier::{config::SecretUrl, Engine, EngineEvent, EngineHandle, Outcome, Status};
+use courier::{
+    config::{BrokerUrls, SecretUrl},
+    BrokerState, Engine, EngineEvent, EngineHandle, Outcome, Status,
+};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -56,6 +59,70 @@ async fn tcp_cuts_mid_stream_lose_nothing() {
     let a = audit(&db, &broker, &broker.queue, &ids).await;
     assert_eq!(a.confirmed, ids.len());
     assert!(engine.counters().reconnects >= 3);
+    engine.shutdown().await;
+}
+
+/// One engine publishes over `publisher.connections` (2 by default), started on different
+/// nodes of `broker.url`: losing one connection costs only its own unconfirmed messages, and
+/// the other goes on publishing. Two proxies to the one broker stand for two nodes. The
+/// second node's connection is cut mid-stream while both refuse new connections, so the
+/// lost one stays down until they accept again.
+#[actix_rt::test]
+async fn losing_one_publishing_connection_leaves_the_other_publishing() {
+    let db = TestDb::new("lanes").await;
+    let broker = TestBroker::new("lanes").await;
+    let upstream = "127.0.0.1:5672".parse().unwrap();
+    let (first, second) = (Proxy::start(upstream), Proxy::start(upstream));
+    let mut config = db.engine_config();
+    assert_eq!(config.publisher.connections, 2, "the default");
+    config.broker.url = BrokerUrls::from(vec![
+        SecretUrl::new(first.amqp_url()),
+        SecretUrl::new(second.amqp_url()),
+    ]);
+    config.retry.max_attempts = 20;
+    let engine = Engine::start(config).await.expect("engine");
+    let mut events = engine.subscribe();
+    let ids = db.insert_sql(&broker.exchange, 20_000, "routed.{i}").await;
+    confirmed_at_least(&mut events, 500).await;
+    assert_eq!(
+        second.connections(),
+        1,
+        "the second publishing connection starts on the second node"
+    );
+
+    first.refuse(true);
+    second.refuse(true);
+    second.cut();
+    wait_event(&mut events, 30, "the second node's connection lost", |e| {
+        matches!(e, EngineEvent::BrokerDisconnected(_))
+    })
+    .await;
+    // Down, and trying: it backs off between passes over the two nodes.
+    eventually(30, "the lost connection trying both nodes", || {
+        let tried = first.refused() >= 1 && second.refused() >= 1;
+        async move { tried.then_some(()) }
+    })
+    .await;
+    confirmed_at_least(&mut events, 500).await;
+    assert_eq!(
+        engine.broker_state(),
+        BrokerState::Connected,
+        "one connection is up"
+    );
+
+    first.refuse(false);
+    second.refuse(false);
+    wait_event(&mut events, 30, "the lost connection back", |e| {
+        matches!(e, EngineEvent::BrokerConnected)
+    })
+    .await;
+    engine
+        .wait_for_all(&ids, WAIT)
+        .await
+        .expect("all settle after the loss");
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    assert_eq!(engine.counters().reconnects, 1);
     engine.shutdown().await;
 }
 
@@ -537,6 +604,7 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     broker.bind(&dlq, &dlx, "").await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
     let mut config = db.engine_config();
+    let publishers = config.publisher.connections;
     config.broker.url = SecretUrl::new(proxy.amqp_url()).into();
     config.broker.heartbeat = Duration::from_secs(60); // the stall is not a dead link
     config.broker.connect_timeout = Duration::from_secs(2);
@@ -576,8 +644,9 @@ async fn a_stalled_dead_letter_exchange_does_not_hold_up_dead_letters() {
     // first are the others).
     let before = proxy.connections();
     assert_eq!(
-        before, 3,
-        "start check, publisher and dead-letter connections"
+        before,
+        2 + u64::from(publishers),
+        "start check, publishing ({publishers}) and dead-letter connections"
     );
     eventually(20, "a new dead-letter connection after the timeout", || {
         let n = proxy.connections();

@@ -1,4 +1,6 @@
-//! The ConfirmTracker: every published message until the broker settles it.
+//! The ConfirmTracker: every message published on one connection, until the broker settles
+//! it (one tracker per Publisher: a lost connection fails only its own messages, and returns
+//! ride only on confirms of their own channel).
 //!
 //! It owns the in-flight table (`message id → Delivery`, publish token, confirm deadline)
 //! and decides each outcome through the state machine: an ack that was not returned →
@@ -149,6 +151,8 @@ pub struct ConfirmTracker {
     held: Vec<(Resolved, Option<u64>)>,
     /// The stamp the newest fence sent will bring.
     fence_at: u64,
+    /// The in-flight count last added to the engine's gauge (one tracker per connection).
+    reported: usize,
 }
 
 impl ConfirmTracker {
@@ -172,6 +176,7 @@ impl ConfirmTracker {
             writing: 0,
             held: Vec::new(),
             fence_at: 0,
+            reported: 0,
         }
     }
 
@@ -205,8 +210,10 @@ impl ConfirmTracker {
         }
     }
 
-    fn update_gauge(&self) {
-        self.signals.in_flight(self.in_flight.len());
+    fn update_gauge(&mut self) {
+        let now = self.in_flight.len();
+        self.signals.in_flight(self.reported, now);
+        self.reported = now;
     }
 
     /// Applies one failed attempt to `delivery`, adding the write to `out`.
@@ -311,7 +318,7 @@ impl ConfirmTracker {
         }
     }
 
-    fn send(&self, out: Outcomes) {
+    fn send(&mut self, out: Outcomes) {
         if !out.turns.is_empty() {
             // First: a key's next row is published on its predecessor's ack, not its write.
             self.scheduler.do_send(KeyTurn(out.turns));

@@ -1,4 +1,11 @@
-//! The Publisher: owns the AMQP connection and its confirm-mode channel.
+//! The Publisher: owns one AMQP connection and its confirm-mode channel.
+//!
+//! An engine runs `publisher.connections` of them (lanes), each with its own
+//! ConfirmTracker, and the Scheduler hands batches to them in turn. RabbitMQ's credit flow
+//! pauses each connection on its own (seen here: one engine's only connection was in `flow`
+//! in every 50 ms sample of a quorum drain), so a second connection publishes while the
+//! first is paused. Per-key order does not need a key to stay on one connection: a key's
+//! next message is handed on only after its predecessor's confirm.
 //!
 //! Every message is published persistent and `mandatory`, with `message_id` = row id. A
 //! batch is written in one go (each `basic_publish` future registers its confirm and queues
@@ -101,6 +108,8 @@ struct Link {
 
 /// See the module documentation.
 pub struct Publisher {
+    /// Which of the engine's publishing connections this is (`publisher.connections`).
+    lane: usize,
     config: Arc<Config>,
     tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
@@ -123,8 +132,9 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher that connects when started.
+    /// Publishing connection number `lane` (from 0), which connects when started.
     pub fn new(
+        lane: usize,
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
         scheduler: Addr<Scheduler>,
@@ -133,6 +143,7 @@ impl Publisher {
         lifecycle: Lifecycle,
     ) -> Self {
         Publisher {
+            lane,
             config,
             tracker,
             scheduler,
@@ -147,23 +158,32 @@ impl Publisher {
             channels_opened: 0,
             failed_connects: 0,
             ever_connected: false,
-            node: 0,
-            next_node: 0,
+            // The connections start on different nodes of a cluster.
+            node: lane,
+            next_node: lane,
+        }
+    }
+
+    fn ready(&self, ready: bool) -> BrokerReady {
+        BrokerReady {
+            lane: self.lane,
+            ready,
         }
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let cfg = self.config.broker.clone();
         let start = self.next_node;
+        let lane = self.lane;
         ctx.wait(
-            async move { open_link(&cfg, start).await }
+            async move { open_link(&cfg, lane, start).await }
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
                     Ok((mut link, events, node)) => {
                         act.node = node;
                         act.next_node = node;
                         let url = act.config.broker.url.get(node).map(|u| u.redacted());
-                        tracing::info!(broker = url.as_deref().unwrap_or_default(), node, "connected to RabbitMQ");
+                        tracing::info!(broker = url.as_deref().unwrap_or_default(), node, lane = act.lane, "connected to RabbitMQ");
                         if act.ever_connected {
                             act.signals.reconnected();
                         }
@@ -176,13 +196,14 @@ impl Publisher {
                         watch(
                             events,
                             act.generation,
+                            act.lane,
                             ctx.address(),
                             act.scheduler.clone(),
                             act.signals.clone(),
                         );
                         act.link = Some(link);
                         act.signals.broker_connected();
-                        act.scheduler.do_send(BrokerReady(true));
+                        act.scheduler.do_send(act.ready(true));
                     }
                     Err(e) => {
                         // Every node was tried once: only now back off.
@@ -190,9 +211,9 @@ impl Publisher {
                         let delay = backoff::RECONNECT.delay(act.failed_connects);
                         if e.is_permanent() {
                             act.signals.broker_refused(e.to_string());
-                            tracing::error!(error = %e, retry_in = ?delay, "RabbitMQ refused the connection; this needs a change of configuration or on the broker");
+                            tracing::error!(error = %e, retry_in = ?delay, lane = act.lane, "RabbitMQ refused the connection; this needs a change of configuration or on the broker");
                         } else {
-                            tracing::warn!(error = %e, retry_in = ?delay, "cannot reach RabbitMQ");
+                            tracing::warn!(error = %e, retry_in = ?delay, lane = act.lane, "cannot reach RabbitMQ");
                         }
                         ctx.run_later(delay, |act, ctx| act.connect(ctx));
                     }
@@ -205,12 +226,12 @@ impl Publisher {
         if self.link.is_none() {
             return;
         }
-        tracing::warn!(reason = %why, node = self.node, "lost the RabbitMQ connection; unconfirmed messages go back to retrying");
+        tracing::warn!(reason = %why, node = self.node, lane = self.lane, "lost the RabbitMQ connection; its unconfirmed messages go back to retrying");
         self.link = None;
         // Reconnect at once, starting with the next node of the list (round robin).
         self.next_node = self.node + 1;
         self.signals.broker_disconnected(why.clone());
-        self.scheduler.do_send(BrokerReady(false));
+        self.scheduler.do_send(self.ready(false));
         self.tracker.do_send(ConnectionLost(why));
         ctx.stop(); // the Supervisor restarts us: `restarting`, then `started` reconnects.
     }
@@ -295,13 +316,19 @@ impl Publisher {
 }
 
 /// Connects to the first node that answers from node `start` on, opens the confirm channel
-/// and subscribes to connection events.
+/// and subscribes to connection events. Publishing connection `lane` is named
+/// `<connection_name>` for the first, `<connection_name>-publisher-<n>` for the others.
 async fn open_link(
     cfg: &crate::config::BrokerConfig,
+    lane: usize,
     start: usize,
 ) -> Result<(Link, futures::stream::BoxStream<'static, Event>, usize), BrokerError> {
     use futures::StreamExt;
-    let (conn, node) = broker::connect_from(cfg, "", start).await?;
+    let suffix = match lane {
+        0 => String::new(),
+        n => format!("-publisher-{}", n + 1),
+    };
+    let (conn, node) = broker::connect_from(cfg, &suffix, start).await?;
     let conn = Arc::new(conn);
     let events = conn.events_listener().boxed();
     let channel = confirm_channel(&conn).await?;
@@ -322,6 +349,7 @@ async fn open_link(
 fn watch(
     mut events: futures::stream::BoxStream<'static, Event>,
     generation: u64,
+    lane: usize,
     publisher: Addr<Publisher>,
     scheduler: Addr<Scheduler>,
     signals: Signals,
@@ -335,13 +363,13 @@ fn watch(
                     blocked_since.get_or_insert_with(Instant::now);
                     tracing::warn!(%reason, "RabbitMQ blocked publishers; pausing claims");
                     signals.broker_blocked(reason);
-                    scheduler.do_send(BrokerReady(false));
+                    scheduler.do_send(BrokerReady { lane, ready: false });
                 }
                 Event::ConnectionUnblocked => {
                     let blocked_for = blocked_since.take().map(|since| since.elapsed());
                     tracing::info!("RabbitMQ unblocked publishers; resuming");
                     signals.broker_unblocked(blocked_for);
-                    scheduler.do_send(BrokerReady(true));
+                    scheduler.do_send(BrokerReady { lane, ready: true });
                 }
                 // A channel closed by the broker is reported here too: it is not the
                 // connection failing, but it tells which exchange was refused.
@@ -578,7 +606,7 @@ impl Supervised for Publisher {
         // Spawned futures are gone with the old context; the tracker was told to fail
         // everything unconfirmed in `lost`. Drop the link so `started` makes a new one.
         self.link = None;
-        self.scheduler.do_send(BrokerReady(false));
+        self.scheduler.do_send(self.ready(false));
     }
 }
 

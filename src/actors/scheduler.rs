@@ -103,10 +103,15 @@ pub struct Settled {
 #[rtype(result = "()")]
 pub struct KeyTurn(pub Vec<(uuid::Uuid, bool)>);
 
-/// The broker can (or cannot) take publishes: connected and not blocked.
+/// Publishing connection `lane` can (or cannot) take publishes: connected and not blocked.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct BrokerReady(pub bool);
+pub struct BrokerReady {
+    /// Which of the engine's publishers (`publisher.connections` of them).
+    pub lane: usize,
+    /// Whether it can.
+    pub ready: bool,
+}
 
 /// Stop claiming (shutdown). Answers with the number of messages still unsettled.
 #[derive(Message, Debug, Clone, Copy)]
@@ -122,8 +127,8 @@ pub struct Outstanding;
 pub struct Peers {
     /// Claims go here.
     pub ledger: Addr<Ledger>,
-    /// Claimed rows go here.
-    pub publisher: Addr<Publisher>,
+    /// Claimed rows go here, a batch to each in turn (one per publishing connection).
+    pub publishers: Vec<Addr<Publisher>>,
     /// Rows claimed past their budget go here.
     pub dead_letter: Addr<DeadLetterActor>,
 }
@@ -150,7 +155,10 @@ pub struct Scheduler {
     window: Window,
     held_bytes: u64,
     more: bool,
-    broker_ready: bool,
+    /// Which publishing connections can take publishes (see `BrokerReady`).
+    lanes_ready: Vec<bool>,
+    /// The publisher the next batch goes to, unless it cannot take it.
+    next_lane: usize,
     stopping: bool,
     /// The armed wake-up for the earliest future row (delayed message, backoff, poll).
     wake_at: Option<(Instant, SpawnHandle)>,
@@ -193,6 +201,7 @@ impl Scheduler {
             config.publisher.adaptive_window,
             Instant::now(),
         );
+        let peers_lanes = peers.publishers.len();
         Scheduler {
             config,
             window,
@@ -206,7 +215,8 @@ impl Scheduler {
             dispatched: 0,
             held_bytes: 0,
             more: true,
-            broker_ready: false,
+            lanes_ready: vec![false; peers_lanes],
+            next_lane: 0,
             stopping: false,
             wake_at: None,
             poll: MIN_POLL,
@@ -272,7 +282,7 @@ impl Scheduler {
             self.more = true;
             return;
         }
-        if self.stopping || !self.broker_ready || self.credits() == 0 || self.bytes_left() == 0 {
+        if self.stopping || !self.broker_ready() || self.credits() == 0 || self.bytes_left() == 0 {
             return;
         }
         if !self.lifecycle.liveness.fresh() {
@@ -644,8 +654,25 @@ impl Scheduler {
                 }
             }
             self.dispatched += n;
-            self.peers.publisher.do_send(Publish(rows));
+            self.next_publisher().do_send(Publish(rows));
         }
+    }
+
+    /// Whether any publishing connection can take publishes.
+    fn broker_ready(&self) -> bool {
+        self.lanes_ready.iter().any(|ready| *ready)
+    }
+
+    /// The next publisher in turn that can take publishes (any, when none can: it fails the
+    /// batch back as not sent).
+    fn next_publisher(&mut self) -> &Addr<Publisher> {
+        let lanes = self.peers.publishers.len();
+        let ready = (0..lanes)
+            .map(|step| (self.next_lane + step) % lanes)
+            .find(|lane| self.lanes_ready.get(*lane).copied().unwrap_or(false));
+        let lane = ready.unwrap_or(self.next_lane % lanes);
+        self.next_lane = lane + 1;
+        &self.peers.publishers[lane]
     }
 
     /// Rows dispatched at these instants left the window: sample it, refill it.
@@ -798,8 +825,10 @@ impl Handler<BrokerReady> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: BrokerReady, ctx: &mut Context<Self>) {
-        self.broker_ready = msg.0;
-        if msg.0 {
+        if let Some(ready) = self.lanes_ready.get_mut(msg.lane) {
+            *ready = msg.ready;
+        }
+        if msg.ready {
             self.wake(ctx, Wake::ALL);
         }
     }

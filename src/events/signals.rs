@@ -20,6 +20,9 @@ pub struct Signals {
     metrics: Arc<Metrics>,
     /// The broker link (a [`BrokerState`]; atomic so the publish path reads it lock-free).
     broker: Arc<std::sync::atomic::AtomicU8>,
+    /// Publishing connections open (`publisher.connections` of them when all is well): the
+    /// engine is connected while one is.
+    links_up: Arc<std::sync::atomic::AtomicUsize>,
     /// Why the broker refuses this engine (login, vhost, TLS), until it connects again.
     refusal: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -35,6 +38,7 @@ impl Signals {
             broker: Arc::new(std::sync::atomic::AtomicU8::new(
                 BrokerState::Disconnected.to_u8(),
             )),
+            links_up: Arc::default(),
             refusal: Arc::default(),
         }
     }
@@ -126,9 +130,13 @@ impl Signals {
 
     // The Publisher's facts.
 
-    /// The publisher connected: publishes may flow.
+    /// A publishing connection opened: publishes may flow. (A block the broker announced
+    /// holds for every connection until it lifts.)
     pub fn broker_connected(&self) {
-        self.set_broker(BrokerState::Connected);
+        self.links_up.fetch_add(1, Ordering::SeqCst);
+        if self.broker_state() != BrokerState::Blocked {
+            self.set_broker(BrokerState::Connected);
+        }
         self.emit(EngineEvent::BrokerConnected);
     }
 
@@ -138,24 +146,44 @@ impl Signals {
         self.metrics.reconnects.inc();
     }
 
-    /// The broker connection was lost, for `why`.
+    /// A publishing connection was lost, for `why`: the engine is disconnected when it was
+    /// the last one open.
     pub fn broker_disconnected(&self, why: String) {
-        self.set_broker(BrokerState::Disconnected);
+        let was = self
+            .links_up
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if was <= 1 {
+            self.set_broker(BrokerState::Disconnected);
+        }
         self.emit(EngineEvent::BrokerDisconnected(why));
     }
 
-    /// The broker blocked publishers, for `reason`.
+    /// The broker blocked publishers, for `reason` (each connection is told: the first
+    /// tells).
     pub fn broker_blocked(&self, reason: String) {
+        if self.broker_state() == BrokerState::Blocked {
+            return;
+        }
         self.set_broker(BrokerState::Blocked);
         self.emit(EngineEvent::BrokerBlocked(reason));
     }
 
-    /// The broker unblocked publishers after `blocked_for` (when the block was seen).
+    /// The broker unblocked publishers after `blocked_for` (when the block was seen; each
+    /// connection is told: the first tells).
     pub fn broker_unblocked(&self, blocked_for: Option<Duration>) {
+        if self.broker_state() != BrokerState::Blocked {
+            return;
+        }
         if let Some(blocked) = blocked_for {
             self.metrics.blocked_seconds.inc_by(blocked.as_secs_f64());
         }
-        self.set_broker(BrokerState::Connected);
+        let state = if self.links_up.load(Ordering::SeqCst) > 0 {
+            BrokerState::Connected
+        } else {
+            BrokerState::Disconnected
+        };
+        self.set_broker(state);
         self.emit(EngineEvent::BrokerUnblocked);
     }
 
@@ -184,10 +212,25 @@ impl Signals {
 
     // The ConfirmTracker's facts.
 
-    /// `n` messages are published and awaiting a confirm.
-    pub fn in_flight(&self, n: usize) {
-        let n = n as u64;
-        self.counters.in_flight.store(n, Ordering::Relaxed);
+    /// One connection's tracker went from `was` to `now` messages published and awaiting
+    /// a confirm (the gauge is the sum over the connections).
+    pub fn in_flight(&self, was: usize, now: usize) {
+        let n = if now >= was {
+            self.counters
+                .in_flight
+                .fetch_add((now - was) as u64, Ordering::Relaxed)
+                + (now - was) as u64
+        } else {
+            let less = (was - now) as u64;
+            let before = self
+                .counters
+                .in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(less))
+                })
+                .unwrap_or(0);
+            before.saturating_sub(less)
+        };
         self.metrics.in_flight.set(n as i64);
         self.counters.peak_in_flight.fetch_max(n, Ordering::Relaxed);
     }
@@ -405,5 +448,32 @@ mod tests {
         );
         assert!(text.contains("courier_broker_blocked 0"), "{text}");
         assert!(text.contains("courier_broker_up 0"), "{text}");
+    }
+
+    #[test]
+    fn several_connections_make_one_state_and_one_gauge() {
+        let signals = Signals::new(16);
+        signals.broker_connected();
+        signals.broker_connected();
+        signals.broker_disconnected("one of two".into());
+        assert_eq!(signals.broker_state(), BrokerState::Connected);
+        // The broker blocks every connection: one episode, counted once.
+        signals.broker_blocked("memory".into());
+        signals.broker_blocked("memory".into());
+        signals.broker_unblocked(Some(Duration::from_secs(3)));
+        signals.broker_unblocked(Some(Duration::from_secs(3)));
+        let text = signals.metrics().render();
+        assert!(
+            text.contains("courier_broker_blocked_seconds_total 3"),
+            "{text}"
+        );
+        signals.broker_disconnected("the other".into());
+        assert_eq!(signals.broker_state(), BrokerState::Disconnected);
+
+        signals.in_flight(0, 30);
+        signals.in_flight(0, 20);
+        signals.in_flight(30, 5);
+        let c = signals.counters();
+        assert_eq!((c.in_flight, c.peak_in_flight), (25, 50));
     }
 }
