@@ -23,9 +23,10 @@ use uuid::Uuid;
 /// Something that happened in the engine.
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
-    /// The publisher connected (or reconnected) to the broker.
+    /// A publishing connection opened (or reopened): one per `publisher.connections`.
     BrokerConnected,
-    /// The broker connection was lost; unconfirmed messages go back to `retrying`.
+    /// A publishing connection was lost; its unconfirmed messages go back to `retrying`
+    /// (the engine is disconnected once none is left, see [`BrokerState`]).
     BrokerDisconnected(String),
     /// The broker blocked publishers (memory or disk alarm).
     BrokerBlocked(String),
@@ -51,7 +52,7 @@ pub enum EngineEvent {
     ShuttingDown,
 }
 
-/// The broker link as the publisher last saw it.
+/// The broker link: connected while one of the publishing connections is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerState {
     /// No connection.

@@ -117,7 +117,7 @@ pub struct Metrics {
     /// Seconds spent blocked by the broker (memory or disk alarm), counted when the block
     /// ends.
     pub blocked_seconds: prometheus::Counter,
-    /// 1 while the broker connection is open (blocked or not), else 0.
+    /// 1 while a publishing connection is open (blocked or not), else 0.
     pub broker_up: IntGauge,
     /// 1 while the broker blocks publishers (memory or disk alarm) now, else 0: an alert
     /// on a block that lasts minutes reads this, not the counter above.
@@ -238,7 +238,7 @@ impl Metrics {
         let broker_up = IntGauge::with_opts(
             Opts::new(
                 "broker_up",
-                "1 while the broker connection is open (blocked or not)",
+                "1 while a publishing connection to the broker is open (blocked or not)",
             )
             .namespace("courier"),
         )
