@@ -33,7 +33,7 @@ use crate::{
         dead_letter::DeadLetterActor,
         heartbeat::{Heartbeat, StopBeating},
         ledger::{Flushed, Ledger, ReleaseAll},
-        publisher::Publisher,
+        publisher::{ExchangeBook, Publisher},
         retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
     },
@@ -133,7 +133,9 @@ impl Engine {
         .start();
         let dead_letter =
             DeadLetterActor::new(config.clone(), ledger.clone(), signals.clone()).start();
-        // One Publisher per publishing connection, each with its own ConfirmTracker.
+        // One Publisher per publishing connection, each with its own ConfirmTracker; what
+        // they learn of exchanges they share.
+        let exchanges = ExchangeBook::default();
         let publishers = (0..config.publisher.connections as usize)
             .map(|lane| {
                 let tracker = ConfirmTracker::new(
@@ -144,7 +146,8 @@ impl Engine {
                     signals.clone(),
                 )
                 .start();
-                let (config, scheduler, ledger, signals, lifecycle) = (
+                let (exchanges, config, scheduler, ledger, signals, lifecycle) = (
+                    exchanges.clone(),
                     config.clone(),
                     scheduler.clone(),
                     ledger.clone(),
@@ -152,7 +155,15 @@ impl Engine {
                     lifecycle.clone(),
                 );
                 Supervisor::start(move |_| {
-                    Publisher::new(lane, config, tracker, scheduler, ledger, signals, lifecycle)
+                    Publisher::new(
+                        (lane, exchanges),
+                        config,
+                        tracker,
+                        scheduler,
+                        ledger,
+                        signals,
+                        lifecycle,
+                    )
                 })
             })
             .collect();

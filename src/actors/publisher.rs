@@ -14,7 +14,8 @@
 //! all — names over 255 bytes, headers AMQP cannot carry or too large for the connection's
 //! `frame_max`, payloads over the limit, a missing exchange — never reach the channel: one
 //! bad row must not close the channel under a thousand good ones (LAPIN-NOTES.md). Missing
-//! exchanges are found with a passive declare on a side channel, cached for a short while.
+//! exchanges are found with a passive declare on a side channel, cached for a short while
+//! (the cache, and the refusals below, are shared by the engine's publishing connections).
 //! The first row to an exchange not seen lately is published alone on the side channel and
 //! its confirm awaited (`probe`): an exchange that exists but refuses this user (403:
 //! internal, or no write permission) closes the side channel, not the publishing one. An
@@ -55,6 +56,7 @@ mod exchanges;
 mod probe;
 mod stuck;
 
+pub use exchanges::ExchangeBook;
 use exchanges::{exchange_exists, probe_new_exchanges};
 use stuck::ChannelAnswers;
 
@@ -93,9 +95,6 @@ struct ConnectionFailed {
     why: String,
 }
 
-/// How long a positive passive-declare result, or an exchange refusal, is trusted.
-const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
-
 struct Link {
     conn: Arc<Connection>,
     channel: Channel,
@@ -110,6 +109,8 @@ struct Link {
 pub struct Publisher {
     /// Which of the engine's publishing connections this is (`publisher.connections`).
     lane: usize,
+    /// Shared with the engine's other publishers.
+    exchanges: ExchangeBook,
     config: Arc<Config>,
     tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
@@ -118,9 +119,6 @@ pub struct Publisher {
     signals: Signals,
     lifecycle: Lifecycle,
     link: Option<Link>,
-    known_exchanges: HashMap<String, Instant>,
-    /// Exchanges the broker refused by closing the channel, with when and why.
-    refused_exchanges: HashMap<String, (Instant, ChannelClose)>,
     next_token: u64,
     channels_opened: u64,
     failed_connects: u32,
@@ -134,7 +132,7 @@ pub struct Publisher {
 impl Publisher {
     /// Publishing connection number `lane` (from 0), which connects when started.
     pub fn new(
-        lane: usize,
+        (lane, exchanges): (usize, ExchangeBook),
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
         scheduler: Addr<Scheduler>,
@@ -144,6 +142,7 @@ impl Publisher {
     ) -> Self {
         Publisher {
             lane,
+            exchanges,
             config,
             tracker,
             scheduler,
@@ -152,8 +151,6 @@ impl Publisher {
             signals,
             lifecycle,
             link: None,
-            known_exchanges: HashMap::new(),
-            refused_exchanges: HashMap::new(),
             next_token: 0,
             channels_opened: 0,
             failed_connects: 0,
@@ -189,7 +186,7 @@ impl Publisher {
                         }
                         act.ever_connected = true;
                         act.failed_connects = 0;
-                        act.known_exchanges.clear();
+                        act.exchanges.entries().forget_known();
                         act.channels_opened += 1;
                         link.channel_no = act.channels_opened;
                         act.generation += 1;
@@ -268,7 +265,7 @@ impl Publisher {
 
     fn open_new_channel(&mut self, ctx: &mut Context<Self>, done: &'static str) {
         let Some(link) = &self.link else { return };
-        self.known_exchanges.clear();
+        self.exchanges.entries().forget_known();
         let conn = link.conn.clone();
         let timeout = self.config.broker.connect_timeout;
         ctx.wait(
@@ -296,22 +293,6 @@ impl Publisher {
         self.link
             .as_ref()
             .is_some_and(|l| l.conn.status().connected())
-    }
-
-    /// Why the broker refused `name` within the cache TTL, if it did.
-    fn refusal(&self, name: &str) -> Option<&ChannelClose> {
-        self.refused_exchanges
-            .get(name)
-            .filter(|(at, _)| at.elapsed() < EXCHANGE_CACHE_TTL)
-            .map(|(_, close)| close)
-    }
-
-    fn exchange_known(&self, name: &str) -> bool {
-        name.is_empty()
-            || self
-                .known_exchanges
-                .get(name)
-                .is_some_and(|at| at.elapsed() < EXCHANGE_CACHE_TTL)
     }
 }
 
@@ -620,8 +601,7 @@ impl Handler<ChannelClosed> for Publisher {
         if let Some(exchange) = msg.close.exchange() {
             tracing::warn!(%exchange, code = msg.close.code, reason = %msg.close.text,
                 "the broker refused an exchange; rows to it are failed unpublished for a while");
-            self.refused_exchanges
-                .insert(exchange.to_string(), (Instant::now(), msg.close.clone()));
+            self.exchanges.entries().refuse(exchange, msg.close.clone());
         }
     }
 }
@@ -677,13 +657,13 @@ impl Handler<Publish> for Publisher {
             .link
             .as_ref()
             .map_or(0, |l| l.conn.configuration().frame_max());
-        self.refused_exchanges
-            .retain(|_, (at, _)| at.elapsed() < EXCHANGE_CACHE_TTL);
+        let mut book = self.exchanges.entries();
+        book.prune();
         let mut ready = Vec::with_capacity(msg.0.len());
         let mut rejected = Vec::new();
         let mut unknown = HashSet::new();
         for mut d in msg.0 {
-            if let Some(close) = self.refusal(&d.message.exchange) {
+            if let Some(close) = book.refusal(&d.message.exchange) {
                 let why = FailureReason::Refused {
                     code: close.code,
                     text: format!("{} (not published: refused moments ago)", close.text),
@@ -693,7 +673,7 @@ impl Handler<Publish> for Publisher {
             }
             match prepare(&mut d, max_payload, frame_max) {
                 Ok(p) => {
-                    if !self.exchange_known(&d.message.exchange) {
+                    if !book.known(&d.message.exchange) {
                         unknown.insert(d.message.exchange.clone());
                     }
                     self.next_token += 1;
@@ -702,6 +682,7 @@ impl Handler<Publish> for Publisher {
                 Err(why) => rejected.push((d, FailureReason::Unpublishable(why))),
             }
         }
+        drop(book);
         if !rejected.is_empty() {
             self.tracker.do_send(Unsent(rejected));
         }
@@ -725,18 +706,11 @@ impl Handler<Publish> for Publisher {
         );
         AtomicResponse::new(Box::pin(round.into_actor(self).map(|round, act, ctx| {
             let now = Instant::now();
-            for (name, exists) in round.exchanges {
-                if exists {
-                    act.known_exchanges.insert(name, now);
-                } else {
-                    act.known_exchanges.remove(&name);
-                }
-            }
+            act.exchanges
+                .entries()
+                .learn(round.exchanges, round.refused, now);
             if let Some(link) = act.link.as_mut() {
                 link.side = round.side;
-            }
-            for (name, close) in round.refused {
-                act.refused_exchanges.insert(name, (now, close));
             }
             let exchanges = round.published.iter();
             act.signals

@@ -1,7 +1,11 @@
 //! Which exchanges the publishing channel may see: passive declares and probes on the side
 //! channel (see the Publisher's module documentation and `probe`).
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
 
 use lapin::{
     options::ExchangeDeclareOptions,
@@ -15,6 +19,86 @@ use crate::{
     broker::ChannelClose,
     state::{Delivery, FailureReason},
 };
+
+/// How long a positive passive-declare result, or an exchange refusal, is trusted.
+const TRUSTED_FOR: Duration = Duration::from_secs(30);
+
+/// What an engine's publishers know of exchanges, shared by all of its connections: whether
+/// an exchange exists, and whether the broker refused it, are facts of the broker's vhost,
+/// not of one connection. So a connection's first row to an exchange another connection has
+/// checked goes straight out (a check of its own, on a stalled connection, would fail the
+/// rows), and a refused exchange closes a channel a bounded number of times per engine.
+#[derive(Clone, Default)]
+pub struct ExchangeBook(Arc<Mutex<Entries>>);
+
+#[derive(Default)]
+pub(super) struct Entries {
+    known: HashMap<String, Instant>,
+    /// Exchanges the broker refused by closing the channel, with when and why.
+    refused: HashMap<String, (Instant, ChannelClose)>,
+}
+
+impl ExchangeBook {
+    /// The entries (a panic elsewhere while holding them leaves nothing half-written that
+    /// matters: each is a cache entry).
+    pub(super) fn entries(&self) -> MutexGuard<'_, Entries> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Entries {
+    /// Whether `name` was seen to exist lately (the default exchange always does).
+    pub(super) fn known(&self, name: &str) -> bool {
+        name.is_empty()
+            || self
+                .known
+                .get(name)
+                .is_some_and(|at| at.elapsed() < TRUSTED_FOR)
+    }
+
+    /// Why the broker refused `name` lately, if it did.
+    pub(super) fn refusal(&self, name: &str) -> Option<ChannelClose> {
+        self.refused
+            .get(name)
+            .filter(|(at, _)| at.elapsed() < TRUSTED_FOR)
+            .map(|(_, close)| close.clone())
+    }
+
+    /// Drops refusals no longer trusted.
+    pub(super) fn prune(&mut self) {
+        self.refused.retain(|_, (at, _)| at.elapsed() < TRUSTED_FOR);
+    }
+
+    /// A new connection or channel checks every exchange again.
+    pub(super) fn forget_known(&mut self) {
+        self.known.clear();
+    }
+
+    /// What a publish round's checks and probes found.
+    pub(super) fn learn(
+        &mut self,
+        exists: HashMap<String, bool>,
+        refused: Vec<(String, ChannelClose)>,
+        now: Instant,
+    ) {
+        for (name, exists) in exists {
+            if exists {
+                self.known.insert(name, now);
+            } else {
+                self.known.remove(&name);
+            }
+        }
+        for (name, close) in refused {
+            self.refused.insert(name, (now, close));
+        }
+    }
+
+    /// The broker refused `name` by closing a channel.
+    pub(super) fn refuse(&mut self, name: &str, close: ChannelClose) {
+        self.refused
+            .insert(name.to_string(), (Instant::now(), close));
+    }
+}
 
 fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404)
