@@ -33,7 +33,7 @@ use crate::{
         dead_letter::DeadLetterActor,
         heartbeat::{Heartbeat, StopBeating},
         ledger::{Flushed, Ledger, ReleaseAll},
-        publisher::{ExchangeBook, Publisher},
+        publisher::{ExchangeBook, Lane, Publisher},
         retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
     },
@@ -156,7 +156,10 @@ impl Engine {
                 );
                 Supervisor::start(move |_| {
                     Publisher::new(
-                        (lane, exchanges),
+                        Lane {
+                            index: lane,
+                            exchanges,
+                        },
                         config,
                         tracker,
                         scheduler,

@@ -105,6 +105,15 @@ struct Link {
     side: Option<Channel>,
 }
 
+/// Which of the engine's publishing connections a Publisher is, and what it shares with the
+/// others.
+pub struct Lane {
+    /// From 0 to `publisher.connections - 1`.
+    pub index: usize,
+    /// Shared by every lane of the engine.
+    pub exchanges: ExchangeBook,
+}
+
 /// See the module documentation.
 pub struct Publisher {
     /// Which of the engine's publishing connections this is (`publisher.connections`).
@@ -130,9 +139,12 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Publishing connection number `lane` (from 0), which connects when started.
+    /// Publishing connection `lane`, which connects when started.
     pub fn new(
-        (lane, exchanges): (usize, ExchangeBook),
+        Lane {
+            index: lane,
+            exchanges,
+        }: Lane,
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
         scheduler: Addr<Scheduler>,

@@ -666,6 +666,7 @@ impl Scheduler {
     /// The next publisher in turn that can take publishes (any, when none can: it fails the
     /// batch back as not sent).
     fn next_publisher(&mut self) -> &Addr<Publisher> {
+        // Never empty: the engine starts `publisher.connections` (validated to 1..=16).
         let lanes = self.peers.publishers.len();
         let ready = (0..lanes)
             .map(|step| (self.next_lane + step) % lanes)
