@@ -146,28 +146,19 @@ impl Engine {
                     signals.clone(),
                 )
                 .start();
-                let (exchanges, config, scheduler, ledger, signals, lifecycle) = (
-                    exchanges.clone(),
+                let publisher = Publisher::new(
+                    Lane {
+                        index: lane,
+                        exchanges: exchanges.clone(),
+                    },
                     config.clone(),
+                    tracker,
                     scheduler.clone(),
                     ledger.clone(),
                     signals.clone(),
                     lifecycle.clone(),
                 );
-                Supervisor::start(move |_| {
-                    Publisher::new(
-                        Lane {
-                            index: lane,
-                            exchanges,
-                        },
-                        config,
-                        tracker,
-                        scheduler,
-                        ledger,
-                        signals,
-                        lifecycle,
-                    )
-                })
+                Supervisor::start(move |_| publisher)
             })
             .collect();
         let retention =

@@ -215,22 +215,14 @@ impl Signals {
     /// One connection's tracker went from `was` to `now` messages published and awaiting
     /// a confirm (the gauge is the sum over the connections).
     pub fn in_flight(&self, was: usize, now: usize) {
-        let n = if now >= was {
-            self.counters
-                .in_flight
-                .fetch_add((now - was) as u64, Ordering::Relaxed)
-                + (now - was) as u64
-        } else {
-            let less = (was - now) as u64;
-            let before = self
-                .counters
-                .in_flight
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(less))
-                })
-                .unwrap_or(0);
-            before.saturating_sub(less)
-        };
+        let (was, now) = (was as u64, now as u64);
+        let moved = |n: u64| (n + now).saturating_sub(was);
+        let before = self
+            .counters
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(moved(n)))
+            .unwrap_or_default();
+        let n = moved(before);
         self.metrics.in_flight.set(n as i64);
         self.counters.peak_in_flight.fetch_max(n, Ordering::Relaxed);
     }
