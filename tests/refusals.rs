@@ -8,8 +8,13 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{audit::audit, broker::TestBroker, user::TestUser, TestDb};
-use courier::{config::SecretUrl, Engine, OutboxMessage, Outcome, Status};
+use common::{
+    audit::audit, broker::TestBroker, events::wait_event, proxy::Proxy, user::TestUser, TestDb,
+};
+use courier::{
+    config::{BrokerUrls, SecretUrl},
+    Engine, EngineEvent, OutboxMessage, Outcome, Status,
+};
 use diesel_async::RunQueryDsl;
 use lapin::{options::ExchangeDeclareOptions, types::FieldTable, ExchangeKind};
 use uuid::Uuid;
@@ -188,6 +193,11 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
 /// only rows to it are charged; the exchange is remembered and its later rows fail
 /// unpublished. (RabbitMQ caches permission checks per channel: the revoke reaches the
 /// publishing channel only because the warm row went through the side-channel probe.)
+///
+/// The second publishing connection joins late, after the warm rows: it starts on a node
+/// (a proxy) that holds its handshake until then. Joining must not make the engine forget
+/// what the first connection learned of the exchanges (it once did, and the revoked rows
+/// then went through a probe again, so the publishing channel never met the revoke).
 #[actix_rt::test]
 async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
     let db = TestDb::new("revoked").await;
@@ -195,9 +205,18 @@ async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
     let late = broker.extra_exchange("late", ExchangeKind::Topic).await;
     broker.bind(&broker.queue, &late, "routed.#").await;
     let user = TestUser::without_write_on_denied();
+    let slow_node = Proxy::start("127.0.0.1:5672".parse().expect("address"));
+    slow_node.stall(true);
     let max_attempts = 3;
     let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(user.amqp_url()).into();
+    assert_eq!(config.publisher.connections, 2, "the default");
+    config.broker.url = BrokerUrls::from(vec![
+        SecretUrl::new(user.amqp_url()),
+        SecretUrl::new(user.amqp_url_via(slow_node.addr)),
+    ]);
+    // The held handshake must outlast the warm rows (RabbitMQ's own handshake timeout
+    // is 10 s).
+    config.broker.connect_timeout = Duration::from_secs(30);
     config.retry.max_attempts = max_attempts;
     let engine = Engine::start(config).await.expect("engine");
     let store = db.store().await;
@@ -210,6 +229,13 @@ async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
         let outcome = engine.wait_for(m.id, Duration::from_secs(30)).await;
         assert_eq!(outcome.expect("warm row"), Outcome::Confirmed);
     }
+    let mut events = engine.subscribe();
+    slow_node.stall(false);
+    wait_event(&mut events, 30, "the second connection up", |e| {
+        matches!(e, EngineEvent::BrokerConnected)
+    })
+    .await;
+    assert_eq!(slow_node.connections(), 1, "joined on the slow node");
 
     user.revoke_late();
     let mut messages = Vec::new();

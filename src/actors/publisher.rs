@@ -194,11 +194,14 @@ impl Publisher {
                         let url = act.config.broker.url.get(node).map(|u| u.redacted());
                         tracing::info!(broker = url.as_deref().unwrap_or_default(), node, lane = act.lane, "connected to RabbitMQ");
                         if act.ever_connected {
+                            // The broker may have restarted and lost exchanges: check
+                            // again. (A lane's first connection keeps what the other
+                            // lanes learned moments ago.)
                             act.signals.reconnected();
+                            act.exchanges.entries().forget_known();
                         }
                         act.ever_connected = true;
                         act.failed_connects = 0;
-                        act.exchanges.entries().forget_known();
                         act.channels_opened += 1;
                         link.channel_no = act.channels_opened;
                         act.generation += 1;

@@ -67,7 +67,12 @@ impl TestUser {
     }
 
     pub fn amqp_url(&self) -> String {
-        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+        self.amqp_url_via("127.0.0.1:5672".parse().expect("address"))
+    }
+
+    /// An AMQP URL for this user to `addr` (a proxy in front of the broker).
+    pub fn amqp_url_via(&self, addr: std::net::SocketAddr) -> String {
+        format!("amqp://{}:{}@{addr}/%2f", self.name, self.password)
     }
 }
 
