@@ -7,13 +7,15 @@
 //! Claims are answered as they come (each on its own pooled connection). Outcomes —
 //! `confirmed` ids and `retrying` updates — are write-behind: they accumulate while the
 //! flushes in flight (at most two) run and go out together in the next, so under load one
-//! statement carries hundreds of rows and an idle engine still writes at once (group commit,
-//! no timer).
+//! statement carries hundreds of rows and an idle engine still writes at once (group commit).
+//! Flushes also start at least `WRITE_GAP` apart: a stream of outcomes that each arrive just
+//! after the last write ended (one ordering key: one confirm per broker round trip) would
+//! otherwise cost a transaction each, a third of a core of PostgreSQL at a thousand a second.
 //! A failed flush keeps its rows and is retried with backoff: a database outage delays the
 //! bookkeeping, it never drops an ack. Only after a flush commits are events announced and
 //! the rows' credits repaid to the Scheduler (see `scheduler::credit`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use uuid::Uuid;
@@ -102,6 +104,9 @@ pub struct Ledger {
     flushing: usize,
     failures: u32,
     flush_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// When the last flush started, and whether one is set to start when the gap is over.
+    last_flush: Option<Instant>,
+    flush_set: bool,
 }
 
 impl Ledger {
@@ -116,6 +121,8 @@ impl Ledger {
             flushing: 0,
             failures: 0,
             flush_waiters: Vec::new(),
+            last_flush: None,
+            flush_set: false,
         }
     }
 
@@ -131,6 +138,18 @@ impl Ledger {
             }
             return;
         }
+        let now = Instant::now();
+        if let Some(wait) = gap_left(self.last_flush, now) {
+            if !self.flush_set {
+                self.flush_set = true;
+                ctx.run_later(wait, |act, ctx| {
+                    act.flush_set = false;
+                    act.flush(ctx);
+                });
+            }
+            return;
+        }
+        self.last_flush = Some(now);
         self.flushing += 1;
         let batch = std::mem::take(&mut self.pending);
         let store = self.store.clone();
@@ -189,6 +208,19 @@ async fn write_outcomes(store: &Store, engine: &str, batch: &Record) -> Result<(
 /// acked and not yet written is a duplicate if the engine dies). The two never touch the
 /// same row: a row's next outcome needs a new claim, which needs this one written.
 const FLUSHES: usize = 2;
+
+/// The least time between the starts of two flushes (see the module documentation). An
+/// outcome after a pause this long, as on an idle engine, is written at once; rows acked and
+/// not yet written (duplicates if the engine dies) grow by at most this much of the stream.
+/// Measured on one key: 1 ms gave +6 %, 2 ms +11–14 % msg/s, idle latency unchanged.
+const WRITE_GAP: Duration = Duration::from_millis(2);
+
+/// How long after `now` the next flush may start, the last having started at `last`
+/// (`None`: at once).
+fn gap_left(last: Option<Instant>, now: Instant) -> Option<Duration> {
+    let since = now.saturating_duration_since(last?);
+    WRITE_GAP.checked_sub(since).filter(|left| !left.is_zero())
+}
 
 impl Actor for Ledger {
     type Context = Context<Self>;
@@ -350,5 +382,28 @@ impl Handler<Flushed> for Ledger {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_waits_only_for_the_rest_of_the_gap() {
+        let t0 = Instant::now();
+        assert_eq!(gap_left(None, t0), None, "the first flush goes at once");
+        let soon = t0 + Duration::from_micros(500);
+        assert_eq!(
+            gap_left(Some(t0), soon),
+            Some(WRITE_GAP - Duration::from_micros(500))
+        );
+        assert_eq!(gap_left(Some(t0), t0 + WRITE_GAP), None);
+        let after_a_pause = t0 + Duration::from_secs(1);
+        assert_eq!(
+            gap_left(Some(t0), after_a_pause),
+            None,
+            "an idle engine writes at once"
+        );
     }
 }
