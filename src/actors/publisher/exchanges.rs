@@ -69,7 +69,9 @@ impl Entries {
         self.refused.retain(|_, (at, _)| at.elapsed() < TRUSTED_FOR);
     }
 
-    /// A new connection or channel checks every exchange again.
+    /// After a reconnect or a new publishing channel every exchange is checked again (the
+    /// broker may have restarted without it). A connection's first connect keeps the book:
+    /// it holds what the engine's other connections learned moments ago.
     pub(super) fn forget_known(&mut self) {
         self.known.clear();
     }
