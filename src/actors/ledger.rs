@@ -11,6 +11,8 @@
 //! Flushes also start at least `WRITE_GAP` apart: a stream of outcomes that each arrive just
 //! after the last write ended (one ordering key: one confirm per broker round trip) would
 //! otherwise cost a transaction each, a third of a core of PostgreSQL at a thousand a second.
+//! A write a key waits on goes without the gap (`WriteNow`: the Scheduler sends it when the
+//! last row it holds of a key is acked, since the key's next claim needs that write).
 //! A failed flush keeps its rows and is retried with backoff: a database outage delays the
 //! bookkeeping, it never drops an ack. Only after a flush commits are events announced and
 //! the rows' credits repaid to the Scheduler (see `scheduler::credit`).
@@ -65,6 +67,12 @@ pub struct Record {
     pub credits: Credits,
 }
 
+/// A key waits on the outcomes recorded so far (its last held row was acked): write them
+/// without waiting for the rest of the gap between flushes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WriteNow;
+
 /// Move failed rows to `dead_letters` (answered with the ids moved).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Uuid>, StoreError>")]
@@ -107,6 +115,8 @@ pub struct Ledger {
     /// When the last flush started, and whether one is set to start when the gap is over.
     last_flush: Option<Instant>,
     flush_set: bool,
+    /// The next flush starts without waiting for the gap (see `WriteNow`).
+    urgent: bool,
 }
 
 impl Ledger {
@@ -123,6 +133,7 @@ impl Ledger {
             flush_waiters: Vec::new(),
             last_flush: None,
             flush_set: false,
+            urgent: false,
         }
     }
 
@@ -139,7 +150,8 @@ impl Ledger {
             return;
         }
         let now = Instant::now();
-        if let Some(wait) = gap_left(self.last_flush, now) {
+        let gap = gap_left(self.last_flush, now).filter(|_| !self.urgent);
+        if let Some(wait) = gap {
             if !self.flush_set {
                 self.flush_set = true;
                 ctx.run_later(wait, |act, ctx| {
@@ -150,6 +162,7 @@ impl Ledger {
             return;
         }
         self.last_flush = Some(now);
+        self.urgent = false;
         self.flushing += 1;
         let batch = std::mem::take(&mut self.pending);
         let store = self.store.clone();
@@ -320,6 +333,18 @@ impl Handler<Record> for Ledger {
         self.pending.retry.extend(msg.retry);
         self.pending.credits.absorb(msg.credits);
         self.flush(ctx);
+    }
+}
+
+impl Handler<WriteNow> for Ledger {
+    type Result = ();
+
+    fn handle(&mut self, _: WriteNow, ctx: &mut Context<Self>) {
+        // Nothing pending: the ack is in a flush already running.
+        if !self.pending.confirmed.is_empty() {
+            self.urgent = true;
+            self.flush(ctx);
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use actix::prelude::*;
 
 use super::{
     dead_letter::{Bury, DeadLetterActor},
-    ledger::{Claim, ClaimKeyed, Ledger, NextDue, Release, RenewLeases},
+    ledger::{Claim, ClaimKeyed, Ledger, NextDue, Release, RenewLeases, WriteNow},
     publisher::{Publish, Publisher},
 };
 use crate::{
@@ -585,22 +585,24 @@ impl Scheduler {
 
     /// The row a run waited on was acked: its key's next row goes first in the queue (the
     /// caller pumps). It failed: the rest of the run is given back unpublished, and the key
-    /// is claimed again from its head, as any key.
-    fn turn(&mut self, id: uuid::Uuid, acked: bool) {
+    /// is claimed again from its head, as any key. Returns whether the key now waits on
+    /// this ack's write (it was acked and nothing of its key follows it here): its next
+    /// claim needs that write.
+    fn turn(&mut self, id: uuid::Uuid, acked: bool) -> bool {
         let Some(key) = self.run_turns.remove(&id) else {
-            return;
+            return acked;
         };
         if !acked {
             // Its settlement frees the key again (claimed from its head, as any key).
             self.end_run(&key);
-            return;
+            return false;
         }
         let Some(run) = self.runs.get_mut(&key) else {
-            return;
+            return true;
         };
         let Some(next) = run.pop_front() else {
             self.runs.remove(&key);
-            return;
+            return true;
         };
         if run.is_empty() {
             self.runs.remove(&key);
@@ -608,6 +610,7 @@ impl Scheduler {
             self.run_turns.insert(next.message.id, key);
         }
         self.queue.push_front(next);
+        false
     }
 
     /// Gives back the rest of `key`'s run unpublished.
@@ -814,8 +817,14 @@ impl Handler<KeyTurn> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: KeyTurn, _: &mut Context<Self>) {
+        let mut waiting = false;
         for (id, acked) in msg.0 {
-            self.turn(id, acked);
+            waiting |= self.turn(id, acked);
+        }
+        if waiting {
+            // A key's next claim waits on an ack's write: the Ledger writes it now rather
+            // than after its gap (the ack's Record is in its mailbox before this).
+            self.peers.ledger.do_send(WriteNow);
         }
         // The next rows of every run that moved, in one publish batch.
         self.pump();
