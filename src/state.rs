@@ -267,8 +267,9 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
 /// [`Status`] transitions. Not `Clone`: a row in flight is held once.
 #[derive(Debug)]
 pub struct Delivery {
-    /// The claimed row.
-    pub message: OutboxMessage,
+    /// The claimed row. Boxed: a delivery moves through several actors' mailboxes and
+    /// batches, and moving a pointer is cheaper than moving the row's 200-odd bytes each time.
+    pub message: Box<OutboxMessage>,
     state: Status,
     max_attempts: u32,
     credit: Credit,
@@ -286,7 +287,7 @@ impl Delivery {
             .clamp(1, MAX_ATTEMPTS_LIMIT);
         let credit = Credit::unbacked(message.id, message.ordering_key.is_some());
         Delivery {
-            message,
+            message: Box::new(message),
             state: Status::InFlight,
             max_attempts,
             credit,
