@@ -337,7 +337,17 @@ async fn three_claimers_never_hold_two_rows_of_one_key() {
 /// 6 keys through the engine; key k000's head goes to an exchange whose queue nacks.
 /// Row `at` of key k000 is nacked until it is dead-lettered (`at` 0: the head; else a row
 /// inside the head's run, published on the ack of the one before).
-async fn failing_row_run(mode: OnDeadLetter, at: usize) {
+/// How a test makes one of a key's rows fail.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// Published to an exchange whose queue nacks: retried, then dead-lettered.
+    Nacked,
+    /// A column the engine cannot read: dead-lettered when claimed, with the rows after it
+    /// in the same claim (its run) still to come.
+    Unreadable,
+}
+
+async fn failing_row_run(mode: OnDeadLetter, at: usize, fault: Fault) {
     let db = TestDb::new("ord_block").await;
     let mut broker = TestBroker::new("ord_block").await;
     let nacks = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
@@ -347,8 +357,12 @@ async fn failing_row_run(mode: OnDeadLetter, at: usize) {
         .insert_sql(&broker.exchange, 300, "routed.plain.{i}")
         .await;
     let stuck = keyed.by_key["k000"].clone();
+    let set = match fault {
+        Fault::Nacked => format!("exchange = '{nacks}'"),
+        Fault::Unreadable => r#"headers = '{"n": 1e400}'"#.to_string(),
+    };
     db.exec(&format!(
-        "UPDATE {{s}}.outbox SET exchange = '{nacks}' WHERE id = '{}'",
+        "UPDATE {{s}}.outbox SET {set} WHERE id = '{}'",
         stuck[at]
     ))
     .await;
@@ -403,17 +417,32 @@ async fn failing_row_run(mode: OnDeadLetter, at: usize) {
 
 #[actix_rt::test]
 async fn a_failing_head_blocks_only_its_key_until_an_operator_discards_it() {
-    failing_row_run(OnDeadLetter::Block, 0).await;
+    failing_row_run(OnDeadLetter::Block, 0, Fault::Nacked).await;
 }
 
 #[actix_rt::test]
 async fn a_failing_row_inside_a_run_stops_its_key_there_until_an_operator_discards_it() {
-    failing_row_run(OnDeadLetter::Block, 7).await;
+    failing_row_run(OnDeadLetter::Block, 7, Fault::Nacked).await;
+}
+
+#[actix_rt::test]
+async fn an_unreadable_head_blocks_its_key_and_its_run_is_not_published() {
+    failing_row_run(OnDeadLetter::Block, 0, Fault::Unreadable).await;
+}
+
+#[actix_rt::test]
+async fn an_unreadable_row_inside_a_run_stops_its_key_there() {
+    failing_row_run(OnDeadLetter::Block, 7, Fault::Unreadable).await;
+}
+
+#[actix_rt::test]
+async fn with_continue_a_key_goes_on_past_its_unreadable_row() {
+    failing_row_run(OnDeadLetter::Continue, 7, Fault::Unreadable).await;
 }
 
 #[actix_rt::test]
 async fn with_continue_a_key_goes_on_past_its_dead_letter() {
-    failing_row_run(OnDeadLetter::Continue, 0).await;
+    failing_row_run(OnDeadLetter::Continue, 0, Fault::Nacked).await;
 }
 
 #[actix_rt::test]

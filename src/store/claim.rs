@@ -439,6 +439,11 @@ impl Store {
     /// budget left rows out. If the move fails (the database went away), those rows are
     /// simply not handed on: this engine never renews their lease, so they come back once
     /// it expires and are moved then.
+    ///
+    /// Keyed rows come ordered by key and `seq`: the rows after an unreadable one of its key
+    /// (its run) are not handed on but given back once it is dead-lettered, so they wait
+    /// behind the dead letter (`ordering.on_dead_letter: block`) or are claimed again at
+    /// once as the key's next head (`continue`: the claim counts as full).
     async fn sort_out(&self, engine: &str, rows: Vec<ClaimedRow>, limits: ClaimLimits) -> Claimed {
         let mut claimed = Claimed {
             full: rows.len() == limits.rows as usize || rows.iter().any(|r| r.cut),
@@ -446,13 +451,22 @@ impl Store {
             ..Claimed::default()
         };
         let mut bad = Vec::new();
+        let mut behind_bad = Vec::new();
+        let mut broken_key: Option<String> = None;
         for row in rows {
+            if row.ordering_key.is_some() && row.ordering_key == broken_key {
+                behind_bad.push(row.id);
+                continue;
+            }
             match row.decode(limits.max_payload) {
                 Ok(m) => claimed.messages.push(m),
-                Err(u) => bad.push(DeadLetterUpdate {
-                    id: u.id,
-                    error: u.reason,
-                }),
+                Err(u) => {
+                    broken_key = u.ordering_key;
+                    bad.push(DeadLetterUpdate {
+                        id: u.id,
+                        error: u.reason,
+                    });
+                }
             }
         }
         if bad.is_empty() {
@@ -460,6 +474,12 @@ impl Store {
         }
         match self.move_to_dead_letters(engine, &bad).await {
             Ok(moved) => {
+                if !behind_bad.is_empty() {
+                    claimed.full = true;
+                    if let Err(e) = self.release(engine, &behind_bad).await {
+                        tracing::warn!(error = %e, rows = behind_bad.len(), "could not give back the rows behind an unreadable row; they return when their lease expires");
+                    }
+                }
                 let moved: std::collections::HashSet<uuid::Uuid> = moved.into_iter().collect();
                 claimed.dead_lettered = bad
                     .into_iter()

@@ -47,7 +47,7 @@ pub(super) fn message_columns(max_payload: &str, candidates: &str) -> String {
 #[derive(QueryableByName)]
 pub(super) struct ClaimedRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
-    id: Uuid,
+    pub(super) id: Uuid,
     #[diesel(sql_type = Text)]
     exchange: String,
     #[diesel(sql_type = Text)]
@@ -87,6 +87,8 @@ pub(super) struct ClaimedRow {
 pub(super) struct Undecodable {
     pub(super) id: Uuid,
     pub(super) reason: String,
+    /// Its ordering key: the rows after it of its key in the same claim must not go out.
+    pub(super) ordering_key: Option<String>,
 }
 
 impl ClaimedRow {
@@ -96,6 +98,7 @@ impl ClaimedRow {
         let fail = |reason: String| Undecodable {
             id: self.id,
             reason,
+            ordering_key: self.ordering_key.clone(),
         };
         let Some(payload) = self.payload else {
             return Err(fail(format!(
