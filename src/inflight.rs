@@ -281,7 +281,11 @@ mod tests {
         let mut t = InFlightTable::new();
         let d = delivery();
         let id = d.message.id;
-        t.insert(Delivery::claimed((*d.message).clone(), 3), 1, Instant::now());
+        t.insert(
+            Delivery::claimed((*d.message).clone(), 3),
+            1,
+            Instant::now(),
+        );
         t.insert(d, 2, Instant::now() + Duration::from_secs(5));
         assert!(t.settle(id, 1, Answer::Ack).is_none());
         assert!(t.settle(id, 2, Answer::Nack).is_some());
