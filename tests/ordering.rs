@@ -334,9 +334,6 @@ async fn three_claimers_never_hold_two_rows_of_one_key() {
     assert_eq!(db.count(Status::Confirmed).await, 600);
 }
 
-/// 6 keys through the engine; key k000's head goes to an exchange whose queue nacks.
-/// Row `at` of key k000 is nacked until it is dead-lettered (`at` 0: the head; else a row
-/// inside the head's run, published on the ack of the one before).
 /// How a test makes one of a key's rows fail.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
@@ -347,6 +344,9 @@ enum Fault {
     Unreadable,
 }
 
+/// 6 keys through the engine; row `at` of key k000 fails by `fault` until it is
+/// dead-lettered (`at` 0: the head; else a row inside the head's run, published on the ack
+/// of the one before).
 async fn failing_row_run(mode: OnDeadLetter, at: usize, fault: Fault) {
     let db = TestDb::new("ord_block").await;
     let mut broker = TestBroker::new("ord_block").await;
