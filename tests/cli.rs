@@ -259,7 +259,9 @@ fn completions_and_man_pages_come_from_the_command_definitions_without_a_config(
 
 /// `courier demo` counts its rows' outcomes in the database: it finishes, and reports every
 /// row, even when another engine (here `courier run` on the demo's own schema) publishes
-/// most of them; it labels its latencies as those of a backlog and rounds its rate.
+/// most of them; it labels its latencies as those of a backlog and rounds its rate. Its
+/// queue is its schema's (`<schema>.demo`) and keeps what it already held: a demo never
+/// empties a queue another demo may be filling.
 #[actix_rt::test]
 async fn the_demo_finishes_whoever_publishes_its_rows() {
     let schema = common::unique_name("clidemo");
@@ -268,6 +270,26 @@ async fn the_demo_finishes_whoever_publishes_its_rows() {
         common::TestDbGuard(schema.clone()),
         common::TestDbGuard(demo_schema.clone()),
     );
+    let demo_queue = format!("{schema}.demo");
+    let mut broker = common::broker::TestBroker::new("clidemo").await;
+    broker.declare_queue(&demo_queue, Default::default()).await;
+    broker.adopt_queue(&demo_queue);
+    broker.adopt_exchange(&demo_queue);
+    broker
+        .channel
+        .basic_publish(
+            "".into(),
+            demo_queue.as_str().into(),
+            Default::default(),
+            b"left by an earlier demo",
+            Default::default(),
+        )
+        .await
+        .expect("publish the earlier message");
+    common::eventually(10, "the earlier message in the demo queue", || async {
+        (broker.depth(&demo_queue).await == 1).then_some(())
+    })
+    .await;
     let env = vec![
         ("COURIER_DATABASE_URL", common::database_url()),
         ("COURIER_DATABASE_SCHEMA", demo_schema.clone()),
@@ -295,6 +317,15 @@ async fn the_demo_finishes_whoever_publishes_its_rows() {
     );
     assert!(out.contains("3000 queued at once"), "{out}");
     assert!(out.contains("msg/s |") && out.contains("≈ "), "{out}");
+    assert!(
+        out.contains(&format!("`{demo_queue}` (messages already in it: 1)")),
+        "{out}"
+    );
+    assert_eq!(
+        broker.depth(&demo_queue).await,
+        3001,
+        "the demo's 3000 and the one it found"
+    );
     assert!(other.terminate(20).await.success(), "{}", other.log());
 }
 

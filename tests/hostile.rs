@@ -145,6 +145,22 @@ async fn unreadable_rows_are_dead_lettered_naming_the_column_and_pin_nothing() {
         "{:?}",
         huge.headers
     );
+    // `dead-letters show` prints that text as it is, saying why, not as an escaped string.
+    let shown = common::courier_command()
+        .args(["dead-letters", "show", &bad_ids[0].1.to_string()])
+        .envs(db.process_env())
+        .output()
+        .expect("run courier");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let line = shown
+        .lines()
+        .find(|l| l.starts_with("headers:"))
+        .unwrap_or_else(|| panic!("no headers line: {shown}"));
+    assert!(
+        line.contains(r#"{"n": 10000000000"#)
+            && line.ends_with("(as stored: JSON Courier cannot read)"),
+        "{line}"
+    );
     let infinite = store.dead_letter(bad_ids[2].1).await.unwrap().unwrap();
     assert_eq!(infinite.created_at, None);
     engine.shutdown().await;

@@ -142,7 +142,14 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
         "content type:  {}",
         one_line(r.content_type.as_deref().unwrap_or("-"))
     );
-    println!("headers:       {}", one_line(&r.headers.to_string()));
+    match &r.headers {
+        // What the store gives back when serde_json cannot hold the producer's JSON.
+        serde_json::Value::String(raw) => println!(
+            "headers:       {} (as stored: JSON Courier cannot read)",
+            one_line(raw)
+        ),
+        headers => println!("headers:       {}", one_line(&headers.to_string())),
+    }
     println!(
         "attempts:      {} (max {})",
         r.attempts,

@@ -1,7 +1,7 @@
 //! `courier demo`: a first run that shows something.
 //!
-//! Declares `courier.demo` (a topic exchange) and a queue of the same name, enqueues N
-//! messages through the outbox, runs the engine in this process with a progress bar of
+//! Declares `<database.schema>.demo` (a topic exchange) and a queue of the same name, enqueues
+//! N messages through the outbox, runs the engine in this process with a progress bar of
 //! confirmed messages, and ends with a summary: confirmed, retried, dead-lettered,
 //! throughput and commit→confirm latency percentiles.
 
@@ -10,17 +10,19 @@ use std::time::Instant;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::{
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions},
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
     ExchangeKind,
 };
 
 use crate::{broker, config::Config, Engine, OutboxMessage};
 
-const EXCHANGE: &str = "courier.demo";
-const QUEUE: &str = "courier.demo";
-
-async fn declare(config: &Config) -> anyhow::Result<()> {
+/// Declares the demo's exchange and queue, both named `name`, and returns how many messages
+/// the queue already holds.
+///
+/// The queue is not purged: it is named after the configured schema, so it is this user's,
+/// but another demo on the same schema may be filling it at this moment.
+async fn declare(config: &Config, name: &str) -> anyhow::Result<u32> {
     let conn = broker::connect(&config.broker, "-demo-setup").await?;
     let ch = conn.create_channel().await?;
     let durable = ExchangeDeclareOptions {
@@ -28,7 +30,7 @@ async fn declare(config: &Config) -> anyhow::Result<()> {
         ..Default::default()
     };
     ch.exchange_declare(
-        EXCHANGE.into(),
+        name.into(),
         ExchangeKind::Topic,
         durable,
         FieldTable::default(),
@@ -38,20 +40,19 @@ async fn declare(config: &Config) -> anyhow::Result<()> {
         durable: true,
         ..Default::default()
     };
-    ch.queue_declare(QUEUE.into(), q, FieldTable::default())
+    let queue = ch
+        .queue_declare(name.into(), q, FieldTable::default())
         .await?;
     ch.queue_bind(
-        QUEUE.into(),
-        EXCHANGE.into(),
+        name.into(),
+        name.into(),
         "demo.#".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
-    ch.queue_purge(QUEUE.into(), QueuePurgeOptions::default())
-        .await?;
     let _ = conn.close(200, "demo ready".into()).await;
-    Ok(())
+    Ok(queue.message_count())
 }
 
 /// How long the demo waits without one more of its rows settled before it gives up.
@@ -63,22 +64,25 @@ const STALL: std::time::Duration = std::time::Duration::from_secs(60);
 /// The demo runs in a schema of its own (`<schema>_demo`), so an engine already serving the
 /// configured schema (`courier run` in another terminal) does not take its rows, and it
 /// counts outcomes in the database, so it finishes whoever publishes them (two demos at
-/// once share the schema and each still sees its own rows through).
+/// once share the schema and each still sees its own rows through). Its exchange and queue
+/// are named after the configured schema (`<schema>.demo`), so demos of other schemas on the
+/// same broker stay apart.
 pub async fn run(mut config: Config, n: usize) -> anyhow::Result<()> {
+    let name = format!("{}.demo", config.database.schema);
     config.database.schema = format!("{}_demo", config.database.schema);
     config.database.auto_migrate = true;
     let schema = config.database.schema.clone();
-    declare(&config)
+    let held = declare(&config, &name)
         .await
         .context("declaring the demo exchange and queue")?;
     println!(
-        "declared exchange `{EXCHANGE}` and queue `{QUEUE}` (purged); outbox schema `{schema}`"
+        "declared exchange and queue `{name}` (messages already in it: {held}); outbox schema `{schema}`"
     );
     let engine = Engine::start(config).await.context("starting the engine")?;
     let messages: Vec<OutboxMessage> = (0..n)
         .map(|i| {
             OutboxMessage::new(
-                EXCHANGE,
+                &name,
                 format!("demo.order.{i}"),
                 format!(r#"{{"order":{i}}}"#),
             )
@@ -125,7 +129,8 @@ pub async fn run(mut config: Config, n: usize) -> anyhow::Result<()> {
     }
     println!(
         "\nThe latencies are of a {n}-message backlog, queueing included; one message on an idle \
-         engine takes about 2 ms (README, Speed).\nThe messages are in queue `{QUEUE}`; \
+         engine takes about 2 ms (README, Speed).\nThe messages are in queue `{name}`, which \
+         nothing consumes (`rabbitmqctl purge_queue {name}` empties it); \
          `COURIER_DATABASE_SCHEMA={schema} courier status` (or `cargo run --release -- status`) \
          shows the demo's outbox."
     );

@@ -117,6 +117,11 @@ impl TestBroker {
         self.extra_exchanges.push(name.to_string());
     }
 
+    /// A queue declared elsewhere, deleted with the broker guard.
+    pub fn adopt_queue(&mut self, name: &str) {
+        self.extra_queues.push(name.to_string());
+    }
+
     /// Another queue (deleted with the broker guard).
     pub async fn extra_queue(&mut self, suffix: &str, args: FieldTable) -> String {
         let name = format!("{}.{suffix}", self.exchange);
