@@ -44,15 +44,38 @@ impl Drop for BrokerAppGuard {
     }
 }
 
-/// Clears the memory alarm on drop.
-struct AlarmGuard;
+/// Lowers the broker's memory watermark so that it raises a memory alarm, and puts the
+/// watermark it found back on drop (a broker configured with another one keeps it).
+struct AlarmGuard(String);
+
+impl AlarmGuard {
+    fn raise() -> AlarmGuard {
+        let found = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "eval",
+                "vm_memory_monitor:get_vm_memory_high_watermark().",
+            ])
+            .output()
+            .expect("rabbitmqctl eval");
+        assert!(found.status.success(), "reading the memory watermark");
+        let found = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        let guard = AlarmGuard(found);
+        assert!(sh(
+            "rabbitmqctl",
+            &["-q", "set_vm_memory_high_watermark", "0.0000001"]
+        ));
+        guard
+    }
+}
 
 impl Drop for AlarmGuard {
     fn drop(&mut self) {
-        sh(
-            "rabbitmqctl",
-            &["-q", "set_vm_memory_high_watermark", "0.4"],
+        let restore = format!(
+            "vm_memory_monitor:set_vm_memory_high_watermark({}).",
+            self.0
         );
+        sh("rabbitmqctl", &["-q", "eval", &restore]);
     }
 }
 
@@ -138,11 +161,7 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
     engine.wait_for(warm[0], WAIT).await.unwrap();
     let mut events = engine.subscribe();
     let ids = {
-        let _guard = AlarmGuard;
-        assert!(sh(
-            "rabbitmqctl",
-            &["-q", "set_vm_memory_high_watermark", "0.0000001"]
-        ));
+        let _guard = AlarmGuard::raise();
         let ids = db.insert_sql(&broker.exchange, 1_000, "routed.{i}").await;
         wait_event(&mut events, 60, "connection.blocked", |e| {
             matches!(e, EngineEvent::BrokerBlocked(_))
