@@ -11,7 +11,9 @@
 //! - commit→confirmed latency of single messages on an idle engine (p50, p99);
 //!
 //! with peak RSS and CPU seconds per 10k messages for each (every variant runs as its own
-//! process, measured from `/proc`).
+//! process, measured from `/proc`). Each Courier variant runs right after raw lapin at window
+//! 1,024, and its row gives both ratios: to the limit measured at the start of the run, and to
+//! the one measured just before it (the broker's own speed drifts over a run).
 //!
 //! ```sh
 //! cargo bench --bench side_by_side                 # BENCH_N=50000 messages per variant
@@ -82,6 +84,8 @@ struct Row {
     seconds: f64,
     rss_mb: f64,
     cpu_per_10k: f64,
+    /// Courier rows: the raw limit (window 1,024) measured just before this variant.
+    raw_before: Option<f64>,
 }
 
 impl Row {
@@ -221,21 +225,20 @@ async fn insert_rows(schema: &str, n: usize) {
     insert_keyed_rows(schema, n, None).await
 }
 
-/// Rows spread round-robin over `keys` ordering keys (`None`: unkeyed rows).
+/// Rows spread round-robin over `keys` ordering keys (`None`: unkeyed rows), committed in
+/// one transaction: a drain is timed from that commit, and rows committed earlier (a first
+/// chunk) would be published before the clock starts.
 async fn insert_keyed_rows(schema: &str, n: usize, keys: Option<usize>) {
     let mut c = db().await;
     let payload = "x".repeat(PAYLOAD);
     let key = keys.map_or("NULL".to_string(), |k| format!("'k' || (i % {k})"));
-    for start in (0..n).step_by(50_000) {
-        let count = (n - start).min(50_000);
-        c.batch_execute(&format!(
-            "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, ordering_key)
-             SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8'), {key}
-             FROM generate_series(1, {count}) i ORDER BY i"
-        ))
-        .await
-        .expect("insert");
-    }
+    c.batch_execute(&format!(
+        "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, ordering_key)
+         SELECT '{EXCHANGE}', 'bench.' || i, convert_to('{payload}', 'UTF8'), {key}
+         FROM generate_series(1, {n}) i ORDER BY i"
+    ))
+    .await
+    .expect("insert");
 }
 
 #[derive(QueryableByName)]
@@ -421,7 +424,26 @@ fn raw_lapin(kind: &str, n: usize, window: &str) -> Row {
         seconds: secs,
         rss_mb: rss,
         cpu_per_10k: cpu / (n as f64 / 1e4),
+        raw_before: None,
     }
+}
+
+/// Runs a Courier variant right after raw lapin at window 1,024 on the same queue, and
+/// keeps that raw rate with it. The broker's own limit drifts over a run and between runs
+/// (quorum queues most: 21–35k msg/s here), so a ratio to the limit measured at the start,
+/// minutes earlier, says as much about the drift as about Courier; the table shows both.
+fn paired(
+    rt: &tokio::runtime::Runtime,
+    kind: &str,
+    queue: &str,
+    n: usize,
+    variant: impl std::future::Future<Output = Row>,
+) -> Row {
+    let raw = raw_lapin(kind, n, "1024");
+    rt.block_on(purge(queue));
+    let mut row = rt.block_on(variant);
+    row.raw_before = Some(raw.rate());
+    row
 }
 
 fn run_child(args: &[String]) {
@@ -615,6 +637,7 @@ async fn drain(
         seconds,
         rss_mb: rss,
         cpu_per_10k: cpu / (n as f64 / 10_000.0),
+        raw_before: None,
     }
 }
 
@@ -978,11 +1001,14 @@ async fn history_curve(schema: &str, queue: &str, n: usize, histories: &[usize])
 
 fn print_table(rows: &[Row], limit: f64, naive: f64) {
     println!();
-    println!("| variant | messages | msg/s | × raw lapin | × naive | peak RSS MB | CPU s / 10k |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| variant | messages | msg/s | × raw lapin | × raw just before | × naive | peak RSS MB | CPU s / 10k |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
+        let before = r.raw_before.map_or(String::new(), |raw| {
+            format!("{:.2} (of {raw:.0})", r.rate() / raw)
+        });
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} |",
+            "| {} | {} | {:.0} | {:.2} | {before} | {:.1} | {:.1} | {:.2} |",
             r.name,
             r.messages,
             r.rate(),
@@ -1033,9 +1059,11 @@ fn main() {
             seconds: secs,
             rss_mb: rss,
             cpu_per_10k: cpu / (naive_n as f64 / 1e4),
+            raw_before: None,
         });
         for engines in env_list("BENCH_ENGINES", &[1, 2, 3]) {
-            let mut r = rt.block_on(courier_drain(schema, &queue, n, engines));
+            let drain = courier_drain(schema, &queue, n, engines);
+            let mut r = paired(&rt, kind, &queue, n, drain);
             r.name = format!("{} ({kind})", r.name);
             rows.push(r);
         }
@@ -1054,7 +1082,8 @@ fn main() {
                 ("COURIER_PUBLISHER_ADAPTIVE_WINDOW", "false".to_string()),
                 ("COURIER_PUBLISHER_MAX_IN_FLIGHT", size.trim().to_string()),
             ];
-            let mut r = rt.block_on(courier_drain_keyed(schema, &queue, n, 1, None, &fixed));
+            let drain = courier_drain_keyed(schema, &queue, n, 1, None, &fixed);
+            let mut r = paired(&rt, kind, &queue, n, drain);
             r.name = format!("{}, fixed window {} ({kind})", r.name, size.trim());
             rows.push(r);
         }
@@ -1071,19 +1100,14 @@ fn main() {
                     rows.push(raw_lapin(kind, m, &keys.to_string()));
                     rt.block_on(purge(&queue));
                 }
-                let mut r = rt.block_on(courier_drain_keyed(schema, &queue, m, 1, Some(keys), &[]));
+                let drain = courier_drain_keyed(schema, &queue, m, 1, Some(keys), &[]);
+                let mut r = paired(&rt, kind, &queue, n, drain);
                 r.name = format!("{} ({kind})", r.name);
                 rows.push(r);
                 if run0 {
                     let heads_only = [("COURIER_ORDERING_RUN", "0".to_string())];
-                    let mut r = rt.block_on(courier_drain_keyed(
-                        schema,
-                        &queue,
-                        m,
-                        1,
-                        Some(keys),
-                        &heads_only,
-                    ));
+                    let drain = courier_drain_keyed(schema, &queue, m, 1, Some(keys), &heads_only);
+                    let mut r = paired(&rt, kind, &queue, n, drain);
                     r.name = format!("{}, ordering.run 0 ({kind})", r.name);
                     rows.push(r);
                 }
