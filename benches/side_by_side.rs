@@ -430,7 +430,7 @@ fn raw_lapin(kind: &str, n: usize, window: &str) -> Row {
 
 /// Runs a Courier variant right after raw lapin at window 1,024 on the same queue, and
 /// keeps that raw rate with it. The broker's own limit drifts over a run and between runs
-/// (quorum queues most: 21–35k msg/s here), so a ratio to the limit measured at the start,
+/// (quorum queues most: 18–37k msg/s here), so a ratio to the limit measured at the start,
 /// minutes earlier, says as much about the drift as about Courier; the table shows both.
 fn paired(
     rt: &tokio::runtime::Runtime,
