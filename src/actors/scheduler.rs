@@ -303,6 +303,9 @@ impl Scheduler {
         let limit = self
             .credits()
             .min(self.config.scheduler.claim_batch as usize) as u32;
+        if !self.keys.may_be_ready() {
+            self.demand.no_key_ready();
+        }
         let Some(split) = self.demand.start(limit) else {
             return;
         };

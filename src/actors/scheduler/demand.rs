@@ -88,6 +88,15 @@ impl Demand {
         }
     }
 
+    /// No keyed head can be ready now (the `keys` module knows): keyed claims sleep until a
+    /// wake-up for them, as after a claim that found nothing, without running that claim.
+    /// Only between rounds: a round's wake-ups are applied when it ends.
+    pub fn no_key_ready(&mut self) {
+        if !self.in_round() {
+            self.keyed_idle = true;
+        }
+    }
+
     fn apply_wakes(&mut self) {
         self.unkeyed_idle &= !self.woken.unkeyed;
         self.keyed_idle &= !self.woken.keyed;
@@ -231,6 +240,18 @@ mod tests {
             })
         );
         assert_eq!(d.start(4), split(4, 0), "claimed again, not put to sleep");
+    }
+
+    #[test]
+    fn keyed_claims_sleep_when_no_key_can_be_ready_until_woken() {
+        let mut d = Demand::default();
+        d.no_key_ready();
+        assert_eq!(d.start(4), split(4, 0), "unkeyed rows take the room");
+        d.no_key_ready(); // during a round: no effect on it
+        d.answered(Kind::Unkeyed, Some((0, false)));
+        assert_eq!(d.start(4), None, "nothing may be due");
+        d.wake(KEYED); // this engine freed a key
+        assert_eq!(d.start(4), split(0, 4));
     }
 
     #[test]
