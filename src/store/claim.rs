@@ -105,6 +105,16 @@ const CLAIM_SET: &str = "SET status = 'in_flight',
                            ELSE o.last_error END,
          updated_at = now()";
 
+/// A claim commits without waiting for its WAL to reach the disk (`synchronous_commit =
+/// off` for its own transaction only: `set_config(…, true)` is `SET LOCAL`, evaluated once as
+/// an init plan). A claim is a lease, not an outcome: if the server crashes before the flush
+/// (at most three `wal_writer_delay`s, 0.6 s by default), the rows it took are `pending`
+/// again and are published again, duplicates that at-least-once delivery allows; no row is
+/// lost. An outcome write that follows is synchronous and flushes the claim's WAL with its
+/// own. On an idle engine the claim is on the path of every message: commit→confirmed p50
+/// 1.82 / 1.84 / 1.89 ms against 2.01 / 1.88 / 2.31 ms with every commit synchronous.
+const ASYNC_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'";
+
 /// A row still to be delivered (the partial index of keys' open rows uses the same list).
 const OPEN: &str = "status IN ('pending', 'in_flight', 'retrying')";
 
@@ -170,7 +180,7 @@ fn claim_due(s: &Schema) -> String {
                     UNION ALL SELECT id, size, 1, at FROM due
                  ), {fit}
                  UPDATE {s}.outbox o {CLAIM_SET}
-                 WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
+                 WHERE o.id = ANY(ARRAY(SELECT id FROM fit)) AND {ASYNC_COMMIT}
                  RETURNING {columns}",
         fit = fit("$4", "$5", None),
         columns = message_columns("$4", "0"),
@@ -292,7 +302,7 @@ fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
                     UNION ALL SELECT id, size, pos, seq FROM run
                  ), {fit}, taken AS (
                     UPDATE {s}.outbox o {CLAIM_SET}
-                    WHERE o.id = ANY(ARRAY(SELECT id FROM fit))
+                    WHERE o.id = ANY(ARRAY(SELECT id FROM fit)) AND {ASYNC_COMMIT}
                       AND o.status IN ('pending', 'retrying')
                     RETURNING {columns}, o.seq AS run_seq
                  )
