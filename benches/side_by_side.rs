@@ -23,7 +23,8 @@
 //!     raw lapin at the same windows, and a crash line per window (max_in_flight)
 //! BENCH_RUN0=1: each keyed variant also with `ordering.run: 0` (heads only, the old way)
 //! BENCH_HISTORY=0,1000000,5000000: drain BENCH_HISTORY_N (50,000) new rows into a table
-//!     already holding that many confirmed rows (a week of history), one line each;
+//!     already holding that many confirmed rows (a week of history), one line each, each
+//!     right after raw lapin on the same queue;
 //!     BENCH_HISTORY_FILL=sparse leaves the history's pages two-thirds free (see fill_history)
 //! BENCH_SSLMODE=disable: the engines reach PostgreSQL without TLS (default: libpq's
 //!     `prefer`, TLS when the server offers it)
@@ -593,17 +594,38 @@ async fn drain(
     // Once a second the outbox is asked as well: a row that never reaches the queue (dead-
     // lettered) must end the wait, and the assertion below says what went wrong.
     let mut polls = 0u32;
-    while watch.depth().await < n as u32 {
+    // The drain's two ends, apart from its middle: the first message in the queue (the
+    // engine's wake-up and first claim) and the last row settled after every message is in
+    // the queue (the last confirms and outcome write).
+    let mut first_in_queue = None;
+    let mut all_in_queue = None;
+    loop {
+        let d = watch.depth().await;
+        if d > 0 && first_in_queue.is_none() {
+            first_in_queue = Some(start.elapsed());
+        }
+        if d >= n as u32 {
+            all_in_queue = Some(start.elapsed());
+            break;
+        }
         polls += 1;
         if polls.is_multiple_of(50) && !any_open(&mut c, schema).await {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let pause = if first_in_queue.is_some() { 20 } else { 1 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     while any_open(&mut c, schema).await {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    eprintln!(
+        "  drain of {n}: first message in the queue after {:.0} ms, every message in it after {:.0} ms (±20), every row settled after {:.0} ms",
+        ms(first_in_queue),
+        ms(all_in_queue),
+        seconds * 1e3,
+    );
     watch.close().await;
     let done = confirmed_since(&mut c, schema, &since.now).await;
     assert_eq!(
@@ -982,14 +1004,25 @@ async fn fill_history(schema: &str, rows: usize) {
 }
 
 /// The drain rate of `n` new rows with 0 and each of `histories` confirmed rows already in
-/// the table (BENCH_HISTORY).
-async fn history_curve(schema: &str, queue: &str, n: usize, histories: &[usize]) -> Vec<Row> {
+/// the table (BENCH_HISTORY), each right after raw lapin on the same queue: writing gigabytes
+/// of history can leave the broker slower for a while (its confirms wait on the same disk), and
+/// only the raw rate beside each drain tells that apart from a cost of the table.
+fn history_curve(
+    rt: &tokio::runtime::Runtime,
+    schema: &str,
+    queue: &str,
+    n: usize,
+    histories: &[usize],
+) -> Vec<Row> {
     let mut rows = Vec::new();
     for &h in histories {
-        fill_history(schema, h).await;
-        let mut c = db().await;
-        let size = outbox_size(&mut c, schema).await;
-        let mut r = drain(schema, queue, n, 1, None, &[]).await;
+        rt.block_on(fill_history(schema, h));
+        let size = rt.block_on(async {
+            let mut c = db().await;
+            outbox_size(&mut c, schema).await
+        });
+        let drain = drain(schema, queue, n, 1, None, &[]);
+        let mut r = paired(rt, "classic", queue, n, drain);
         r.name = format!(
             "Courier, 1 engine, {h} confirmed rows of history ({:.0} MB)",
             size.bytes as f64 / 1e6
@@ -1150,17 +1183,21 @@ fn main() {
         .collect();
     if !histories.is_empty() {
         let hn = env_usize("BENCH_HISTORY_N", 50_000);
-        let rows = rt.block_on(history_curve(schema, &queue, hn, &histories));
+        let rows = history_curve(&rt, schema, &queue, hn, &histories);
         let fresh = rows[0].rate();
+        let fresh_of_raw = rows[0].raw_before.map_or(f64::NAN, |raw| fresh / raw);
         println!("\na table with history (classic, {hn} new rows each):\n");
-        println!("| variant | msg/s | × no history | CPU s / 10k |");
-        println!("|---|---:|---:|---:|");
+        println!("| variant | msg/s | × no history | × raw just before | that ÷ no history's | CPU s / 10k |");
+        println!("|---|---:|---:|---:|---:|---:|");
         for r in &rows {
+            let of_raw = r.raw_before.map_or(f64::NAN, |raw| r.rate() / raw);
             println!(
-                "| {} | {:.0} | {:.2} | {:.2} |",
+                "| {} | {:.0} | {:.2} | {of_raw:.2} (of {:.0}) | {:.2} | {:.2} |",
                 r.name,
                 r.rate(),
                 r.rate() / fresh,
+                r.raw_before.unwrap_or(f64::NAN),
+                of_raw / fresh_of_raw,
                 r.cpu_per_10k
             );
         }
