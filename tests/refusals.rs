@@ -298,3 +298,72 @@ async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
     assert!(a.duplicates as u64 <= counters.channel_closes * 4096);
     engine.shutdown().await;
 }
+
+/// A probe tells the truth after a revoke. RabbitMQ caches a channel's write permission per
+/// exchange, so a channel that wrote to `late` before its write was revoked goes on being
+/// accepted there. Here the engine probed `late` (a warm row), the write is revoked, and a
+/// 404 on a deleted exchange closes the publishing channel, so the engine checks every
+/// exchange again: the next row to `late` must be refused, not confirmed by a channel that
+/// remembers the old permission.
+#[actix_rt::test]
+async fn a_probe_after_a_revoke_is_not_fooled_by_a_cached_permission() {
+    let db = TestDb::new("reprobe").await;
+    let mut broker = TestBroker::new("reprobe").await;
+    let late = broker.extra_exchange("late", ExchangeKind::Topic).await;
+    let doomed = broker.extra_exchange("doomed", ExchangeKind::Topic).await;
+    broker.bind(&broker.queue, &late, "routed.#").await;
+    broker.bind(&broker.queue, &doomed, "routed.#").await;
+    let user = TestUser::without_write_on_denied();
+    let mut config = db.engine_config();
+    // One connection, so the channel that probed `late` is the one that would probe again.
+    config.publisher.connections = 1;
+    config.broker.url = BrokerUrls::from(vec![SecretUrl::new(user.amqp_url())]);
+    // A refused probe dead-letters at once, and the 404 row is never retried (a retry's
+    // passive declare would close, and so renew, the channel that checks exchanges).
+    config.retry.max_attempts = 1;
+    let engine = Engine::start(config).await.expect("engine");
+    let store = db.store().await;
+    let warm = vec![
+        OutboxMessage::new(&late, "routed.warm", "w"),
+        OutboxMessage::new(&doomed, "routed.warm", "w"),
+    ];
+    store.enqueue_many(&warm).await.expect("enqueue");
+    for m in &warm {
+        let outcome = engine.wait_for(m.id, Duration::from_secs(30)).await;
+        assert_eq!(outcome.expect("warm row"), Outcome::Confirmed);
+    }
+    user.revoke_late();
+    broker
+        .channel
+        .exchange_delete(doomed.as_str().into(), Default::default())
+        .await
+        .expect("delete exchange");
+    let gone = OutboxMessage::new(&doomed, "routed.gone", "g");
+    store.enqueue(&gone).await.expect("enqueue");
+    match engine.wait_for(gone.id, Duration::from_secs(30)).await {
+        Ok(Outcome::DeadLettered(why)) => assert!(why.contains("NOT_FOUND"), "{why}"),
+        other => panic!("the row to the deleted exchange: {other:?}"),
+    }
+    let revoked = OutboxMessage::new(&late, "routed.revoked", "r");
+    store.enqueue(&revoked).await.expect("enqueue");
+    match engine.wait_for(revoked.id, Duration::from_secs(30)).await {
+        Ok(Outcome::DeadLettered(why)) => {
+            assert!(
+                why.contains("ACCESS_REFUSED") && why.contains(&late),
+                "{why}"
+            )
+        }
+        other => panic!("the row to the revoked exchange: {other:?}"),
+    }
+    assert!(engine.counters().channel_closes >= 1, "no channel closed");
+    assert_eq!(db.count(Status::InFlight).await, 0);
+    assert_eq!(db.count(Status::Retrying).await, 0);
+    let all: Vec<Uuid> = [&warm[..], &[gone.clone(), revoked.clone()]]
+        .concat()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!((a.confirmed, a.dead_lettered), (2, 2));
+    engine.shutdown().await;
+}

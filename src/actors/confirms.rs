@@ -10,7 +10,7 @@
 //! **Returns are matched by `message_id`, never by which confirm carried them.** lapin hands
 //! a `basic.return` to whichever pending confirm resolves next, in hash-map order, so an
 //! unroutable message often resolves as a plain `Ack(None)` while its return rides on a
-//! neighbour's confirm (LAPIN-NOTES.md). Two facts make exact correlation possible: the
+//! neighbour's confirm (lapin 4.12). Two facts make exact correlation possible: the
 //! broker sends a message's return before its ack, and lapin resolves every confirm of one
 //! ack frame synchronously, the carrier no later than the message itself. So all confirm
 //! futures live in one `FuturesUnordered` (the *pump*), which yields them in wake order;

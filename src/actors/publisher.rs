@@ -13,12 +13,12 @@
 //! message's `PublisherConfirm` goes to the ConfirmTracker. Messages that cannot be sent at
 //! all — names over 255 bytes, headers AMQP cannot carry or too large for the connection's
 //! `frame_max`, payloads over the limit, a missing exchange — never reach the channel: one
-//! bad row must not close the channel under a thousand good ones (LAPIN-NOTES.md). Missing
+//! bad row must not close the channel under a thousand good ones. Missing
 //! exchanges are found with a passive declare on a side channel, cached for a short while
 //! (the cache, and the refusals below, are shared by the engine's publishing connections).
-//! The first row to an exchange not seen lately is published alone on the side channel and
+//! The first row to an exchange not seen lately is published alone on a fresh channel and
 //! its confirm awaited (`probe`): an exchange that exists but refuses this user (403:
-//! internal, or no write permission) closes the side channel, not the publishing one. An
+//! internal, or no write permission) closes that channel, not the publishing one. An
 //! exchange the broker refused is remembered as long, and rows to it are failed — charged
 //! an attempt — without being published, so a refused row closes a channel a bounded number
 //! of times.
@@ -511,8 +511,7 @@ async fn publish_round(
             _ => to_send.push((d, p, token)),
         }
     }
-    let probed =
-        probe_new_exchanges(&conn, &mut side, &exchanges, &mut to_send, check_timeout).await;
+    let probed = probe_new_exchanges(&conn, &exchanges, &mut to_send, check_timeout).await;
     unsent.extend(probed.unsent);
 
     let options = BasicPublishOptions {

@@ -11,7 +11,7 @@
 //!
 //! diesel-async's own migration harness calls `block_in_place`, which panics on actix's
 //! current-thread runtime; running diesel's sync harness through `AsyncConnectionWrapper`
-//! inside `spawn_blocking` works on any tokio runtime (LAPIN-NOTES.md).
+//! inside `spawn_blocking` works on any tokio runtime.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! Which exchanges the publishing channel may see: passive declares and probes on the side
-//! channel (see the Publisher's module documentation and `probe`).
+//! Which exchanges the publishing channel may see: passive declares on the side channel,
+//! probes on channels of their own (see the Publisher's module documentation and `probe`).
 
 use std::{
     collections::HashMap,
@@ -134,7 +134,7 @@ pub(super) async fn exchange_exists(
     }
 }
 
-/// The side channel (passive declares and probes), opened in confirm mode when missing.
+/// The side channel (passive declares), opened in confirm mode when missing.
 async fn side_channel(conn: &Connection, side: &mut Option<Channel>) -> Result<Channel, String> {
     if let Some(c) = side.as_ref().filter(|c| c.status().connected()) {
         return Ok(c.clone());
@@ -153,10 +153,12 @@ pub(super) struct Probed {
 }
 
 /// Probes each exchange the passive declares just found (see `probe`) with its first row in
-/// `to_send`. Rows to an exchange the probe found refused leave `to_send`, charged.
+/// `to_send`, each on a channel opened for it. Not on the side channel: RabbitMQ caches a
+/// channel's write permission per exchange, so a channel that published to an exchange
+/// before a revoke goes on accepting it, and only a fresh channel tells whether this user may
+/// still write there. Rows to an exchange the probe found refused leave `to_send`, charged.
 pub(super) async fn probe_new_exchanges(
     conn: &Connection,
-    side: &mut Option<Channel>,
     exchanges: &HashMap<String, bool>,
     to_send: &mut Vec<(Delivery, Prepared, u64)>,
     bound: Duration,
@@ -173,16 +175,13 @@ pub(super) async fn probe_new_exchanges(
         else {
             continue;
         };
-        let channel = match tokio::time::timeout(bound, side_channel(conn, side)).await {
+        let channel = match tokio::time::timeout(bound, confirm_channel(conn)).await {
             Ok(Ok(c)) => c,
-            // No side channel: the rows go to the publishing channel unprobed, as before.
-            _ => {
-                *side = None;
-                break;
-            }
+            // No channel to probe on: the rows go to the publishing channel unprobed.
+            _ => break,
         };
         let (d, p, token) = to_send.remove(first);
-        match probe::probe(&channel, name, p, &d.message.payload, bound).await {
+        match probe::probe(channel, name, p, &d.message.payload, bound).await {
             probe::Probe::Published(confirm) => out.published.push(Published {
                 delivery: d,
                 token,
@@ -190,9 +189,8 @@ pub(super) async fn probe_new_exchanges(
                 confirm,
             }),
             probe::Probe::Refused(close) => {
-                *side = None;
                 tracing::warn!(exchange = %name, code = close.code, reason = %close.text,
-                    "the broker refused an exchange on the side channel; rows to it are failed unpublished for a while");
+                    "the broker refused an exchange on a probe; rows to it are failed unpublished for a while");
                 let behind = format!("{} (not published: refused moments ago)", close.text);
                 let (refused, keep): (Vec<_>, Vec<_>) = std::mem::take(to_send)
                     .into_iter()
@@ -213,7 +211,6 @@ pub(super) async fn probe_new_exchanges(
                 out.refused.push((name.clone(), close));
             }
             probe::Probe::Failed(why) => {
-                *side = None;
                 let why = FailureReason::ChannelLost(format!("exchange probe failed: {why}"));
                 out.unsent.push((d, why));
             }

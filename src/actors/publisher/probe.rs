@@ -1,12 +1,14 @@
-//! Probing an exchange on the side channel before the publishing channel sees it.
+//! Probing an exchange on a channel of its own before the publishing channel sees it.
 //!
 //! A passive declare says an exchange exists, not that this user may publish to it: an
 //! `internal` exchange, or one the user has no write permission on, exists and still closes
 //! the channel (403) on the first publish — and a closed publishing channel fails every
 //! pending confirm of the good rows beside it, which are then published again. So the first
-//! row to an exchange not seen lately is published alone on the side channel (in confirm
-//! mode) and its confirm awaited, bounded: only then do the other rows to that exchange go to
-//! the publishing channel. A refusal closes the side channel, never the publishing one.
+//! row to an exchange not seen lately is published alone on a channel opened for it (in
+//! confirm mode) and its confirm awaited, bounded: only then do the other rows to that
+//! exchange go to the publishing channel. A refusal closes the probe's channel, never the
+//! publishing one. The probe's channel closes once its confirm is answered (lapin closes a
+//! channel when its last handle drops).
 
 use std::time::Duration;
 
@@ -21,15 +23,15 @@ pub(super) enum Probe {
     /// It took the publish: its confirm (resolved, or still pending after the bound) goes
     /// to the ConfirmTracker like any other.
     Published(Confirm),
-    /// It closed the side channel naming the probe's exchange: the row is charged.
+    /// It closed the probe's channel naming the probe's exchange: the row is charged.
     Refused(ChannelClose),
-    /// Anything else (the side channel broke, no answer in time): the row is refunded.
+    /// Anything else (the probe's channel broke, no answer in time): the row is refunded.
     Failed(String),
 }
 
-/// Publishes one row on `side` and awaits its confirm for at most `bound`.
+/// Publishes one row on `channel` and awaits its confirm for at most `bound`.
 pub(super) async fn probe(
-    side: &Channel,
+    channel: Channel,
     exchange: &str,
     p: Prepared,
     payload: &[u8],
@@ -39,7 +41,7 @@ pub(super) async fn probe(
         mandatory: true,
         immediate: false,
     };
-    let publish = side.basic_publish(p.exchange, p.routing_key, options, payload, p.properties);
+    let publish = channel.basic_publish(p.exchange, p.routing_key, options, payload, p.properties);
     let mut confirm = match tokio::time::timeout(bound, publish).await {
         Ok(Ok(confirm)) => confirm.boxed(),
         Ok(Err(e)) => return refused_or_failed(exchange, &e),
@@ -48,8 +50,16 @@ pub(super) async fn probe(
     match tokio::time::timeout(bound, &mut confirm).await {
         Ok(Ok(answer)) => Probe::Published(futures::future::ready(Ok(answer)).boxed()),
         Ok(Err(e)) => refused_or_failed(exchange, &e),
-        // Still unanswered: the tracker's confirm deadline takes it from here.
-        Err(_) => Probe::Published(confirm),
+        // Still unanswered: the tracker's confirm deadline takes it from here, and the
+        // channel stays open until it is answered.
+        Err(_) => Probe::Published(
+            async move {
+                let answer = confirm.await;
+                drop(channel);
+                answer
+            }
+            .boxed(),
+        ),
     }
 }
 
