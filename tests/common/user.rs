@@ -70,6 +70,19 @@ impl TestUser {
         self.amqp_url_via("127.0.0.1:5672".parse().expect("address"))
     }
 
+    /// How many channels this user has open on the broker.
+    pub fn channels(&self) -> usize {
+        let out = Command::new("rabbitmqctl")
+            .args(["list_channels", "-q", "--no-table-headers", "user"])
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(out.status.success(), "rabbitmqctl list_channels");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.trim() == self.name)
+            .count()
+    }
+
     /// An AMQP URL for this user to `addr` (a proxy in front of the broker).
     pub fn amqp_url_via(&self, addr: std::net::SocketAddr) -> String {
         format!("amqp://{}:{}@{addr}/%2f", self.name, self.password)
