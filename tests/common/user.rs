@@ -10,7 +10,8 @@ pub struct TestUser {
     pub password: String,
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl` with `args`, which must succeed; returns what it printed.
+fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -20,6 +21,7 @@ fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl TestUser {
@@ -72,12 +74,7 @@ impl TestUser {
 
     /// How many channels this user has open on the broker.
     pub fn channels(&self) -> usize {
-        let out = Command::new("rabbitmqctl")
-            .args(["list_channels", "-q", "--no-table-headers", "user"])
-            .output()
-            .expect("run rabbitmqctl");
-        assert!(out.status.success(), "rabbitmqctl list_channels");
-        String::from_utf8_lossy(&out.stdout)
+        rabbitmqctl(&["list_channels", "-q", "--no-table-headers", "user"])
             .lines()
             .filter(|l| l.trim() == self.name)
             .count()
