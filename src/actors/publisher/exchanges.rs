@@ -134,12 +134,13 @@ pub(super) async fn exchange_exists(
     }
 }
 
-/// The side channel (passive declares), opened in confirm mode when missing.
+/// The side channel, opened when missing. It only declares (probes publish on channels of
+/// their own), so it needs no confirm mode.
 async fn side_channel(conn: &Connection, side: &mut Option<Channel>) -> Result<Channel, String> {
     if let Some(c) = side.as_ref().filter(|c| c.status().connected()) {
         return Ok(c.clone());
     }
-    let c = confirm_channel(conn).await.map_err(|e| e.to_string())?;
+    let c = conn.create_channel().await.map_err(|e| e.to_string())?;
     *side = Some(c.clone());
     Ok(c)
 }
