@@ -841,16 +841,69 @@ async fn courier_latency(schema: &str, samples: usize) -> Latency {
         }
     }
     let (rss, _) = stop(child);
-    let p50_p99 = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
-        (pct(0.5), pct(0.99))
-    };
     Latency {
         from_insert: p50_p99(from_insert),
         from_commit: p50_p99(from_commit),
         rss,
     }
+}
+
+/// The floor under idle latency, paced as `courier_latency` paces its rows (one at a time,
+/// 5 ms apart): the broker's own publish→confirm of one persistent message (raw lapin,
+/// window 1), and one database round trip that writes and commits a row as a claim does.
+/// Both as (p50, p99) in ms. An idle message costs at least one of each, so their tails
+/// bound how low Courier's p99 can go on the machine of the run.
+async fn latency_floor(schema: &str, samples: usize) -> ((f64, f64), (f64, f64)) {
+    let conn = amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let mut broker = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let t = Instant::now();
+        let confirm = ch
+            .basic_publish(
+                EXCHANGE.into(),
+                format!("bench.floor.{i}").into(),
+                opts,
+                b"x",
+                props(),
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack());
+        broker.push(t.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    fresh_schema(schema).await;
+    let mut c = db().await;
+    c.batch_execute(&format!(
+        "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload) VALUES ('{EXCHANGE}', 'bench.floor', 'x')"
+    ))
+    .await
+    .expect("insert");
+    let mut database = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        c.batch_execute(&format!(
+            "UPDATE \"{schema}\".outbox SET updated_at = now() WHERE routing_key = 'bench.floor'"
+        ))
+        .await
+        .expect("update");
+        database.push(t.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (p50_p99(broker), p50_p99(database))
+}
+
+/// The median and the 99th percentile of `v`.
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    (pct(0.5), pct(0.99))
 }
 
 /// Engine peak RSS while it works through a backlog of `n` rows.
@@ -1213,6 +1266,11 @@ fn main() {
     println!(
         "\ncommit→confirmed on an idle engine, 500 single messages: p50 {:.2} ms, p99 {:.2} ms from the commit's return; p50 {:.2} ms, p99 {:.2} ms from the INSERT's start (created_at) (engine RSS {:.1} MB)",
         l.from_commit.0, l.from_commit.1, l.from_insert.0, l.from_insert.1, l.rss
+    );
+    let (broker, database) = rt.block_on(latency_floor(schema, 500));
+    println!(
+        "the floor, paced the same: the broker's publish→confirm p50 {:.2} ms, p99 {:.2} ms (raw lapin, window 1); a database write and commit p50 {:.2} ms, p99 {:.2} ms",
+        broker.0, broker.1, database.0, database.1
     );
     rt.block_on(purge(&queue));
     let sustain = env_usize("BENCH_SUSTAIN", 0);
