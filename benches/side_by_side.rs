@@ -7,7 +7,7 @@
 //!   confirm, update the row, one at a time;
 //! - **Courier** end to end (rows committed to the outbox → all confirmed and marked) with
 //!   1, 2 and 3 `courier run` processes, classic and quorum queues; and with the rows
-//!   spread over 1, 100 and 10,000 ordering keys (classic);
+//!   spread over 1, 100, 1,000 and 10,000 ordering keys (classic);
 //! - commit→confirmed latency of single messages on an idle engine (p50, p99), beside its
 //!   floor paced the same: the broker's own publish→confirm and one database write;
 //!
@@ -18,6 +18,11 @@
 //!
 //! ```sh
 //! cargo bench --bench side_by_side                 # BENCH_N=50000 messages per variant
+//!     (BENCH_NAIVE_N=2000 for the naive design, BENCH_ONE_KEY_N=2000 for one key)
+//! BENCH_BACKLOG=1000000 (default): at the end, the engine's peak RSS while it works through
+//!     that many waiting rows (0 leaves it out; the inserts take minutes)
+//! BENCH_LATENCY_N=500 (default): the idle latency line's messages (0 leaves it out)
+//! BENCH_SUSTAIN=1000000: a sustained run with retention, the outbox's size read as it goes
 //! BENCH_N=200000 cargo bench --bench side_by_side
 //! BENCH_QUEUES=classic BENCH_BACKLOG=0 cargo bench --bench side_by_side   # classic only
 //! BENCH_WINDOWS=500,1000,2000 cargo bench --bench side_by_side   # + fixed in-flight windows,
@@ -1263,16 +1268,19 @@ fn main() {
             );
         }
     }
-    let l = rt.block_on(courier_latency(schema, 500));
-    println!(
-        "\ncommit→confirmed on an idle engine, 500 single messages: p50 {:.2} ms, p99 {:.2} ms from the commit's return; p50 {:.2} ms, p99 {:.2} ms from the INSERT's start (created_at) (engine RSS {:.1} MB)",
-        l.from_commit.0, l.from_commit.1, l.from_insert.0, l.from_insert.1, l.rss
-    );
-    let (broker, database) = rt.block_on(latency_floor(schema, 500));
-    println!(
-        "the floor, paced the same: the broker's publish→confirm p50 {:.2} ms, p99 {:.2} ms (raw lapin, window 1); a database write and commit p50 {:.2} ms, p99 {:.2} ms",
-        broker.0, broker.1, database.0, database.1
-    );
+    let latency_n = env_usize("BENCH_LATENCY_N", 500);
+    if latency_n > 0 {
+        let l = rt.block_on(courier_latency(schema, latency_n));
+        println!(
+            "\ncommit→confirmed on an idle engine, {latency_n} single messages: p50 {:.2} ms, p99 {:.2} ms from the commit's return; p50 {:.2} ms, p99 {:.2} ms from the INSERT's start (created_at) (engine RSS {:.1} MB)",
+            l.from_commit.0, l.from_commit.1, l.from_insert.0, l.from_insert.1, l.rss
+        );
+        let (broker, database) = rt.block_on(latency_floor(schema, latency_n));
+        println!(
+            "the floor, paced the same: the broker's publish→confirm p50 {:.2} ms, p99 {:.2} ms (raw lapin, window 1); a database write and commit p50 {:.2} ms, p99 {:.2} ms",
+            broker.0, broker.1, database.0, database.1
+        );
+    }
     rt.block_on(purge(&queue));
     let sustain = env_usize("BENCH_SUSTAIN", 0);
     if sustain > 0 {
