@@ -302,6 +302,14 @@ fn props() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
 
+/// Publishes as Courier does: `mandatory`, so an unroutable message comes back.
+fn mandatory() -> BasicPublishOptions {
+    BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    }
+}
+
 async fn confirm_channel(conn: &Connection) -> Channel {
     let ch = conn.create_channel().await.expect("channel");
     ch.confirm_select(ConfirmSelectOptions::default())
@@ -315,10 +323,7 @@ async fn mode_raw(n: usize, window: usize) -> f64 {
     let conn = amqp().await;
     let ch = confirm_channel(&conn).await;
     let payload = vec![b'x'; PAYLOAD];
-    let opts = BasicPublishOptions {
-        mandatory: true,
-        immediate: false,
-    };
+    let opts = mandatory();
     let start = Instant::now();
     let mut pending = FuturesUnordered::new();
     for i in 0..n {
@@ -358,10 +363,7 @@ async fn mode_naive(schema: &str, n: usize) -> f64 {
         #[diesel(sql_type = diesel::sql_types::Bytea)]
         payload: Vec<u8>,
     }
-    let opts = BasicPublishOptions {
-        mandatory: true,
-        immediate: false,
-    };
+    let opts = mandatory();
     let start = Instant::now();
     for _ in 0..n {
         let row: One = diesel::sql_query(format!(
@@ -856,16 +858,15 @@ async fn courier_latency(schema: &str, samples: usize) -> Latency {
 
 /// The floor under idle latency, paced as `courier_latency` paces its rows (one at a time,
 /// 5 ms apart): the broker's own publish→confirm of one persistent message (raw lapin,
-/// window 1), and one database round trip that writes and commits a row as a claim does.
-/// Both as (p50, p99) in ms. An idle message costs at least one of each, so their tails
-/// bound how low Courier's p99 can go on the machine of the run.
+/// window 1), and one database round trip that updates a row and commits, waiting for the
+/// WAL flush as an outcome write does. Both as (p50, p99) in ms. An idle message costs a
+/// broker round trip and a claim, itself a database round trip that writes (committed
+/// without waiting for the flush, so a little cheaper than this one): the two show what
+/// the machine of the run gives before Courier's own steps.
 async fn latency_floor(schema: &str, samples: usize) -> ((f64, f64), (f64, f64)) {
     let conn = amqp().await;
     let ch = confirm_channel(&conn).await;
-    let opts = BasicPublishOptions {
-        mandatory: true,
-        immediate: false,
-    };
+    let opts = mandatory();
     let mut broker = Vec::with_capacity(samples);
     for i in 0..samples {
         let t = Instant::now();
