@@ -67,6 +67,10 @@ const DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const EXCHANGE: &str = "courier.bench";
 const PAYLOAD: usize = 256;
+/// The idle latency line's pace: it polls for each row's confirm this often before it
+/// commits the next, and its floor waits as long between samples, so the two are paced
+/// alike.
+const IDLE_PACE: Duration = Duration::from_millis(5);
 
 /// A comma-separated list of numbers (`BENCH_ENGINES`, `BENCH_KEYS`); unset: `default`.
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
@@ -845,7 +849,7 @@ async fn courier_latency(schema: &str, samples: usize) -> Latency {
                 break;
             }
             // Polling faster only takes CPU from the engine and PostgreSQL on 2 cores.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(IDLE_PACE).await;
         }
     }
     let (rss, _) = stop(child);
@@ -857,7 +861,7 @@ async fn courier_latency(schema: &str, samples: usize) -> Latency {
 }
 
 /// The floor under idle latency, paced as `courier_latency` paces its rows (one at a time,
-/// 5 ms apart): the broker's own publish→confirm of one persistent message (raw lapin,
+/// [`IDLE_PACE`] apart): the broker's own publish→confirm of one persistent message (raw lapin,
 /// window 1), and one database round trip that updates a row and commits, waiting for the
 /// WAL flush as an outcome write does. Both as (p50, p99) in ms. An idle message costs a
 /// broker round trip and a claim, itself a database round trip that writes (committed
@@ -882,7 +886,7 @@ async fn latency_floor(schema: &str, samples: usize) -> ((f64, f64), (f64, f64))
             .expect("publish");
         assert!(confirm.await.expect("confirm").is_ack());
         broker.push(t.elapsed().as_secs_f64() * 1000.0);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(IDLE_PACE).await;
     }
     let _ = conn.close(200, "done".into()).await;
     fresh_schema(schema).await;
@@ -901,7 +905,7 @@ async fn latency_floor(schema: &str, samples: usize) -> ((f64, f64), (f64, f64))
         .await
         .expect("update");
         database.push(t.elapsed().as_secs_f64() * 1000.0);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(IDLE_PACE).await;
     }
     (p50_p99(broker), p50_p99(database))
 }
