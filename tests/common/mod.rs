@@ -182,6 +182,12 @@ impl Drop for TestDbGuard {
     }
 }
 
+/// Drops a test's schema from `Drop`, which blocks the test's thread, so the drop must not
+/// wait on that thread. A statement of the test's own engine cut off at shutdown (between
+/// `BEGIN` and `COMMIT` behind PgBouncer, say) leaves a server connection in a transaction
+/// holding locks on the schema until the test's runtime closes its socket, and that runtime
+/// is the one blocked here. So the drop waits a few seconds for its locks, then ends the
+/// sessions that hold locks in the schema (the schema is this test's alone) and tries again.
 fn drop_schema(schema: String) {
     let _ = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -189,11 +195,24 @@ fn drop_schema(schema: String) {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            if let Ok(mut conn) = AsyncPgConnection::establish(&database_url()).await {
-                let _ = conn
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                    .await;
+            let Ok(mut conn) = AsyncPgConnection::establish(&database_url()).await else {
+                return;
+            };
+            let drop =
+                format!("SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+            if conn.batch_execute(&drop).await.is_ok() {
+                return;
             }
+            let _ = conn
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(l.pid)
+                     FROM pg_locks l
+                     JOIN pg_class c ON c.oid = l.relation
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = '{schema}' AND l.pid <> pg_backend_pid()"
+                ))
+                .await;
+            let _ = conn.batch_execute(&drop).await;
         });
     })
     .join();
