@@ -32,6 +32,8 @@
 //!     already holding that many confirmed rows (a week of history), one line each, each
 //!     right after raw lapin on the same queue;
 //!     BENCH_HISTORY_FILL=sparse leaves the history's pages two-thirds free (see fill_history)
+//! BENCH_FILLFACTOR=100: the outbox's fillfactor for every drain (default: the migrations',
+//!     50), to measure a page full at insert against one with room for a row's updates
 //! BENCH_SSLMODE=disable: the engines reach PostgreSQL without TLS (default: libpq's
 //!     `prefer`, TLS when the server offers it)
 //! BENCH_CRASH_N=5000 (default): the classic table's crash line (kill -9 at a fifth confirmed);
@@ -230,6 +232,18 @@ async fn fresh_schema(schema: &str) {
     )
     .await
     .expect("migrate");
+    // BENCH_FILLFACTOR=100 measures the outbox as it was before its migration 9 (the
+    // fillfactor that leaves room on a page for a row's later versions).
+    if let Ok(ff) = std::env::var("BENCH_FILLFACTOR") {
+        let ff: u8 = ff
+            .parse()
+            .expect("BENCH_FILLFACTOR: a number from 10 to 100");
+        c.batch_execute(&format!(
+            "ALTER TABLE \"{schema}\".outbox SET (fillfactor = {ff})"
+        ))
+        .await
+        .expect("set fillfactor");
+    }
 }
 
 async fn insert_rows(schema: &str, n: usize) {
@@ -664,6 +678,11 @@ async fn drain(
         (work.fpi - work0.fpi) as f64 / n as f64,
         (work.commits - work0.commits) as f64 / n as f64,
     );
+    eprintln!(
+        "  cpu per message: PostgreSQL {:.1} µs, engines {:.1} µs",
+        pg_cpu / n as f64 * 1e6,
+        cpu / n as f64 * 1e6,
+    );
     Row {
         name: format!(
             "Courier, {engines} engine{}{}",
@@ -1029,7 +1048,9 @@ async fn fill_history(schema: &str, rows: usize) {
     let mut c = db().await;
     let payload = "x".repeat(PAYLOAD);
     // Packed (default): each row written once, confirmed, as the old part of a table looks
-    // once vacuum has reclaimed its dead versions and new rows have filled the space.
+    // once vacuum has reclaimed its dead versions and new rows have filled the space: pages
+    // filled to the table's fillfactor (50 since migration 9, where a row's updates leave
+    // the rest of its page to dead versions that vacuum reclaims but inserts do not reuse).
     // BENCH_HISTORY_FILL=sparse: every row goes through the claim and confirm updates in
     // bulk, so after vacuum each heap page is two-thirds free space that new rows are then
     // scattered into (the worst case for locality).

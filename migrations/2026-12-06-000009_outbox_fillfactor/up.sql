@@ -1,0 +1,15 @@
+-- Half of every outbox page is left free at insert, for the row's own later versions.
+--
+-- A row is updated twice (claimed, then confirmed or retried). Neither update can be HOT,
+-- since `status` is in every partial index's predicate, but where the new version fits on
+-- the row's own page PostgreSQL writes a small update record (only the bytes that changed)
+-- and no lock record. On a full page the new version goes to another page: the whole tuple
+-- is written to the WAL, with a lock record for the old one first. Measured with one engine:
+-- WAL per message 1,353–1,375 bytes at the default fillfactor of 100, 652–724 at 50, and
+-- PostgreSQL's CPU per message down by about a fifth. The cost is disk: confirmed rows kept
+-- for retention fill pages to about half, 1.7× the heap for the same history (indexes
+-- unchanged). `ALTER TABLE <schema>.outbox SET (fillfactor = 100)` trades it back.
+--
+-- Only pages written from now on are affected; the lock this takes does not block
+-- producers or engines (SHARE UPDATE EXCLUSIVE).
+ALTER TABLE outbox SET (fillfactor = 50);
