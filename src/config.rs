@@ -553,11 +553,19 @@ impl Config {
         if tree.is_null() {
             tree = Value::Mapping(Default::default());
         }
-        apply_env(&mut tree, env)?;
+        let from_env = apply_env(&mut tree, env)?;
         let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
+            // A bad value set by a variable is the variable's fault, not the file's.
+            let origin = match from_env
+                .iter()
+                .find(|(key, _)| path.starts_with(key.as_str()))
+            {
+                Some((_, name)) => format!("environment (`{name}`)"),
+                None => origin.to_string(),
+            };
             ConfigError::Parse {
-                origin: origin.to_string(),
+                origin,
                 message: if path == "." {
                     e.inner().to_string()
                 } else {
@@ -630,6 +638,17 @@ impl Config {
         self.retry.backoff.validate()?;
         positive_duration("scheduler.sweep_interval", self.scheduler.sweep_interval)?;
         positive_duration("scheduler.lease_duration", self.scheduler.lease_duration)?;
+        if self.scheduler.lease_duration < MIN_LEASE {
+            // Renewed every third of it: shorter, the renewals of a busy engine overlap one
+            // another and its claims, and its rows lapse under it.
+            return Err(ConfigError::invalid(
+                "scheduler.lease_duration",
+                format!(
+                    "must be at least {} (it is renewed every third of it)",
+                    humantime::format_duration(MIN_LEASE)
+                ),
+            ));
+        }
         positive("scheduler.claim_batch", self.scheduler.claim_batch as u64)?;
         positive_duration("scheduler.heartbeat", self.scheduler.heartbeat)?;
         if self.scheduler.engine_timeout < self.scheduler.heartbeat * 3 {
@@ -647,7 +666,13 @@ impl Config {
         positive("retention.batch_size", self.retention.batch_size as u64)?;
         if let Some(bind) = &self.admin.bind {
             bind.parse::<std::net::SocketAddr>().map_err(|_| {
-                ConfigError::invalid("admin.bind", format!("`{bind}` is not a host:port address"))
+                ConfigError::invalid(
+                    "admin.bind",
+                    format!(
+                        "`{bind}` is not an IP:port address (a host name is not resolved: \
+                         127.0.0.1:8081, [::1]:8081 or 0.0.0.0:8081)"
+                    ),
+                )
             })?;
         }
         for (key, token) in [
@@ -751,6 +776,7 @@ fn positive_duration(key: &str, value: Duration) -> Result<(), ConfigError> {
 }
 
 fn check_url_scheme(key: &str, url: &SecretUrl, allowed: &[&str]) -> Result<(), ConfigError> {
+    check_userinfo(key, url)?;
     match url.scheme() {
         Some(scheme) if allowed.contains(&scheme.as_str()) => Ok(()),
         Some(scheme) => Err(ConfigError::invalid(
@@ -762,6 +788,25 @@ fn check_url_scheme(key: &str, url: &SecretUrl, allowed: &[&str]) -> Result<(), 
         )),
         None => Err(ConfigError::invalid(key, "is not a valid URL")),
     }
+}
+
+/// Refuses a URL whose host part holds two `@`: a password with an `@` left unencoded.
+/// Parsers disagree on which `@` ends the password (the PostgreSQL driver takes the first,
+/// so it would look up a host named after the rest of the password, a transient DNS error
+/// retried for ever), and the redacted URL in logs would not show the mistake.
+fn check_userinfo(key: &str, url: &SecretUrl) -> Result<(), ConfigError> {
+    let raw = url.expose();
+    let Some((_, rest)) = raw.split_once("://") else {
+        return Ok(()); // no scheme: the scheme check names that
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if authority.matches('@').count() > 1 {
+        return Err(ConfigError::invalid(
+            key,
+            "holds an unencoded `@` in its user name or password: percent-encode it as %40",
+        ));
+    }
+    Ok(())
 }
 
 /// Every leaf key of the configuration as a dotted path, from the defaults' shape.
@@ -794,11 +839,13 @@ pub(crate) fn env_name(path: &[String]) -> String {
 }
 
 /// Lays `COURIER_*` variables over the YAML tree. A `COURIER_` variable that names no key
-/// is an error, so a misspelt override is not silently ignored.
+/// is an error, so a misspelt override is not silently ignored. Returns the dotted key and
+/// the variable of each override, so an error about a value can name where it came from.
 fn apply_env(
     tree: &mut Value,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut applied = Vec::new();
     let leaves = leaf_keys();
     let defaults = serde_yaml_ng::to_value(Config::default()).unwrap_or(Value::Null);
     for (name, raw) in env {
@@ -809,6 +856,9 @@ fn apply_env(
             continue;
         }
         let Some(path) = leaves.iter().find(|p| env_name(p) == name) else {
+            if not_config(&name) {
+                continue;
+            }
             return Err(ConfigError::Parse {
                 origin: "environment".into(),
                 message: format!("`{name}` names no configuration key"),
@@ -827,12 +877,46 @@ fn apply_env(
         };
         insert(tree, path, value)
             .map_err(|problem| ConfigError::invalid(&path.join("."), problem))?;
+        applied.push((path.join("."), name));
     }
-    Ok(())
+    Ok(applied)
 }
+
+/// The shortest `scheduler.lease_duration`.
+const MIN_LEASE: Duration = Duration::from_secs(1);
 
 /// `COURIER_*` variables that are read elsewhere, not configuration keys.
 pub(crate) const ENV_NOT_CONFIG: &[&str] = &["COURIER_CONFIG"];
+
+/// A `COURIER_*` variable that names no key but is not a misspelt override either:
+///
+/// - the project's own test and bench settings (`COURIER_TEST_*`, `COURIER_SOAK*`,
+///   `COURIER_HOSTILE_*`, `COURIER_BENCH_*`), which a developer keeps exported;
+/// - Kubernetes service links: a Service named `courier` (or `courier-admin`, …) puts
+///   `COURIER_SERVICE_HOST`, `COURIER_SERVICE_PORT[_<name>]`, `COURIER_PORT` and
+///   `COURIER_PORT_<n>_<proto>[_ADDR|_PORT|_PROTO]` into every pod of its namespace, and
+///   the engine must still start there.
+fn not_config(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        return false;
+    };
+    let tool = ["TEST_", "SOAK", "HOSTILE_", "BENCH_"];
+    if tool.iter().any(|t| rest.starts_with(t)) {
+        return true;
+    }
+    let parts: Vec<&str> = rest.split('_').collect();
+    let link = |i: usize| match &parts[i..] {
+        ["SERVICE", "HOST"] | ["PORT"] => true,
+        ["SERVICE", "PORT", ..] => true,
+        ["PORT", port, proto, tail @ ..] => {
+            port.chars().all(|c| c.is_ascii_digit())
+                && matches!(*proto, "TCP" | "UDP" | "SCTP")
+                && matches!(tail, [] | ["ADDR"] | ["PORT"] | ["PROTO"])
+        }
+        _ => false,
+    };
+    (0..parts.len()).any(link)
+}
 
 fn lookup<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter()
@@ -873,6 +957,70 @@ mod tests {
         parse(yaml)
             .expect_err("config should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_the_variable_not_the_file() {
+        let e = parse_env("", &[("COURIER_PUBLISHER_MAX_IN_FLIGHT", "lots")])
+            .expect_err("not a number")
+            .to_string();
+        assert!(
+            e.contains("COURIER_PUBLISHER_MAX_IN_FLIGHT") && !e.contains("test.yaml"),
+            "{e}"
+        );
+        let e = err("publisher:\n  max_in_flight: lots\n");
+        assert!(e.contains("test.yaml"), "{e}");
+    }
+
+    #[test]
+    fn an_unencoded_at_in_a_password_is_named_without_the_password() {
+        for (key, url) in [
+            ("database.url", "postgres://u:hun@ter2@127.0.0.1:5432/db"),
+            ("broker.url", "amqp://u:hun@ter2@127.0.0.1:5672/%2f"),
+        ] {
+            let (section, field) = key.split_once('.').expect("dotted");
+            let e = err(&format!("{section}:\n  {field}: \"{url}\"\n"));
+            assert!(e.contains(key) && e.contains("%40"), "{e}");
+            assert!(!e.contains("ter2"), "the password in an error: {e}");
+        }
+        assert!(parse("database:\n  url: \"postgres://u:hun%40ter2@127.0.0.1/db\"\n").is_ok());
+    }
+
+    #[test]
+    fn a_lease_shorter_than_a_second_is_rejected() {
+        let e = err("scheduler:\n  lease_duration: 1ms\n");
+        assert!(
+            e.contains("scheduler.lease_duration") && e.contains("at least 1s"),
+            "{e}"
+        );
+        assert!(parse("scheduler:\n  lease_duration: 1s\n").is_ok());
+    }
+
+    #[test]
+    fn kubernetes_service_links_and_test_settings_are_not_overrides() {
+        let env = [
+            ("COURIER_SERVICE_HOST", "10.0.0.1"),
+            ("COURIER_SERVICE_PORT", "8081"),
+            ("COURIER_SERVICE_PORT_ADMIN", "8081"),
+            ("COURIER_PORT", "tcp://10.0.0.1:8081"),
+            ("COURIER_PORT_8081_TCP", "tcp://10.0.0.1:8081"),
+            ("COURIER_PORT_8081_TCP_ADDR", "10.0.0.1"),
+            ("COURIER_ADMIN_SERVICE_HOST", "10.0.0.2"),
+            ("COURIER_ADMIN_PORT_8081_TCP_PROTO", "tcp"),
+            ("COURIER_TEST_DATABASE_URL", "postgres://x"),
+            ("COURIER_SOAK", "1"),
+            ("COURIER_HOSTILE_ROWS", "5"),
+        ];
+        assert!(parse_env("", &env).is_ok());
+        // A misspelt override is still an error, also when it ends like a link.
+        for typo in [
+            "COURIER_DATABSE_URL",
+            "COURIER_ADMIN_PORT_X_TCP",
+            "COURIER_SERVICE",
+        ] {
+            let e = parse_env("", &[(typo, "x")]).expect_err(typo).to_string();
+            assert!(e.contains(typo), "{e}");
+        }
     }
 
     #[test]

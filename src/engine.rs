@@ -59,6 +59,10 @@ pub enum EngineError {
     /// Not called from inside a running actix `System`.
     #[error("Engine::start must be called inside a running actix System")]
     NoSystem,
+    /// The schema's migrations do not fit this binary: not migrated (with
+    /// `database.auto_migrate` off), or migrated by a newer Courier.
+    #[error("{0}")]
+    Schema(String),
     /// The admin server could not start.
     #[error("admin API: cannot serve on {bind}: {source}")]
     Admin {
@@ -168,6 +172,7 @@ impl Engine {
             me,
             config.scheduler.heartbeat,
             config.scheduler.engine_timeout,
+            config.scheduler.lease_duration,
             scheduler.clone(),
             signals.clone(),
             lifecycle.liveness.clone(),
@@ -201,12 +206,15 @@ impl Engine {
             }),
         };
         if let Some(bind) = handle.inner.config.admin.bind.clone() {
-            let server = crate::admin::start(handle.clone(), &bind)
-                .await
-                .map_err(|source| EngineError::Admin {
-                    bind: bind.clone(),
-                    source,
-                })?;
+            let server = match crate::admin::start(handle.clone(), &bind).await {
+                Ok(server) => server,
+                Err(source) => {
+                    // The actors already run: stop them as a clean stop does (what they
+                    // claimed goes back, the registry row goes), not leave a dead engine.
+                    handle.shutdown().await;
+                    return Err(EngineError::Admin { bind, source });
+                }
+            };
             tracing::info!(%bind, mutating = handle.inner.config.admin.token.is_some(), "admin API and dashboard listening");
             if let Ok(mut slot) = handle.inner.admin.lock() {
                 *slot = Some(server);
@@ -265,7 +273,7 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
         }
         .await;
         match result {
-            Ok(store) => return Ok(store),
+            Ok(store) => return fits(config, store).await,
             Err(e) if e.is_transient() && config.database.wait_at_start => {
                 let delay = crate::backoff::ENGINE_START.delay(attempt);
                 tracing::warn!(error = %e, attempt, retry_in = ?delay, "PostgreSQL not available yet; retrying");
@@ -274,6 +282,30 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// `store`, once its schema holds exactly the migrations this binary knows: an engine must
+/// not run on a schema it would misread (a newer Courier's) nor fail later on a missing
+/// table.
+async fn fits(config: &Config, store: Store) -> Result<Store, EngineError> {
+    let schema = &config.database.schema;
+    let why = match store.schema_fit().await? {
+        store::SchemaFit::Current => return Ok(store),
+        store::SchemaFit::Unmigrated => {
+            format!("schema `{schema}` is not migrated yet: run `courier migrate` (database.auto_migrate is false)")
+        }
+        store::SchemaFit::Behind { missing, of } => format!(
+            "schema `{schema}` lacks {missing} of {of} migrations: run `courier migrate` \
+             (database.auto_migrate is false)"
+        ),
+        store::SchemaFit::Ahead(versions) => format!(
+            "schema `{schema}` has migrations this courier ({}) does not know ({}): a newer \
+             courier migrated it; run that version or a newer one",
+            env!("CARGO_PKG_VERSION"),
+            versions.join(", ")
+        ),
+    };
+    Err(EngineError::Schema(why))
 }
 
 impl EngineHandle {

@@ -120,6 +120,7 @@ impl OutboxMessage {
     /// Properties for the publish: persistent, `message_id` = row id, content type,
     /// headers from the row plus `extra` (e.g. Courier's own).
     pub fn amqp_properties(&self) -> Result<BasicProperties, String> {
+        check_routing_headers(&self.headers)?;
         let mut props = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_message_id(ShortString::from(self.id.to_string()))
@@ -150,6 +151,29 @@ pub fn check_header_frame(props: &BasicProperties, frame_max: u32) -> Result<(),
             "headers need a {size}-byte content header frame, over the connection's \
              frame_max of {frame_max} bytes"
         ));
+    }
+    Ok(())
+}
+
+/// RabbitMQ routes on the `CC` and `BCC` headers (sender-selected distribution) and closes
+/// the publishing channel (406 `unacceptable_type_in_header`) when either is anything but an
+/// array. The close names no message, so the failure could not be pinned on this row; it is
+/// refused here instead, before it can take the channel down under good messages.
+fn check_routing_headers(headers: &Value) -> Result<(), String> {
+    let Value::Object(map) = headers else {
+        return Ok(()); // not an object: `headers_to_table` names that
+    };
+    for name in ["CC", "BCC"] {
+        match map.get(name) {
+            None | Some(Value::Array(_)) => {}
+            Some(other) => {
+                return Err(format!(
+                    "header {name} is {}, but RabbitMQ routes on it and accepts only an \
+                     array of routing keys",
+                    json_kind(other)
+                ))
+            }
+        }
     }
     Ok(())
 }
@@ -229,6 +253,27 @@ mod tests {
         assert_eq!(inner.len(), 7);
         assert_eq!(inner.get("n"), Some(&AMQPValue::LongLongInt(5)));
         assert_eq!(inner.get("b"), Some(&AMQPValue::Boolean(true)));
+    }
+
+    #[test]
+    fn routing_headers_that_would_close_the_channel_are_refused() {
+        let with = |headers: Value| {
+            let mut m = OutboxMessage::new("x", "k", b"p".to_vec());
+            m.headers = headers;
+            m.amqp_properties()
+        };
+        for bad in [
+            json!({"CC": 5}),
+            json!({"CC": "k"}),
+            json!({"BCC": {"a": 1}}),
+            json!({"CC": null}),
+        ] {
+            let e = with(bad.clone()).unwrap_err();
+            assert!(e.contains("array of routing keys"), "{bad}: {e}");
+        }
+        assert!(with(json!({"CC": ["a", "b"], "BCC": []})).is_ok());
+        // Only the top level routes: a nested table may hold anything.
+        assert!(with(json!({"t": {"CC": 5}, "cc": 5})).is_ok());
     }
 
     #[test]

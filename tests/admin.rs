@@ -9,6 +9,7 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::{broker::TestBroker, within, TestDb};
+use courier::testing::StoreInternals as _;
 use courier::{
     config::{Config, SecretUrl},
     Engine, EngineHandle, OutboxMessage, Outcome,
@@ -549,11 +550,28 @@ async fn metric_labels_stay_bounded_for_exchanges_that_do_not_exist() {
 }
 
 #[actix_rt::test]
+async fn a_start_that_cannot_serve_the_admin_api_leaves_no_engine_behind() {
+    let db = TestDb::new("adm_taken").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut config = db.engine_config();
+    config.admin.bind = Some(addr.clone());
+    let err = match Engine::start(config).await {
+        Ok(_) => panic!("started on a taken address"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&addr), "{err}");
+    let listed = db.store().await.engines().await.expect("engines");
+    assert!(listed.is_empty(), "a failed start left {listed:?}");
+}
+
+#[actix_rt::test]
 async fn engines_lists_the_registry_as_documented_and_metrics_count_it() {
     let db = TestDb::new("adm_engines").await;
-    db.ghost_engine_holding_a_row().await;
+    db.engines_beside().await;
     let (engine, addr) = admin_engine(&db, |c| {
         c.admin.token = Some("adm-token".into());
+        c.scheduler.engine_timeout = Duration::from_secs(120);
     })
     .await;
 
@@ -563,7 +581,7 @@ async fn engines_lists_the_registry_as_documented_and_metrics_count_it() {
     assert!(r.header("content-type").starts_with("application/json"));
     let listed = r.json();
     let listed = listed.as_array().expect("an array");
-    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed.len(), 3, "{listed:?}");
     let me = &listed[0];
     assert_eq!(me["id"], engine.engine_id(), "running first: {listed:?}");
     assert_eq!(me["state"], "running");
@@ -573,9 +591,12 @@ async fn engines_lists_the_registry_as_documented_and_metrics_count_it() {
         me["since_beat_ms"].as_i64().is_some_and(|ms| ms >= 0),
         "{me}"
     );
-    assert_eq!(listed[1]["id"], "ghost");
-    assert_eq!(listed[1]["state"], "dead");
+    assert_eq!(listed[1]["id"], "other");
+    assert_eq!(listed[1]["state"], "running");
     assert_eq!(listed[1]["holds"], 1);
+    assert_eq!(listed[2]["id"], "ghost");
+    assert_eq!(listed[2]["state"], "dead");
+    assert_eq!(listed[2]["holds"], 0);
 
     // Each object has exactly the properties the served OpenAPI document names, all of
     // them required, with the documented JSON types.
@@ -611,7 +632,7 @@ async fn engines_lists_the_registry_as_documented_and_metrics_count_it() {
 
     let metrics = get(&addr, "/metrics", None).await.body;
     for line in [
-        "courier_engines{state=\"running\"} 1",
+        "courier_engines{state=\"running\"} 2",
         "courier_engines{state=\"dead\"} 1",
         "courier_engines_rescued_total 0",
         "courier_rows_rescued_total 0",

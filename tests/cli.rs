@@ -126,10 +126,10 @@ async fn courier_beside(args: &[&str], env: &[(&str, String)]) -> Output {
 #[actix_rt::test]
 async fn engines_lists_a_running_engine_with_its_pid_and_what_others_hold() {
     let db = common::TestDb::new("cliengines").await;
-    db.ghost_engine_holding_a_row().await;
-    let engine = courier::Engine::start(db.engine_config())
-        .await
-        .expect("engine starts");
+    db.engines_beside().await;
+    let mut config = db.engine_config();
+    config.scheduler.engine_timeout = std::time::Duration::from_secs(120);
+    let engine = courier::Engine::start(config).await.expect("engine starts");
     let env = [
         ("COURIER_DATABASE_URL", common::database_url()),
         ("COURIER_DATABASE_SCHEMA", db.schema.clone()),
@@ -139,7 +139,7 @@ async fn engines_lists_a_running_engine_with_its_pid_and_what_others_hold() {
     assert!(o.status.success(), "{}", text(&o));
     let listed: Vec<serde_json::Value> =
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
-    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed.len(), 3, "{listed:?}");
     let me = &listed[0];
     assert_eq!(
         me["id"],
@@ -152,9 +152,13 @@ async fn engines_lists_a_running_engine_with_its_pid_and_what_others_hold() {
     assert_eq!(me["holds"], 0, "{me}");
     let since = me["since_beat_ms"].as_i64().expect("since_beat_ms");
     assert!((0..10_000).contains(&since), "{me}");
-    let ghost = &listed[1];
+    let other = &listed[1];
+    assert_eq!(other["id"], "other", "{listed:?}");
+    assert_eq!(other["state"], "running", "{other}");
+    assert_eq!(other["holds"], 1, "{other}");
+    let ghost = &listed[2];
     assert_eq!(ghost["state"], "dead", "{ghost}");
-    assert_eq!(ghost["holds"], 1, "{ghost}");
+    assert_eq!(ghost["holds"], 0, "{ghost}");
 
     let o = courier_beside(&["engines"], &env).await;
     assert!(o.status.success(), "{}", text(&o));
@@ -171,15 +175,16 @@ async fn engines_lists_a_running_engine_with_its_pid_and_what_others_hold() {
         line.contains(&format!(" {} ", std::process::id())),
         "{table}"
     );
-    assert!(table.contains("(2 engine(s))"), "{table}");
+    assert!(table.contains("(3 engine(s))"), "{table}");
 
     // A clean stop leaves the registry.
     engine.shutdown().await;
     let o = courier_beside(&["engines", "--json"], &env).await;
     assert!(o.status.success(), "{}", text(&o));
     let listed: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0]["id"], "ghost");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["id"], "other");
+    assert_eq!(listed[1]["id"], "ghost");
 }
 
 #[test]

@@ -176,6 +176,13 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
                 engine.outstanding().await <= 100,
                 "in-flight bound broken while blocked"
             );
+            // The rescuer registers as a running engine, as an engine does before it claims:
+            // rows held by an id no running engine has are freed by the engine's heartbeat.
+            db.exec(
+                "INSERT INTO {s}.engines (id, host, pid, version) VALUES ('rescuer', 'test', 1, 't')
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'running'",
+            )
+            .await;
             let expired = db
                 .store()
                 .await

@@ -185,6 +185,189 @@ async fn what_the_engine_cannot_honour_is_refused_at_insert_by_a_named_constrain
             assert!(err.contains(constraint), "{column} = {value}: {err}");
         }
     }
+    // `failed` is the state of a dead letter, never of an outbox row.
+    let err = insert(
+        &db,
+        "INSERT INTO {s}.outbox (exchange, status) VALUES ('x', 'failed') RETURNING id",
+    )
+    .await
+    .expect_err("refused");
+    assert!(err.contains("outbox_status_not_failed"), "{err}");
+}
+
+#[actix_rt::test]
+async fn in_flight_rows_no_engine_holds_are_freed_and_pin_nothing() {
+    let db = TestDb::new("strays").await;
+    let broker = TestBroker::new("strays").await;
+    let ex = &broker.exchange;
+    let mut config = db.engine_config();
+    config.scheduler.lease_duration = Duration::from_secs(30);
+    let engine = Engine::start(config).await.expect("engine starts");
+    let me = engine.engine_id().to_string();
+    let mut good = db.insert_sql(ex, 300, "routed.a{i}").await;
+    let cols =
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload, status, locked_by, locked_until";
+    // What a producer (or a hand edit) can leave in flight with no lease that would ever
+    // bring it back. None of them may wait for its written lease.
+    let leases = [
+        "NULL, NULL".to_string(),
+        "NULL, 'infinity'".to_string(),
+        "'bogus', '2999-01-01'".to_string(),
+        "'bogus', now() + interval '10 minutes'".to_string(),
+        format!("'{me}', now() + interval '1 day'"),
+    ];
+    let mut strays = Vec::new();
+    for (i, lease) in leases.iter().enumerate() {
+        let sql = format!(
+            "{cols}) VALUES ('{ex}', 'routed.s{i}', 'x', 'in_flight', {lease}) RETURNING id"
+        );
+        strays.push(insert(&db, &sql).await.expect("a stray is valid SQL"));
+        // The same at the head of a key, with rows behind it.
+        let sql = format!(
+            "{cols}, ordering_key) VALUES ('{ex}', 'routed.k{i}', 'x', 'in_flight', {lease}, 'stray-{i}') RETURNING id"
+        );
+        strays.push(insert(&db, &sql).await.expect("keyed stray"));
+        for j in 0..3 {
+            let sql = format!(
+                "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, ordering_key)
+                 VALUES ('{ex}', 'routed.k{i}.{j}', 'x', 'stray-{i}') RETURNING id"
+            );
+            good.push(insert(&db, &sql).await.expect("keyed row"));
+        }
+    }
+    // A key's rows committed out of `seq` order, then a crash: its expired row sits behind
+    // an earlier waiting row, and a key with a row in flight gives no head.
+    let first = insert(
+        &db,
+        &format!(
+            "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, ordering_key)
+             VALUES ('{ex}', 'routed.late', 'x', 'behind') RETURNING id"
+        ),
+    )
+    .await
+    .expect("first of its key");
+    let behind = insert(
+        &db,
+        &format!(
+            "{cols}, attempts, ordering_key) VALUES ('{ex}', 'routed.behind', 'x', 'in_flight',
+             'gone', now() - interval '1 minute', 1, 'behind') RETURNING id"
+        ),
+    )
+    .await
+    .expect("expired row behind it");
+    good.extend([first, behind]);
+    good.extend(db.insert_sql(ex, 300, "routed.b{i}").await);
+    engine.nudge();
+    let mut all = good.clone();
+    all.extend(&strays);
+    // Well under every lease written above but the expired one.
+    let outcomes = engine
+        .wait_for_all(&all, Duration::from_secs(60))
+        .await
+        .expect("every row settles long before its written lease");
+    for id in &all {
+        assert_eq!(outcomes[id], Outcome::Confirmed, "{id}");
+    }
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn attempts_written_at_or_past_the_budget_are_dead_lettered_unpublished() {
+    let db = TestDb::new("preset").await;
+    let broker = TestBroker::new("preset").await;
+    let ex = &broker.exchange;
+    let mut good = db.insert_sql(ex, 300, "routed.a{i}").await;
+    let cols = "INSERT INTO {s}.outbox (exchange, routing_key, payload, attempts";
+    let mut bad = Vec::new();
+    // The top of `outbox_attempts_range`: the claim's count must stay inside it, or every
+    // claim of its kind fails on the constraint.
+    for (attempts, key) in [(1_000_000, "NULL"), (3, "NULL"), (1_000_000, "'preset'")] {
+        let sql = format!(
+            "{cols}, ordering_key) VALUES ('{ex}', 'routed.x', 'x', {attempts}, {key}) RETURNING id"
+        );
+        bad.push(insert(&db, &sql).await.expect("allowed by the constraint"));
+    }
+    good.extend(db.insert_sql(ex, 300, "routed.b{i}").await);
+    let mut config = db.engine_config();
+    config.retry.max_attempts = 3;
+    config.ordering.on_dead_letter = OnDeadLetter::Continue;
+    let engine = Engine::start(config).await.expect("engine starts");
+    let mut all = good.clone();
+    all.extend(&bad);
+    let outcomes = engine
+        .wait_for_all(&all, WAIT)
+        .await
+        .expect("every row settles");
+    for id in &good {
+        assert_eq!(outcomes[id], Outcome::Confirmed);
+    }
+    for id in &bad {
+        let why = reason(&outcomes[id]);
+        assert!(
+            why.contains("attempts exhausted") && why.contains("before this claim"),
+            "{why}"
+        );
+    }
+    assert_eq!(engine.counters().claim_failures, 0, "a claim failed");
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, good.len());
+    assert_eq!(a.received, good.len(), "an exhausted row was published");
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn routing_headers_of_the_wrong_type_never_reach_the_channel() {
+    let db = TestDb::new("ccheader").await;
+    let broker = TestBroker::new("ccheader").await;
+    let ex = &broker.exchange;
+    let mut good = db.insert_sql(ex, 300, "routed.a{i}").await;
+    let mut bad = Vec::new();
+    for headers in [
+        r#"{"CC": 5}"#,
+        r#"{"CC": "x"}"#,
+        r#"{"BCC": {"a": 1}}"#,
+        r#"{"CC": null}"#,
+    ] {
+        let sql = format!(
+            "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, headers)
+             VALUES ('{ex}', 'routed.cc', 'x', '{headers}') RETURNING id"
+        );
+        bad.push(insert(&db, &sql).await.expect("valid jsonb"));
+        good.extend(db.insert_sql(ex, 100, "routed.g{i}").await);
+    }
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let mut all = good.clone();
+    all.extend(&bad);
+    let outcomes = engine
+        .wait_for_all(&all, WAIT)
+        .await
+        .expect("every row settles");
+    for id in &good {
+        assert_eq!(outcomes[id], Outcome::Confirmed);
+    }
+    for id in &bad {
+        let why = reason(&outcomes[id]);
+        assert!(
+            why.contains("can never be published") && why.contains("array of routing keys"),
+            "{why}"
+        );
+    }
+    let counters = engine.counters();
+    assert_eq!(
+        counters.channel_lost, 0,
+        "a publishing channel was closed: {counters:?}"
+    );
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, good.len());
+    assert_eq!(a.duplicates, 0, "good rows published twice");
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
 }
 
 #[actix_rt::test]
@@ -497,6 +680,8 @@ struct RandomRow {
     attempts: i32,
     max_attempts: Option<i32>,
     ordering_key: Option<String>,
+    /// A status the engine writes (or never does), with the lease columns beside it.
+    status: Option<(&'static str, Option<&'static str>, Option<&'static str>)>,
 }
 
 impl RandomRow {
@@ -526,6 +711,14 @@ impl RandomRow {
                 "{{\"big\": \"{}\"}}",
                 "b".repeat(rng.gen_range(1..300) * 1024)
             ),
+            // RabbitMQ routes on CC and BCC and closes the channel unless they are arrays.
+            5 => [
+                "{\"CC\": 5}",
+                "{\"BCC\": \"k\"}",
+                "{\"CC\": [\"routed.cc\"]}",
+                "{\"CC\": null}",
+            ][rng.gen_range(0..4)]
+            .to_string(),
             _ => format!("{{{}}}", random_members(rng, 0)),
         };
         let content_type = match rng.gen_range(0..5) {
@@ -541,10 +734,11 @@ impl RandomRow {
             4 => Some("1900-01-01"),
             _ => None,
         };
-        let attempts = match rng.gen_range(0..10) {
+        let attempts = match rng.gen_range(0..12) {
             0 => i32::MAX,
             1 => -1,
             2 => rng.gen_range(1..5),
+            3 => 1_000_000,
             _ => 0,
         };
         let max_attempts = match rng.gen_range(0..8) {
@@ -557,6 +751,16 @@ impl RandomRow {
             0 => Some(format!("key-{}", rng.gen_range(0..3))),
             _ => None,
         };
+        let status = match rng.gen_range(0..24) {
+            0 => Some(("in_flight", None, None)),
+            1 => Some(("in_flight", None, Some("infinity"))),
+            2 => Some(("in_flight", Some("bogus"), Some("2999-01-01"))),
+            3 => Some(("in_flight", Some("gone"), Some("2000-01-01"))),
+            4 => Some(("confirmed", None, None)),
+            5 => Some(("failed", None, None)),
+            6 => Some(("retrying", None, None)),
+            _ => None,
+        };
         RandomRow {
             exchange,
             routing_key,
@@ -567,6 +771,7 @@ impl RandomRow {
             attempts,
             max_attempts,
             ordering_key,
+            status,
         }
     }
 
@@ -577,8 +782,10 @@ impl RandomRow {
     ) -> Result<Uuid, String> {
         diesel::sql_query(format!(
             "INSERT INTO \"{schema}\".outbox (exchange, routing_key, payload, headers,
-                 content_type, created_at, attempts, max_attempts, ordering_key)
-             VALUES ($1, $2, $3, $4::jsonb, $5, coalesce($6::timestamptz, now()), $7, $8, $9)
+                 content_type, created_at, attempts, max_attempts, ordering_key, status,
+                 locked_by, locked_until)
+             VALUES ($1, $2, $3, $4::jsonb, $5, coalesce($6::timestamptz, now()), $7, $8, $9,
+                     coalesce($10, 'pending')::\"{schema}\".outbox_status, $11, $12::timestamptz)
              RETURNING id"
         ))
         .bind::<Text, _>(&self.exchange)
@@ -590,6 +797,9 @@ impl RandomRow {
         .bind::<Integer, _>(self.attempts)
         .bind::<Nullable<Integer>, _>(self.max_attempts)
         .bind::<Nullable<Text>, _>(self.ordering_key.as_deref())
+        .bind::<Nullable<Text>, _>(self.status.map(|s| s.0))
+        .bind::<Nullable<Text>, _>(self.status.and_then(|s| s.1))
+        .bind::<Nullable<Text>, _>(self.status.and_then(|s| s.2))
         .get_result::<IdRow>(conn)
         .await
         .map(|r| r.id)

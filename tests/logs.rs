@@ -31,10 +31,14 @@ async fn returned_rows_and_missing_exchanges_log_no_payload_no_error_and_no_colo
          FROM generate_series(1, 3) AS i;
          INSERT INTO {{s}}.outbox (exchange, routing_key, payload)
          SELECT '{missing}', 'k', convert_to('{marker}-m' || i, 'UTF8')
-         FROM generate_series(1, 2) AS i",
+         FROM generate_series(1, 2) AS i;
+         INSERT INTO {{s}}.outbox (exchange, routing_key, payload)
+         VALUES (E'{missing}\\n2030-01-01T00:00:00Z ERROR forged line \\x1b[31mred', 'k', 'x')",
         ex = broker.exchange,
     ))
     .await;
+    // That last exchange name tries to start a log line of its own and to colour the
+    // terminal: the checks below (no ERROR line, no colour code) catch either.
     let mut env = db.process_env();
     // Debug is the most a configured level shows: what holds there holds at info.
     env.retain(|(k, _)| *k != "COURIER_LOGGING_LEVEL");
@@ -42,9 +46,9 @@ async fn returned_rows_and_missing_exchanges_log_no_payload_no_error_and_no_colo
     env.push(("COURIER_RETRY_MAX_ATTEMPTS", "2".into()));
     let mut engine = EngineProcess::spawn("logsret", &env);
     let store = db.store().await;
-    eventually(60, "the five rows dead-lettered", || async {
+    eventually(60, "the six rows dead-lettered", || async {
         let stats = store.stats().await.ok()?;
-        (stats.dead_letters == 5).then_some(())
+        (stats.dead_letters == 6).then_some(())
     })
     .await;
     assert!(engine.terminate(30).await.success());
@@ -54,9 +58,22 @@ async fn returned_rows_and_missing_exchanges_log_no_payload_no_error_and_no_colo
         !log.contains(&marker) && !log.contains(&as_byte_list(&marker)),
         "payload bytes in the log:\n{log}"
     );
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    // A line's level is its second word (after the timestamp); producer text quoted later
+    // in a line may say anything.
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("ERROR"))
+        .collect();
     assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
     assert!(!log.contains("\x1b["), "colour codes in a log file:\n{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("2030-01-01")),
+        "a producer's exchange name started a log line:\n{log}"
+    );
+    assert!(
+        log.contains("forged line"),
+        "the escaped name is not in the log:\n{log}"
+    );
 }
 
 fn courier(args: &[&str], env: &[(&str, String)]) -> Output {

@@ -6,7 +6,10 @@
 //! rows it held are freed for the next claim, in one statement (see `store::engines`). So a
 //! crashed engine's rows move on within about `engine_timeout` plus one beat instead of a
 //! whole lease; the lease stays as the fallback (engines of an older version, a registry
-//! row removed by hand) and as the fence for writes.
+//! row removed by hand) and as the fence for writes. Last, it frees in-flight rows that no
+//! lease would ever bring back (see `store::free_strays`): a producer can write
+//! `status = 'in_flight'` with no lease, or a lease held by nobody, and a key's expired
+//! row behind an earlier waiting one would hold its key for ever.
 //!
 //! Its connection is its own, outside the pool: a busy pool or a blocked claim path never
 //! delays a beat. Each beat records in [`Liveness`](crate::events::Liveness) when it was
@@ -25,7 +28,7 @@ use super::scheduler::{Scheduler, Wake};
 use crate::{
     events::Signals,
     lifecycle::Liveness,
-    store::{self, Beat, Identity, Rescued, Store, StoreError},
+    store::{self, Beat, Identity, Rescued, Store, StoreError, Strays},
 };
 
 /// Stop beating (a clean shutdown, before the engine deregisters).
@@ -39,6 +42,7 @@ pub struct Heartbeat {
     me: Identity,
     every: Duration,
     engine_timeout: Duration,
+    lease: Duration,
     scheduler: Addr<Scheduler>,
     signals: Signals,
     liveness: Liveness,
@@ -49,12 +53,15 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// A heartbeat for engine `me`, beating every `every`.
+    /// A heartbeat for engine `me`, beating every `every`; `lease` is the engine's
+    /// `scheduler.lease_duration`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         me: Identity,
         every: Duration,
         engine_timeout: Duration,
+        lease: Duration,
         scheduler: Addr<Scheduler>,
         signals: Signals,
         liveness: Liveness,
@@ -64,6 +71,7 @@ impl Heartbeat {
             me,
             every,
             engine_timeout,
+            lease,
             scheduler,
             signals,
             liveness,
@@ -86,8 +94,11 @@ impl Heartbeat {
         self.beating = true;
         let conn = self.conn.take();
         let (store, me) = (self.store.clone(), self.me.clone());
-        let (engine_timeout, bound) =
-            (self.engine_timeout, Self::fresh_window(self.engine_timeout));
+        let (engine_timeout, lease, bound) = (
+            self.engine_timeout,
+            self.lease,
+            Self::fresh_window(self.engine_timeout),
+        );
         let sent = Instant::now();
         let round = async move {
             let mut conn = match conn {
@@ -101,14 +112,16 @@ impl Heartbeat {
                 store::rescue(&mut conn, schema, &me.id, engine_timeout),
             )
             .await?;
-            Ok::<_, StoreError>((conn, beat, rescued))
+            let strays =
+                bounded(bound, store::free_strays(&mut conn, schema, &me.id, lease)).await?;
+            Ok::<_, StoreError>((conn, beat, (rescued, strays)))
         };
         ctx.spawn(round.into_actor(self).map(move |result, act, _| {
             act.beating = false;
             match result {
-                Ok((conn, beat, rescued)) => {
+                Ok((conn, beat, (rescued, strays))) => {
                     act.conn = Some(conn);
-                    act.beaten(sent, beat, rescued);
+                    act.beaten(sent, beat, rescued, strays);
                 }
                 Err(e) => {
                     act.failures += 1;
@@ -121,7 +134,7 @@ impl Heartbeat {
         }));
     }
 
-    fn beaten(&mut self, sent: Instant, beat: Beat, rescued: Vec<Rescued>) {
+    fn beaten(&mut self, sent: Instant, beat: Beat, rescued: Vec<Rescued>, strays: Strays) {
         let was_fresh = self.liveness.fresh();
         if self.stopped {
             return;
@@ -143,7 +156,22 @@ impl Heartbeat {
                 "an engine missed its heartbeats; declared it dead and freed the rows it held");
             self.signals.rescued(r.rows);
         }
-        if !was_fresh || beat == Beat::Rejoined || rescued.iter().any(|r| r.rows > 0) {
+        if strays.freed > 0 {
+            tracing::warn!(
+                rows = strays.freed,
+                "freed in-flight rows no engine holds (no lease, or one under an id that is not \
+                 a running engine: written so by a producer or by hand?); they are claimed again"
+            );
+        }
+        if strays.behind > 0 {
+            tracing::warn!(
+                rows = strays.behind,
+                "keyed rows whose lease expired behind an earlier waiting row of their key are \
+                 due again, so their keys go on in order"
+            );
+        }
+        let strays = strays.freed + strays.behind > 0;
+        if !was_fresh || beat == Beat::Rejoined || strays || rescued.iter().any(|r| r.rows > 0) {
             self.scheduler.do_send(Wake::ALL);
         }
     }

@@ -523,8 +523,10 @@ impl Scheduler {
             if delivery.over_budget() {
                 match delivery.exhaust() {
                     Ok(()) => {
+                        // Not published again. Its earlier attempts ended with expired
+                        // leases, or its row was written (or `max_attempts` lowered) so.
                         let reason = format!(
-                            "attempts exhausted ({} of {}): the last lease expired before a confirm was recorded",
+                            "attempts exhausted ({} of {}) before this claim: earlier leases expired without a confirm, or the row was written with that many attempts",
                             delivery.attempts() - 1,
                             delivery.max_attempts()
                         );

@@ -51,6 +51,15 @@ pub enum DeadLetterCommand {
 
 /// Runs one dead-letter subcommand.
 pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> {
+    if let DeadLetterCommand::Requeue {
+        all: false,
+        exchange: Some(_),
+        ..
+    } = &cmd
+    {
+        // clap's `requires` does not catch it beside positional ids.
+        bail!("--exchange only filters --all (it does not send a requeued row elsewhere)");
+    }
     let store = super::commands::migrated_store(config).await?;
     match cmd {
         DeadLetterCommand::List { limit, since } => list(&store, limit, since).await,
@@ -68,6 +77,15 @@ pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> 
                 println!("requeued {} dead letter(s)", moved.len());
                 return Ok(());
             }
+            let kept = still_dead(&store, &ids, &moved).await?;
+            if !kept.is_empty() {
+                println!("requeued {} dead letter(s)", moved.len());
+                bail!(
+                    "not requeued: {}: a producer reused the id and that row is still in the \
+                     outbox; requeue again once it is done",
+                    kept.join(", ")
+                );
+            }
             report("requeued", &ids, &moved)
         }
         DeadLetterCommand::Discard { ids, older_than } => match older_than {
@@ -82,6 +100,18 @@ pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> 
             }
         },
     }
+}
+
+/// Of the ids asked for and not moved, those still in `dead_letters`: a requeue leaves a
+/// dead letter whose id is in the outbox again.
+async fn still_dead(store: &Store, asked: &[Uuid], moved: &[Uuid]) -> anyhow::Result<Vec<String>> {
+    let mut kept = Vec::new();
+    for id in asked.iter().filter(|id| !moved.contains(id)) {
+        if store.dead_letter(*id).await?.is_some() {
+            kept.push(id.to_string());
+        }
+    }
+    Ok(kept)
 }
 
 /// Prints what was done and fails (exit 1) naming the ids that were not found.

@@ -17,7 +17,7 @@ use lapin::{options::BasicPublishOptions, BasicProperties, Connection};
 use crate::{
     broker::{self, ChannelClose},
     config::{Config, SecretUrl},
-    store::{establish, Store, MIGRATION_NAMES},
+    store::{establish, SchemaFit, Store, MIGRATION_NAMES},
 };
 
 /// How long the NOTIFY round trip may take.
@@ -219,77 +219,53 @@ async fn schema(config: &Config, conn: &mut AsyncPgConnection, out: &mut Vec<Che
     ))
     .load::<Applied>(conn)
     .await;
-    let known: Vec<String> = MIGRATION_NAMES().iter().map(|n| version_of(n)).collect();
     let migrate_fix = if config.database.auto_migrate {
         "`courier run` migrates it at start (database.auto_migrate: true); or run `courier migrate`"
     } else {
         "run `courier migrate` (database.auto_migrate is false)"
     };
-    let applied: Vec<String> = match applied {
-        Ok(rows) => rows.into_iter().map(|r| r.version).collect(),
-        Err(_) => {
-            let verdict = if config.database.auto_migrate {
-                Verdict::Warn
-            } else {
-                Verdict::Fail
-            };
-            out.push(
-                Check::new(
-                    "schema",
-                    verdict,
-                    format!("schema `{name}` holds no Courier tables yet"),
-                )
-                .fix(migrate_fix),
-            );
-            return false;
-        }
+    let not_yet = if config.database.auto_migrate {
+        Verdict::Warn
+    } else {
+        Verdict::Fail
     };
-    let unknown: Vec<&String> = applied.iter().filter(|v| !known.contains(v)).collect();
-    let missing = known.iter().filter(|v| !applied.contains(v)).count();
-    let check = if !unknown.is_empty() {
-        Check::new(
+    let applied: Option<Vec<String>> = applied
+        .ok()
+        .map(|rows| rows.into_iter().map(|r| r.version).collect());
+    let fit = SchemaFit::of(applied.as_deref());
+    let check = match &fit {
+        SchemaFit::Unmigrated => Check::new(
+            "schema",
+            not_yet,
+            format!("schema `{name}` holds no Courier tables yet"),
+        )
+        .fix(migrate_fix),
+        SchemaFit::Ahead(unknown) => Check::new(
             "schema",
             Verdict::Fail,
             format!(
                 "schema `{name}` has migrations this courier does not know ({}): it is newer",
-                unknown
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                unknown.join(", ")
             ),
         )
-        .fix("run the courier version that migrated it, or a newer one")
-    } else if missing > 0 {
-        let verdict = if config.database.auto_migrate {
-            Verdict::Warn
-        } else {
-            Verdict::Fail
-        };
-        Check::new(
+        .fix("run the courier version that migrated it, or a newer one"),
+        SchemaFit::Behind { missing, of } => Check::new(
             "schema",
-            verdict,
-            format!(
-                "schema `{name}` lacks {missing} of {} migrations",
-                known.len()
-            ),
+            not_yet,
+            format!("schema `{name}` lacks {missing} of {of} migrations"),
         )
-        .fix(migrate_fix)
-    } else {
-        Check::new(
+        .fix(migrate_fix),
+        SchemaFit::Current => Check::new(
             "schema",
             Verdict::Ok,
-            format!("schema `{name}` is migrated ({} migrations)", known.len()),
-        )
+            format!(
+                "schema `{name}` is migrated ({} migrations)",
+                MIGRATION_NAMES().len()
+            ),
+        ),
     };
     out.push(check);
-    missing == 0 && unknown.is_empty()
-}
-
-/// diesel's version of a migration directory name: its leading date and number, digits only.
-fn version_of(name: &str) -> String {
-    let prefix = name.split('_').next().unwrap_or(name);
-    prefix.chars().filter(char::is_ascii_digit).collect()
+    fit == SchemaFit::Current
 }
 
 /// A NOTIFY on the outbox channel reaches a LISTEN connection (a transaction-mode pooler
@@ -631,18 +607,5 @@ fn admin_bind(config: &Config) -> Check {
             "another process listens there (an engine already running?): stop it or change \
              admin.bind",
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::version_of;
-
-    #[test]
-    fn a_migration_name_gives_diesel_its_version() {
-        assert_eq!(
-            version_of("2026-12-04-000008_time_ordered_ids"),
-            "20261204000008"
-        );
     }
 }

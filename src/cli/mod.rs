@@ -220,12 +220,17 @@ fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
 ///   the engine's passive `exchange_declare` (how it finds a missing exchange, an expected
 ///   outcome) ends exactly that way. Every other channel or connection loss surfaces to the
 ///   engine, which logs it with context.
-/// - `lapin=warn`: lapin's remaining warnings and errors (missed heartbeats, I/O errors)
-///   stay; its info lines are internals.
+/// - `lapin::io_loop=off`: lapin logs an ERROR for every connection that fails or breaks
+///   ("Exponential backoff attempts exhausted, aborting recovery", "Socket was readable but
+///   we read 0…"), even a refused one the engine reports and retries, or one the process
+///   ends at once for. The error surfaces to the engine, which logs it with its cause
+///   ("cannot reach RabbitMQ", "lost the RabbitMQ connection", "RabbitMQ refused the
+///   connection").
+/// - `lapin=warn`: lapin's remaining warnings and errors stay; its info lines are internals.
 /// - `tokio_postgres=info`: at debug it logs every statement with its bound parameters
 ///   (payloads and headers of the rows an application enqueues or an operator requeues).
-pub(crate) const QUIET_LIBRARIES: &str =
-    "lapin=warn,lapin::returned_messages=off,lapin::channel=off,tokio_postgres=info";
+pub(crate) const QUIET_LIBRARIES: &str = "lapin=warn,lapin::returned_messages=off,\
+     lapin::channel=off,lapin::io_loop=off,tokio_postgres=info";
 
 /// The filter: [`QUIET_LIBRARIES`], then `RUST_LOG` when set and valid, else `level`.
 pub(crate) fn log_filter(level: &str, rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
@@ -252,8 +257,26 @@ pub fn init_logging(config: &Config) {
     // try_init: a second call (tests, embedding) keeps the first subscriber.
     let _ = match config.logging.format {
         LogFormat::Json => builder.json().try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Pretty => builder.fmt_fields(escaped_fields()).try_init(),
     };
+}
+
+/// The pretty format's fields (and span fields) with every control character escaped
+/// (`\x0a`, `\x1b`): exchange names, keys, the reasons that quote them and broker errors
+/// that echo them are producer text, and printed raw a newline in one would start a forged
+/// log line, an ESC sequence recolour or rewrite the operator's terminal. JSON escapes them
+/// by itself.
+fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt as _;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        let text = escape::one_line(&text);
+        match field.name() {
+            "message" => write!(w, "{text}"),
+            name => write!(w, "{name}={text}"),
+        }
+    })
+    .delimited(" ")
 }
 
 #[cfg(test)]
@@ -273,6 +296,7 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "lapin::returned_messages", "returned, with payload");
             tracing::error!(target: "lapin::channel", "Channel closed");
+            tracing::error!(target: "lapin::io_loop", "Exponential backoff attempts exhausted");
             tracing::warn!(target: "lapin::heartbeat", "missed heartbeats");
             tracing::info!(target: "lapin::connection", "internals");
             tracing::debug!(target: "tokio_postgres::query", "statement with parameters");

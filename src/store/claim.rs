@@ -93,13 +93,16 @@ impl Statements {
     }
 }
 
-/// Taking a row: in flight, leased to engine $2 for $3 ms, the attempt counted (clamped: a
-/// row written with a huge count must not overflow the claim of every row beside it). A row
-/// taken back from an expired lease says so in `last_error`.
+/// Taking a row: in flight, leased to engine $2 for $3 ms, the attempt counted. The count is
+/// clamped into `outbox_attempts_range` (0 to 1,000,000): a row written at the top of that
+/// range, or an older row outside it (the constraint is NOT VALID), must not make the
+/// update break the constraint and fail the claim of every row beside it. Such a row comes
+/// back past its budget and is dead-lettered. A row taken back from an expired lease says
+/// so in `last_error`.
 const CLAIM_SET: &str = "SET status = 'in_flight',
          locked_by = $2,
          locked_until = now() + $3 * interval '1 millisecond',
-         attempts = least(o.attempts, 2147483646) + 1,
+         attempts = least(greatest(o.attempts, 0), 999999) + 1,
          last_error = CASE WHEN o.status = 'in_flight'
                            THEN 'lease expired before a confirm was recorded'
                            ELSE o.last_error END,

@@ -169,6 +169,80 @@ pub async fn rescue(
         .await?)
 }
 
+/// What [`free_strays`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, diesel::QueryableByName)]
+pub struct Strays {
+    /// In-flight rows no engine can be holding, freed like an expired lease.
+    #[diesel(sql_type = BigInt)]
+    pub freed: i64,
+    /// Keyed rows whose lease expired behind an open row of their key, due again.
+    #[diesel(sql_type = BigInt)]
+    pub behind: i64,
+}
+
+/// -- name: free_strays
+///
+/// In-flight rows that no lease will ever bring back, put where a claim finds them. Only a
+/// producer writing `status = 'in_flight'` itself (or a row edited by hand) makes the first
+/// kind; producers committing a key's rows out of `seq` order and an engine crash make the
+/// second.
+///
+/// - **freed** (`locked_by` cleared, lease ended now, as the rescue of a dead engine does):
+///   no lease at all; a live lease held by nobody; a lease held by an id that is not a
+///   running engine of the registry (engines register before their first claim); or a lease
+///   under this engine's id further out than any it gives (`$2`: its lease plus a minute),
+///   which it does not hold. The next claim takes them as expired leases.
+/// - **behind**: a keyed row whose lease expired while an earlier row of its key is still
+///   waiting (`pending`/`retrying`). The claim takes an expired keyed row back only when it
+///   is its key's first open row, and a key with a row in flight gives no head: the key
+///   would wait for ever. The row goes back to `retrying`, due now, its attempt counted, so
+///   the key's rows go out again in `seq` order.
+///
+/// Both scan only the in-flight partial index (`outbox_lease_idx`).
+///
+/// `$1` this engine's id, `$2` the furthest lease it gives (ms).
+pub async fn free_strays(
+    conn: &mut AsyncPgConnection,
+    schema: &str,
+    me: &str,
+    lease: Duration,
+) -> Result<Strays, StoreError> {
+    let s = format!("\"{schema}\"");
+    let sql = format!(
+        "WITH freed AS (
+            UPDATE {s}.outbox o SET locked_by = NULL, locked_until = now()
+            WHERE o.status = 'in_flight'
+              AND (o.locked_until IS NULL
+                   OR (o.locked_until > now()
+                       AND (o.locked_by IS NULL
+                            OR (o.locked_by = $1
+                                AND o.locked_until > now() + $2 * interval '1 millisecond')
+                            OR NOT EXISTS (SELECT 1 FROM {s}.engines e
+                                           WHERE e.id = o.locked_by AND e.state = 'running'))))
+            RETURNING 1
+         ), behind AS (
+            UPDATE {s}.outbox o
+            SET status = 'retrying', next_attempt_at = now(), locked_by = NULL,
+                locked_until = NULL, updated_at = now(),
+                last_error = 'lease expired before a confirm was recorded'
+            WHERE o.status = 'in_flight' AND o.locked_until < now()
+              AND o.ordering_key IS NOT NULL
+              AND EXISTS (SELECT 1 FROM {s}.outbox p
+                          WHERE p.ordering_key = o.ordering_key AND p.seq < o.seq
+                            AND p.status IN ('pending', 'retrying'))
+            RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM freed) AS freed, (SELECT count(*) FROM behind) AS behind"
+    );
+    let slack = Duration::from_secs(60);
+    let rows: Vec<Strays> = diesel::sql_query(sql)
+        .bind::<Text, _>(me)
+        .bind::<BigInt, _>(millis(lease.saturating_add(slack)))
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().next().unwrap_or_default())
+}
+
 impl Store {
     /// Every engine of the registry, the rows each holds, newest first.
     pub(crate) async fn engines(&self) -> Result<Vec<EngineRecord>, StoreError> {

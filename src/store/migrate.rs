@@ -115,19 +115,149 @@ fn is_migrated(s: &super::Schema) -> String {
     format!("SELECT to_regclass('{s}.outbox') IS NOT NULL AS v")
 }
 
+/// How a schema's applied migrations compare with the ones this binary embeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaFit {
+    /// Exactly the migrations this binary knows.
+    Current,
+    /// No Courier tables yet.
+    Unmigrated,
+    /// Some of this binary's migrations are not applied.
+    Behind {
+        /// How many are missing.
+        missing: usize,
+        /// How many this binary has.
+        of: usize,
+    },
+    /// Migrations this binary does not know (their versions): a newer Courier migrated the
+    /// schema, and this one would misread it (an engine from before key ordering publishes
+    /// keyed rows unordered).
+    Ahead(Vec<String>),
+}
+
+/// The version part of a migration's name (`2026-11-25-000001_create_outbox` →
+/// `20261125000001`), as `__diesel_schema_migrations` stores it.
+fn migration_version(name: &str) -> String {
+    let prefix = name.split('_').next().unwrap_or(name);
+    prefix.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// -- name: applied_migrations
+///
+/// The versions applied to schema `s` (its migrations table exists).
+fn applied_migrations(s: &super::Schema) -> String {
+    format!("SELECT version::text AS version FROM {s}.__diesel_schema_migrations")
+}
+
+impl SchemaFit {
+    /// The fit of a schema whose applied migration versions are `applied` (`None`: it has
+    /// no migrations table).
+    pub fn of(applied: Option<&[String]>) -> SchemaFit {
+        let applied = match applied {
+            None | Some([]) => return SchemaFit::Unmigrated,
+            Some(a) => a,
+        };
+        let known: Vec<String> = migration_names()
+            .iter()
+            .map(|n| migration_version(n))
+            .collect();
+        let ahead: Vec<String> = applied
+            .iter()
+            .filter(|v| !known.contains(v))
+            .cloned()
+            .collect();
+        let missing = known.iter().filter(|v| !applied.contains(v)).count();
+        if !ahead.is_empty() {
+            SchemaFit::Ahead(ahead)
+        } else if missing > 0 {
+            SchemaFit::Behind {
+                missing,
+                of: known.len(),
+            }
+        } else {
+            SchemaFit::Current
+        }
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Applied {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    version: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    v: bool,
+}
+
 impl super::Store {
+    /// How this schema's migrations compare with this binary's (see [`SchemaFit`]): the
+    /// engine refuses to start on a schema that does not fit.
+    pub async fn schema_fit(&self) -> Result<SchemaFit, StoreError> {
+        let table = format!("{}.__diesel_schema_migrations", self.schema);
+        if !self
+            .flag(&format!("SELECT to_regclass('{table}') IS NOT NULL AS v"))
+            .await?
+        {
+            return Ok(SchemaFit::Unmigrated);
+        }
+        let mut conn = self.op().await?;
+        let applied: Vec<Applied> = conn
+            .fetch_all(diesel::sql_query(applied_migrations(&self.schema)))
+            .await?;
+        let applied: Vec<String> = applied.into_iter().map(|a| a.version).collect();
+        Ok(SchemaFit::of(Some(&applied)))
+    }
+
     /// Whether `courier migrate` (or an engine) has created this schema's tables, so a
     /// command can say so instead of failing on a missing relation.
     pub async fn is_migrated(&self) -> Result<bool, StoreError> {
-        #[derive(diesel::QueryableByName)]
-        struct Flag {
-            #[diesel(sql_type = diesel::sql_types::Bool)]
-            v: bool,
-        }
+        self.flag(&is_migrated(&self.schema)).await
+    }
+
+    /// The boolean `v` of the one row `sql` returns (false when none).
+    async fn flag(&self, sql: &str) -> Result<bool, StoreError> {
         let mut conn = self.op().await?;
-        let rows: Vec<Flag> = conn
-            .fetch_all(diesel::sql_query(is_migrated(&self.schema)))
-            .await?;
+        let rows: Vec<Flag> = conn.fetch_all(diesel::sql_query(sql)).await?;
         Ok(rows.first().is_some_and(|f| f.v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{migration_names, migration_version, SchemaFit};
+
+    #[test]
+    fn a_migration_name_gives_diesel_its_version() {
+        assert_eq!(
+            migration_version("2026-12-04-000008_time_ordered_ids"),
+            "20261204000008"
+        );
+    }
+
+    #[test]
+    fn a_schema_fits_only_with_exactly_the_known_migrations() {
+        let known: Vec<String> = migration_names()
+            .iter()
+            .map(|n| migration_version(n))
+            .collect();
+        assert_eq!(SchemaFit::of(None), SchemaFit::Unmigrated);
+        assert_eq!(SchemaFit::of(Some(&[])), SchemaFit::Unmigrated);
+        assert_eq!(SchemaFit::of(Some(&known)), SchemaFit::Current);
+        assert_eq!(
+            SchemaFit::of(Some(&known[..1])),
+            SchemaFit::Behind {
+                missing: known.len() - 1,
+                of: known.len()
+            }
+        );
+        let mut newer = known.clone();
+        newer.push("20991231000099".into());
+        assert_eq!(
+            SchemaFit::of(Some(&newer)),
+            SchemaFit::Ahead(vec!["20991231000099".into()])
+        );
     }
 }

@@ -324,21 +324,25 @@ impl Drop for EngineProcess {
 }
 
 impl TestDb {
-    /// A registry row written by hand: engine `ghost` on another host, dead for an hour,
-    /// still holding one row.
-    pub async fn ghost_engine_holding_a_row(&self) {
+    /// Registry rows written by hand: engine `other` on another host, running (it beat
+    /// just now) and holding one row, and engine `ghost`, dead for an hour (a dead engine's
+    /// rows were freed when it was declared dead, so it holds none). A test that starts an
+    /// engine beside them sets a long `scheduler.engine_timeout`, so `other` stays running.
+    pub async fn engines_beside(&self) {
         let store = self.store().await;
         store
-            .enqueue_many(&[courier::OutboxMessage::new("ex.ghost", "k", b"x".to_vec())])
+            .enqueue_many(&[courier::OutboxMessage::new("ex.other", "k", b"x".to_vec())])
             .await
             .expect("enqueue");
         store
-            .claim("ghost", 1, Duration::from_secs(600))
+            .claim("other", 1, Duration::from_secs(600))
             .await
             .expect("claim");
         self.exec(
-            "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at)
-             VALUES ('ghost', 'elsewhere', 7, '0.0.1', 'dead', now() - interval '1 hour')",
+            "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at, started_at)
+             VALUES ('other', 'elsewhere', 7, '0.0.1', 'running', now(), now() - interval '1 minute'),
+                    ('ghost', 'elsewhere', 8, '0.0.1', 'dead', now() - interval '1 hour',
+                     now() - interval '2 hours')",
         )
         .await;
     }

@@ -159,6 +159,9 @@ mod tests {
         assert!(row(r#"{"a": 1}"#).decode(10).is_ok());
         let why = |r: ClaimedRow| r.decode(10).unwrap_err().reason;
         assert!(why(row(r#"{"n": 1e400}"#)).contains("column headers"));
+        // The largest f64, as jsonb prints it (all 309 digits): a number, not out of range.
+        let max = format!("{{\"x\": 17976931348623157{}}}", "0".repeat(292));
+        assert!(row(&max).decode(10).is_ok());
         let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
         assert!(why(row(&deep)).contains("column headers"));
         let mut r = row("{}");
