@@ -205,10 +205,8 @@ async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their
 #[tokio::test]
 async fn run_refuses_a_schema_it_does_not_fit_like_doctor() {
     let db = TestDb::new("runfit").await;
-    db.exec(
-        "INSERT INTO {s}.__diesel_schema_migrations (version) VALUES ('20991231000099')",
-    )
-    .await;
+    db.exec("INSERT INTO {s}.__diesel_schema_migrations (version) VALUES ('20991231000099')")
+        .await;
     let run = |env: Vec<(&'static str, String)>| async move {
         tokio::task::spawn_blocking(move || {
             common::courier_command()
@@ -224,14 +222,23 @@ async fn run_refuses_a_schema_it_does_not_fit_like_doctor() {
     let o = run(db.process_env()).await;
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("20991231000099") && err.contains("newer"), "{err}");
+    assert!(
+        err.contains("20991231000099") && err.contains("newer"),
+        "{err}"
+    );
 
     let mut env = db.process_env();
     env.retain(|(k, _)| *k != "COURIER_DATABASE_SCHEMA");
-    env.push(("COURIER_DATABASE_SCHEMA", common::unique_name("runfit_none")));
+    env.push((
+        "COURIER_DATABASE_SCHEMA",
+        common::unique_name("runfit_none"),
+    ));
     env.push(("COURIER_DATABASE_AUTO_MIGRATE", "false".into()));
     let o = run(env).await;
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("not migrated yet") && err.contains("courier migrate"), "{err}");
+    assert!(
+        err.contains("not migrated yet") && err.contains("courier migrate"),
+        "{err}"
+    );
 }
