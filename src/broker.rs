@@ -185,12 +185,40 @@ async fn connect_node(
             ),
             true,
         )),
+        Ok(Err(e)) if uri_is_tls_to_plain(&e) => Err(failed(
+            format!(
+                "the server did not answer TLS (amqps:// to a plain AMQP port? RabbitMQ's TLS \
+                 listener is 5671 by default): {e}"
+            ),
+            true,
+        )),
         Ok(Err(e)) => Err(failed(e.to_string(), is_permanent(&e))),
         Err(_) => Err(failed(
             format!("no answer within {}", humantime::format_duration(timeout)),
             false,
         )),
     }
+}
+
+/// Whether TLS failed on the server's first answer not being TLS at all: rustls's
+/// `InvalidContentType` (an AMQP server answers a ClientHello with its protocol header).
+fn uri_is_tls_to_plain(e: &lapin::Error) -> bool {
+    let lapin::ErrorKind::IOError(io) = e.kind() else {
+        return false;
+    };
+    std::iter::successors(
+        io.get_ref()
+            .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        |e| e.source(),
+    )
+    .any(|cause| {
+        matches!(
+            cause.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))
+        )
+    })
 }
 
 /// Whether a failed connection attempt cannot succeed by trying again: the broker refused

@@ -587,6 +587,19 @@ impl Config {
         if let Some(url) = &self.database.migrate_url {
             check_url_scheme("database.migrate_url", url, &["postgres", "postgresql"])?;
         }
+        // What the driver would refuse at the first connection (an unknown parameter or
+        // `sslmode`, an unreadable certificate file) is a configuration error, named now.
+        let database_urls = [
+            ("database.url", Some(&self.database.url)),
+            ("database.migrate_url", self.database.migrate_url.as_ref()),
+        ];
+        for (key, url) in database_urls {
+            if let Some(url) = url {
+                crate::store::check_url(url).map_err(|why| {
+                    ConfigError::invalid(key, format!("is unusable: {why} (url: {url})"))
+                })?;
+            }
+        }
         self.broker.url.validate()?;
         if self.broker.tls.certfile.is_some() != self.broker.tls.keyfile.is_some() {
             return Err(ConfigError::invalid(
@@ -664,6 +677,18 @@ impl Config {
         positive_duration("shutdown.timeout", self.shutdown.timeout)?;
         positive_duration("retention.interval", self.retention.interval)?;
         positive("retention.batch_size", self.retention.batch_size as u64)?;
+        if let Some(endpoint) = &self.telemetry.endpoint {
+            // The exporter appends `/v1/traces`; what it cannot parse would fail the start
+            // later, naming no key.
+            let ok = url::Url::parse(endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !ok {
+                return Err(ConfigError::invalid(
+                    "telemetry.endpoint",
+                    format!("`{endpoint}` is not an http:// or https:// URL"),
+                ));
+            }
+        }
         if let Some(bind) = &self.admin.bind {
             bind.parse::<std::net::SocketAddr>().map_err(|_| {
                 ConfigError::invalid(
@@ -984,6 +1009,23 @@ mod tests {
             assert!(!e.contains("ter2"), "the password in an error: {e}");
         }
         assert!(parse("database:\n  url: \"postgres://u:hun%40ter2@127.0.0.1/db\"\n").is_ok());
+    }
+
+    #[test]
+    fn a_database_url_the_driver_would_refuse_is_a_config_error() {
+        for query in ["sslmode=bogus", "frobnicate=1"] {
+            let yaml = format!("database:\n  url: \"postgres://u:secret@127.0.0.1/db?{query}\"\n");
+            let e = err(&yaml);
+            assert!(e.contains("database.url") && e.contains("unusable"), "{e}");
+            assert!(!e.contains("secret"), "the password in an error: {e}");
+        }
+    }
+
+    #[test]
+    fn a_telemetry_endpoint_must_be_an_http_url() {
+        let e = err("telemetry:\n  endpoint: not-a-url\n");
+        assert!(e.contains("telemetry.endpoint"), "{e}");
+        assert!(parse("telemetry:\n  endpoint: http://collector:4318\n").is_ok());
     }
 
     #[test]

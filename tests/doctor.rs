@@ -190,6 +190,22 @@ async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their
         "{database}"
     );
 
+    // A migrate URL that cannot log in fails its own check, beside a good database.url:
+    // the engine migrates through it at start.
+    let bad = format!("{}_no_such_db", common::database_url());
+    let o = doctor(&[], vec![("COURIER_DATABASE_MIGRATE_URL", bad)]).await;
+    let migrate = line(&stdout(&o), "migrate_url");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        migrate.starts_with("FAIL") && migrate.contains("database.migrate_url"),
+        "{migrate}"
+    );
+    assert!(
+        line(&stdout(&o), "database").starts_with("ok"),
+        "{}",
+        stdout(&o)
+    );
+
     // A bad config is a failed check (exit 1), not a usage error.
     let o = doctor(&[], vec![("COURIER_RETRY_MAX_ATTEMPTS", "0".to_string())]).await;
     let config = line(&stdout(&o), "config");

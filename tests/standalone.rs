@@ -188,6 +188,16 @@ async fn a_broker_that_refuses_login_or_vhost_fails_the_start_with_the_cause() {
         !log.contains("first-secret") && !log.contains("second-secret"),
         "{log}"
     );
+
+    // amqps:// to the plain AMQP port: exit 1 saying TLS got no TLS answer, and where TLS is.
+    let (status, process) =
+        run_with_broker("tlsplain", "amqps://guest:guest@127.0.0.1:5672/%2f").await;
+    let log = process.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("did not answer TLS") && log.contains("5671"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -133,6 +133,7 @@ async fn checks(config_path: &Path, pre_start: bool) -> Vec<Check> {
             None
         }
     };
+    migrate_url(&config, &mut out).await;
     notify(&config, migrated.is_some(), &mut out).await;
     let amqp = broker(&config, &mut out).await;
     exchanges(
@@ -203,6 +204,31 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
     };
     out.push(check);
     Some(conn)
+}
+
+/// `database.migrate_url`, when set, is reachable and logs in: `courier run` migrates
+/// through it at start (and `courier migrate` always does), so a wrong one fails the start
+/// however good `database.url` is.
+async fn migrate_url(config: &Config, out: &mut Vec<Check>) {
+    let Some(url) = &config.database.migrate_url else {
+        return;
+    };
+    let check = match establish(url, config.database.connect_timeout).await {
+        Ok(_) => Check::new(
+            "migrate_url",
+            Verdict::Ok,
+            format!("{} reachable", url.redacted()),
+        ),
+        Err(e) => {
+            let fix = if e.is_transient() {
+                "is PostgreSQL running and reachable at that host and port? (database.migrate_url)"
+            } else {
+                "correct the user, password, database or TLS settings in database.migrate_url"
+            };
+            Check::new("migrate_url", Verdict::Fail, e.to_string()).fix(fix)
+        }
+    };
+    out.push(check);
 }
 
 /// Whether the schema holds exactly the migrations this binary knows.
@@ -347,8 +373,8 @@ async fn broker(config: &Config, out: &mut Vec<Check>) -> Option<Connection> {
         }
         Err(e) => {
             let fix = if e.is_permanent() {
-                "correct the user, password, vhost or TLS settings in broker.url / broker.tls \
-                 (the broker refused them; retrying will not help)"
+                "correct the user, password, vhost, port or TLS settings in broker.url / \
+                 broker.tls (retrying will not help)"
             } else {
                 "is RabbitMQ running and reachable at that host and port? (broker.url)"
             };

@@ -84,6 +84,16 @@ impl PgTarget {
     }
 }
 
+/// Why `url` cannot be used, before anything connects: it does not parse, names an
+/// unknown parameter or `sslmode`, or a certificate file it names cannot be read.
+pub(crate) fn check_url(url: &SecretUrl) -> Result<(), String> {
+    match PgTarget::parse(url) {
+        Ok(_) => Ok(()),
+        Err(StoreError::Rejected { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Takes libpq's TLS keys out of a URL's query string (tokio-postgres rejects
 /// `verify-*` and does not know the certificate keys); returns the rest and the keys.
 fn split_tls_keys(raw: &str) -> (String, TlsKeys) {

@@ -51,8 +51,8 @@ use diesel_async::{
 use uuid::Uuid;
 
 pub use claim::{ClaimLimits, Claimed, KeyScan};
-pub(crate) use connect::take_query_keys;
 use connect::PgTarget;
+pub(crate) use connect::{check_url, take_query_keys};
 pub(crate) use dead_letters::headers_from_text;
 pub use dead_letters::{BlockedKey, DeadLetter, DeadLetterUpdate};
 pub use engines::{beat, free_strays, rescue, Beat, EngineRecord, Identity, Rescued, Strays};
