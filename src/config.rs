@@ -213,6 +213,16 @@ pub enum RetentionMode {
     Archive,
 }
 
+impl RetentionMode {
+    /// The value as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionMode::Delete => "delete",
+            RetentionMode::Archive => "archive",
+        }
+    }
+}
+
 /// `admin.*`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -543,3 +543,22 @@ async fn a_pool_that_cannot_connect_names_the_cause_not_the_pool() {
         "no cause: {e}"
     );
 }
+
+#[tokio::test]
+async fn exactly_the_bound_is_still_an_exact_count() {
+    let db = TestDb::new("stats_bound").await;
+    let bound = courier::testing::EXACT_UP_TO;
+    db.exec(&format!(
+        "INSERT INTO {{s}}.outbox (exchange, routing_key, status, confirmed_at)
+         SELECT 'ex', 'rk', 'confirmed', now() FROM generate_series(1, {bound})"
+    ))
+    .await;
+    let stats = db.store().await.stats().await.expect("stats");
+    assert_eq!(stats.count(Status::Confirmed), bound);
+    assert!(!stats.approximate.contains(&"confirmed"), "{stats:?}");
+    db.exec("INSERT INTO {s}.outbox (exchange, routing_key, status, confirmed_at) VALUES ('ex', 'rk', 'confirmed', now())")
+        .await;
+    let stats = db.store().await.stats().await.expect("stats");
+    assert!(stats.approximate.contains(&"confirmed"), "{stats:?}");
+    assert!(stats.count(Status::Confirmed) > bound, "{stats:?}");
+}

@@ -81,7 +81,11 @@ impl Actor for Retention {
                         Ok(0) => {}
                         Ok(n) => {
                             act.signals.retention_removed(n);
-                            tracing::info!(removed = n, mode = ?act.config.mode, "retention");
+                            tracing::info!(
+                                removed = n,
+                                mode = act.config.mode.as_str(),
+                                "retention"
+                            );
                         }
                         Err(e) => tracing::warn!(error = %e, "retention failed; next run retries"),
                     }

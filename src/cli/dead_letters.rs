@@ -14,8 +14,8 @@ use crate::{config::Config, store::Store};
 pub enum DeadLetterCommand {
     /// List dead letters, newest first: id, exchange, routing key, attempts, failed at, error.
     List {
-        /// Most rows to show.
-        #[arg(long, default_value_t = 50)]
+        /// Most rows to show (at least 1).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Only those that failed within this long (e.g. 1h, 2days).
         #[arg(long, value_parser = humantime::parse_duration)]

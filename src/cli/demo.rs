@@ -131,8 +131,9 @@ pub async fn run(mut config: Config, n: usize) -> anyhow::Result<()> {
         "\nThe latencies are of a {n}-message backlog, queueing included; one message on an idle \
          engine takes about 2 ms (README, Speed).\nThe messages are in queue `{name}`, which \
          nothing consumes (`rabbitmqctl purge_queue {name}` empties it); \
-         `COURIER_DATABASE_SCHEMA={schema} courier status` (or `cargo run --release -- status`) \
-         shows the demo's outbox."
+         `COURIER_DATABASE_SCHEMA={schema} courier status` (from a checkout: \
+         `COURIER_DATABASE_SCHEMA={schema} cargo run --release -- status`; add the same \
+         `--config` if you gave the demo one) shows the demo's outbox."
     );
     Ok(())
 }

@@ -152,8 +152,9 @@ fn oldest_open_age(s: &Schema) -> String {
 
 /// -- name: stats
 ///
-/// `$1` the bound ([`EXACT_UP_TO`]). Past it, `confirmed` and `dead_letters` come from the
-/// planner's estimate (`pg_class.reltuples`).
+/// `$1` the bound ([`EXACT_UP_TO`]) plus one, so that exactly the bound still counts as
+/// exact. Past it, `confirmed` and `dead_letters` come from the planner's estimate
+/// (`pg_class.reltuples`).
 fn stats(s: &Schema) -> String {
     let schema = s.name();
     let oldest = oldest_open_age(s);
@@ -213,7 +214,7 @@ impl StatsRow {
     fn into_stats(self) -> Stats {
         let mut approximate = Vec::new();
         let mut exact_or_lower_bound = |name: &'static str, parts: &[i64]| {
-            if parts.iter().any(|n| *n >= EXACT_UP_TO) {
+            if parts.iter().any(|n| *n > EXACT_UP_TO) {
                 approximate.push(name);
             }
             parts.iter().sum::<i64>()
@@ -221,10 +222,10 @@ impl StatsRow {
         let pending = exact_or_lower_bound("pending", &[self.pending, self.pending_keyed]);
         let retrying = exact_or_lower_bound("retrying", &[self.retrying, self.retrying_keyed]);
         let in_flight = exact_or_lower_bound("in_flight", &[self.in_flight]);
-        if self.confirmed >= EXACT_UP_TO {
+        if self.confirmed > EXACT_UP_TO {
             approximate.push("confirmed");
         }
-        if self.dead_letters >= EXACT_UP_TO {
+        if self.dead_letters > EXACT_UP_TO {
             approximate.push("dead_letters");
         }
         let outbox = [
@@ -251,10 +252,10 @@ impl StatsRow {
     }
 }
 
-/// An exact count below the bound; at or above it, the larger of the bound and the
+/// An exact count up to the bound; past it, the larger of what was counted and the
 /// planner's estimate (`reltuples` is -1 or 0 before the first ANALYZE).
 fn exact_or_estimate(counted: i64, estimate: Option<f64>) -> i64 {
-    if counted < EXACT_UP_TO {
+    if counted <= EXACT_UP_TO {
         return counted;
     }
     let estimate = estimate.filter(|e| e.is_finite()).unwrap_or(0.0);
@@ -330,7 +331,7 @@ impl Store {
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let mut conn = self.op().await?;
         let row: StatsRow = conn
-            .fetch_one(diesel::sql_query(stats(&self.schema)).bind::<BigInt, _>(EXACT_UP_TO))
+            .fetch_one(diesel::sql_query(stats(&self.schema)).bind::<BigInt, _>(EXACT_UP_TO + 1))
             .await?;
         Ok(row.into_stats())
     }
@@ -492,7 +493,11 @@ mod tests {
     #[test]
     fn counts_past_the_bound_use_the_estimate() {
         assert_eq!(exact_or_estimate(12, Some(50_000.0)), 12);
-        assert_eq!(exact_or_estimate(EXACT_UP_TO, Some(50_000.0)), 50_000);
-        assert_eq!(exact_or_estimate(EXACT_UP_TO, Some(-1.0)), EXACT_UP_TO);
+        assert_eq!(exact_or_estimate(EXACT_UP_TO, Some(50_000.0)), EXACT_UP_TO);
+        assert_eq!(exact_or_estimate(EXACT_UP_TO + 1, Some(50_000.0)), 50_000);
+        assert_eq!(
+            exact_or_estimate(EXACT_UP_TO + 1, Some(-1.0)),
+            EXACT_UP_TO + 1
+        );
     }
 }
