@@ -567,10 +567,12 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
             // A bad value set by a variable is the variable's fault, not the file's.
-            let origin = match from_env
-                .iter()
-                .find(|(key, _)| path.starts_with(key.as_str()))
-            {
+            let origin = match from_env.iter().find(|(key, _)| {
+                path == *key
+                    || path
+                        .strip_prefix(key.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+            }) {
                 Some((_, name)) => format!("environment (`{name}`)"),
                 None => origin.to_string(),
             };

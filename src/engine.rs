@@ -61,8 +61,13 @@ pub enum EngineError {
     NoSystem,
     /// The schema's migrations do not fit this binary: not migrated (with
     /// `database.auto_migrate` off), or migrated by a newer Courier.
-    #[error("{0}")]
-    Schema(String),
+    #[error("schema `{schema}` {}", .fit.explain())]
+    Schema {
+        /// The schema.
+        schema: String,
+        /// How its migrations compare with this binary's.
+        fit: store::SchemaFit,
+    },
     /// The admin server could not start.
     #[error("admin API: cannot serve on {bind}: {source}")]
     Admin {
@@ -170,9 +175,7 @@ impl Engine {
         let heartbeat = Heartbeat::new(
             store.clone(),
             me,
-            config.scheduler.heartbeat,
-            config.scheduler.engine_timeout,
-            config.scheduler.lease_duration,
+            &config.scheduler,
             scheduler.clone(),
             signals.clone(),
             lifecycle.liveness.clone(),
@@ -288,24 +291,13 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
 /// not run on a schema it would misread (a newer Courier's) nor fail later on a missing
 /// table.
 async fn fits(config: &Config, store: Store) -> Result<Store, EngineError> {
-    let schema = &config.database.schema;
-    let why = match store.schema_fit().await? {
-        store::SchemaFit::Current => return Ok(store),
-        store::SchemaFit::Unmigrated => {
-            format!("schema `{schema}` is not migrated yet: run `courier migrate` (database.auto_migrate is false)")
-        }
-        store::SchemaFit::Behind { missing, of } => format!(
-            "schema `{schema}` lacks {missing} of {of} migrations: run `courier migrate` \
-             (database.auto_migrate is false)"
-        ),
-        store::SchemaFit::Ahead(versions) => format!(
-            "schema `{schema}` has migrations this courier ({}) does not know ({}): a newer \
-             courier migrated it; run that version or a newer one",
-            env!("CARGO_PKG_VERSION"),
-            versions.join(", ")
-        ),
-    };
-    Err(EngineError::Schema(why))
+    match store.schema_fit().await? {
+        store::SchemaFit::Current => Ok(store),
+        fit => Err(EngineError::Schema {
+            schema: config.database.schema.clone(),
+            fit,
+        }),
+    }
 }
 
 impl EngineHandle {

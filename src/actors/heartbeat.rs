@@ -8,9 +8,8 @@
 //! whole lease; the lease stays as the fallback (engines of an older version, a registry
 //! row removed by hand) and as the fence for writes. Every tenth beat, last, it frees
 //! in-flight rows that no lease would ever bring back (see `store::free_strays`): a
-//! producer can write
-//! `status = 'in_flight'` with no lease, or a lease held by nobody, and a key's expired
-//! row behind an earlier waiting one would hold its key for ever.
+//! producer can write `status = 'in_flight'` with no lease, or a lease held by nobody, and
+//! a key's expired row behind an earlier waiting one would hold its key for ever.
 //!
 //! Its connection is its own, outside the pool: a busy pool or a blocked claim path never
 //! delays a beat. Each beat records in [`Liveness`](crate::events::Liveness) when it was
@@ -27,6 +26,7 @@ use diesel_async::AsyncPgConnection;
 
 use super::scheduler::{Scheduler, Wake};
 use crate::{
+    config::SchedulerConfig,
     events::Signals,
     lifecycle::Liveness,
     store::{self, Beat, Identity, Rescued, Store, StoreError, Strays},
@@ -61,15 +61,12 @@ pub struct Heartbeat {
 const STRAYS_EVERY: u64 = 10;
 
 impl Heartbeat {
-    /// A heartbeat for engine `me`, beating every `every`; `lease` is the engine's
-    /// `scheduler.lease_duration`.
-    #[allow(clippy::too_many_arguments)]
+    /// A heartbeat for engine `me`, beating every `scheduler.heartbeat` (`timing`), with the
+    /// engine's `engine_timeout` and `lease_duration`.
     pub fn new(
         store: Store,
         me: Identity,
-        every: Duration,
-        engine_timeout: Duration,
-        lease: Duration,
+        timing: &SchedulerConfig,
         scheduler: Addr<Scheduler>,
         signals: Signals,
         liveness: Liveness,
@@ -77,9 +74,9 @@ impl Heartbeat {
         Heartbeat {
             store,
             me,
-            every,
-            engine_timeout,
-            lease,
+            every: timing.heartbeat,
+            engine_timeout: timing.engine_timeout,
+            lease: timing.lease_duration,
             scheduler,
             signals,
             liveness,

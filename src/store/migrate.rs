@@ -150,6 +150,26 @@ fn applied_migrations(s: &super::Schema) -> String {
 }
 
 impl SchemaFit {
+    /// What this fit means for starting an engine, after the schema's name.
+    pub fn explain(&self) -> String {
+        match self {
+            SchemaFit::Current => "holds exactly this courier's migrations".into(),
+            SchemaFit::Unmigrated => {
+                "is not migrated yet: run `courier migrate` (database.auto_migrate is false)".into()
+            }
+            SchemaFit::Behind { missing, of } => format!(
+                "lacks {missing} of {of} migrations: run `courier migrate` \
+                 (database.auto_migrate is false)"
+            ),
+            SchemaFit::Ahead(versions) => format!(
+                "has migrations this courier ({}) does not know ({}): a newer courier \
+                 migrated it; run that version or a newer one",
+                env!("CARGO_PKG_VERSION"),
+                versions.join(", ")
+            ),
+        }
+    }
+
     /// The fit of a schema whose applied migration versions are `applied` (`None`: it has
     /// no migrations table).
     pub fn of(applied: Option<&[String]>) -> SchemaFit {
