@@ -44,6 +44,33 @@ fn reason(o: &Outcome) -> &str {
     }
 }
 
+/// Waits for `good` and `bad` to settle: every good row confirmed, every bad one
+/// dead-lettered with a reason holding each of `why`. Returns them all.
+async fn good_confirmed_bad_dead_lettered(
+    engine: &EngineHandle,
+    good: &[Uuid],
+    bad: &[Uuid],
+    why: &[&str],
+) -> Vec<Uuid> {
+    let mut all = good.to_vec();
+    all.extend(bad);
+    let outcomes = engine
+        .wait_for_all(&all, WAIT)
+        .await
+        .expect("every row settles");
+    for id in good {
+        assert_eq!(outcomes[id], Outcome::Confirmed, "{id}");
+    }
+    for id in bad {
+        let reason = reason(&outcomes[id]);
+        assert!(
+            why.iter().all(|w| reason.contains(w)),
+            "{id}: `{reason}` lacks {why:?}"
+        );
+    }
+    all
+}
+
 /// Nothing left in flight or retrying, and the engine still delivers a new row.
 async fn assert_live(db: &TestDb, engine: &EngineHandle, exchange: &str) {
     assert_eq!(db.count(Status::InFlight).await, 0, "rows left in flight");
@@ -295,22 +322,8 @@ async fn attempts_written_at_or_past_the_budget_are_dead_lettered_unpublished() 
     config.retry.max_attempts = 3;
     config.ordering.on_dead_letter = OnDeadLetter::Continue;
     let engine = Engine::start(config).await.expect("engine starts");
-    let mut all = good.clone();
-    all.extend(&bad);
-    let outcomes = engine
-        .wait_for_all(&all, WAIT)
-        .await
-        .expect("every row settles");
-    for id in &good {
-        assert_eq!(outcomes[id], Outcome::Confirmed);
-    }
-    for id in &bad {
-        let why = reason(&outcomes[id]);
-        assert!(
-            why.contains("attempts exhausted") && why.contains("before this claim"),
-            "{why}"
-        );
-    }
+    let why = ["attempts exhausted", "before this claim"];
+    let all = good_confirmed_bad_dead_lettered(&engine, &good, &bad, &why).await;
     assert_eq!(engine.counters().claim_failures, 0, "a claim failed");
     let a = audit(&db, &broker, &broker.queue, &all).await;
     assert_eq!(a.confirmed, good.len());
@@ -342,22 +355,8 @@ async fn routing_headers_of_the_wrong_type_never_reach_the_channel() {
     let engine = Engine::start(db.engine_config())
         .await
         .expect("engine starts");
-    let mut all = good.clone();
-    all.extend(&bad);
-    let outcomes = engine
-        .wait_for_all(&all, WAIT)
-        .await
-        .expect("every row settles");
-    for id in &good {
-        assert_eq!(outcomes[id], Outcome::Confirmed);
-    }
-    for id in &bad {
-        let why = reason(&outcomes[id]);
-        assert!(
-            why.contains("can never be published") && why.contains("array of routing keys"),
-            "{why}"
-        );
-    }
+    let why = ["can never be published", "array of routing keys"];
+    let all = good_confirmed_bad_dead_lettered(&engine, &good, &bad, &why).await;
     let counters = engine.counters();
     assert_eq!(
         counters.channel_lost, 0,
