@@ -370,6 +370,42 @@ async fn routing_headers_of_the_wrong_type_never_reach_the_channel() {
 }
 
 #[actix_rt::test]
+async fn a_direct_reply_to_key_never_reaches_the_connection() {
+    let db = TestDb::new("replyto").await;
+    let broker = TestBroker::new("replyto").await;
+    let ex = &broker.exchange;
+    let mut good = db.insert_sql(ex, 300, "routed.a{i}").await;
+    let mut bad = Vec::new();
+    // RabbitMQ decodes the suffix as the requester's channel; one it cannot decode closes
+    // the whole connection (541 INTERNAL_ERROR) without naming the message.
+    for key in [
+        "amq.rabbitmq.reply-to.g2dkABNyYWJiaXRAbG9jYWxob3N0AAAAAAAAAAAAAAAAAA==.garbage",
+        "amq.rabbitmq.reply-to",
+    ] {
+        let sql = format!(
+            "INSERT INTO {{s}}.outbox (exchange, routing_key, payload)
+             VALUES ('', '{key}', 'x') RETURNING id"
+        );
+        bad.push(insert(&db, &sql).await.expect("valid row"));
+        good.extend(db.insert_sql(ex, 300, "routed.g{i}").await);
+    }
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let why = ["can never be published", "direct reply-to"];
+    let all = good_confirmed_bad_dead_lettered(&engine, &good, &bad, &why).await;
+    let counters = engine.counters();
+    assert_eq!(
+        counters.reconnects, 0,
+        "a connection was lost: {counters:?}"
+    );
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.duplicates, 0, "good rows published twice");
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
 async fn a_row_claimed_but_never_handed_on_is_not_renewed_and_comes_back() {
     let db = TestDb::new("unheld").await;
     let broker = TestBroker::new("unheld").await;
@@ -693,10 +729,12 @@ impl RandomRow {
             4 => internal.to_string(),
             _ => exchange.to_string(),
         };
-        let routing_key = match rng.gen_range(0..8) {
+        let routing_key = match rng.gen_range(0..9) {
             0 => "k".repeat(300),
             1 => "routed.ünïcødé.\u{202e}".into(),
             2 => String::new(),
+            // With the default exchange (''): direct reply-to, a suffix RabbitMQ cannot read.
+            3 => "amq.rabbitmq.reply-to.g2dkABNyYWJiaXRAbG9jYWxob3N0AAAAAAAAAAAAAAAAAA==.x".into(),
             _ => format!("routed.r{}", rng.gen::<u16>()),
         };
         let payload = (0..rng.gen_range(0..6000)).map(|_| rng.gen()).collect();

@@ -401,8 +401,22 @@ struct Prepared {
     properties: BasicProperties,
 }
 
+/// The routing keys of RabbitMQ's direct reply-to on the default exchange.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 fn prepare(d: &mut Delivery, max_payload: u64, frame_max: u32) -> Result<Prepared, String> {
     let m = &d.message;
+    if m.exchange.is_empty() && m.routing_key.starts_with(DIRECT_REPLY_TO) {
+        // RabbitMQ decodes the rest of such a key as the requester's channel; a suffix it
+        // cannot decode closes the whole connection (541 INTERNAL_ERROR) naming no message,
+        // so the row would be refunded and published again for ever, taking every
+        // unconfirmed message on that connection down with it. A reply that goes through
+        // an outbox outlives the requester's wait anyway.
+        return Err(format!(
+            "routing key `{DIRECT_REPLY_TO}…` on the default exchange (direct reply-to) is \
+             not published from the outbox: a malformed one closes the whole connection"
+        ));
+    }
     if m.payload.len() as u64 > max_payload {
         return Err(format!(
             "payload of {} bytes is over publisher.max_payload_bytes ({max_payload})",

@@ -525,9 +525,13 @@ impl Scheduler {
                     Ok(()) => {
                         // Not published again. Its earlier attempts ended with expired
                         // leases, or its row was written (or `max_attempts` lowered) so.
+                        // The claim clamps the count below 1,000,000 (its constraint).
+                        let used = match delivery.attempts() - 1 {
+                            n if n >= 999_999 => "1000000 or more".to_string(),
+                            n => n.to_string(),
+                        };
                         let reason = format!(
-                            "attempts exhausted ({} of {}) before this claim: earlier leases expired without a confirm, or the row was written with that many attempts",
-                            delivery.attempts() - 1,
+                            "attempts exhausted ({used} of {}) before this claim: earlier leases expired without a confirm, or the row was written with that many attempts",
                             delivery.max_attempts()
                         );
                         exhausted.push((delivery, reason));
