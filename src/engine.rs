@@ -54,7 +54,7 @@ pub enum EngineError {
     Store(#[from] StoreError),
     /// The broker refused the engine at start in a way retrying cannot mend: login or vhost
     /// refused, TLS certificate rejected (the source says which).
-    #[error("RabbitMQ refused the connection; fix the configuration or the broker")]
+    #[error("RabbitMQ cannot be used as configured (refused, or TLS failed); fix the configuration or the broker")]
     Broker(#[source] crate::broker::BrokerError),
     /// Not called from inside a running actix `System`.
     #[error("Engine::start must be called inside a running actix System")]

@@ -223,10 +223,10 @@ async fn run_refuses_a_schema_it_does_not_fit_like_doctor() {
     let db = TestDb::new("runfit").await;
     db.exec("INSERT INTO {s}.__diesel_schema_migrations (version) VALUES ('20991231000099')")
         .await;
-    let run = |env: Vec<(&'static str, String)>| async move {
+    let courier = |command: &'static str, env: Vec<(&'static str, String)>| async move {
         tokio::task::spawn_blocking(move || {
             common::courier_command()
-                .arg("run")
+                .arg(command)
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                 .output()
@@ -235,13 +235,16 @@ async fn run_refuses_a_schema_it_does_not_fit_like_doctor() {
         .await
         .expect("run thread")
     };
-    let o = run(db.process_env()).await;
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("20991231000099") && err.contains("newer"),
-        "{err}"
-    );
+    // `migrate` says so too, so a deploy learns it before the engines restart.
+    for command in ["run", "migrate"] {
+        let o = courier(command, db.process_env()).await;
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{command}: {err}");
+        assert!(
+            err.contains("20991231000099") && err.contains("newer"),
+            "{command}: {err}"
+        );
+    }
 
     let mut env = db.process_env();
     env.retain(|(k, _)| *k != "COURIER_DATABASE_SCHEMA");
@@ -250,7 +253,7 @@ async fn run_refuses_a_schema_it_does_not_fit_like_doctor() {
         common::unique_name("runfit_none"),
     ));
     env.push(("COURIER_DATABASE_AUTO_MIGRATE", "false".into()));
-    let o = run(env).await;
+    let o = courier("run", env).await;
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(

@@ -6,6 +6,8 @@ mod common;
 
 use std::process::Output;
 
+use courier::testing::StoreInternals as _;
+
 use common::{broker::TestBroker, eventually, unique_name, EngineProcess, TestDb};
 
 /// `marker` as the log would show it when a payload is dumped as bytes (`[80, 73, ...]`).
@@ -217,4 +219,56 @@ async fn status_watch_into_a_pipe_writes_no_escape_codes() {
     let _ = reader.join();
     assert!(text.contains("pending"), "{text}");
     assert!(!text.contains('\x1b'), "escape codes into a pipe: {text:?}");
+}
+
+/// The reader of the engine's stderr goes away (`courier run 2>&1 | head -1`, a log shipper
+/// that died): the engine goes on without its log and still stops cleanly, leaving the
+/// registry. Reporting the failed write used to panic on the same broken pipe (exit 101).
+#[actix_rt::test]
+async fn a_closed_stderr_pipe_does_not_kill_the_engine() {
+    let db = TestDb::new("logspipe").await;
+    let broker = TestBroker::new("logspipe").await;
+    let mut child = common::courier_command()
+        .arg("run")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(db.process_env().iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn courier run");
+    drop(child.stderr.take()); // the reader is gone before the first line
+    let store = db.store().await;
+    eventually(60, "the engine registered", || async {
+        let engines = store.engines().await.ok()?;
+        (!engines.is_empty()).then_some(())
+    })
+    .await;
+    // Its heartbeat and summaries keep logging into the closed pipe meanwhile.
+    let ids = db.insert_sql(&broker.exchange, 50, "routed.{i}").await;
+    eventually(60, "the rows settled", || async {
+        let stats = store.stats().await.ok()?;
+        (stats.count(courier::Status::Confirmed) == ids.len() as i64).then_some(())
+    })
+    .await;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success()),
+        "kill"
+    );
+    let status = common::within(30, "engine exit", async {
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        store.engines().await.expect("engines").is_empty(),
+        "the registry row stayed"
+    );
 }

@@ -116,13 +116,41 @@ async fn dead_letter_cli_lists_shows_requeues_and_discards() {
     );
     let (code, out) = courier(&db, &["dead-letters", "show", "not-a-uuid"]);
     assert_eq!(code, 2, "bad usage: {out}");
-
+    // --exchange filters --all; beside ids it would read as a redirect, and is refused.
+    let (code, out) = courier(
+        &db,
+        &[
+            "dead-letters",
+            "requeue",
+            &ids[1].to_string(),
+            "--exchange",
+            "x",
+        ],
+    );
+    assert_eq!(code, 2, "bad usage: {out}");
+    assert!(out.contains("--exchange only filters --all"), "{out}");
     let (code, out) = courier(&db, &["dead-letters", "discard", &ids[1].to_string()]);
     assert_eq!(code, 0, "{out}");
     assert!(store.message_state(ids[1]).await.unwrap().is_none());
+    // A dead letter whose id a producer reused is kept, and the command says why.
+    db.exec(&format!(
+        "INSERT INTO {{s}}.outbox (id, exchange, routing_key) VALUES ('{}', 'ex.dead', 'again')",
+        ids[2]
+    ))
+    .await;
+    let (code, out) = courier(&db, &["dead-letters", "requeue", &ids[2].to_string()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("a producer reused the id"), "{out}");
+    let (code, out) = courier(&db, &["dead-letters", "requeue", "--all"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("left 1") && out.contains(&ids[2].to_string()),
+        "{out}"
+    );
+
     let (code, out) = courier(&db, &["dead-letters", "discard", "--older-than", "0s"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("discarded 1"), "{out}");
+    assert!(out.contains("discarded 1"), "{out}"); // ids[2], still a dead letter
     assert_eq!(store.stats().await.unwrap().dead_letters, 0);
 }
 

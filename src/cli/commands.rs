@@ -8,12 +8,19 @@ use super::escape::one_line;
 use crate::{
     config::Config,
     state::{Status, ALL_STATUSES},
-    store::{EngineRecord, Store},
+    store::{EngineRecord, SchemaFit, Store},
 };
 
-/// `courier migrate`
+/// `courier migrate`: fails (exit 1) on a schema a newer courier migrated, which `run`
+/// refuses too, so a deploy learns it at the migrate step.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let applied = apply_migrations(config).await?;
+    let schema = &config.database.schema;
+    let store = Store::connect(&config.database).await?;
+    let fit = store.schema_fit().await?;
+    if let SchemaFit::Ahead(_) = fit {
+        anyhow::bail!("schema `{schema}` {}", fit.explain());
+    }
     if applied.is_empty() {
         println!("schema `{}` is up to date", config.database.schema);
     } else {

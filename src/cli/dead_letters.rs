@@ -49,17 +49,23 @@ pub enum DeadLetterCommand {
     },
 }
 
+impl DeadLetterCommand {
+    /// A combination of arguments clap lets through (its `requires` does not catch
+    /// `--exchange` beside positional ids): a usage error, exit 2.
+    pub fn misuse(&self) -> Option<&'static str> {
+        match self {
+            DeadLetterCommand::Requeue {
+                all: false,
+                exchange: Some(_),
+                ..
+            } => Some("--exchange only filters --all (it does not send a requeued row elsewhere)"),
+            _ => None,
+        }
+    }
+}
+
 /// Runs one dead-letter subcommand.
 pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> {
-    if let DeadLetterCommand::Requeue {
-        all: false,
-        exchange: Some(_),
-        ..
-    } = &cmd
-    {
-        // clap's `requires` does not catch it beside positional ids.
-        bail!("--exchange only filters --all (it does not send a requeued row elsewhere)");
-    }
     let store = super::commands::migrated_store(config).await?;
     match cmd {
         DeadLetterCommand::List { limit, since } => list(&store, limit, since).await,
@@ -75,6 +81,15 @@ pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> 
                 // With --all, a row that vanished between listing and moving was requeued
                 // or discarded by someone else at the same moment: not an error.
                 println!("requeued {} dead letter(s)", moved.len());
+                let kept = still_dead(&store, &ids, &moved).await?;
+                if !kept.is_empty() {
+                    println!(
+                        "left {}: a producer reused their ids and those rows are still in the \
+                         outbox: {}",
+                        kept.len(),
+                        kept.join(", ")
+                    );
+                }
                 return Ok(());
             }
             let kept = still_dead(&store, &ids, &moved).await?;

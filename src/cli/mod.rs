@@ -125,6 +125,11 @@ impl Failure {
 
 /// Parses nothing (clap did), loads the config, sets up logging and runs the command.
 pub fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::DeadLetters(cmd) = &cli.command {
+        if let Some(misuse) = cmd.misuse() {
+            return Err(Failure::Config(anyhow::anyhow!(misuse)));
+        }
+    }
     // Generated from the argument definitions alone: no config file needed.
     match cli.command {
         Command::Completions { shell } => return completions(shell).map_err(Failure::Runtime),
@@ -250,9 +255,13 @@ pub fn init_logging(config: &Config) {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = log_filter(&config.logging.level, rust_log.as_deref());
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // `log_internal_errors(false)`: a log line that cannot be written (the reader of a
+    // stderr pipe went away) is dropped. Reported, it went to `eprintln!`, which panics on
+    // the same broken pipe, and the engine died without its clean stop.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     // try_init: a second call (tests, embedding) keeps the first subscriber.
     let _ = match config.logging.format {
