@@ -285,30 +285,7 @@ impl Traces {
     /// sampler, batch sizes) and makes it the global tracer provider, with W3C Trace Context
     /// as the global propagator.
     pub fn install(config: &TelemetryConfig) -> Result<Traces, TelemetryError> {
-        use opentelemetry_otlp::{Protocol, WithExportConfig};
-        for var in [
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ] {
-            if config.protocol.is_none()
-                && std::env::var(var).is_ok_and(|v| v.trim().eq_ignore_ascii_case("grpc"))
-            {
-                return Err(TelemetryError::Grpc(var));
-            }
-        }
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
-        if let Some(endpoint) = &config.endpoint {
-            // As OTEL_EXPORTER_OTLP_ENDPOINT: the base URL, the signal's path appended.
-            let base = endpoint.trim_end_matches('/');
-            exporter = exporter.with_endpoint(format!("{base}/v1/traces"));
-        }
-        if let Some(protocol) = config.protocol {
-            exporter = exporter.with_protocol(match protocol {
-                OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
-                OtlpProtocol::HttpJson => Protocol::HttpJson,
-            });
-        }
-        let exporter = exporter.build().map_err(TelemetryError::Exporter)?;
+        let exporter = exporter(config)?;
         let mut resource = opentelemetry_sdk::Resource::builder();
         let from_env = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty());
         match &config.service_name {
@@ -325,10 +302,44 @@ impl Traces {
         Ok(Traces { provider })
     }
 
+    /// Whether [`Traces::install`] would succeed with `config` and the `OTEL_*` variables,
+    /// without installing anything (`courier doctor`).
+    pub fn check(config: &TelemetryConfig) -> Result<(), TelemetryError> {
+        exporter(config).map(drop)
+    }
+
     /// Exports every span ended so far (tests, and before a planned exit).
     pub fn flush(&self) {
         let _ = self.provider.force_flush();
     }
+}
+
+/// The OTLP/HTTP span exporter `config` and the `OTEL_*` variables describe.
+fn exporter(config: &TelemetryConfig) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if config.protocol.is_none()
+            && std::env::var(var).is_ok_and(|v| v.trim().eq_ignore_ascii_case("grpc"))
+        {
+            return Err(TelemetryError::Grpc(var));
+        }
+    }
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(endpoint) = &config.endpoint {
+        // As OTEL_EXPORTER_OTLP_ENDPOINT: the base URL, the signal's path appended.
+        let base = endpoint.trim_end_matches('/');
+        exporter = exporter.with_endpoint(format!("{base}/v1/traces"));
+    }
+    if let Some(protocol) = config.protocol {
+        exporter = exporter.with_protocol(match protocol {
+            OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
+            OtlpProtocol::HttpJson => Protocol::HttpJson,
+        });
+    }
+    exporter.build().map_err(TelemetryError::Exporter)
 }
 
 impl Drop for Traces {

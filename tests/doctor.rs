@@ -206,6 +206,22 @@ async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their
         stdout(&o)
     );
 
+    // Traces asked for over gRPC, which `run` refuses: the pre-start check fails too.
+    let env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:4317".to_string(),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
+    ];
+    let o = doctor(&["--pre-start"], env).await;
+    let traces = line(&stdout(&o), "traces");
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        traces.starts_with("FAIL") && traces.contains("grpc"),
+        "{traces}"
+    );
+
     // A bad config is a failed check (exit 1), not a usage error.
     let o = doctor(&[], vec![("COURIER_RETRY_MAX_ATTEMPTS", "0".to_string())]).await;
     let config = line(&stdout(&o), "config");

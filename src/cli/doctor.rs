@@ -147,6 +147,9 @@ async fn checks(config_path: &Path, pre_start: bool) -> Vec<Check> {
     if let Some(conn) = amqp {
         let _ = conn.close(200, "doctor done".into()).await;
     }
+    if let Some(check) = traces(&config) {
+        out.push(check);
+    }
     out.push(admin_bind(&config));
     out
 }
@@ -204,6 +207,23 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
     };
     out.push(check);
     Some(conn)
+}
+
+/// When traces are on (`telemetry.traces` or an `OTEL_EXPORTER_OTLP_*ENDPOINT`), the
+/// exporter `courier run` would build from `telemetry.*` and the `OTEL_*` variables builds:
+/// a bad endpoint or `grpc` fails the start, so it must fail the pre-start check too.
+fn traces(config: &Config) -> Option<Check> {
+    let env = |name: &str| std::env::var(name).ok();
+    if !crate::telemetry::traces_wanted(&config.telemetry, env) {
+        return None;
+    }
+    Some(match crate::telemetry::Traces::check(&config.telemetry) {
+        Ok(()) => Check::new("traces", Verdict::Ok, "the OTLP/HTTP exporter builds"),
+        Err(e) => Check::new("traces", Verdict::Fail, e.to_string()).fix(
+            "correct telemetry.endpoint / telemetry.protocol or the OTEL_EXPORTER_OTLP_* \
+             variables (README: Traces)",
+        ),
+    })
 }
 
 /// `database.migrate_url`, when set, is reachable and logs in: `courier run` migrates
