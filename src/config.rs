@@ -608,17 +608,7 @@ impl Config {
         for (key, url) in database_urls {
             if let Some(url) = url {
                 crate::store::check_url(url).map_err(|why| {
-                    // libpq's TLS variables fill in what the URL leaves out: name them too.
-                    let tls_env: Vec<&str> =
-                        ["PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"]
-                            .into_iter()
-                            .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
-                            .collect();
-                    let also = match tls_env.as_slice() {
-                        [] => String::new(),
-                        set => format!(", with {} set in the environment", set.join(", ")),
-                    };
-                    ConfigError::invalid(key, format!("is unusable: {why} (url: {url}{also})"))
+                    ConfigError::invalid(key, format!("is unusable: {why} (url: {url})"))
                 })?;
             }
         }

@@ -17,7 +17,7 @@ use lapin::{options::BasicPublishOptions, BasicProperties, Connection};
 use crate::{
     broker::{self, ChannelClose},
     config::{Config, SecretUrl},
-    store::{establish, SchemaFit, Store, MIGRATION_NAMES},
+    store::{applied_versions, establish, SchemaFit, Store, StoreError, MIGRATION_NAMES},
 };
 
 /// How long the NOTIFY round trip may take.
@@ -168,12 +168,7 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
     let mut conn = match establish(url, config.database.connect_timeout).await {
         Ok(conn) => conn,
         Err(e) => {
-            let fix = if e.is_transient() {
-                "is PostgreSQL running and reachable at that host and port? (database.url)"
-            } else {
-                "correct the user, password, database or TLS settings in database.url \
-                 (the reason above is PostgreSQL's own)"
-            };
+            let fix = connect_fix("database.url", &e);
             out.push(Check::new("database", Verdict::Fail, e.to_string()).fix(fix));
             return None;
         }
@@ -239,32 +234,27 @@ async fn migrate_url(config: &Config, out: &mut Vec<Check>) {
             Verdict::Ok,
             format!("{} reachable", url.redacted()),
         ),
-        Err(e) => {
-            let fix = if e.is_transient() {
-                "is PostgreSQL running and reachable at that host and port? (database.migrate_url)"
-            } else {
-                "correct the user, password, database or TLS settings in database.migrate_url"
-            };
-            Check::new("migrate_url", Verdict::Fail, e.to_string()).fix(fix)
-        }
+        Err(e) => Check::new("migrate_url", Verdict::Fail, e.to_string())
+            .fix(connect_fix("database.migrate_url", &e)),
     };
     out.push(check);
 }
 
+/// What to do about a PostgreSQL connection through `key` that failed with `e`: a
+/// transient failure is the server's whereabouts; anything else is the URL's settings.
+fn connect_fix(key: &str, e: &StoreError) -> String {
+    if e.is_transient() {
+        format!("is PostgreSQL running and reachable at that host and port? ({key})")
+    } else {
+        format!("correct the user, password, database or TLS settings in {key}")
+    }
+}
+
 /// Whether the schema holds exactly the migrations this binary knows.
 async fn schema(config: &Config, conn: &mut AsyncPgConnection, out: &mut Vec<Check>) -> bool {
-    #[derive(QueryableByName)]
-    struct Applied {
-        #[diesel(sql_type = Text)]
-        version: String,
-    }
     let name = &config.database.schema;
-    let quoted = format!("\"{name}\"");
-    let applied = diesel::sql_query(format!(
-        "SELECT version::text AS version FROM {quoted}.__diesel_schema_migrations"
-    ))
-    .load::<Applied>(conn)
-    .await;
+    // An error here is a schema without the migrations table.
+    let applied = applied_versions(conn, name).await.ok();
     let migrate_fix = if config.database.auto_migrate {
         "`courier run` migrates it at start (database.auto_migrate: true); or run `courier migrate`"
     } else {
@@ -275,9 +265,6 @@ async fn schema(config: &Config, conn: &mut AsyncPgConnection, out: &mut Vec<Che
     } else {
         Verdict::Fail
     };
-    let applied: Option<Vec<String>> = applied
-        .ok()
-        .map(|rows| rows.into_iter().map(|r| r.version).collect());
     let fit = SchemaFit::of(applied.as_deref());
     let check = match &fit {
         SchemaFit::Unmigrated => Check::new(

@@ -84,14 +84,26 @@ impl PgTarget {
     }
 }
 
+/// libpq's TLS variables, which [`PgTarget::parse`] reads for what the URL leaves out.
+const TLS_VARIABLES: [&str; 4] = ["PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"];
+
 /// Why `url` cannot be used, before anything connects: it does not parse, names an
-/// unknown parameter or `sslmode`, or a certificate file it names cannot be read.
+/// unknown parameter or `sslmode`, or a certificate file it names cannot be read. The
+/// reason names the TLS variables that were set, since their values count as the URL's.
 pub(crate) fn check_url(url: &SecretUrl) -> Result<(), String> {
-    match PgTarget::parse(url) {
-        Ok(_) => Ok(()),
-        Err(StoreError::Rejected { reason, .. }) => Err(reason),
-        Err(e) => Err(e.to_string()),
-    }
+    let reason = match PgTarget::parse(url) {
+        Ok(_) => return Ok(()),
+        Err(StoreError::Rejected { reason, .. }) => reason,
+        Err(e) => e.to_string(),
+    };
+    let set: Vec<&str> = TLS_VARIABLES
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+        .collect();
+    Err(match set.as_slice() {
+        [] => reason,
+        set => format!("{reason}; with {} set in the environment", set.join(", ")),
+    })
 }
 
 /// Takes libpq's TLS keys out of a URL's query string (tokio-postgres rejects

@@ -206,6 +206,22 @@ struct Applied {
     version: String,
 }
 
+fn versions(applied: Vec<Applied>) -> Vec<String> {
+    applied.into_iter().map(|a| a.version).collect()
+}
+
+/// The versions applied to `schema`, on a connection of its own (`courier doctor`, which
+/// checks the database before any pool exists); an error when it has no migrations table.
+pub async fn applied_versions(
+    conn: &mut AsyncPgConnection,
+    schema: &str,
+) -> Result<Vec<String>, StoreError> {
+    use diesel_async::RunQueryDsl;
+    let sql = applied_migrations(&super::Schema::new(schema)?);
+    let applied: Vec<Applied> = diesel::sql_query(sql).load(conn).await?;
+    Ok(versions(applied))
+}
+
 #[derive(diesel::QueryableByName)]
 struct Flag {
     #[diesel(sql_type = diesel::sql_types::Bool)]
@@ -227,8 +243,7 @@ impl super::Store {
         let applied: Vec<Applied> = conn
             .fetch_all(diesel::sql_query(applied_migrations(&self.schema)))
             .await?;
-        let applied: Vec<String> = applied.into_iter().map(|a| a.version).collect();
-        Ok(SchemaFit::of(Some(&applied)))
+        Ok(SchemaFit::of(Some(&versions(applied))))
     }
 
     /// Whether `courier migrate` (or an engine) has created this schema's tables, so a

@@ -57,7 +57,7 @@ pub(crate) use dead_letters::headers_from_text;
 pub use dead_letters::{BlockedKey, DeadLetter, DeadLetterUpdate};
 pub use engines::{beat, free_strays, rescue, Beat, EngineRecord, Identity, Rescued, Strays};
 pub(crate) use enqueue::insert_messages;
-pub use migrate::{migrate, migrate_config, SchemaFit, MIGRATION_NAMES};
+pub use migrate::{applied_versions, migrate, migrate_config, SchemaFit, MIGRATION_NAMES};
 pub(crate) use notify::{NOTIFY_KEYED, NOTIFY_RELEASED};
 pub use settle::RetryUpdate;
 pub use stats::{MessageState, OldestOpen, Outcome, Stats, EXACT_UP_TO};
