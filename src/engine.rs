@@ -115,6 +115,14 @@ impl Engine {
         if System::try_current().is_none() {
             return Err(EngineError::NoSystem);
         }
+        // Bound first: a taken port fails the start before anything is claimed.
+        let admin = match config.admin.bind.clone() {
+            Some(bind) => match crate::admin::Listeners::bind(&bind) {
+                Ok(listeners) => Some((bind, listeners)),
+                Err(source) => return Err(EngineError::Admin { bind, source }),
+            },
+            None => None,
+        };
         check_broker(&config).await?;
         let store = connect_database(&config).await?;
         let engine_id = format!(
@@ -208,12 +216,12 @@ impl Engine {
                 admin: std::sync::Mutex::new(None),
             }),
         };
-        if let Some(bind) = handle.inner.config.admin.bind.clone() {
-            let server = match crate::admin::start(handle.clone(), &bind).await {
+        if let Some((bind, listeners)) = admin {
+            let server = match crate::admin::serve(handle.clone(), listeners).await {
                 Ok(server) => server,
                 Err(source) => {
-                    // The actors already run: stop them as a clean stop does (what they
-                    // claimed goes back, the registry row goes), not leave a dead engine.
+                    // The actors already run (the admin pools failed): stop them as a clean
+                    // stop does (what they claimed goes back, the registry row goes).
                     handle.shutdown().await;
                     return Err(EngineError::Admin { bind, source });
                 }

@@ -563,6 +563,22 @@ async fn a_start_that_cannot_serve_the_admin_api_leaves_no_engine_behind() {
     assert!(err.contains(&addr), "{err}");
     let listed = db.store().await.engines().await.expect("engines");
     assert!(listed.is_empty(), "a failed start left {listed:?}");
+
+    // The port is bound before anything else: with the database out of reach (and
+    // `wait_at_start` on, so the engine would wait for it) the start still fails at once,
+    // so it could not have claimed a row.
+    let mut config = db.engine_config();
+    config.admin.bind = Some(addr.clone());
+    config.database.url = SecretUrl::new(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres",
+        common::proxy::Proxy::free_port()
+    ));
+    config.database.wait_at_start = true;
+    let err = match within(10, "a start on a taken port", Engine::start(config)).await {
+        Ok(_) => panic!("started on a taken address"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&addr), "{err}");
 }
 
 #[actix_rt::test]

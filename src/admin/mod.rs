@@ -61,9 +61,39 @@ pub(crate) struct AdminState {
     rates: std::sync::Arc<std::sync::Mutex<history::RateHistory>>,
 }
 
+/// The admin server's sockets, bound and not served yet.
+///
+/// The engine binds them before it claims anything: a taken port is then an error at
+/// start, not after the actors have connected and claimed rows they must give back.
+#[derive(Debug)]
+pub struct Listeners(Vec<std::net::TcpListener>);
+
+impl Listeners {
+    /// Binds every address `bind` resolves to (`host:port`), as `HttpServer::bind` does.
+    pub fn bind(bind: &str) -> Result<Listeners, AdminError> {
+        use std::net::ToSocketAddrs;
+        let listeners = bind
+            .to_socket_addrs()?
+            .map(std::net::TcpListener::bind)
+            .collect::<Result<Vec<_>, _>>()?;
+        if listeners.is_empty() {
+            return Err(AdminError::Bind(std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                "the address resolves to nothing",
+            )));
+        }
+        Ok(Listeners(listeners))
+    }
+}
+
 /// Opens the admin pools and starts the server on `bind`; returns its handle (stopped by
 /// `EngineHandle::shutdown`).
 pub async fn start(engine: EngineHandle, bind: &str) -> Result<ServerHandle, AdminError> {
+    serve(engine, Listeners::bind(bind)?).await
+}
+
+/// Opens the admin pools and serves on sockets bound earlier.
+pub async fn serve(engine: EngineHandle, listeners: Listeners) -> Result<ServerHandle, AdminError> {
     let config = engine.config().clone();
     let db = AdminDb::connect(&config.database, &config.admin).await?;
     let rates = std::sync::Arc::default();
@@ -97,9 +127,12 @@ pub async fn start(engine: EngineHandle, bind: &str) -> Result<ServerHandle, Adm
     })
     .workers(1)
     .disable_signals()
-    .shutdown_timeout(1)
-    .bind(bind)?
-    .run();
+    .shutdown_timeout(1);
+    let server = listeners
+        .0
+        .into_iter()
+        .try_fold(server, |server, listener| server.listen(listener))?
+        .run();
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(handle)
