@@ -33,6 +33,10 @@ pub const OTHER_EXCHANGE: &str = "_other";
 #[derive(Default)]
 struct ExchangeLabels {
     known: RwLock<HashSet<String>>,
+    /// Every counter by exchange: an exchange admitted gets its series in all of them at
+    /// once, at 0. A series that first appears already at 1 is never seen by `increase()`,
+    /// so the first dead letter to a newly labelled exchange would raise no alert.
+    families: RwLock<Vec<IntCounterVec>>,
 }
 
 impl ExchangeLabels {
@@ -51,7 +55,13 @@ impl ExchangeLabels {
         }
         match self.known.write() {
             Ok(mut known) if known.len() < MAX_EXCHANGE_LABELS && exchange != OTHER_EXCHANGE => {
-                known.insert(exchange.to_string());
+                if known.insert(exchange.to_string()) {
+                    if let Ok(families) = self.families.read() {
+                        for family in families.iter() {
+                            family.with_label_values(&[exchange]);
+                        }
+                    }
+                }
                 exchange
             }
             _ => OTHER_EXCHANGE,
@@ -148,6 +158,9 @@ fn counter_vec(
     // Exported at 0 from the start: a dashboard or alert reading `rate()` of a counter
     // that has never counted gets 0, not "no data".
     c.with_label_values(&[OTHER_EXCHANGE]);
+    if let Ok(mut families) = labels.families.write() {
+        families.push(c.clone());
+    }
     ExchangeCounter {
         inner: c,
         labels: labels.clone(),
@@ -431,6 +444,24 @@ mod tests {
             "unconfirmed names never become labels"
         );
         assert!(text.contains("courier_nacked_total{exchange=\"_other\"} 200"));
+    }
+
+    #[test]
+    fn an_admitted_exchange_starts_at_zero_in_every_counter() {
+        let m = Metrics::new();
+        m.confirmed.with_label_values(&["orders"]).inc();
+        let text = m.render();
+        for family in [
+            "published",
+            "nacked",
+            "returned",
+            "confirm_timeouts",
+            "retried",
+            "dead_lettered",
+        ] {
+            let series = format!("courier_{family}_total{{exchange=\"orders\"}} 0");
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
     }
 
     #[test]

@@ -507,10 +507,12 @@ async fn ready_checks_connectivity_and_stats_count_cheaply() {
 async fn metric_labels_stay_bounded_for_exchanges_that_do_not_exist() {
     let db = TestDb::new("adm_labels").await;
     let broker = TestBroker::new("adm_labels").await;
-    let (engine, addr) = admin_engine(&db, |_| {}).await;
-    let bogus: Vec<OutboxMessage> = (0..100)
+    let (engine, addr) = admin_engine(&db, |c| c.publisher.max_payload_bytes = 16).await;
+    let mut bogus: Vec<OutboxMessage> = (0..100)
         .map(|i| OutboxMessage::new(format!("nope.{i}"), "k", b"x".to_vec()).with_max_attempts(1))
         .collect();
+    // Dead-lettered at claim, never read: counted all the same.
+    bogus.extend((0..4).map(|_| OutboxMessage::new(&broker.exchange, "k", vec![b'x'; 64])));
     let real: Vec<OutboxMessage> = (0..3)
         .map(|i| OutboxMessage::new(&broker.exchange, format!("routed.{i}"), b"x".to_vec()))
         .collect();
@@ -543,7 +545,16 @@ async fn metric_labels_stay_bounded_for_exchanges_that_do_not_exist() {
         "{text}"
     );
     assert!(
-        text.contains("courier_dead_lettered_total{exchange=\"_other\"} 100"),
+        text.contains("courier_dead_lettered_total{exchange=\"_other\"} 104"),
+        "{text}"
+    );
+    // An exchange that earned its label is in every counter from then on, at 0 until
+    // counted, so that the first dead letter to it shows in `increase()`.
+    assert!(
+        text.contains(&format!(
+            "courier_dead_lettered_total{{exchange=\"{}\"}} 0",
+            broker.exchange
+        )),
         "{text}"
     );
     engine.shutdown().await;

@@ -8,7 +8,11 @@ use std::{
 use uuid::Uuid;
 
 use super::{BrokerState, CounterSnapshot, Counters, EngineEvent};
-use crate::{message::OutboxMessage, metrics::Metrics, state::FailureReason};
+use crate::{
+    message::OutboxMessage,
+    metrics::{Metrics, OTHER_EXCHANGE},
+    state::FailureReason,
+};
 
 /// The one telemetry path the actors share: each method reports one fact and updates the
 /// events, counters and metrics that record it. Cheap to clone.
@@ -293,6 +297,10 @@ impl Signals {
     /// These rows were moved to `dead_letters` at claim, never publishable (no exchange
     /// label: the claim reads no more than the id and the reason).
     pub fn dead_lettered_at_claim(&self, rows: &[(Uuid, String)]) {
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[OTHER_EXCHANGE])
+            .inc_by(rows.len() as u64);
         Counters::add(&self.counters.rejected, rows.len());
         Counters::add(&self.counters.dead_lettered, rows.len());
         self.emit(EngineEvent::DeadLettered(Arc::new(rows.to_vec())));
