@@ -261,6 +261,14 @@ pub enum TelemetryError {
          (and the collector's HTTP port, 4318)"
     )]
     Grpc(&'static str),
+    /// A protocol the OpenTelemetry specification does not name.
+    #[error("{var}={value:?}: not an OTLP protocol; set http/protobuf or http/json")]
+    Protocol {
+        /// The variable.
+        var: &'static str,
+        /// What it held.
+        value: String,
+    },
 }
 
 /// Whether traces are on: `telemetry.traces`, or an OTLP endpoint in the environment; the
@@ -287,10 +295,15 @@ impl Traces {
     pub fn install(config: &TelemetryConfig) -> Result<Traces, TelemetryError> {
         let exporter = exporter(config)?;
         let mut resource = opentelemetry_sdk::Resource::builder();
-        let from_env = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty());
+        // The specification's order: OTEL_SERVICE_NAME, then `service.name` in
+        // OTEL_RESOURCE_ATTRIBUTES (both read by the SDK), then the SDK's default, which
+        // Courier replaces with its own name.
+        let from_env = |var: &str| std::env::var(var).ok();
         match &config.service_name {
             Some(name) => resource = resource.with_service_name(name.clone()),
-            None if !from_env => resource = resource.with_service_name("courier"),
+            None if !service_name_in_env(from_env) => {
+                resource = resource.with_service_name("courier")
+            }
             None => {}
         }
         let provider = SdkTracerProvider::builder()
@@ -317,29 +330,55 @@ impl Traces {
 /// The OTLP/HTTP span exporter `config` and the `OTEL_*` variables describe.
 fn exporter(config: &TelemetryConfig) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
     use opentelemetry_otlp::{Protocol, WithExportConfig};
-    for var in [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
-        if config.protocol.is_none()
-            && std::env::var(var).is_ok_and(|v| v.trim().eq_ignore_ascii_case("grpc"))
-        {
-            return Err(TelemetryError::Grpc(var));
-        }
-    }
+    let protocol = match config.protocol {
+        Some(protocol) => protocol,
+        None => env_protocol(|var| std::env::var(var).ok())?,
+    };
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
     if let Some(endpoint) = &config.endpoint {
         // As OTEL_EXPORTER_OTLP_ENDPOINT: the base URL, the signal's path appended.
         let base = endpoint.trim_end_matches('/');
         exporter = exporter.with_endpoint(format!("{base}/v1/traces"));
     }
-    if let Some(protocol) = config.protocol {
-        exporter = exporter.with_protocol(match protocol {
-            OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
-            OtlpProtocol::HttpJson => Protocol::HttpJson,
-        });
-    }
+    exporter = exporter.with_protocol(match protocol {
+        OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
+        OtlpProtocol::HttpJson => Protocol::HttpJson,
+    });
     exporter.build().map_err(TelemetryError::Exporter)
+}
+
+/// The protocol the `OTEL_*` variables ask for (the traces' own first), else the
+/// specification's default, `http/protobuf` (the exporter crate's own default follows its
+/// build features instead, and is JSON when both encodings are built in).
+fn env_protocol(env: impl Fn(&str) -> Option<String>) -> Result<OtlpProtocol, TelemetryError> {
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        let Some(value) = env(var).filter(|v| !v.trim().is_empty()) else {
+            continue;
+        };
+        return match value.trim().to_ascii_lowercase().as_str() {
+            "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+            "http/json" => Ok(OtlpProtocol::HttpJson),
+            "grpc" => Err(TelemetryError::Grpc(var)),
+            _ => Err(TelemetryError::Protocol { var, value }),
+        };
+    }
+    Ok(OtlpProtocol::HttpProtobuf)
+}
+
+/// Whether the environment names the service: `OTEL_SERVICE_NAME`, or `service.name` among
+/// `OTEL_RESOURCE_ATTRIBUTES` (comma-separated `key=value` pairs).
+fn service_name_in_env(env: impl Fn(&str) -> Option<String>) -> bool {
+    let set = |v: &str| !v.trim().is_empty();
+    env("OTEL_SERVICE_NAME").is_some_and(|v| set(&v))
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
+            attrs.split(',').any(|pair| {
+                pair.split_once('=')
+                    .is_some_and(|(k, v)| k.trim() == "service.name" && set(v))
+            })
+        })
 }
 
 impl Drop for Traces {
@@ -357,8 +396,67 @@ impl Drop for Traces {
 
 #[cfg(test)]
 mod tests {
-    use super::traces_wanted;
-    use crate::config::TelemetryConfig;
+    use super::{env_protocol, service_name_in_env, traces_wanted, TelemetryError};
+    use crate::config::{OtlpProtocol, TelemetryConfig};
+
+    fn env_of<'a>(env: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_protocol_defaults_to_protobuf_as_the_specification_says() {
+        let protocol = |env: &[(&str, &str)]| env_protocol(env_of(env));
+        assert_eq!(protocol(&[]).ok(), Some(OtlpProtocol::HttpProtobuf));
+        assert_eq!(
+            protocol(&[("OTEL_EXPORTER_OTLP_PROTOCOL", " ")]).ok(),
+            Some(OtlpProtocol::HttpProtobuf)
+        );
+        assert_eq!(
+            protocol(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).ok(),
+            Some(OtlpProtocol::HttpJson)
+        );
+        assert_eq!(
+            protocol(&[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ])
+            .ok(),
+            Some(OtlpProtocol::HttpProtobuf),
+            "the traces' own variable first"
+        );
+        assert!(matches!(
+            protocol(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]),
+            Err(TelemetryError::Grpc("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        ));
+        let err = protocol(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "thrift")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") && err.contains("thrift"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_service_name_may_come_from_the_resource_attributes() {
+        let named = |env: &[(&str, &str)]| service_name_in_env(env_of(env));
+        assert!(!named(&[]));
+        assert!(named(&[("OTEL_SERVICE_NAME", "billing")]));
+        assert!(named(&[(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=prod, service.name=billing"
+        )]));
+        assert!(!named(&[(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=prod,service.namespace=shop"
+        )]));
+        assert!(!named(&[("OTEL_SERVICE_NAME", " ")]));
+    }
 
     fn wanted(traces: bool, env: &[(&str, &str)]) -> bool {
         let config = TelemetryConfig {
