@@ -94,7 +94,18 @@ async fn unreadable_rows_are_dead_lettered_naming_the_column_and_pin_nothing() {
     // an older schema let in): drop it in this test's schema only.
     db.exec("ALTER TABLE {s}.outbox DROP CONSTRAINT outbox_attempts_range")
         .await;
+    db.exec("ALTER TABLE {s}.outbox DROP CONSTRAINT outbox_max_attempts_range")
+        .await;
     let mut good = db.insert_sql(ex, 500, "routed.a{i}").await;
+    // A budget over today's limit of 1,000: clamped, delivered, and no claim beside it fails.
+    good.push(
+        insert(
+            &db,
+            &format!("INSERT INTO {{s}}.outbox (exchange, routing_key, payload, max_attempts) VALUES ('{ex}', 'routed.m', 'm', 5000) RETURNING id"),
+        )
+        .await
+        .expect("an old row's budget"),
+    );
     let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
     let cols = "INSERT INTO {s}.outbox (exchange, routing_key, payload";
     let bad = [
@@ -388,6 +399,16 @@ async fn a_direct_reply_to_key_never_reaches_the_connection() {
         );
         bad.push(insert(&db, &sql).await.expect("valid row"));
         good.extend(db.insert_sql(ex, 300, "routed.g{i}").await);
+    }
+    // RabbitMQ routes on CC and BCC as on extra routing keys: the same key there does the same.
+    for header in ["CC", "BCC"] {
+        let sql = format!(
+            "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, headers)
+             VALUES ('', 'plain', 'x', '{{\"{header}\": [\"q\", \"amq.rabbitmq.reply-to.a.b\"]}}')
+             RETURNING id"
+        );
+        bad.push(insert(&db, &sql).await.expect("valid row"));
+        good.extend(db.insert_sql(ex, 300, "routed.c{i}").await);
     }
     let engine = Engine::start(db.engine_config())
         .await
@@ -738,7 +759,7 @@ impl RandomRow {
             _ => format!("routed.r{}", rng.gen::<u16>()),
         };
         let payload = (0..rng.gen_range(0..6000)).map(|_| rng.gen()).collect();
-        let headers = match rng.gen_range(0..7) {
+        let headers = match rng.gen_range(0..8) {
             0 => random_json(rng, 0).to_string(),
             1 => "[1,2]".into(),
             2 => "\"text\"".into(),
@@ -756,6 +777,8 @@ impl RandomRow {
                 "{\"CC\": null}",
             ][rng.gen_range(0..4)]
             .to_string(),
+            // With the default exchange, a direct reply-to key routed on through CC.
+            7 => r#"{"CC": ["amq.rabbitmq.reply-to.a.b"]}"#.into(),
             _ => format!("{{{}}}", random_members(rng, 0)),
         };
         let content_type = match rng.gen_range(0..5) {

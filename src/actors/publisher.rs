@@ -404,17 +404,34 @@ struct Prepared {
 /// The routing keys of RabbitMQ's direct reply-to on the default exchange.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
+/// Whether the message's routing key, or any key of its `CC`/`BCC` headers (RabbitMQ routes
+/// on those as extra routing keys), is a direct reply-to key.
+fn routes_to_direct_reply_to(m: &crate::OutboxMessage) -> bool {
+    let cc = ["CC", "BCC"].into_iter().flat_map(|name| {
+        m.headers
+            .get(name)
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+    });
+    std::iter::once(m.routing_key.as_str())
+        .chain(cc)
+        .any(|key| key.starts_with(DIRECT_REPLY_TO))
+}
+
 fn prepare(d: &mut Delivery, max_payload: u64, frame_max: u32) -> Result<Prepared, String> {
     let m = &d.message;
-    if m.exchange.is_empty() && m.routing_key.starts_with(DIRECT_REPLY_TO) {
+    if m.exchange.is_empty() && routes_to_direct_reply_to(m) {
         // RabbitMQ decodes the rest of such a key as the requester's channel; a suffix it
         // cannot decode closes the whole connection (541 INTERNAL_ERROR) naming no message,
         // so the row would be refunded and published again for ever, taking every
         // unconfirmed message on that connection down with it. A reply that goes through
         // an outbox outlives the requester's wait anyway.
         return Err(format!(
-            "routing key `{DIRECT_REPLY_TO}…` on the default exchange (direct reply-to) is \
-             not published from the outbox: a malformed one closes the whole connection"
+            "routing key `{DIRECT_REPLY_TO}…` on the default exchange (direct reply-to, \
+             as the routing key or in a CC/BCC header) is not published from the outbox: a \
+             malformed one closes the whole connection"
         ));
     }
     if m.payload.len() as u64 > max_payload {

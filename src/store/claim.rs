@@ -97,12 +97,14 @@ impl Statements {
 /// clamped into `outbox_attempts_range` (0 to 1,000,000): a row written at the top of that
 /// range, or an older row outside it (the constraint is NOT VALID), must not make the
 /// update break the constraint and fail the claim of every row beside it. Such a row comes
-/// back past its budget and is dead-lettered. A row taken back from an expired lease says
-/// so in `last_error`.
+/// back past its budget and is dead-lettered. A budget over `outbox_max_attempts_range`'s
+/// 1,000 (in a row older than that constraint) is clamped to it for the same reason. A row
+/// taken back from an expired lease says so in `last_error`.
 const CLAIM_SET: &str = "SET status = 'in_flight',
          locked_by = $2,
          locked_until = now() + $3 * interval '1 millisecond',
          attempts = least(greatest(o.attempts, 0), 999999) + 1,
+         max_attempts = CASE WHEN o.max_attempts > 1000 THEN 1000 ELSE o.max_attempts END,
          last_error = CASE WHEN o.status = 'in_flight'
                            THEN 'lease expired before a confirm was recorded'
                            ELSE o.last_error END,
