@@ -312,6 +312,110 @@ async fn in_flight_rows_no_engine_holds_are_freed_and_pin_nothing() {
     engine.shutdown().await;
 }
 
+#[derive(diesel::QueryableByName)]
+struct Waiting {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// Backends of this schema waiting on a lock: statements the engine gave up on that the
+/// server kept running would show here, one more per heartbeat.
+async fn waiting_on_locks(db: &TestDb) -> i64 {
+    let sql = format!(
+        "SELECT count(*) AS n FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND query LIKE '%\"{}\"%'",
+        db.schema
+    );
+    diesel::sql_query(sql)
+        .get_result::<Waiting>(&mut db.raw().await)
+        .await
+        .expect("pg_stat_activity")
+        .n
+}
+
+#[actix_rt::test]
+async fn a_producer_lock_on_a_row_to_rescue_holds_neither_the_heartbeat_nor_other_rows() {
+    use diesel_async::SimpleAsyncConnection;
+    let db = TestDb::new("prodlock").await;
+    let broker = TestBroker::new("prodlock").await;
+    let ex = &broker.exchange;
+    // An engine that died holding rows (its beat a minute old), and a stray row no lease
+    // brings back: both kinds are freed by the heartbeat's looks, which must not wait for
+    // a producer that holds one of them locked.
+    db.exec(
+        "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at, started_at)
+         VALUES ('gone', 'elsewhere', 9, '0.0.1', 'running', now() - interval '1 minute',
+                 now() - interval '2 minutes')",
+    )
+    .await;
+    let cols =
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload, status, locked_by, locked_until)";
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let sql = format!(
+            "{cols} VALUES ('{ex}', 'routed.h{i}', 'x', 'in_flight', 'gone', now() + interval '10 minutes') RETURNING id"
+        );
+        held.push(insert(&db, &sql).await.expect("a dead engine's row"));
+    }
+    let stray = insert(
+        &db,
+        &format!("{cols} VALUES ('{ex}', 'routed.s', 'x', 'in_flight', NULL, NULL) RETURNING id"),
+    )
+    .await
+    .expect("a stray row");
+    let mut producer = db.raw().await;
+    producer
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{s}\".outbox WHERE id IN ('{}', '{stray}') FOR UPDATE",
+            held[0],
+            s = db.schema
+        ))
+        .await
+        .expect("the producer's lock");
+
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let mut all = held[1..].to_vec();
+    // Beats go on (one a second) while the lock is held, through two looks for strays
+    // (every tenth beat): rows keep flowing and no statement is left waiting.
+    for round in 0..12 {
+        let batch = db
+            .insert_sql(ex, 25, &format!("routed.r{round}.{{i}}"))
+            .await;
+        engine.nudge();
+        let outcomes = engine
+            .wait_for_all(&batch, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: rows stopped beside the lock: {e}"));
+        assert!(batch.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+        assert_eq!(waiting_on_locks(&db).await, 0, "round {round}");
+        all.extend(batch);
+        tokio::time::sleep(Duration::from_secs(1)).await; // pacing: one round per beat
+    }
+    let outcomes = engine
+        .wait_for_all(&held[1..], WAIT)
+        .await
+        .expect("the dead engine's other rows");
+    assert!(held[1..]
+        .iter()
+        .all(|id| outcomes[id] == Outcome::Confirmed));
+
+    // Once the producer lets go, the rows it held are freed by a later look.
+    producer.batch_execute("COMMIT").await.expect("commit");
+    let freed = [held[0], stray];
+    let outcomes = engine
+        .wait_for_all(&freed, Duration::from_secs(30))
+        .await
+        .expect("the rows the producer had locked");
+    assert!(freed.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+    all.extend(freed);
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn attempts_written_at_or_past_the_budget_are_dead_lettered_unpublished() {
     let db = TestDb::new("preset").await;

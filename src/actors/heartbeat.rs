@@ -111,27 +111,47 @@ impl Heartbeat {
         let round = async move {
             let mut conn = match conn {
                 Some(conn) => conn,
-                None => store::establish(store.url(), bound).await?,
+                None => {
+                    let mut conn = store::establish(store.url(), bound).await?;
+                    // The server gives up when this side does: a statement left waiting
+                    // (on a producer's lock, say) must not outlive the connection dropped
+                    // here and keep its backend and locks.
+                    bounded(bound, store::limit_statements(&mut conn, bound)).await?;
+                    conn
+                }
             };
             let schema = store.schema();
             let beat = bounded(bound, store::beat(&mut conn, schema, &me)).await?;
-            let rescued = bounded(
-                bound,
-                store::rescue(&mut conn, schema, &me.id, engine_timeout),
-            )
-            .await?;
-            let strays = if look_for_strays {
-                bounded(bound, store::free_strays(&mut conn, schema, &me.id, lease)).await?
-            } else {
-                Strays::default()
-            };
-            Ok::<_, StoreError>((conn, beat, (rescued, strays)))
+            // The beat alone keeps this engine alive; the look for other engines' rows may
+            // fail (and drop the connection) without pausing it.
+            let look = async {
+                let rescued = bounded(
+                    bound,
+                    store::rescue(&mut conn, schema, &me.id, engine_timeout),
+                )
+                .await?;
+                let strays = if look_for_strays {
+                    bounded(bound, store::free_strays(&mut conn, schema, &me.id, lease)).await?
+                } else {
+                    Strays::default()
+                };
+                Ok::<_, StoreError>((rescued, strays))
+            }
+            .await;
+            let conn = look.is_ok().then_some(conn);
+            Ok::<_, StoreError>((conn, beat, look))
         };
         ctx.spawn(round.into_actor(self).map(move |result, act, _| {
             act.beating = false;
             match result {
-                Ok((conn, beat, (rescued, strays))) => {
-                    act.conn = Some(conn);
+                Ok((conn, beat, look)) => {
+                    act.conn = conn;
+                    let (rescued, strays) = look.unwrap_or_else(|e| {
+                        tracing::warn!(error = %e,
+                            "looking for rows of dead engines and stray in-flight rows failed; \
+                             the next heartbeat looks again");
+                        Default::default()
+                    });
                     act.beaten(sent, beat, rescued, strays);
                 }
                 Err(e) => {

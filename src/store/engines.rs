@@ -135,8 +135,21 @@ pub async fn beat(
     )
 }
 
+/// Bounds every statement of `conn` to `bound` on the server too (`statement_timeout`).
+pub async fn limit_statements(
+    conn: &mut AsyncPgConnection,
+    bound: Duration,
+) -> Result<(), StoreError> {
+    use diesel_async::SimpleAsyncConnection;
+    conn.batch_execute(&format!("SET statement_timeout = {}", millis(bound).max(1)))
+        .await?;
+    Ok(())
+}
+
 /// Marks dead every other engine whose last beat is older than `timeout` and frees the rows
-/// they held; dead engines' rows older than a day leave the registry.
+/// they held; dead engines' rows older than a day leave the registry. A row someone else
+/// has locked (a producer's `SELECT … FOR UPDATE`) is skipped, not waited for: it is freed
+/// later by [`free_strays`], as a row held by an engine that is not running.
 pub async fn rescue(
     conn: &mut AsyncPgConnection,
     schema: &str,
@@ -153,7 +166,10 @@ pub async fn rescue(
          ), freed AS (
             UPDATE {s}.outbox o SET locked_by = NULL, locked_until = now()
             FROM dead
-            WHERE o.status = 'in_flight' AND o.locked_by = dead.id
+            WHERE o.locked_by = dead.id
+              AND o.id IN (SELECT h.id FROM {s}.outbox h JOIN dead ON h.locked_by = dead.id
+                           WHERE h.status = 'in_flight'
+                           FOR UPDATE OF h SKIP LOCKED)
             RETURNING dead.id AS engine
          ), forgotten AS (
             DELETE FROM {s}.engines
@@ -198,7 +214,9 @@ pub struct Strays {
 ///   would wait for ever. The row goes back to `retrying`, due now, its attempt counted, so
 ///   the key's rows go out again in `seq` order.
 ///
-/// Both scan only the in-flight partial index (`outbox_lease_idx`).
+/// Both scan only the in-flight partial index (`outbox_lease_idx`), and skip rows someone
+/// else has locked (a producer's `SELECT … FOR UPDATE`) instead of waiting for them: the
+/// next look takes them.
 ///
 /// `$1` this engine's id, `$2` the furthest lease it gives (ms).
 pub async fn free_strays(
@@ -210,8 +228,10 @@ pub async fn free_strays(
     let s = format!("\"{schema}\"");
     let sql = format!(
         "WITH freed AS (
-            UPDATE {s}.outbox o SET locked_by = NULL, locked_until = now()
-            WHERE o.status = 'in_flight'
+            UPDATE {s}.outbox u SET locked_by = NULL, locked_until = now()
+            WHERE u.id IN (
+              SELECT o.id FROM {s}.outbox o
+              WHERE o.status = 'in_flight'
               AND (o.locked_until IS NULL
                    OR (o.locked_until > now()
                        AND (o.locked_by IS NULL
@@ -219,17 +239,21 @@ pub async fn free_strays(
                                 AND o.locked_until > now() + $2 * interval '1 millisecond')
                             OR NOT EXISTS (SELECT 1 FROM {s}.engines e
                                            WHERE e.id = o.locked_by AND e.state = 'running'))))
+              FOR UPDATE OF o SKIP LOCKED)
             RETURNING 1
          ), behind AS (
-            UPDATE {s}.outbox o
+            UPDATE {s}.outbox u
             SET status = 'retrying', next_attempt_at = now(), locked_by = NULL,
                 locked_until = NULL, updated_at = now(),
                 last_error = 'lease expired before a confirm was recorded'
-            WHERE o.status = 'in_flight' AND o.locked_until < now()
+            WHERE u.id IN (
+              SELECT o.id FROM {s}.outbox o
+              WHERE o.status = 'in_flight' AND o.locked_until < now()
               AND o.ordering_key IS NOT NULL
               AND EXISTS (SELECT 1 FROM {s}.outbox p
                           WHERE p.ordering_key = o.ordering_key AND p.seq < o.seq
                             AND p.status IN ('pending', 'retrying'))
+              FOR UPDATE OF o SKIP LOCKED)
             RETURNING 1
          )
          SELECT (SELECT count(*) FROM freed) AS freed, (SELECT count(*) FROM behind) AS behind"

@@ -23,14 +23,18 @@ impl Statements {
 /// -- name: renew_leases
 ///
 /// Fenced by `locked_by`: a row another engine took over (after a rescue, or an expired
-/// lease) is not extended.
+/// lease) is not extended. A row locked by someone else (a producer's `SELECT … FOR
+/// UPDATE`, or this engine's own outcome write) is skipped, not waited for: one such row
+/// must not hold the renewal of every other row past their leases.
 ///
 /// `$1` row ids, `$2` engine id, `$3` lease (ms).
 fn renew(s: &Schema) -> String {
     format!(
         "UPDATE {s}.outbox
                  SET locked_until = now() + $3 * interval '1 millisecond'
-                 WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2"
+                 WHERE id IN (SELECT id FROM {s}.outbox
+                              WHERE id = ANY($1) AND status = 'in_flight' AND locked_by = $2
+                              FOR UPDATE SKIP LOCKED)"
     )
 }
 
