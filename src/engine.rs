@@ -280,7 +280,9 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
             if config.database.auto_migrate {
                 store::migrate_config(&config.database).await?;
             }
-            Store::connect(&config.database).await
+            Store::connect(&config.database)
+                .await
+                .map(|store| store.bounded(config.scheduler.lease_duration))
         }
         .await;
         match result {
@@ -379,9 +381,16 @@ impl EngineHandle {
             if recheck {
                 recheck = false;
                 let ids: Vec<Uuid> = waiting.iter().copied().collect();
-                for (id, outcome) in self.inner.store.outcomes(&ids).await? {
-                    waiting.remove(&id);
-                    done.insert(id, outcome);
+                // A database that is failing over is waited for, like the rows themselves.
+                match self.inner.store.outcomes(&ids).await {
+                    Ok(outcomes) => {
+                        for (id, outcome) in outcomes {
+                            waiting.remove(&id);
+                            done.insert(id, outcome);
+                        }
+                    }
+                    Err(e) if e.is_transient() => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             if waiting.is_empty() {

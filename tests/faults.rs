@@ -778,3 +778,43 @@ async fn a_failing_claim_loop_backs_off_while_the_database_is_gone() {
     assert_eq!(a.confirmed, all.len());
     engine.shutdown().await;
 }
+
+/// A multi-host URL whose first host goes silent mid-run (a frozen primary: it accepts bytes
+/// and never answers, so TCP sees nothing wrong). Statements already sent are given up
+/// after the lease, and new connections try the next host after `connect_timeout`, as
+/// libpq does: the rows keep flowing through the second host.
+#[actix_rt::test]
+async fn a_silent_first_database_host_gives_way_to_the_next() {
+    let db = TestDb::new("pgsilent").await;
+    let broker = TestBroker::new("pgsilent").await;
+    let first = Proxy::start("127.0.0.1:5432".parse().unwrap());
+    let mut config = db.engine_config();
+    config.database.url = SecretUrl::new(format!(
+        "postgres://postgres@{},127.0.0.1:5432/postgres?sslmode=disable",
+        first.addr
+    ));
+    config.database.connect_timeout = Duration::from_secs(1);
+    config.scheduler.lease_duration = Duration::from_secs(5);
+    let engine = Engine::start(config).await.expect("engine starts");
+    let before = db.insert_sql(&broker.exchange, 200, "routed.a{i}").await;
+    engine.nudge();
+    let outcomes = engine
+        .wait_for_all(&before, WAIT)
+        .await
+        .expect("first rows");
+    assert!(before.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+    assert!(first.connections() > 0, "the first host was not used");
+
+    first.stall(true);
+    let after = db.insert_sql(&broker.exchange, 200, "routed.b{i}").await;
+    engine.nudge();
+    let outcomes = engine
+        .wait_for_all(&after, Duration::from_secs(60))
+        .await
+        .expect("rows committed after the first host went silent");
+    assert!(after.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+    let all: Vec<Uuid> = before.into_iter().chain(after).collect();
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    engine.shutdown().await;
+}

@@ -237,8 +237,11 @@ fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
 pub(crate) const QUIET_LIBRARIES: &str = "lapin=warn,lapin::returned_messages=off,\
      lapin::channel=off,lapin::io_loop=off,tokio_postgres=info";
 
-/// The filter: [`QUIET_LIBRARIES`], then `RUST_LOG` when set and valid, else `level`.
+/// The filter: [`QUIET_LIBRARIES`], then `RUST_LOG` when set, not blank and valid, else
+/// `level` (a blank `RUST_LOG=` in an environment file would otherwise silence every line,
+/// errors included).
 pub(crate) fn log_filter(level: &str, rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let rust_log = rust_log.filter(|v| !v.trim().is_empty());
     let with_defaults = |user: &str| {
         tracing_subscriber::EnvFilter::try_new(format!("{QUIET_LIBRARIES},{user}")).ok()
     };
@@ -357,5 +360,7 @@ mod tests {
             seen(log_filter("warn", Some("=[bad"))),
             ["lapin::heartbeat"]
         );
+        // So does a blank one (an empty filter would silence every line, errors too).
+        assert_eq!(seen(log_filter("warn", Some(" "))), ["lapin::heartbeat"]);
     }
 }

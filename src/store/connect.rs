@@ -19,7 +19,10 @@ use std::{error::Error as StdError, sync::Arc, time::Duration};
 
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use rustls::ClientConfig;
-use tokio_postgres::{config::SslMode, error::SqlState};
+use tokio_postgres::{
+    config::{Host, SslMode},
+    error::SqlState,
+};
 
 use super::{
     tls::{client_config, Rustls, TlsHandshakeError, TlsMode},
@@ -198,30 +201,135 @@ pub(crate) fn cause_chain(e: &dyn StdError) -> String {
     out
 }
 
-/// Opens one connection to `target`, bounded by `timeout`.
+impl PgTarget {
+    /// How long a connection may take at most: `timeout` for each host, tried in turn.
+    pub(crate) fn connect_wait(&self, timeout: Duration) -> Duration {
+        let hosts = (self.config.get_hosts().len())
+            .max(self.config.get_hostaddrs().len())
+            .max(1);
+        timeout.saturating_mul(u32::try_from(hosts).unwrap_or(u32::MAX))
+    }
+}
+
+/// One config per host of `config`, in order, each with everything else `config` says.
+/// The driver bounds only a host's TCP connect by `connect_timeout`; a host that accepts
+/// the connection and then never answers (a frozen primary) would hold the whole attempt
+/// and the next host would never be tried. libpq applies the timeout to each host.
+fn per_host(config: &tokio_postgres::Config) -> Vec<tokio_postgres::Config> {
+    let (hosts, addrs, ports) = (
+        config.get_hosts(),
+        config.get_hostaddrs(),
+        config.get_ports(),
+    );
+    let n = hosts.len().max(addrs.len());
+    if n <= 1 {
+        return vec![config.clone()];
+    }
+    (0..n)
+        .map(|i| {
+            let mut one = tokio_postgres::Config::new();
+            if let Some(user) = config.get_user() {
+                one.user(user);
+            }
+            if let Some(password) = config.get_password() {
+                one.password(password);
+            }
+            if let Some(dbname) = config.get_dbname() {
+                one.dbname(dbname);
+            }
+            if let Some(options) = config.get_options() {
+                one.options(options);
+            }
+            if let Some(name) = config.get_application_name() {
+                one.application_name(name);
+            }
+            one.ssl_mode(config.get_ssl_mode())
+                .ssl_negotiation(config.get_ssl_negotiation())
+                .keepalives(config.get_keepalives())
+                .keepalives_idle(config.get_keepalives_idle())
+                .target_session_attrs(config.get_target_session_attrs())
+                .channel_binding(config.get_channel_binding())
+                .load_balance_hosts(config.get_load_balance_hosts());
+            if let Some(t) = config.get_connect_timeout() {
+                one.connect_timeout(*t);
+            }
+            if let Some(t) = config.get_tcp_user_timeout() {
+                one.tcp_user_timeout(*t);
+            }
+            if let Some(t) = config.get_keepalives_interval() {
+                one.keepalives_interval(t);
+            }
+            if let Some(n) = config.get_keepalives_retries() {
+                one.keepalives_retries(n);
+            }
+            match hosts.get(i) {
+                Some(Host::Tcp(h)) => {
+                    one.host(h);
+                }
+                Some(Host::Unix(path)) => {
+                    one.host_path(path);
+                }
+                None => {}
+            }
+            if let Some(addr) = addrs.get(i) {
+                one.hostaddr(*addr);
+            }
+            // One port for every host, or one each (the driver checked the counts).
+            if let Some(port) = ports.get(i).or(ports.first().filter(|_| ports.len() == 1)) {
+                one.port(*port);
+            }
+            one
+        })
+        .collect()
+}
+
+/// Opens one connection to `target`, trying its hosts in order, each bounded by
+/// `timeout`, as libpq does: a host that cannot be reached, does not answer in time or is
+/// not what `target_session_attrs` asks for gives way to the next; a refusal (TLS,
+/// authentication, missing database) ends the attempt, as in libpq.
 pub(crate) async fn open(
     target: &PgTarget,
     timeout: Duration,
 ) -> Result<AsyncPgConnection, StoreError> {
+    let mut last = None;
+    for config in per_host(&target.config) {
+        match open_one(target, &config, timeout).await {
+            Ok(conn) => return Ok(conn),
+            Err(e @ StoreError::Rejected { .. }) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| StoreError::Connect {
+        target: target.url.redacted(),
+        reason: "the URL names no host".into(),
+    }))
+}
+
+/// [`open`] for one host's config.
+async fn open_one(
+    target: &PgTarget,
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> Result<AsyncPgConnection, StoreError> {
     let url = &target.url;
     let attempt = async {
-        let (client, mut connection) = target
-            .config
-            .connect(Rustls(target.tls.clone()))
-            .await
-            .map_err(|e| {
-                let reason = url.scrub(&cause_chain(&e));
-                match is_permanent(&e) {
-                    true => StoreError::Rejected {
-                        target: url.redacted(),
-                        reason,
-                    },
-                    false => StoreError::Connect {
-                        target: url.redacted(),
-                        reason,
-                    },
-                }
-            })?;
+        let (client, mut connection) =
+            config
+                .connect(Rustls(target.tls.clone()))
+                .await
+                .map_err(|e| {
+                    let reason = url.scrub(&cause_chain(&e));
+                    match is_permanent(&e) {
+                        true => StoreError::Rejected {
+                            target: url.redacted(),
+                            reason,
+                        },
+                        false => StoreError::Connect {
+                            target: url.redacted(),
+                            reason,
+                        },
+                    }
+                })?;
         let lost = |e: &dyn StdError| StoreError::Connect {
             target: url.redacted(),
             reason: url.scrub(&cause_chain(e)),
@@ -280,6 +388,29 @@ mod tests {
         assert_eq!(keys.rootcert.as_deref(), Some("/tmp/ca.pem"));
         let (rest, _) = split_tls_keys("postgres://h/db?sslmode=disable");
         assert_eq!(rest, "postgres://h/db");
+    }
+
+    #[test]
+    fn each_host_gets_a_config_of_its_own_with_everything_else_kept() {
+        let t = PgTarget::parse(&SecretUrl::new(
+            "postgres://u:pw@h1:5441,h2:5442/db?target_session_attrs=read-write&sslmode=disable&application_name=a&connect_timeout=2",
+        ))
+        .unwrap();
+        let each = per_host(&t.config);
+        assert_eq!(each.len(), 2);
+        for (one, (host, port)) in each.iter().zip([("h1", 5441), ("h2", 5442)]) {
+            assert_eq!(one.get_hosts(), &[Host::Tcp(host.into())]);
+            assert_eq!(one.get_ports(), &[port]);
+            assert_eq!(one.get_user(), Some("u"));
+            assert_eq!(one.get_password(), Some(&b"pw"[..]));
+            assert_eq!(one.get_dbname(), Some("db"));
+            assert_eq!(one.get_application_name(), Some("a"));
+            assert_eq!(one.get_connect_timeout(), Some(&Duration::from_secs(2)));
+            assert_eq!(
+                one.get_target_session_attrs(),
+                tokio_postgres::config::TargetSessionAttrs::ReadWrite
+            );
+        }
     }
 
     #[test]

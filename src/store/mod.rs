@@ -191,9 +191,13 @@ pub struct Store {
     schema: Schema,
     statements: Arc<Statements>,
     url: SecretUrl,
+    /// `database.connect_timeout` for each host of the URL, tried in turn.
     connect_timeout: Duration,
     /// Every statement in its own transaction (`database.pooler: transaction`).
     per_statement_tx: bool,
+    /// How long one operation's statement may go unanswered before its connection is
+    /// given up (see [`Store::bounded`]); none for the CLI's one-off statements.
+    statement_bound: Option<Duration>,
 }
 
 impl std::fmt::Debug for Store {
@@ -245,6 +249,7 @@ impl Store {
         // (TLS, authentication, missing database) comes back as such.
         drop(connect::open(&target, cfg.connect_timeout).await?);
         let timeout = cfg.connect_timeout;
+        let connect_wait = target.connect_wait(timeout);
         let mut manager_config = ManagerConfig::default();
         // Checked in `verify_if_idle` instead: only a connection that sat idle is pinged.
         manager_config.recycling_method = RecyclingMethod::Fast;
@@ -272,10 +277,21 @@ impl Store {
             statements: Arc::new(Statements::new(&schema)),
             schema,
             url: cfg.url.clone(),
-            connect_timeout: cfg.connect_timeout,
+            connect_timeout: connect_wait,
             per_statement_tx: cfg.pooler == Pooler::Transaction,
+            statement_bound: None,
         };
         Ok(store)
+    }
+
+    /// This store with every operation's statement bounded by `bound`: one left unanswered
+    /// that long (a frozen server accepts bytes and never answers; TCP sees nothing wrong)
+    /// fails with a connection error and its connection leaves the pool, so the next
+    /// operation connects again, to the next host of a multi-host URL if this one stays
+    /// silent. The engine bounds by its lease: past it the rows have lapsed anyway.
+    pub(crate) fn bounded(mut self, bound: Duration) -> Store {
+        self.statement_bound = Some(bound);
+        self
     }
 
     /// The schema name.
@@ -332,6 +348,7 @@ impl Store {
         Ok(op_conn::OpConn::new(
             self.conn().await?,
             self.per_statement_tx,
+            self.statement_bound,
         ))
     }
 }

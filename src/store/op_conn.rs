@@ -9,7 +9,10 @@
 //! raw SQL, so each claim and confirm used to cost a Parse (and its planning), a Bind and a
 //! Close — three round trips where one does.
 
-use std::ops::{Deref, DerefMut};
+use std::{
+    ops::{Deref, DerefMut},
+    time::Duration,
+};
 
 use diesel::{
     pg::Pg,
@@ -26,17 +29,42 @@ use futures::future::BoxFuture;
 pub(crate) struct OpConn {
     conn: Option<Object<AsyncPgConnection>>,
     per_statement_tx: bool,
-    /// Between our `BEGIN` and its `COMMIT`/`ROLLBACK`.
+    /// Between our `BEGIN` and its `COMMIT`/`ROLLBACK`, or left unanswered past `bound`:
+    /// either way the connection must not go back to the pool.
     open: bool,
+    /// Longest wait for one statement's answer (see `Store::bounded`).
+    bound: Option<Duration>,
 }
 
 impl OpConn {
-    pub(crate) fn new(conn: Object<AsyncPgConnection>, per_statement_tx: bool) -> OpConn {
+    pub(crate) fn new(
+        conn: Object<AsyncPgConnection>,
+        per_statement_tx: bool,
+        bound: Option<Duration>,
+    ) -> OpConn {
         OpConn {
             conn: Some(conn),
             per_statement_tx,
             open: false,
+            bound,
         }
+    }
+
+    /// What an operation bounded by `bound` came to: its answer, or (none came in time) a
+    /// closed-connection error, the connection marked so that `Drop` closes it instead of
+    /// pooling it.
+    fn answered<T>(&mut self, answer: Option<QueryResult<T>>) -> QueryResult<T> {
+        answer.unwrap_or_else(|| {
+            self.open = true;
+            let bound = self.bound.unwrap_or_default();
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::ClosedConnection,
+                Box::new(format!(
+                    "no answer within {}: connection given up",
+                    humantime::format_duration(bound)
+                )),
+            ))
+        })
     }
 
     fn raw(&mut self) -> &mut AsyncPgConnection {
@@ -81,9 +109,14 @@ impl OpConn {
         'q: 'a,
     {
         Box::pin(async move {
-            self.begin().await?;
-            let result = query.load(self.raw()).await;
-            self.end(result).await
+            let bound = self.bound;
+            let work = async {
+                self.begin().await?;
+                let result = query.load(self.raw()).await;
+                self.end(result).await
+            };
+            let answer = bounded(bound, work).await;
+            self.answered(answer)
         })
     }
 
@@ -109,9 +142,14 @@ impl OpConn {
             + 'a,
     {
         Box::pin(async move {
-            self.begin().await?;
-            let result = query.execute(self.raw()).await;
-            self.end(result).await
+            let bound = self.bound;
+            let work = async {
+                self.begin().await?;
+                let result = query.execute(self.raw()).await;
+                self.end(result).await
+            };
+            let answer = bounded(bound, work).await;
+            self.answered(answer)
         })
     }
 }
@@ -147,6 +185,17 @@ impl OpConn {
         } else {
             self.fetch_all(Prepared(query))
         }
+    }
+}
+
+/// `work`'s answer, or none if `bound` passed first.
+async fn bounded<T>(
+    bound: Option<Duration>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match bound {
+        Some(bound) => tokio::time::timeout(bound, work).await.ok(),
+        None => Some(work.await),
     }
 }
 
