@@ -818,3 +818,101 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
     assert_eq!(a.confirmed, all.len());
     engine.shutdown().await;
 }
+
+/// An engine that claims rows it already holds (its claim was lost in a database crash:
+/// claims commit without waiting for the WAL flush; or its lease lapsed while it was
+/// paused) goes on with the copies in hand: nothing is published twice and its window
+/// does not fill with rows that will never settle.
+#[actix_rt::test]
+async fn rows_claimed_again_by_their_own_engine_are_not_published_twice() {
+    let db = TestDb::new("reclaim").await;
+    let broker = TestBroker::new("reclaim").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let engine = engine_via(&db, &proxy, Duration::from_secs(60)).await;
+    let mut ids = db.insert_sql(&broker.exchange, 1, "routed.first").await;
+    engine.wait_for_all(&ids, WAIT).await.expect("connected");
+    // Confirms held back, so the rows stay in flight in the engine's hands.
+    proxy.stall(true);
+    ids.extend(db.insert_sql(&broker.exchange, 30, "routed.r{i}").await);
+    engine.nudge();
+    eventually(10, "the rows in flight", || async {
+        (db.count(Status::InFlight).await == 30).then_some(())
+    })
+    .await;
+    // The claim as a crash would lose it: the rows are waiting again in the database.
+    db.exec(
+        "UPDATE {s}.outbox SET status = 'pending', locked_by = NULL, locked_until = NULL
+         WHERE status = 'in_flight'",
+    )
+    .await;
+    engine.nudge();
+    eventually(10, "the rows claimed again", || async {
+        (db.count(Status::InFlight).await == 30).then_some(())
+    })
+    .await;
+    proxy.stall(false);
+    let outcomes = engine.wait_for_all(&ids, WAIT).await.expect("every row");
+    assert!(ids.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.duplicates, 0, "rows claimed again were published twice");
+    engine.shutdown().await;
+}
+
+/// The same with ordered keys: a claim that returns a key's head this engine already holds
+/// gives the key's other new rows back (they cannot be a run behind the copy in hand), and
+/// every key is still delivered in order, once.
+#[actix_rt::test]
+async fn keyed_rows_claimed_again_by_their_own_engine_keep_their_order() {
+    use common::ordering::{assert_first_seen_in_order, insert_keyed};
+    let db = TestDb::new("rekeyed").await;
+    let broker = TestBroker::new("rekeyed").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let engine = engine_via(&db, &proxy, Duration::from_secs(60)).await;
+    let probe = db.insert_sql(&broker.exchange, 1, "routed.first").await;
+    engine.wait_for_all(&probe, WAIT).await.expect("connected");
+    proxy.stall(true);
+    let mut keyed = insert_keyed(&db, &broker.exchange, 5, 3).await;
+    engine.nudge();
+    eventually(10, "heads and runs in flight", || async {
+        (db.count(Status::InFlight).await == 15).then_some(())
+    })
+    .await;
+    // Two more rows per key, behind the runs in hand.
+    let later = insert_keyed(&db, &broker.exchange, 5, 2).await;
+    db.exec(
+        "UPDATE {s}.outbox SET status = 'pending', locked_by = NULL, locked_until = NULL
+         WHERE status = 'in_flight'",
+    )
+    .await;
+    engine.nudge();
+    eventually(
+        10,
+        "the held rows claimed again, the new ones given back",
+        || async {
+            let (in_flight, pending) = (
+                db.count(Status::InFlight).await,
+                db.count(Status::Pending).await,
+            );
+            (in_flight == 15 && pending == 10).then_some(())
+        },
+    )
+    .await;
+    proxy.stall(false);
+    for (key, ids) in later.by_key {
+        keyed.by_key.entry(key).or_default().extend(ids);
+    }
+    keyed.all.extend(later.all);
+    let outcomes = engine
+        .wait_for_all(&keyed.all, WAIT)
+        .await
+        .expect("every row");
+    assert!(keyed
+        .all
+        .iter()
+        .all(|id| outcomes[id] == Outcome::Confirmed));
+    let (a, received) =
+        common::audit::audit_received(&db, &broker, &broker.queue, &keyed.all).await;
+    assert_first_seen_in_order(&received, &keyed);
+    assert_eq!(a.duplicates, 0, "rows claimed again were published twice");
+    engine.shutdown().await;
+}

@@ -28,7 +28,7 @@
 //! engine without keyed traffic never walks the keys.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -487,6 +487,7 @@ impl Scheduler {
     /// returns each key's head followed by its run (in `seq` order): the heads are queued,
     /// each run waits for its head's ack.
     fn dispatch(&mut self, rows: Vec<crate::OutboxMessage>, keyed: bool) {
+        let rows = self.not_held(rows);
         if rows.is_empty() {
             return;
         }
@@ -547,6 +548,53 @@ impl Scheduler {
         }
         self.queue.extend(to_publish);
         self.pump();
+    }
+
+    /// The claimed rows this engine does not hold already. It can claim a row it holds when
+    /// its claim was lost (a database crash loses a claim's commit, which does not wait for
+    /// the WAL flush) or its lease lapsed while it was paused: the copy in hand goes on
+    /// (its outcome write names this engine, which holds the row again), and a second copy
+    /// would be published twice and counted twice in the window, which then never empties.
+    /// A keyed claim's other rows of such a key are given back: its head is the copy in
+    /// hand, so they cannot be a run here.
+    fn not_held(&mut self, rows: Vec<crate::OutboxMessage>) -> Vec<crate::OutboxMessage> {
+        let again: HashSet<String> = rows
+            .iter()
+            .filter(|r| self.held.contains_key(&r.id))
+            .filter_map(|r| r.ordering_key.clone())
+            .collect();
+        let mut known = 0;
+        let mut keyed_back = Vec::new();
+        let mut fresh = Vec::with_capacity(rows.len());
+        for row in rows {
+            if self.held.contains_key(&row.id) {
+                known += 1;
+            } else if row
+                .ordering_key
+                .as_deref()
+                .is_some_and(|k| again.contains(k))
+            {
+                keyed_back.push(row);
+            } else {
+                fresh.push(row);
+            }
+        }
+        if known > 0 {
+            tracing::warn!(
+                rows = known,
+                "claimed rows this engine already holds (its claim was lost in a database \
+                 crash, or its lease lapsed while it was paused); the copies in hand go on"
+            );
+        }
+        if !keyed_back.is_empty() {
+            let max_attempts = self.config.retry.max_attempts;
+            let back: Vec<Delivery> = keyed_back
+                .into_iter()
+                .map(|row| self.lend(Delivery::claimed(row, max_attempts)))
+                .collect();
+            self.peers.ledger.do_send(Release(Credits::released(back)));
+        }
+        fresh
     }
 
     /// Splits keyed rows (ordered by key, then `seq`) into heads, returned, and runs, kept
