@@ -129,7 +129,11 @@ async fn connect_node(
     let bad_url = || BrokerError::BadUrl(url.redacted());
     let mut uri: AMQPUri = url.expose().parse().map_err(|_| bad_url())?;
     let parsed = url::Url::parse(url.expose()).map_err(|_| bad_url())?;
-    uri.query.heartbeat = Some(heartbeat.as_secs().clamp(0, u64::from(u16::MAX)) as u16);
+    // The URL's own `heartbeat` (RabbitMQ's URI query parameter) wins, as its other
+    // parameters do; `broker.heartbeat` is the default.
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(heartbeat.as_secs().clamp(0, u64::from(u16::MAX)) as u16);
+    }
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.as_bytes()));
     let failed = |reason: String, permanent: bool| BrokerError::Connect {

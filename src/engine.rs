@@ -245,7 +245,8 @@ async fn register(
 ) -> Result<(), EngineError> {
     let sent = Instant::now();
     let mut conn = store.conn().await?;
-    store::beat(&mut conn, store.schema(), me).await?;
+    let bound = Heartbeat::fresh_window(config.scheduler.engine_timeout);
+    store::beat(&mut conn, store.schema(), me, bound).await?;
     lifecycle.liveness.beat(
         sent,
         Heartbeat::fresh_window(config.scheduler.engine_timeout),

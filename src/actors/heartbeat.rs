@@ -111,27 +111,24 @@ impl Heartbeat {
         let round = async move {
             let mut conn = match conn {
                 Some(conn) => conn,
-                None => {
-                    let mut conn = store::establish(store.url(), bound).await?;
-                    // The server gives up when this side does: a statement left waiting
-                    // (on a producer's lock, say) must not outlive the connection dropped
-                    // here and keep its backend and locks.
-                    bounded(bound, store::limit_statements(&mut conn, bound)).await?;
-                    conn
-                }
+                None => store::establish(store.url(), bound).await?,
             };
             let schema = store.schema();
-            let beat = bounded(bound, store::beat(&mut conn, schema, &me)).await?;
+            let beat = bounded(bound, store::beat(&mut conn, schema, &me, bound)).await?;
             // The beat alone keeps this engine alive; the look for other engines' rows may
             // fail (and drop the connection) without pausing it.
             let look = async {
                 let rescued = bounded(
                     bound,
-                    store::rescue(&mut conn, schema, &me.id, engine_timeout),
+                    store::rescue(&mut conn, schema, &me.id, engine_timeout, bound),
                 )
                 .await?;
                 let strays = if look_for_strays {
-                    bounded(bound, store::free_strays(&mut conn, schema, &me.id, lease)).await?
+                    bounded(
+                        bound,
+                        store::free_strays(&mut conn, schema, &me.id, lease, bound),
+                    )
+                    .await?
                 } else {
                     Strays::default()
                 };

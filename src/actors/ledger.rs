@@ -358,6 +358,9 @@ impl Handler<MoveToDeadLetters> for Ledger {
     }
 }
 
+/// Attempts at giving rows back before they are left to their leases.
+const RELEASE_TRIES: u64 = 3;
+
 impl Handler<Release> for Ledger {
     type Result = ();
 
@@ -367,7 +370,22 @@ impl Handler<Release> for Ledger {
         let credits = msg.0;
         let ids = credits.ids().to_vec();
         let n = ids.len();
-        let release = async move { store.release(&engine, &ids).await };
+        // Tried again at once on a failure: it is fenced and idempotent, and the usual one is
+        // a deadlock with this engine's own writes about the same rows (after a pause, when
+        // everything happens at once), which PostgreSQL resolves by failing one of them.
+        let release = async move {
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match store.release(&engine, &ids).await {
+                    Err(e) if tries < RELEASE_TRIES => {
+                        tracing::debug!(error = %e, tries, "giving back unpublished rows failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+                    }
+                    done => break done,
+                }
+            }
+        };
         ctx.spawn(release.into_actor(self).map(move |result, _, _| {
             match result {
                 Ok(released) => tracing::info!(released, "gave back unpublished rows"),

@@ -255,7 +255,11 @@ async fn payload(
     authorize(&state.engine.config().admin, &req, Access::ReadPayload)?;
     let id = parse_id(&id)?;
     match state.db.payload(id).await? {
-        Some(p) => Ok(HttpResponse::Ok().json(payload_json(&p))),
+        Some(p) => {
+            let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(message_id = %id, %peer, "dead letter payload read through the admin API");
+            Ok(HttpResponse::Ok().json(payload_json(&p)))
+        }
         None => Err(ApiError::NotFound(id)),
     }
 }
@@ -324,6 +328,10 @@ async fn act_on_dead_letter(
     if !done.contains(&id) {
         return Err(ApiError::NotFound(id));
     }
+    // The audit trail of what an operator changed (who: the peer address; the token is
+    // never logged).
+    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(message_id = %id, %peer, "dead letter {verb} through the admin API");
     if matches!(action, Action::Requeue) {
         state.engine.nudge();
     }

@@ -113,6 +113,7 @@ pub async fn beat(
     conn: &mut AsyncPgConnection,
     schema: &str,
     me: &Identity,
+    bound: Duration,
 ) -> Result<Beat, StoreError> {
     let sql = format!(
         "INSERT INTO \"{schema}\".engines AS e (id, host, pid, version)
@@ -120,13 +121,15 @@ pub async fn beat(
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'running'
          RETURNING (SELECT p.state FROM \"{schema}\".engines p WHERE p.id = $1) AS previous"
     );
-    let rows: Vec<Previous> = diesel::sql_query(sql)
+    begin(conn, bound).await?;
+    let rows = diesel::sql_query(sql)
         .bind::<Text, _>(&me.id)
         .bind::<Text, _>(&me.host)
         .bind::<Integer, _>(me.pid)
         .bind::<Text, _>(env!("CARGO_PKG_VERSION"))
-        .load(conn)
-        .await?;
+        .load::<Previous>(conn)
+        .await;
+    let rows = end(conn, rows).await?;
     Ok(
         match rows.as_slice().first().and_then(|r| r.previous.as_deref()) {
             Some("running") => Beat::Alive,
@@ -135,15 +138,30 @@ pub async fn beat(
     )
 }
 
-/// Bounds every statement of `conn` to `bound` on the server too (`statement_timeout`).
-pub async fn limit_statements(
-    conn: &mut AsyncPgConnection,
-    bound: Duration,
-) -> Result<(), StoreError> {
+/// Opens the transaction one registry statement runs in, its time bounded on the server
+/// (`SET LOCAL statement_timeout`): a statement the engine gives up on (a producer's lock,
+/// a frozen server) must not keep running there, holding a backend and its locks. Local to
+/// the transaction, so nothing is left on a server connection a transaction-mode pooler
+/// hands to others, and the statement's prepare and execute stay on one server connection.
+async fn begin(conn: &mut AsyncPgConnection, bound: Duration) -> Result<(), StoreError> {
     use diesel_async::SimpleAsyncConnection;
-    conn.batch_execute(&format!("SET statement_timeout = {}", millis(bound).max(1)))
-        .await?;
+    conn.batch_execute(&format!(
+        "BEGIN; SET LOCAL statement_timeout = {}",
+        millis(bound).max(1)
+    ))
+    .await?;
     Ok(())
+}
+
+/// Ends [`begin`]'s transaction: `COMMIT` after success, else `ROLLBACK`.
+async fn end<T>(
+    conn: &mut AsyncPgConnection,
+    result: diesel::QueryResult<T>,
+) -> Result<T, StoreError> {
+    use diesel_async::SimpleAsyncConnection;
+    conn.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
+        .await?;
+    Ok(result?)
 }
 
 /// Marks dead every other engine whose last beat is older than `timeout` and frees the rows
@@ -155,6 +173,7 @@ pub async fn rescue(
     schema: &str,
     me: &str,
     timeout: Duration,
+    bound: Duration,
 ) -> Result<Vec<Rescued>, StoreError> {
     let s = format!("\"{schema}\"");
     let sql = format!(
@@ -178,11 +197,13 @@ pub async fn rescue(
          SELECT d.id AS engine, (SELECT count(*) FROM freed f WHERE f.engine = d.id) AS rows
          FROM dead d"
     );
-    Ok(diesel::sql_query(sql)
+    begin(conn, bound).await?;
+    let rows = diesel::sql_query(sql)
         .bind::<Text, _>(me)
         .bind::<BigInt, _>(millis(timeout))
         .load(conn)
-        .await?)
+        .await;
+    end(conn, rows).await
 }
 
 /// What [`free_strays`] changed.
@@ -224,6 +245,7 @@ pub async fn free_strays(
     schema: &str,
     me: &str,
     lease: Duration,
+    bound: Duration,
 ) -> Result<Strays, StoreError> {
     let s = format!("\"{schema}\"");
     let sql = format!(
@@ -259,12 +281,17 @@ pub async fn free_strays(
          SELECT (SELECT count(*) FROM freed) AS freed, (SELECT count(*) FROM behind) AS behind"
     );
     let slack = Duration::from_secs(60);
-    let rows: Vec<Strays> = diesel::sql_query(sql)
+    begin(conn, bound).await?;
+    let rows = diesel::sql_query(sql)
         .bind::<Text, _>(me)
         .bind::<BigInt, _>(millis(lease.saturating_add(slack)))
-        .load(conn)
-        .await?;
-    Ok(rows.into_iter().next().unwrap_or_default())
+        .load::<Strays>(conn)
+        .await;
+    Ok(end(conn, rows)
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default())
 }
 
 impl Store {
