@@ -198,8 +198,9 @@ async fn memory_alarm_pauses_publishing_and_keeps_leases() {
             // Its heartbeat goes on (its own connection, not the blocked claim path): a
             // live engine's rescue finds nobody dead.
             let mut conn = db.raw().await;
+            let (timeout, bound) = (Duration::from_secs(5), Duration::from_secs(5));
             let rescued =
-                courier::testing::rescue(&mut conn, &db.schema, "rescuer", Duration::from_secs(5))
+                courier::testing::rescue(&mut conn, &db.schema, "rescuer", timeout, bound)
                     .await
                     .expect("rescue");
             assert!(
