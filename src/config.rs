@@ -725,6 +725,14 @@ impl Config {
         }
         positive("admin.pool_size", self.admin.pool_size as u64)?;
         positive_duration("admin.statement_timeout", self.admin.statement_timeout)?;
+        at_most(
+            "admin.statement_timeout",
+            self.admin.statement_timeout,
+            MAX_STATEMENT_TIMEOUT,
+        )?;
+        for (key, value) in self.durations() {
+            at_most(key, value, MAX_DURATION)?;
+        }
         if let Some(host) =
             self.admin.allowed_hosts.iter().find(|h| {
                 h.is_empty() || h.chars().any(|c| c.is_whitespace() || c == '/' || c == '@')
@@ -802,6 +810,24 @@ fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The longest duration any key takes (100 years): PostgreSQL adds some of them to `now()`,
+/// whose range ends in the year 294276, and a longer one would fail there, later, naming
+/// no key.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_525 * 24 * 3600);
+
+/// `statement_timeout` is an int of milliseconds in PostgreSQL (about 24.8 days).
+const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+fn at_most(key: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be at most {}", humantime::format_duration(max)),
+        ));
+    }
+    Ok(())
+}
+
 fn positive_duration(key: &str, value: Duration) -> Result<(), ConfigError> {
     if value.is_zero() {
         return Err(ConfigError::invalid(
@@ -810,6 +836,27 @@ fn positive_duration(key: &str, value: Duration) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+impl Config {
+    /// Every duration key with its value.
+    fn durations(&self) -> [(&'static str, Duration); 13] {
+        [
+            ("database.connect_timeout", self.database.connect_timeout),
+            ("retry.confirm_timeout", self.retry.confirm_timeout),
+            ("retry.backoff.initial", self.retry.backoff.initial),
+            ("retry.backoff.max", self.retry.backoff.max),
+            ("scheduler.sweep_interval", self.scheduler.sweep_interval),
+            ("scheduler.lease_duration", self.scheduler.lease_duration),
+            ("scheduler.heartbeat", self.scheduler.heartbeat),
+            ("scheduler.engine_timeout", self.scheduler.engine_timeout),
+            ("logging.summary_interval", self.logging.summary_interval),
+            ("shutdown.timeout", self.shutdown.timeout),
+            ("retention.confirmed", self.retention.confirmed),
+            ("retention.interval", self.retention.interval),
+            ("broker.connect_timeout", self.broker.connect_timeout),
+        ]
+    }
 }
 
 fn check_url_scheme(key: &str, url: &SecretUrl, allowed: &[&str]) -> Result<(), ConfigError> {
@@ -1048,6 +1095,29 @@ mod tests {
             "{e}"
         );
         assert!(parse("scheduler:\n  lease_duration: 1s\n").is_ok());
+    }
+
+    #[test]
+    fn durations_past_what_postgresql_can_add_are_rejected_naming_the_key() {
+        for (yaml, key) in [
+            (
+                "scheduler:\n  lease_duration: 100000000years\n",
+                "scheduler.lease_duration",
+            ),
+            (
+                "retention:\n  confirmed: 100000years\n",
+                "retention.confirmed",
+            ),
+            (
+                "admin:\n  statement_timeout: 25days\n",
+                "admin.statement_timeout",
+            ),
+        ] {
+            let e = err(yaml);
+            assert!(e.contains(key) && e.contains("at most"), "{e}");
+        }
+        assert!(parse("retention:\n  confirmed: 100years\n").is_ok());
+        assert!(parse("admin:\n  statement_timeout: 24days\n").is_ok());
     }
 
     #[test]

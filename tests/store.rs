@@ -561,4 +561,20 @@ async fn exactly_the_bound_is_still_an_exact_count() {
     let stats = db.store().await.stats().await.expect("stats");
     assert!(stats.approximate.contains(&"confirmed"), "{stats:?}");
     assert!(stats.count(Status::Confirmed) > bound, "{stats:?}");
+    assert!(
+        !stats.approximate.contains(&"oldest_pending_age"),
+        "{stats:?}"
+    );
+    // Past the bound, rows to deliver are a lower bound, and the age is read among the
+    // earliest due: both say so.
+    db.exec(&format!(
+        "INSERT INTO {{s}}.outbox (exchange, routing_key, next_attempt_at)
+         SELECT 'ex', 'rk', now() + interval '1 hour' FROM generate_series(1, {bound} + 1)"
+    ))
+    .await;
+    let stats = db.store().await.stats().await.expect("stats");
+    assert!(stats.count(Status::Pending) > bound, "{stats:?}");
+    for key in ["pending", "oldest_pending_age"] {
+        assert!(stats.approximate.contains(&key), "{key}: {stats:?}");
+    }
 }

@@ -199,6 +199,22 @@ async fn tls_only_cluster_verify_full_client_certificates_and_refusals() {
         msg.contains("certificate") || msg.contains("Certificate"),
         "{msg}"
     );
+    // A client certificate the server's CA did not sign: with TLS 1.3 the server's alert
+    // comes after the client's side of the handshake is done, yet it is a refusal, at once.
+    let started = Instant::now();
+    let msg = rejected(
+        Store::connect(&c.database(c.url(
+            "certuser@localhost",
+            &format!(
+                "sslmode=verify-full&sslrootcert={ca}&sslcert={}&sslkey={}",
+                c.file("stranger.crt"),
+                c.file("stranger.key")
+            ),
+        )))
+        .await,
+    );
+    assert!(msg.contains("UnknownCA"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(5), "no retries");
 
     // A wrong CA: the handshake's reason is in the message, not just "TLS handshake".
     let started = Instant::now();

@@ -193,7 +193,9 @@ impl AdminDb {
         Ok(conn
             .fetch_all(
                 diesel::sql_query(sql)
-                    .bind::<Nullable<BigInt>, _>(since.map(millis))
+                    .bind::<Nullable<BigInt>, _>(
+                        since.map(|d| millis(d.min(crate::config::MAX_DURATION))),
+                    )
                     .bind::<BigInt, _>(i64::from(limit.min(LIST_MAX))),
             )
             .await?)

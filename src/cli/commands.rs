@@ -141,13 +141,15 @@ fn print_blocked(blocked: &[crate::store::BlockedKey]) {
     }
 }
 
-/// One line per status (`≈`: an estimate, past the exact bound) and the dead letters.
+/// One line per status and the dead letters, past the exact bound marked: `≥` for rows
+/// still to deliver (counted up to the bound: at least that many), `≈` for confirmed rows
+/// and dead letters (the planner's estimate).
 fn print_stats(stats: &crate::store::Stats) {
     let line = |name: &str, n: i64| {
-        let mark = if stats.approximate.contains(&name) {
-            "≈"
-        } else {
-            ""
+        let mark = match (stats.approximate.contains(&name), name) {
+            (false, _) => "",
+            (true, "pending" | "retrying" | "in_flight") => "≥",
+            (true, _) => "≈",
         };
         println!("{name:<13} {:>10}", format!("{mark}{n}"));
     };
@@ -155,9 +157,14 @@ fn print_stats(stats: &crate::store::Stats) {
         line(status.as_str(), stats.count(status));
     }
     line("dead_letters", stats.dead_letters);
+    let among = if stats.approximate.contains(&"oldest_pending_age") {
+        " (among the earliest due: past the bound, an older row due later is not seen)"
+    } else {
+        ""
+    };
     match stats.oldest_pending_age {
         Some(age) => println!(
-            "oldest undelivered: {}",
+            "oldest undelivered: {}{among}",
             humantime::format_duration(std::time::Duration::from_millis(age.as_millis() as u64))
         ),
         None => println!("oldest undelivered: none"),

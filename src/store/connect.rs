@@ -173,6 +173,9 @@ fn is_permanent(e: &tokio_postgres::Error) -> bool {
         if let Some(h) = c.downcast_ref::<TlsHandshakeError>() {
             return h.is_tls_failure();
         }
+        if refused_certificate(c) {
+            return true;
+        }
         cause = c.source();
     }
     // "server does not support TLS" (sslmode=require against a plain server), a bad
@@ -185,6 +188,31 @@ fn is_permanent(e: &tokio_postgres::Error) -> bool {
     ]
     .iter()
     .any(|p| top.starts_with(p))
+}
+
+/// A fatal alert from the server about this client's certificate. With TLS 1.3 the server
+/// checks the client's certificate after the client considers the handshake done, so its
+/// refusal arrives on the first read, as an I/O error, not as a handshake error.
+fn refused_certificate(cause: &(dyn StdError + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    let tls = cause
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .or_else(|| cause.downcast_ref::<rustls::Error>());
+    matches!(
+        tls,
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+        ))
+    )
 }
 
 /// An error and its causes, `a: b: c`, each cause left out when the text already has it.
@@ -388,6 +416,27 @@ mod tests {
         assert_eq!(keys.rootcert.as_deref(), Some("/tmp/ca.pem"));
         let (rest, _) = split_tls_keys("postgres://h/db?sslmode=disable");
         assert_eq!(rest, "postgres://h/db");
+    }
+
+    #[test]
+    fn a_certificate_alert_from_the_server_is_a_refusal() {
+        let alert = |a| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(a),
+            )
+        };
+        assert!(refused_certificate(&alert(
+            rustls::AlertDescription::UnknownCA
+        )));
+        assert!(refused_certificate(&alert(
+            rustls::AlertDescription::CertificateExpired
+        )));
+        assert!(!refused_certificate(&alert(
+            rustls::AlertDescription::CloseNotify
+        )));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!refused_certificate(&reset));
     }
 
     #[test]

@@ -332,7 +332,9 @@ impl Store {
         let rows: Vec<DeadLetterRow> = conn
             .fetch_all(
                 diesel::sql_query(dead_letter_list(&self.schema))
-                    .bind::<Nullable<BigInt>, _>(since.map(millis))
+                    .bind::<Nullable<BigInt>, _>(
+                        since.map(|d| millis(d.min(crate::config::MAX_DURATION))),
+                    )
                     .bind::<BigInt, _>(i64::from(limit)),
             )
             .await?;

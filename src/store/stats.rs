@@ -27,8 +27,10 @@ pub struct Stats {
     pub dead_letters: i64,
     /// Age of the oldest row not yet confirmed (pending, retrying or in flight).
     pub oldest_pending_age: Option<Duration>,
-    /// Keys of `outbox` (and `dead_letters`) whose number is an estimate: past
-    /// [`EXACT_UP_TO`], counts are not read row by row.
+    /// Keys of `outbox` (and `dead_letters`, `oldest_pending_age`) that are not exact: past
+    /// [`EXACT_UP_TO`], counts are not read row by row. `pending`, `retrying`, `in_flight`
+    /// are then lower bounds (at least that many), `confirmed` and `dead_letters` the
+    /// planner's estimate, and the age the oldest among each kind's earliest-due rows.
     pub approximate: Vec<&'static str>,
 }
 
@@ -227,6 +229,14 @@ impl StatsRow {
         }
         if self.dead_letters > EXACT_UP_TO {
             approximate.push("dead_letters");
+        }
+        // The age is read off each kind's earliest-due rows (`open_heads`): past the bound,
+        // an older row due later is not among them.
+        if ["pending", "retrying", "in_flight"]
+            .iter()
+            .any(|k| approximate.contains(k))
+        {
+            approximate.push("oldest_pending_age");
         }
         let outbox = [
             ("pending", pending),
