@@ -132,6 +132,9 @@ pub struct Metrics {
     /// 1 while the broker blocks publishers (memory or disk alarm) now, else 0: an alert
     /// on a block that lasts minutes reads this, not the counter above.
     pub broker_blocked: IntGauge,
+    /// 1 when the database answered this scrape's reads, else 0: the gauges read from it
+    /// then keep their last values, which say nothing about now.
+    pub database_up: IntGauge,
     /// Engines of the registry by state, `running` or `dead` (read at scrape).
     pub engines: IntGaugeVec,
     /// Other engines this one declared dead.
@@ -256,6 +259,14 @@ impl Metrics {
             .namespace("courier"),
         )
         .expect("valid metric");
+        let database_up = IntGauge::with_opts(
+            Opts::new(
+                "database_up",
+                "1 when the database answered the scrape's reads; 0: the outbox gauges are stale",
+            )
+            .namespace("courier"),
+        )
+        .expect("valid metric");
         let broker_blocked = IntGauge::with_opts(
             Opts::new(
                 "broker_blocked",
@@ -290,6 +301,7 @@ impl Metrics {
             Box::new(reconnects.clone()),
             Box::new(blocked_seconds.clone()),
             Box::new(broker_up.clone()),
+            Box::new(database_up.clone()),
             Box::new(broker_blocked.clone()),
             Box::new(engines.clone()),
             Box::new(engines_rescued.clone()),
@@ -355,6 +367,7 @@ impl Metrics {
             reconnects,
             blocked_seconds,
             broker_up,
+            database_up,
             broker_blocked,
             engines,
             engines_rescued,

@@ -749,6 +749,25 @@ async fn every_metric_the_shipped_dashboard_and_alerts_use_is_exported_from_the_
     engine.shutdown().await;
 }
 
+#[actix_rt::test]
+async fn metrics_say_when_the_database_did_not_answer_the_scrape() {
+    let db = TestDb::new("adm_dbup").await;
+    let (engine, addr) = admin_engine(&db, |_| {}).await;
+    let text = get(&addr, "/metrics", None).await.body;
+    assert!(text.contains("courier_database_up 1"), "{text}");
+    // The scrape's reads fail (as they do when the database is gone): the gauges read from
+    // it keep their last values, and this one says they are stale.
+    db.exec("ALTER TABLE {s}.outbox RENAME TO outbox_gone")
+        .await;
+    let text = get(&addr, "/metrics", None).await.body;
+    assert!(text.contains("courier_database_up 0"), "{text}");
+    db.exec("ALTER TABLE {s}.outbox_gone RENAME TO outbox")
+        .await;
+    let text = get(&addr, "/metrics", None).await.body;
+    assert!(text.contains("courier_database_up 1"), "{text}");
+    engine.shutdown().await;
+}
+
 /// `promtool` (Debian's `prometheus` package, installed by scripts/test-tools) checks the
 /// shipped rules and runs their unit tests: each alert fires on what should fire it, only
 /// after its `for:`.

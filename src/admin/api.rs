@@ -115,17 +115,25 @@ async fn ready(state: State) -> HttpResponse {
 
 /// Prometheus text; the outbox gauges come from the admin pool's bounded counts and the
 /// engine gauge from the registry (each left as it was when the database does not answer in
-/// time).
+/// time, and `courier_database_up` is then 0).
 async fn metrics(state: State) -> HttpResponse {
     let m = state.engine.metrics();
+    let mut up = true;
     match state.db.stats().await {
         Ok(s) => m.observe_stats(&s),
-        Err(e) => tracing::debug!(error = %e, "metrics: outbox counts unavailable"),
+        Err(e) => {
+            up = false;
+            tracing::debug!(error = %e, "metrics: outbox counts unavailable");
+        }
     }
     match state.db.store().engines().await {
         Ok(engines) => m.observe_engines(&engines),
-        Err(e) => tracing::debug!(error = %e, "metrics: engine registry unavailable"),
+        Err(e) => {
+            up = false;
+            tracing::debug!(error = %e, "metrics: engine registry unavailable");
+        }
     }
+    m.database_up.set(i64::from(up));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(m.render())
