@@ -312,6 +312,53 @@ async fn in_flight_rows_no_engine_holds_are_freed_and_pin_nothing() {
     engine.shutdown().await;
 }
 
+/// A producer's table that references outbox rows (the README says not to): the one row it
+/// references cannot leave the outbox, and must not hold back the dead letters beside it.
+#[actix_rt::test]
+async fn a_row_a_foreign_key_holds_in_the_outbox_holds_up_no_other_dead_letter() {
+    let db = TestDb::new("fkey").await;
+    let broker = TestBroker::new("fkey").await;
+    let ex = &broker.exchange;
+    db.exec(
+        "CREATE TABLE {s}.orders (id serial PRIMARY KEY, event uuid REFERENCES {s}.outbox (id))",
+    )
+    .await;
+    let mut bad = Vec::new();
+    for i in 0..6 {
+        let sql = format!(
+            "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, max_attempts)
+             VALUES ('{ex}.missing', 'routed.m{i}', 'x', 1) RETURNING id"
+        );
+        bad.push(
+            insert(&db, &sql)
+                .await
+                .expect("a row to a missing exchange"),
+        );
+    }
+    let held = bad.remove(0);
+    db.exec(&format!(
+        "INSERT INTO {{s}}.orders (event) VALUES ('{held}')"
+    ))
+    .await;
+    let good = db.insert_sql(ex, 200, "routed.a{i}").await;
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let why = ["does not exist"];
+    let all = good_confirmed_bad_dead_lettered(&engine, &good, &bad, &why).await;
+    // Once nothing references it any more, it follows.
+    db.exec("DELETE FROM {s}.orders").await;
+    let outcomes = engine
+        .wait_for_all(&[held], WAIT)
+        .await
+        .expect("the row once referenced");
+    assert!(reason(&outcomes[&held]).contains("does not exist"));
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, good.len());
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
+}
+
 #[derive(diesel::QueryableByName)]
 struct Waiting {
     #[diesel(sql_type = diesel::sql_types::BigInt)]

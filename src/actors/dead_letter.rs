@@ -56,6 +56,9 @@ pub struct DeadLetterActor {
     pending: Vec<(Delivery, String)>,
     busy: bool,
     failures: u32,
+    /// After a batch failed: rows are moved one at a time, so that one row that cannot
+    /// leave the outbox (a producer's foreign key references it) holds up no other.
+    solo: bool,
     /// Moved rows waiting for the dead-letter exchange.
     to_exchange: VecDeque<(Delivery, String)>,
     /// A dead-letter exchange publish is under way (it owns `link` meanwhile).
@@ -73,6 +76,7 @@ impl DeadLetterActor {
             pending: Vec::new(),
             busy: false,
             failures: 0,
+            solo: false,
             to_exchange: VecDeque::new(),
             forwarding: false,
             link: None,
@@ -84,7 +88,11 @@ impl DeadLetterActor {
             return;
         }
         self.busy = true;
-        let batch = std::mem::take(&mut self.pending);
+        let batch = if self.solo {
+            vec![self.pending.remove(0)]
+        } else {
+            std::mem::take(&mut self.pending)
+        };
         // Where each moved row's `dead letter` span starts.
         let since = std::time::SystemTime::now();
         let updates = batch
@@ -100,6 +108,7 @@ impl DeadLetterActor {
             .map(move |result, act, ctx| match result {
                 Ok(Ok(moved)) => {
                     act.failures = 0;
+                    act.solo &= !act.pending.is_empty();
                     act.buried(ctx, batch, moved, since);
                 }
                 Ok(Err(e)) => act.retry_later(ctx, batch, e.to_string()),
@@ -117,7 +126,13 @@ impl DeadLetterActor {
         self.failures += 1;
         let delay = crate::backoff::STORE_WRITE.delay(self.failures);
         tracing::warn!(error = %why, rows = batch.len(), retry_in = ?delay, "could not move rows to dead_letters; retrying");
-        self.pending.splice(0..0, batch);
+        if self.solo {
+            // This one row failed alone: the others go first.
+            self.pending.extend(batch);
+        } else {
+            self.solo = batch.len() > 1;
+            self.pending.splice(0..0, batch);
+        }
         ctx.run_later(delay, |act, ctx| {
             act.busy = false;
             act.drain(ctx);
