@@ -295,16 +295,9 @@ impl Traces {
     pub fn install(config: &TelemetryConfig) -> Result<Traces, TelemetryError> {
         let exporter = exporter(config)?;
         let mut resource = opentelemetry_sdk::Resource::builder();
-        // The specification's order: OTEL_SERVICE_NAME, then `service.name` in
-        // OTEL_RESOURCE_ATTRIBUTES (both read by the SDK), then the SDK's default, which
-        // Courier replaces with its own name.
         let from_env = |var: &str| std::env::var(var).ok();
-        match &config.service_name {
-            Some(name) => resource = resource.with_service_name(name.clone()),
-            None if !service_name_in_env(from_env) => {
-                resource = resource.with_service_name("courier")
-            }
-            None => {}
+        if let Some(name) = service_name(config.service_name.as_deref(), from_env) {
+            resource = resource.with_service_name(name);
         }
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
@@ -368,17 +361,26 @@ fn env_protocol(env: impl Fn(&str) -> Option<String>) -> Result<OtlpProtocol, Te
     Ok(OtlpProtocol::HttpProtobuf)
 }
 
-/// Whether the environment names the service: `OTEL_SERVICE_NAME`, or `service.name` among
-/// `OTEL_RESOURCE_ATTRIBUTES` (comma-separated `key=value` pairs).
-fn service_name_in_env(env: impl Fn(&str) -> Option<String>) -> bool {
+/// The `service.name` Courier sets itself, in the specification's order:
+/// `telemetry.service_name`, then `OTEL_SERVICE_NAME` (set explicitly: the SDK merges the
+/// resource attributes after it, and they would win), then `service.name` among
+/// `OTEL_RESOURCE_ATTRIBUTES` (none: the SDK reads it), else `courier` instead of the SDK's
+/// `unknown_service`.
+fn service_name(configured: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Option<String> {
     let set = |v: &str| !v.trim().is_empty();
-    env("OTEL_SERVICE_NAME").is_some_and(|v| set(&v))
-        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
-            attrs.split(',').any(|pair| {
-                pair.split_once('=')
-                    .is_some_and(|(k, v)| k.trim() == "service.name" && set(v))
-            })
+    if let Some(name) = configured {
+        return Some(name.to_string());
+    }
+    if let Some(name) = env("OTEL_SERVICE_NAME").filter(|v| set(v)) {
+        return Some(name.trim().to_string());
+    }
+    let in_attributes = env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
+        attrs.split(',').any(|pair| {
+            pair.split_once('=')
+                .is_some_and(|(k, v)| k.trim() == "service.name" && set(v))
         })
+    });
+    (!in_attributes).then(|| "courier".to_string())
 }
 
 impl Drop for Traces {
@@ -396,7 +398,7 @@ impl Drop for Traces {
 
 #[cfg(test)]
 mod tests {
-    use super::{env_protocol, service_name_in_env, traces_wanted, TelemetryError};
+    use super::{env_protocol, service_name, traces_wanted, TelemetryError};
     use crate::config::{OtlpProtocol, TelemetryConfig};
 
     fn env_of<'a>(env: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
@@ -443,19 +445,47 @@ mod tests {
     }
 
     #[test]
-    fn the_service_name_may_come_from_the_resource_attributes() {
-        let named = |env: &[(&str, &str)]| service_name_in_env(env_of(env));
-        assert!(!named(&[]));
-        assert!(named(&[("OTEL_SERVICE_NAME", "billing")]));
-        assert!(named(&[(
+    fn the_service_name_follows_the_specification_s_order() {
+        let named =
+            |configured: Option<&str>, env: &[(&str, &str)]| service_name(configured, env_of(env));
+        let attrs = (
             "OTEL_RESOURCE_ATTRIBUTES",
-            "deployment.environment=prod, service.name=billing"
-        )]));
-        assert!(!named(&[(
-            "OTEL_RESOURCE_ATTRIBUTES",
-            "deployment.environment=prod,service.namespace=shop"
-        )]));
-        assert!(!named(&[("OTEL_SERVICE_NAME", " ")]));
+            "deployment.environment=prod, service.name=foo",
+        );
+        assert_eq!(named(None, &[]).as_deref(), Some("courier"));
+        assert_eq!(
+            named(None, &[("OTEL_SERVICE_NAME", "billing")]).as_deref(),
+            Some("billing")
+        );
+        assert_eq!(
+            named(None, &[attrs]),
+            None,
+            "left to the SDK, which reads it"
+        );
+        assert_eq!(
+            named(None, &[attrs, ("OTEL_SERVICE_NAME", "bar")]).as_deref(),
+            Some("bar"),
+            "OTEL_SERVICE_NAME wins over the resource attributes"
+        );
+        assert_eq!(
+            named(Some("baz"), &[attrs, ("OTEL_SERVICE_NAME", "bar")]).as_deref(),
+            Some("baz")
+        );
+        assert_eq!(
+            named(
+                None,
+                &[(
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    "deployment.environment=prod,service.namespace=shop"
+                )]
+            )
+            .as_deref(),
+            Some("courier")
+        );
+        assert_eq!(
+            named(None, &[("OTEL_SERVICE_NAME", " ")]).as_deref(),
+            Some("courier")
+        );
     }
 
     fn wanted(traces: bool, env: &[(&str, &str)]) -> bool {

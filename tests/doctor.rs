@@ -222,10 +222,10 @@ async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their
         "{traces}"
     );
 
-    // A bad config is a failed check (exit 1), not a usage error.
+    // A bad config is a failed check, and exits 2 as `courier run` does for it.
     let o = doctor(&[], vec![("COURIER_RETRY_MAX_ATTEMPTS", "0".to_string())]).await;
     let config = line(&stdout(&o), "config");
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
         config.starts_with("FAIL") && config.contains("retry.max_attempts"),
         "{config}"

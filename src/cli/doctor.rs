@@ -87,7 +87,7 @@ impl Check {
 /// With `pre_start` (a service manager's `ExecStartPre`) an open row naming a missing or
 /// refused exchange is a warning: that is one producer's row, which the engine retries and
 /// dead-letters, and it must never keep the engine from delivering every other row.
-pub async fn run(config_path: &Path, json: bool, pre_start: bool) -> anyhow::Result<()> {
+pub async fn run(config_path: &Path, json: bool, pre_start: bool) -> Result<(), super::Failure> {
     let checks = checks(config_path, pre_start).await;
     if json {
         let all: Vec<serde_json::Value> = checks.iter().map(Check::json).collect();
@@ -102,9 +102,18 @@ pub async fn run(config_path: &Path, json: bool, pre_start: bool) -> anyhow::Res
         }
     }
     let failed = checks.iter().filter(|c| c.verdict == Verdict::Fail).count();
+    let bad_config = checks
+        .iter()
+        .any(|c| c.name == "config" && c.verdict == Verdict::Fail);
     match failed {
         0 => Ok(()),
-        n => anyhow::bail!("{n} check(s) failed"),
+        // Exit 2, as `courier run` gives for the same configuration.
+        _ if bad_config => Err(super::Failure::Config(anyhow::anyhow!(
+            "the configuration is invalid"
+        ))),
+        n => Err(super::Failure::Runtime(anyhow::anyhow!(
+            "{n} check(s) failed"
+        ))),
     }
 }
 

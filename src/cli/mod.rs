@@ -136,9 +136,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Man { dir } => return man(dir.as_deref()).map_err(Failure::Runtime),
         // Loads the config itself: a bad one is a failed check, not a usage error.
         Command::Doctor { json, pre_start } => {
-            return actix_rt::System::new()
-                .block_on(doctor::run(&cli.config, json, pre_start))
-                .map_err(Failure::Runtime)
+            return actix_rt::System::new().block_on(doctor::run(&cli.config, json, pre_start))
         }
         _ => {}
     }
