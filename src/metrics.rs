@@ -403,7 +403,7 @@ impl Metrics {
     /// Records the registry (at scrape time): both states always, zero included, so a
     /// dashboard's `courier_engines{state="dead"}` reads 0 rather than no data.
     pub fn observe_engines(&self, engines: &[EngineRecord]) {
-        for state in ["running", "dead"] {
+        for state in ["running", "silent", "dead"] {
             let n = engines.iter().filter(|e| e.state == state).count();
             self.engines
                 .with_label_values(&[state])

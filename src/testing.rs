@@ -71,7 +71,7 @@ pub trait StoreInternals {
     ) -> Result<Vec<Uuid>, StoreError>;
     async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError>;
     async fn publishers_of_confirmed(&self) -> Result<BTreeMap<String, i64>, StoreError>;
-    async fn engines(&self) -> Result<Vec<EngineRecord>, StoreError>;
+    async fn engines(&self, timeout: Duration) -> Result<Vec<EngineRecord>, StoreError>;
     fn notify_channel(&self) -> String;
     fn url(&self) -> &crate::config::SecretUrl;
 }
@@ -139,8 +139,8 @@ impl StoreInternals for Store {
     async fn publishers_of_confirmed(&self) -> Result<BTreeMap<String, i64>, StoreError> {
         Store::publishers_of_confirmed(self).await
     }
-    async fn engines(&self) -> Result<Vec<EngineRecord>, StoreError> {
-        Store::engines(self).await
+    async fn engines(&self, timeout: Duration) -> Result<Vec<EngineRecord>, StoreError> {
+        Store::engines(self, timeout).await
     }
     fn notify_channel(&self) -> String {
         Store::notify_channel(self)

@@ -572,7 +572,12 @@ async fn a_start_that_cannot_serve_the_admin_api_leaves_no_engine_behind() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains(&addr), "{err}");
-    let listed = db.store().await.engines().await.expect("engines");
+    let listed = db
+        .store()
+        .await
+        .engines(Duration::from_secs(5))
+        .await
+        .expect("engines");
     assert!(listed.is_empty(), "a failed start left {listed:?}");
 
     // The port is bound before anything else: with the database out of reach (and
@@ -590,6 +595,34 @@ async fn a_start_that_cannot_serve_the_admin_api_leaves_no_engine_behind() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains(&addr), "{err}");
+}
+
+#[tokio::test]
+async fn a_lone_engine_that_stopped_beating_is_listed_silent_not_running() {
+    let db = TestDb::new("adm_silent").await;
+    // No other engine runs to declare it dead: the registry still says running.
+    db.exec(
+        "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at, started_at)
+         VALUES ('lone', 'h', 1, '0.0.1', 'running', now() - interval '1 minute',
+                 now() - interval '1 hour'),
+                ('fresh', 'h', 2, '0.0.1', 'running', now(), now())",
+    )
+    .await;
+    let listed = db
+        .store()
+        .await
+        .engines(Duration::from_secs(5))
+        .await
+        .expect("engines");
+    let state = |id: &str| {
+        listed
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.state.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(state("lone"), "silent", "{listed:?}");
+    assert_eq!(state("fresh"), "running", "{listed:?}");
 }
 
 #[actix_rt::test]

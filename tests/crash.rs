@@ -28,7 +28,11 @@ const RECOVER_WITHIN: Duration = Duration::from_secs(15);
 const MOST_DUPLICATES: usize = ROWS / 2;
 
 async fn engines(db: &TestDb) -> Vec<EngineRecord> {
-    db.store().await.engines().await.expect("read the registry")
+    db.store()
+        .await
+        .engines(Duration::from_secs(5))
+        .await
+        .expect("read the registry")
 }
 
 /// Waits until `n` engines are registered as running.

@@ -239,7 +239,10 @@ async fn a_closed_stderr_pipe_does_not_kill_the_engine() {
     drop(child.stderr.take()); // the reader is gone before the first line
     let store = db.store().await;
     eventually(60, "the engine registered", || async {
-        let engines = store.engines().await.ok()?;
+        let engines = store
+            .engines(std::time::Duration::from_secs(5))
+            .await
+            .ok()?;
         (!engines.is_empty()).then_some(())
     })
     .await;
@@ -268,7 +271,11 @@ async fn a_closed_stderr_pipe_does_not_kill_the_engine() {
     .await;
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(
-        store.engines().await.expect("engines").is_empty(),
+        store
+            .engines(std::time::Duration::from_secs(5))
+            .await
+            .expect("engines")
+            .is_empty(),
         "the registry row stayed"
     );
 }

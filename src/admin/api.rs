@@ -126,7 +126,12 @@ async fn metrics(state: State) -> HttpResponse {
             tracing::debug!(error = %e, "metrics: outbox counts unavailable");
         }
     }
-    match state.db.store().engines().await {
+    match state
+        .db
+        .store()
+        .engines(state.engine.config().scheduler.engine_timeout)
+        .await
+    {
         Ok(engines) => m.observe_engines(&engines),
         Err(e) => {
             up = false;
@@ -209,7 +214,11 @@ async fn rates(state: State) -> HttpResponse {
 /// host, pid and beat are operational facts, not message content. Bounded by the registry
 /// itself: one row per engine process, dead ones removed a day after their last beat.
 async fn engines(state: State) -> Result<HttpResponse, ApiError> {
-    let engines = state.db.store().engines().await?;
+    let engines = state
+        .db
+        .store()
+        .engines(state.engine.config().scheduler.engine_timeout)
+        .await?;
     Ok(HttpResponse::Ok().json(engines))
 }
 

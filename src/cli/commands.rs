@@ -176,7 +176,7 @@ fn print_stats(stats: &crate::store::Stats) {
 pub async fn engines(config: &Config, json: bool) -> anyhow::Result<()> {
     let store = migrated_store(config).await?;
     let engines = store
-        .engines()
+        .engines(config.scheduler.engine_timeout)
         .await
         .with_context(|| format!("reading schema `{}`", config.database.schema))?;
     if json {

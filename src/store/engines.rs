@@ -54,7 +54,8 @@ pub struct EngineRecord {
     /// Milliseconds since its last beat, by the database's clock.
     #[diesel(sql_type = BigInt)]
     pub since_beat_ms: i64,
-    /// `running` or `dead`.
+    /// `running`, `silent` (registered as running, but its last beat is older than the
+    /// engine timeout) or `dead`.
     #[diesel(sql_type = Text)]
     pub state: String,
     /// Rows in flight under its id.
@@ -295,17 +296,23 @@ pub async fn free_strays(
 }
 
 impl Store {
-    /// Every engine of the registry, the rows each holds, newest first.
-    pub(crate) async fn engines(&self) -> Result<Vec<EngineRecord>, StoreError> {
+    /// Every engine of the registry, the rows each holds, newest first. An engine the
+    /// registry says is running but whose last beat is older than `timeout` is `silent`: it
+    /// stopped (crashed, frozen, cut off) and no running engine has declared it dead yet,
+    /// as none does when it was the only one.
+    pub(crate) async fn engines(&self, timeout: Duration) -> Result<Vec<EngineRecord>, StoreError> {
         let s = format!("\"{}\"", self.schema());
         let sql = format!(
             "SELECT e.id, e.host, e.pid, e.version, e.started_at, e.heartbeat_at,
                     (extract(epoch FROM now() - e.heartbeat_at) * 1000)::bigint AS since_beat_ms,
-                    e.state,
+                    CASE WHEN e.state = 'running'
+                              AND e.heartbeat_at < now() - {ms} * interval '1 millisecond'
+                         THEN 'silent' ELSE e.state END AS state,
                     (SELECT count(*) FROM {s}.outbox o
                      WHERE o.status = 'in_flight' AND o.locked_by = e.id) AS holds
              FROM {s}.engines e
-             ORDER BY e.state DESC, e.started_at DESC"
+             ORDER BY e.state DESC, e.started_at DESC",
+            ms = millis(timeout)
         );
         let mut conn = self.op().await?;
         Ok(conn.fetch_all(diesel::sql_query(sql)).await?)
