@@ -572,12 +572,7 @@ async fn a_start_that_cannot_serve_the_admin_api_leaves_no_engine_behind() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains(&addr), "{err}");
-    let listed = db
-        .store()
-        .await
-        .engines(Duration::from_secs(5))
-        .await
-        .expect("engines");
+    let listed = registry(&db).await;
     assert!(listed.is_empty(), "a failed start left {listed:?}");
 
     // The port is bound before anything else: with the database out of reach (and
@@ -597,6 +592,15 @@ async fn a_start_that_cannot_serve_the_admin_api_leaves_no_engine_behind() {
     assert!(err.contains(&addr), "{err}");
 }
 
+/// The engine registry as a 5 s engine timeout reads it.
+async fn registry(db: &TestDb) -> Vec<courier::testing::EngineRecord> {
+    db.store()
+        .await
+        .engines(Duration::from_secs(5))
+        .await
+        .expect("engines")
+}
+
 #[tokio::test]
 async fn a_lone_engine_that_stopped_beating_is_listed_silent_not_running() {
     let db = TestDb::new("adm_silent").await;
@@ -608,12 +612,7 @@ async fn a_lone_engine_that_stopped_beating_is_listed_silent_not_running() {
                 ('fresh', 'h', 2, '0.0.1', 'running', now(), now())",
     )
     .await;
-    let listed = db
-        .store()
-        .await
-        .engines(Duration::from_secs(5))
-        .await
-        .expect("engines");
+    let listed = registry(&db).await;
     let state = |id: &str| {
         listed
             .iter()

@@ -819,6 +819,17 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
     engine.shutdown().await;
 }
 
+/// An engine connected through a proxy (one row delivered, so its connection is up) whose
+/// confirms the proxy then holds back: rows stay in flight in the engine's hands.
+async fn confirms_held_back(db: &TestDb, broker: &TestBroker) -> (Proxy, EngineHandle, Vec<Uuid>) {
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
+    let engine = engine_via(db, &proxy, Duration::from_secs(60)).await;
+    let first = db.insert_sql(&broker.exchange, 1, "routed.first").await;
+    engine.wait_for_all(&first, WAIT).await.expect("connected");
+    proxy.stall(true);
+    (proxy, engine, first)
+}
+
 /// An engine that claims rows it already holds (its claim was lost in a database crash:
 /// claims commit without waiting for the WAL flush; or its lease lapsed while it was
 /// paused) goes on with the copies in hand: nothing is published twice and its window
@@ -827,12 +838,7 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
 async fn rows_claimed_again_by_their_own_engine_are_not_published_twice() {
     let db = TestDb::new("reclaim").await;
     let broker = TestBroker::new("reclaim").await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
-    let engine = engine_via(&db, &proxy, Duration::from_secs(60)).await;
-    let mut ids = db.insert_sql(&broker.exchange, 1, "routed.first").await;
-    engine.wait_for_all(&ids, WAIT).await.expect("connected");
-    // Confirms held back, so the rows stay in flight in the engine's hands.
-    proxy.stall(true);
+    let (proxy, engine, mut ids) = confirms_held_back(&db, &broker).await;
     ids.extend(db.insert_sql(&broker.exchange, 30, "routed.r{i}").await);
     engine.nudge();
     eventually(10, "the rows in flight", || async {
@@ -866,11 +872,7 @@ async fn keyed_rows_claimed_again_by_their_own_engine_keep_their_order() {
     use common::ordering::{assert_first_seen_in_order, insert_keyed};
     let db = TestDb::new("rekeyed").await;
     let broker = TestBroker::new("rekeyed").await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap());
-    let engine = engine_via(&db, &proxy, Duration::from_secs(60)).await;
-    let probe = db.insert_sql(&broker.exchange, 1, "routed.first").await;
-    engine.wait_for_all(&probe, WAIT).await.expect("connected");
-    proxy.stall(true);
+    let (proxy, engine, _) = confirms_held_back(&db, &broker).await;
     let mut keyed = insert_keyed(&db, &broker.exchange, 5, 3).await;
     engine.nudge();
     eventually(10, "heads and runs in flight", || async {
