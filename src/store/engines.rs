@@ -148,7 +148,8 @@ async fn begin(conn: &mut AsyncPgConnection, bound: Duration) -> Result<(), Stor
     use diesel_async::SimpleAsyncConnection;
     conn.batch_execute(&format!(
         "BEGIN; SET LOCAL statement_timeout = {}",
-        millis(bound).max(1)
+        // PostgreSQL takes at most i32::MAX ms (an engine_timeout over ~49 days).
+        millis(bound).clamp(1, i64::from(i32::MAX))
     ))
     .await?;
     Ok(())
