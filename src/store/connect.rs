@@ -56,9 +56,18 @@ impl PgTarget {
             reason: url.scrub(&reason),
         };
         let (rest, keys) = split_tls_keys(url.expose());
+        let rest = split_host_lists(&rest);
         let mut config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e: tokio_postgres::Error| rejected(cause_chain(&e)))?;
+        // What the driver checks only when it connects, named now: one port for every host
+        // or one each (libpq's `?host=a,b&port=5432,5433` form counts them apart).
+        let (hosts, ports) = (config.get_hosts().len(), config.get_ports().len());
+        if ports > 1 && ports != hosts {
+            return Err(rejected(format!(
+                "{ports} ports for {hosts} host(s): give one port for every host, or one each"
+            )));
+        }
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mode = match keys.mode.or_else(|| env("PGSSLMODE")) {
             Some(m) => TlsMode::parse(&m).map_err(rejected)?,
@@ -107,6 +116,26 @@ pub(crate) fn check_url(url: &SecretUrl) -> Result<(), String> {
         [] => reason,
         set => format!("{reason}; with {} set in the environment", set.join(", ")),
     })
+}
+
+/// libpq's `?host=a,b` (and `hostaddr=`) lists, as the repeated keys the driver reads
+/// (it takes `a,b` for one host name).
+fn split_host_lists(raw: &str) -> String {
+    let (head, mut kept, taken) = take_query_keys(raw, &["host", "hostaddr"]);
+    if taken.is_empty() {
+        return raw.to_string();
+    }
+    let split: Vec<String> = taken
+        .iter()
+        .flat_map(|(k, v)| {
+            v.split(',').map(move |one| {
+                let one: String = url::form_urlencoded::byte_serialize(one.as_bytes()).collect();
+                format!("{k}={one}")
+            })
+        })
+        .collect();
+    kept.extend(split.iter().map(String::as_str));
+    format!("{head}?{}", kept.join("&"))
 }
 
 /// Takes libpq's TLS keys out of a URL's query string (tokio-postgres rejects
@@ -416,6 +445,35 @@ mod tests {
         assert_eq!(keys.rootcert.as_deref(), Some("/tmp/ca.pem"));
         let (rest, _) = split_tls_keys("postgres://h/db?sslmode=disable");
         assert_eq!(rest, "postgres://h/db");
+    }
+
+    #[test]
+    fn as_many_ports_as_hosts_or_one_for_all() {
+        let parse = |u: &str| PgTarget::parse(&SecretUrl::new(u)).map(drop);
+        let e = parse(
+            "postgresql:///postgres?host=127.0.0.1,127.0.0.1&port=5443,5444,5445&sslmode=disable",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("3 ports for 2 host(s)"), "{e}");
+        assert!(parse("postgresql:///postgres?host=a,b&port=5443&sslmode=disable").is_ok());
+        // libpq's comma list in the query, as the driver's repeated keys.
+        let t = PgTarget::parse(&SecretUrl::new(
+            "postgresql:///postgres?host=h1,h2&port=5443,5444&sslmode=disable",
+        ))
+        .unwrap();
+        let each: Vec<_> = per_host(&t.config)
+            .iter()
+            .map(|c| (c.get_hosts().to_vec(), c.get_ports().to_vec()))
+            .collect();
+        assert_eq!(
+            each,
+            [
+                (vec![Host::Tcp("h1".into())], vec![5443]),
+                (vec![Host::Tcp("h2".into())], vec![5444])
+            ]
+        );
     }
 
     #[test]
