@@ -245,12 +245,9 @@ async fn register(
 ) -> Result<(), EngineError> {
     let sent = Instant::now();
     let mut conn = store.conn().await?;
-    let bound = Heartbeat::fresh_window(config.scheduler.engine_timeout);
-    store::beat(&mut conn, store.schema(), me, bound).await?;
-    lifecycle.liveness.beat(
-        sent,
-        Heartbeat::fresh_window(config.scheduler.engine_timeout),
-    );
+    let window = Heartbeat::fresh_window(config.scheduler.engine_timeout);
+    store::beat(&mut conn, store.schema(), me, window).await?;
+    lifecycle.liveness.beat(sent, window);
     Ok(())
 }
 

@@ -172,6 +172,13 @@ async fn unreadable_rows_are_dead_lettered_naming_the_column_and_pin_nothing() {
         .await
         .expect("list dead letters");
     assert_eq!(listed.len(), bad_ids.len());
+    // A window longer than any timestamp can reach back (`--since 1000000years`) lists all.
+    let forever = Duration::from_secs(1_000_000 * 366 * 24 * 3600);
+    let listed = store
+        .dead_letters(Some(forever), 100)
+        .await
+        .expect("list dead letters since forever");
+    assert_eq!(listed.len(), bad_ids.len());
     let huge = store
         .dead_letter(bad_ids[0].1)
         .await

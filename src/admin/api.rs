@@ -126,12 +126,7 @@ async fn metrics(state: State) -> HttpResponse {
             tracing::debug!(error = %e, "metrics: outbox counts unavailable");
         }
     }
-    match state
-        .db
-        .store()
-        .engines(state.engine.config().scheduler.engine_timeout)
-        .await
-    {
+    match state.registry().await {
         Ok(engines) => m.observe_engines(&engines),
         Err(e) => {
             up = false;
@@ -214,11 +209,7 @@ async fn rates(state: State) -> HttpResponse {
 /// host, pid and beat are operational facts, not message content. Bounded by the registry
 /// itself: one row per engine process, dead ones removed a day after their last beat.
 async fn engines(state: State) -> Result<HttpResponse, ApiError> {
-    let engines = state
-        .db
-        .store()
-        .engines(state.engine.config().scheduler.engine_timeout)
-        .await?;
+    let engines = state.registry().await?;
     Ok(HttpResponse::Ok().json(engines))
 }
 
@@ -273,8 +264,7 @@ async fn payload(
     let id = parse_id(&id)?;
     match state.db.payload(id).await? {
         Some(p) => {
-            let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            tracing::info!(message_id = %id, %peer, "dead letter payload read through the admin API");
+            tracing::info!(message_id = %id, peer = %peer(&req), "dead letter payload read through the admin API");
             Ok(HttpResponse::Ok().json(payload_json(&p)))
         }
         None => Err(ApiError::NotFound(id)),
@@ -303,6 +293,12 @@ fn payload_json(p: &DeadLetterPayload) -> serde_json::Value {
         "headers": p.headers,
         "headers_withheld": p.headers.is_none(),
     })
+}
+
+/// Who sent `req`, for the audit lines of what an operator read or changed (the token is
+/// never logged).
+fn peer(req: &HttpRequest) -> String {
+    req.peer_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
 /// A mutating dead-letter action.
@@ -345,10 +341,7 @@ async fn act_on_dead_letter(
     if !done.contains(&id) {
         return Err(ApiError::NotFound(id));
     }
-    // The audit trail of what an operator changed (who: the peer address; the token is
-    // never logged).
-    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(message_id = %id, %peer, "dead letter {verb} through the admin API");
+    tracing::info!(message_id = %id, peer = %peer(req), "dead letter {verb} through the admin API");
     if matches!(action, Action::Requeue) {
         state.engine.nudge();
     }

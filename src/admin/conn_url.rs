@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::config::SecretUrl;
+use crate::{config::SecretUrl, store::millis};
 
 /// `application_name` of every admin connection (visible in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "courier-admin";
@@ -45,10 +45,6 @@ pub fn admin_url(
     kept.push(format!("application_name={}", encode(APPLICATION_NAME)));
     kept.push(format!("options={}", encode(&options)));
     Ok(SecretUrl::new(format!("{head}?{}", kept.join("&"))))
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

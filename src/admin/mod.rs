@@ -61,6 +61,15 @@ pub(crate) struct AdminState {
     rates: std::sync::Arc<std::sync::Mutex<history::RateHistory>>,
 }
 
+impl AdminState {
+    /// The engine registry, read on the admin pool with this engine's timeout (an engine
+    /// whose beat is older is `silent`).
+    pub(crate) async fn registry(&self) -> Result<Vec<crate::store::EngineRecord>, StoreError> {
+        let timeout = self.engine.config().scheduler.engine_timeout;
+        self.db.store().engines(timeout).await
+    }
+}
+
 /// The admin server's sockets, bound and not served yet.
 ///
 /// The engine binds them before it claims anything: a taken port is then an error at

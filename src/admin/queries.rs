@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::{
     config::{AdminConfig, DatabaseConfig},
-    store::{Stats, Store, StoreError},
+    store::{millis, Stats, Store, StoreError},
 };
 
 /// Most dead letters one list returns.
@@ -193,9 +193,7 @@ impl AdminDb {
         Ok(conn
             .fetch_all(
                 diesel::sql_query(sql)
-                    .bind::<Nullable<BigInt>, _>(
-                        since.map(|d| millis(d.min(crate::config::MAX_DURATION))),
-                    )
+                    .bind::<Nullable<BigInt>, _>(since.map(millis))
                     .bind::<BigInt, _>(i64::from(limit.min(LIST_MAX))),
             )
             .await?)
@@ -251,8 +249,4 @@ fn summary_columns() -> String {
          left(ordering_key, {TEXT_MAX}) AS ordering_key, seq,
          octet_length(payload)::bigint AS payload_bytes"
     )
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -48,6 +48,12 @@ struct TlsKeys {
 }
 
 impl PgTarget {
+    /// How long a connection may take at most: `timeout` for each host, tried in turn.
+    pub(crate) fn connect_wait(&self, timeout: Duration) -> Duration {
+        let hosts = host_count(&self.config).max(1);
+        timeout.saturating_mul(u32::try_from(hosts).unwrap_or(u32::MAX))
+    }
+
     /// Parses `url` (single- or multi-host) and loads the certificates it names. Every
     /// failure is permanent: no retry mends a bad URL or a missing file.
     pub(crate) fn parse(url: &SecretUrl) -> Result<PgTarget, StoreError> {
@@ -258,14 +264,9 @@ pub(crate) fn cause_chain(e: &dyn StdError) -> String {
     out
 }
 
-impl PgTarget {
-    /// How long a connection may take at most: `timeout` for each host, tried in turn.
-    pub(crate) fn connect_wait(&self, timeout: Duration) -> Duration {
-        let hosts = (self.config.get_hosts().len())
-            .max(self.config.get_hostaddrs().len())
-            .max(1);
-        timeout.saturating_mul(u32::try_from(hosts).unwrap_or(u32::MAX))
-    }
+/// The hosts `config` names, by name or by address.
+fn host_count(config: &tokio_postgres::Config) -> usize {
+    config.get_hosts().len().max(config.get_hostaddrs().len())
 }
 
 /// One config per host of `config`, in order, each with everything else `config` says.
@@ -278,7 +279,7 @@ fn per_host(config: &tokio_postgres::Config) -> Vec<tokio_postgres::Config> {
         config.get_hostaddrs(),
         config.get_ports(),
     );
-    let n = hosts.len().max(addrs.len());
+    let n = host_count(config);
     if n <= 1 {
         return vec![config.clone()];
     }

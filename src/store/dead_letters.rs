@@ -332,9 +332,7 @@ impl Store {
         let rows: Vec<DeadLetterRow> = conn
             .fetch_all(
                 diesel::sql_query(dead_letter_list(&self.schema))
-                    .bind::<Nullable<BigInt>, _>(
-                        since.map(|d| millis(d.min(crate::config::MAX_DURATION))),
-                    )
+                    .bind::<Nullable<BigInt>, _>(since.map(millis))
                     .bind::<BigInt, _>(i64::from(limit)),
             )
             .await?;

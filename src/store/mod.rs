@@ -366,9 +366,11 @@ fn not_found_is_none<T>(e: diesel::result::Error) -> Result<Option<T>, diesel::r
     }
 }
 
-/// A duration as the `bigint` milliseconds statements take (saturating).
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+/// A duration as the `bigint` milliseconds statements take, at most
+/// [`crate::config::MAX_DURATION`]: statements add these to `now()`, and a longer interval
+/// (a `--since` or `?since=` of a million years) would overflow the timestamp.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.min(crate::config::MAX_DURATION).as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A byte count as `bigint` (saturating).
