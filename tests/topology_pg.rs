@@ -567,9 +567,12 @@ async fn behind_pgbouncer_in_transaction_mode() {
     config.database.pooler = Pooler::Transaction;
     config.database.listen = false;
     config.database.auto_migrate = true;
-    let engine = Engine::start(config.clone())
-        .await
-        .expect("engine behind PgBouncer");
+    // Two engines started at the same instant share the pooler's server connections from
+    // their first statement on (an audit once saw one of them fail its start).
+    let (engine, second) =
+        tokio::join!(Engine::start(config.clone()), Engine::start(config.clone()));
+    let engine = engine.expect("engine behind PgBouncer");
+    let second = second.expect("a second engine started beside it");
     let producer = Store::connect(&config.database)
         .await
         .expect("producer store");
@@ -622,12 +625,13 @@ async fn behind_pgbouncer_in_transaction_mode() {
 
     let a = audit(&db, &broker, &broker.queue, &ids).await;
     assert_eq!(a.confirmed, ids.len());
-    let counters = engine.counters();
-    assert_eq!(
-        counters.claim_failures, 0,
-        "no claim failed behind PgBouncer"
-    );
-    assert_eq!(counters.retried, 0, "no row went back to retrying");
+    for counters in [engine.counters(), second.counters()] {
+        assert_eq!(
+            counters.claim_failures, 0,
+            "no claim failed behind PgBouncer"
+        );
+        assert_eq!(counters.retried, 0, "no row went back to retrying");
+    }
     let stats = db.store().await.stats().await.expect("stats");
     assert_eq!(stats.count(Status::InFlight), 0);
     assert_eq!(stats.count(Status::Retrying), 0);
@@ -640,4 +644,5 @@ async fn behind_pgbouncer_in_transaction_mode() {
         a.duplicates, config.scheduler.sweep_interval
     );
     engine.shutdown().await;
+    second.shutdown().await;
 }

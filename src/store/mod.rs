@@ -223,13 +223,18 @@ pub async fn establish(
 /// say) is still verified before use.
 const RECENT_CHECKOUT: Duration = Duration::from_secs(1);
 
+/// The ping is a simple-protocol query, one message and no statement name: a prepared one
+/// is parsed and executed in two round trips, between which a transaction-mode pooler may
+/// hand the server connection to another client, leaving the name behind on it (another
+/// process's statement of the same name then fails "prepared statement \"sN\" already
+/// exists").
 async fn verify_if_idle(conn: &mut AsyncPgConnection, idle: Duration) -> Result<(), HookError> {
+    use diesel_async::SimpleAsyncConnection;
     if idle < RECENT_CHECKOUT {
         return Ok(());
     }
-    diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), conn)
+    conn.batch_execute("SELECT 1")
         .await
-        .map(drop)
         .map_err(|e| HookError::Backend(PoolError::QueryError(e)))
 }
 
