@@ -265,12 +265,34 @@ pub struct ChannelClose {
     pub text: String,
 }
 
+/// AMQP's reply code for a connection closed by an operator or a node shutting down.
+const CONNECTION_FORCED: u16 = 320;
+
 impl ChannelClose {
     /// The close carried by `e`, when `e` is a channel-level (soft) protocol error.
     pub fn from_error(e: &lapin::Error) -> Option<ChannelClose> {
         match e.kind() {
             lapin::ErrorKind::ProtocolError(amqp)
                 if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) =>
+            {
+                Some(ChannelClose {
+                    code: amqp.get_id(),
+                    text: amqp.get_message().to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The close carried by `e` when the broker closed the whole connection for something
+    /// a client sent on it: a connection-level (hard) protocol error other than 320
+    /// CONNECTION_FORCED, which an operator or a node shutting down sends (see
+    /// `actors::publisher::isolation`).
+    pub fn connection_for_input(e: &lapin::Error) -> Option<ChannelClose> {
+        match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Hard(_))
+                    && amqp.get_id() != CONNECTION_FORCED =>
             {
                 Some(ChannelClose {
                     code: amqp.get_id(),

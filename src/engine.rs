@@ -33,7 +33,7 @@ use crate::{
         dead_letter::DeadLetterActor,
         heartbeat::{Heartbeat, StopBeating},
         ledger::{Flushed, Ledger, ReleaseAll},
-        publisher::{ExchangeBook, Lane, Publisher},
+        publisher::{ExchangeBook, Isolation, Lane, Publisher, Suspects},
         retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
     },
@@ -153,6 +153,14 @@ impl Engine {
         // One Publisher per publishing connection, each with its own ConfirmTracker; what
         // they learn of exchanges they share.
         let exchanges = ExchangeBook::default();
+        let suspects = Suspects::default();
+        let isolation = Isolation::new(
+            config.clone(),
+            suspects.clone(),
+            ledger.clone(),
+            lifecycle.clone(),
+        )
+        .start();
         let publishers = (0..config.publisher.connections as usize)
             .map(|lane| {
                 let tracker = ConfirmTracker::new(
@@ -161,12 +169,15 @@ impl Engine {
                     dead_letter.clone(),
                     scheduler.clone(),
                     signals.clone(),
+                    suspects.clone(),
                 )
                 .start();
                 let publisher = Publisher::new(
                     Lane {
                         index: lane,
                         exchanges: exchanges.clone(),
+                        suspects: suspects.clone(),
+                        isolation: isolation.clone(),
                     },
                     config.clone(),
                     tracker,

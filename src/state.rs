@@ -200,6 +200,16 @@ pub enum FailureReason {
         /// AMQP reply text of the channel close.
         text: String,
     },
+    /// The broker closed the whole connection (a hard error other than 320
+    /// CONNECTION_FORCED) while this message, published alone because it was in flight when
+    /// that happened before, was the only one on it (see `actors::publisher::isolation`).
+    /// Charged, like [`FailureReason::Refused`].
+    ClosedConnection {
+        /// AMQP reply code of the connection close (e.g. 541).
+        code: u16,
+        /// AMQP reply text of the connection close.
+        text: String,
+    },
     /// Its lease expired while another engine (or a crashed one) held it.
     LeaseExpired,
 }
@@ -236,6 +246,10 @@ impl fmt::Display for FailureReason {
             FailureReason::Refused { code, text } => {
                 write!(f, "refused by broker (channel closed): {code} {text}")
             }
+            FailureReason::ClosedConnection { code, text } => write!(
+                f,
+                "the broker closed the connection when it was published alone: {code} {text}"
+            ),
             FailureReason::LeaseExpired => {
                 f.write_str("lease expired before a confirm was recorded")
             }

@@ -50,6 +50,7 @@ use uuid::Uuid;
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     ledger::{Ledger, Record},
+    publisher::Suspects,
     scheduler::{KeyTurn, Scheduler},
 };
 use crate::{
@@ -90,7 +91,13 @@ pub struct Unsent(pub Vec<(Delivery, FailureReason)>);
 /// The connection is gone: every tracked message failed with it.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ConnectionLost(pub String);
+pub struct ConnectionLost {
+    /// What happened, for the rows' `last_error`.
+    pub why: String,
+    /// The broker closed it for something sent on it: every message in flight becomes a
+    /// suspect, to be published alone (see `publisher::isolation`).
+    pub for_input: bool,
+}
 
 /// A publish round starts writing: until its `Written`, an ack may have its return on one
 /// of the round's confirms, not tracked yet.
@@ -140,6 +147,8 @@ pub struct ConfirmTracker {
     /// Told keyed rows' answers at once (see `KeyTurn`).
     scheduler: Addr<Scheduler>,
     signals: Signals,
+    /// Shared with the engine's publishers (see `publisher::isolation`).
+    suspects: Suspects,
     in_flight: InFlightTable,
     pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
     /// Futures sent to the pump so far.
@@ -163,6 +172,7 @@ impl ConfirmTracker {
         dead_letter: Addr<DeadLetterActor>,
         scheduler: Addr<Scheduler>,
         signals: Signals,
+        suspects: Suspects,
     ) -> Self {
         ConfirmTracker {
             config,
@@ -170,6 +180,7 @@ impl ConfirmTracker {
             dead_letter,
             scheduler,
             signals,
+            suspects,
             in_flight: InFlightTable::new(),
             pump: None,
             sent: 0,
@@ -263,7 +274,12 @@ impl ConfirmTracker {
             Ok(Confirmation::NotRequested) => Answer::Lost("channel not in confirm mode".into()),
             Err(e) => match ChannelClose::from_error(&e) {
                 Some(close) => Answer::Closed(close),
-                None => Answer::Lost(e.to_string()),
+                None => {
+                    if ChannelClose::connection_for_input(&e).is_some() {
+                        self.suspects.add([r.id]);
+                    }
+                    Answer::Lost(e.to_string())
+                }
             },
         };
         match self.in_flight.settle(r.id, r.token, answer) {
@@ -497,10 +513,19 @@ impl Handler<ConnectionLost> for ConfirmTracker {
         self.writing = 0;
         self.held.clear();
         let mut out = Outcomes::default();
-        for delivery in self.in_flight.drain() {
+        let lost = self.in_flight.drain();
+        if msg.for_input && !lost.is_empty() {
+            tracing::warn!(
+                suspects = lost.len(),
+                "the broker closed the connection over something sent on it; each message \
+                 that was in flight is published alone next, to find the one"
+            );
+            self.suspects.add(lost.iter().map(|d| d.message.id));
+        }
+        for delivery in lost {
             self.fail(
                 delivery,
-                FailureReason::ChannelLost(msg.0.clone()),
+                FailureReason::ChannelLost(msg.why.clone()),
                 &mut out,
             );
         }

@@ -53,11 +53,13 @@ use lapin::{
 };
 
 mod exchanges;
+mod isolation;
 mod probe;
 mod stuck;
 
 pub use exchanges::ExchangeBook;
 use exchanges::{exchange_exists, probe_new_exchanges};
+pub use isolation::{Isolate, Isolation, Suspect, Suspects};
 use stuck::ChannelAnswers;
 
 use super::{
@@ -93,6 +95,8 @@ struct ChannelClosed {
 struct ConnectionFailed {
     generation: u64,
     why: String,
+    /// The broker closed it for something sent on it (see `isolation`).
+    for_input: bool,
 }
 
 struct Link {
@@ -112,6 +116,10 @@ pub struct Lane {
     pub index: usize,
     /// Shared by every lane of the engine.
     pub exchanges: ExchangeBook,
+    /// Messages to publish alone, shared by every lane and tracker of the engine.
+    pub suspects: Suspects,
+    /// Where suspects are published.
+    pub isolation: Addr<Isolation>,
 }
 
 /// See the module documentation.
@@ -120,6 +128,8 @@ pub struct Publisher {
     lane: usize,
     /// Shared with the engine's other publishers.
     exchanges: ExchangeBook,
+    suspects: Suspects,
+    isolation: Addr<Isolation>,
     config: Arc<Config>,
     tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
@@ -144,6 +154,8 @@ impl Publisher {
         Lane {
             index: lane,
             exchanges,
+            suspects,
+            isolation,
         }: Lane,
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
@@ -155,6 +167,8 @@ impl Publisher {
         Publisher {
             lane,
             exchanges,
+            suspects,
+            isolation,
             config,
             tracker,
             scheduler,
@@ -233,8 +247,9 @@ impl Publisher {
         );
     }
 
-    /// The connection is gone: fail what was in flight and start over.
-    fn lost(&mut self, ctx: &mut Context<Self>, why: String) {
+    /// The connection is gone: fail what was in flight and start over. `for_input`: the
+    /// broker closed it for something sent on it (see `isolation`).
+    fn lost(&mut self, ctx: &mut Context<Self>, why: String, for_input: bool) {
         if self.link.is_none() {
             return;
         }
@@ -244,7 +259,7 @@ impl Publisher {
         self.next_node = self.node + 1;
         self.signals.broker_disconnected(why.clone());
         self.scheduler.do_send(self.ready(false));
-        self.tracker.do_send(ConnectionLost(why));
+        self.tracker.do_send(ConnectionLost { why, for_input });
         ctx.stop(); // the Supervisor restarts us: `restarting`, then `started` reconnects.
     }
 
@@ -298,7 +313,7 @@ impl Publisher {
                     link.channel_no = act.channels_opened;
                     link.answers = ChannelAnswers::default();
                 }
-                (Err(e), _) => act.lost(ctx, format!("cannot reopen channel: {e}")),
+                (Err(e), _) => act.lost(ctx, format!("cannot reopen channel: {e}"), false),
                 (Ok(_), None) => {}
             }),
         );
@@ -374,6 +389,7 @@ fn watch(
                     None => publisher.do_send(ConnectionFailed {
                         generation,
                         why: e.to_string(),
+                        for_input: ChannelClose::connection_for_input(&e).is_some(),
                     }),
                 },
                 _ => {}
@@ -382,6 +398,7 @@ fn watch(
         publisher.do_send(ConnectionFailed {
             generation,
             why: "connection closed".into(),
+            for_input: false,
         });
     });
 }
@@ -420,9 +437,23 @@ fn routes_to_direct_reply_to(m: &crate::OutboxMessage) -> bool {
         .any(|key| key.starts_with(DIRECT_REPLY_TO))
 }
 
+/// Debug builds only: `COURIER_TESTING_PUBLISH_REPLY_TO` set lets direct reply-to keys
+/// through, so that a test can make the broker close a connection over one message and
+/// watch the engine find it (`tests/isolation.rs`). Release builds always refuse them.
+#[cfg(debug_assertions)]
+fn reply_to_let_through() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("COURIER_TESTING_PUBLISH_REPLY_TO").is_some())
+}
+
+#[cfg(not(debug_assertions))]
+fn reply_to_let_through() -> bool {
+    false
+}
+
 fn prepare(d: &mut Delivery, max_payload: u64, frame_max: u32) -> Result<Prepared, String> {
     let m = &d.message;
-    if m.exchange.is_empty() && routes_to_direct_reply_to(m) {
+    if m.exchange.is_empty() && routes_to_direct_reply_to(m) && !reply_to_let_through() {
         // RabbitMQ decodes the rest of such a key as the requester's channel; a suffix it
         // cannot decode closes the whole connection (541 INTERNAL_ERROR) naming no message,
         // so the row would be refunded and published again for ever, taking every
@@ -659,14 +690,14 @@ impl Handler<ConnectionFailed> for Publisher {
             return; // an old connection's last words
         }
         if !self.link_alive() {
-            self.lost(ctx, msg.why);
+            self.lost(ctx, msg.why, msg.for_input);
             return;
         }
         // The error may be reported before the status flips: look again shortly.
         let generation = msg.generation;
         ctx.run_later(Duration::from_secs(1), move |act, ctx| {
             if act.generation == generation && act.link.is_some() && !act.link_alive() {
-                act.lost(ctx, msg.why);
+                act.lost(ctx, msg.why, msg.for_input);
             }
         });
     }
@@ -706,6 +737,7 @@ impl Handler<Publish> for Publisher {
         book.prune();
         let mut ready = Vec::with_capacity(msg.0.len());
         let mut rejected = Vec::new();
+        let mut suspects = Vec::new();
         let mut unknown = HashSet::new();
         for mut d in msg.0 {
             if let Some(close) = book.refusal(&d.message.exchange) {
@@ -717,6 +749,15 @@ impl Handler<Publish> for Publisher {
                 continue;
             }
             match prepare(&mut d, max_payload, frame_max) {
+                Ok(p) if self.suspects.contains(&d.message.id) => {
+                    self.next_token += 1;
+                    suspects.push(Suspect {
+                        delivery: d,
+                        prepared: p,
+                        token: self.next_token,
+                        tracker: self.tracker.clone(),
+                    });
+                }
                 Ok(p) => {
                     if !book.known(&d.message.exchange) {
                         unknown.insert(d.message.exchange.clone());
@@ -730,6 +771,9 @@ impl Handler<Publish> for Publisher {
         drop(book);
         if !rejected.is_empty() {
             self.tracker.do_send(Unsent(rejected));
+        }
+        if !suspects.is_empty() {
+            self.isolation.do_send(Isolate(suspects));
         }
         let Some(link) = self.link.as_mut() else {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
@@ -769,7 +813,7 @@ impl Handler<Publish> for Publisher {
             act.tracker.do_send(Written);
             let stuck = act.link.as_ref().and_then(|l| l.answers.stuck(now));
             if round.connection_suspect {
-                act.lost(ctx, "publishes hung on the connection".into());
+                act.lost(ctx, "publishes hung on the connection".into(), false);
             } else if round.channel_broken {
                 act.reopen_channel(ctx);
             } else if let Some(nacks) = stuck {

@@ -256,6 +256,7 @@ impl Signals {
             FailureReason::Rejected(_)
             | FailureReason::Unpublishable(_)
             | FailureReason::Refused { .. }
+            | FailureReason::ClosedConnection { .. }
             | FailureReason::LeaseExpired => (&c.rejected, None),
         };
         Counters::add(counter, 1);
