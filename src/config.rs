@@ -1311,6 +1311,38 @@ mod tests {
     }
 
     #[test]
+    fn broker_url_query_values_are_checked_at_start() {
+        for query in [
+            "heartbeat=abc",
+            "frame_max=-1",
+            "channel_max=x",
+            "connection_timeout=1s",
+        ] {
+            let url = format!("amqp://a:secretpw@h1/%2f?{query}");
+            let msg = parse_env("", &[("COURIER_BROKER_URL", url.as_str())])
+                .unwrap_err()
+                .to_string();
+            let key = query.split('=').next().unwrap_or_default();
+            assert!(
+                msg.contains("broker.url")
+                    && msg.contains(&format!("`{query}`"))
+                    && msg.contains(key),
+                "{query}: {msg}"
+            );
+            assert!(!msg.contains("secretpw"), "{msg}");
+        }
+        let msg = parse_env(
+            "",
+            &[("COURIER_BROKER_URL", "amqp://h1/%2f?auth_mechanism=x")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("not a valid AMQP URI"), "{msg}");
+        let good = "amqp://a:b@h1/%2f?heartbeat=5&frame_max=8192&channel_max=10&verify=verify_none";
+        assert!(parse_env("", &[("COURIER_BROKER_URL", good)]).is_ok());
+    }
+
+    #[test]
     fn broker_tls_keys() {
         let c = parse_env(
             "broker:\n  tls:\n    cacertfile: /etc/ca.pem\n",

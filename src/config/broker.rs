@@ -118,8 +118,40 @@ impl BrokerUrls {
                 ));
             }
             super::check_url_scheme("broker.url", url, &["amqp", "amqps"])?;
+            check_query(url)?;
         }
         Ok(())
+    }
+}
+
+/// What the connection will parse, query parameters included: `heartbeat=abc` would
+/// otherwise fail every connection attempt, retried as if the broker were away.
+fn check_query(url: &SecretUrl) -> Result<(), ConfigError> {
+    let invalid =
+        |problem: String| ConfigError::invalid("broker.url", format!("{problem} (url: {url})"));
+    if let Ok(parsed) = url::Url::parse(url.expose()) {
+        for (key, value) in parsed.query_pairs() {
+            let fits = match &*key {
+                "heartbeat" | "channel_max" => value.parse::<u16>().is_ok(),
+                "frame_max" => value.parse::<u32>().is_ok(),
+                "connection_timeout" => value.parse::<u64>().is_ok(),
+                _ => true,
+            };
+            if !fits {
+                return Err(invalid(format!(
+                    "has query parameter `{key}={}`, which is not a whole number in its range \
+                     (heartbeat in seconds, connection_timeout in milliseconds)",
+                    url.scrub(&value)
+                )));
+            }
+        }
+    }
+    match url.expose().parse::<lapin::uri::AMQPUri>() {
+        Ok(_) => Ok(()),
+        Err(why) => Err(invalid(format!(
+            "is not a valid AMQP URI: {}",
+            url.scrub(&why)
+        ))),
     }
 }
 
