@@ -366,6 +366,58 @@ async fn a_row_a_foreign_key_holds_in_the_outbox_holds_up_no_other_dead_letter()
     engine.shutdown().await;
 }
 
+#[actix_rt::test]
+async fn a_forged_registry_beat_from_the_future_holds_no_row_and_breaks_no_listing() {
+    let db = TestDb::new("forged").await;
+    let broker = TestBroker::new("forged").await;
+    let ex = &broker.exchange;
+    // A registry row no engine wrote (each beat is the database's now()), holding a row
+    // whose lease never ends: only declaring it dead brings the row back.
+    db.exec(
+        "INSERT INTO {s}.engines (id, host, pid, version, state, heartbeat_at, started_at)
+         VALUES ('forged', 'nowhere', 1, '0.0.1', 'running', 'infinity', '-infinity')",
+    )
+    .await;
+    let held = insert(
+        &db,
+        &format!(
+            "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, status, locked_by, locked_until)
+             VALUES ('{ex}', 'routed.f', 'x', 'in_flight', 'forged', 'infinity') RETURNING id"
+        ),
+    )
+    .await
+    .expect("a row the forged engine holds");
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let outcome = engine
+        .wait_for(held, WAIT)
+        .await
+        .expect("the forged engine's row is taken over");
+    assert_eq!(outcome, Outcome::Confirmed);
+    let listed = engine
+        .store()
+        .engines(Duration::from_secs(5))
+        .await
+        .expect("the registry lists");
+    assert!(
+        listed.iter().any(|e| e.id == "forged" && e.state == "dead"),
+        "{listed:?}"
+    );
+    let out = common::courier_command()
+        .args(["engines", "--json"])
+        .envs(db.process_env())
+        .output()
+        .expect("courier engines");
+    assert!(
+        out.status.success(),
+        "courier engines: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
+}
+
 #[derive(diesel::QueryableByName)]
 struct Waiting {
     #[diesel(sql_type = diesel::sql_types::BigInt)]

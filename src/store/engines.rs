@@ -182,7 +182,8 @@ pub async fn rescue(
         "WITH dead AS (
             UPDATE {s}.engines SET state = 'dead'
             WHERE state = 'running' AND id <> $1
-              AND heartbeat_at < now() - $2 * interval '1 millisecond'
+              AND (heartbeat_at < now() - $2 * interval '1 millisecond'
+                   OR heartbeat_at > now() + $2 * interval '1 millisecond')
             RETURNING id
          ), freed AS (
             UPDATE {s}.outbox o SET locked_by = NULL, locked_until = now()
@@ -296,6 +297,15 @@ pub async fn free_strays(
         .unwrap_or_default())
 }
 
+/// `column` clamped to years 1–9999: PostgreSQL's `infinity` and years past chrono's range
+/// cannot be read.
+fn readable(column: &str) -> String {
+    format!(
+        "least(greatest({column}, '0001-01-01 00:00:00+00'::timestamptz), \
+         '9999-12-31 00:00:00+00'::timestamptz)"
+    )
+}
+
 impl Store {
     /// Every engine of the registry, the rows each holds, newest first. An engine the
     /// registry says is running but whose last beat is older than `timeout` is `silent`: it
@@ -303,17 +313,23 @@ impl Store {
     /// as none does when it was the only one.
     pub(crate) async fn engines(&self, timeout: Duration) -> Result<Vec<EngineRecord>, StoreError> {
         let s = format!("\"{}\"", self.schema());
+        // Each time is clamped into what the client can read (a forged `infinity` would
+        // fail the whole listing).
         let sql = format!(
-            "SELECT e.id, e.host, e.pid, e.version, e.started_at, e.heartbeat_at,
-                    (extract(epoch FROM now() - e.heartbeat_at) * 1000)::bigint AS since_beat_ms,
+            "SELECT e.id, e.host, e.pid, e.version, {started} AS started_at,
+                    {beat} AS heartbeat_at,
+                    (extract(epoch FROM now() - {beat}) * 1000)::bigint AS since_beat_ms,
                     CASE WHEN e.state = 'running'
-                              AND e.heartbeat_at < now() - {ms} * interval '1 millisecond'
+                              AND (e.heartbeat_at < now() - {ms} * interval '1 millisecond'
+                                   OR e.heartbeat_at > now() + {ms} * interval '1 millisecond')
                          THEN 'silent' ELSE e.state END AS state,
                     (SELECT count(*) FROM {s}.outbox o
                      WHERE o.status = 'in_flight' AND o.locked_by = e.id) AS holds
              FROM {s}.engines e
              ORDER BY e.state DESC, e.started_at DESC",
-            ms = millis(timeout)
+            ms = millis(timeout),
+            started = readable("e.started_at"),
+            beat = readable("e.heartbeat_at"),
         );
         let mut conn = self.op().await?;
         Ok(conn.fetch_all(diesel::sql_query(sql)).await?)
