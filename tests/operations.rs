@@ -203,10 +203,25 @@ async fn retention_deletes_or_archives_old_confirmed_rows_only() {
         let ids = db.insert_sql(&broker.exchange, 50, "routed.{i}").await;
         engine.wait_for_all(&ids, WAIT).await.unwrap();
         let dead = dead_letters_via(&engine, 2).await;
+        // Two rows another table references by foreign key: they stay, the rest go.
+        db.exec("CREATE TABLE {s}.orders (event uuid REFERENCES {s}.outbox (id))")
+            .await;
+        db.exec(&format!(
+            "INSERT INTO {{s}}.orders VALUES ('{}'), ('{}')",
+            ids[3], ids[20]
+        ))
+        .await;
         let removed = engine.run_retention().await.unwrap();
-        assert_eq!(removed, 50, "{mode:?}");
+        assert_eq!(removed, 48, "{mode:?}");
         let stats = db.store().await.stats().await.unwrap();
-        assert_eq!(stats.count(Status::Confirmed), 0);
+        assert_eq!(stats.count(Status::Confirmed), 2);
+        let again = engine.run_retention().await;
+        assert_eq!(
+            again.ok(),
+            Some(0),
+            "the referenced rows are left out, not retried"
+        );
+        db.exec("DROP TABLE {s}.orders").await;
         assert_eq!(
             stats.dead_letters,
             dead.len() as i64,
@@ -227,7 +242,7 @@ async fn retention_deletes_or_archives_old_confirmed_rows_only() {
             .get_result(&mut conn)
             .await
             .unwrap();
-            assert_eq!(n.n, 50);
+            assert_eq!(n.n, 48);
         }
         engine.shutdown().await;
     }

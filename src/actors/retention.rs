@@ -6,11 +6,20 @@
 //! small random pause between batches so maintenance never hogs the database or holds up
 //! the claim and confirm statements. Dead letters are never touched: they stay until an
 //! operator discards them.
+//!
+//! A confirmed row another table references by foreign key cannot go, and a batch that
+//! holds one fails whole, every run. So a refused batch is removed one row at a time, and
+//! the rows the key refuses are left out of the batches ([`Kept`]) for an hour, so the rows
+//! behind them go.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
 
 use actix::prelude::*;
 use rand::Rng;
+use uuid::Uuid;
 
 use crate::{
     config::{RetentionConfig, RetentionMode},
@@ -29,6 +38,7 @@ pub struct Retention {
     config: RetentionConfig,
     signals: Signals,
     running: bool,
+    kept: Arc<Mutex<Kept>>,
 }
 
 impl Retention {
@@ -39,20 +49,78 @@ impl Retention {
             config,
             signals,
             running: false,
+            kept: Arc::default(),
         }
     }
 }
 
+/// Confirmed rows a foreign key kept in the outbox (another table references them), left out
+/// of retention's batches so that the rows beside them go; tried again after [`KEPT_FOR`].
+#[derive(Default)]
+pub struct Kept {
+    ids: Vec<Uuid>,
+    since: Option<Instant>,
+}
+
+/// How long rows a foreign key held are left out before retention tries them again.
+const KEPT_FOR: Duration = Duration::from_secs(3600);
+
+/// Rows left out at most; past it a batch a foreign key refuses fails the run, as before.
+const MAX_KEPT: usize = 10_000;
+
+impl Kept {
+    /// The ids to leave out now (none once they have been left out for [`KEPT_FOR`]).
+    fn current(&mut self) -> Vec<Uuid> {
+        if self.since.is_some_and(|since| since.elapsed() >= KEPT_FOR) {
+            *self = Kept::default();
+        }
+        self.ids.clone()
+    }
+
+    fn keep(&mut self, ids: Vec<Uuid>) {
+        if self.since.is_none() && !ids.is_empty() {
+            self.since = Some(Instant::now());
+        }
+        self.ids = ids;
+    }
+}
+
 /// Removes old confirmed rows batch by batch until a short batch. Returns the total.
-pub async fn run_once(store: &Store, config: &RetentionConfig) -> Result<usize, StoreError> {
+pub async fn run_once(
+    store: &Store,
+    config: &RetentionConfig,
+    kept: &Mutex<Kept>,
+) -> Result<usize, StoreError> {
+    let mut skip = lock(kept).current();
+    let result = purge(store, config, &mut skip).await;
+    lock(kept).keep(skip);
+    result
+}
+
+fn lock(kept: &Mutex<Kept>) -> MutexGuard<'_, Kept> {
+    kept.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn purge(
+    store: &Store,
+    config: &RetentionConfig,
+    skip: &mut Vec<Uuid>,
+) -> Result<usize, StoreError> {
     let archive = config.mode == RetentionMode::Archive;
     let mut total = 0;
     loop {
-        let n = store
-            .purge_confirmed(config.confirmed, config.batch_size, archive)
-            .await?;
-        total += n;
-        if n < config.batch_size as usize {
+        let (removed, examined) = match store
+            .purge_confirmed(config.confirmed, config.batch_size, archive, skip)
+            .await
+        {
+            Ok(n) => (n, n),
+            Err(e) if e.is_foreign_key_violation() && skip.len() < MAX_KEPT => {
+                one_at_a_time(store, config, archive, skip).await?
+            }
+            Err(e) => return Err(e),
+        };
+        total += removed;
+        if examined < config.batch_size as usize {
             if total > 0 && config.vacuum {
                 store.vacuum_outbox().await?;
             }
@@ -61,6 +129,38 @@ pub async fn run_once(store: &Store, config: &RetentionConfig) -> Result<usize, 
         let pause = rand::thread_rng().gen_range(10..50);
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
+}
+
+/// A foreign key refused the batch: its rows one at a time, each one the key refuses added
+/// to `skip`. Returns the rows removed and the rows the batch held.
+async fn one_at_a_time(
+    store: &Store,
+    config: &RetentionConfig,
+    archive: bool,
+    skip: &mut Vec<Uuid>,
+) -> Result<(usize, usize), StoreError> {
+    let ids = store
+        .old_confirmed_ids(config.confirmed, config.batch_size, skip)
+        .await?;
+    let mut removed = 0;
+    let mut refused = 0;
+    for id in &ids {
+        match store.purge_one(*id, archive).await {
+            Ok(gone) => removed += usize::from(gone),
+            Err(e) if e.is_foreign_key_violation() && skip.len() < MAX_KEPT => {
+                skip.push(*id);
+                refused += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::warn!(
+        refused,
+        kept = skip.len(),
+        "retention: a foreign key refused removing confirmed rows another table references \
+         (a reference to outbox.id); they stay, and are tried again within the hour"
+    );
+    Ok((removed, ids.len()))
 }
 
 impl Actor for Retention {
@@ -72,8 +172,8 @@ impl Actor for Retention {
                 return;
             }
             act.running = true;
-            let (store, config) = (act.store.clone(), act.config.clone());
-            async move { run_once(&store, &config).await }
+            let (store, config, kept) = (act.store.clone(), act.config.clone(), act.kept.clone());
+            async move { run_once(&store, &config, &kept).await }
                 .into_actor(act)
                 .map(|result, act, _| {
                     act.running = false;
@@ -99,13 +199,14 @@ impl Handler<RunRetention> for Retention {
     type Result = ResponseFuture<Result<usize, StoreError>>;
 
     fn handle(&mut self, _: RunRetention, _: &mut Context<Self>) -> Self::Result {
-        let (store, config, signals) = (
+        let (store, config, signals, kept) = (
             self.store.clone(),
             self.config.clone(),
             self.signals.clone(),
+            self.kept.clone(),
         );
         Box::pin(async move {
-            let n = run_once(&store, &config).await?;
+            let n = run_once(&store, &config, &kept).await?;
             signals.retention_removed(n);
             Ok(n)
         })

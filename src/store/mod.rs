@@ -114,6 +114,18 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// A foreign key refused the statement: another table still references a row it would
+    /// remove.
+    pub fn is_foreign_key_violation(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Query(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::ForeignKeyViolation,
+                _
+            ))
+        )
+    }
 }
 
 /// Checks a schema name: a plain lower-case SQL identifier that leaves room for the NOTIFY

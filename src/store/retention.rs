@@ -4,26 +4,43 @@
 
 use std::time::Duration;
 
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{Array, BigInt};
+use uuid::Uuid;
 
 use super::{millis, Schema, Store, StoreError};
 
-/// Retention's batch: the oldest confirmed rows past the age `$1` (ms), at most `$2`, SKIP
-/// LOCKED so it never waits on (or blocks) the hot path.
+/// Retention's batch: the oldest confirmed rows past the age `$1` (ms), at most `$2`, but
+/// none of `$3` (rows another table references), SKIP LOCKED so it never waits on (or
+/// blocks) the hot path.
 fn old_confirmed(s: &Schema) -> String {
     format!(
         "old AS (
                 SELECT id FROM {s}.outbox
                 WHERE status = 'confirmed' AND confirmed_at < now() - $1 * interval '1 millisecond'
+                  AND id <> ALL($3)
                 ORDER BY confirmed_at LIMIT $2
                 FOR UPDATE SKIP LOCKED
              )"
     )
 }
 
+/// -- name: old_confirmed_ids
+///
+/// The ids of [`old_confirmed`]'s batch, when it has to be removed one row at a time.
+fn old_confirmed_ids(s: &Schema) -> String {
+    let old_confirmed = old_confirmed(s);
+    format!("WITH {old_confirmed} SELECT id FROM old")
+}
+
+#[derive(diesel::QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+}
+
 /// -- name: purge_confirmed
 ///
-/// `$1` age (ms), `$2` most rows (see [`old_confirmed`]).
+/// `$1` age (ms), `$2` most rows, `$3` ids left alone (see [`old_confirmed`]).
 fn purge_confirmed(s: &Schema) -> String {
     let old_confirmed = old_confirmed(s);
     format!(
@@ -34,7 +51,7 @@ fn purge_confirmed(s: &Schema) -> String {
 
 /// -- name: archive_confirmed
 ///
-/// `$1` age (ms), `$2` most rows (see [`old_confirmed`]).
+/// `$1` age (ms), `$2` most rows, `$3` ids left alone (see [`old_confirmed`]).
 fn archive_confirmed(s: &Schema) -> String {
     let old_confirmed = old_confirmed(s);
     format!(
@@ -43,6 +60,21 @@ fn archive_confirmed(s: &Schema) -> String {
                  )
                  INSERT INTO {s}.outbox_archive SELECT * FROM moved ON CONFLICT (id) DO NOTHING"
     )
+}
+
+/// -- name: remove_one
+///
+/// Deletes (or moves to `outbox_archive`) the confirmed row `$1`: retention's way past a
+/// batch that a foreign key refused.
+fn remove_one(s: &Schema, archive: bool) -> String {
+    let delete = format!("DELETE FROM {s}.outbox WHERE id = $1 AND status = 'confirmed'");
+    match archive {
+        false => delete,
+        true => format!(
+            "WITH moved AS ({delete} RETURNING *)
+             INSERT INTO {s}.outbox_archive SELECT * FROM moved ON CONFLICT (id) DO NOTHING"
+        ),
+    }
 }
 
 /// -- name: vacuum_outbox
@@ -56,11 +88,13 @@ fn vacuum(s: &Schema) -> String {
 impl Store {
     /// Deletes (or, with `archive`, moves to `outbox_archive`) up to `limit` rows confirmed
     /// more than `older_than` ago. Returns how many.
+    /// `kept` are left alone (rows another table references, see `actors::retention`).
     pub(crate) async fn purge_confirmed(
         &self,
         older_than: Duration,
         limit: u32,
         archive: bool,
+        kept: &[Uuid],
     ) -> Result<usize, StoreError> {
         let sql = if archive {
             archive_confirmed(&self.schema)
@@ -72,9 +106,40 @@ impl Store {
             .run(
                 diesel::sql_query(sql)
                     .bind::<BigInt, _>(millis(older_than))
-                    .bind::<BigInt, _>(i64::from(limit)),
+                    .bind::<BigInt, _>(i64::from(limit))
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(kept),
             )
             .await?)
+    }
+
+    /// Removes the confirmed row `id` as [`purge_confirmed`](Self::purge_confirmed) would.
+    /// Returns whether it was there to remove.
+    pub(crate) async fn purge_one(&self, id: Uuid, archive: bool) -> Result<bool, StoreError> {
+        let mut conn = self.op().await?;
+        let sql = remove_one(&self.schema, archive);
+        let n = conn
+            .run(diesel::sql_query(sql).bind::<diesel::sql_types::Uuid, _>(id))
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// The ids [`purge_confirmed`](Self::purge_confirmed) would remove.
+    pub(crate) async fn old_confirmed_ids(
+        &self,
+        older_than: Duration,
+        limit: u32,
+        kept: &[Uuid],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let mut conn = self.op().await?;
+        let rows: Vec<IdRow> = conn
+            .fetch_all(
+                diesel::sql_query(old_confirmed_ids(&self.schema))
+                    .bind::<BigInt, _>(millis(older_than))
+                    .bind::<BigInt, _>(i64::from(limit))
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(kept),
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
     /// Runs a plain `VACUUM` on the outbox (after retention removed rows).
