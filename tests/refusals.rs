@@ -373,3 +373,48 @@ async fn a_probe_after_a_revoke_is_not_fooled_by_a_cached_permission() {
     assert_eq!((a.confirmed, a.dead_lettered), (2, 2));
     engine.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn rows_to_missing_exchanges_never_use_up_the_connections_channels() {
+    let db = TestDb::new("chanmax").await;
+    let broker = TestBroker::new("chanmax").await;
+    let mut config = db.engine_config();
+    // A connection with 8 channels: each 404 of a passive declare closes one, and the
+    // client library does not give a channel the broker closed back.
+    let url = format!("{}?channel_max=8", common::broker_url());
+    config.broker.url = BrokerUrls::from(SecretUrl::new(url));
+    config.publisher.connections = 1;
+    let engine = Engine::start(config).await.expect("engine starts");
+    let mut bad = Vec::new();
+    for i in 0..30 {
+        let m = OutboxMessage::new(
+            format!("{}.missing.{i}", broker.exchange),
+            "k",
+            b"x".to_vec(),
+        )
+        .with_max_attempts(1);
+        engine.store().enqueue(&m).await.expect("enqueue");
+        bad.push(m.id);
+    }
+    let outcomes = engine
+        .wait_for_all(&bad, Duration::from_secs(60))
+        .await
+        .expect("every row to a missing exchange is dead-lettered");
+    for id in &bad {
+        match &outcomes[id] {
+            Outcome::DeadLettered(why) => assert!(why.contains("does not exist"), "{why}"),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    // The exchange of these has not been checked on this connection yet.
+    let good = db.insert_sql(&broker.exchange, 50, "routed.{i}").await;
+    engine.nudge();
+    let outcomes = engine
+        .wait_for_all(&good, Duration::from_secs(60))
+        .await
+        .expect("rows to an existing exchange still go out");
+    assert!(good.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+    let a = audit(&db, &broker, &broker.queue, &good).await;
+    assert_eq!(a.confirmed, good.len());
+    engine.shutdown().await;
+}

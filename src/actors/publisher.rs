@@ -58,7 +58,7 @@ mod probe;
 mod stuck;
 
 pub use exchanges::ExchangeBook;
-use exchanges::{exchange_exists, probe_new_exchanges};
+use exchanges::{exchange_exists, probe_new_exchanges, CheckFailed};
 pub use isolation::{Isolate, Isolation, Suspect, Suspects};
 use stuck::ChannelAnswers;
 
@@ -512,6 +512,9 @@ struct Round {
     channel_broken: bool,
     /// The writes hung: the whole connection is presumed dead.
     connection_suspect: bool,
+    /// No channel could be opened for a check or a probe: the connection has no channel
+    /// number left (see `exchanges::MISSING_FOR`), so only a new connection can go on.
+    channels_exhausted: bool,
 }
 
 /// The publishing channel of one round, with the publisher's number for it.
@@ -527,6 +530,7 @@ async fn publish_round(
     mut side: Option<Channel>,
     ready: Vec<(Delivery, Prepared, u64)>,
     unknown: HashSet<String>,
+    missing: HashSet<String>,
     check_timeout: Duration,
     signals: Signals,
 ) -> Round {
@@ -539,13 +543,17 @@ async fn publish_round(
     let mut exchanges = HashMap::new();
     let mut unsent = Vec::new();
     let mut check_failed: Option<String> = None;
+    let mut channels_exhausted = false;
     for name in unknown {
         // Bounded: a stalled broker must not hold the publisher (and its mailbox) forever.
         match tokio::time::timeout(check_timeout, exchange_exists(&conn, &mut side, &name)).await {
             Ok(Ok(exists)) => {
                 exchanges.insert(name, exists);
             }
-            Ok(Err(e)) => check_failed = Some(e),
+            Ok(Err(CheckFailed { why, exhausted })) => {
+                channels_exhausted |= exhausted;
+                check_failed = Some(why);
+            }
             Err(_) => {
                 side = None;
                 check_failed = Some(format!(
@@ -558,7 +566,8 @@ async fn publish_round(
     let mut to_send = Vec::with_capacity(ready.len());
     for (d, p, token) in ready {
         let ex = &d.message.exchange;
-        match exchanges.get(ex) {
+        let missing_lately = missing.contains(ex).then_some(&false);
+        match exchanges.get(ex).or(missing_lately) {
             Some(false) => {
                 let why = format!("exchange `{ex}` does not exist (404 NOT_FOUND)");
                 unsent.push((d, FailureReason::Rejected(why)));
@@ -619,6 +628,7 @@ async fn publish_round(
             refused: probed.refused,
             channel_broken: true,
             connection_suspect: true,
+            channels_exhausted: false,
         };
     };
     let mut published = probed.published;
@@ -647,6 +657,7 @@ async fn publish_round(
         refused: probed.refused,
         channel_broken: channel_broken || !channel.status().connected(),
         connection_suspect: false,
+        channels_exhausted: channels_exhausted || probed.exhausted,
     }
 }
 
@@ -739,6 +750,7 @@ impl Handler<Publish> for Publisher {
         let mut rejected = Vec::new();
         let mut suspects = Vec::new();
         let mut unknown = HashSet::new();
+        let mut missing = HashSet::new();
         for mut d in msg.0 {
             if let Some(close) = book.refusal(&d.message.exchange) {
                 let why = FailureReason::Refused {
@@ -759,8 +771,11 @@ impl Handler<Publish> for Publisher {
                     });
                 }
                 Ok(p) => {
-                    if !book.known(&d.message.exchange) {
-                        unknown.insert(d.message.exchange.clone());
+                    let ex = &d.message.exchange;
+                    if book.missing(ex) {
+                        missing.insert(ex.clone());
+                    } else if !book.known(ex) {
+                        unknown.insert(ex.clone());
                     }
                     self.next_token += 1;
                     ready.push((d, p, self.next_token));
@@ -790,6 +805,7 @@ impl Handler<Publish> for Publisher {
             link.side.take(),
             ready,
             unknown,
+            missing,
             self.config.broker.connect_timeout,
             self.signals.clone(),
         );
@@ -814,6 +830,10 @@ impl Handler<Publish> for Publisher {
             let stuck = act.link.as_ref().and_then(|l| l.answers.stuck(now));
             if round.connection_suspect {
                 act.lost(ctx, "publishes hung on the connection".into(), false);
+            } else if round.channels_exhausted {
+                let why = "no channel left to open on the connection (the client library does \
+                           not give back channels the broker closed); connecting again";
+                act.lost(ctx, why.into(), false);
             } else if round.channel_broken {
                 act.reopen_channel(ctx);
             } else if let Some(nacks) = stuck {

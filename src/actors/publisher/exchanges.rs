@@ -23,6 +23,12 @@ use crate::{
 /// How long a positive passive-declare result, or an exchange refusal, is trusted.
 const TRUSTED_FOR: Duration = Duration::from_secs(30);
 
+/// How long a 404 from a passive declare is trusted. Each 404 closes a channel, and the
+/// client library does not give a channel the broker closed back to the connection's
+/// `channel_max` (lapin 4.12): without this, rows to a missing exchange spent one channel
+/// each until none was left for any exchange (see `Round::channels_exhausted`).
+const MISSING_FOR: Duration = Duration::from_secs(5);
+
 /// What an engine's publishers know of exchanges, shared by all of its connections: whether
 /// an exchange exists, and whether the broker refused it, are facts of the broker's vhost,
 /// not of one connection. So a connection's first row to an exchange another connection has
@@ -34,6 +40,8 @@ pub struct ExchangeBook(Arc<Mutex<Entries>>);
 #[derive(Default)]
 pub(super) struct Entries {
     known: HashMap<String, Instant>,
+    /// Exchanges a passive declare found missing, and when.
+    missing: HashMap<String, Instant>,
     /// Exchanges the broker refused by closing the channel, with when and why.
     refused: HashMap<String, (Instant, ChannelClose)>,
 }
@@ -56,6 +64,13 @@ impl Entries {
                 .is_some_and(|at| at.elapsed() < TRUSTED_FOR)
     }
 
+    /// Whether a passive declare found `name` missing moments ago.
+    pub(super) fn missing(&self, name: &str) -> bool {
+        self.missing
+            .get(name)
+            .is_some_and(|at| at.elapsed() < MISSING_FOR)
+    }
+
     /// Why the broker refused `name` lately, if it did.
     pub(super) fn refusal(&self, name: &str) -> Option<ChannelClose> {
         self.refused
@@ -67,6 +82,7 @@ impl Entries {
     /// Drops refusals no longer trusted.
     pub(super) fn prune(&mut self) {
         self.refused.retain(|_, (at, _)| at.elapsed() < TRUSTED_FOR);
+        self.missing.retain(|_, at| at.elapsed() < MISSING_FOR);
     }
 
     /// After a reconnect or a new publishing channel every exchange is checked again (the
@@ -85,9 +101,11 @@ impl Entries {
     ) {
         for (name, exists) in exists {
             if exists {
+                self.missing.remove(&name);
                 self.known.insert(name, now);
             } else {
                 self.known.remove(&name);
+                self.missing.insert(name, now);
             }
         }
         for (name, close) in refused {
@@ -106,12 +124,33 @@ fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404)
 }
 
+/// Whether `e` says the connection has no channel number left to open.
+pub(super) fn channels_exhausted(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ChannelsLimitReached)
+}
+
+/// Why a passive declare gave no answer.
+pub(super) struct CheckFailed {
+    pub(super) why: String,
+    /// No channel could be opened: the connection has none left (see [`MISSING_FOR`]).
+    pub(super) exhausted: bool,
+}
+
+impl From<String> for CheckFailed {
+    fn from(why: String) -> Self {
+        CheckFailed {
+            why,
+            exhausted: false,
+        }
+    }
+}
+
 /// Passive declare on the side channel (reopened as needed: a 404 closes it).
 pub(super) async fn exchange_exists(
     conn: &Connection,
     side: &mut Option<Channel>,
     name: &str,
-) -> Result<bool, String> {
+) -> Result<bool, CheckFailed> {
     let channel = side_channel(conn, side).await?;
     let options = ExchangeDeclareOptions {
         passive: true,
@@ -129,18 +168,24 @@ pub(super) async fn exchange_exists(
         }
         Err(e) => {
             *side = None;
-            Err(e.to_string())
+            Err(e.to_string().into())
         }
     }
 }
 
 /// The side channel, opened when missing. It only declares (probes publish on channels of
 /// their own), so it needs no confirm mode.
-async fn side_channel(conn: &Connection, side: &mut Option<Channel>) -> Result<Channel, String> {
+async fn side_channel(
+    conn: &Connection,
+    side: &mut Option<Channel>,
+) -> Result<Channel, CheckFailed> {
     if let Some(c) = side.as_ref().filter(|c| c.status().connected()) {
         return Ok(c.clone());
     }
-    let c = conn.create_channel().await.map_err(|e| e.to_string())?;
+    let c = conn.create_channel().await.map_err(|e| CheckFailed {
+        why: e.to_string(),
+        exhausted: channels_exhausted(&e),
+    })?;
     *side = Some(c.clone());
     Ok(c)
 }
@@ -151,6 +196,8 @@ pub(super) struct Probed {
     pub(super) published: Vec<Published>,
     pub(super) unsent: Vec<(Delivery, FailureReason)>,
     pub(super) refused: Vec<(String, ChannelClose)>,
+    /// No channel could be opened for a probe: the connection has none left.
+    pub(super) exhausted: bool,
 }
 
 /// Probes each exchange the passive declares just found (see `probe`) with its first row in
@@ -179,6 +226,10 @@ pub(super) async fn probe_new_exchanges(
         let channel = match tokio::time::timeout(bound, confirm_channel(conn)).await {
             Ok(Ok(c)) => c,
             // No channel to probe on: the rows go to the publishing channel unprobed.
+            Ok(Err(crate::broker::BrokerError::Amqp(e))) if channels_exhausted(&e) => {
+                out.exhausted = true;
+                break;
+            }
             _ => break,
         };
         let (d, p, token) = to_send.remove(first);
