@@ -43,6 +43,9 @@ use crate::{
     store::{self, Outcome, Store, StoreError, NOTIFY_RELEASED},
 };
 
+/// How often a draining shutdown counts what is left when no event came.
+const SHUTDOWN_RECOUNT: Duration = Duration::from_millis(100);
+
 /// Why the engine could not start, or a wait failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -468,7 +471,10 @@ impl EngineHandle {
             server.stop(true).await;
         }
         while left > 0 && Instant::now() < deadline {
-            let _ = tokio::time::timeout_at(deadline.into(), events.recv()).await;
+            // Woken by a settlement's event, or after a short while at most: rows given
+            // back unpublished (the rest of a key's run) settle the count without one.
+            let wake = deadline.min(Instant::now() + SHUTDOWN_RECOUNT);
+            let _ = tokio::time::timeout_at(wake.into(), events.recv()).await;
             left = self.outstanding().await;
         }
         let flush_by = deadline.max(Instant::now() + Duration::from_secs(1));

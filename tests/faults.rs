@@ -255,6 +255,39 @@ async fn graceful_shutdown_releases_what_it_could_not_settle() {
     next.shutdown().await;
 }
 
+/// Runs of keyed rows a stopping engine gives back unpublished settle its count without an
+/// event: the shutdown must see that, not wait out `shutdown.timeout`.
+#[actix_rt::test]
+async fn a_shutdown_with_key_runs_in_hand_ends_once_they_are_given_back() {
+    let db = TestDb::new("stopruns").await;
+    let broker = TestBroker::new("stopruns").await;
+    let mut config = db.engine_config();
+    config.shutdown.timeout = Duration::from_secs(60);
+    let engine = Engine::start(config).await.expect("engine");
+    let mut events = engine.subscribe();
+    let ids = common::ordering::insert_keyed(&db, &broker.exchange, 5, 600)
+        .await
+        .all;
+    confirmed_at_least(&mut events, 50).await;
+    within(
+        20,
+        "a shutdown well inside its 60 s timeout",
+        engine.shutdown(),
+    )
+    .await;
+    assert_eq!(db.count(Status::InFlight).await, 0, "no lease left behind");
+
+    let next = Engine::start(db.engine_config())
+        .await
+        .expect("next engine");
+    next.wait_for_all(&ids, Duration::from_secs(60))
+        .await
+        .expect("the next engine delivers the rest");
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    next.shutdown().await;
+}
+
 /// The rows a stopping engine gives back are due at once, but no insert announces them: the
 /// engine wakes the others itself. The engine already running here sweeps every ten
 /// minutes, so only that NOTIFY can bring it to them within the test's bound.
