@@ -588,6 +588,55 @@ async fn a_delayed_key_goes_when_due_while_busy_keys_keep_running() {
     engine.shutdown().await;
 }
 
+/// Keys whose only rows are delayed are visited by a walk too: a walk visits at most 1,000
+/// keys on each side of its cursor, and one that finds nothing moves the cursor past them,
+/// so a ready key far beyond them is reached by a later walk, not by one that visits them
+/// all.
+#[tokio::test]
+async fn a_walk_is_bounded_and_goes_on_past_keys_whose_rows_are_delayed() {
+    let db = TestDb::new("ord_bounded").await;
+    let store = db.store().await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload, ordering_key, next_attempt_at)
+         SELECT 'ex', 'r', 'x', 'a' || lpad(i::text, 5, '0'), now() + interval '1 hour'
+         FROM generate_series(1, 2500) i",
+    )
+    .await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload, ordering_key)
+         SELECT 'ex', 'r', 'x', 'z' || i FROM generate_series(1, 3) i",
+    )
+    .await;
+    let mut scan = runs_of(0);
+    let mut walks = 0;
+    let found = loop {
+        walks += 1;
+        assert!(walks <= 4, "the ready keys were never reached");
+        let claimed = store
+            .claim_keyed("e", 100, LONG, &scan)
+            .await
+            .expect("claim");
+        if !claimed.messages.is_empty() {
+            break claimed.messages;
+        }
+        assert!(
+            claimed.next_key > scan.after,
+            "the cursor moves on: {:?}",
+            claimed.next_key
+        );
+        scan.after = claimed.next_key;
+    };
+    assert_eq!(
+        walks, 3,
+        "1,000 delayed keys per walk before the ready ones"
+    );
+    let keys: Vec<_> = found
+        .iter()
+        .filter_map(|m| m.ordering_key.clone())
+        .collect();
+    assert_eq!(keys, ["z1", "z2", "z3"]);
+}
+
 /// Claimed rows' ids by key, in the order the claim returned them.
 fn by_key(claimed: &[OutboxMessage]) -> HashMap<String, Vec<Uuid>> {
     let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();
