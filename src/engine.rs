@@ -353,6 +353,13 @@ impl EngineHandle {
         self.inner.signals.metrics()
     }
 
+    /// Whether the engine's own registry beat succeeded lately (within half of
+    /// `scheduler.engine_timeout`): the database answers the engine, whichever host of the
+    /// URL that now is.
+    pub(crate) fn beating(&self) -> bool {
+        self.inner.lifecycle.liveness.fresh()
+    }
+
     /// The broker link state.
     pub fn broker_state(&self) -> BrokerState {
         self.inner.signals.broker_state()

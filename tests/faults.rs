@@ -826,8 +826,12 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
         "postgres://postgres@{},127.0.0.1:5432/postgres?sslmode=disable",
         first.addr
     ));
-    config.database.connect_timeout = Duration::from_secs(1);
+    // Longer than /ready's own 2 s: a probe connection opening towards the silent host
+    // never reaches the second one within it.
+    config.database.connect_timeout = Duration::from_secs(3);
     config.scheduler.lease_duration = Duration::from_secs(5);
+    let admin = format!("127.0.0.1:{}", Proxy::free_port());
+    config.admin.bind = Some(admin.clone());
     let engine = Engine::start(config).await.expect("engine starts");
     let before = db.insert_sql(&broker.exchange, 200, "routed.a{i}").await;
     engine.nudge();
@@ -837,6 +841,8 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
         .expect("first rows");
     assert!(before.iter().all(|id| outcomes[id] == Outcome::Confirmed));
     assert!(first.connections() > 0, "the first host was not used");
+    // /ready's own connection is open now, to the first host.
+    assert_eq!(common::http(&admin, "GET", "/ready", None).await.0, 200);
 
     first.stall(true);
     let after = db.insert_sql(&broker.exchange, 200, "routed.b{i}").await;
@@ -846,6 +852,16 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
         .await
         .expect("rows committed after the first host went silent");
     assert!(after.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+    // The engine works through the second host, and says so: /ready does not keep asking
+    // a connection to the silent one.
+    eventually(30, "/ready while the first host is silent", || async {
+        let (code, body) = common::http(&admin, "GET", "/ready", None).await;
+        (code == 200).then_some(()).or_else(|| {
+            eprintln!("/ready: {code} {body}");
+            None
+        })
+    })
+    .await;
     let all: Vec<Uuid> = before.into_iter().chain(after).collect();
     let a = audit(&db, &broker, &broker.queue, &all).await;
     assert_eq!(a.confirmed, all.len());

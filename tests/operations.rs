@@ -6,14 +6,13 @@ mod common;
 use courier::testing::StoreInternals as _;
 use std::{process::Command, time::Duration};
 
-use common::{broker::TestBroker, TestDb};
+use common::{broker::TestBroker, http, TestDb};
 use courier::{
     config::RetentionMode,
     testing::{DeadLetterUpdate, MessageState},
     Engine, OutboxMessage, Outcome, Status,
 };
 use lapin::types::AMQPValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -276,30 +275,6 @@ async fn traceparent_on_the_row_reaches_the_consumer() {
 }
 
 /// A minimal HTTP/1.1 client for the admin API (one request per connection).
-async fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect admin");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn free_addr() -> String {
     format!("127.0.0.1:{}", common::proxy::Proxy::free_port())
 }

@@ -78,9 +78,18 @@ fn broker(state: &AdminState) -> &'static str {
     state.engine.broker_state().as_str()
 }
 
-/// Connectivity only: `SELECT 1` on the probe connection and the broker's state; no counts.
+/// Connectivity only: the database answers (the engine's own beat succeeded lately, else
+/// `SELECT 1` on the probe connection) and the broker's state; no counts. The beat comes
+/// first: after a failover it has found the new primary while a probe connection may still
+/// be opening towards a frozen first host of the URL.
 async fn ready(state: State) -> HttpResponse {
-    let database_error = match tokio::time::timeout(READY_TIMEOUT, state.db.ping()).await {
+    let ping = async {
+        match state.engine.beating() {
+            true => Ok(()),
+            false => state.db.ping().await,
+        }
+    };
+    let database_error = match tokio::time::timeout(READY_TIMEOUT, ping).await {
         Ok(Ok(())) => None,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "readiness: database check failed");

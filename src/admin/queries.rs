@@ -32,6 +32,9 @@ const ERROR_MAX: i32 = 4096;
 pub const PAYLOAD_MAX: i32 = 1024 * 1024;
 /// Headers larger than this (as JSON text) are withheld from a payload read.
 pub const HEADERS_MAX: i32 = 64 * 1024;
+/// How long the readiness probe's `SELECT 1` may go unanswered before its connection is
+/// given up: under `/ready`'s own bound of two seconds, so the connection goes first.
+const PROBE_BOUND: Duration = Duration::from_millis(1500);
 
 /// Why the admin pools could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum AdminDbError {
 
 /// The admin API's pools: `api` (`admin.pool_size` connections) for every endpoint, and
 /// `probe` (one connection) for `/ready`, so readiness never waits behind a slow query.
+///
+/// The probe's statement is bounded below `/ready`'s own two seconds (see `AdminDb::new`).
 #[derive(Clone, Debug)]
 pub struct AdminDb {
     api: Store,
@@ -147,7 +152,10 @@ impl AdminDb {
         };
         Ok(AdminDb {
             api: Store::connect(&api).await?,
-            probe: Store::connect(&probe).await?,
+            // A statement left unanswered gives its connection up (a frozen server): the
+            // next probe connects again, to the next host of a multi-host URL, instead of
+            // asking the same dead connection for ever.
+            probe: Store::connect(&probe).await?.bounded(PROBE_BOUND),
         })
     }
 
