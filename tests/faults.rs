@@ -843,6 +843,7 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
     assert!(first.connections() > 0, "the first host was not used");
     // /ready's own connection is open now, to the first host.
     assert_eq!(common::http(&admin, "GET", "/ready", None).await.0, 200);
+    let mut events = engine.subscribe();
 
     first.stall(true);
     let after = db.insert_sql(&broker.exchange, 200, "routed.b{i}").await;
@@ -860,6 +861,12 @@ async fn a_silent_first_database_host_gives_way_to_the_next() {
             eprintln!("/ready: {code} {body}");
             None
         })
+    })
+    .await;
+    // Its LISTEN connection, on the silent host, gets no notification any more: its own
+    // repeated self-check does not come back, and it listens on the second host.
+    wait_event(&mut events, 90, "LISTEN again, on the second host", |e| {
+        matches!(e, EngineEvent::ListenerReady { receiving: true })
     })
     .await;
     let all: Vec<Uuid> = before.into_iter().chain(after).collect();

@@ -6,6 +6,13 @@
 //! ever arrives, and the only symptom would be latency. When the check fails the engine
 //! says so loudly and the sweep carries the load. A lost connection is re-established; the
 //! sweep covers the gap.
+//!
+//! A connection to a frozen server (a primary that stopped answering, after a failover to
+//! its standby) is not lost as far as TCP can tell: notifications simply stop. So while
+//! notifications are known to arrive, the listener repeats its self-check every
+//! [`RECHECK_EVERY`] through the pool (which reaches whichever host answers now), and a
+//! check that does not come back within [`RECHECK_WAIT`] ends the connection, which is then
+//! made again from the URL's first host that answers.
 
 use std::time::Duration;
 
@@ -21,6 +28,10 @@ use crate::{
 
 const SELF_CHECK_WAIT: Duration = Duration::from_secs(2);
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// How often a receiving listener checks that its own NOTIFY still comes back.
+const RECHECK_EVERY: Duration = Duration::from_secs(15);
+/// How long a repeated self-check may take before the connection is presumed dead.
+const RECHECK_WAIT: Duration = Duration::from_secs(10);
 
 /// Starts the listener task; it ends when the Scheduler stops.
 pub fn start(ctx: &mut Context<Scheduler>, store: Store, engine_id: String, signals: Signals) {
@@ -78,15 +89,79 @@ async fn listen(
     addr.do_send(Wake::ALL);
 
     let mut alive = tokio::time::interval(Duration::from_secs(1));
+    let mut check = Recheck::new(receiving, engine_id);
     loop {
         tokio::select! {
             note = stream.next() => match note {
+                Some(Ok(n)) if check.answers(&n.payload) => {}
                 Some(Ok(n)) => addr.do_send(wake_for(&n.payload)),
                 Some(Err(e)) => return Err(StoreError::Query(e)),
                 None => return Err(StoreError::Pool("LISTEN connection closed".into())),
             },
-            _ = alive.tick() => if !addr.connected() { return Ok(()) },
+            _ = alive.tick() => {
+                if !addr.connected() {
+                    return Ok(());
+                }
+                if let Some(token) = check.due()? {
+                    // Through the pool; a failure here is the database's, not this
+                    // connection's, and the next check tries again.
+                    let _ = tokio::time::timeout(RECHECK_WAIT, store.notify(&token)).await;
+                }
+            }
         }
+    }
+}
+
+/// The repeated self-check of a receiving listener (see the module documentation).
+struct Recheck {
+    enabled: bool,
+    engine_id: String,
+    /// The token sent and when, until it comes back.
+    pending: Option<(String, std::time::Instant)>,
+    last: std::time::Instant,
+}
+
+impl Recheck {
+    fn new(enabled: bool, engine_id: &str) -> Recheck {
+        Recheck {
+            enabled,
+            engine_id: engine_id.to_owned(),
+            pending: None,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether `payload` is the pending check coming back.
+    fn answers(&mut self, payload: &str) -> bool {
+        let back = self.pending.as_ref().is_some_and(|(t, _)| t == payload);
+        if back {
+            self.pending = None;
+        }
+        back
+    }
+
+    /// A token to send now, if a check is due; an error once one did not come back in time.
+    fn due(&mut self) -> Result<Option<String>, StoreError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if let Some((_, sent)) = &self.pending {
+            if sent.elapsed() > RECHECK_WAIT {
+                return Err(StoreError::Pool(format!(
+                    "the LISTEN connection's own NOTIFY did not come back within {}: \
+                     presumed dead (a frozen server?), connecting again",
+                    humantime::format_duration(RECHECK_WAIT)
+                )));
+            }
+            return Ok(None);
+        }
+        if self.last.elapsed() < RECHECK_EVERY {
+            return Ok(None);
+        }
+        self.last = std::time::Instant::now();
+        let token = format!("self-check:{}:{}", self.engine_id, uuid::Uuid::new_v4());
+        self.pending = Some((token.clone(), self.last));
+        Ok(Some(token))
     }
 }
 
