@@ -714,6 +714,14 @@ async fn a_reused_id_dead_lettered_twice_keeps_both_failures_and_blocks_nothing(
         store.dead_letter(id).await.unwrap().unwrap().payload,
         b"second"
     );
+    // Once that copy is delivered it only waits for retention: it no longer holds the
+    // requeue back (a key blocked behind the dead letter would wait as long).
+    db.exec(&format!(
+        "UPDATE {{s}}.outbox SET status = 'confirmed', confirmed_at = now() WHERE id = '{id}'"
+    ))
+    .await;
+    assert_eq!(store.requeue_dead_letters(&[id]).await.unwrap(), vec![id]);
+    assert!(store.dead_letter(id).await.unwrap().is_none());
 }
 
 async fn superseded_payloads(db: &TestDb, id: Uuid) -> Option<Vec<Vec<u8>>> {

@@ -96,8 +96,8 @@ pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> 
             if !kept.is_empty() {
                 println!("requeued {} dead letter(s)", moved.len());
                 bail!(
-                    "not requeued: {}: a producer reused the id and that row is still in the \
-                     outbox; requeue again once it is done",
+                    "not requeued: {}: a producer reused the id and that row is still waiting \
+                     or in flight in the outbox; requeue again once it is confirmed",
                     kept.join(", ")
                 );
             }

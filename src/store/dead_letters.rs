@@ -261,6 +261,18 @@ impl Store {
 /// (a producer reused it) stays here until that copy is done: two rows cannot share an id.
 ///
 /// `$1` dead letter ids.
+/// -- name: requeue_clear_confirmed
+///
+/// A producer reused the id of dead letter `$1[i]` and that copy is `confirmed`: delivered,
+/// so it only waits for retention, and would hold the requeue back that long (a key blocked
+/// behind the dead letter with it). It goes now, before the requeue moves the dead letter in.
+fn requeue_clear_confirmed(s: &Schema) -> String {
+    format!(
+        "DELETE FROM {s}.outbox o WHERE o.id = ANY($1) AND o.status = 'confirmed'
+           AND EXISTS (SELECT 1 FROM {s}.dead_letters d WHERE d.id = o.id)"
+    )
+}
+
 fn requeue(s: &Schema) -> String {
     format!(
         "WITH moved AS (
@@ -286,6 +298,14 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut conn = self.op().await?;
+        // Two statements, not one: a deleted row and a row inserted with its id in one
+        // statement may meet in the unique index in either order. Between them nothing is
+        // lost: the copy removed was delivered, and the dead letter is still there.
+        conn.run(
+            diesel::sql_query(requeue_clear_confirmed(&self.schema))
+                .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
+        )
+        .await?;
         let rows: Vec<IdRow> = conn
             .fetch_all(
                 diesel::sql_query(requeue(&self.schema))
