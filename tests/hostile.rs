@@ -9,7 +9,7 @@ mod common;
 use courier::testing::StoreInternals as _;
 use std::{collections::HashMap, time::Duration};
 
-use common::{audit::audit, broker::TestBroker, eventually, TestDb};
+use common::{assert_live, audit::audit, broker::TestBroker, eventually, TestDb};
 use courier::{
     config::OnDeadLetter, testing::KeyScan, Engine, EngineHandle, OutboxMessage, Outcome, Status,
 };
@@ -69,20 +69,6 @@ async fn good_confirmed_bad_dead_lettered(
         );
     }
     all
-}
-
-/// Nothing left in flight or retrying, and the engine still delivers a new row.
-async fn assert_live(db: &TestDb, engine: &EngineHandle, exchange: &str) {
-    assert_eq!(db.count(Status::InFlight).await, 0, "rows left in flight");
-    assert_eq!(db.count(Status::Retrying).await, 0, "rows left retrying");
-    let probe = OutboxMessage::new(exchange, "routed.probe", b"probe".to_vec());
-    engine.store().enqueue(&probe).await.expect("enqueue probe");
-    engine.nudge();
-    let outcome = engine
-        .wait_for(probe.id, WAIT)
-        .await
-        .expect("probe settles");
-    assert_eq!(outcome, Outcome::Confirmed, "the engine no longer delivers");
 }
 
 #[actix_rt::test]

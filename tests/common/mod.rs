@@ -412,3 +412,29 @@ pub async fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> 
         .unwrap_or_default();
     (status, body)
 }
+
+/// Nothing left in flight or retrying, and the engine still delivers a new row.
+pub async fn assert_live(db: &TestDb, engine: &courier::EngineHandle, exchange: &str) {
+    assert_eq!(
+        db.count(courier::Status::InFlight).await,
+        0,
+        "rows left in flight"
+    );
+    assert_eq!(
+        db.count(courier::Status::Retrying).await,
+        0,
+        "rows left retrying"
+    );
+    let probe = courier::OutboxMessage::new(exchange, "routed.probe", b"probe".to_vec());
+    engine.store().enqueue(&probe).await.expect("enqueue probe");
+    engine.nudge();
+    let outcome = engine
+        .wait_for(probe.id, std::time::Duration::from_secs(120))
+        .await
+        .expect("probe settles");
+    assert_eq!(
+        outcome,
+        courier::Outcome::Confirmed,
+        "the engine no longer delivers"
+    );
+}
