@@ -23,6 +23,12 @@
 //! an attempt — without being published, so a refused row closes a channel a bounded number
 //! of times.
 //!
+//! A message the broker may have closed the whole connection over (it was in flight when
+//! a connection-level error came, which names no message) is a suspect: it goes to the
+//! Isolation actor, which publishes it alone on a connection of its own (`isolation`). A
+//! connection that has no channel number left (lapin does not give back a channel the
+//! broker closed, as each 404 of a passive declare does) is replaced.
+//!
 //! A batch's writes are bounded by progress (`broker::until_stalled`): the connection is
 //! presumed dead only when no write of the batch completed for `broker.connect_timeout`, so a
 //! batch of large messages on a slow link is not mistaken for a dead connection.
@@ -59,7 +65,8 @@ mod stuck;
 
 pub use exchanges::ExchangeBook;
 use exchanges::{exchange_exists, probe_new_exchanges, CheckFailed};
-pub use isolation::{Isolate, Isolation, Suspect, Suspects};
+use isolation::{Isolate, Suspect};
+pub use isolation::{Isolation, Suspects};
 use stuck::ChannelAnswers;
 
 use super::{
