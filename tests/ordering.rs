@@ -637,6 +637,32 @@ async fn a_walk_is_bounded_and_goes_on_past_keys_whose_rows_are_delayed() {
     assert_eq!(keys, ["z1", "z2", "z3"]);
 }
 
+/// The bound on a walk costs no latency: a walk cut by it is followed by the next at once,
+/// so one wake-up (here an insert's NOTIFY; the sweep is ten minutes away) reaches a new key
+/// behind thousands of keys whose only row is delayed.
+#[actix_rt::test]
+async fn a_new_key_behind_thousands_of_delayed_keys_goes_at_the_first_wake_up() {
+    let db = TestDb::new("ord_chain").await;
+    let broker = TestBroker::new("ord_chain").await;
+    db.exec(&format!(
+        "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, ordering_key, next_attempt_at)
+         SELECT '{}', 'routed.d', 'x', 'a' || lpad(i::text, 5, '0'), now() + interval '1 hour'
+         FROM generate_series(1, 3500) i",
+        broker.exchange
+    ))
+    .await;
+    let mut config = db.engine_config();
+    config.scheduler.sweep_interval = NO_SWEEP;
+    let engine = Engine::start(config).await.expect("engine starts");
+    let new = insert_key(&db, &broker.exchange, "zz", 1, 0).await;
+    let outcome = engine
+        .wait_for(new[0], Duration::from_secs(30))
+        .await
+        .expect("the new key's row, at its insert's NOTIFY");
+    assert_eq!(outcome, Outcome::Confirmed);
+    engine.shutdown().await;
+}
+
 /// Claimed rows' ids by key, in the order the claim returned them.
 fn by_key(claimed: &[OutboxMessage]) -> HashMap<String, Vec<Uuid>> {
     let mut by_key: HashMap<String, Vec<Uuid>> = HashMap::new();

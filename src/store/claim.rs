@@ -255,9 +255,10 @@ fn claim_keyed(s: &Schema) -> String {
 /// The most keys a walk visits on each side of its cursor. Keys whose head is not ready
 /// (delayed, blocked behind a dead letter, in flight) are visited too: with 200,000 keys
 /// whose only row is delayed, an unbounded walk took over a second of the database's time,
-/// once a second, and the claim round it belonged to held up unkeyed rows as long. A walk
-/// that finds nothing moves the cursor on by as many keys ([`walk_end`]), so the next walk
-/// goes on from there.
+/// and the claim round it belonged to held up unkeyed rows as long. A walk that finds
+/// nothing moves the cursor on by as many keys ([`walk_end`]) and comes back full, so the
+/// next walk goes on from there at once: a pass over the keys costs what it did, in pieces
+/// between which unkeyed claims go on.
 pub(crate) const WALK_KEYS: u32 = 1_000;
 
 /// -- name: walk_end
@@ -430,13 +431,20 @@ impl Store {
             .iter()
             .filter_map(|r| r.ordering_key.as_deref())
             .collect();
-        let next_key = match next_key(keys.after.as_deref(), &served) {
-            Some(key) => Some(key),
+        let (next_key, cut) = match next_key(keys.after.as_deref(), &served) {
+            Some(key) => (Some(key), false),
             // Nothing ready within the walk's bound: go on past the keys it visited.
-            None => Some(self.walk_end(&cursor).await?),
+            None => {
+                let end = self.walk_end(&cursor).await?;
+                let cut = !end.is_empty();
+                (Some(end), cut)
+            }
         };
         let mut claimed = self.sort_out(engine, rows, limits).await;
         claimed.next_key = next_key;
+        // Keys lie beyond the bound: the next walk goes on at once, not at the next wake-up,
+        // so a pass over every key is a chain of bounded walks.
+        claimed.full |= cut;
         Ok(claimed)
     }
 

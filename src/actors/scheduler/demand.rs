@@ -148,7 +148,9 @@ impl Demand {
     pub fn answered(&mut self, kind: Kind, outcome: Option<(usize, bool)>) -> Option<RoundEnd> {
         let round = self.round.as_mut()?;
         if let Some((got, full)) = outcome {
-            let idle = got == 0;
+            // Full with nothing claimed: a keyed walk stopped at its bound with keys left to
+            // visit, so that kind goes on.
+            let idle = got == 0 && !full;
             match kind {
                 Kind::Unkeyed => self.unkeyed_idle = idle,
                 Kind::Keyed => self.keyed_idle = idle,
@@ -188,6 +190,18 @@ mod tests {
 
     fn split(unkeyed: u32, keyed: u32) -> Option<Split> {
         Some(Split { unkeyed, keyed })
+    }
+
+    #[test]
+    fn a_full_answer_with_nothing_claimed_keeps_its_kind_awake() {
+        let mut d = Demand::default();
+        assert_eq!(d.start(10), split(5, 5));
+        d.answered(Kind::Unkeyed, Some((0, false)));
+        let end = d
+            .answered(Kind::Keyed, Some((0, true)))
+            .expect("round over");
+        assert!(end.full);
+        assert_eq!(d.start(10), split(0, 10), "the keys are walked on");
     }
 
     #[test]
