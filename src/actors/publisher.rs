@@ -779,6 +779,7 @@ impl Handler<Publish> for Publisher {
                 }
                 Ok(p) => {
                     let ex = &d.message.exchange;
+                    tracing::debug!(message_id = %d.message.id, exchange = %ex, attempt = d.attempts(), lane = self.lane, "publishing");
                     if book.missing(ex) {
                         missing.insert(ex.clone());
                     } else if !book.known(ex) {

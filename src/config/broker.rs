@@ -131,16 +131,16 @@ fn check_query(url: &SecretUrl) -> Result<(), ConfigError> {
         |problem: String| ConfigError::invalid("broker.url", format!("{problem} (url: {url})"));
     if let Ok(parsed) = url::Url::parse(url.expose()) {
         for (key, value) in parsed.query_pairs() {
-            let fits = match &*key {
-                "heartbeat" | "channel_max" => value.parse::<u16>().is_ok(),
-                "frame_max" => value.parse::<u32>().is_ok(),
-                "connection_timeout" => value.parse::<u64>().is_ok(),
-                _ => true,
+            let (fits, range) = match &*key {
+                "heartbeat" => (value.parse::<u16>().is_ok(), "0–65535 seconds"),
+                "channel_max" => (value.parse::<u16>().is_ok(), "0–65535"),
+                "frame_max" => (value.parse::<u32>().is_ok(), "0–4294967295 bytes"),
+                "connection_timeout" => (value.parse::<u64>().is_ok(), "milliseconds"),
+                _ => (true, ""),
             };
             if !fits {
                 return Err(invalid(format!(
-                    "has query parameter `{key}={}`, which is not a whole number in its range \
-                     (heartbeat in seconds, connection_timeout in milliseconds)",
+                    "has query parameter `{key}={}`, which is not a whole number ({range})",
                     url.scrub(&value)
                 )));
             }

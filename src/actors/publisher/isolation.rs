@@ -169,6 +169,7 @@ impl Isolation {
             token,
             tracker,
         } = suspect;
+        tracing::debug!(message_id = %delivery.message.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "publishing alone (a suspect)");
         let judged = async move {
             let (verdict, link) = judge(&config, link, prepared, &delivery.message.payload).await;
             (delivery, verdict, link)
