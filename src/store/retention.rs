@@ -32,6 +32,16 @@ fn old_confirmed_ids(s: &Schema) -> String {
     format!("WITH {old_confirmed} SELECT id FROM old")
 }
 
+/// What [`archive_confirmed`] did: rows that left the outbox, and rows archived (fewer when
+/// the archive already held some of the ids).
+#[derive(diesel::QueryableByName)]
+struct Archived {
+    #[diesel(sql_type = BigInt)]
+    moved: i64,
+    #[diesel(sql_type = BigInt)]
+    archived: i64,
+}
+
 #[derive(diesel::QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
@@ -57,8 +67,12 @@ fn archive_confirmed(s: &Schema) -> String {
     format!(
         "WITH {old_confirmed}, moved AS (
                     DELETE FROM {s}.outbox o USING old WHERE o.id = old.id RETURNING o.*
+                 ), archived AS (
+                    INSERT INTO {s}.outbox_archive SELECT * FROM moved ON CONFLICT (id) DO NOTHING
+                    RETURNING id
                  )
-                 INSERT INTO {s}.outbox_archive SELECT * FROM moved ON CONFLICT (id) DO NOTHING"
+                 SELECT (SELECT count(*) FROM moved) AS moved,
+                        (SELECT count(*) FROM archived) AS archived"
     )
 }
 
@@ -96,20 +110,37 @@ impl Store {
         archive: bool,
         kept: &[Uuid],
     ) -> Result<usize, StoreError> {
-        let sql = if archive {
-            archive_confirmed(&self.schema)
-        } else {
-            purge_confirmed(&self.schema)
-        };
         let mut conn = self.op().await?;
-        Ok(conn
-            .run(
-                diesel::sql_query(sql)
+        if !archive {
+            let sql = purge_confirmed(&self.schema);
+            return Ok(conn
+                .run(
+                    diesel::sql_query(sql)
+                        .bind::<BigInt, _>(millis(older_than))
+                        .bind::<BigInt, _>(i64::from(limit))
+                        .bind::<Array<diesel::sql_types::Uuid>, _>(kept),
+                )
+                .await?);
+        }
+        let counts: Vec<Archived> = conn
+            .fetch_all(
+                diesel::sql_query(archive_confirmed(&self.schema))
                     .bind::<BigInt, _>(millis(older_than))
                     .bind::<BigInt, _>(i64::from(limit))
                     .bind::<Array<diesel::sql_types::Uuid>, _>(kept),
             )
-            .await?)
+            .await?;
+        let Some(Archived { moved, archived }) = counts.into_iter().next() else {
+            return Ok(0);
+        };
+        if archived < moved {
+            tracing::warn!(
+                without_record = moved - archived,
+                "retention: outbox_archive already held some of these ids (a producer reused \
+                 them); the later copies left the outbox without an archive record"
+            );
+        }
+        Ok(usize::try_from(moved).unwrap_or_default())
     }
 
     /// Removes the confirmed row `id` as [`purge_confirmed`](Self::purge_confirmed) would.
