@@ -148,6 +148,7 @@ async fn connect_node(
         }
     };
     let mut cert_asked = None;
+    let plain = uri.scheme == AMQPScheme::AMQP;
     let attempt = async {
         if uri.scheme == AMQPScheme::AMQP || options.is_default() {
             return Connection::connect_uri(uri, props).await;
@@ -196,12 +197,25 @@ async fn connect_node(
             ),
             true,
         )),
+        Ok(Err(e)) if plain && not_amqp(&e) => Err(failed(
+            format!(
+                "the server's answer is not AMQP (amqp:// to a TLS port? use amqps:// there; \
+                 RabbitMQ's plain listener is 5672 by default): {e}"
+            ),
+            true,
+        )),
         Ok(Err(e)) => Err(failed(e.to_string(), is_permanent(&e))),
         Err(_) => Err(failed(
             format!("no answer within {}", humantime::format_duration(timeout)),
             false,
         )),
     }
+}
+
+/// Whether the server's first answer could not be read as AMQP: on a plain `amqp://`
+/// connection, a TLS listener answers the protocol header with a TLS alert.
+fn not_amqp(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ParsingError(_))
 }
 
 /// Whether TLS failed on the server's first answer not being TLS at all: rustls's

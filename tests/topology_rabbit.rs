@@ -315,6 +315,27 @@ async fn mutual_tls_with_own_ca_and_client_certificates() {
     assert!(e.to_string().contains("CertificateRequired"), "{e}");
     assert!(e.is_permanent(), "{e:?}");
 
+    // Plain amqp:// to the TLS port: the node answers with a TLS alert, which is no AMQP
+    // (the first attempt may also see a reset): refused as permanent, naming the mistake.
+    let plain_to_tls = BrokerConfig {
+        url: SecretUrl::new(tls.url(&[]).replacen("amqps://", "amqp://", 1)).into(),
+        connect_timeout: Duration::from_secs(5),
+        ..BrokerConfig::default()
+    };
+    let mut verdicts = Vec::new();
+    for _ in 0..5 {
+        let e = connect_error(&plain_to_tls).await;
+        if e.is_permanent() {
+            assert!(e.to_string().contains("amqp:// to a TLS port"), "{e}");
+            break;
+        }
+        verdicts.push(e.to_string());
+    }
+    assert!(
+        verdicts.len() < 5,
+        "never refused as permanent: {verdicts:?}"
+    );
+
     // `courier run` with the wrong CA: exit 1 at start, naming the certificate problem.
     let mut query = vec![("cacertfile", tls.file("other-ca.pem"))];
     query.extend(tls.client_cert());

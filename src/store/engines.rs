@@ -318,7 +318,7 @@ impl Store {
         let sql = format!(
             "SELECT e.id, e.host, e.pid, e.version, {started} AS started_at,
                     {beat} AS heartbeat_at,
-                    (extract(epoch FROM now() - {beat}) * 1000)::bigint AS since_beat_ms,
+                    greatest((extract(epoch FROM now() - {beat}) * 1000)::bigint, 0) AS since_beat_ms,
                     CASE WHEN e.state = 'running'
                               AND (e.heartbeat_at < now() - {ms} * interval '1 millisecond'
                                    OR e.heartbeat_at > now() + {ms} * interval '1 millisecond')
