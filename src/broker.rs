@@ -346,6 +346,15 @@ impl ChannelClose {
     }
 }
 
+/// A new channel of `conn` in confirm mode: every publish on it gets an ack or a nack.
+pub async fn confirm_channel(conn: &Connection) -> Result<lapin::Channel, BrokerError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
 /// Awaits every future of `writes` (polled together, first polls in order, so a batch of
 /// publishes is pipelined) and returns their outputs in order; `None` when none of them
 /// completed for `idle` while `patient()` said not to wait longer.

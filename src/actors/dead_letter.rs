@@ -22,7 +22,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use actix::prelude::*;
 use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
+    options::BasicPublishOptions,
     types::{AMQPValue, LongString, ShortString},
     BasicProperties, Channel, Confirmation, Connection,
 };
@@ -344,10 +344,7 @@ async fn open(
     cfg: &crate::config::BrokerConfig,
 ) -> Result<(Arc<Connection>, Channel), broker::BrokerError> {
     let conn = Arc::new(broker::connect(cfg, "-dead-letters").await?);
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let channel = broker::confirm_channel(&conn).await?;
     Ok((conn, channel))
 }
 

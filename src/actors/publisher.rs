@@ -53,9 +53,7 @@ use std::{
 
 use actix::prelude::*;
 use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-    types::ShortString,
-    BasicProperties, Channel, Connection, Event,
+    options::BasicPublishOptions, types::ShortString, BasicProperties, Channel, Connection, Event,
 };
 
 mod exchanges;
@@ -307,7 +305,7 @@ impl Publisher {
         let timeout = self.config.broker.connect_timeout;
         ctx.wait(
             async move {
-                tokio::time::timeout(timeout, confirm_channel(&conn))
+                tokio::time::timeout(timeout, broker::confirm_channel(&conn))
                     .await
                     .unwrap_or_else(|_| Err(BrokerError::Lost("no answer to channel.open".into())))
             }
@@ -349,7 +347,7 @@ async fn open_link(
     let (conn, node) = broker::connect_from(cfg, &suffix, start).await?;
     let conn = Arc::new(conn);
     let events = conn.events_listener().boxed();
-    let channel = confirm_channel(&conn).await?;
+    let channel = broker::confirm_channel(&conn).await?;
     Ok((
         Link {
             conn,
@@ -408,14 +406,6 @@ fn watch(
             for_input: false,
         });
     });
-}
-
-async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
 }
 
 /// The AMQP form of one message, or why it cannot be sent.

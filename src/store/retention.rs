@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
-use diesel::sql_types::{Array, BigInt};
+use diesel::{
+    pg::Pg,
+    query_builder::{BoxedSqlQuery, SqlQuery},
+    sql_types::{Array, BigInt},
+};
 use uuid::Uuid;
 
 use super::{millis, Schema, Store, StoreError};
@@ -22,6 +26,20 @@ fn old_confirmed(s: &Schema) -> String {
                 FOR UPDATE SKIP LOCKED
              )"
     )
+}
+
+/// `sql`, one of retention's batch statements, with [`old_confirmed`]'s parameters bound.
+fn batch(
+    sql: String,
+    older_than: Duration,
+    limit: u32,
+    kept: &[Uuid],
+) -> BoxedSqlQuery<'_, Pg, SqlQuery> {
+    diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<BigInt, _>(millis(older_than))
+        .bind::<BigInt, _>(i64::from(limit))
+        .bind::<Array<diesel::sql_types::Uuid>, _>(kept)
 }
 
 /// -- name: old_confirmed_ids
@@ -113,22 +131,15 @@ impl Store {
         let mut conn = self.op().await?;
         if !archive {
             let sql = purge_confirmed(&self.schema);
-            return Ok(conn
-                .run(
-                    diesel::sql_query(sql)
-                        .bind::<BigInt, _>(millis(older_than))
-                        .bind::<BigInt, _>(i64::from(limit))
-                        .bind::<Array<diesel::sql_types::Uuid>, _>(kept),
-                )
-                .await?);
+            return Ok(conn.run(batch(sql, older_than, limit, kept)).await?);
         }
         let counts: Vec<Archived> = conn
-            .fetch_all(
-                diesel::sql_query(archive_confirmed(&self.schema))
-                    .bind::<BigInt, _>(millis(older_than))
-                    .bind::<BigInt, _>(i64::from(limit))
-                    .bind::<Array<diesel::sql_types::Uuid>, _>(kept),
-            )
+            .fetch_all(batch(
+                archive_confirmed(&self.schema),
+                older_than,
+                limit,
+                kept,
+            ))
             .await?;
         let Some(Archived { moved, archived }) = counts.into_iter().next() else {
             return Ok(0);
@@ -163,12 +174,12 @@ impl Store {
     ) -> Result<Vec<Uuid>, StoreError> {
         let mut conn = self.op().await?;
         let rows: Vec<IdRow> = conn
-            .fetch_all(
-                diesel::sql_query(old_confirmed_ids(&self.schema))
-                    .bind::<BigInt, _>(millis(older_than))
-                    .bind::<BigInt, _>(i64::from(limit))
-                    .bind::<Array<diesel::sql_types::Uuid>, _>(kept),
-            )
+            .fetch_all(batch(
+                old_confirmed_ids(&self.schema),
+                older_than,
+                limit,
+                kept,
+            ))
             .await?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }

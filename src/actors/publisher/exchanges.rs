@@ -13,7 +13,7 @@ use lapin::{
     Channel, Connection, ExchangeKind,
 };
 
-use super::{confirm_channel, probe, Prepared};
+use super::{probe, Prepared};
 use crate::{
     actors::confirms::Published,
     broker::ChannelClose,
@@ -223,7 +223,8 @@ pub(super) async fn probe_new_exchanges(
         else {
             continue;
         };
-        let channel = match tokio::time::timeout(bound, confirm_channel(conn)).await {
+        let channel = match tokio::time::timeout(bound, crate::broker::confirm_channel(conn)).await
+        {
             Ok(Ok(c)) => c,
             // No channel to probe on: the rows go to the publishing channel unprobed.
             Ok(Err(crate::broker::BrokerError::Amqp(e))) if channels_exhausted(&e) => {

@@ -29,7 +29,7 @@ use futures::FutureExt;
 use lapin::{options::BasicPublishOptions, Channel, Confirmation, Connection};
 use uuid::Uuid;
 
-use super::{confirm_channel, Prepared};
+use super::Prepared;
 use crate::{
     actors::{
         confirms::{ConfirmTracker, Published, Track, Unsent},
@@ -283,7 +283,7 @@ fn alone(e: &lapin::Error) -> FailureReason {
 
 async fn open(config: &Config) -> Result<(Connection, Channel), broker::BrokerError> {
     let (conn, _node) = broker::connect_from(&config.broker, "-isolation", 0).await?;
-    let channel = confirm_channel(&conn).await?;
+    let channel = broker::confirm_channel(&conn).await?;
     Ok((conn, channel))
 }
 
