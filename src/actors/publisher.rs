@@ -746,6 +746,8 @@ impl Handler<Publish> for Publisher {
         let mut ready = Vec::with_capacity(msg.0.len());
         let mut rejected = Vec::new();
         let mut suspects = Vec::new();
+        // One lock per batch while there is no suspect, as almost always.
+        let any_suspect = !self.suspects.is_empty();
         let mut unknown = HashSet::new();
         let mut missing = HashSet::new();
         for mut d in msg.0 {
@@ -758,7 +760,7 @@ impl Handler<Publish> for Publisher {
                 continue;
             }
             match prepare(&mut d, max_payload, frame_max) {
-                Ok(p) if self.suspects.contains(&d.message.id) => {
+                Ok(p) if any_suspect && self.suspects.contains(&d.message.id) => {
                     self.next_token += 1;
                     suspects.push(Suspect {
                         delivery: d,

@@ -88,6 +88,11 @@ impl Suspects {
             .is_some_and(|at| at.elapsed() < SUSPECT_FOR)
     }
 
+    /// Whether there is no suspect at all (the publisher's hot path asks once per batch).
+    pub fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+
     /// `id` was published alone and the broker answered it: not the culprit.
     fn clear(&self, id: &Uuid) {
         self.map().remove(id);
