@@ -833,3 +833,50 @@ async fn a_keyed_claim_takes_at_most_its_heads_and_gives_the_rest_of_its_rows_to
         );
     }
 }
+
+/// A producer that sets `seq` itself can give several rows of a key the same value. Those
+/// rows have no order among themselves, but a later `seq` may never pass one of them: an
+/// audit saw a1, a4, a2, a3 for a1–a3 at 100 and a4 at 101 (a run took the rows after the
+/// head's `seq`, skipping the head's equals).
+#[tokio::test]
+async fn rows_sharing_a_seq_are_never_passed_by_a_later_seq() {
+    let seqs: [i64; 9] = [100, 100, 100, 101, 102, 102, 103, 104, 104];
+    for run in [0, 1, 2, 8] {
+        let db = TestDb::new(&format!("ord_dup_seq_{run}")).await;
+        let store = db.store().await;
+        for (i, seq) in seqs.iter().enumerate() {
+            db.exec(&format!(
+                "INSERT INTO \"{}\".outbox (exchange, routing_key, payload, ordering_key, seq)
+                 VALUES ('ex', 'r.{i}', '\\x00', 'dup', {seq})",
+                db.schema
+            ))
+            .await;
+        }
+        let mut order: Vec<i64> = Vec::new();
+        for _ in 0..seqs.len() {
+            let claimed = store
+                .claim_keyed("e", 100, LONG, &runs_of(run))
+                .await
+                .expect("claim")
+                .messages;
+            if claimed.is_empty() {
+                break;
+            }
+            let got: Vec<Uuid> = claimed.iter().map(|m| m.id).collect();
+            for m in &claimed {
+                let i: usize = m.routing_key[2..].parse().expect("r.<i>");
+                order.push(seqs[i]);
+            }
+            store.mark_confirmed(&got).await.expect("confirm");
+        }
+        assert_eq!(
+            order.len(),
+            seqs.len(),
+            "runs of {run}: every row: {order:?}"
+        );
+        assert!(
+            order.windows(2).all(|w| w[0] <= w[1]),
+            "runs of {run}: a later seq passed an earlier one: {order:?}"
+        );
+    }
+}

@@ -200,7 +200,8 @@ fn claim_due(s: &Schema) -> String {
 /// nothing of its key is in flight (and, with `$5`, nothing of its key sits in
 /// dead_letters), **and the key's run**: up to `$8` rows that follow the head in `seq`
 /// order, as long as each is due and publishable (a delayed, over-size or absent row ends
-/// the run; nothing is skipped). The engine publishes a run's rows one at a time, each as
+/// the run; nothing is skipped). Rows a producer gave the head's own `seq` follow it first:
+/// they have no order among themselves, but none may be passed by a later `seq`. The engine publishes a run's rows one at a time, each as
 /// soon as the broker acked the one before (not after its write and a new claim), so a key
 /// costs one broker round trip per message. Keys are walked one index probe each (a loose
 /// index scan), round-robin: after the cursor `$4` (the last key served, '' at first), then
@@ -334,7 +335,7 @@ fn claim_heads(s: &Schema, ctes: &str, candidates: &str) -> String {
                                n.status IN ('pending', 'retrying') AND n.next_attempt_at <= now()
                                    AND octet_length(n.payload) <= $6 AS ok
                         FROM {s}.outbox n
-                        WHERE n.ordering_key = h.k AND n.seq > h.seq AND {OPEN}
+                        WHERE n.ordering_key = h.k AND n.seq >= h.seq AND n.id <> h.id AND {OPEN}
                         ORDER BY n.seq LIMIT (SELECT room FROM share)) f
                  ), run AS (
                     SELECT id, size, seq, pos FROM (
