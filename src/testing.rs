@@ -64,6 +64,15 @@ pub trait StoreInternals {
         engine: &str,
         updates: &[RetryUpdate],
     ) -> Result<usize, StoreError>;
+    /// The Ledger's write of acks: rows another transaction holds locked are waited for a
+    /// second, then left out and returned.
+    async fn record_confirmed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
+    /// The Ledger's write of retries, as [`record_confirmed`](Self::record_confirmed).
+    async fn record_retrying(
+        &self,
+        engine: &str,
+        updates: &[RetryUpdate],
+    ) -> Result<Vec<Uuid>, StoreError>;
     async fn move_to_dead_letters(
         &self,
         engine: &str,
@@ -125,6 +134,16 @@ impl StoreInternals for Store {
         updates: &[RetryUpdate],
     ) -> Result<usize, StoreError> {
         Store::mark_retrying(self, engine, updates).await
+    }
+    async fn record_confirmed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        Store::record_confirmed(self, ids, crate::store::Locked::WaitBriefly).await
+    }
+    async fn record_retrying(
+        &self,
+        engine: &str,
+        updates: &[RetryUpdate],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        Store::record_retrying(self, engine, updates, crate::store::Locked::WaitBriefly).await
     }
     async fn move_to_dead_letters(
         &self,

@@ -508,6 +508,90 @@ async fn a_producer_lock_on_a_row_to_rescue_holds_neither_the_heartbeat_nor_othe
     engine.shutdown().await;
 }
 
+/// Locks one row the engine has in flight, from a transaction left open (a producer's
+/// `SELECT … FOR UPDATE`, an operator's `UPDATE` not yet committed): polls until it catches
+/// one. Returns the connection holding the lock and the row, or `None` if none was caught.
+async fn lock_a_row_in_flight(
+    db: &TestDb,
+    within: Duration,
+) -> Option<(diesel_async::AsyncPgConnection, Uuid)> {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = db.raw().await;
+    let sql = format!(
+        "SELECT id FROM \"{}\".outbox WHERE status = 'in_flight' LIMIT 1 FOR UPDATE SKIP LOCKED",
+        db.schema
+    );
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        conn.batch_execute("BEGIN").await.expect("begin");
+        let row = diesel::sql_query(&sql)
+            .get_result::<IdRow>(&mut conn)
+            .await
+            .ok();
+        if let Some(row) = row {
+            return Some((conn, row.id));
+        }
+        conn.batch_execute("ROLLBACK").await.expect("rollback");
+    }
+    None
+}
+
+#[actix_rt::test]
+async fn a_lock_on_a_row_in_flight_holds_only_that_rows_outcome() {
+    use diesel_async::SimpleAsyncConnection;
+    let db = TestDb::new("inflightlock").await;
+    let broker = TestBroker::new("inflightlock").await;
+    let ex = &broker.exchange;
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let mut all = Vec::new();
+    let mut caught = None;
+    for round in 0..10 {
+        all.extend(
+            db.insert_sql(ex, 3_000, &format!("routed.a{round}.{{i}}"))
+                .await,
+        );
+        engine.nudge();
+        caught = lock_a_row_in_flight(&db, Duration::from_secs(10)).await;
+        if caught.is_some() {
+            break;
+        }
+    }
+    let (mut producer, locked) = caught.expect("caught a row in flight to lock");
+    // Rows go on beside it, those in flight with it and new ones, while it stays locked.
+    all.extend(db.insert_sql(ex, 3_000, "routed.b.{i}").await);
+    engine.nudge();
+    let others: Vec<Uuid> = all.iter().copied().filter(|id| *id != locked).collect();
+    let outcomes = engine
+        .wait_for_all(&others, Duration::from_secs(60))
+        .await
+        .expect("every other row settles while one is locked");
+    assert!(others.iter().all(|id| outcomes[id] == Outcome::Confirmed));
+    // A write waits for a lock a second at most, then goes on without the row.
+    eventually(5, "no statement left waiting on the lock", || async {
+        (waiting_on_locks(&db).await == 0).then_some(())
+    })
+    .await;
+    let outcome = db.store().await.outcomes(&[locked]).await.expect("outcome");
+    assert!(
+        !outcome.contains_key(&locked),
+        "the locked row's outcome waits for the lock: {outcome:?}"
+    );
+
+    // Once the lock is let go, the row's outcome is written.
+    producer.batch_execute("COMMIT").await.expect("commit");
+    let outcomes = engine
+        .wait_for_all(&[locked], Duration::from_secs(30))
+        .await
+        .expect("the row that was locked");
+    assert_eq!(outcomes[&locked], Outcome::Confirmed);
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    assert_live(&db, &engine, ex).await;
+    engine.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn attempts_written_at_or_past_the_budget_are_dead_lettered_unpublished() {
     let db = TestDb::new("preset").await;

@@ -277,6 +277,53 @@ async fn batched_confirm_retry_and_release() {
 }
 
 #[tokio::test]
+async fn outcome_writes_leave_out_rows_another_transaction_holds_locked() {
+    let db = TestDb::new("lockedwrites").await;
+    let store = db.store().await;
+    store.enqueue_many(&messages(6)).await.unwrap();
+    let claimed = store.claim("e", 6, LONG).await.unwrap();
+    let ids: Vec<Uuid> = claimed.iter().map(|m| m.id).collect();
+    // A producer's transaction holds one acked row and one failed row locked.
+    let mut producer = db.raw().await;
+    producer
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{}\".outbox WHERE id IN ('{}', '{}') FOR UPDATE",
+            db.schema, ids[1], ids[4]
+        ))
+        .await
+        .unwrap();
+    let retry: Vec<RetryUpdate> = ids[3..6]
+        .iter()
+        .map(|id| RetryUpdate {
+            id: *id,
+            delay: Duration::ZERO,
+            error: "nacked by broker".into(),
+            refund: false,
+        })
+        .collect();
+    let held = within(10, "acks beside a lock", store.record_confirmed(&ids[0..3])).await;
+    assert_eq!(held.unwrap(), [ids[1]], "only the locked ack is left");
+    let held = within(
+        10,
+        "retries beside a lock",
+        store.record_retrying("e", &retry),
+    )
+    .await;
+    assert_eq!(held.unwrap(), [ids[4]], "only the locked retry is left");
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.count(Status::Confirmed), 2);
+    assert_eq!(stats.count(Status::Retrying), 2);
+    assert_eq!(stats.count(Status::InFlight), 2, "the two locked rows");
+    // Once the lock is gone, the same writes take them; rows written before are no-ops.
+    producer.batch_execute("COMMIT").await.unwrap();
+    assert!(store.record_confirmed(&ids[0..3]).await.unwrap().is_empty());
+    assert!(store.record_retrying("e", &retry).await.unwrap().is_empty());
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.count(Status::Confirmed), 3);
+    assert_eq!(stats.count(Status::Retrying), 3);
+}
+
+#[tokio::test]
 async fn dead_letter_move_and_requeue() {
     let db = TestDb::new("dead").await;
     let store = db.store().await;

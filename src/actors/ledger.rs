@@ -14,10 +14,16 @@
 //! A write a key waits on goes without the gap (`WriteNow`: the Scheduler sends it when the
 //! last row it holds of a key is acked, since the key's next claim needs that write).
 //! A failed flush keeps its rows and is retried with backoff: a database outage delays the
-//! bookkeeping, it never drops an ack. Only after a flush commits are events announced and
+//! bookkeeping, it never drops an ack. A row another transaction holds locked (a
+//! producer's `SELECT … FOR UPDATE`, an operator's open `UPDATE`) is waited for a second at
+//! most; then the flush writes the rest and the Ledger holds that row's outcome, trying it
+//! again every `HELD_RETRY` until the lock is gone, so one locked row never stops the others. Only after a flush commits are events announced and
 //! the rows' credits repaid to the Scheduler (see `scheduler::credit`).
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use actix::prelude::*;
 use uuid::Uuid;
@@ -25,7 +31,9 @@ use uuid::Uuid;
 use super::scheduler::Credits;
 use crate::{
     events::Signals,
-    store::{ClaimLimits, Claimed, DeadLetterUpdate, KeyScan, RetryUpdate, Store, StoreError},
+    store::{
+        ClaimLimits, Claimed, DeadLetterUpdate, KeyScan, Locked, RetryUpdate, Store, StoreError,
+    },
 };
 
 /// Claim rows for this engine within `limits`: expired leases, then unkeyed due rows.
@@ -65,6 +73,50 @@ pub struct Record {
     pub retry: Vec<RetryUpdate>,
     /// The credits of all of them, repaid once they are written.
     pub credits: Credits,
+}
+
+impl Record {
+    fn is_empty(&self) -> bool {
+        self.confirmed.is_empty() && self.retry.is_empty()
+    }
+
+    /// The first row's id, to name in a log line.
+    fn first(&self) -> Option<Uuid> {
+        let retried = self.retry.first().map(|u| u.id);
+        self.confirmed.first().copied().or(retried)
+    }
+
+    fn rows(&self) -> usize {
+        self.confirmed.len() + self.retry.len()
+    }
+
+    /// Moves `other`'s outcomes into this record, ahead of its own (`other` is older).
+    fn absorb(&mut self, other: Record) {
+        self.confirmed.splice(0..0, other.confirmed);
+        self.retry.splice(0..0, other.retry);
+        self.credits.absorb(other.credits);
+    }
+
+    /// Takes the outcomes of rows `held` (left unwritten) out of this record.
+    fn split_off(&mut self, held: &[Uuid]) -> Record {
+        if held.is_empty() {
+            return Record::default();
+        }
+        let held: HashSet<Uuid> = held.iter().copied().collect();
+        let (confirmed, keep) = std::mem::take(&mut self.confirmed)
+            .into_iter()
+            .partition(|id| held.contains(id));
+        self.confirmed = keep;
+        let (retry, keep) = std::mem::take(&mut self.retry)
+            .into_iter()
+            .partition(|u| held.contains(&u.id));
+        self.retry = keep;
+        Record {
+            confirmed,
+            retry,
+            credits: self.credits.split_off(&held),
+        }
+    }
 }
 
 /// A key waits on the outcomes recorded so far (its last held row was acked): write them
@@ -117,6 +169,9 @@ pub struct Ledger {
     flush_set: bool,
     /// The next flush starts without waiting for the gap (see `WriteNow`).
     urgent: bool,
+    /// Outcomes of rows another transaction held locked, and whether their next try is set.
+    held: Record,
+    held_set: bool,
 }
 
 impl Ledger {
@@ -134,6 +189,8 @@ impl Ledger {
             last_flush: None,
             flush_set: false,
             urgent: false,
+            held: Record::default(),
+            held_set: false,
         }
     }
 
@@ -141,7 +198,7 @@ impl Ledger {
         if self.flushing >= FLUSHES {
             return;
         }
-        if self.pending.confirmed.is_empty() && self.pending.retry.is_empty() {
+        if self.pending.is_empty() {
             if self.flushing == 0 {
                 for waiter in self.flush_waiters.drain(..) {
                     let _ = waiter.send(());
@@ -168,16 +225,17 @@ impl Ledger {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
         let write = async move {
-            let result = write_outcomes(&store, &engine, &batch).await;
+            let result = write_outcomes(&store, &engine, &batch, Locked::WaitBriefly).await;
             (batch, result)
         };
         ctx.spawn(
             write
                 .into_actor(self)
-                .map(|(batch, result), act, ctx| match result {
-                    Ok(()) => {
+                .map(|(mut batch, result), act, ctx| match result {
+                    Ok(held) => {
                         act.failures = 0;
                         act.flushing -= 1;
+                        act.hold(batch.split_off(&held), ctx);
                         act.announce(batch);
                         act.flush(ctx);
                     }
@@ -190,13 +248,67 @@ impl Ledger {
                             retry_in = ?delay,
                             "could not record outcomes; keeping them and retrying"
                         );
-                        act.pending.confirmed.splice(0..0, batch.confirmed);
-                        act.pending.retry.splice(0..0, batch.retry);
-                        act.pending.credits.absorb(batch.credits);
+                        act.pending.absorb(batch);
                         ctx.run_later(delay, |act, ctx| {
                             act.flushing -= 1;
                             act.flush(ctx);
                         });
+                    }
+                }),
+        );
+    }
+
+    /// Keeps `held`, outcomes of rows another transaction holds locked, and sets their
+    /// next try.
+    fn hold(&mut self, held: Record, ctx: &mut Context<Self>) {
+        if held.is_empty() {
+            return;
+        }
+        if self.held.is_empty() {
+            tracing::warn!(
+                rows = held.rows(),
+                message_id = %held.first().unwrap_or_default(),
+                "rows locked by another transaction (a producer's or an operator's, left open?); \
+                 their outcomes wait for the lock, the other rows go on"
+            );
+        }
+        self.held.absorb(held);
+        if !self.held_set {
+            self.held_set = true;
+            ctx.run_later(HELD_RETRY, |act, ctx| {
+                act.held_set = false;
+                act.write_held(ctx);
+            });
+        }
+    }
+
+    /// Tries the held outcomes again, without waiting for any lock.
+    fn write_held(&mut self, ctx: &mut Context<Self>) {
+        let batch = std::mem::take(&mut self.held);
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        let write = async move {
+            let result = write_outcomes(&store, &engine, &batch, Locked::Skip).await;
+            (batch, result)
+        };
+        ctx.spawn(
+            write
+                .into_actor(self)
+                .map(|(mut batch, result), act, ctx| match result {
+                    Ok(held) => {
+                        let still = batch.split_off(&held);
+                        if still.is_empty() {
+                            tracing::info!(rows = batch.rows(), "outcomes of rows that were locked by another transaction written");
+                        }
+                        act.announce(batch);
+                        act.hold(still, ctx);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, rows = batch.rows(), "could not record outcomes of rows locked by another transaction; retrying");
+                        act.hold(batch, ctx);
                     }
                 }),
         );
@@ -209,12 +321,22 @@ impl Ledger {
     }
 }
 
-async fn write_outcomes(store: &Store, engine: &str, batch: &Record) -> Result<(), StoreError> {
+/// Writes `batch`'s outcomes; returns the rows left unwritten because another transaction
+/// holds them locked (see [`Locked`]).
+async fn write_outcomes(
+    store: &Store,
+    engine: &str,
+    batch: &Record,
+    locked: Locked,
+) -> Result<Vec<Uuid>, StoreError> {
     // Two idempotent statements: replaying both after a partial failure is harmless.
-    store.mark_confirmed(&batch.confirmed).await?;
-    store.mark_retrying(engine, &batch.retry).await?;
-    Ok(())
+    let mut held = store.record_confirmed(&batch.confirmed, locked).await?;
+    held.extend(store.record_retrying(engine, &batch.retry, locked).await?);
+    Ok(held)
 }
+
+/// How often the outcomes of rows another transaction held locked are tried again.
+const HELD_RETRY: Duration = Duration::from_secs(1);
 
 /// Outcome flushes in flight at once: a second one takes the acks that arrive while the
 /// first is being written, so an ack waits for at most one write before its own (each row

@@ -59,6 +59,7 @@ pub use engines::{beat, free_strays, rescue, Beat, EngineRecord, Identity, Rescu
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{applied_versions, migrate, migrate_config, SchemaFit, MIGRATION_NAMES};
 pub(crate) use notify::{NOTIFY_KEYED, NOTIFY_RELEASED};
+pub(crate) use settle::Locked;
 pub use settle::RetryUpdate;
 pub use stats::{MessageState, OldestOpen, Outcome, Stats, EXACT_UP_TO};
 
@@ -113,6 +114,19 @@ impl StoreError {
             ),
             _ => false,
         }
+    }
+
+    /// An error a statement gives when it waited too long for a row lock (`lock_timeout`),
+    /// among others: PostgreSQL's code for it (55P03) does not reach this error, so callers
+    /// that bound their lock waits try again without waiting, and see any other error again.
+    pub(crate) fn may_be_a_lock_wait(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Query(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                _
+            ))
+        )
     }
 
     /// A foreign key refused the statement: another table still references a row it would

@@ -16,7 +16,7 @@
 //! and the row is claimed again (at least once, as always). The Scheduler forgets ids it no
 //! longer holds, so a credit repaid twice gives nothing.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use actix::WeakRecipient;
 use uuid::Uuid;
@@ -149,6 +149,21 @@ impl Credits {
         let lender = other.lender.take();
         if self.lender.is_none() {
             self.lender = lender;
+        }
+    }
+
+    /// Takes the credits of `ids` out of this batch into a batch of their own (rows whose
+    /// write is left for later). Both keep this batch's wake-ups: a spare one costs a claim.
+    pub fn split_off(&mut self, ids: &HashSet<Uuid>) -> Credits {
+        let (out, keep) = std::mem::take(&mut self.ids)
+            .into_iter()
+            .partition(|id| ids.contains(id));
+        self.ids = keep;
+        Credits {
+            ids: out,
+            lender: self.lender.clone(),
+            keys_freed: self.keys_freed,
+            earliest_retry: self.earliest_retry,
         }
     }
 
@@ -301,6 +316,31 @@ mod tests {
         assert_eq!(repaid[0].ids, [ids[0], ids[1], ids[2], later_id]);
         assert!(repaid[0].keys_freed, "a confirmed keyed row frees its key");
         assert_eq!(repaid[0].earliest_retry, Some(Duration::from_secs(1)));
+    }
+
+    #[actix_rt::test]
+    async fn credits_split_off_are_repaid_on_their_own_write() {
+        let bank = Bank::open();
+        let (written, held) = (bank.row(true), bank.row(false));
+        let (written_id, held_id) = (written.message.id, held.message.id);
+        let mut credits = Credits::default();
+        credits.settled(written.into_credit());
+        credits.settled(held.into_credit());
+        let later = credits.split_off(&HashSet::from([held_id]));
+        assert_eq!(credits.ids(), [written_id]);
+        assert_eq!(later.ids(), [held_id]);
+        credits.repay();
+        assert_eq!(
+            bank.repaid().await[0].ids,
+            [written_id],
+            "only the written row"
+        );
+        later.repay();
+        assert_eq!(
+            bank.repaid().await[0].ids,
+            [held_id],
+            "the held row, on its write"
+        );
     }
 
     #[actix_rt::test]
