@@ -324,6 +324,55 @@ async fn outcome_writes_leave_out_rows_another_transaction_holds_locked() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_move_gives_up_on_a_locked_row_in_a_second() {
+    let db = TestDb::new("lockedmove").await;
+    let store = db.store().await;
+    store.enqueue_many(&messages(3)).await.unwrap();
+    let ids: Vec<Uuid> = store
+        .claim("e", 3, LONG)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    let failed = |ids: &[Uuid]| -> Vec<DeadLetterUpdate> {
+        ids.iter()
+            .map(|id| DeadLetterUpdate {
+                id: *id,
+                error: "nacked".into(),
+            })
+            .collect()
+    };
+    let mut producer = db.raw().await;
+    producer
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{}\".outbox WHERE id = '{}' FOR UPDATE",
+            db.schema, ids[0]
+        ))
+        .await
+        .unwrap();
+    let all = failed(&ids);
+    let moved = within(
+        10,
+        "a move beside a lock",
+        store.move_to_dead_letters("e", &all),
+    )
+    .await;
+    assert!(
+        moved.is_err(),
+        "the batch fails instead of waiting: {moved:?}"
+    );
+    // The Dead-letter actor then moves the rows one at a time: the others are not held.
+    for id in &ids[1..] {
+        let moved = store.move_to_dead_letters("e", &failed(&[*id])).await;
+        assert_eq!(moved.unwrap(), [*id]);
+    }
+    producer.batch_execute("COMMIT").await.unwrap();
+    let moved = store.move_to_dead_letters("e", &failed(&ids[..1])).await;
+    assert_eq!(moved.unwrap(), ids[..1]);
+}
+
+#[tokio::test]
 async fn dead_letter_move_and_requeue() {
     let db = TestDb::new("dead").await;
     let store = db.store().await;

@@ -9,7 +9,7 @@ use diesel::{
     sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text, Timestamptz},
     QueryableByName,
 };
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use uuid::Uuid;
 
 use super::{millis, not_found_is_none, IdRow, Schema, Store, StoreError};
@@ -236,6 +236,10 @@ impl Store {
         let mut conn = self.op().await?;
         let rows: Vec<IdRow> = conn
             .transaction::<_, diesel::result::Error, _>(async |tx| {
+                // A row another transaction holds locked fails the move in a second instead
+                // of holding it (and every move behind it): the Dead-letter actor then moves
+                // the batch's rows one at a time, that one last.
+                tx.batch_execute("SET LOCAL lock_timeout = '1s'").await?;
                 diesel::sql_query(&sql.supersede)
                     .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
                     .bind::<Text, _>(engine)
