@@ -58,6 +58,7 @@ pub trait StoreInternals {
         lease: Duration,
     ) -> Result<usize, StoreError>;
     async fn release(&self, engine: &str, ids: &[Uuid]) -> Result<usize, StoreError>;
+    async fn release_all(&self, engine: &str) -> Result<usize, StoreError>;
     async fn mark_confirmed(&self, ids: &[Uuid]) -> Result<usize, StoreError>;
     async fn mark_retrying(
         &self,
@@ -124,6 +125,9 @@ impl StoreInternals for Store {
     }
     async fn release(&self, engine: &str, ids: &[Uuid]) -> Result<usize, StoreError> {
         Store::release(self, engine, ids).await
+    }
+    async fn release_all(&self, engine: &str) -> Result<usize, StoreError> {
+        Store::release_all(self, engine).await
     }
     async fn mark_confirmed(&self, ids: &[Uuid]) -> Result<usize, StoreError> {
         Store::mark_confirmed(self, ids).await

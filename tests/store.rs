@@ -314,6 +314,9 @@ async fn outcome_writes_leave_out_rows_another_transaction_holds_locked() {
     assert_eq!(stats.count(Status::Confirmed), 2);
     assert_eq!(stats.count(Status::Retrying), 2);
     assert_eq!(stats.count(Status::InFlight), 2, "the two locked rows");
+    // A shutdown's last give-back does not wait for them either.
+    let released = within(10, "a give-back beside a lock", store.release_all("e")).await;
+    assert_eq!(released.unwrap(), 0);
     // Once the lock is gone, the same writes take them; rows written before are no-ops.
     producer.batch_execute("COMMIT").await.unwrap();
     assert!(store.record_confirmed(&ids[0..3]).await.unwrap().is_empty());

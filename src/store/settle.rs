@@ -285,12 +285,16 @@ fn release(s: &Schema) -> String {
 
 /// -- name: release_all
 ///
-/// `$1` engine id: every row it still holds.
+/// `$1` engine id: every row it still holds, but for rows another transaction holds locked
+/// (skipped, not waited for: the last step of a shutdown must not wait for a producer's
+/// lock; those rows come back when their lease ends).
 fn release_all(s: &Schema) -> String {
     let release_set = release_set(s);
     format!(
         "UPDATE {s}.outbox {release_set}
-                 WHERE status = 'in_flight' AND locked_by = $1"
+                 WHERE id IN (SELECT id FROM {s}.outbox
+                              WHERE status = 'in_flight' AND locked_by = $1
+                              FOR UPDATE SKIP LOCKED)"
     )
 }
 
