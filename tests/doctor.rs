@@ -151,6 +151,55 @@ async fn missing_exchanges_refused_publishes_and_a_taken_admin_port_each_fail_wi
 }
 
 #[actix_rt::test]
+async fn producers_exchange_names_neither_crash_nor_forge_the_report() {
+    let db = TestDb::new("doctorhostile").await;
+    let broker = TestBroker::new("doctorhostile").await;
+    // A name AMQP cannot carry (lapin panics on one), and one that would forge a report
+    // line and retitle the terminal if printed raw.
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload) VALUES
+            (repeat('x', 256), 'k', 'x'),
+            (E'forger\\x1b[31m\\nok    forged       all good\\x1b]0;pwned\\x07', 'k', 'x')",
+    )
+    .await;
+    let o = doctor(&[], env_for(&db, &broker)).await;
+    let report = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    let exchanges = line(&report, "exchanges");
+    assert!(exchanges.starts_with("FAIL"), "{report}");
+    assert!(
+        exchanges.contains("not AMQP exchange names") && exchanges.contains("256 bytes"),
+        "{report}"
+    );
+    assert!(
+        !report.contains('\x1b'),
+        "no raw escape reaches the terminal: {report:?}"
+    );
+    assert!(
+        !report.lines().any(|l| l.starts_with("ok    forged")),
+        "no forged line: {report}"
+    );
+    // Before a start, they only warn: the engine dead-letters such rows.
+    let o = doctor(&["--pre-start"], env_for(&db, &broker)).await;
+    let report = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{report}");
+    assert!(line(&report, "exchanges").starts_with("warn"), "{report}");
+
+    // More exchanges than are probed: the report says how many there are.
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload)
+         SELECT 'doctorhostile.missing.' || g, 'k', 'x' FROM generate_series(1, 60) g",
+    )
+    .await;
+    let o = doctor(&["--pre-start"], env_for(&db, &broker)).await;
+    let report = stdout(&o);
+    assert!(
+        line(&report, "exchanges").contains("of 62 named"),
+        "{report}"
+    );
+}
+
+#[actix_rt::test]
 async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their_fix() {
     let schema = common::unique_name("doctornew");
     let env = vec![

@@ -12,8 +12,9 @@ use std::{path::Path, time::Duration};
 use diesel::{sql_types::Text, QueryableByName};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures::StreamExt;
-use lapin::{options::BasicPublishOptions, BasicProperties, Connection};
+use lapin::{options::BasicPublishOptions, types::ShortString, BasicProperties, Connection};
 
+use super::escape::one_line;
 use crate::{
     broker::{self, ChannelClose},
     config::{Config, SecretUrl},
@@ -406,6 +407,9 @@ enum Probe {
     Missing,
     Refused(String),
     Failed(String),
+    /// Not an AMQP exchange name at all (over 255 bytes): never published, the engine
+    /// dead-letters such rows at once.
+    Unpublishable(String),
 }
 
 /// The probes of every exchange, sorted by what they found (each named with why it was
@@ -416,6 +420,9 @@ struct Probed {
     missing: Vec<String>,
     refused: Vec<String>,
     failed: Vec<String>,
+    unpublishable: Vec<String>,
+    /// Open rows name more distinct exchanges than were probed.
+    more: Option<i64>,
     /// A failure concerns `dead_letter.exchange` (always a failure), not only rows.
     dead_letter_exchange_bad: bool,
 }
@@ -447,17 +454,22 @@ async fn exchanges(
             return;
         }
     };
-    let rows = named.into_iter().map(|(e, n)| (e, Some(n)));
+    let mut probed = Probed {
+        more: (named.distinct > named.top.len() as i64).then_some(named.distinct),
+        ..Probed::default()
+    };
+    let rows = named.top.into_iter().map(|(e, n)| (e, Some(n)));
     let dlx = config
         .dead_letter
         .exchange
         .iter()
         .map(|e| (e.clone(), None));
-    let mut probed = Probed::default();
     for (exchange, rows) in rows.chain(dlx) {
+        // Producers write these names: printed escaped, never raw (see `cli::escape`).
+        let name = one_line(&exchange);
         let shown = match rows {
-            Some(n) => format!("`{exchange}` ({n} open rows)"),
-            None => format!("`{exchange}` (dead_letter.exchange)"),
+            Some(n) => format!("`{name}` ({n} open rows)"),
+            None => format!("`{name}` (dead_letter.exchange)"),
         };
         let found = probe(amqp, &exchange).await;
         if matches!(found, Probe::Missing | Probe::Refused(_)) && rows.is_none() {
@@ -466,8 +478,9 @@ async fn exchanges(
         match found {
             Probe::Accepted => probed.accepted.push(shown),
             Probe::Missing => probed.missing.push(shown),
-            Probe::Refused(why) => probed.refused.push(format!("{shown}: {why}")),
-            Probe::Failed(why) => probed.failed.push(format!("{shown}: {why}")),
+            Probe::Refused(why) => probed.refused.push(format!("{shown}: {}", one_line(&why))),
+            Probe::Failed(why) => probed.failed.push(format!("{shown}: {}", one_line(&why))),
+            Probe::Unpublishable(why) => probed.unpublishable.push(format!("{shown}: {why}")),
         }
     }
     // Before a start, a producer's bad row only warns: the engine dead-letters it.
@@ -481,6 +494,24 @@ async fn exchanges(
 }
 
 fn exchanges_check(probed: &Probed, bad: Verdict) -> Check {
+    let mut check = exchanges_found(probed, bad);
+    if let Some(distinct) = probed.more {
+        check.detail.push_str(&format!(
+            " (the {MOST_EXCHANGES} exchanges with the most open rows, of {distinct} named)"
+        ));
+    }
+    check
+}
+
+fn exchanges_found(probed: &Probed, bad: Verdict) -> Check {
+    if !probed.unpublishable.is_empty() {
+        let detail = format!(
+            "not AMQP exchange names: {}",
+            probed.unpublishable.join("; ")
+        );
+        return Check::new("exchanges", bad, detail)
+            .fix("correct the producer; the engine dead-letters such rows at once, unpublished");
+    }
     if !probed.missing.is_empty() {
         let mut detail = format!("missing: {}", probed.missing.join(", "));
         if !probed.failed.is_empty() {
@@ -533,28 +564,37 @@ fn broker_user(config: &Config) -> String {
         .unwrap_or_else(|| "the user".into())
 }
 
-/// The distinct exchanges of open rows (a bounded read), with their row counts.
-async fn named_exchanges(
-    config: &Config,
-    conn: &mut AsyncPgConnection,
-) -> anyhow::Result<Vec<(String, i64)>> {
+/// The exchanges open rows name: the [`MOST_EXCHANGES`] with the most rows, with their
+/// counts, and how many distinct ones there are (of a bounded read).
+struct Named {
+    top: Vec<(String, i64)>,
+    distinct: i64,
+}
+
+/// See [`Named`].
+async fn named_exchanges(config: &Config, conn: &mut AsyncPgConnection) -> anyhow::Result<Named> {
     #[derive(QueryableByName)]
-    struct Named {
+    struct Row {
         #[diesel(sql_type = Text)]
         exchange: String,
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         rows: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        named: i64,
     }
     let schema = &config.database.schema;
-    let named = diesel::sql_query(format!(
-        "SELECT exchange, count(*) AS rows FROM (
+    let rows = diesel::sql_query(format!(
+        "SELECT exchange, count(*) AS rows, count(*) OVER () AS named FROM (
              SELECT exchange FROM \"{schema}\".outbox
              WHERE status IN ('pending', 'in_flight', 'retrying') LIMIT 100000) open
          GROUP BY exchange ORDER BY count(*) DESC LIMIT {MOST_EXCHANGES}"
     ))
-    .load::<Named>(conn)
+    .load::<Row>(conn)
     .await?;
-    Ok(named.into_iter().map(|n| (n.exchange, n.rows)).collect())
+    Ok(Named {
+        distinct: rows.iter().map(|r| r.named).next().unwrap_or(0),
+        top: rows.into_iter().map(|r| (r.exchange, r.rows)).collect(),
+    })
 }
 
 /// Whether `exchange` exists (a passive declare: the broker answers the declare itself, so
@@ -568,6 +608,13 @@ async fn probe(conn: &Connection, exchange: &str) -> Probe {
             ))
         }
     };
+    // lapin panics on a name AMQP cannot carry: such a row is the engine's to dead-letter.
+    if let Err(why) = ShortString::try_new(exchange) {
+        return Probe::Unpublishable(format!(
+            "{} bytes, AMQP allows at most 255 ({why})",
+            exchange.len()
+        ));
+    }
     // The default exchange always exists and refuses a declare, even a passive one.
     if !exchange.is_empty() {
         match tokio::time::timeout(PROBE_WAIT, declare_passive(conn, exchange)).await {
