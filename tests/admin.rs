@@ -266,6 +266,22 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
     let r = get(&addr, "/api/dead-letters?limit=501", None).await;
     assert_eq!(r.status, 400);
     assert!(r.body.contains("between 1 and 500"), "{}", r.body);
+
+    // A dead letter whose id a producer reused, still open in the outbox, stays where it
+    // is, and the answer says why (409), not that it does not exist.
+    db.exec(&format!(
+        "INSERT INTO {{s}}.outbox (id, exchange, routing_key, next_attempt_at)
+         VALUES ('{big}', 'orders', 'again', now() + interval '1 hour')"
+    ))
+    .await;
+    let path = format!("/api/dead-letters/{big}/requeue");
+    let r = request(&addr, "POST", &path, &addr, Some("admin-tok")).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("a producer reused the id"), "{}", r.body);
+    let unknown = Uuid::new_v4();
+    let path = format!("/api/dead-letters/{unknown}/requeue");
+    let r = request(&addr, "POST", &path, &addr, Some("admin-tok")).await;
+    assert_eq!(r.status, 404, "{}", r.body);
     engine.shutdown().await;
 }
 

@@ -348,7 +348,13 @@ async fn act_on_dead_letter(
         Action::Discard => (store.discard_dead_letters(&[id]).await?, "discarded"),
     };
     if !done.contains(&id) {
-        return Err(ApiError::NotFound(id));
+        // A requeue leaves a dead letter whose id is open in the outbox again where it is.
+        let kept = matches!(action, Action::Requeue) && store.dead_letter(id).await?.is_some();
+        return Err(if kept {
+            ApiError::Reused(id)
+        } else {
+            ApiError::NotFound(id)
+        });
     }
     tracing::info!(message_id = %id, peer = %peer(req), "dead letter {verb} through the admin API");
     if matches!(action, Action::Requeue) {

@@ -209,6 +209,12 @@ pub(crate) enum ApiError {
     /// No such dead letter.
     #[error("no dead letter with id {0}")]
     NotFound(Uuid),
+    /// A requeue that must wait: a producer reused the id, and that copy is still open.
+    #[error(
+        "dead letter {0} not requeued: a producer reused the id and that row is still waiting \
+         or in flight in the outbox; requeue again once it is confirmed"
+    )]
+    Reused(Uuid),
     /// The database failed or timed out; the cause is logged, never sent.
     #[error("database unavailable")]
     Database(#[source] StoreError),
@@ -227,6 +233,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Disabled(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Reused(_) => StatusCode::CONFLICT,
             ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
