@@ -722,6 +722,14 @@ impl Config {
                     "must not be empty (use null to disable)",
                 ));
             }
+            // HTTP trims a header value: no Authorization header could carry such a token.
+            if token.as_deref().is_some_and(|t| t.trim() != t) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must not start or end with whitespace (no Authorization header can carry \
+                     it; a stray space or newline from an env file?)",
+                ));
+            }
         }
         positive("admin.pool_size", self.admin.pool_size as u64)?;
         positive_duration("admin.statement_timeout", self.admin.statement_timeout)?;
@@ -1085,6 +1093,18 @@ mod tests {
         let e = err("telemetry:\n  endpoint: not-a-url\n");
         assert!(e.contains("telemetry.endpoint"), "{e}");
         assert!(parse("telemetry:\n  endpoint: http://collector:4318\n").is_ok());
+    }
+
+    #[test]
+    fn an_admin_token_no_header_can_carry_is_rejected() {
+        for yaml in [
+            "admin:\n  token: \" \"\n",
+            "admin:\n  read_token: \"tok\\n\"\n",
+        ] {
+            let e = err(yaml);
+            assert!(e.contains("whitespace"), "{yaml}: {e}");
+        }
+        assert!(parse("admin:\n  token: \"tok en\"\n").is_ok());
     }
 
     #[test]
