@@ -143,10 +143,10 @@ fn report(verb: &str, asked: &[Uuid], done: &[Uuid]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Producer text for one column: newlines as spaces, control characters escaped, cut to
-/// `n` characters.
+/// Producer text for one column: control characters escaped (a newline too, so `a\nb` is
+/// never listed as `a b`, a name a filter would not match), cut to `n` characters.
 fn clip(s: &str, n: usize) -> String {
-    let safe = one_line(&s.replace('\n', " ")).into_owned();
+    let safe = one_line(s).into_owned();
     if safe.chars().count() <= n {
         safe
     } else {
@@ -234,4 +234,15 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn a_listed_column_shows_every_control_character_and_is_cut() {
+        assert_eq!(clip("a\nb\r\x1b[31m", 40), "a\\x0ab\\x0d\\x1b[31m");
+        assert_eq!(clip("abcdef", 4), "abc…");
+    }
 }
