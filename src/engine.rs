@@ -259,9 +259,11 @@ async fn register(
 ) -> Result<(), EngineError> {
     let sent = Instant::now();
     let mut conn = store.conn().await?;
-    let window = Heartbeat::fresh_window(config.scheduler.engine_timeout);
-    store::beat(&mut conn, store.schema(), me, window).await?;
-    lifecycle.liveness.beat(sent, window);
+    let bound = Heartbeat::fresh_window(config.scheduler.engine_timeout);
+    store::beat(&mut conn, store.schema(), me, bound).await?;
+    lifecycle
+        .liveness
+        .beat(sent, Heartbeat::publish_window(&config.scheduler));
     Ok(())
 }
 

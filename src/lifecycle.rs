@@ -38,11 +38,12 @@ impl Shutdown {
 }
 
 /// The engine's own view of its registry heartbeat. Another engine declares it dead once its
-/// beat is `scheduler.engine_timeout` old by the database's clock; the engine stops claiming
-/// and publishing once its last successful beat was *sent* longer ago than half of that by
-/// its own monotonic clock, so it stops before anyone can take its rows over, whatever the
-/// round trip or a freeze (`SIGSTOP`, a long pause) did meanwhile. Without a registry (no
-/// beat recorded) it never stops.
+/// beat is `scheduler.engine_timeout` old by the database's clock, and takes a row whose lease
+/// lapsed; the engine stops claiming and publishing once its last successful beat was *sent*
+/// longer ago than half of that timeout, or a third of the lease, by its own monotonic clock
+/// (see `Heartbeat::publish_window`), so it stops before anyone can take its rows over,
+/// whatever the round trip or a freeze (`SIGSTOP`, a long pause) did meanwhile. Without a
+/// registry (no beat recorded) it never stops.
 #[derive(Debug, Clone)]
 pub struct Liveness {
     origin: std::time::Instant,

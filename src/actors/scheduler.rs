@@ -829,6 +829,23 @@ impl Handler<Wake> for Scheduler {
     }
 }
 
+/// The registry beat was overdue and has just succeeded again (a freeze, a long pause):
+/// rows held unpublished meanwhile may have been taken over by another engine once their
+/// leases lapsed, so none of them is published from memory. They are given back (fenced:
+/// rows another engine took are left alone) and claimed again.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct BeatBack;
+
+impl Handler<BeatBack> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, _: BeatBack, ctx: &mut Context<Self>) {
+        self.give_back_queue();
+        self.wake(ctx, Wake::ALL);
+    }
+}
+
 impl Handler<Settled> for Scheduler {
     type Result = ();
 
