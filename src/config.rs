@@ -442,7 +442,8 @@ pub struct SchedulerConfig {
     pub heartbeat: Duration,
     /// An engine whose last beat is older than this is declared dead by any other, and the
     /// rows it held are taken over at once. The engine itself stops publishing when it has
-    /// not beaten for half of this, so it never publishes rows another may have taken.
+    /// not beaten for half of this (or a third of the lease, if shorter), so it never
+    /// publishes rows another may have taken.
     #[serde(with = "humantime_serde")]
     pub engine_timeout: Duration,
 }
