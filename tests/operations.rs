@@ -140,6 +140,22 @@ async fn dead_letter_cli_lists_shows_requeues_and_discards() {
     let (code, out) = courier(&db, &["dead-letters", "requeue", &ids[2].to_string()]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("a producer reused the id"), "{out}");
+    // Beside an unknown id, both are named.
+    let (code, out) = courier(
+        &db,
+        &[
+            "dead-letters",
+            "requeue",
+            &ids[2].to_string(),
+            &unknown.to_string(),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("a producer reused the id")
+            && out.contains(&format!("no dead letter with id {unknown}")),
+        "{out}"
+    );
     let (code, out) = courier(&db, &["dead-letters", "requeue", "--all"]);
     assert_eq!(code, 0, "{out}");
     assert!(

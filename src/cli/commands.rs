@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::escape::one_line;
+use super::escape::{cell, one_line};
 use crate::{
     config::Config,
     state::{Status, ALL_STATUSES},
@@ -190,14 +190,16 @@ pub async fn engines(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The registry as a table. Id, host and version are escaped: any database user can write
-/// the registry, and a control sequence there must not reach the operator's terminal.
+/// The registry as a table. Id, host and version are escaped and cut to [`CELL`]
+/// characters: any database user can write the registry, and a control sequence there must
+/// not reach the operator's terminal, nor a 5,000-character version widen every line.
 fn engines_table(engines: &[EngineRecord]) -> String {
     use std::fmt::Write as _;
-    let ids: Vec<_> = engines.iter().map(|e| one_line(&e.id)).collect();
-    let hosts: Vec<_> = engines.iter().map(|e| one_line(&e.host)).collect();
-    let versions: Vec<_> = engines.iter().map(|e| one_line(&e.version)).collect();
-    let width = |col: &[std::borrow::Cow<'_, str>], title: &str| {
+    const CELL: usize = 64;
+    let ids: Vec<_> = engines.iter().map(|e| cell(&e.id, CELL)).collect();
+    let hosts: Vec<_> = engines.iter().map(|e| cell(&e.host, CELL)).collect();
+    let versions: Vec<_> = engines.iter().map(|e| cell(&e.version, CELL)).collect();
+    let width = |col: &[String], title: &str| {
         col.iter()
             .map(|s| s.chars().count())
             .chain([title.len()])
@@ -322,5 +324,11 @@ mod tests {
         let pid_at = |l: &str| l.find("4242  ").unwrap();
         assert_eq!(pid_at(lines[1]), pid_at(lines[2]), "{table}");
         assert_eq!(lines[3], "(2 engine(s))");
+        // A forged version of any length keeps every line short.
+        let mut long = engine("y", "h", "dead");
+        long.version = "v".repeat(5_000);
+        let table = engines_table(&[long]);
+        assert!(table.lines().all(|l| l.chars().count() < 250), "{table}");
+        assert!(table.contains('…'), "{table}");
     }
 }

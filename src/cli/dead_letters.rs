@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use uuid::Uuid;
 
-use super::escape::{multi_line, one_line};
+use super::escape::{cell, multi_line, one_line};
 use crate::{config::Config, store::Store};
 
 /// The dead-letter subcommands.
@@ -95,9 +95,19 @@ pub async fn run(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> 
             let kept = still_dead(&store, &ids, &moved).await?;
             if !kept.is_empty() {
                 println!("requeued {} dead letter(s)", moved.len());
+                let unknown: Vec<String> = ids
+                    .iter()
+                    .map(Uuid::to_string)
+                    .filter(|id| !kept.contains(id) && !moved.iter().any(|m| m.to_string() == *id))
+                    .collect();
+                let unknown = if unknown.is_empty() {
+                    String::new()
+                } else {
+                    format!("; no dead letter with id {}", unknown.join(", "))
+                };
                 bail!(
                     "not requeued: {}: a producer reused the id and that row is still waiting \
-                     or in flight in the outbox; requeue again once it is confirmed",
+                     or in flight in the outbox; requeue again once it is confirmed{unknown}",
                     kept.join(", ")
                 );
             }
@@ -143,17 +153,6 @@ fn report(verb: &str, asked: &[Uuid], done: &[Uuid]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Producer text for one column: control characters escaped (a newline too, so `a\nb` is
-/// never listed as `a b`, a name a filter would not match), cut to `n` characters.
-fn clip(s: &str, n: usize) -> String {
-    let safe = one_line(s).into_owned();
-    if safe.chars().count() <= n {
-        safe
-    } else {
-        format!("{}…", safe.chars().take(n - 1).collect::<String>())
-    }
-}
-
 async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Result<()> {
     let rows = store.dead_letters(since, limit).await?;
     println!(
@@ -164,11 +163,11 @@ async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Res
         println!(
             "{:<36}  {:<20}  {:<20}  {:>8}  {:<23}  {}",
             r.id,
-            clip(&r.exchange, 20),
-            clip(&r.routing_key, 20),
+            cell(&r.exchange, 20),
+            cell(&r.routing_key, 20),
             r.attempts,
             r.failed_at.format("%Y-%m-%d %H:%M:%S UTC"),
-            clip(r.last_error.as_deref().unwrap_or(""), 80)
+            cell(r.last_error.as_deref().unwrap_or(""), 80)
         );
     }
     println!("({} dead letter(s))", rows.len());
@@ -234,15 +233,4 @@ async fn show(store: &Store, id: Uuid) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::clip;
-
-    #[test]
-    fn a_listed_column_shows_every_control_character_and_is_cut() {
-        assert_eq!(clip("a\nb\r\x1b[31m", 40), "a\\x0ab\\x0d\\x1b[31m");
-        assert_eq!(clip("abcdef", 4), "abc…");
-    }
 }

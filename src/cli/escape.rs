@@ -19,6 +19,20 @@ pub fn multi_line(s: &str) -> Cow<'_, str> {
     escape(s, true)
 }
 
+/// [`one_line`], cut to `n` characters (a table cell: producer text of any length must not
+/// widen every line of the table).
+pub fn cell(s: &str, n: usize) -> String {
+    let safe = one_line(s);
+    if safe.chars().count() <= n {
+        safe.into_owned()
+    } else {
+        format!(
+            "{}…",
+            safe.chars().take(n.saturating_sub(1)).collect::<String>()
+        )
+    }
+}
+
 fn escape(s: &str, keep_lines: bool) -> Cow<'_, str> {
     let unsafe_char = |c: char| dangerous(c) && !(keep_lines && (c == '\n' || c == '\t'));
     if !s.chars().any(unsafe_char) {
@@ -47,6 +61,12 @@ fn dangerous(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_shows_every_control_character_and_is_cut() {
+        assert_eq!(cell("a\nb\r\x1b[31m", 40), "a\\x0ab\\x0d\\x1b[31m");
+        assert_eq!(cell("abcdef", 4), "abc…");
+    }
 
     #[test]
     fn escape_sequences_become_visible_text() {
