@@ -376,6 +376,30 @@ async fn a_dead_letter_move_gives_up_on_a_locked_row_in_a_second() {
 }
 
 #[tokio::test]
+async fn a_row_never_due_is_still_the_oldest_open_row() {
+    let db = TestDb::new("neverdue").await;
+    let store = db.store().await;
+    db.exec(
+        "INSERT INTO {s}.outbox (exchange, routing_key, payload, created_at, next_attempt_at)
+         VALUES ('ex', 'k', 'x', now() - interval '3 days', 'infinity')",
+    )
+    .await;
+    let oldest = store
+        .oldest_open()
+        .await
+        .unwrap()
+        .expect("the oldest open row");
+    assert_eq!(oldest.due_in_seconds, Some(f64::INFINITY));
+    let age = store
+        .stats()
+        .await
+        .unwrap()
+        .oldest_pending_age
+        .expect("an age");
+    assert!(age >= Duration::from_secs(3 * 86_400), "{age:?}");
+}
+
+#[tokio::test]
 async fn dead_letter_move_and_requeue() {
     let db = TestDb::new("dead").await;
     let store = db.store().await;

@@ -189,6 +189,9 @@ fn oldest_reason(state: &AdminState, o: &crate::store::OldestOpen) -> String {
         _ if o.status == "in_flight" => {
             "published or being published; waiting for the broker's confirm".into()
         }
+        _ if due_in.is_infinite() => {
+            "delayed by its producer: never due (next_attempt_at is infinity)".into()
+        }
         _ if due_in > 0.0 && o.attempts == 0 => {
             format!("delayed by its producer: due in {}", wait(due_in))
         }

@@ -301,14 +301,17 @@ pub struct OldestOpen {
 /// -- name: oldest_open
 ///
 /// The oldest open row among [`open_heads`] (the row whose age the stats give), with what
-/// it waits for.
+/// it waits for. A producer's `infinity` as `next_attempt_at` is due in `Infinity` seconds
+/// (the subtraction would fail: the interval is out of range).
 fn oldest_open(s: &Schema) -> String {
     format!(
         "WITH candidates AS ({heads}), oldest AS (
             SELECT id FROM candidates WHERE isfinite(created_at) ORDER BY created_at LIMIT 1
          )
          SELECT o.id, o.status::text AS status, o.ordering_key, o.attempts, o.last_error,
-                EXTRACT(EPOCH FROM o.next_attempt_at - now())::float8 AS due_in_seconds,
+                CASE WHEN isfinite(o.next_attempt_at)
+                     THEN EXTRACT(EPOCH FROM o.next_attempt_at - now())::float8
+                     ELSE 'Infinity'::float8 END AS due_in_seconds,
                 (SELECT d.id FROM {s}.dead_letters d WHERE d.ordering_key = o.ordering_key
                  ORDER BY d.failed_at LIMIT 1) AS key_dead_letter
          FROM {s}.outbox o JOIN oldest USING (id)",
