@@ -222,16 +222,9 @@ impl Ledger {
         self.urgent = false;
         self.flushing += 1;
         let batch = std::mem::take(&mut self.pending);
-        let store = self.store.clone();
-        let engine = self.engine_id.clone();
-        let write = async move {
-            let result = write_outcomes(&store, &engine, &batch, Locked::WaitBriefly).await;
-            (batch, result)
-        };
         ctx.spawn(
-            write
-                .into_actor(self)
-                .map(|(mut batch, result), act, ctx| match result {
+            self.write(batch, Locked::WaitBriefly).map(
+                |(mut batch, result), act, ctx| match result {
                     Ok(held) => {
                         act.failures = 0;
                         act.flushing -= 1;
@@ -254,8 +247,25 @@ impl Ledger {
                             act.flush(ctx);
                         });
                     }
-                }),
+                },
+            ),
         );
+    }
+
+    /// Writes `batch`'s outcomes (see [`write_outcomes`]); the future hands the batch back
+    /// with the result.
+    fn write(
+        &self,
+        batch: Record,
+        locked: Locked,
+    ) -> impl ActorFuture<Self, Output = (Record, Result<Vec<Uuid>, StoreError>)> {
+        let store = self.store.clone();
+        let engine = self.engine_id.clone();
+        async move {
+            let result = write_outcomes(&store, &engine, &batch, locked).await;
+            (batch, result)
+        }
+        .into_actor(self)
     }
 
     /// Keeps `held`, outcomes of rows another transaction holds locked, and sets their
@@ -288,15 +298,8 @@ impl Ledger {
         if batch.is_empty() {
             return;
         }
-        let store = self.store.clone();
-        let engine = self.engine_id.clone();
-        let write = async move {
-            let result = write_outcomes(&store, &engine, &batch, Locked::Skip).await;
-            (batch, result)
-        };
         ctx.spawn(
-            write
-                .into_actor(self)
+            self.write(batch, Locked::Skip)
                 .map(|(mut batch, result), act, ctx| match result {
                     Ok(held) => {
                         let still = batch.split_off(&held);
