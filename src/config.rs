@@ -723,12 +723,17 @@ impl Config {
                     "must not be empty (use null to disable)",
                 ));
             }
-            // HTTP trims a header value: no Authorization header could carry such a token.
-            if token.as_deref().is_some_and(|t| t.trim() != t) {
+            // HTTP trims a header value and refuses control characters in it: no
+            // Authorization header could carry such a token.
+            if token
+                .as_deref()
+                .is_some_and(|t| t.trim() != t || t.chars().any(char::is_control))
+            {
                 return Err(ConfigError::invalid(
                     key,
-                    "must not start or end with whitespace (no Authorization header can carry \
-                     it; a stray space or newline from an env file?)",
+                    "must not start or end with whitespace nor hold a control character (no \
+                     Authorization header can carry it; a stray space or newline from an env \
+                     file?)",
                 ));
             }
         }
@@ -1101,6 +1106,7 @@ mod tests {
         for yaml in [
             "admin:\n  token: \" \"\n",
             "admin:\n  read_token: \"tok\\n\"\n",
+            "admin:\n  token: \"ab\\ncd\"\n",
         ] {
             let e = err(yaml);
             assert!(e.contains("whitespace"), "{yaml}: {e}");

@@ -14,7 +14,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures::StreamExt;
 use lapin::{options::BasicPublishOptions, types::ShortString, BasicProperties, Connection};
 
-use super::escape::one_line;
+use super::escape::{cell, one_line};
 use crate::{
     broker::{self, ChannelClose},
     config::{Config, SecretUrl},
@@ -27,6 +27,8 @@ const NOTIFY_WAIT: Duration = Duration::from_secs(2);
 const PROBE_WAIT: Duration = Duration::from_secs(5);
 /// Most distinct exchanges probed (named by open rows, then the dead-letter exchange).
 const MOST_EXCHANGES: i64 = 50;
+/// Most characters of an exchange name printed (AMQP allows 255 bytes; a row may hold more).
+const NAME_SHOWN: usize = 300;
 
 /// A check's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,8 +467,9 @@ async fn exchanges(
         .iter()
         .map(|e| (e.clone(), None));
     for (exchange, rows) in rows.chain(dlx) {
-        // Producers write these names: printed escaped, never raw (see `cli::escape`).
-        let name = one_line(&exchange);
+        // Producers write these names: printed escaped, never raw (see `cli::escape`), and
+        // cut, so one 100,000-byte name does not make a 100,000-character line.
+        let name = cell(&exchange, NAME_SHOWN);
         let shown = match rows {
             Some(n) => format!("`{name}` ({n} open rows)"),
             None => format!("`{name}` (dead_letter.exchange)"),

@@ -9,14 +9,23 @@
 
 use std::{borrow::Cow, fmt::Write as _};
 
-/// `s` with every control character escaped, newlines and tabs included (one line).
+/// `s` with every control character escaped, newlines and tabs included (one line), and a
+/// backslash doubled, so an escape is never ambiguous: a name holding the four characters
+/// `\x0a` prints as `\\x0a`, a newline as `\x0a`.
 pub fn one_line(s: &str) -> Cow<'_, str> {
-    escape(s, false)
+    escape(s, false, true)
 }
 
-/// `s` with every control character escaped except newlines and tabs (payload text).
+/// `s` with every control character escaped except newlines and tabs (payload text), and a
+/// backslash doubled.
 pub fn multi_line(s: &str) -> Cow<'_, str> {
-    escape(s, true)
+    escape(s, true, true)
+}
+
+/// [`one_line`] with backslashes left as they are: for log fields, whose text already holds
+/// the escapes of Rust's `Debug` formatting.
+pub fn controls(s: &str) -> Cow<'_, str> {
+    escape(s, false, false)
 }
 
 /// [`one_line`], cut to `n` characters (a table cell: producer text of any length must not
@@ -33,8 +42,10 @@ pub fn cell(s: &str, n: usize) -> String {
     }
 }
 
-fn escape(s: &str, keep_lines: bool) -> Cow<'_, str> {
-    let unsafe_char = |c: char| dangerous(c) && !(keep_lines && (c == '\n' || c == '\t'));
+fn escape(s: &str, keep_lines: bool, backslash: bool) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (dangerous(c) && !(keep_lines && (c == '\n' || c == '\t'))) || (backslash && c == '\\')
+    };
     if !s.chars().any(unsafe_char) {
         return Cow::Borrowed(s);
     }
@@ -42,6 +53,8 @@ fn escape(s: &str, keep_lines: bool) -> Cow<'_, str> {
     for c in s.chars() {
         if !unsafe_char(c) {
             out.push(c);
+        } else if c == '\\' {
+            out.push_str("\\\\");
         } else if (c as u32) < 0x80 {
             let _ = write!(out, "\\x{:02x}", c as u32);
         } else {
@@ -61,6 +74,13 @@ fn dangerous(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_literal_backslash_never_reads_as_an_escape() {
+        assert_eq!(one_line("lit\\x0a"), "lit\\\\x0a");
+        assert_eq!(one_line("lit\n"), "lit\\x0a");
+        assert_eq!(controls("a\\b\x1b"), "a\\b\\x1b");
+    }
 
     #[test]
     fn a_cell_shows_every_control_character_and_is_cut() {

@@ -280,7 +280,7 @@ fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 
     use tracing_subscriber::field::MakeExt as _;
     tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
         let text = format!("{value:?}");
-        let text = escape::one_line(&text);
+        let text = escape::controls(&text);
         match field.name() {
             "message" => write!(w, "{text}"),
             name => write!(w, "{name}={text}"),
