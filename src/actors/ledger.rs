@@ -17,8 +17,9 @@
 //! bookkeeping, it never drops an ack. A row another transaction holds locked (a
 //! producer's `SELECT … FOR UPDATE`, an operator's open `UPDATE`) is waited for a second at
 //! most; then the flush writes the rest and the Ledger holds that row's outcome, trying it
-//! again every `HELD_RETRY` until the lock is gone, so one locked row never stops the others. Only after a flush commits are events announced and
-//! the rows' credits repaid to the Scheduler (see `scheduler::credit`).
+//! again every `HELD_RETRY` until the lock is gone, so one locked row never stops the
+//! others. Only after a flush commits are events announced and the rows' credits repaid to
+//! the Scheduler (see `scheduler::credit`).
 
 use std::{
     collections::HashSet,
@@ -169,9 +170,11 @@ pub struct Ledger {
     flush_set: bool,
     /// The next flush starts without waiting for the gap (see `WriteNow`).
     urgent: bool,
-    /// Outcomes of rows another transaction held locked, and whether their next try is set.
+    /// Outcomes of rows another transaction held locked, whether their next try is set, and
+    /// whether that was said (once, until they are all written).
     held: Record,
     held_set: bool,
+    held_told: bool,
 }
 
 impl Ledger {
@@ -191,6 +194,7 @@ impl Ledger {
             urgent: false,
             held: Record::default(),
             held_set: false,
+            held_told: false,
         }
     }
 
@@ -274,7 +278,8 @@ impl Ledger {
         if held.is_empty() {
             return;
         }
-        if self.held.is_empty() {
+        if !self.held_told {
+            self.held_told = true;
             tracing::warn!(
                 rows = held.rows(),
                 message_id = %held.first().unwrap_or_default(),
@@ -303,8 +308,12 @@ impl Ledger {
                 .map(|(mut batch, result), act, ctx| match result {
                     Ok(held) => {
                         let still = batch.split_off(&held);
-                        if still.is_empty() {
-                            tracing::info!(rows = batch.rows(), "outcomes of rows that were locked by another transaction written");
+                        if still.is_empty() && act.held.is_empty() {
+                            act.held_told = false;
+                            tracing::info!(
+                                rows = batch.rows(),
+                                "outcomes of rows that were locked by another transaction written"
+                            );
                         }
                         act.announce(batch);
                         act.hold(still, ctx);
