@@ -257,14 +257,6 @@ impl Store {
     }
 }
 
-/// -- name: requeue_dead_letters
-///
-/// DELETE takes the row lock, so two operators requeueing the same id at once move it
-/// once: the second finds nothing to delete and inserts nothing. A keyed row keeps its
-/// `seq`: it goes back to its place in its key's order. An id that is in the outbox again
-/// (a producer reused it) stays here until that copy is done: two rows cannot share an id.
-///
-/// `$1` dead letter ids.
 /// -- name: requeue_clear_confirmed
 ///
 /// A producer reused the id of dead letter `$1[i]` and that copy is `confirmed`: delivered,
@@ -277,6 +269,14 @@ fn requeue_clear_confirmed(s: &Schema) -> String {
     )
 }
 
+/// -- name: requeue_dead_letters
+///
+/// DELETE takes the row lock, so two operators requeueing the same id at once move it
+/// once: the second finds nothing to delete and inserts nothing. A keyed row keeps its
+/// `seq`: it goes back to its place in its key's order. An id that is in the outbox again
+/// (a producer reused it) stays here until that copy is done: two rows cannot share an id.
+///
+/// `$1` dead letter ids.
 fn requeue(s: &Schema) -> String {
     format!(
         "WITH moved AS (
