@@ -12,7 +12,7 @@ use diesel::{
 use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use uuid::Uuid;
 
-use super::{millis, not_found_is_none, IdRow, Schema, Store, StoreError};
+use super::{millis, not_found_is_none, IdRow, Schema, Store, StoreError, ROW_LOCK_WAIT};
 
 /// A dead-letter decision for one message, written by `Store::move_to_dead_letters`.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,7 +239,8 @@ impl Store {
                 // A row another transaction holds locked fails the move in a second instead
                 // of holding it (and every move behind it): the Dead-letter actor then moves
                 // the batch's rows one at a time, that one last.
-                tx.batch_execute("SET LOCAL lock_timeout = '1s'").await?;
+                tx.batch_execute(&format!("SET LOCAL lock_timeout = '{ROW_LOCK_WAIT}'"))
+                    .await?;
                 diesel::sql_query(&sql.supersede)
                     .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
                     .bind::<Text, _>(engine)

@@ -382,6 +382,12 @@ impl Store {
     }
 }
 
+/// How long an engine write waits for a row lock another transaction holds (a producer's or
+/// an operator's, left open) before it goes on without that row: the engine's own
+/// statements hold a row for milliseconds. An outcome write is then made again without it,
+/// a move to `dead_letters` one row at a time.
+const ROW_LOCK_WAIT: &str = "1s";
+
 /// The id a statement returns (`RETURNING id`).
 #[derive(QueryableByName)]
 struct IdRow {

@@ -3,7 +3,7 @@
 //! published are given back (due again at once, the attempt refunded). Each is one
 //! statement over a whole batch; the Ledger actor writes them behind the publisher.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use diesel::{
     pg::Pg,
@@ -12,7 +12,7 @@ use diesel::{
 };
 use uuid::Uuid;
 
-use super::{millis, IdRow, Schema, Store, StoreError};
+use super::{millis, IdRow, Schema, Store, StoreError, ROW_LOCK_WAIT};
 
 /// A retry decision for one message, written in a batch by `Store::mark_retrying`.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,16 +56,18 @@ impl Statements {
 /// engine for as long as the lock lasted (30 s of a 30,000-row drain in a test by hand).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Locked {
-    /// Wait for it at most [`LOCK_WAIT`], then write the rest without it (the usual write:
+    /// Wait for it at most [`ROW_LOCK_WAIT`], then write the rest without it (the usual write:
     /// the engine's own statements hold a row for milliseconds).
     WaitBriefly,
     /// Write the rest at once, without it (rows found locked before).
     Skip,
 }
 
-/// The most an outcome write waits for a row lock before it is made again without the
-/// locked rows (`lock_timeout`, for this statement's transaction only).
-const LOCK_WAIT: &str = "(SELECT set_config('lock_timeout', '1s', true)) IS NOT NULL";
+/// An outcome write waits at most [`ROW_LOCK_WAIT`] for a row lock before it is made again
+/// without the locked rows (`lock_timeout`, for this statement's transaction only).
+fn lock_wait() -> String {
+    format!("(SELECT set_config('lock_timeout', '{ROW_LOCK_WAIT}', true)) IS NOT NULL")
+}
 
 /// What a confirm writes.
 const CONFIRM_SET: &str =
@@ -80,7 +82,8 @@ const CONFIRM_SET: &str =
 fn confirm(s: &Schema) -> String {
     format!(
         "UPDATE {s}.outbox {CONFIRM_SET}
-                 WHERE id = ANY($1) AND status <> 'confirmed' AND {LOCK_WAIT}"
+                 WHERE id = ANY($1) AND status <> 'confirmed' AND {wait}",
+        wait = lock_wait(),
     )
 }
 
@@ -129,24 +132,39 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        if locked == Locked::WaitBriefly {
-            match self.mark_confirmed(ids).await {
-                Err(e) if e.may_be_a_lock_wait() => {}
-                done => return done.map(|_| Vec::new()),
-            }
-        }
+        let unlocked = diesel::sql_query(&self.statements.settle.confirm_unlocked)
+            .into_boxed()
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids);
+        around_locks(locked, self.mark_confirmed(ids), self.held_back(unlocked)).await
+    }
+
+    /// Runs one of the `*_unlocked` statements: the ids it returns are the rows it left.
+    async fn held_back(
+        &self,
+        query: BoxedSqlQuery<'_, Pg, SqlQuery>,
+    ) -> Result<Vec<Uuid>, StoreError> {
         let mut conn = self.op().await?;
-        let held: Vec<IdRow> = conn
-            .fetch_all_prepared(
-                diesel::sql_query(&self.statements.settle.confirm_unlocked).bind::<Array<
-                    diesel::sql_types::Uuid,
-                >, _>(
-                    ids
-                ),
-            )
-            .await?;
+        let held: Vec<IdRow> = conn.fetch_all_prepared(query).await?;
         Ok(held.into_iter().map(|r| r.id).collect())
     }
+}
+
+/// The write `fast`, which waits a moment for a row lock; when it gave up on one (or at
+/// once, with [`Locked::Skip`]) the write `unlocked`, which leaves the locked rows out and
+/// returns them. Any other failure of `fast` may be a lock wait too (PostgreSQL's code does
+/// not reach the error): `unlocked` then fails the same way if it was not.
+async fn around_locks(
+    locked: Locked,
+    fast: impl Future<Output = Result<usize, StoreError>>,
+    unlocked: impl Future<Output = Result<Vec<Uuid>, StoreError>>,
+) -> Result<Vec<Uuid>, StoreError> {
+    if locked == Locked::WaitBriefly {
+        match fast.await {
+            Err(e) if e.may_be_a_lock_wait() => {}
+            done => return done.map(|_| Vec::new()),
+        }
+    }
+    unlocked.await
 }
 
 /// -- name: mark_retrying
@@ -160,7 +178,8 @@ fn retry(s: &Schema) -> String {
     format!(
         "UPDATE {s}.outbox o {RETRY_SET}
                  FROM {RETRY_ROWS}
-                 WHERE o.id = u.id AND o.status = 'in_flight' AND o.locked_by = $5 AND {LOCK_WAIT}"
+                 WHERE o.id = u.id AND o.status = 'in_flight' AND o.locked_by = $5 AND {wait}",
+        wait = lock_wait(),
     )
 }
 
@@ -244,21 +263,13 @@ impl Store {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        if locked == Locked::WaitBriefly {
-            match self.mark_retrying(engine, updates).await {
-                Err(e) if e.may_be_a_lock_wait() => {}
-                done => return done.map(|_| Vec::new()),
-            }
-        }
-        let mut conn = self.op().await?;
-        let held: Vec<IdRow> = conn
-            .fetch_all_prepared(retry_rows(
-                &self.statements.settle.retry_unlocked,
-                engine,
-                updates,
-            ))
-            .await?;
-        Ok(held.into_iter().map(|r| r.id).collect())
+        let unlocked = retry_rows(&self.statements.settle.retry_unlocked, engine, updates);
+        around_locks(
+            locked,
+            self.mark_retrying(engine, updates),
+            self.held_back(unlocked),
+        )
+        .await
     }
 }
 
