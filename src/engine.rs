@@ -259,7 +259,7 @@ async fn register(
 ) -> Result<(), EngineError> {
     let sent = Instant::now();
     let mut conn = store.conn().await?;
-    let bound = Heartbeat::fresh_window(config.scheduler.engine_timeout);
+    let bound = Heartbeat::beat_bound(config.scheduler.engine_timeout);
     store::beat(&mut conn, store.schema(), me, bound).await?;
     lifecycle
         .liveness
@@ -355,9 +355,9 @@ impl EngineHandle {
         self.inner.signals.metrics()
     }
 
-    /// Whether the engine's own registry beat succeeded lately (within half of
-    /// `scheduler.engine_timeout`): the database answers the engine, whichever host of the
-    /// URL that now is.
+    /// Whether the engine's own registry beat succeeded lately (within its publish window:
+    /// half of `scheduler.engine_timeout`, or a third of the lease if shorter): the database
+    /// answers the engine, whichever host of the URL that now is.
     pub(crate) fn beating(&self) -> bool {
         self.inner.lifecycle.liveness.fresh()
     }

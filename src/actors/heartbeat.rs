@@ -91,7 +91,7 @@ impl Heartbeat {
     }
 
     /// How long a beat's statements may take: half the engine timeout.
-    pub fn fresh_window(engine_timeout: Duration) -> Duration {
+    pub fn beat_bound(engine_timeout: Duration) -> Duration {
         engine_timeout / 2
     }
 
@@ -103,7 +103,7 @@ impl Heartbeat {
     /// publish rows another had taken over meanwhile (an audit: 1,279 duplicates of 6,000,
     /// a key's older message after a newer one).
     pub fn publish_window(timing: &SchedulerConfig) -> Duration {
-        Self::fresh_window(timing.engine_timeout).min(timing.lease_duration / 3)
+        Self::beat_bound(timing.engine_timeout).min(timing.lease_duration / 3)
     }
 
     /// How often to beat: `scheduler.heartbeat`, or more often when a short lease makes the
@@ -122,7 +122,7 @@ impl Heartbeat {
         let (engine_timeout, lease, bound) = (
             self.engine_timeout,
             self.lease,
-            Self::fresh_window(self.engine_timeout),
+            Self::beat_bound(self.engine_timeout),
         );
         let sent = Instant::now();
         let look_for_strays = self.beats.is_multiple_of(STRAYS_EVERY);
