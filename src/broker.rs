@@ -149,6 +149,7 @@ async fn connect_node(
     };
     let mut cert_asked = None;
     let plain = uri.scheme == AMQPScheme::AMQP;
+    let (host, port) = (uri.authority.host.clone(), uri.authority.port);
     let attempt = async {
         if uri.scheme == AMQPScheme::AMQP || options.is_default() {
             return Connection::connect_uri(uri, props).await;
@@ -181,6 +182,13 @@ async fn connect_node(
         .await
     };
     let result = tokio::time::timeout(timeout, attempt).await;
+    let tls_port = match &result {
+        Ok(Err(e)) if plain && cut_off(e) => {
+            let host = host.trim_matches(['[', ']']);
+            tls::speaks_tls(host, port, timeout.min(PROBE_TIMEOUT)).await
+        }
+        _ => false,
+    };
     match result {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) if cert_asked.as_ref().is_some_and(|a| a.raised()) => Err(failed(
@@ -197,6 +205,14 @@ async fn connect_node(
             ),
             true,
         )),
+        Ok(Err(e)) if tls_port => Err(failed(
+            format!(
+                "the server speaks TLS (amqp:// to a TLS port? use amqps:// there; RabbitMQ's \
+                 plain listener is 5672 by default): it cut the AMQP attempt off ({e}) and \
+                 answered a TLS ClientHello"
+            ),
+            true,
+        )),
         Ok(Err(e)) if plain && not_amqp(&e) => Err(failed(
             format!(
                 "the server's answer is not AMQP (amqp:// to a TLS port? use amqps:// there; \
@@ -210,6 +226,25 @@ async fn connect_node(
             false,
         )),
     }
+}
+
+/// How long the TLS probe of a port that cut a plain attempt off may take: a TLS server
+/// answers a ClientHello at once.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the server cut the connection off (a reset, or the stream ended) rather than
+/// answering: what a plain attempt sees when a TLS listener's close overtakes its alert.
+fn cut_off(e: &lapin::Error) -> bool {
+    let lapin::ErrorKind::IOError(io) = e.kind() else {
+        return false;
+    };
+    matches!(
+        io.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 /// Whether the server's first answer could not be read as AMQP: on a plain `amqp://`

@@ -201,6 +201,47 @@ impl ResolvesClientCert for NoClientCert {
     }
 }
 
+/// Whether the server at `host:port` answers a TLS ClientHello as a TLS server does: with a
+/// handshake record or an alert (content type 22 or 21, protocol version 3.x).
+///
+/// Why: aimed with `amqp://` at a TLS port, the node answers AMQP's protocol header with a
+/// TLS alert and closes at once, and that close often reaches the client as a reset before
+/// the alert is read — the attempt then looks like a node going away, which retrying might
+/// mend. A ClientHello gets a TLS answer that then waits for the client, so this probe's
+/// verdict does not depend on that race. False on any failure to connect, send or read.
+pub(crate) async fn speaks_tls(host: &str, port: u16, within: std::time::Duration) -> bool {
+    let Some(hello) = client_hello(host) else {
+        return false;
+    };
+    let probe = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
+        stream.write_all(&hello).await?;
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await?;
+        Ok::<_, std::io::Error>(matches!(head, [21 | 22, 3]))
+    };
+    matches!(tokio::time::timeout(within, probe).await, Ok(Ok(true)))
+}
+
+/// The first bytes a rustls client sends to `host`: its ClientHello record.
+fn client_hello(host: &str) -> Option<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::tls::AcceptAnyCertificate(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .or_else(|_| rustls::pki_types::ServerName::try_from("localhost"))
+        .ok()?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).ok()?;
+    Some(hello)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
