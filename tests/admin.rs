@@ -282,6 +282,37 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
     let path = format!("/api/dead-letters/{unknown}/requeue");
     let r = request(&addr, "POST", &path, &addr, Some("admin-tok")).await;
     assert_eq!(r.status, 404, "{}", r.body);
+
+    // A dead letter another transaction holds locked: both changes give up, say why (409,
+    // not "database unavailable") and change nothing.
+    let mut other = db.raw().await;
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{}\".dead_letters WHERE id = '{secret}' FOR UPDATE",
+            db.schema
+        ))
+        .await
+        .unwrap();
+    for (method, path) in [
+        ("POST", format!("/api/dead-letters/{secret}/requeue")),
+        ("DELETE", format!("/api/dead-letters/{secret}")),
+    ] {
+        let r = request(&addr, method, &path, &addr, Some("admin-tok")).await;
+        assert_eq!(r.status, 409, "{method} {path}: {}", r.body);
+        assert!(
+            r.body.contains("locked by another transaction"),
+            "{}",
+            r.body
+        );
+    }
+    other.batch_execute("ROLLBACK").await.unwrap();
+    assert!(db
+        .store()
+        .await
+        .dead_letter(secret)
+        .await
+        .unwrap()
+        .is_some());
     engine.shutdown().await;
 }
 

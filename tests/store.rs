@@ -9,7 +9,7 @@ use std::{collections::HashSet, time::Duration};
 use common::{within, TestDb};
 use courier::{
     testing::{DeadLetterUpdate, MessageState, RetryUpdate},
-    OutboxMessage, Status,
+    OutboxMessage, Status, StoreError,
 };
 use diesel::{sql_types::Text, QueryableByName};
 use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -373,6 +373,90 @@ async fn a_dead_letter_move_gives_up_on_a_locked_row_in_a_second() {
     producer.batch_execute("COMMIT").await.unwrap();
     let moved = store.move_to_dead_letters("e", &failed(&ids[..1])).await;
     assert_eq!(moved.unwrap(), ids[..1]);
+}
+
+#[tokio::test]
+async fn operator_changes_give_up_on_a_locked_dead_letter_and_change_nothing() {
+    let db = TestDb::new("lockedop").await;
+    let store = db.store().await;
+    store.enqueue_many(&messages(3)).await.unwrap();
+    let ids: Vec<Uuid> = store
+        .claim("e", 3, LONG)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    let failed: Vec<DeadLetterUpdate> = ids
+        .iter()
+        .map(|id| DeadLetterUpdate {
+            id: *id,
+            error: "nacked".into(),
+        })
+        .collect();
+    store.move_to_dead_letters("e", &failed).await.unwrap();
+    // Another operator's transaction, left open, holds one dead letter.
+    let mut other = db.raw().await;
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{}\".dead_letters WHERE id = '{}' FOR UPDATE",
+            db.schema, ids[0]
+        ))
+        .await
+        .unwrap();
+    let requeued = within(
+        10,
+        "a requeue beside a lock",
+        store.requeue_dead_letters(&ids),
+    )
+    .await;
+    assert!(
+        matches!(requeued, Err(StoreError::RowLocked(_))),
+        "{requeued:?}"
+    );
+    let discarded = within(
+        10,
+        "a discard beside a lock",
+        store.discard_dead_letters(&ids),
+    )
+    .await;
+    let e = discarded.unwrap_err();
+    assert!(
+        e.to_string().contains("locked by another transaction"),
+        "{e}"
+    );
+    let discarded = within(
+        10,
+        "a discard by age beside a lock",
+        store.discard_dead_letters_older_than(Duration::ZERO),
+    )
+    .await;
+    assert!(
+        matches!(discarded, Err(StoreError::RowLocked(_))),
+        "{discarded:?}"
+    );
+    assert_eq!(
+        store.dead_letter_ids(None).await.unwrap().len(),
+        3,
+        "nothing changed"
+    );
+    // The wait is the statement's own: the pool's next statement does not inherit it.
+    other.batch_execute("COMMIT").await.unwrap();
+    let mut again = db.raw().await;
+    again
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{}\".dead_letters WHERE id = '{}' FOR UPDATE",
+            db.schema, ids[2]
+        ))
+        .await
+        .unwrap();
+    let requeued = store.requeue_dead_letters(&ids[..2]).await.unwrap();
+    assert_eq!(requeued.len(), 2);
+    again.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        store.discard_dead_letters(&ids[2..]).await.unwrap(),
+        ids[2..]
+    );
 }
 
 #[tokio::test]

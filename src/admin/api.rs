@@ -13,6 +13,7 @@ use super::{
     queries::{self, DeadLetterPayload},
     AdminState, ApiError,
 };
+use crate::store::StoreError;
 
 const OPENAPI: &str = include_str!("openapi.json");
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -347,9 +348,16 @@ async fn act_on_dead_letter(
     let id = parse_id(raw_id)?;
     let store = state.db.store();
     let (done, verb) = match action {
-        Action::Requeue => (store.requeue_dead_letters(&[id]).await?, "requeued"),
-        Action::Discard => (store.discard_dead_letters(&[id]).await?, "discarded"),
+        Action::Requeue => (store.requeue_dead_letters(&[id]).await, "requeued"),
+        Action::Discard => (store.discard_dead_letters(&[id]).await, "discarded"),
     };
+    let done = done.map_err(|e| match e {
+        StoreError::RowLocked(_) => {
+            tracing::warn!(message_id = %id, error = %e, "admin API: dead letter not {verb}");
+            ApiError::Locked(id)
+        }
+        e => ApiError::Database(e),
+    })?;
     if !done.contains(&id) {
         // A requeue leaves a dead letter whose id is open in the outbox again where it is.
         let kept = matches!(action, Action::Requeue) && store.dead_letter(id).await?.is_some();

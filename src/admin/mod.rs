@@ -215,6 +215,12 @@ pub(crate) enum ApiError {
          or in flight in the outbox; requeue again once it is confirmed"
     )]
     Reused(Uuid),
+    /// A change gave up on a row another transaction holds locked; nothing changed.
+    #[error(
+        "dead letter {0} is locked by another transaction (a producer's or an operator's, left \
+         open): nothing was changed; try again once it ends"
+    )]
+    Locked(Uuid),
     /// The database failed or timed out; the cause is logged, never sent.
     #[error("database unavailable")]
     Database(#[source] StoreError),
@@ -233,7 +239,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Disabled(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Reused(_) => StatusCode::CONFLICT,
+            ApiError::Reused(_) | ApiError::Locked(_) => StatusCode::CONFLICT,
             ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -12,7 +12,9 @@ use diesel::{
 use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use uuid::Uuid;
 
-use super::{millis, not_found_is_none, IdRow, Schema, Store, StoreError, ROW_LOCK_WAIT};
+use super::{
+    millis, not_found_is_none, operator_lock_wait, IdRow, Schema, Store, StoreError, ROW_LOCK_WAIT,
+};
 
 /// A dead-letter decision for one message, written by `Store::move_to_dead_letters`.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,8 +267,9 @@ impl Store {
 /// behind the dead letter with it). It goes now, before the requeue moves the dead letter in.
 fn requeue_clear_confirmed(s: &Schema) -> String {
     format!(
-        "DELETE FROM {s}.outbox o WHERE o.id = ANY($1) AND o.status = 'confirmed'
-           AND EXISTS (SELECT 1 FROM {s}.dead_letters d WHERE d.id = o.id)"
+        "DELETE FROM {s}.outbox o WHERE {wait} AND o.id = ANY($1) AND o.status = 'confirmed'
+           AND EXISTS (SELECT 1 FROM {s}.dead_letters d WHERE d.id = o.id)",
+        wait = operator_lock_wait(),
     )
 }
 
@@ -281,7 +284,7 @@ fn requeue_clear_confirmed(s: &Schema) -> String {
 fn requeue(s: &Schema) -> String {
     format!(
         "WITH moved AS (
-                    DELETE FROM {s}.dead_letters d WHERE d.id = ANY($1)
+                    DELETE FROM {s}.dead_letters d WHERE {wait} AND d.id = ANY($1)
                       AND NOT EXISTS (SELECT 1 FROM {s}.outbox o WHERE o.id = d.id)
                     RETURNING *
                  )
@@ -291,7 +294,8 @@ fn requeue(s: &Schema) -> String {
                  SELECT id, exchange, routing_key, payload, headers, content_type, max_attempts,
                         'pending', 0, now(), last_error, created_at, ordering_key, seq
                  FROM moved
-                 RETURNING id"
+                 RETURNING id",
+        wait = operator_lock_wait(),
     )
 }
 
@@ -310,15 +314,22 @@ impl Store {
             diesel::sql_query(requeue_clear_confirmed(&self.schema))
                 .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
         )
-        .await?;
+        .await
+        .map_err(operator_error)?;
         let rows: Vec<IdRow> = conn
             .fetch_all(
                 diesel::sql_query(requeue(&self.schema))
                     .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
             )
-            .await?;
+            .await
+            .map_err(operator_error)?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
+}
+
+/// An operator's statement failed: a lock it gave up waiting for is named as such.
+fn operator_error(e: diesel::result::Error) -> StoreError {
+    StoreError::from(e).lock_wait_named()
 }
 
 /// -- name: dead_letter_list
@@ -444,7 +455,10 @@ impl Store {
 ///
 /// `$1` dead letter ids.
 fn discard(s: &Schema) -> String {
-    format!("DELETE FROM {s}.dead_letters WHERE id = ANY($1) RETURNING id")
+    format!(
+        "DELETE FROM {s}.dead_letters WHERE {wait} AND id = ANY($1) RETURNING id",
+        wait = operator_lock_wait(),
+    )
 }
 
 /// -- name: discard_dead_letters_older_than
@@ -453,7 +467,9 @@ fn discard(s: &Schema) -> String {
 fn discard_older(s: &Schema) -> String {
     format!(
         "DELETE FROM {s}.dead_letters
-                 WHERE failed_at < now() - $1 * interval '1 millisecond' RETURNING id"
+                 WHERE {wait} AND failed_at < now() - $1 * interval '1 millisecond'
+                 RETURNING id",
+        wait = operator_lock_wait(),
     )
 }
 
@@ -466,7 +482,8 @@ impl Store {
                 diesel::sql_query(discard(&self.schema))
                     .bind::<Array<diesel::sql_types::Uuid>, _>(ids),
             )
-            .await?;
+            .await
+            .map_err(operator_error)?;
         drop(conn);
         self.wake_after_discard(rows.len()).await;
         Ok(rows.into_iter().map(|r| r.id).collect())
@@ -483,7 +500,8 @@ impl Store {
                 diesel::sql_query(discard_older(&self.schema))
                     .bind::<BigInt, _>(millis(older_than)),
             )
-            .await?;
+            .await
+            .map_err(operator_error)?;
         drop(conn);
         self.wake_after_discard(rows.len()).await;
         Ok(rows.into_iter().map(|r| r.id).collect())

@@ -100,6 +100,13 @@ pub enum StoreError {
     /// The schema name is unusable.
     #[error("invalid schema name: {0}")]
     Schema(String),
+    /// An operator's change gave up on rows another transaction holds locked (a producer's
+    /// or another operator's, left open): nothing was changed.
+    #[error(
+        "rows are locked by another transaction (waited {OPERATOR_LOCK_WAIT} for it); nothing \
+         was changed: try again once that transaction ends ({0})"
+    )]
+    RowLocked(#[source] diesel::result::Error),
 }
 
 impl StoreError {
@@ -127,6 +134,21 @@ impl StoreError {
                 _
             ))
         )
+    }
+
+    /// An operator's statement that gave up waiting for a row lock becomes
+    /// [`StoreError::RowLocked`]. PostgreSQL's code for it (55P03) does not reach this
+    /// error, so its text is read; a server whose messages are in another language leaves
+    /// the error as it is.
+    fn lock_wait_named(self) -> StoreError {
+        match self {
+            StoreError::Query(e @ diesel::result::Error::DatabaseError(_, _))
+                if e.to_string().contains("lock timeout") =>
+            {
+                StoreError::RowLocked(e)
+            }
+            other => other,
+        }
     }
 
     /// A foreign key refused the statement: another table still references a row it would
@@ -387,6 +409,18 @@ impl Store {
 /// statements hold a row for milliseconds. An outcome write is then made again without it,
 /// a move to `dead_letters` one row at a time.
 const ROW_LOCK_WAIT: &str = "1s";
+
+/// How long an operator's change (a requeue, a discard) waits for a row lock another
+/// transaction holds before it gives up with [`StoreError::RowLocked`]. Without a bound it
+/// waited silently, and a command killed meanwhile still happened when the lock went (the
+/// server keeps the statement). Set inside the statement, so it holds behind a pooler.
+const OPERATOR_LOCK_WAIT: &str = "3s";
+
+/// The guard an operator's statement starts its `WHERE` with: `lock_timeout` for that
+/// statement's transaction only.
+fn operator_lock_wait() -> String {
+    format!("(SELECT set_config('lock_timeout', '{OPERATOR_LOCK_WAIT}', true)) IS NOT NULL")
+}
 
 /// The id a statement returns (`RETURNING id`).
 #[derive(QueryableByName)]
