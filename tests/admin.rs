@@ -424,13 +424,13 @@ async fn admin_queries_run_on_their_own_pool_with_a_statement_timeout_and_errors
     let (engine, addr) = admin_engine(&db, |c| {
         c.database.pool_size = 2;
         c.admin.pool_size = 1;
-        c.admin.statement_timeout = Duration::from_secs(3);
+        c.admin.statement_timeout = Duration::from_secs(2);
         c.admin.token = Some("t".into());
     })
     .await;
 
     // Hold the dead letter's row lock: an admin discard waits on it until its statement
-    // timeout cancels it.
+    // timeout cancels it (2 s, before the 3 s an operator's change waits for a lock).
     let mut holder = db.raw().await;
     holder
         .batch_execute(&format!(

@@ -569,8 +569,14 @@ async fn behind_pgbouncer_in_transaction_mode() {
     config.database.auto_migrate = true;
     // Two engines started at the same instant share the pooler's server connections from
     // their first statement on (an audit once saw one of them fail its start).
-    let (engine, second) =
-        tokio::join!(Engine::start(config.clone()), Engine::start(config.clone()));
+    // The first engine serves the admin API through PgBouncer too: its statement timeout is
+    // set per transaction, so PgBouncer's default `ignore_startup_parameters` (no
+    // `options`) lets it connect, and the timeout holds.
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let mut with_admin = config.clone();
+    with_admin.admin.bind = Some(admin_addr.clone());
+    with_admin.admin.statement_timeout = Duration::from_secs(1);
+    let (engine, second) = tokio::join!(Engine::start(with_admin), Engine::start(config.clone()));
     let engine = engine.expect("engine behind PgBouncer");
     let second = second.expect("a second engine started beside it");
     let producer = Store::connect(&config.database)
@@ -643,6 +649,28 @@ async fn behind_pgbouncer_in_transaction_mode() {
         "pgbouncer: 10,000 rows in {bulk:?}, {} duplicates; trickle p50 {p50:?}, max {max:?} (sweep {:?})",
         a.duplicates, config.scheduler.sweep_interval
     );
+
+    let (status, body) = common::http(&admin_addr, "GET", "/api/stats", None).await;
+    assert_eq!(status, 200, "admin API behind PgBouncer: {body}");
+    // A table lock held elsewhere: the admin statement ends at its 1 s timeout.
+    let mut holder = db.raw().await;
+    {
+        use diesel_async::SimpleAsyncConnection;
+        holder
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE \"{schema}\".outbox IN ACCESS EXCLUSIVE MODE"
+            ))
+            .await
+            .expect("lock the outbox");
+        let (status, body) = common::within(
+            10,
+            "the admin statement timeout behind PgBouncer",
+            common::http(&admin_addr, "GET", "/api/stats", None),
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        holder.batch_execute("ROLLBACK").await.expect("rollback");
+    }
     engine.shutdown().await;
     second.shutdown().await;
 }

@@ -1,10 +1,11 @@
 //! The admin API's database access: its own small pools, never the engine's, and the
 //! statements only the admin API runs, each beside the function that binds it.
 //!
-//! Every admin connection is opened with `application_name=courier-admin` ([`super::conn_url`]) and
-//! `options=-c statement_timeout=<admin.statement_timeout>` (tokio-postgres passes libpq's
-//! `options` in the startup packet), so no admin query can run longer than that, and the
-//! engine's claims, confirms and lease renewals never wait behind an operator's browser.
+//! Every admin connection is opened with `application_name=courier-admin` ([`super::conn_url`]),
+//! and every admin statement runs in a transaction that first sets `statement_timeout` to
+//! `admin.statement_timeout` ([`Store::with_statement_timeout`]), so no admin query can run
+//! longer than that, and the engine's claims, confirms and lease renewals never wait behind
+//! an operator's browser. Set per transaction, it holds behind PgBouncer in either mode.
 //! Counts are the store's bounded ones ([`crate::store::Store::stats`]): they cost the same
 //! whatever history the outbox holds.
 
@@ -139,7 +140,7 @@ impl AdminDb {
         db: &DatabaseConfig,
         admin: &AdminConfig,
     ) -> Result<AdminDb, AdminDbError> {
-        let url = super::conn_url::admin_url(&db.url, admin.statement_timeout)?;
+        let url = super::conn_url::admin_url(&db.url)?;
         let api = DatabaseConfig {
             url: url.clone(),
             pool_size: admin.pool_size,
@@ -151,11 +152,16 @@ impl AdminDb {
             ..db.clone()
         };
         Ok(AdminDb {
-            api: Store::connect(&api).await?,
+            api: Store::connect(&api)
+                .await?
+                .with_statement_timeout(admin.statement_timeout),
             // A statement left unanswered gives its connection up (a frozen server): the
             // next probe connects again, to the next host of a multi-host URL, instead of
             // asking the same dead connection for ever.
-            probe: Store::connect(&probe).await?.bounded(PROBE_BOUND),
+            probe: Store::connect(&probe)
+                .await?
+                .with_statement_timeout(admin.statement_timeout)
+                .bounded(PROBE_BOUND),
         })
     }
 

@@ -244,6 +244,8 @@ pub struct Store {
     /// How long one operation's statement may go unanswered before its connection is
     /// given up (see [`Store::bounded`]); none for the CLI's one-off statements.
     statement_bound: Option<Duration>,
+    /// `statement_timeout` of each statement (see [`Store::with_statement_timeout`]).
+    statement_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Store {
@@ -331,6 +333,7 @@ impl Store {
             connect_timeout: connect_wait,
             per_statement_tx: cfg.pooler == Pooler::Transaction,
             statement_bound: None,
+            statement_timeout: None,
         };
         Ok(store)
     }
@@ -342,6 +345,16 @@ impl Store {
     /// silent. The engine bounds by its lease: past it the rows have lapsed anyway.
     pub(crate) fn bounded(mut self, bound: Duration) -> Store {
         self.statement_bound = Some(bound);
+        self
+    }
+
+    /// Every statement of this store runs in a transaction of its own that first sets
+    /// `statement_timeout` (`SET LOCAL`), so the server ends any statement that runs longer.
+    /// Set per transaction, not at connect (libpq's `options`): PgBouncer refuses unknown
+    /// start-up parameters, and a session `SET` behind a transaction-mode pooler would
+    /// reach other clients' statements.
+    pub(crate) fn with_statement_timeout(mut self, timeout: Duration) -> Store {
+        self.statement_timeout = Some(timeout);
         self
     }
 
@@ -400,6 +413,7 @@ impl Store {
             self.conn().await?,
             self.per_statement_tx,
             self.statement_bound,
+            self.statement_timeout,
         ))
     }
 }

@@ -34,6 +34,8 @@ pub(crate) struct OpConn {
     open: bool,
     /// Longest wait for one statement's answer (see `Store::bounded`).
     bound: Option<Duration>,
+    /// The server's own bound on each statement (see `Store::with_statement_timeout`).
+    statement_timeout: Option<Duration>,
 }
 
 impl OpConn {
@@ -41,12 +43,14 @@ impl OpConn {
         conn: Object<AsyncPgConnection>,
         per_statement_tx: bool,
         bound: Option<Duration>,
+        statement_timeout: Option<Duration>,
     ) -> OpConn {
         OpConn {
             conn: Some(conn),
             per_statement_tx,
             open: false,
             bound,
+            statement_timeout,
         }
     }
 
@@ -74,13 +78,20 @@ impl OpConn {
             .expect("connection present until drop")
     }
 
-    /// `BEGIN`, behind a transaction-mode pooler; pair it with [`end`](Self::end).
+    /// `BEGIN`, behind a transaction-mode pooler or with a statement timeout (then `SET
+    /// LOCAL statement_timeout` in the same round trip); pair it with [`end`](Self::end).
     pub(crate) async fn begin(&mut self) -> QueryResult<()> {
-        if self.per_statement_tx {
-            self.raw().batch_execute("BEGIN").await?;
-            self.open = true;
-        }
-        Ok(())
+        let begin = match self.statement_timeout {
+            Some(timeout) => format!(
+                "BEGIN; SET LOCAL statement_timeout = {}",
+                crate::store::millis(timeout).max(1)
+            ),
+            None if self.per_statement_tx => "BEGIN".to_string(),
+            None => return Ok(()),
+        };
+        // Marked open first: a failure or cancellation mid-way must not pool the connection.
+        self.open = true;
+        self.raw().batch_execute(&begin).await
     }
 
     /// Ends the transaction `begin` opened: `COMMIT` after success, else `ROLLBACK`.
