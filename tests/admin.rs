@@ -89,6 +89,11 @@ async fn admin_engine(db: &TestDb, tune: impl FnOnce(&mut Config)) -> (EngineHan
     (Engine::start(config).await.expect("engine starts"), addr)
 }
 
+/// Whether dead letter `id` is still there.
+async fn is_dead_letter(db: &TestDb, id: Uuid) -> bool {
+    db.store().await.dead_letter(id).await.unwrap().is_some()
+}
+
 /// Inserts one dead letter with SQL (`{s}` is the schema); returns its id.
 async fn dead_letter(db: &TestDb, columns: &str, values: &str) -> Uuid {
     #[derive(QueryableByName)]
@@ -256,13 +261,7 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
     )
     .await;
     assert_eq!(r.status, 401, "{}", r.body);
-    assert!(db
-        .store()
-        .await
-        .dead_letter(secret)
-        .await
-        .unwrap()
-        .is_some());
+    assert!(is_dead_letter(&db, secret).await);
     let r = get(&addr, "/api/dead-letters?limit=501", None).await;
     assert_eq!(r.status, 400);
     assert!(r.body.contains("between 1 and 500"), "{}", r.body);
@@ -285,14 +284,7 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
 
     // A dead letter another transaction holds locked: both changes give up, say why (409,
     // not "database unavailable") and change nothing.
-    let mut other = db.raw().await;
-    other
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM \"{}\".dead_letters WHERE id = '{secret}' FOR UPDATE",
-            db.schema
-        ))
-        .await
-        .unwrap();
+    let mut other = db.hold_locked("dead_letters", &[secret]).await;
     for (method, path) in [
         ("POST", format!("/api/dead-letters/{secret}/requeue")),
         ("DELETE", format!("/api/dead-letters/{secret}")),
@@ -306,13 +298,7 @@ async fn payloads_need_a_token_lists_carry_none_and_responses_are_bounded() {
         );
     }
     other.batch_execute("ROLLBACK").await.unwrap();
-    assert!(db
-        .store()
-        .await
-        .dead_letter(secret)
-        .await
-        .unwrap()
-        .is_some());
+    assert!(is_dead_letter(&db, secret).await);
     engine.shutdown().await;
 }
 
@@ -431,14 +417,7 @@ async fn admin_queries_run_on_their_own_pool_with_a_statement_timeout_and_errors
 
     // Hold the dead letter's row lock: an admin discard waits on it until its statement
     // timeout cancels it (2 s, before the 3 s an operator's change waits for a lock).
-    let mut holder = db.raw().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT id FROM \"{}\".dead_letters WHERE id = '{victim}' FOR UPDATE",
-            db.schema
-        ))
-        .await
-        .unwrap();
+    let mut holder = db.hold_locked("dead_letters", &[victim]).await;
     let discard = {
         let addr = addr.clone();
         tokio::spawn(async move {
@@ -482,13 +461,7 @@ async fn admin_queries_run_on_their_own_pool_with_a_statement_timeout_and_errors
     assert!(v["error_id"].is_string());
     assert_leaks_nothing(&r.body, &db.schema);
     holder.batch_execute("ROLLBACK").await.unwrap();
-    assert!(db
-        .store()
-        .await
-        .dead_letter(victim)
-        .await
-        .unwrap()
-        .is_some());
+    assert!(is_dead_letter(&db, victim).await);
 
     // Any other database failure reads the same from outside.
     db.exec("ALTER TABLE {s}.dead_letters RENAME TO dead_letters_gone")

@@ -284,14 +284,7 @@ async fn outcome_writes_leave_out_rows_another_transaction_holds_locked() {
     let claimed = store.claim("e", 6, LONG).await.unwrap();
     let ids: Vec<Uuid> = claimed.iter().map(|m| m.id).collect();
     // A producer's transaction holds one acked row and one failed row locked.
-    let mut producer = db.raw().await;
-    producer
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM \"{}\".outbox WHERE id IN ('{}', '{}') FOR UPDATE",
-            db.schema, ids[1], ids[4]
-        ))
-        .await
-        .unwrap();
+    let mut producer = db.hold_locked("outbox", &[ids[1], ids[4]]).await;
     let retry: Vec<RetryUpdate> = ids[3..6]
         .iter()
         .map(|id| RetryUpdate {
@@ -326,34 +319,29 @@ async fn outcome_writes_leave_out_rows_another_transaction_holds_locked() {
     assert_eq!(stats.count(Status::Retrying), 3);
 }
 
+/// Three rows enqueued and claimed by engine `e`; their ids.
+async fn three_claimed(store: &courier::Store) -> Vec<Uuid> {
+    store.enqueue_many(&messages(3)).await.unwrap();
+    let claimed = store.claim("e", 3, LONG).await.unwrap();
+    claimed.iter().map(|m| m.id).collect()
+}
+
+/// Rows `ids` failed for good: what the Dead-letter actor moves.
+fn failed(ids: &[Uuid]) -> Vec<DeadLetterUpdate> {
+    ids.iter()
+        .map(|id| DeadLetterUpdate {
+            id: *id,
+            error: "nacked".into(),
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_dead_letter_move_gives_up_on_a_locked_row_in_a_second() {
     let db = TestDb::new("lockedmove").await;
     let store = db.store().await;
-    store.enqueue_many(&messages(3)).await.unwrap();
-    let ids: Vec<Uuid> = store
-        .claim("e", 3, LONG)
-        .await
-        .unwrap()
-        .iter()
-        .map(|m| m.id)
-        .collect();
-    let failed = |ids: &[Uuid]| -> Vec<DeadLetterUpdate> {
-        ids.iter()
-            .map(|id| DeadLetterUpdate {
-                id: *id,
-                error: "nacked".into(),
-            })
-            .collect()
-    };
-    let mut producer = db.raw().await;
-    producer
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM \"{}\".outbox WHERE id = '{}' FOR UPDATE",
-            db.schema, ids[0]
-        ))
-        .await
-        .unwrap();
+    let ids = three_claimed(&store).await;
+    let mut producer = db.hold_locked("outbox", &[ids[0]]).await;
     let all = failed(&ids);
     let moved = within(
         10,
@@ -379,31 +367,13 @@ async fn a_dead_letter_move_gives_up_on_a_locked_row_in_a_second() {
 async fn operator_changes_give_up_on_a_locked_dead_letter_and_change_nothing() {
     let db = TestDb::new("lockedop").await;
     let store = db.store().await;
-    store.enqueue_many(&messages(3)).await.unwrap();
-    let ids: Vec<Uuid> = store
-        .claim("e", 3, LONG)
-        .await
-        .unwrap()
-        .iter()
-        .map(|m| m.id)
-        .collect();
-    let failed: Vec<DeadLetterUpdate> = ids
-        .iter()
-        .map(|id| DeadLetterUpdate {
-            id: *id,
-            error: "nacked".into(),
-        })
-        .collect();
-    store.move_to_dead_letters("e", &failed).await.unwrap();
-    // Another operator's transaction, left open, holds one dead letter.
-    let mut other = db.raw().await;
-    other
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM \"{}\".dead_letters WHERE id = '{}' FOR UPDATE",
-            db.schema, ids[0]
-        ))
+    let ids = three_claimed(&store).await;
+    store
+        .move_to_dead_letters("e", &failed(&ids))
         .await
         .unwrap();
+    // Another operator's transaction, left open, holds one dead letter.
+    let mut other = db.hold_locked("dead_letters", &[ids[0]]).await;
     let requeued = within(
         10,
         "a requeue beside a lock",
@@ -442,14 +412,7 @@ async fn operator_changes_give_up_on_a_locked_dead_letter_and_change_nothing() {
     );
     // The wait is the statement's own: the pool's next statement does not inherit it.
     other.batch_execute("COMMIT").await.unwrap();
-    let mut again = db.raw().await;
-    again
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM \"{}\".dead_letters WHERE id = '{}' FOR UPDATE",
-            db.schema, ids[2]
-        ))
-        .await
-        .unwrap();
+    let mut again = db.hold_locked("dead_letters", &[ids[2]]).await;
     let requeued = store.requeue_dead_letters(&ids[..2]).await.unwrap();
     assert_eq!(requeued.len(), 2);
     again.batch_execute("COMMIT").await.unwrap();

@@ -100,6 +100,23 @@ impl TestDb {
             .expect("connect")
     }
 
+    /// A transaction left open holding rows `ids` of `table` locked (`SELECT … FOR
+    /// UPDATE`), as a producer's or an operator's may be: `COMMIT` or `ROLLBACK` on the
+    /// connection returned ends it.
+    pub async fn hold_locked(&self, table: &str, ids: &[uuid::Uuid]) -> AsyncPgConnection {
+        use diesel_async::SimpleAsyncConnection;
+        let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+        let mut conn = self.raw().await;
+        conn.batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{}\".{table} WHERE id IN ({}) FOR UPDATE",
+            self.schema,
+            list.join(", ")
+        ))
+        .await
+        .expect("lock rows");
+        conn
+    }
+
     /// Runs SQL with `{s}` replaced by the quoted schema.
     pub async fn exec(&self, sql: &str) {
         let mut conn = self.raw().await;
