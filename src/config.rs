@@ -586,7 +586,19 @@ impl Config {
                 },
             }
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            // A value set by a variable is named by the variable, as a parse error is.
+            ConfigError::Invalid { key, problem } => {
+                match from_env.iter().find(|(path, _)| *path == key) {
+                    Some((_, name)) => ConfigError::Invalid {
+                        key,
+                        problem: format!("{problem} (set by `{name}`)"),
+                    },
+                    None => ConfigError::Invalid { key, problem },
+                }
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -765,6 +777,12 @@ impl Config {
                 ));
             }
         }
+        if self.broker.connection_name.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "broker.connection_name",
+                "is empty: it names the engine's connections and begins its engine id",
+            ));
+        }
         if self.broker.connection_name.len() > 255 {
             return Err(ConfigError::invalid(
                 "broker.connection_name",
@@ -780,8 +798,29 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.logging.level).map_err(|e| {
             ConfigError::invalid("logging.level", format!("is not a valid filter: {e}"))
         })?;
+        if let Some(word) = not_a_level(&self.logging.level) {
+            return Err(ConfigError::invalid(
+                "logging.level",
+                format!(
+                    "`{word}` is no level (off, error, warn, info, debug, trace): a bare word \
+                     names a target, so this filter would show that target's lines only and \
+                     silence every other; name a target as `target=level`"
+                ),
+            ));
+        }
         Ok(())
     }
+}
+
+/// The first bare word of a tracing filter that is not a level name: `EnvFilter` reads
+/// `warning` or `debg` as a target, which matches nothing, and every line goes unlogged.
+fn not_a_level(filter: &str) -> Option<&str> {
+    filter.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', '[', '{', ':'])
+            && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+    })
 }
 
 impl BackoffConfig {
@@ -965,7 +1004,11 @@ fn apply_env(
         let default_leaf = lookup(&defaults, path);
         // Strings (and optional strings) are taken verbatim, so a URL or a password with
         // YAML-special characters stays intact; other values are parsed as YAML scalars.
-        let value = if matches!(default_leaf, Some(Value::String(_)) | Some(Value::Null)) {
+        let value = if matches!(default_leaf, Some(Value::Null)) && is_null(&raw) {
+            // A key that may be null (its default) is set back to null as YAML writes it:
+            // `COURIER_ADMIN_BIND=` turns off an admin API the file turned on.
+            Value::Null
+        } else if matches!(default_leaf, Some(Value::String(_)) | Some(Value::Null)) {
             Value::String(raw)
         } else {
             serde_yaml_ng::from_str::<Value>(&raw).map_err(|e| ConfigError::Parse {
@@ -978,6 +1021,11 @@ fn apply_env(
         applied.push((path.join("."), name));
     }
     Ok(applied)
+}
+
+/// What a variable writes for null: empty, or YAML's own `null` and `~`.
+fn is_null(raw: &str) -> bool {
+    matches!(raw.trim(), "" | "~" | "null" | "Null" | "NULL")
 }
 
 /// The shortest `scheduler.lease_duration`.
@@ -1055,6 +1103,51 @@ mod tests {
         parse(yaml)
             .expect_err("config should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn a_variable_sets_a_nullable_key_back_to_null_and_names_itself_in_errors() {
+        let file = "admin:\n  bind: 127.0.0.1:9000\ndatabase:\n  migrate_url: postgres://h/db\n";
+        let c = parse_env(
+            file,
+            &[
+                ("COURIER_ADMIN_BIND", ""),
+                ("COURIER_DATABASE_MIGRATE_URL", "null"),
+                ("COURIER_TELEMETRY_ENDPOINT", "~"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.admin.bind, None);
+        assert!(c.database.migrate_url.is_none());
+        assert_eq!(c.telemetry.endpoint, None);
+        let e = parse_env("", &[("COURIER_ADMIN_BIND", "nowhere")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin.bind") && e.contains("COURIER_ADMIN_BIND"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_level_is_refused_not_read_as_a_target() {
+        for level in ["warning", "debg", "info,verbose"] {
+            let e = err(&format!("logging:\n  level: \"{level}\"\n"));
+            assert!(e.contains("logging.level") && e.contains("no level"), "{e}");
+        }
+        for level in [
+            "warn",
+            "INFO",
+            "courier=debug,lapin=warn",
+            "info,courier[claim]=trace",
+        ] {
+            assert!(
+                parse(&format!("logging:\n  level: \"{level}\"\n")).is_ok(),
+                "{level}"
+            );
+        }
+        let e = err("broker:\n  connection_name: ''\n");
+        assert!(e.contains("broker.connection_name"), "{e}");
     }
 
     #[test]
@@ -1367,6 +1460,25 @@ mod tests {
         assert!(msg.contains("not a valid AMQP URI"), "{msg}");
         let good = "amqp://a:b@h1/%2f?heartbeat=5&frame_max=8192&channel_max=10&verify=verify_none";
         assert!(parse_env("", &[("COURIER_BROKER_URL", good)]).is_ok());
+        let good = "amqps://a:b@h1/%2f?frame_max=0&server_name_indication=disable&cacertfile=/c";
+        assert!(parse_env("", &[("COURIER_BROKER_URL", good)]).is_ok());
+        // Values the broker or the TLS set-up would refuse, and keys nothing reads.
+        for (query, says) in [
+            ("frame_max=1", "4096"),
+            ("verify=sometimes", "verify_peer or verify_none"),
+            ("hearbeat=5", "does not read"),
+            ("foo=bar", "does not read"),
+        ] {
+            let url = format!("amqp://a:secretpw@h1/%2f?{query}");
+            let msg = parse_env("", &[("COURIER_BROKER_URL", url.as_str())])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("broker.url") && msg.contains(says),
+                "{query}: {msg}"
+            );
+            assert!(!msg.contains("secretpw"), "{msg}");
+        }
     }
 
     #[test]

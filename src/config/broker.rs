@@ -124,6 +124,26 @@ impl BrokerUrls {
     }
 }
 
+/// The query parameters of RabbitMQ's URI spec that Courier reads: lapin's, and the TLS ones
+/// (`broker/tls.rs`). Any other is refused, as `database.url` refuses libpq options it does
+/// not know: a misspelt `hearbeat=5` would otherwise be dropped without a word.
+const QUERY_KEYS: [&str; 10] = [
+    "heartbeat",
+    "connection_timeout",
+    "channel_max",
+    "frame_max",
+    "auth_mechanism",
+    "cacertfile",
+    "certfile",
+    "keyfile",
+    "verify",
+    "server_name_indication",
+];
+
+/// AMQP 0-9-1's smallest `frame_max` a peer may propose (below it the broker refuses the
+/// connection with a frame error, which looked like a broker that is not reachable).
+const MIN_FRAME_MAX: u32 = 4096;
+
 /// What the connection will parse, query parameters included: `heartbeat=abc` would
 /// otherwise fail every connection attempt, retried as if the broker were away.
 fn check_query(url: &SecretUrl) -> Result<(), ConfigError> {
@@ -134,9 +154,32 @@ fn check_query(url: &SecretUrl) -> Result<(), ConfigError> {
             let (fits, range) = match &*key {
                 "heartbeat" => (value.parse::<u16>().is_ok(), "0–65535 seconds"),
                 "channel_max" => (value.parse::<u16>().is_ok(), "0–65535"),
-                "frame_max" => (value.parse::<u32>().is_ok(), "0–4294967295 bytes"),
+                "frame_max" => (
+                    value
+                        .parse::<u32>()
+                        .is_ok_and(|v| v == 0 || v >= MIN_FRAME_MAX),
+                    "0 for the broker's, else at least AMQP's minimum of 4096 bytes",
+                ),
                 "connection_timeout" => (value.parse::<u64>().is_ok(), "milliseconds"),
-                _ => (true, ""),
+                "verify" => {
+                    if !matches!(&*value, "verify_peer" | "verify_none") {
+                        return Err(invalid(format!(
+                            "has query parameter `verify={}`: expected verify_peer or \
+                             verify_none",
+                            url.scrub(&value)
+                        )));
+                    }
+                    (true, "")
+                }
+                known if QUERY_KEYS.contains(&known) => (true, ""),
+                other => {
+                    return Err(invalid(format!(
+                        "has query parameter `{}`, which Courier does not read (a typo?); \
+                         it reads {}",
+                        url.scrub(other),
+                        QUERY_KEYS.join(", ")
+                    )))
+                }
             };
             if !fits {
                 return Err(invalid(format!(
