@@ -96,6 +96,24 @@ async fn a_good_setup_passes_every_check() {
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("doctor --json");
     assert_eq!(json["ok"], true, "{json}");
     assert_eq!(json["checks"].as_array().map(Vec::len), Some(8), "{json}");
+
+    // Run beside an engine serving the admin API (an alert fired): its address is taken by
+    // that engine, which is no fault.
+    let env = env_for(&db, &broker);
+    let mut config = db.engine_config();
+    config.admin.bind = env
+        .iter()
+        .find(|(k, _)| *k == "COURIER_ADMIN_BIND")
+        .map(|(_, v)| v.clone());
+    let engine = courier::Engine::start(config).await.expect("engine starts");
+    let o = doctor(&[], env).await;
+    let report = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{report}");
+    assert!(
+        line(&report, "admin").contains("served by a running Courier engine"),
+        "{report}"
+    );
+    engine.shutdown().await;
 }
 
 #[actix_rt::test]
@@ -225,6 +243,34 @@ async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their
     assert!(broker.contains("retrying will not help"), "{report}");
     assert!(!report.contains("wrong"), "the password leaked: {report}");
     assert!(line(&report, "exchanges").starts_with("skip"), "{report}");
+
+    // A list of nodes: each is tried, not only the first that answers. One refusing the
+    // login fails the check; one not reachable is a warning (the engine uses the others).
+    let good = common::broker_url();
+    let closed = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        free_address().rsplit(':').next().unwrap_or_default()
+    );
+    for (second, verdict, says) in [
+        (
+            "amqp://guest:wrong@127.0.0.1:5672/%2f",
+            "FAIL",
+            "ACCESS_REFUSED",
+        ),
+        (closed.as_str(), "warn", "the engine uses the others"),
+    ] {
+        let env = vec![
+            ("COURIER_DATABASE_URL", common::database_url()),
+            ("COURIER_BROKER_URL", format!("{good},{second}")),
+        ];
+        let report = stdout(&doctor(&[], env).await);
+        let broker = line(&report, "broker");
+        assert!(
+            broker.starts_with(verdict) && broker.contains("1 of 2 nodes") && broker.contains(says),
+            "{report}"
+        );
+        assert!(!report.contains("wrong"), "the password leaked: {report}");
+    }
 
     let url = format!("{}_no_such_db", common::database_url());
     let o = doctor(&[], vec![("COURIER_DATABASE_URL", url)]).await;

@@ -162,7 +162,7 @@ async fn checks(config_path: &Path, pre_start: bool) -> Vec<Check> {
     if let Some(check) = traces(&config) {
         out.push(check);
     }
-    out.push(admin_bind(&config));
+    out.push(admin_bind(&config).await);
     out
 }
 
@@ -377,30 +377,69 @@ async fn notify_round_trip(config: &Config) -> anyhow::Result<bool> {
 async fn broker(config: &Config, out: &mut Vec<Check>) -> Option<Connection> {
     match broker::connect_from(&config.broker, " (doctor)", 0).await {
         Ok((conn, node)) => {
-            let url = config
-                .broker
-                .url
-                .get(node)
-                .map(SecretUrl::redacted)
-                .unwrap_or_default();
-            out.push(Check::new(
-                "broker",
-                Verdict::Ok,
-                format!("{url} accepted the connection"),
-            ));
+            out.push(every_node(config, node).await);
             Some(conn)
         }
         Err(e) => {
-            let fix = if e.is_permanent() {
-                "correct the user, password, vhost, port or TLS settings in broker.url / \
-                 broker.tls (retrying will not help)"
-            } else {
-                "is RabbitMQ running and reachable at that host and port? (broker.url)"
-            };
-            out.push(Check::new("broker", Verdict::Fail, e.to_string()).fix(fix));
+            out.push(Check::new("broker", Verdict::Fail, e.to_string()).fix(broker_fix(&e)));
             None
         }
     }
+}
+
+fn broker_fix(e: &broker::BrokerError) -> &'static str {
+    if e.is_permanent() {
+        "correct the user, password, vhost, port or TLS settings in broker.url / broker.tls \
+         (retrying will not help)"
+    } else {
+        "is RabbitMQ running and reachable at that host and port? (broker.url)"
+    }
+}
+
+/// With a list of nodes, each one in turn (node `answered` took the first connection): the
+/// engine moves to the next node when one fails, so a node that refuses the login or is
+/// down only shows once another fails too — `doctor` says so now. A node that refuses
+/// (permanent: the nodes share users, vhosts and certificates) fails the check; one that is
+/// not reachable is worth a warning.
+async fn every_node(config: &Config, answered: usize) -> Check {
+    let urls = &config.broker.url;
+    let name = |i: usize| urls.get(i).map(SecretUrl::redacted).unwrap_or_default();
+    if urls.len() == 1 {
+        return Check::new(
+            "broker",
+            Verdict::Ok,
+            format!("{} accepted the connection", name(answered)),
+        );
+    }
+    let (mut refused, mut away) = (Vec::new(), Vec::new());
+    for (_, url) in urls.iter().enumerate().filter(|(i, _)| *i != answered) {
+        let mut one = config.broker.clone();
+        one.url = url.clone().into();
+        match broker::connect(&one, " (doctor)").await {
+            Ok(conn) => {
+                let _ = conn.close(200, "doctor done".into()).await;
+            }
+            Err(e) if e.is_permanent() => refused.push(e),
+            Err(e) => away.push(e),
+        }
+    }
+    let accepted = urls.len() - refused.len() - away.len();
+    let summary = format!("{accepted} of {} nodes accepted the connection", urls.len());
+    if let Some(e) = <[_]>::first(&refused) {
+        return Check::new("broker", Verdict::Fail, format!("{summary}; {e}")).fix(broker_fix(e));
+    }
+    if away.is_empty() {
+        return Check::new("broker", Verdict::Ok, summary);
+    }
+    let why: Vec<String> = away.iter().map(ToString::to_string).collect();
+    Check::new(
+        "broker",
+        Verdict::Warn,
+        format!(
+            "{summary}; the engine uses the others meanwhile: {}",
+            why.join("; ")
+        ),
+    )
 }
 
 /// What one probe publish found.
@@ -684,8 +723,10 @@ async fn publish_rolled_back(conn: &Connection, exchange: &str) -> Result<(), la
     Ok(())
 }
 
-/// The admin API's address can be bound (nothing else listens there).
-fn admin_bind(config: &Config) -> Check {
+/// The admin API's address can be bound (nothing else listens there), or a Courier engine
+/// already serves it: `doctor` is run beside a running engine when an alert fires, and its
+/// own admin API is no fault.
+async fn admin_bind(config: &Config) -> Check {
     let Some(bind) = &config.admin.bind else {
         return Check::new("admin", Verdict::Skip, "admin.bind is null: no admin API");
     };
@@ -695,9 +736,34 @@ fn admin_bind(config: &Config) -> Check {
             Verdict::Ok,
             format!("{bind} is free for the admin API"),
         ),
-        Err(e) => Check::new("admin", Verdict::Fail, format!("cannot bind {bind}: {e}")).fix(
-            "another process listens there (an engine already running?): stop it or change \
-             admin.bind",
+        Err(_) if serves_courier_metrics(config, bind).await => Check::new(
+            "admin",
+            Verdict::Ok,
+            format!("{bind} is served by a running Courier engine (its /metrics answers)"),
         ),
+        Err(e) => Check::new("admin", Verdict::Fail, format!("cannot bind {bind}: {e}"))
+            .fix("another process listens there: stop it or change admin.bind"),
+    }
+}
+
+/// Whether `bind` answers `GET /metrics` with Courier's metrics, within two seconds.
+async fn serves_courier_metrics(config: &Config, bind: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The Host header must pass `admin.allowed_hosts` when it is set.
+    let host = <[_]>::first(&config.admin.allowed_hosts).map_or(bind, String::as_str);
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(bind).await?;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), ask).await {
+        Ok(Ok(answer)) => {
+            let text = String::from_utf8_lossy(&answer);
+            text.starts_with("HTTP/1.1 200") && text.contains("courier_")
+        }
+        _ => false,
     }
 }
