@@ -364,6 +364,27 @@ async fn every_response_carries_security_headers_and_foreign_hosts_get_421() {
             assert!(r.json()["error"].is_string());
         }
     }
+    // HEAD reads what GET reads, without the body; a known path asked with a method it
+    // does not take gets 405 and the methods it takes.
+    for path in ["/", "/health", "/api/stats"] {
+        let r = request(&addr, "HEAD", path, &addr, None).await;
+        assert_eq!(r.status, 200, "HEAD {path}: {}", r.body);
+        assert!(r.body.is_empty(), "HEAD {path}: {}", r.body);
+    }
+    for (method, path, allow) in [
+        ("POST", "/api/stats".to_string(), "GET, HEAD"),
+        ("PUT", format!("/api/dead-letters/{id}"), "GET, HEAD, DELETE"),
+        ("GET", format!("/api/dead-letters/{id}/requeue"), "POST"),
+    ] {
+        let r = request(&addr, method, &path, &addr, Some("t")).await;
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.body);
+        assert_eq!(r.header("allow"), allow, "{method} {path}");
+        assert!(r.json()["error"].is_string(), "{}", r.body);
+        assert_eq!(r.header("x-frame-options"), "DENY", "{path}");
+    }
+    let r = request(&addr, "POST", "/nope", &addr, None).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+
     // The dashboard runs under that CSP: no inline script or style left in it.
     let page = get(&addr, "/", None).await.body;
     assert!(

@@ -297,8 +297,15 @@ async fn publish_to_exchange(
     for (id, answer) in answers {
         match answer {
             Ok(Confirmation::Ack(_)) => {}
-            other => {
-                tracing::error!(message_id = %id, outcome = ?other.map(|c| c.is_ack()), "dead-letter exchange did not confirm (row is in dead_letters)")
+            Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                tracing::error!(message_id = %id, "dead-letter exchange did not take the copy: nacked (row is in dead_letters)")
+            }
+            Err(e) => {
+                let why = match broker::ChannelClose::from_error(&e) {
+                    Some(close) => format!("{} {}", close.code, close.text),
+                    None => e.to_string(),
+                };
+                tracing::error!(message_id = %id, error = %why, "dead-letter exchange did not confirm (row is in dead_letters)")
             }
         }
     }

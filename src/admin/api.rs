@@ -26,45 +26,64 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 type State = web::Data<AdminState>;
 
-/// Every route of the admin API.
+/// Every route of the admin API. A known path asked with another method answers 405 with
+/// the methods it takes (`Allow`); every GET route answers HEAD too (headers, no body), as
+/// `curl -I` and uptime checkers ask.
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/",
-        web::get().to(|| file("text/html; charset=utf-8", DASHBOARD)),
-    )
-    .route(
-        "/dashboard.js",
-        web::get().to(|| file("text/javascript; charset=utf-8", DASHBOARD_JS)),
-    )
-    .route(
-        "/dashboard.css",
-        web::get().to(|| file("text/css; charset=utf-8", DASHBOARD_CSS)),
-    )
-    .route(
-        "/favicon.svg",
-        web::get().to(|| file("image/svg+xml", FAVICON)),
-    )
-    .route(
-        "/api/openapi.json",
-        web::get().to(|| file("application/json", OPENAPI)),
-    )
-    .route("/health", web::get().to(health))
-    .route("/ready", web::get().to(ready))
-    .route("/metrics", web::get().to(metrics))
-    .route("/api/stats", web::get().to(stats))
-    .route("/api/rates", web::get().to(rates))
-    .route("/api/engines", web::get().to(engines))
-    .route("/api/dead-letters", web::get().to(list_dead_letters))
-    .route("/api/dead-letters/{id}", web::get().to(show_dead_letter))
-    .route(
-        "/api/dead-letters/{id}",
-        web::delete().to(discard_dead_letter),
-    )
-    .route("/api/dead-letters/{id}/payload", web::get().to(payload))
-    .route(
-        "/api/dead-letters/{id}/requeue",
-        web::post().to(requeue_dead_letter),
+    cfg.service(read("/", || file("text/html; charset=utf-8", DASHBOARD)))
+        .service(read("/dashboard.js", || {
+            file("text/javascript; charset=utf-8", DASHBOARD_JS)
+        }))
+        .service(read("/dashboard.css", || {
+            file("text/css; charset=utf-8", DASHBOARD_CSS)
+        }))
+        .service(read("/favicon.svg", || file("image/svg+xml", FAVICON)))
+        .service(read("/api/openapi.json", || {
+            file("application/json", OPENAPI)
+        }))
+        .service(read("/health", health))
+        .service(read("/ready", ready))
+        .service(read("/metrics", metrics))
+        .service(read("/api/stats", stats))
+        .service(read("/api/rates", rates))
+        .service(read("/api/engines", engines))
+        .service(read("/api/dead-letters", list_dead_letters))
+        .service(
+            read("/api/dead-letters/{id}", show_dead_letter)
+                .route(web::delete().to(discard_dead_letter))
+                .default_service(web::to(|| not_allowed("GET, HEAD, DELETE"))),
+        )
+        .service(read("/api/dead-letters/{id}/payload", payload))
+        .service(
+            web::resource("/api/dead-letters/{id}/requeue")
+                .route(web::post().to(requeue_dead_letter))
+                .default_service(web::to(|| not_allowed("POST"))),
+        );
+}
+
+/// A resource read with GET (and HEAD); any other method gets 405.
+fn read<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args> + Clone,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(web::get().to(handler.clone()))
+        .route(web::head().to(handler))
+        .default_service(web::to(|| not_allowed("GET, HEAD")))
+}
+
+async fn not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = super::error(
+        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint",
     );
+    response.headers_mut().insert(
+        actix_web::http::header::ALLOW,
+        actix_web::http::header::HeaderValue::from_static(allow),
+    );
+    response
 }
 
 async fn file(content_type: &'static str, body: &'static str) -> HttpResponse {

@@ -143,12 +143,15 @@ fn print_blocked(blocked: &[crate::store::BlockedKey]) {
 
 /// One line per status and the dead letters, past the exact bound marked: `≥` for rows
 /// still to deliver (counted up to the bound: at least that many), `≈` for confirmed rows
-/// and dead letters (the planner's estimate).
+/// and dead letters (the planner's estimate; `≥` while there is none beyond the count).
 fn print_stats(stats: &crate::store::Stats) {
     let line = |name: &str, n: i64| {
         let mark = match (stats.approximate.contains(&name), name) {
             (false, _) => "",
             (true, "pending" | "retrying" | "in_flight") => "≥",
+            // No estimate past the count yet (the table was never analysed): what was
+            // counted is all that is known.
+            (true, _) if n == crate::store::EXACT_UP_TO + 1 => "≥",
             (true, _) => "≈",
         };
         println!("{name:<13} {:>10}", format!("{mark}{n}"));

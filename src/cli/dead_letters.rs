@@ -140,15 +140,22 @@ async fn still_dead(store: &Store, asked: &[Uuid], moved: &[Uuid]) -> anyhow::Re
 }
 
 /// Prints what was done and fails (exit 1) naming the ids that were not found.
+/// What one requeue or discard of ids did: the known ones are done (each in the one
+/// statement), and any unknown id is named, exit 1 — the others stay done.
 fn report(verb: &str, asked: &[Uuid], done: &[Uuid]) -> anyhow::Result<()> {
     println!("{verb} {} dead letter(s)", done.len());
-    let missing: Vec<String> = asked
-        .iter()
-        .filter(|id| !done.contains(id))
-        .map(Uuid::to_string)
-        .collect();
+    let mut missing: Vec<String> = Vec::new();
+    for id in asked.iter().filter(|id| !done.contains(id)) {
+        let id = id.to_string();
+        if !missing.contains(&id) {
+            missing.push(id);
+        }
+    }
     if !missing.is_empty() {
-        bail!("no dead letter with id {}", missing.join(", "));
+        bail!(
+            "no dead letter with id {} (the others were {verb})",
+            missing.join(", ")
+        );
     }
     Ok(())
 }

@@ -71,6 +71,8 @@ pub async fn run(mut config: Config, n: usize) -> anyhow::Result<()> {
     let name = format!("{}.demo", config.database.schema);
     config.database.schema = format!("{}_demo", config.database.schema);
     config.database.auto_migrate = true;
+    // The demo's engine serves no admin API: `courier run` beside it may hold that address.
+    config.admin.bind = None;
     let schema = config.database.schema.clone();
     let held = declare(&config, &name)
         .await

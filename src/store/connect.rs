@@ -71,7 +71,7 @@ impl PgTarget {
         let (hosts, ports) = (config.get_hosts().len(), config.get_ports().len());
         if ports > 1 && ports != hosts {
             return Err(rejected(format!(
-                "{ports} ports for {hosts} host(s): give one port for every host, or one each"
+                "{ports} ports for {hosts} host(s): give one port for all hosts, or one port per host"
             )));
         }
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
