@@ -373,7 +373,11 @@ async fn every_response_carries_security_headers_and_foreign_hosts_get_421() {
     }
     for (method, path, allow) in [
         ("POST", "/api/stats".to_string(), "GET, HEAD"),
-        ("PUT", format!("/api/dead-letters/{id}"), "GET, HEAD, DELETE"),
+        (
+            "PUT",
+            format!("/api/dead-letters/{id}"),
+            "GET, HEAD, DELETE",
+        ),
         ("GET", format!("/api/dead-letters/{id}/requeue"), "POST"),
     ] {
         let r = request(&addr, method, &path, &addr, Some("t")).await;

@@ -201,16 +201,18 @@ impl TlsNode {
     async fn start() -> TlsNode {
         let node = Topology::empty("t", 5690, 1);
         let (name, dir) = (node.nodes[0].name.clone(), node.dir.display().to_string());
+        let (port, tls_port, dist) = (node.nodes[0].port, node.spare_port, node.nodes[0].dist);
+        let ports = [port, tls_port, dist].map(|p| p.to_string());
         run_script(
             "rabbit-tls",
-            &["start", &dir, &name, "5690", "5691", "25690"],
+            &["start", &dir, &name, &ports[0], &ports[1], &ports[2]],
         )
         .await;
         let certs = node.dir.join("tls");
         TlsNode {
             node,
             certs,
-            tls_port: 5691,
+            tls_port,
         }
     }
 

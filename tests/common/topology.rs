@@ -52,11 +52,25 @@ impl Node {
 pub struct Topology {
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
+    /// One more free port after the nodes' AMQP ports (a TLS listener's).
+    pub spare_port: u16,
+}
+
+/// The first `base` from `preferred` on (in steps of 10) at which `n` AMQP ports and their
+/// distribution ports (`+ 20000`) are all free: another process here (a RabbitMQ node of
+/// someone else's, a service) must not make the test fail or talk to the wrong node.
+fn free_base(preferred: u16, n: u16) -> u16 {
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    (0..200u16)
+        .map(|step| preferred + step * 10)
+        .find(|base| (0..n).all(|i| free(base + i) && free(base + 20_000 + i)))
+        .expect("no free ports for the topology")
 }
 
 impl Topology {
     /// `n` nodes named `courier-<tag><i>`, ports from `base` (AMQP) and `base + 20000`
-    /// (distribution), joined in one cluster when `n > 1`.
+    /// (distribution) or the first free ones after them, joined in one cluster when
+    /// `n > 1`.
     pub async fn cluster(tag: &str, base: u16, n: usize) -> Topology {
         let topology = Topology::empty(tag, base, n);
         let mut args = vec!["start".to_string(), topology.dir.display().to_string()];
@@ -71,6 +85,7 @@ impl Topology {
         let dir = std::env::temp_dir().join(format!("courier-topology-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("topology dir");
+        let base = free_base(base, n as u16 + 1);
         let nodes = (0..n)
             .map(|i| Node {
                 name: format!("courier-{tag}{}", i + 1),
@@ -78,7 +93,11 @@ impl Topology {
                 dist: base + 20_000 + i as u16,
             })
             .collect();
-        Topology { dir, nodes }
+        Topology {
+            dir,
+            nodes,
+            spare_port: base + n as u16,
+        }
     }
 
     fn dir_arg(&self) -> String {
