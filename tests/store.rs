@@ -121,6 +121,62 @@ async fn migrate_is_idempotent() {
 }
 
 #[tokio::test]
+async fn an_up_to_date_schema_migrates_for_a_role_that_may_only_use_its_tables() {
+    let db = TestDb::new("migrole").await;
+    let role = common::unique_name("courier_user");
+    let s = &db.schema;
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA {{s}} TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA {{s}} TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA {{s}} TO {role};
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {{s}} TO {role}"
+    ))
+    .await;
+    let url = courier::config::SecretUrl::new(common::database_url().replacen(
+        "postgres@",
+        &format!("{role}@"),
+        1,
+    ));
+    // Nothing to apply: no DDL, so no CREATE privilege is needed (an engine with
+    // `auto_migrate` on starts as `doctor` said it would).
+    let applied = courier::migrate(&url, s, LONG).await;
+    // A schema it would have to create fails as a migration, naming the privilege.
+    let other = common::unique_name("migrole_new");
+    let refused = courier::migrate(&url, &other, LONG).await;
+    db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await;
+    assert!(applied.unwrap().is_empty());
+    let e = refused.unwrap_err().to_string();
+    assert!(
+        e.contains("migration failed") && e.contains("permission denied"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_failure_on_every_host_names_each_host_and_its_failure() {
+    let closed = |_| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (a, b) = (closed(0), closed(1));
+    let mut cfg = courier::Config::default().database;
+    cfg.url = courier::config::SecretUrl::new(format!(
+        "postgres://postgres@127.0.0.1:{a},127.0.0.1:{b}/postgres"
+    ));
+    cfg.connect_timeout = Duration::from_secs(2);
+    let e = within(20, "two closed hosts", courier::Store::connect(&cfg))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("127.0.0.1:{a}: ")) && e.contains(&format!("127.0.0.1:{b}: ")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn claim_leases_rows_and_counts_the_attempt() {
     let db = TestDb::new("claim").await;
     let store = db.store().await;

@@ -133,18 +133,27 @@ impl Heartbeat {
                 None => store::establish(store.url(), bound).await?,
             };
             let schema = store.schema();
-            let beat = bounded(bound, store::beat(&mut conn, schema, &me, bound)).await?;
+            let beat = bounded(
+                bound,
+                "the heartbeat",
+                store::beat(&mut conn, schema, &me, bound),
+            )
+            .await?;
             // The beat alone keeps this engine alive; the look for other engines' rows may
             // fail (and drop the connection) without pausing it.
             let look = async {
                 let rescued = bounded(
                     bound,
+                    "the look for rows of dead engines (the outbox or a row locked by \
+                     another transaction?)",
                     store::rescue(&mut conn, schema, &me.id, engine_timeout, bound),
                 )
                 .await?;
                 let strays = if look_for_strays {
                     bounded(
                         bound,
+                        "the look for stray in-flight rows (the outbox or a row locked by \
+                         another transaction?)",
                         store::free_strays(&mut conn, schema, &me.id, lease, bound),
                     )
                     .await?
@@ -225,14 +234,15 @@ impl Heartbeat {
     }
 }
 
-/// `fut`, or a connection error once `bound` has passed.
+/// `fut`, or a connection error naming `what` once `bound` has passed.
 async fn bounded<T>(
     bound: Duration,
+    what: &str,
     fut: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     tokio::time::timeout(bound, fut).await.unwrap_or_else(|_| {
         Err(StoreError::Pool(format!(
-            "no answer to the heartbeat within {}",
+            "no answer to {what} within {}",
             humantime::format_duration(bound)
         )))
     })

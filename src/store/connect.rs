@@ -349,18 +349,47 @@ pub(crate) async fn open(
     target: &PgTarget,
     timeout: Duration,
 ) -> Result<AsyncPgConnection, StoreError> {
-    let mut last = None;
-    for config in per_host(&target.config) {
-        match open_one(target, &config, timeout).await {
+    let configs = per_host(&target.config);
+    let mut failures = Vec::new();
+    for config in &configs {
+        match open_one(target, config, timeout).await {
             Ok(conn) => return Ok(conn),
             Err(e @ StoreError::Rejected { .. }) => return Err(e),
-            Err(e) => last = Some(e),
+            Err(e) => failures.push((host_label(config), e)),
         }
     }
-    Err(last.unwrap_or_else(|| StoreError::Connect {
-        target: target.url.redacted(),
-        reason: "the URL names no host".into(),
-    }))
+    // Every host's failure, as libpq lists them: the last alone ("database does not allow
+    // writes" from a standby) hid that the primary before it did not answer at all.
+    match failures.len() {
+        0 => Err(StoreError::Connect {
+            target: target.url.redacted(),
+            reason: "the URL names no host".into(),
+        }),
+        1 => Err(failures.remove(0).1),
+        _ => Err(StoreError::Connect {
+            target: target.url.redacted(),
+            reason: failures
+                .iter()
+                .map(|(host, e)| match e {
+                    StoreError::Connect { reason, .. } => format!("{host}: {reason}"),
+                    other => format!("{host}: {other}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
+    }
+}
+
+/// `host:port` of a one-host config, for naming it in an error.
+fn host_label(config: &tokio_postgres::Config) -> String {
+    let host = match (config.get_hosts().first(), config.get_hostaddrs().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(name)), _) => name.clone(),
+        (Some(tokio_postgres::config::Host::Unix(path)), _) => path.display().to_string(),
+        (None, Some(addr)) => addr.to_string(),
+        (None, None) => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
 }
 
 /// [`open`] for one host's config.

@@ -76,7 +76,15 @@ async fn run(
     use diesel::connection::{CacheSize, Connection, SimpleConnection};
 
     check_schema_name(schema).map_err(StoreError::Schema)?;
-    let conn = establish(url, connect_timeout).await?;
+    let mut conn = establish(url, connect_timeout).await?;
+    // Up to date: nothing to lock or create. A role that may only read and write the
+    // tables (no CREATE on the database or the schema) then starts with `auto_migrate` on,
+    // as `doctor` said it would; `CREATE … IF NOT EXISTS` checks that privilege even when
+    // the object exists.
+    let applied = applied_versions(&mut conn, schema).await.ok();
+    if applied.is_some_and(|a| SchemaFit::of(Some(&a)) == SchemaFit::Current) {
+        return Ok(Vec::new());
+    }
     let (lock, set) = match scope {
         LockScope::Session => ("pg_advisory_lock", "SET"),
         LockScope::Transaction => ("pg_advisory_xact_lock", "SET LOCAL"),
@@ -90,7 +98,10 @@ async fn run(
         let mut wrapper: AsyncConnectionWrapper<AsyncPgConnection> =
             AsyncConnectionWrapper::from(conn);
         let apply = |c: &mut AsyncConnectionWrapper<AsyncPgConnection>| {
-            SimpleConnection::batch_execute(c, &prelude)?;
+            // Named as the migration's failure (a role without CREATE on the database
+            // reads "permission denied for database …" otherwise, with no word of why).
+            SimpleConnection::batch_execute(c, &prelude)
+                .map_err(|e| StoreError::Migration(Box::new(e)))?;
             c.run_pending_migrations(MIGRATIONS)
                 .map(|done| done.iter().map(|v| v.to_string()).collect::<Vec<_>>())
                 .map_err(StoreError::Migration)

@@ -69,14 +69,17 @@ fn lock_wait() -> String {
     format!("(SELECT set_config('lock_timeout', '{ROW_LOCK_WAIT}', true)) IS NOT NULL")
 }
 
-/// What a confirm writes.
-const CONFIRM_SET: &str =
-    "SET status = 'confirmed', confirmed_at = now(), updated_at = now(), locked_until = NULL";
+/// What a confirm writes. A confirmed row was published at least once: `attempts` says so
+/// even when the claim that counted it was lost in a database crash (claims commit without
+/// waiting for the WAL flush) while its publish and this synchronous write were not.
+const CONFIRM_SET: &str = "SET status = 'confirmed', confirmed_at = now(), updated_at = now(), \
+     locked_until = NULL, attempts = GREATEST(attempts, 1)";
 
 /// -- name: mark_confirmed
 ///
 /// An ack is a fact about delivery: it is recorded whoever holds the row now. `locked_by`
-/// is kept: on a confirmed row it names the engine that published it.
+/// is kept: on a confirmed row it names the engine that claimed it last (NULL when that
+/// claim was lost in a database crash).
 ///
 /// `$1` row ids.
 fn confirm(s: &Schema) -> String {
