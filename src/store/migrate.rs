@@ -81,7 +81,18 @@ async fn run(
     // tables (no CREATE on the database or the schema) then starts with `auto_migrate` on,
     // as `doctor` said it would; `CREATE … IF NOT EXISTS` checks that privilege even when
     // the object exists.
-    let applied = applied_versions(&mut conn, schema).await.ok();
+    // In a transaction of its own: behind a transaction-mode pooler a statement prepared
+    // outside one stays on whichever server connection ran it, and another client that
+    // prepares the same name there fails ("prepared statement \"s2\" already exists").
+    // A failed read (no migrations table yet) leaves the transaction aborted, and the
+    // `COMMIT` then rolls it back.
+    let applied = {
+        use diesel_async::SimpleAsyncConnection;
+        conn.batch_execute("BEGIN").await?;
+        let applied = applied_versions(&mut conn, schema).await.ok();
+        conn.batch_execute("COMMIT").await?;
+        applied
+    };
     if applied.is_some_and(|a| SchemaFit::of(Some(&a)) == SchemaFit::Current) {
         return Ok(Vec::new());
     }
