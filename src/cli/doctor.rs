@@ -403,16 +403,20 @@ fn broker_fix(e: &broker::BrokerError) -> &'static str {
 /// not reachable is worth a warning.
 async fn every_node(config: &Config, answered: usize) -> Check {
     let urls = &config.broker.url;
-    let name = |i: usize| urls.get(i).map(SecretUrl::redacted).unwrap_or_default();
     if urls.len() == 1 {
+        let url = urls
+            .get(answered)
+            .map(SecretUrl::redacted)
+            .unwrap_or_default();
         return Check::new(
             "broker",
             Verdict::Ok,
-            format!("{} accepted the connection", name(answered)),
+            format!("{url} accepted the connection"),
         );
     }
     let (mut refused, mut away) = (Vec::new(), Vec::new());
-    for (_, url) in urls.iter().enumerate().filter(|(i, _)| *i != answered) {
+    let others = urls.iter().enumerate().filter(|(i, _)| *i != answered);
+    for url in others.map(|(_, url)| url) {
         let mut one = config.broker.clone();
         one.url = url.clone().into();
         match broker::connect(&one, " (doctor)").await {

@@ -13,7 +13,8 @@ use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use uuid::Uuid;
 
 use super::{
-    millis, not_found_is_none, operator_lock_wait, IdRow, Schema, Store, StoreError, ROW_LOCK_WAIT,
+    lock_wait_guard, millis, not_found_is_none, IdRow, Schema, Store, StoreError,
+    OPERATOR_LOCK_WAIT, ROW_LOCK_WAIT,
 };
 
 /// A dead-letter decision for one message, written by `Store::move_to_dead_letters`.
@@ -269,7 +270,7 @@ fn requeue_clear_confirmed(s: &Schema) -> String {
     format!(
         "DELETE FROM {s}.outbox o WHERE {wait} AND o.id = ANY($1) AND o.status = 'confirmed'
            AND EXISTS (SELECT 1 FROM {s}.dead_letters d WHERE d.id = o.id)",
-        wait = operator_lock_wait(),
+        wait = lock_wait_guard(OPERATOR_LOCK_WAIT),
     )
 }
 
@@ -295,7 +296,7 @@ fn requeue(s: &Schema) -> String {
                         'pending', 0, now(), last_error, created_at, ordering_key, seq
                  FROM moved
                  RETURNING id",
-        wait = operator_lock_wait(),
+        wait = lock_wait_guard(OPERATOR_LOCK_WAIT),
     )
 }
 
@@ -457,7 +458,7 @@ impl Store {
 fn discard(s: &Schema) -> String {
     format!(
         "DELETE FROM {s}.dead_letters WHERE {wait} AND id = ANY($1) RETURNING id",
-        wait = operator_lock_wait(),
+        wait = lock_wait_guard(OPERATOR_LOCK_WAIT),
     )
 }
 
@@ -469,7 +470,7 @@ fn discard_older(s: &Schema) -> String {
         "DELETE FROM {s}.dead_letters
                  WHERE {wait} AND failed_at < now() - $1 * interval '1 millisecond'
                  RETURNING id",
-        wait = operator_lock_wait(),
+        wait = lock_wait_guard(OPERATOR_LOCK_WAIT),
     )
 }
 

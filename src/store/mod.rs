@@ -430,10 +430,11 @@ const ROW_LOCK_WAIT: &str = "1s";
 /// server keeps the statement). Set inside the statement, so it holds behind a pooler.
 const OPERATOR_LOCK_WAIT: &str = "3s";
 
-/// The guard an operator's statement starts its `WHERE` with: `lock_timeout` for that
-/// statement's transaction only.
-fn operator_lock_wait() -> String {
-    format!("(SELECT set_config('lock_timeout', '{OPERATOR_LOCK_WAIT}', true)) IS NOT NULL")
+/// A `WHERE` guard that sets `lock_timeout` to `wait` for the statement's own transaction
+/// only (an initplan, run before any row is locked): the bound travels with the statement,
+/// so it holds behind a transaction-mode pooler and reaches no other statement.
+fn lock_wait_guard(wait: &str) -> String {
+    format!("(SELECT set_config('lock_timeout', '{wait}', true)) IS NOT NULL")
 }
 
 /// The id a statement returns (`RETURNING id`).

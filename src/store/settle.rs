@@ -12,7 +12,7 @@ use diesel::{
 };
 use uuid::Uuid;
 
-use super::{millis, IdRow, Schema, Store, StoreError, ROW_LOCK_WAIT};
+use super::{lock_wait_guard, millis, IdRow, Schema, Store, StoreError, ROW_LOCK_WAIT};
 
 /// A retry decision for one message, written in a batch by `Store::mark_retrying`.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +66,7 @@ pub(crate) enum Locked {
 /// An outcome write waits at most [`ROW_LOCK_WAIT`] for a row lock before it is made again
 /// without the locked rows (`lock_timeout`, for this statement's transaction only).
 fn lock_wait() -> String {
-    format!("(SELECT set_config('lock_timeout', '{ROW_LOCK_WAIT}', true)) IS NOT NULL")
+    lock_wait_guard(ROW_LOCK_WAIT)
 }
 
 /// What a confirm writes. A confirmed row was published at least once: `attempts` says so
