@@ -568,13 +568,8 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
             // A bad value set by a variable is the variable's fault, not the file's.
-            let origin = match from_env.iter().find(|(key, _)| {
-                path == *key
-                    || path
-                        .strip_prefix(key.as_str())
-                        .is_some_and(|r| r.starts_with('.'))
-            }) {
-                Some((_, name)) => format!("environment (`{name}`)"),
+            let origin = match set_by(&from_env, &path) {
+                Some(name) => format!("environment (`{name}`)"),
                 None => origin.to_string(),
             };
             ConfigError::Parse {
@@ -588,15 +583,13 @@ impl Config {
         })?;
         config.validate().map_err(|e| match e {
             // A value set by a variable is named by the variable, as a parse error is.
-            ConfigError::Invalid { key, problem } => {
-                match from_env.iter().find(|(path, _)| *path == key) {
-                    Some((_, name)) => ConfigError::Invalid {
-                        key,
-                        problem: format!("{problem} (set by `{name}`)"),
-                    },
-                    None => ConfigError::Invalid { key, problem },
-                }
-            }
+            ConfigError::Invalid { key, problem } => match set_by(&from_env, &key) {
+                Some(name) => ConfigError::Invalid {
+                    problem: format!("{problem} (set by `{name}`)"),
+                    key,
+                },
+                None => ConfigError::Invalid { key, problem },
+            },
             other => other,
         })?;
         Ok(config)
@@ -1021,6 +1014,20 @@ fn apply_env(
         applied.push((path.join("."), name));
     }
     Ok(applied)
+}
+
+/// The variable that set the key at `path` (or a key under it), among `applied`
+/// (`(dotted key, variable)` pairs from [`apply_env`]).
+fn set_by<'a>(applied: &'a [(String, String)], path: &str) -> Option<&'a str> {
+    applied
+        .iter()
+        .find(|(key, _)| {
+            path == key
+                || path
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+        })
+        .map(|(_, name)| name.as_str())
 }
 
 /// What a variable writes for null: empty, or YAML's own `null` and `~`.
