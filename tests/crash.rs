@@ -121,6 +121,17 @@ async fn kill_9_then_a_fresh_engine_recovers_in_seconds() {
     let (killed, stranded) = kill_at_a_fifth(&db, &mut a).await;
     let mut b = EngineProcess::spawn("crash1-b", &env);
     let recovered = all_confirmed(&db, &ids, killed).await;
+    // The fresh engine may have confirmed every row before `scheduler.engine_timeout` passed
+    // (a kill that strands few rows): the killed engine is declared dead only after it.
+    let killed_pid = a.child.id() as i32;
+    eventually(30, "the killed engine declared dead", || async {
+        let registry = engines(&db).await;
+        registry
+            .iter()
+            .any(|e| e.state == "dead" && e.pid == killed_pid)
+            .then_some(())
+    })
+    .await;
     assert!(b.terminate(30).await.success(), "{}", b.log());
     let what = format!("kill -9, fresh engine: {stranded} rows in flight at the kill");
     audit_crash(&db, &broker, &ids, recovered, &what).await;
