@@ -845,8 +845,28 @@ impl BackoffConfig {
 fn parse_error(origin: &str, e: serde_yaml_ng::Error) -> ConfigError {
     ConfigError::Parse {
         origin: origin.to_string(),
-        message: e.to_string(),
+        message: yaml_message(&e),
     }
+}
+
+/// The YAML parser's message, but for an integer past 64 bits, which it reports as a type
+/// its value tree does not hold ("invalid type: integer `…` as u128, expected any YAML
+/// value"): that reads as a bug, and the problem is only the size.
+fn yaml_message(e: &serde_yaml_ng::Error) -> String {
+    let message = e.to_string();
+    for wide in ["u128", "i128"] {
+        let tail = format!(" as {wide}, expected any YAML value");
+        if message.contains(&tail) {
+            return message
+                .replacen("invalid type: integer", "the integer", 1)
+                .replacen(
+                    &tail,
+                    " is too large for any key (they hold at most 64 bits)",
+                    1,
+                );
+        }
+    }
+    message
 }
 
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
@@ -1006,7 +1026,7 @@ fn apply_env(
         } else {
             serde_yaml_ng::from_str::<Value>(&raw).map_err(|e| ConfigError::Parse {
                 origin: "environment".into(),
-                message: format!("`{name}`: {e}"),
+                message: format!("`{name}`: {}", yaml_message(&e)),
             })?
         };
         insert(tree, path, value)
@@ -1465,7 +1485,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(msg.contains("not a valid AMQP URI"), "{msg}");
-        let good = "amqp://a:b@h1/%2f?heartbeat=5&frame_max=8192&channel_max=10&verify=verify_none";
+        let good = "amqp://a:b@h1/%2f?heartbeat=5&frame_max=8192&channel_max=10";
+        assert!(parse_env("", &[("COURIER_BROKER_URL", good)]).is_ok());
+        let good = "amqps://a:b@h1/%2f?heartbeat=5&verify=verify_none";
         assert!(parse_env("", &[("COURIER_BROKER_URL", good)]).is_ok());
         let good = "amqps://a:b@h1/%2f?frame_max=0&server_name_indication=disable&cacertfile=/c";
         assert!(parse_env("", &[("COURIER_BROKER_URL", good)]).is_ok());
@@ -1475,8 +1497,9 @@ mod tests {
             ("verify=sometimes", "verify_peer or verify_none"),
             ("hearbeat=5", "does not read"),
             ("foo=bar", "does not read"),
+            ("heartbeat=5&heartbeat=6", "`heartbeat` twice"),
         ] {
-            let url = format!("amqp://a:secretpw@h1/%2f?{query}");
+            let url = format!("amqps://a:secretpw@h1/%2f?{query}");
             let msg = parse_env("", &[("COURIER_BROKER_URL", url.as_str())])
                 .unwrap_err()
                 .to_string();
@@ -1486,6 +1509,38 @@ mod tests {
             );
             assert!(!msg.contains("secretpw"), "{msg}");
         }
+        // TLS parameters on a plain URL would do nothing: said, not ignored.
+        let url = "amqp://a:b@h1/%2f?cacertfile=/etc/ca.pem";
+        let msg = parse_env("", &[("COURIER_BROKER_URL", url)])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("`cacertfile` on a plain amqp://"), "{msg}");
+    }
+
+    #[test]
+    fn an_integer_past_64_bits_is_called_too_large() {
+        let msg = parse_env(
+            "publisher:\n  max_payload_bytes: 99999999999999999999\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("publisher.max_payload_bytes")
+                && msg.contains("`99999999999999999999` is too large"),
+            "{msg}"
+        );
+        assert!(!msg.contains("u128"), "{msg}");
+        let msg = parse_env(
+            "",
+            &[("COURIER_RETRY_MAX_ATTEMPTS", "-99999999999999999999")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("COURIER_RETRY_MAX_ATTEMPTS") && msg.contains("is too large"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -140,6 +140,15 @@ const QUERY_KEYS: [&str; 10] = [
     "server_name_indication",
 ];
 
+/// The query parameters that only mean something for `amqps://`.
+const TLS_QUERY_KEYS: [&str; 5] = [
+    "cacertfile",
+    "certfile",
+    "keyfile",
+    "verify",
+    "server_name_indication",
+];
+
 /// AMQP 0-9-1's smallest `frame_max` a peer may propose (below it the broker refuses the
 /// connection with a frame error, which looked like a broker that is not reachable).
 const MIN_FRAME_MAX: u32 = 4096;
@@ -150,7 +159,21 @@ fn check_query(url: &SecretUrl) -> Result<(), ConfigError> {
     let invalid =
         |problem: String| ConfigError::invalid("broker.url", format!("{problem} (url: {url})"));
     if let Ok(parsed) = url::Url::parse(url.expose()) {
+        let mut seen = Vec::new();
         for (key, value) in parsed.query_pairs() {
+            if seen.contains(&key) {
+                return Err(invalid(format!(
+                    "has query parameter `{}` twice; give it once",
+                    url.scrub(&key)
+                )));
+            }
+            seen.push(key.clone());
+            if parsed.scheme() == "amqp" && TLS_QUERY_KEYS.contains(&&*key) {
+                return Err(invalid(format!(
+                    "has the TLS query parameter `{key}` on a plain amqp:// URL, where it does \
+                     nothing; use amqps:// (port 5671) for TLS, or drop it"
+                )));
+            }
             let (fits, range) = match &*key {
                 "heartbeat" => (value.parse::<u16>().is_ok(), "0–65535 seconds"),
                 "channel_max" => (value.parse::<u16>().is_ok(), "0–65535"),
