@@ -213,13 +213,17 @@ async fn connect_node(
             ),
             true,
         )),
-        Ok(Err(e)) if plain && not_amqp(&e) => Err(failed(
-            format!(
+        Ok(Err(e)) if plain && not_amqp(&e) => {
+            // lapin's parser error is its internal state (`ParserErrors { error: Nom(..) }`),
+            // which tells an operator nothing more: kept for debugging only.
+            tracing::debug!(error = %e, "the server's answer could not be parsed as AMQP");
+            Err(failed(
                 "the server's answer is not AMQP (amqp:// to a TLS port? use amqps:// there; \
-                 RabbitMQ's plain listener is 5672 by default): {e}"
-            ),
-            true,
-        )),
+                 RabbitMQ's plain listener is 5672 by default)"
+                    .to_string(),
+                true,
+            ))
+        }
         Ok(Err(e)) => Err(failed(e.to_string(), is_permanent(&e))),
         Err(_) => Err(failed(
             format!("no answer within {}", humantime::format_duration(timeout)),
