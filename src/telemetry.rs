@@ -361,6 +361,51 @@ fn env_protocol(env: impl Fn(&str) -> Option<String>) -> Result<OtlpProtocol, Te
     Ok(OtlpProtocol::HttpProtobuf)
 }
 
+/// What is wrong with `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, if anything. The
+/// specification has an invalid value logged and otherwise ignored: the SDK then samples every
+/// trace (`parentbased_always_on`, or a ratio of 1.0), but says so only through its internal
+/// logs, which this build leaves out. So Courier names the problem itself (a warning at start,
+/// and in `courier doctor`). The values are the ones this SDK implements.
+pub fn sampler_problem(env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    const SAMPLERS: [&str; 6] = [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ];
+    let sampler = env("OTEL_TRACES_SAMPLER")?;
+    if !SAMPLERS.contains(&sampler.as_str()) {
+        return Some(format!(
+            "OTEL_TRACES_SAMPLER={sampler:?} is not a sampler this build implements ({}); \
+             every trace is sampled (parentbased_always_on)",
+            SAMPLERS.join(", ")
+        ));
+    }
+    if !sampler.ends_with("traceidratio") {
+        return None;
+    }
+    let arg = env("OTEL_TRACES_SAMPLER_ARG");
+    let ratio = arg.as_deref().and_then(|a| a.parse::<f64>().ok());
+    match (ratio, arg) {
+        (Some(r), _) if (0.0..=1.0).contains(&r) => None,
+        (_, None) => Some(format!(
+            "OTEL_TRACES_SAMPLER={sampler} without OTEL_TRACES_SAMPLER_ARG: every trace is \
+             sampled (a ratio of 1.0)"
+        )),
+        (_, Some(arg)) => Some(format!(
+            "OTEL_TRACES_SAMPLER_ARG={arg:?} is no ratio between 0 and 1 (for \
+             OTEL_TRACES_SAMPLER={sampler}); {}",
+            if ratio.is_some() {
+                "the SDK uses it as it is (below 0: nothing sampled, above 1: everything)"
+            } else {
+                "every trace is sampled (a ratio of 1.0)"
+            }
+        )),
+    }
+}
+
 /// The `service.name` Courier sets itself, in the specification's order:
 /// `telemetry.service_name`, then `OTEL_SERVICE_NAME` (set explicitly: the SDK merges the
 /// resource attributes after it, and they would win), then `service.name` among
@@ -398,7 +443,7 @@ impl Drop for Traces {
 
 #[cfg(test)]
 mod tests {
-    use super::{env_protocol, service_name, traces_wanted, TelemetryError};
+    use super::{env_protocol, sampler_problem, service_name, traces_wanted, TelemetryError};
     use crate::config::{OtlpProtocol, TelemetryConfig};
 
     fn env_of<'a>(env: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
@@ -519,5 +564,38 @@ mod tests {
         assert!(!wanted(true, &[("OTEL_SDK_DISABLED", "TRUE")]));
         assert!(!wanted(true, &[("OTEL_TRACES_EXPORTER", "none")]));
         assert!(wanted(true, &[("OTEL_SDK_DISABLED", "false")]));
+    }
+
+    #[test]
+    fn a_sampler_the_sdk_would_ignore_is_named() {
+        let problem = |env: &[(&str, &str)]| sampler_problem(env_of(env));
+        assert_eq!(problem(&[]), None);
+        assert_eq!(problem(&[("OTEL_TRACES_SAMPLER", "always_off")]), None);
+        assert_eq!(
+            problem(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ]),
+            None
+        );
+        let bogus = problem(&[("OTEL_TRACES_SAMPLER", "bogus")]).unwrap_or_default();
+        assert!(bogus.contains("\"bogus\" is not a sampler"), "{bogus}");
+        assert!(bogus.contains("every trace is sampled"), "{bogus}");
+        let missing = problem(&[("OTEL_TRACES_SAMPLER", "traceidratio")]).unwrap_or_default();
+        assert!(
+            missing.contains("without OTEL_TRACES_SAMPLER_ARG"),
+            "{missing}"
+        );
+        for (arg, says) in [("half", "a ratio of 1.0"), ("1.5", "above 1: everything")] {
+            let bad = problem(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", arg),
+            ])
+            .unwrap_or_default();
+            assert!(
+                bad.contains("is no ratio between 0 and 1") && bad.contains(says),
+                "{bad}"
+            );
+        }
     }
 }

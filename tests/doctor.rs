@@ -317,6 +317,21 @@ async fn wrong_credentials_an_unmigrated_schema_and_a_bad_config_fail_with_their
         "{traces}"
     );
 
+    // A sampler the SDK would ignore (sampling every trace) is a warning naming it.
+    let env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:4318".to_string(),
+        ),
+        ("OTEL_TRACES_SAMPLER", "bogus".to_string()),
+    ];
+    let o = doctor(&["--pre-start"], env).await;
+    let traces = line(&stdout(&o), "traces");
+    assert!(
+        traces.starts_with("warn") && traces.contains("OTEL_TRACES_SAMPLER=\"bogus\""),
+        "{traces}"
+    );
+
     // A bad config is a failed check, and exits 2 as `courier run` does for it.
     let o = doctor(&[], vec![("COURIER_RETRY_MAX_ATTEMPTS", "0".to_string())]).await;
     let config = line(&stdout(&o), "config");

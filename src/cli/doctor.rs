@@ -9,7 +9,7 @@
 
 use std::{path::Path, time::Duration};
 
-use diesel::{sql_types::Text, QueryableByName};
+use diesel::{sql_query, sql_types::Text, QueryableByName};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures::StreamExt;
 use lapin::{options::BasicPublishOptions, types::ShortString, BasicProperties, Connection};
@@ -18,7 +18,10 @@ use super::escape::{cell, one_line};
 use crate::{
     broker::{self, ChannelClose},
     config::{Config, SecretUrl},
-    store::{applied_versions, establish, SchemaFit, Store, StoreError, MIGRATION_NAMES},
+    store::{
+        applied_versions, establish, in_own_transaction, SchemaFit, Store, StoreError,
+        MIGRATION_NAMES,
+    },
 };
 
 /// How long the NOTIFY round trip may take.
@@ -192,13 +195,17 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
         #[diesel(sql_type = Text)]
         tls: String,
     }
-    let server = diesel::sql_query(
-        "SELECT current_setting('server_version') AS version,
-                coalesce((SELECT CASE WHEN ssl THEN version ELSE 'off' END
-                          FROM pg_stat_ssl WHERE pid = pg_backend_pid()), 'off') AS tls",
-    )
-    .get_result::<Server>(&mut conn)
-    .await;
+    let read = async |conn: &mut AsyncPgConnection| {
+        sql_query(
+            "SELECT current_setting('server_version') AS version,
+                    coalesce((SELECT CASE WHEN ssl THEN version ELSE 'off' END
+                              FROM pg_stat_ssl WHERE pid = pg_backend_pid()), 'off') AS tls",
+        )
+        .get_result::<Server>(conn)
+        .await
+        .map_err(StoreError::from)
+    };
+    let server = in_own_transaction(&mut conn, read).await.and_then(|s| s);
     let check = match server {
         Ok(s) => Check::new(
             "database",
@@ -225,7 +232,11 @@ fn traces(config: &Config) -> Option<Check> {
         return None;
     }
     Some(match crate::telemetry::Traces::check(&config.telemetry) {
-        Ok(()) => Check::new("traces", Verdict::Ok, "the OTLP/HTTP exporter builds"),
+        Ok(()) => match crate::telemetry::sampler_problem(env) {
+            None => Check::new("traces", Verdict::Ok, "the OTLP/HTTP exporter builds"),
+            Some(problem) => Check::new("traces", Verdict::Warn, problem)
+                .fix("set OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG as README's Traces says"),
+        },
         Err(e) => Check::new("traces", Verdict::Fail, e.to_string()).fix(
             "correct telemetry.endpoint / telemetry.protocol or the OTEL_EXPORTER_OTLP_* \
              variables (README: Traces)",
@@ -629,14 +640,14 @@ async fn named_exchanges(config: &Config, conn: &mut AsyncPgConnection) -> anyho
         named: i64,
     }
     let schema = &config.database.schema;
-    let rows = diesel::sql_query(format!(
+    let sql = format!(
         "SELECT exchange, count(*) AS rows, count(*) OVER () AS named FROM (
              SELECT exchange FROM \"{schema}\".outbox
              WHERE status IN ('pending', 'in_flight', 'retrying') LIMIT 100000) open
          GROUP BY exchange ORDER BY count(*) DESC LIMIT {MOST_EXCHANGES}"
-    ))
-    .load::<Row>(conn)
-    .await?;
+    );
+    let read = async |conn: &mut AsyncPgConnection| sql_query(sql).load::<Row>(conn).await;
+    let rows = in_own_transaction(conn, read).await??;
     Ok(Named {
         distinct: rows.iter().map(|r| r.named).next().unwrap_or(0),
         top: rows.into_iter().map(|r| (r.exchange, r.rows)).collect(),

@@ -179,6 +179,9 @@ fn start_traces(
     if !config.telemetry.traces {
         return Ok(None);
     }
+    if let Some(problem) = crate::telemetry::sampler_problem(|name| std::env::var(name).ok()) {
+        tracing::warn!("{problem}");
+    }
     let traces = crate::telemetry::Traces::install(&config.telemetry)?;
     tracing::info!("OpenTelemetry traces on: each message's spans are exported over OTLP/HTTP");
     Ok(Some(traces))

@@ -81,18 +81,7 @@ async fn run(
     // tables (no CREATE on the database or the schema) then starts with `auto_migrate` on,
     // as `doctor` said it would; `CREATE … IF NOT EXISTS` checks that privilege even when
     // the object exists.
-    // In a transaction of its own: behind a transaction-mode pooler a statement prepared
-    // outside one stays on whichever server connection ran it, and another client that
-    // prepares the same name there fails ("prepared statement \"s2\" already exists").
-    // A failed read (no migrations table yet) leaves the transaction aborted, and the
-    // `COMMIT` then rolls it back.
-    let applied = {
-        use diesel_async::SimpleAsyncConnection;
-        conn.batch_execute("BEGIN").await?;
-        let applied = applied_versions(&mut conn, schema).await.ok();
-        conn.batch_execute("COMMIT").await?;
-        applied
-    };
+    let applied = applied_versions(&mut conn, schema).await.ok();
     if applied.is_some_and(|a| SchemaFit::of(Some(&a)) == SchemaFit::Current) {
         return Ok(Vec::new());
     }
@@ -233,14 +222,17 @@ fn versions(applied: Vec<Applied>) -> Vec<String> {
 }
 
 /// The versions applied to `schema`, on a connection of its own (`courier doctor`, which
-/// checks the database before any pool exists); an error when it has no migrations table.
+/// checks the database before any pool exists, and the up-to-date check before migrating);
+/// an error when it has no migrations table. In a transaction of its own
+/// ([`super::in_own_transaction`]), so a pooler in front leaves no statement behind.
 pub async fn applied_versions(
     conn: &mut AsyncPgConnection,
     schema: &str,
 ) -> Result<Vec<String>, StoreError> {
     use diesel_async::RunQueryDsl;
     let sql = applied_migrations(&super::Schema::new(schema)?);
-    let applied: Vec<Applied> = diesel::sql_query(sql).load(conn).await?;
+    let read = async |conn: &mut AsyncPgConnection| diesel::sql_query(sql).load(conn).await;
+    let applied: Vec<Applied> = super::in_own_transaction(conn, read).await??;
     Ok(versions(applied))
 }
 

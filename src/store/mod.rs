@@ -265,6 +265,22 @@ pub async fn establish(
     connect::open(&PgTarget::parse(url)?, timeout).await
 }
 
+/// `read` on `conn`, inside a transaction of its own. For reads on a connection of its own
+/// (`establish`): behind a transaction-mode pooler (PgBouncer) a statement prepared outside a
+/// transaction stays on whichever server connection ran it, and another client that prepares
+/// the same name there fails ("prepared statement \"s2\" already exists"). A failed read
+/// leaves the transaction aborted; the `COMMIT` then rolls it back.
+pub(crate) async fn in_own_transaction<T>(
+    conn: &mut AsyncPgConnection,
+    read: impl AsyncFnOnce(&mut AsyncPgConnection) -> T,
+) -> Result<T, StoreError> {
+    use diesel_async::SimpleAsyncConnection;
+    conn.batch_execute("BEGIN").await?;
+    let out = read(conn).await;
+    conn.batch_execute("COMMIT").await?;
+    Ok(out)
+}
+
 /// A pooled connection checked out again within this long of its last checkout is handed
 /// out without a `SELECT 1`: it was working a moment ago, and a connection the server has
 /// closed since is already marked closed (the pool then drops it). Under load every
