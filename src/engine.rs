@@ -198,6 +198,7 @@ impl Engine {
             store.clone(),
             me,
             &config.scheduler,
+            config.retry.backoff.max,
             scheduler.clone(),
             signals.clone(),
             lifecycle.liveness.clone(),

@@ -305,6 +305,67 @@ async fn in_flight_rows_no_engine_holds_are_freed_and_pin_nothing() {
     engine.shutdown().await;
 }
 
+/// `retrying` rows a producer (or a hand) set due further out than any backoff: no engine
+/// writes them, and they would wait for ever. They are made due; a `pending` row due as far
+/// out is a delayed message and stays.
+#[actix_rt::test]
+async fn retrying_rows_due_past_any_backoff_are_made_due() {
+    let db = TestDb::new("late").await;
+    let broker = TestBroker::new("late").await;
+    let ex = &broker.exchange;
+    let engine = Engine::start(db.engine_config())
+        .await
+        .expect("engine starts");
+    let mut good = db.insert_sql(ex, 200, "routed.a{i}").await;
+    let cols = "INSERT INTO {s}.outbox (exchange, routing_key, payload, status, next_attempt_at";
+    let mut late = Vec::new();
+    for (i, due) in ["'infinity'", "'294276-01-01'", "now() + interval '1 year'"]
+        .iter()
+        .enumerate()
+    {
+        let sql =
+            format!("{cols}) VALUES ('{ex}', 'routed.r{i}', 'x', 'retrying', {due}) RETURNING id");
+        late.push(insert(&db, &sql).await.expect("a late row is valid SQL"));
+        // The same at the head of a key, with rows behind it.
+        let sql = format!(
+            "{cols}, ordering_key) VALUES ('{ex}', 'routed.k{i}', 'x', 'retrying', {due}, 'late-{i}') RETURNING id"
+        );
+        late.push(insert(&db, &sql).await.expect("keyed late row"));
+        for j in 0..3 {
+            let sql = format!(
+                "INSERT INTO {{s}}.outbox (exchange, routing_key, payload, ordering_key)
+                 VALUES ('{ex}', 'routed.k{i}.{j}', 'x', 'late-{i}') RETURNING id"
+            );
+            good.push(insert(&db, &sql).await.expect("keyed row"));
+        }
+    }
+    let delayed = insert(
+        &db,
+        &format!("{cols}) VALUES ('{ex}', 'routed.d', 'x', 'pending', 'infinity') RETURNING id"),
+    )
+    .await
+    .expect("a delayed row");
+    good.extend(db.insert_sql(ex, 200, "routed.b{i}").await);
+    engine.nudge();
+    let mut all = good.clone();
+    all.extend(&late);
+    let outcomes = engine
+        .wait_for_all(&all, Duration::from_secs(60))
+        .await
+        .expect("every late row is made due within a minute, and its key goes on");
+    for id in &all {
+        assert_eq!(outcomes[id], Outcome::Confirmed, "{id}");
+    }
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
+    assert_eq!(
+        db.count(Status::Pending).await,
+        1,
+        "the delayed row {delayed} stays pending where its producer put it"
+    );
+    engine.shutdown().await;
+}
+
 /// A producer's table that references outbox rows (the README says not to): the one row it
 /// references cannot leave the outbox, and must not hold back the dead letters beside it.
 #[actix_rt::test]

@@ -45,6 +45,8 @@ pub struct Heartbeat {
     publish_window: Duration,
     engine_timeout: Duration,
     lease: Duration,
+    /// `retry.backoff.max`: no `retrying` row of this engine's is due later than this.
+    longest_backoff: Duration,
     scheduler: Addr<Scheduler>,
     signals: Signals,
     liveness: Liveness,
@@ -68,6 +70,7 @@ impl Heartbeat {
         store: Store,
         me: Identity,
         timing: &SchedulerConfig,
+        longest_backoff: Duration,
         scheduler: Addr<Scheduler>,
         signals: Signals,
         liveness: Liveness,
@@ -79,6 +82,7 @@ impl Heartbeat {
             publish_window: Self::publish_window(timing),
             engine_timeout: timing.engine_timeout,
             lease: timing.lease_duration,
+            longest_backoff,
             scheduler,
             signals,
             liveness,
@@ -119,9 +123,10 @@ impl Heartbeat {
         self.beating = true;
         let conn = self.conn.take();
         let (store, me) = (self.store.clone(), self.me.clone());
-        let (engine_timeout, lease, bound) = (
+        let (engine_timeout, lease, backoff, bound) = (
             self.engine_timeout,
             self.lease,
+            self.longest_backoff,
             Self::beat_bound(self.engine_timeout),
         );
         let sent = Instant::now();
@@ -154,7 +159,7 @@ impl Heartbeat {
                         bound,
                         "the look for stray in-flight rows (the outbox or a row locked by \
                          another transaction?)",
-                        store::free_strays(&mut conn, schema, &me.id, lease, bound),
+                        store::free_strays(&mut conn, schema, &me.id, lease, backoff, bound),
                     )
                     .await?
                 } else {
@@ -225,7 +230,14 @@ impl Heartbeat {
                  due again, so their keys go on in order"
             );
         }
-        let strays = strays.freed + strays.behind > 0;
+        if strays.late > 0 {
+            tracing::warn!(
+                rows = strays.late,
+                "retrying rows were due later than any backoff puts them (next_attempt_at written \
+                 so by a producer or by hand?); they are due now"
+            );
+        }
+        let strays = strays.freed + strays.behind + strays.late > 0;
         if !was_fresh || beat == Beat::Rejoined {
             self.scheduler.do_send(BeatBack);
         } else if strays || rescued.iter().any(|r| r.rows > 0) {

@@ -218,7 +218,14 @@ pub struct Strays {
     /// Keyed rows whose lease expired behind an open row of their key, due again.
     #[diesel(sql_type = BigInt)]
     pub behind: i64,
+    /// `retrying` rows due later than any backoff would put them, due now.
+    #[diesel(sql_type = BigInt)]
+    pub late: i64,
 }
+
+/// How many of the furthest-due waiting rows, keyed and unkeyed each, [`free_strays`]
+/// reads for `retrying` rows due later than any backoff puts them.
+const LATE_SCAN: i64 = 1_000;
 
 /// -- name: free_strays
 ///
@@ -238,16 +245,27 @@ pub struct Strays {
 ///   would wait for ever. The row goes back to `retrying`, due now, its attempt counted, so
 ///   the key's rows go out again in `seq` order.
 ///
-/// Both scan only the in-flight partial index (`outbox_lease_idx`), and skip rows someone
-/// else has locked (a producer's `SELECT … FOR UPDATE`) instead of waiting for them: the
-/// next look takes them.
+/// - **late**: a `retrying` row due later than this engine's longest backoff plus a minute
+///   (`$3`), which no engine writes: only a producer or a hand (`next_attempt_at =
+///   'infinity'`) makes one, and it would wait for ever. It is made due now. A `pending` row
+///   due far ahead is a delayed message and stays. The look reads the [`LATE_SCAN`]
+///   furthest-due waiting rows of each due index (`outbox_due_idx`, `outbox_keyed_due_idx`)
+///   from the far end, where such values sort, so its cost does not grow with the number of
+///   delayed messages; a `retrying` row placed behind more delayed rows than that is found
+///   once enough of them have gone.
 ///
-/// `$1` this engine's id, `$2` the furthest lease it gives (ms).
+/// The first two scan only the in-flight partial index (`outbox_lease_idx`). All skip rows
+/// someone else has locked (a producer's `SELECT … FOR UPDATE`) instead of waiting for
+/// them: the next look takes them.
+///
+/// `$1` this engine's id, `$2` the furthest lease it gives (ms), `$3` the furthest backoff
+/// it gives (ms).
 pub async fn free_strays(
     conn: &mut AsyncPgConnection,
     schema: &str,
     me: &str,
     lease: Duration,
+    backoff: Duration,
     bound: Duration,
 ) -> Result<Strays, StoreError> {
     let s = format!("\"{schema}\"");
@@ -280,14 +298,35 @@ pub async fn free_strays(
                             AND p.status IN ('pending', 'retrying'))
               FOR UPDATE OF o SKIP LOCKED)
             RETURNING 1
+         ), far AS (
+            (SELECT o.id, o.status FROM {s}.outbox o
+             WHERE o.status IN ('pending', 'retrying') AND o.ordering_key IS NULL
+               AND o.next_attempt_at > now() + $3 * interval '1 millisecond'
+             ORDER BY o.next_attempt_at DESC LIMIT {LATE_SCAN})
+            UNION ALL
+            (SELECT o.id, o.status FROM {s}.outbox o
+             WHERE o.status IN ('pending', 'retrying') AND o.ordering_key IS NOT NULL
+               AND o.next_attempt_at > now() + $3 * interval '1 millisecond'
+             ORDER BY o.next_attempt_at DESC LIMIT {LATE_SCAN})
+         ), late AS (
+            UPDATE {s}.outbox u SET next_attempt_at = now(), updated_at = now()
+            WHERE u.id IN (
+              SELECT o.id FROM {s}.outbox o
+              WHERE o.id IN (SELECT far.id FROM far WHERE far.status = 'retrying')
+                AND o.status = 'retrying'
+                AND o.next_attempt_at > now() + $3 * interval '1 millisecond'
+              FOR UPDATE OF o SKIP LOCKED)
+            RETURNING 1
          )
-         SELECT (SELECT count(*) FROM freed) AS freed, (SELECT count(*) FROM behind) AS behind"
+         SELECT (SELECT count(*) FROM freed) AS freed, (SELECT count(*) FROM behind) AS behind,
+                (SELECT count(*) FROM late) AS late"
     );
     let slack = Duration::from_secs(60);
     begin(conn, bound).await?;
     let rows = diesel::sql_query(sql)
         .bind::<Text, _>(me)
         .bind::<BigInt, _>(millis(lease.saturating_add(slack)))
+        .bind::<BigInt, _>(millis(backoff.saturating_add(slack)))
         .load::<Strays>(conn)
         .await;
     Ok(end(conn, rows)
