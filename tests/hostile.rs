@@ -448,8 +448,22 @@ async fn a_forged_registry_beat_from_the_future_holds_no_row_and_breaks_no_listi
         .await
         .expect("the registry lists");
     assert!(
-        listed.iter().any(|e| e.id == "forged" && e.state == "dead"),
-        "{listed:?}"
+        listed
+            .iter()
+            .any(|e| e.id == "forged" && e.state == "dead" && e.since_beat_ms < -1_000),
+        "dead, its beat read as dated in the future: {listed:?}"
+    );
+    let out = common::courier_command()
+        .args(["engines"])
+        .envs(db.process_env())
+        .output()
+        .expect("courier engines");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("forged") && l.contains("in the future")),
+        "{table}"
     );
     let out = common::courier_command()
         .args(["engines", "--json"])

@@ -583,7 +583,8 @@ impl Scheduler {
             tracing::warn!(
                 rows = known,
                 "claimed rows this engine already holds (its claim was lost in a database \
-                 crash, or its lease lapsed while it was paused); the copies in hand go on"
+                 crash, its lease lapsed while it was paused, or a producer or a hand set them \
+                 back to pending); the copies in hand go on"
             );
         }
         if !keyed_back.is_empty() {

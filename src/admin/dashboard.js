@@ -83,7 +83,7 @@ async function refreshEngines() {
       cell(tr, e.id); cell(tr, e.host); cell(tr, e.pid); cell(tr, e.version);
       const st = document.createElement("span"); text(st, e.state).className = "pill " + (e.state === "running" ? "ok" : "bad");
       cell(tr, "", "state").append(st);
-      cell(tr, age(e.since_beat_ms / 1000) + " ago"); cell(tr, e.holds); cell(tr, new Date(e.started_at).toLocaleString(undefined, { timeZoneName: "short" }));
+      cell(tr, e.since_beat_ms < -1000 ? "in the future" : age(Math.max(e.since_beat_ms, 0) / 1000) + " ago"); cell(tr, e.holds); cell(tr, new Date(e.started_at).toLocaleString(undefined, { timeZoneName: "short" }));
       return tr;
     }));
   } catch (e) { text(document.getElementById("engCount"), "(unavailable)"); }

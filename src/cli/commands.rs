@@ -131,7 +131,7 @@ fn print_blocked(blocked: &[crate::store::BlockedKey]) {
         };
         println!(
             "  {}  {waiting} waiting  behind {}  (courier dead-letters show {})",
-            one_line(&b.key),
+            cell(&b.key, 64),
             b.dead_letter,
             b.dead_letter
         );
@@ -241,6 +241,12 @@ fn engines_table(engines: &[EngineRecord]) -> String {
 /// How long ago a beat was: tenths of a second under a minute ("1.2s ago"), whole seconds
 /// beyond ("3m 5s ago"), since a beat every second or so is the normal case.
 fn ago(ms: i64) -> String {
+    // A beat a moment ahead is a beat written after this statement's `now()`; one dated
+    // further ahead is a registry row written by hand (declared dead at the next beat of a
+    // running engine) or a clock far ahead.
+    if ms < -1_000 {
+        return "in the future".to_string();
+    }
     let ms = u64::try_from(ms).unwrap_or(0);
     if ms < 60_000 {
         format!("{:.1}s ago", ms as f64 / 1000.0)
@@ -292,6 +298,7 @@ mod tests {
     fn last_beats_read_as_ages() {
         assert_eq!(ago(1234), "1.2s ago");
         assert_eq!(ago(-5), "0.0s ago");
+        assert_eq!(ago(-86_400_000), "in the future");
         assert_eq!(ago(185_400), "3m 5s ago");
     }
 

@@ -177,7 +177,14 @@ async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Res
             cell(r.last_error.as_deref().unwrap_or(""), 80)
         );
     }
-    println!("({} dead letter(s))", rows.len());
+    if rows.len() >= limit as usize {
+        println!(
+            "({} dead letter(s) shown, the limit: --limit shows more, `courier status` counts them all)",
+            rows.len()
+        );
+    } else {
+        println!("({} dead letter(s))", rows.len());
+    }
     Ok(())
 }
 

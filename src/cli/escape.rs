@@ -16,10 +16,15 @@ pub fn one_line(s: &str) -> Cow<'_, str> {
     escape(s, false, true)
 }
 
-/// `s` with every control character escaped except newlines and tabs (payload text), and a
-/// backslash doubled.
-pub fn multi_line(s: &str) -> Cow<'_, str> {
+/// Payload text: every control character escaped except newlines and tabs, a backslash
+/// doubled, and every line behind a `| ` gutter, so that no line of a producer's text can
+/// pass for a field of the listing around it (a payload holding "\nlast error: …").
+pub fn multi_line(s: &str) -> String {
     escape(s, true, true)
+        .split('\n')
+        .map(|line| format!("  | {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// [`one_line`] with backslashes left as they are: for log fields, whose text already holds
@@ -30,16 +35,27 @@ pub fn controls(s: &str) -> Cow<'_, str> {
 
 /// [`one_line`], cut to `n` characters (a table cell: producer text of any length must not
 /// widen every line of the table).
+/// The cut falls between whole characters of `s`, never inside the escape of one (a cell
+/// ending `\u{…` reads as a broken escape).
 pub fn cell(s: &str, n: usize) -> String {
     let safe = one_line(s);
     if safe.chars().count() <= n {
-        safe.into_owned()
-    } else {
-        format!(
-            "{}…",
-            safe.chars().take(n.saturating_sub(1)).collect::<String>()
-        )
+        return safe.into_owned();
     }
+    let mut out = String::new();
+    let mut width = 0;
+    let mut one = [0u8; 4];
+    for c in s.chars() {
+        let escaped = one_line(c.encode_utf8(&mut one));
+        let w = escaped.chars().count();
+        if width + w > n.saturating_sub(1) {
+            break;
+        }
+        out.push_str(&escaped);
+        width += w;
+    }
+    out.push('…');
+    out
 }
 
 fn escape(s: &str, keep_lines: bool, backslash: bool) -> Cow<'_, str> {
@@ -89,6 +105,15 @@ mod tests {
     }
 
     #[test]
+    fn a_cell_is_cut_between_whole_escapes() {
+        assert_eq!(cell("abc", 5), "abc");
+        assert_eq!(cell("abcdefgh", 5), "abcd…");
+        // `ab\u{9b}` is 9 characters: the escape does not fit in 5, and is left out whole.
+        assert_eq!(cell("ab\u{9b}2J", 5), "ab…");
+        assert_eq!(cell("ab\u{9b}2J", 9), "ab\\u{9b}…");
+    }
+
+    #[test]
     fn escape_sequences_become_visible_text() {
         assert_eq!(one_line("orders"), "orders");
         assert_eq!(one_line("ex\x1b[31mred"), "ex\\x1b[31mred");
@@ -97,7 +122,12 @@ mod tests {
         assert_eq!(one_line("\u{202e}txt.exe"), "\\u{202e}txt.exe");
         assert_eq!(
             multi_line("line 1\n\tline 2\x1b]0;t\x07"),
-            "line 1\n\tline 2\\x1b]0;t\\x07"
+            "  | line 1\n  | \tline 2\\x1b]0;t\\x07"
+        );
+        assert_eq!(
+            multi_line("x\nlast error:    FORGED"),
+            "  | x\n  | last error:    FORGED",
+            "no payload line starts where a field does"
         );
     }
 }

@@ -51,7 +51,8 @@ pub struct EngineRecord {
     /// Its last beat.
     #[diesel(sql_type = Timestamptz)]
     pub heartbeat_at: DateTime<Utc>,
-    /// Milliseconds since its last beat, by the database's clock.
+    /// Milliseconds since its last beat, by the database's clock; below -1,000 when the beat
+    /// is dated in the future (a row written by hand, or a clock ahead).
     #[diesel(sql_type = BigInt)]
     pub since_beat_ms: i64,
     /// `running`, `silent` (registered as running, but its last beat is older than the
@@ -357,7 +358,9 @@ impl Store {
         let sql = format!(
             "SELECT e.id, e.host, e.pid, e.version, {started} AS started_at,
                     {beat} AS heartbeat_at,
-                    greatest((extract(epoch FROM now() - {beat}) * 1000)::bigint, 0) AS since_beat_ms,
+                    (SELECT CASE WHEN ms < -1000 THEN ms ELSE greatest(ms, 0) END
+                     FROM (SELECT (extract(epoch FROM now() - {beat}) * 1000)::bigint) b(ms))
+                        AS since_beat_ms,
                     CASE WHEN e.state = 'running'
                               AND (e.heartbeat_at < now() - {ms} * interval '1 millisecond'
                                    OR e.heartbeat_at > now() + {ms} * interval '1 millisecond')
