@@ -378,6 +378,18 @@ impl ChannelClose {
         digits.parse().ok()
     }
 
+    /// The broker's own `max_message_size` the close text names (`… is larger than
+    /// configured max size 1`): every body over it is refused the same way.
+    pub fn max_size(&self) -> Option<usize> {
+        const MARK: &str = "configured max size ";
+        let start = self.text.find(MARK)? + MARK.len();
+        let digits: String = self.text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    }
+
     /// Whether the broker refused the exchange itself (access refused: internal, or no
     /// write permission), so every publish to it would close the channel again.
     pub fn refuses_exchange(&self) -> bool {
@@ -456,6 +468,15 @@ mod tests {
             close(406, "PRECONDITION_FAILED - other").message_size(),
             None
         );
+        assert_eq!(
+            close(
+                406,
+                "PRECONDITION_FAILED - message size 9 is larger than configured max size 1",
+            )
+            .max_size(),
+            Some(1)
+        );
+        assert_eq!(close(406, "PRECONDITION_FAILED - other").max_size(), None);
     }
 
     #[test]

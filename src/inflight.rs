@@ -146,7 +146,15 @@ impl InFlightTable {
             (None, Some(size)) => entry.delivery.message.payload.len() == size,
             (None, None) => self.first_unconfirmed(channel) == Some(token),
         };
-        if culprit {
+        if culprit && close.max_size().is_some() {
+            // Over the broker's own max_message_size: every attempt would be refused the
+            // same way (and close the channel under its neighbours again).
+            FailureReason::Unpublishable(format!(
+                "{} {} (the broker's max_message_size: raise it there, or set \
+                 publisher.max_payload_bytes below it)",
+                close.code, close.text
+            ))
+        } else if culprit {
             FailureReason::Refused {
                 code: close.code,
                 text: close.text,
@@ -343,7 +351,13 @@ mod tests {
         t.insert_on(small, 1, 1, later);
         t.insert_on(big, 2, 1, later);
         assert!(!charged(t.settle(s_id, 1, Answer::Closed(close.clone()))));
-        assert!(charged(t.settle(b_id, 2, Answer::Closed(close))));
+        // Over the broker's own limit, no attempt can succeed: dead-lettered at once.
+        match t.settle(b_id, 2, Answer::Closed(close)) {
+            Some(Settled::Failed(_, FailureReason::Unpublishable(why))) => {
+                assert!(why.contains("max_message_size"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

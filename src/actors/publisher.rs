@@ -679,7 +679,17 @@ impl Handler<ChannelClosed> for Publisher {
     type Result = ();
 
     fn handle(&mut self, msg: ChannelClosed, _: &mut Context<Self>) {
-        if msg.generation != self.generation || !msg.close.refuses_exchange() {
+        if msg.generation != self.generation {
+            return;
+        }
+        if let Some(size) = msg.close.max_size() {
+            tracing::warn!(max_message_size = size, reason = %msg.close.text,
+                "the broker refused a message over its max_message_size; larger rows are \
+                 dead-lettered unpublished for a while");
+            self.exchanges.entries().limit_body(size);
+            return;
+        }
+        if !msg.close.refuses_exchange() {
             return;
         }
         if let Some(exchange) = msg.close.exchange() {
@@ -743,6 +753,7 @@ impl Handler<Publish> for Publisher {
             .map_or(0, |l| l.conn.configuration().frame_max());
         let mut book = self.exchanges.entries();
         book.prune();
+        let max_body = book.max_body();
         let mut ready = Vec::with_capacity(msg.0.len());
         let mut rejected = Vec::new();
         let mut suspects = Vec::new();
@@ -757,6 +768,16 @@ impl Handler<Publish> for Publisher {
                     text: format!("{} (not published: refused moments ago)", close.text),
                 };
                 rejected.push((d, why));
+                continue;
+            }
+            if let Some(max) = max_body.filter(|max| d.message.payload.len() > *max) {
+                let why = format!(
+                    "a payload of {} bytes is over the broker's max_message_size of {max} bytes \
+                     (it refused a larger message moments ago); not published: raise it there, \
+                     or set publisher.max_payload_bytes below it",
+                    d.message.payload.len()
+                );
+                rejected.push((d, FailureReason::Unpublishable(why)));
                 continue;
             }
             match prepare(&mut d, max_payload, frame_max) {

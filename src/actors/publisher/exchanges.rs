@@ -44,6 +44,8 @@ pub(super) struct Entries {
     missing: HashMap<String, Instant>,
     /// Exchanges the broker refused by closing the channel, with when and why.
     refused: HashMap<String, (Instant, ChannelClose)>,
+    /// The broker's `max_message_size`, from its refusal of a larger body, and when.
+    max_body: Option<(Instant, usize)>,
 }
 
 impl ExchangeBook {
@@ -77,6 +79,19 @@ impl Entries {
             .get(name)
             .filter(|(at, _)| at.elapsed() < TRUSTED_FOR)
             .map(|(_, close)| close.clone())
+    }
+
+    /// The broker's `max_message_size`, if a refusal named it lately: a body over it would
+    /// close the channel again, under the messages beside it.
+    pub(super) fn max_body(&self) -> Option<usize> {
+        self.max_body
+            .filter(|(at, _)| at.elapsed() < TRUSTED_FOR)
+            .map(|(_, size)| size)
+    }
+
+    /// The broker refused a body over `size` bytes (its `max_message_size`).
+    pub(super) fn limit_body(&mut self, size: usize) {
+        self.max_body = Some((Instant::now(), size));
     }
 
     /// Drops refusals no longer trusted.
