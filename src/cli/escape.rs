@@ -34,8 +34,7 @@ pub fn controls(s: &str) -> Cow<'_, str> {
 }
 
 /// [`one_line`], cut to `n` characters (a table cell: producer text of any length must not
-/// widen every line of the table).
-/// The cut falls between whole characters of `s`, never inside the escape of one (a cell
+/// widen every line of the table). The cut falls between whole characters of `s`, never inside the escape of one (a cell
 /// ending `\u{…` reads as a broken escape).
 pub fn cell(s: &str, n: usize) -> String {
     let safe = one_line(s);
