@@ -220,6 +220,14 @@ impl InFlightTable {
             .collect()
     }
 
+    /// Moves every deadline `by` later: the time the broker blocked the connection, during
+    /// which no confirm could come.
+    pub fn postpone(&mut self, by: std::time::Duration) {
+        for e in self.entries.values_mut() {
+            e.deadline += by;
+        }
+    }
+
     /// Removes everything (the connection is gone).
     pub fn drain(&mut self) -> Vec<Delivery> {
         self.returned.clear();
@@ -358,6 +366,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn postponed_deadlines_expire_that_much_later() {
+        let mut t = InFlightTable::new();
+        let now = Instant::now();
+        let d = to("x");
+        let id = d.message.id;
+        t.insert_on(d, 1, 1, now + Duration::from_secs(1));
+        t.postpone(Duration::from_secs(10));
+        assert!(t.expire(now + Duration::from_secs(5)).is_empty());
+        let expired = t.expire(now + Duration::from_secs(12));
+        assert_eq!(
+            expired.iter().map(|d| d.message.id).collect::<Vec<_>>(),
+            [id]
+        );
     }
 
     #[test]

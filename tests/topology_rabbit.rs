@@ -587,3 +587,80 @@ async fn rows_over_the_brokers_max_message_size_are_dead_lettered_at_their_first
     engine.shutdown().await;
     drop(broker);
 }
+
+/// A memory alarm longer than `retry.confirm_timeout` while rows are mid-stream: the broker
+/// blocks the engine's connections and reads nothing more from them, so no confirm can come.
+/// The confirm deadlines stand still meanwhile: no row is charged an attempt (before, every
+/// row whose confirm was pending at the block timed out and went out twice).
+#[actix_rt::test]
+#[ignore = "topology: starts a RabbitMQ node and raises its memory alarm (serial CI step)"]
+async fn a_memory_alarm_longer_than_the_confirm_timeout_charges_no_row() {
+    use diesel_async::RunQueryDsl;
+    let node = Topology::empty("a", 5697, 1);
+    node.start(0, None).await;
+    let (name, dir) = (node.nodes[0].name.clone(), node.dir.display().to_string());
+    let ctl = |args: &'static [&'static str]| {
+        let (name, dir) = (name.clone(), dir.clone());
+        async move {
+            let mut all = vec!["ctl", name.as_str(), dir.as_str()];
+            all.extend(args);
+            run_script("rabbit-node", &all).await;
+        }
+    };
+    let url = node.nodes[0].url();
+    let db = TestDb::new("alarm").await;
+    let broker = TestBroker::at(&url, "alarm", FieldTable::default()).await;
+    let mut config = db.engine_config();
+    config.broker.url = BrokerUrls::from(SecretUrl::new(&url));
+    config.retry.confirm_timeout = Duration::from_secs(2);
+    let engine = Engine::start(config).await.expect("engine");
+    let mut events = engine.subscribe();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rows = producer(&db, &broker.exchange, stop.clone()).await;
+    confirmed_at_least(&mut events, 500).await;
+    ctl(&["set_vm_memory_high_watermark", "0.0001"]).await;
+    within(30, "the broker to block the engine", async {
+        loop {
+            if let Ok(EngineEvent::BrokerBlocked(_)) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    // The fault's length (three confirm timeouts), not a wait for an event.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    confirmed_at_least(&mut events, 500).await;
+    stop.store(true, Ordering::Relaxed);
+    let ids = within(60, "the producer to stop", rows)
+        .await
+        .expect("producer");
+    engine
+        .wait_for_all(&ids, Duration::from_secs(120))
+        .await
+        .expect("every row settles");
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = db.raw().await;
+    let charged: N = diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM \"{}\".outbox WHERE attempts > 1",
+        db.schema
+    ))
+    .get_result(&mut conn)
+    .await
+    .expect("count charged rows");
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!(a.confirmed, ids.len());
+    eprintln!(
+        "memory alarm 6 s (confirm_timeout 2 s): {} rows, {} charged a second attempt, {} duplicates",
+        ids.len(),
+        charged.n,
+        a.duplicates
+    );
+    assert_eq!(charged.n, 0, "rows charged an attempt by the alarm");
+    engine.shutdown().await;
+    drop(broker);
+}

@@ -88,6 +88,16 @@ pub struct Track(pub Vec<Published>);
 #[rtype(result = "()")]
 pub struct Unsent(pub Vec<(Delivery, FailureReason)>);
 
+/// The broker blocked (`true`) or unblocked (`false`) the connection's publishers
+/// (`connection.blocked`: a memory or disk alarm). While blocked the broker reads nothing
+/// more from the connection, so no confirm can come: confirm deadlines stand still, and an
+/// alarm longer than `retry.confirm_timeout` costs no row an attempt (an audit: a 35 s
+/// memory alarm charged 434 rows "no confirm within 30s" and sent each twice; a longer one
+/// would have dead-lettered rows the broker was only holding).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Blocked(pub bool);
+
 /// The connection is gone: every tracked message failed with it.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -162,6 +172,8 @@ pub struct ConfirmTracker {
     fence_at: u64,
     /// The in-flight count last added to the engine's gauge (one tracker per connection).
     reported: usize,
+    /// Since when the broker blocks the connection's publishers (see [`Blocked`]).
+    blocked_since: Option<Instant>,
 }
 
 impl ConfirmTracker {
@@ -188,6 +200,7 @@ impl ConfirmTracker {
             held: Vec::new(),
             fence_at: 0,
             reported: 0,
+            blocked_since: None,
         }
     }
 
@@ -349,6 +362,9 @@ impl ConfirmTracker {
     }
 
     fn expire(&mut self) {
+        if self.blocked_since.is_some() {
+            return; // deadlines stand still while the broker blocks (see `Blocked`)
+        }
         let overdue = self.in_flight.expire(Instant::now());
         if overdue.is_empty() {
             return;
@@ -504,10 +520,27 @@ impl Handler<Unsent> for ConfirmTracker {
     }
 }
 
+impl Handler<Blocked> for ConfirmTracker {
+    type Result = ();
+
+    fn handle(&mut self, msg: Blocked, _: &mut Context<Self>) {
+        match (msg.0, self.blocked_since) {
+            (true, None) => self.blocked_since = Some(Instant::now()),
+            (false, Some(since)) => {
+                self.blocked_since = None;
+                self.in_flight.postpone(since.elapsed());
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Handler<ConnectionLost> for ConfirmTracker {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionLost, _: &mut Context<Self>) {
+        // A new connection starts unblocked; this one's messages fail below.
+        self.blocked_since = None;
         // A round cut off with its connection never says `Written`; held acks fail below
         // with every other message of the connection.
         self.writing = 0;

@@ -68,7 +68,9 @@ pub use isolation::{Isolation, Suspects};
 use stuck::ChannelAnswers;
 
 use super::{
-    confirms::{ConfirmTracker, ConnectionLost, Published, Track, Unsent, Writing, Written},
+    confirms::{
+        Blocked, ConfirmTracker, ConnectionLost, Published, Track, Unsent, Writing, Written,
+    },
     ledger::{Ledger, Release},
     scheduler::{BrokerReady, Credits, Scheduler},
 };
@@ -229,6 +231,7 @@ impl Publisher {
                             act.generation,
                             act.lane,
                             ctx.address(),
+                            act.tracker.clone(),
                             act.scheduler.clone(),
                             act.signals.clone(),
                         );
@@ -367,6 +370,7 @@ fn watch(
     generation: u64,
     lane: usize,
     publisher: Addr<Publisher>,
+    tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
     signals: Signals,
 ) {
@@ -379,12 +383,14 @@ fn watch(
                     blocked_since.get_or_insert_with(Instant::now);
                     tracing::warn!(%reason, "RabbitMQ blocked publishers; pausing claims");
                     signals.broker_blocked(reason);
+                    tracker.do_send(Blocked(true));
                     scheduler.do_send(BrokerReady { lane, ready: false });
                 }
                 Event::ConnectionUnblocked => {
                     let blocked_for = blocked_since.take().map(|since| since.elapsed());
                     tracing::info!("RabbitMQ unblocked publishers; resuming");
                     signals.broker_unblocked(blocked_for);
+                    tracker.do_send(Blocked(false));
                     scheduler.do_send(BrokerReady { lane, ready: true });
                 }
                 // A channel closed by the broker is reported here too: it is not the
