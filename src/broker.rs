@@ -369,20 +369,18 @@ impl ChannelClose {
     /// The body size the close text names (`PRECONDITION_FAILED - message size 9 is larger
     /// than configured max size 1`): the broker's own `max_message_size`, below ours.
     pub fn message_size(&self) -> Option<usize> {
-        const MARK: &str = "message size ";
-        let start = self.text.find(MARK)? + MARK.len();
-        let digits: String = self.text[start..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
+        self.number_after("message size ")
     }
 
     /// The broker's own `max_message_size` the close text names (`… is larger than
     /// configured max size 1`): every body over it is refused the same way.
     pub fn max_size(&self) -> Option<usize> {
-        const MARK: &str = "configured max size ";
-        let start = self.text.find(MARK)? + MARK.len();
+        self.number_after("configured max size ")
+    }
+
+    /// The whole number right after `mark` in the close text.
+    fn number_after(&self, mark: &str) -> Option<usize> {
+        let start = self.text.find(mark)? + mark.len();
         let digits: String = self.text[start..]
             .chars()
             .take_while(char::is_ascii_digit)
