@@ -12,9 +12,33 @@
 /// (see `is_secret_param`), with `***`. A key=value connection string (`host=h
 /// password=p`) is redacted the same way. Anything else that does not parse is not echoed
 /// at all, since it may still contain a password in a shape the parser did not understand.
+/// A secret that appears again elsewhere in the string (a second URL pasted into the same
+/// value, a parameter holding the password) is replaced wherever it is.
 pub fn redact_url(raw: &str) -> String {
+    let out = redact_parts(raw);
+    // After the userinfo only: a user name equal to the password (`guest:guest`) stays.
+    let userinfo_end = out.split_once("://").map_or(0, |(scheme, rest)| {
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        authority
+            .rfind('@')
+            .map_or(0, |at| scheme.len() + "://".len() + at + 1)
+    });
+    let (userinfo, mut rest) = (
+        out[..userinfo_end].to_string(),
+        out[userinfo_end..].to_string(),
+    );
+    for secret in secrets(raw) {
+        if secret.chars().count() >= MIN_SCRUBBED_SECRET {
+            rest = rest.replace(&secret, "***");
+        }
+    }
+    userinfo + &rest
+}
+
+/// [`redact_url`]'s work on the URL's own parts: its password and credential parameters.
+fn redact_parts(raw: &str) -> String {
     if let Some((single, hosts)) = one_host(raw) {
-        return redact_url(&single).replacen(HOSTS_PLACEHOLDER, &hosts, 1);
+        return redact_parts(&single).replacen(HOSTS_PLACEHOLDER, &hosts, 1);
     }
     match url::Url::parse(raw) {
         Ok(mut url) => {
@@ -192,6 +216,18 @@ pub fn scrub(raw: &str, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_repeated_elsewhere_in_the_string_is_redacted_there_too() {
+        for raw in [
+            "amqp://guest:Pw0rd9@h:5821/%2f?heartbeat=5 amqp://guest:Pw0rd9@h:5822/%2f",
+            "amqp://guest:Pw0rd9@h:5821/%2f?connection_timeout=Pw0rd9",
+        ] {
+            let shown = redact_url(raw);
+            assert!(!shown.contains("Pw0rd9"), "{shown}");
+            assert!(shown.starts_with("amqp://guest:***@h:5821/"), "{shown}");
+        }
+    }
 
     #[test]
     fn userinfo_and_credential_query_parameters_are_redacted() {
