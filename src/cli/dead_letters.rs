@@ -161,7 +161,10 @@ fn report(verb: &str, asked: &[Uuid], done: &[Uuid]) -> anyhow::Result<()> {
 }
 
 async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Result<()> {
-    let rows = store.dead_letters(since, limit).await?;
+    // One more than asked for, to tell whether there are more.
+    let mut rows = store.dead_letters(since, limit.saturating_add(1)).await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
     println!(
         "{:<36}  {:<20}  {:<20}  {:>8}  {:<23}  last error",
         "id", "exchange", "routing key", "attempts", "failed at"
@@ -177,9 +180,9 @@ async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Res
             cell(r.last_error.as_deref().unwrap_or(""), 80)
         );
     }
-    if rows.len() >= limit as usize {
+    if more {
         println!(
-            "({} dead letter(s) shown, the limit: --limit shows more, `courier status` counts them all)",
+            "({} dead letter(s) shown, the --limit; there are more: `courier status` counts them all)",
             rows.len()
         );
     } else {
