@@ -1498,6 +1498,7 @@ mod tests {
             ("hearbeat=5", "does not read"),
             ("foo=bar", "does not read"),
             ("heartbeat=5&heartbeat=6", "`heartbeat` twice"),
+            ("heartbeat=5#heartbeat=6", "has a fragment"),
         ] {
             let url = format!("amqps://a:secretpw@h1/%2f?{query}");
             let msg = parse_env("", &[("COURIER_BROKER_URL", url.as_str())])

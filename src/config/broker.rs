@@ -159,6 +159,13 @@ fn check_query(url: &SecretUrl) -> Result<(), ConfigError> {
     let invalid =
         |problem: String| ConfigError::invalid("broker.url", format!("{problem} (url: {url})"));
     if let Ok(parsed) = url::Url::parse(url.expose()) {
+        if parsed.fragment().is_some() {
+            return Err(invalid(
+                "has a fragment (`#…`), which an AMQP URI does not have: nothing after `#` is \
+                 read (a query parameter goes after `?`, joined by `&`)"
+                    .to_string(),
+            ));
+        }
         let mut seen = Vec::new();
         for (key, value) in parsed.query_pairs() {
             if seen.contains(&key) {
