@@ -27,7 +27,7 @@ use courier::{
     config::{BrokerConfig, BrokerUrls, SecretUrl, TlsVerify},
     inbox::{Handler, HandlerError, Inbox, InboxConfig, InboxMessage},
     testing::{broker, BrokerError},
-    Engine, EngineEvent, OutboxMessage,
+    Engine, EngineEvent, EngineHandle, OutboxMessage,
 };
 use lapin::{
     options::BasicPublishOptions,
@@ -69,6 +69,23 @@ async fn producer(
         }
         ids
     })
+}
+
+/// Stops the [`producer`], then waits for every row it wrote to settle; their ids.
+async fn stop_and_settle(
+    stop: &AtomicBool,
+    rows: tokio::task::JoinHandle<Vec<Uuid>>,
+    engine: &EngineHandle,
+) -> Vec<Uuid> {
+    stop.store(true, Ordering::Relaxed);
+    let ids = within(60, "the producer to stop", rows)
+        .await
+        .expect("producer");
+    engine
+        .wait_for_all(&ids, Duration::from_secs(120))
+        .await
+        .expect("every row settles");
+    ids
 }
 
 /// After a fault on the engine's node: how long from the engine seeing the loss to the
@@ -163,14 +180,7 @@ async fn cluster_node_stopped_then_killed_mid_stream_loses_nothing() {
     );
     confirmed_at_least(&mut events, 500).await;
 
-    stop.store(true, Ordering::Relaxed);
-    let ids = within(60, "the producer to stop", rows)
-        .await
-        .expect("producer");
-    engine
-        .wait_for_all(&ids, Duration::from_secs(120))
-        .await
-        .expect("every row settles");
+    let ids = stop_and_settle(&stop, rows, &engine).await;
     let survivor = (0..3).find(|i| *i != second).unwrap_or(0);
     let audit_broker =
         TestBroker::at(&urls[survivor], "cluster-audit", FieldTable::default()).await;
@@ -598,15 +608,6 @@ async fn a_memory_alarm_longer_than_the_confirm_timeout_charges_no_row() {
     use diesel_async::RunQueryDsl;
     let node = Topology::empty("a", 5697, 1);
     node.start(0, None).await;
-    let (name, dir) = (node.nodes[0].name.clone(), node.dir.display().to_string());
-    let ctl = |args: &'static [&'static str]| {
-        let (name, dir) = (name.clone(), dir.clone());
-        async move {
-            let mut all = vec!["ctl", name.as_str(), dir.as_str()];
-            all.extend(args);
-            run_script("rabbit-node", &all).await;
-        }
-    };
     let url = node.nodes[0].url();
     let db = TestDb::new("alarm").await;
     let broker = TestBroker::at(&url, "alarm", FieldTable::default()).await;
@@ -618,7 +619,8 @@ async fn a_memory_alarm_longer_than_the_confirm_timeout_charges_no_row() {
     let stop = Arc::new(AtomicBool::new(false));
     let rows = producer(&db, &broker.exchange, stop.clone()).await;
     confirmed_at_least(&mut events, 500).await;
-    ctl(&["set_vm_memory_high_watermark", "0.0001"]).await;
+    node.ctl(0, &["set_vm_memory_high_watermark", "0.0001"])
+        .await;
     within(30, "the broker to block the engine", async {
         loop {
             if let Ok(EngineEvent::BrokerBlocked(_)) = events.recv().await {
@@ -629,16 +631,9 @@ async fn a_memory_alarm_longer_than_the_confirm_timeout_charges_no_row() {
     .await;
     // The fault's length (three confirm timeouts), not a wait for an event.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    node.ctl(0, &["set_vm_memory_high_watermark", "0.4"]).await;
     confirmed_at_least(&mut events, 500).await;
-    stop.store(true, Ordering::Relaxed);
-    let ids = within(60, "the producer to stop", rows)
-        .await
-        .expect("producer");
-    engine
-        .wait_for_all(&ids, Duration::from_secs(120))
-        .await
-        .expect("every row settles");
+    let ids = stop_and_settle(&stop, rows, &engine).await;
     #[derive(diesel::QueryableByName)]
     struct N {
         #[diesel(sql_type = diesel::sql_types::BigInt)]

@@ -135,6 +135,14 @@ impl Topology {
         run_script("rabbit-node", &args).await;
     }
 
+    /// `rabbitmqctl ARGS` against node `i`, with the topology's own cookie.
+    pub async fn ctl(&self, i: usize, args: &[&str]) {
+        let dir = self.dir_arg();
+        let mut all = vec!["ctl", self.nodes[i].name.as_str(), dir.as_str()];
+        all.extend(args);
+        run_script("rabbit-node", &all).await;
+    }
+
     /// How many members of quorum queue `queue` are online (asked of the first node that
     /// answers). A node that was restarted counts only once its member has recovered.
     pub async fn quorum_online(&self, queue: &str) -> usize {
