@@ -19,8 +19,7 @@ use crate::{
     broker::{self, ChannelClose},
     config::{Config, SecretUrl},
     store::{
-        applied_versions, establish, in_own_transaction, SchemaFit, Store, StoreError,
-        MIGRATION_NAMES,
+        applied_versions, begin, end, establish, SchemaFit, Store, StoreError, MIGRATION_NAMES,
     },
 };
 
@@ -188,24 +187,7 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
             return None;
         }
     };
-    #[derive(QueryableByName)]
-    struct Server {
-        #[diesel(sql_type = Text)]
-        version: String,
-        #[diesel(sql_type = Text)]
-        tls: String,
-    }
-    let read = async |conn: &mut AsyncPgConnection| {
-        sql_query(
-            "SELECT current_setting('server_version') AS version,
-                    coalesce((SELECT CASE WHEN ssl THEN version ELSE 'off' END
-                              FROM pg_stat_ssl WHERE pid = pg_backend_pid()), 'off') AS tls",
-        )
-        .get_result::<Server>(conn)
-        .await
-        .map_err(StoreError::from)
-    };
-    let server = in_own_transaction(&mut conn, read).await.and_then(|s| s);
+    let server = server(&mut conn).await;
     let check = match server {
         Ok(s) => Check::new(
             "database",
@@ -221,6 +203,28 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
     };
     out.push(check);
     Some(conn)
+}
+
+#[derive(QueryableByName)]
+struct Server {
+    #[diesel(sql_type = Text)]
+    version: String,
+    #[diesel(sql_type = Text)]
+    tls: String,
+}
+
+/// The server's version and this connection's TLS, in a transaction of its own (see
+/// `store::begin`: behind PgBouncer no statement is left on a server connection).
+async fn server(conn: &mut AsyncPgConnection) -> Result<Server, StoreError> {
+    begin(conn, None).await?;
+    let read = sql_query(
+        "SELECT current_setting('server_version') AS version,
+                coalesce((SELECT CASE WHEN ssl THEN version ELSE 'off' END
+                          FROM pg_stat_ssl WHERE pid = pg_backend_pid()), 'off') AS tls",
+    )
+    .get_result::<Server>(conn)
+    .await;
+    end(conn, read).await
 }
 
 /// When traces are on (`telemetry.traces` or an `OTEL_EXPORTER_OTLP_*ENDPOINT`), the
@@ -646,8 +650,9 @@ async fn named_exchanges(config: &Config, conn: &mut AsyncPgConnection) -> anyho
              WHERE status IN ('pending', 'in_flight', 'retrying') LIMIT 100000) open
          GROUP BY exchange ORDER BY count(*) DESC LIMIT {MOST_EXCHANGES}"
     );
-    let read = async |conn: &mut AsyncPgConnection| sql_query(sql).load::<Row>(conn).await;
-    let rows = in_own_transaction(conn, read).await??;
+    begin(conn, None).await?;
+    let rows = sql_query(sql).load::<Row>(conn).await;
+    let rows = end(conn, rows).await?;
     Ok(Named {
         distinct: rows.iter().map(|r| r.named).next().unwrap_or(0),
         top: rows.into_iter().map(|r| (r.exchange, r.rows)).collect(),

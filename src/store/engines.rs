@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::{millis, Store, StoreError};
+use super::{begin, end, millis, Store, StoreError};
 
 /// What the registry said to a beat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +123,7 @@ pub async fn beat(
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'running'
          RETURNING (SELECT p.state FROM \"{schema}\".engines p WHERE p.id = $1) AS previous"
     );
-    begin(conn, bound).await?;
+    begin(conn, Some(bound)).await?;
     let rows = diesel::sql_query(sql)
         .bind::<Text, _>(&me.id)
         .bind::<Text, _>(&me.host)
@@ -138,33 +138,6 @@ pub async fn beat(
             _ => Beat::Rejoined,
         },
     )
-}
-
-/// Opens the transaction one registry statement runs in, its time bounded on the server
-/// (`SET LOCAL statement_timeout`): a statement the engine gives up on (a producer's lock,
-/// a frozen server) must not keep running there, holding a backend and its locks. Local to
-/// the transaction, so nothing is left on a server connection a transaction-mode pooler
-/// hands to others, and the statement's prepare and execute stay on one server connection.
-async fn begin(conn: &mut AsyncPgConnection, bound: Duration) -> Result<(), StoreError> {
-    use diesel_async::SimpleAsyncConnection;
-    conn.batch_execute(&format!(
-        "BEGIN; SET LOCAL statement_timeout = {}",
-        // PostgreSQL takes at most i32::MAX ms (an engine_timeout over ~49 days).
-        millis(bound).clamp(1, i64::from(i32::MAX))
-    ))
-    .await?;
-    Ok(())
-}
-
-/// Ends [`begin`]'s transaction: `COMMIT` after success, else `ROLLBACK`.
-async fn end<T>(
-    conn: &mut AsyncPgConnection,
-    result: diesel::QueryResult<T>,
-) -> Result<T, StoreError> {
-    use diesel_async::SimpleAsyncConnection;
-    conn.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
-        .await?;
-    Ok(result?)
 }
 
 /// Marks dead every other engine whose last beat is older than `timeout` and frees the rows
@@ -201,7 +174,7 @@ pub async fn rescue(
          SELECT d.id AS engine, (SELECT count(*) FROM freed f WHERE f.engine = d.id) AS rows
          FROM dead d"
     );
-    begin(conn, bound).await?;
+    begin(conn, Some(bound)).await?;
     let rows = diesel::sql_query(sql)
         .bind::<Text, _>(me)
         .bind::<BigInt, _>(millis(timeout))
@@ -323,7 +296,7 @@ pub async fn free_strays(
                 (SELECT count(*) FROM late) AS late"
     );
     let slack = Duration::from_secs(60);
-    begin(conn, bound).await?;
+    begin(conn, Some(bound)).await?;
     let rows = diesel::sql_query(sql)
         .bind::<Text, _>(me)
         .bind::<BigInt, _>(millis(lease.saturating_add(slack)))

@@ -223,16 +223,17 @@ fn versions(applied: Vec<Applied>) -> Vec<String> {
 
 /// The versions applied to `schema`, on a connection of its own (`courier doctor`, which
 /// checks the database before any pool exists, and the up-to-date check before migrating);
-/// an error when it has no migrations table. In a transaction of its own
-/// ([`super::in_own_transaction`]), so a pooler in front leaves no statement behind.
+/// an error when it has no migrations table. In a transaction of its own ([`super::begin`]),
+/// so a pooler in front keeps no statement of it.
 pub async fn applied_versions(
     conn: &mut AsyncPgConnection,
     schema: &str,
 ) -> Result<Vec<String>, StoreError> {
     use diesel_async::RunQueryDsl;
     let sql = applied_migrations(&super::Schema::new(schema)?);
-    let read = async |conn: &mut AsyncPgConnection| diesel::sql_query(sql).load(conn).await;
-    let applied: Vec<Applied> = super::in_own_transaction(conn, read).await??;
+    super::begin(conn, None).await?;
+    let applied = diesel::sql_query(sql).load(conn).await;
+    let applied: Vec<Applied> = super::end(conn, applied).await?;
     Ok(versions(applied))
 }
 

@@ -265,20 +265,40 @@ pub async fn establish(
     connect::open(&PgTarget::parse(url)?, timeout).await
 }
 
-/// `read` on `conn`, inside a transaction of its own. For reads on a connection of its own
-/// (`establish`): behind a transaction-mode pooler (PgBouncer) a statement prepared outside a
-/// transaction stays on whichever server connection ran it, and another client that prepares
-/// the same name there fails ("prepared statement \"s2\" already exists"). A failed read
-/// leaves the transaction aborted; the `COMMIT` then rolls it back.
-pub(crate) async fn in_own_transaction<T>(
+/// Opens the transaction one statement on a connection of its own (`establish`, the
+/// registry's) runs in, its time bounded on the server when `bound` is given (`SET LOCAL
+/// statement_timeout`: a statement the engine gives up on — a producer's lock, a frozen
+/// server — must not keep running there, holding a backend and its locks). In a transaction,
+/// the statement's prepare and execute stay on one server connection and nothing is left
+/// there: behind a transaction-mode pooler (PgBouncer) a statement prepared outside one stays
+/// on whichever server connection ran it, and another client that prepares the same name
+/// there fails ("prepared statement \"s2\" already exists").
+pub(crate) async fn begin(
     conn: &mut AsyncPgConnection,
-    read: impl AsyncFnOnce(&mut AsyncPgConnection) -> T,
+    bound: Option<Duration>,
+) -> Result<(), StoreError> {
+    use diesel_async::SimpleAsyncConnection;
+    let begin = match bound {
+        // PostgreSQL takes at most i32::MAX ms (an engine_timeout over ~49 days).
+        Some(bound) => format!(
+            "BEGIN; SET LOCAL statement_timeout = {}",
+            millis(bound).clamp(1, i64::from(i32::MAX))
+        ),
+        None => "BEGIN".to_string(),
+    };
+    conn.batch_execute(&begin).await?;
+    Ok(())
+}
+
+/// Ends [`begin`]'s transaction: `COMMIT` after success, else `ROLLBACK`.
+pub(crate) async fn end<T>(
+    conn: &mut AsyncPgConnection,
+    result: diesel::QueryResult<T>,
 ) -> Result<T, StoreError> {
     use diesel_async::SimpleAsyncConnection;
-    conn.batch_execute("BEGIN").await?;
-    let out = read(conn).await;
-    conn.batch_execute("COMMIT").await?;
-    Ok(out)
+    conn.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
+        .await?;
+    Ok(result?)
 }
 
 /// A pooled connection checked out again within this long of its last checkout is handed
