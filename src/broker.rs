@@ -395,6 +395,11 @@ impl ChannelClose {
     }
 }
 
+/// How long an engine remembers that the broker refused an exchange
+/// ([`ChannelClose::refuses_exchange`]): rows to it are failed unpublished meanwhile, so a
+/// refused exchange closes a channel once per this time, not once per row.
+pub const REFUSAL_REMEMBERED: Duration = Duration::from_secs(30);
+
 /// A new channel of `conn` in confirm mode: every publish on it gets an ack or a nack.
 pub async fn confirm_channel(conn: &Connection) -> Result<lapin::Channel, BrokerError> {
     let channel = conn.create_channel().await?;

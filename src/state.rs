@@ -33,7 +33,13 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use crate::{actors::scheduler::Credit, backoff, config::BackoffConfig, message::OutboxMessage};
+use crate::{
+    actors::scheduler::Credit,
+    backoff,
+    broker::{ChannelClose, REFUSAL_REMEMBERED},
+    config::BackoffConfig,
+    message::OutboxMessage,
+};
 
 /// A message's lifecycle state; the `status` column of the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -226,6 +232,31 @@ impl FailureReason {
     pub fn is_permanent(&self) -> bool {
         matches!(self, FailureReason::Unpublishable(_))
     }
+
+    /// The shortest wait before another attempt could succeed. The engine remembers an
+    /// exchange the broker refused ([`REFUSAL_REMEMBERED`]) and fails rows to it unpublished
+    /// meanwhile, charged: a retry inside that time would only be charged again. Waiting it
+    /// out spaces a refused row's attempts by more than the memory, so a refusal mended within
+    /// `(max_attempts - 1)` memories (a revoked permission given back) dead-letters nothing,
+    /// and one that lasts still reaches the row's budget.
+    pub fn retry_floor(&self) -> Duration {
+        match self {
+            FailureReason::Refused { code, text } => {
+                let close = ChannelClose {
+                    code: *code,
+                    text: text.clone(),
+                };
+                if close.refuses_exchange() {
+                    // A second past the memory: the retry must find it lapsed, whatever the
+                    // write's and the clock's delays.
+                    REFUSAL_REMEMBERED + Duration::from_secs(1)
+                } else {
+                    Duration::ZERO
+                }
+            }
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 impl fmt::Display for FailureReason {
@@ -372,7 +403,7 @@ impl Delivery {
         Ok(match self.state {
             Status::Failed => AfterFailure::DeadLetter,
             _ => AfterFailure::Retry {
-                delay: backoff::delay(backoff, counted.max(1)),
+                delay: backoff::delay(backoff, counted.max(1)).max(reason.retry_floor()),
                 refund,
             },
         })
@@ -525,6 +556,36 @@ mod tests {
         assert!(refused.to_string().contains("internal exchange 'x'"));
         let mut d = delivery(3, None);
         assert_eq!(d.fail(&refused, &b), Ok(AfterFailure::DeadLetter));
+    }
+
+    #[test]
+    fn a_refused_exchange_is_retried_after_the_refusal_is_forgotten() {
+        let b = BackoffConfig::default();
+        let refused = FailureReason::Refused {
+            code: 403,
+            text: "ACCESS_REFUSED - write access to exchange 'x' in vhost '/' refused for user 'u'"
+                .into(),
+        };
+        let mut d = delivery(1, None);
+        match d.fail(&refused, &b) {
+            Ok(AfterFailure::Retry { delay, refund }) => {
+                assert!(!refund);
+                assert!(delay > REFUSAL_REMEMBERED, "{delay:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A 403 that names no exchange is not remembered: the backoff alone.
+        let other = FailureReason::Refused {
+            code: 403,
+            text: "ACCESS_REFUSED - user_id property set to 'a' but authenticated user was 'b'"
+                .into(),
+        };
+        assert_eq!(other.retry_floor(), Duration::ZERO);
+        let mut d = delivery(1, None);
+        match d.fail(&other, &b) {
+            Ok(AfterFailure::Retry { delay, .. }) => assert!(delay <= b.initial * 2, "{delay:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

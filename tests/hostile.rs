@@ -18,7 +18,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use uuid::Uuid;
 
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(180);
 
 #[derive(diesel::QueryableByName)]
 struct IdRow {

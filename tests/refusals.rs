@@ -112,7 +112,7 @@ async fn refused_rows_are_charged_alone_and_dead_lettered() {
     config.dead_letter.exchange = Some(dlx.clone());
     let engine = Engine::start(config).await.expect("engine");
     let outcomes = engine
-        .wait_for_all(&ids, Duration::from_secs(120))
+        .wait_for_all(&ids, Duration::from_secs(180))
         .await
         .expect("every row settles: refused rows reach their max_attempts");
 
@@ -253,7 +253,7 @@ async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
     store.enqueue_many(&messages).await.expect("enqueue");
     let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
     let outcomes = engine
-        .wait_for_all(&ids, Duration::from_secs(120))
+        .wait_for_all(&ids, Duration::from_secs(180))
         .await
         .expect("every row settles: the refused rows reach their max_attempts");
     let good: Vec<Uuid> = ids.iter().filter(|id| !bad.contains(id)).copied().collect();
@@ -296,6 +296,57 @@ async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
     assert_eq!((a.confirmed, a.dead_lettered), (good.len() + 2, bad.len()));
     // A close re-publishes at most the rows in flight on the channel it closed.
     assert!(a.duplicates as u64 <= counters.channel_closes * 4096);
+    engine.shutdown().await;
+}
+
+/// A write permission revoked for a moment and given back dead-letters nothing. The engine
+/// remembers a refused exchange for 30 s and fails rows to it unpublished meanwhile,
+/// charged; their next attempt waits until that memory has lapsed, so a refusal put right
+/// before a row's last attempt costs the row an attempt, never the row (before, rows to the
+/// exchange, even those committed after the write came back, used up their attempts within
+/// the memory at the backoff's pace and were dead-lettered unpublished).
+#[actix_rt::test]
+async fn a_revoke_put_right_within_the_budget_dead_letters_nothing() {
+    let db = TestDb::new("revokebrief").await;
+    let mut broker = TestBroker::new("revokebrief").await;
+    let late = broker.extra_exchange("late", ExchangeKind::Topic).await;
+    broker.bind(&broker.queue, &late, "routed.#").await;
+    let user = TestUser::without_write_on_denied();
+    user.revoke_late();
+    let mut config = db.engine_config();
+    config.broker.url = SecretUrl::new(user.amqp_url()).into();
+    // One retry: the smallest budget a refusal can be survived with.
+    config.retry.max_attempts = 2;
+    let engine = Engine::start(config).await.expect("engine");
+    let store = db.store().await;
+    let rows = |tag: &str| -> Vec<OutboxMessage> {
+        (0..50)
+            .map(|i| OutboxMessage::new(&late, format!("routed.{tag}.{i}"), tag))
+            .collect()
+    };
+    let refused = rows("refused");
+    store.enqueue_many(&refused).await.expect("enqueue");
+    common::eventually(30, "every row refused once", || {
+        let db = &db;
+        async move { (db.count(Status::Retrying).await == 50).then_some(()) }
+    })
+    .await;
+    user.allow_late();
+    // Committed after the write came back, while the engine still remembers the refusal.
+    let after = rows("after");
+    store.enqueue_many(&after).await.expect("enqueue");
+    let ids: Vec<Uuid> = refused.iter().chain(&after).map(|m| m.id).collect();
+    let outcomes = engine
+        .wait_for_all(&ids, Duration::from_secs(90))
+        .await
+        .expect("every row settles");
+    for id in &ids {
+        assert_eq!(outcomes[id], Outcome::Confirmed, "{id}");
+    }
+    // Each was refused (or held back) once, then published at its second attempt.
+    assert_eq!(charged(&db, &ids).await, 100);
+    let a = audit(&db, &broker, &broker.queue, &ids).await;
+    assert_eq!((a.confirmed, a.dead_lettered), (100, 0));
     engine.shutdown().await;
 }
 

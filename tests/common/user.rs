@@ -32,29 +32,23 @@ impl TestUser {
         let password = Uuid::new_v4().simple().to_string();
         rabbitmqctl(&["add_user", &name, &password]);
         let user = TestUser { name, password };
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            "/",
-            &user.name,
-            ".*",
-            r"^(?!.*\.denied$).*",
-            ".*",
-        ]);
+        user.allow_late();
         user
     }
 
     /// Takes write away on exchanges whose name ends in `.late` too.
     pub fn revoke_late(&self) {
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            "/",
-            &self.name,
-            ".*",
-            r"^(?!.*\.(denied|late)$).*",
-            ".*",
-        ]);
+        self.write(r"^(?!.*\.(denied|late)$).*");
+    }
+
+    /// Gives write on exchanges whose name ends in `.late` back (`.denied` stays denied).
+    pub fn allow_late(&self) {
+        self.write(r"^(?!.*\.denied$).*");
+    }
+
+    /// Sets the user's permissions: configure and read everything, write what `regex` says.
+    fn write(&self, regex: &str) {
+        rabbitmqctl(&["set_permissions", "-p", "/", &self.name, ".*", regex, ".*"]);
     }
 
     /// Deletes the user (the broker closes its connections); [`TestUser::restore`] brings

@@ -16,11 +16,12 @@ use lapin::{
 use super::{probe, Prepared};
 use crate::{
     actors::confirms::Published,
-    broker::ChannelClose,
+    broker::{ChannelClose, REFUSAL_REMEMBERED},
     state::{Delivery, FailureReason},
 };
 
-/// How long a positive passive-declare result, or an exchange refusal, is trusted.
+/// How long a positive passive-declare result, or the broker's `max_message_size` from a
+/// refusal, is trusted (an exchange refusal: [`REFUSAL_REMEMBERED`]).
 const TRUSTED_FOR: Duration = Duration::from_secs(30);
 
 /// How long a 404 from a passive declare is trusted. Each 404 closes a channel, and the
@@ -77,7 +78,7 @@ impl Entries {
     pub(super) fn refusal(&self, name: &str) -> Option<ChannelClose> {
         self.refused
             .get(name)
-            .filter(|(at, _)| at.elapsed() < TRUSTED_FOR)
+            .filter(|(at, _)| at.elapsed() < REFUSAL_REMEMBERED)
             .map(|(_, close)| close.clone())
     }
 
@@ -96,7 +97,8 @@ impl Entries {
 
     /// Drops refusals no longer trusted.
     pub(super) fn prune(&mut self) {
-        self.refused.retain(|_, (at, _)| at.elapsed() < TRUSTED_FOR);
+        self.refused
+            .retain(|_, (at, _)| at.elapsed() < REFUSAL_REMEMBERED);
         self.missing.retain(|_, at| at.elapsed() < MISSING_FOR);
     }
 
