@@ -278,16 +278,20 @@ pub(crate) async fn begin(
     bound: Option<Duration>,
 ) -> Result<(), StoreError> {
     use diesel_async::SimpleAsyncConnection;
-    let begin = match bound {
-        // PostgreSQL takes at most i32::MAX ms (an engine_timeout over ~49 days).
+    conn.batch_execute(&begin_sql(bound)).await?;
+    Ok(())
+}
+
+/// `BEGIN`, with `SET LOCAL statement_timeout` in the same round trip when `bound` is set.
+pub(crate) fn begin_sql(bound: Option<Duration>) -> String {
+    match bound {
+        // PostgreSQL takes at most i32::MAX ms (about 24 days).
         Some(bound) => format!(
             "BEGIN; SET LOCAL statement_timeout = {}",
             millis(bound).clamp(1, i64::from(i32::MAX))
         ),
         None => "BEGIN".to_string(),
-    };
-    conn.batch_execute(&begin).await?;
-    Ok(())
+    }
 }
 
 /// Ends [`begin`]'s transaction: `COMMIT` after success, else `ROLLBACK`.

@@ -81,14 +81,10 @@ impl OpConn {
     /// `BEGIN`, behind a transaction-mode pooler or with a statement timeout (then `SET
     /// LOCAL statement_timeout` in the same round trip); pair it with [`end`](Self::end).
     pub(crate) async fn begin(&mut self) -> QueryResult<()> {
-        let begin = match self.statement_timeout {
-            Some(timeout) => format!(
-                "BEGIN; SET LOCAL statement_timeout = {}",
-                crate::store::millis(timeout).max(1)
-            ),
-            None if self.per_statement_tx => "BEGIN".to_string(),
-            None => return Ok(()),
-        };
+        if self.statement_timeout.is_none() && !self.per_statement_tx {
+            return Ok(());
+        }
+        let begin = crate::store::begin_sql(self.statement_timeout);
         // Marked open first: a failure or cancellation mid-way must not pool the connection.
         self.open = true;
         self.raw().batch_execute(&begin).await
