@@ -397,8 +397,12 @@ impl ChannelClose {
 
 /// How long an engine remembers that the broker refused an exchange
 /// ([`ChannelClose::refuses_exchange`]): rows to it are failed unpublished meanwhile, so a
-/// refused exchange closes a channel once per this time, not once per row.
-pub const REFUSAL_REMEMBERED: Duration = Duration::from_secs(30);
+/// refused exchange closes a channel once per this time, not once per row. Short, because
+/// it is also how long a refusal outlives the permission coming back: a row on its last
+/// attempt is dead-lettered on evidence at most this old. Not shorter: each refused probe
+/// costs a channel number the client library does not give back (see `MISSING_FOR`, the
+/// same bound for missing exchanges).
+pub const REFUSAL_REMEMBERED: Duration = Duration::from_secs(5);
 
 /// A new channel of `conn` in confirm mode: every publish on it gets an ack or a nack.
 pub async fn confirm_channel(conn: &Connection) -> Result<lapin::Channel, BrokerError> {

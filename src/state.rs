@@ -233,12 +233,12 @@ impl FailureReason {
         matches!(self, FailureReason::Unpublishable(_))
     }
 
-    /// The shortest wait before another attempt could succeed. The engine remembers an
-    /// exchange the broker refused ([`REFUSAL_REMEMBERED`]) and fails rows to it unpublished
-    /// meanwhile, charged: a retry inside that time would only be charged again. Waiting it
-    /// out spaces a refused row's attempts by more than the memory, so a refusal mended within
-    /// `(max_attempts - 1)` memories (a revoked permission given back) dead-letters nothing,
-    /// and one that lasts still reaches the row's budget.
+    /// The shortest wait before another attempt. A refused exchange is most often a
+    /// permission an operator is changing, and the engine fails rows to it unpublished, charged,
+    /// for [`REFUSAL_REMEMBERED`] after each refusal: at the backoff's pace (1 s, 2 s) a row
+    /// would use up its attempts in seconds. Spacing them [`RETRY_AFTER_REFUSAL`] apart gives
+    /// the operator `(max_attempts - 1)` such spans to put it right before anything is
+    /// dead-lettered, and a refusal that lasts still reaches the row's budget.
     pub fn retry_floor(&self) -> Duration {
         match self {
             FailureReason::Refused { code, text } => {
@@ -247,9 +247,7 @@ impl FailureReason {
                     text: text.clone(),
                 };
                 if close.refuses_exchange() {
-                    // A second past the memory: the retry must find it lapsed, whatever the
-                    // write's and the clock's delays.
-                    REFUSAL_REMEMBERED + Duration::from_secs(1)
+                    RETRY_AFTER_REFUSAL
                 } else {
                     Duration::ZERO
                 }
@@ -258,6 +256,13 @@ impl FailureReason {
         }
     }
 }
+
+/// The least time between two attempts of a row whose exchange the broker refused (see
+/// [`FailureReason::retry_floor`]). Longer than [`REFUSAL_REMEMBERED`], so each attempt asks
+/// the broker again, or meets a refusal seen moments before it.
+pub const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(30);
+
+const _: () = assert!(RETRY_AFTER_REFUSAL.as_secs() > REFUSAL_REMEMBERED.as_secs());
 
 impl fmt::Display for FailureReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -570,7 +575,7 @@ mod tests {
         match d.fail(&refused, &b) {
             Ok(AfterFailure::Retry { delay, refund }) => {
                 assert!(!refund);
-                assert!(delay > REFUSAL_REMEMBERED, "{delay:?}");
+                assert!(delay >= RETRY_AFTER_REFUSAL, "{delay:?}");
             }
             other => panic!("{other:?}"),
         }

@@ -126,14 +126,21 @@ impl Entries {
             }
         }
         for (name, close) in refused {
-            self.refused.insert(name, (now, close));
+            self.refuse_at(name, close, now);
         }
     }
 
     /// The broker refused `name` by closing a channel.
     pub(super) fn refuse(&mut self, name: &str, close: ChannelClose) {
-        self.refused
-            .insert(name.to_string(), (Instant::now(), close));
+        self.refuse_at(name.to_string(), close, Instant::now());
+    }
+
+    /// Remembers a refusal, and forgets that `name` was seen to exist: once the refusal
+    /// lapses, the next row to it must be probed on a channel of its own again, not sent
+    /// on the publishing channel (which the refusal would close under its neighbours).
+    fn refuse_at(&mut self, name: String, close: ChannelClose, now: Instant) {
+        self.known.remove(&name);
+        self.refused.insert(name, (now, close));
     }
 }
 
@@ -287,4 +294,34 @@ pub(super) async fn probe_new_exchanges(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_exchange_is_probed_again_once_the_refusal_lapses() {
+        let mut book = Entries::default();
+        let close = ChannelClose {
+            code: 403,
+            text: "ACCESS_REFUSED - write access to exchange 'x' in vhost '/' refused".into(),
+        };
+        let long_ago = Instant::now() - REFUSAL_REMEMBERED;
+        book.learn(
+            HashMap::from([("x".to_string(), true)]),
+            vec![("x".to_string(), close)],
+            long_ago,
+        );
+        // The refusal has lapsed, and the passive declare of the same round is not taken
+        // for leave to send on the publishing channel.
+        assert!(book.refusal("x").is_none());
+        assert!(!book.known("x"));
+        book.learn(
+            HashMap::from([("x".to_string(), true)]),
+            vec![],
+            Instant::now(),
+        );
+        assert!(book.known("x"));
+    }
 }
