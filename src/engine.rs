@@ -301,7 +301,10 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
         }
         .await;
         match result {
-            Ok(store) => return fits(config, store).await,
+            Ok(store) => {
+                fit_to_write(&store).await?;
+                return fits(config, store).await;
+            }
             Err(e) if e.is_transient() && config.database.wait_at_start => {
                 let delay = crate::backoff::ENGINE_START.delay(attempt);
                 tracing::warn!(error = %e, attempt, retry_in = ?delay, "PostgreSQL not available yet; retrying");
@@ -310,6 +313,27 @@ async fn connect_database(config: &Config) -> Result<Store, EngineError> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Refuses a standby (every claim would fail on it: a permanent fault, not one to wait out),
+/// and warns of a `statement_timeout` short enough to cancel claims over a backlog.
+async fn fit_to_write(store: &Store) -> Result<(), EngineError> {
+    let server = store.server_role().await?;
+    if server.standby {
+        return Err(store::StoreError::Standby.into());
+    }
+    let shortest = store::SHORTEST_STATEMENT_TIMEOUT;
+    if server.statement_timeout_ms > 0 && server.statement_timeout_ms < store::millis(shortest) {
+        tracing::warn!(
+            statement_timeout_ms = server.statement_timeout_ms,
+            "PostgreSQL's statement_timeout for Courier's role is under {}: claims and outcome \
+             writes over a large backlog are cancelled and retried, and the backlog drains \
+             slowly; raise it for this role (ALTER ROLE … SET statement_timeout) or set it in \
+             database.url (options=-c%20statement_timeout%3D10s)",
+            humantime::format_duration(shortest)
+        );
+    }
+    Ok(())
 }
 
 /// `store`, once its schema holds exactly the migrations this binary knows: an engine must

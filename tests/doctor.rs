@@ -387,3 +387,26 @@ async fn run_refuses_a_schema_it_does_not_fit_like_doctor() {
         "{err}"
     );
 }
+
+/// A `statement_timeout` short enough to cancel claims over a backlog (here set on the URL,
+/// as libpq's `options`, standing for a role's `ALTER ROLE … SET`) is named with its fix,
+/// as a warning: the engine still runs.
+#[actix_rt::test]
+async fn a_short_statement_timeout_is_named_with_its_fix() {
+    let db = TestDb::new("doctortimeout").await;
+    let broker = TestBroker::new("doctortimeout").await;
+    let mut env = env_for(&db, &broker);
+    let url = common::database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    env.push((
+        "COURIER_DATABASE_URL",
+        format!("{url}{sep}options=-c%20statement_timeout%3D15"),
+    ));
+    let o = doctor(&[], env).await;
+    let report = stdout(&o);
+    let found = line(&report, "statement_timeout");
+    assert!(found.starts_with("warn "), "{report}");
+    assert!(found.contains("15 ms"), "{report}");
+    assert!(found.contains("ALTER ROLE"), "{report}");
+    assert!(line(&report, "database").starts_with("ok "), "{report}");
+}

@@ -355,6 +355,14 @@ impl StandbyPair {
         ))
     }
 
+    /// The standby alone (read-only while the primary lives).
+    fn standby_url(&self) -> SecretUrl {
+        SecretUrl::new(format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.standby_port
+        ))
+    }
+
     /// Stops the primary (fast: commits waiting for the standby are cut off) and promotes
     /// the standby.
     fn fail_over(&self) {
@@ -376,6 +384,12 @@ async fn primary_failover_mid_stream_loses_nothing() {
 
     common::init_logs();
     let pair = StandbyPair::start();
+    // The standby alone is refused at once, by name: neither migrated nor waited out.
+    let refused = courier::migrate(&pair.standby_url(), "standby_only", Duration::from_secs(10))
+        .await
+        .expect_err("a standby takes no writes");
+    assert!(refused.to_string().contains("is a standby"), "{refused}");
+    run_exits_1_naming(&pair.standby_url(), 15, "is a standby").await;
     let schema = common::unique_name("failover");
     let mut config = courier::config::Config::default();
     config.database.url = pair.url();

@@ -202,7 +202,53 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
         Err(e) => Check::new("database", Verdict::Warn, format!("connected, but {e}")),
     };
     out.push(check);
+    match crate::store::server_role(&mut conn).await {
+        Ok(role) => out.extend(role_checks(&role)),
+        Err(e) => out.push(Check::new(
+            "database",
+            Verdict::Warn,
+            format!("connected, but reading whether it is a standby failed: {e}"),
+        )),
+    }
     Some(conn)
+}
+
+/// A standby fails the start (`courier run` refuses it); a short `statement_timeout` is
+/// a warning, since claims over a large backlog would be cancelled.
+fn role_checks(role: &crate::store::ServerRole) -> Vec<Check> {
+    let mut out = Vec::new();
+    if role.standby {
+        out.push(
+            Check::new(
+                "database",
+                Verdict::Fail,
+                "the server is a standby (in recovery) and takes no writes",
+            )
+            .fix(
+                "give database.url the primary, or every host with \
+                 target_session_attrs=read-write (README: PostgreSQL: TLS, failover, poolers)",
+            ),
+        );
+    }
+    let shortest = crate::store::millis(crate::store::SHORTEST_STATEMENT_TIMEOUT);
+    if role.statement_timeout_ms > 0 && role.statement_timeout_ms < shortest {
+        out.push(
+            Check::new(
+                "statement_timeout",
+                Verdict::Warn,
+                format!(
+                    "statement_timeout is {} ms for this role: claims and outcome writes over \
+                     a large backlog are cancelled and retried, and it drains slowly",
+                    role.statement_timeout_ms
+                ),
+            )
+            .fix(
+                "raise it for Courier's role (ALTER ROLE … SET statement_timeout = '10s', or 0) \
+                 or set it in database.url (options=-c%20statement_timeout%3D10s)",
+            ),
+        );
+    }
+    out
 }
 
 #[derive(QueryableByName)]

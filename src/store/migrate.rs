@@ -77,6 +77,9 @@ async fn run(
 
     check_schema_name(schema).map_err(StoreError::Schema)?;
     let mut conn = establish(url, connect_timeout).await?;
+    if super::server_role(&mut conn).await?.standby {
+        return Err(StoreError::Standby);
+    }
     // Up to date: nothing to lock or create. A role that may only read and write the
     // tables (no CREATE on the database or the schema) then starts with `auto_migrate` on,
     // as `doctor` said it would; `CREATE … IF NOT EXISTS` checks that privilege even when
