@@ -13,7 +13,7 @@ use common::{
 };
 use courier::{
     config::{BrokerUrls, SecretUrl},
-    Engine, EngineEvent, OutboxMessage, Outcome, Status,
+    Engine, EngineEvent, EngineHandle, OutboxMessage, Outcome, Status,
 };
 use diesel_async::RunQueryDsl;
 use lapin::{options::ExchangeDeclareOptions, types::FieldTable, ExchangeKind};
@@ -339,25 +339,36 @@ async fn write_revoked_mid_run_charges_only_the_rows_to_that_exchange() {
     engine.shutdown().await;
 }
 
-/// A write permission revoked for a moment and given back dead-letters nothing. The engine
-/// remembers a refused exchange for 30 s and fails rows to it unpublished meanwhile,
-/// charged; their next attempt waits until that memory has lapsed, so a refusal put right
-/// before a row's last attempt costs the row an attempt, never the row (before, rows to the
-/// exchange, even those committed after the write came back, used up their attempts within
-/// the memory at the backoff's pace and were dead-lettered unpublished).
-#[actix_rt::test]
-async fn a_revoke_put_right_within_the_budget_dead_letters_nothing() {
-    let db = TestDb::new("revokebrief").await;
-    let mut broker = TestBroker::new("revokebrief").await;
+/// The revoke tests' set-up: an exchange `late` routed to the test's queue, and an engine
+/// with `max_attempts` attempts whose broker user may not write to it (until
+/// `TestUser::allow_late`).
+async fn revoked_on_late(
+    tag: &str,
+    max_attempts: u32,
+) -> (TestDb, TestBroker, TestUser, String, EngineHandle) {
+    let db = TestDb::new(tag).await;
+    let mut broker = TestBroker::new(tag).await;
     let late = broker.extra_exchange("late", ExchangeKind::Topic).await;
     broker.bind(&broker.queue, &late, "routed.#").await;
     let user = TestUser::without_write_on_denied();
     user.revoke_late();
     let mut config = db.engine_config();
     config.broker.url = SecretUrl::new(user.amqp_url()).into();
-    // One retry: the smallest budget a refusal can be survived with.
-    config.retry.max_attempts = 2;
+    config.retry.max_attempts = max_attempts;
     let engine = Engine::start(config).await.expect("engine");
+    (db, broker, user, late, engine)
+}
+
+/// A write permission revoked for a moment and given back dead-letters nothing. The engine
+/// remembers a refused exchange for 5 s and fails rows to it unpublished meanwhile,
+/// charged; a refused row's next attempt waits 30 s, so a refusal put right before a row's
+/// last attempt costs the row an attempt, never the row (before, rows to the exchange, even
+/// those committed after the write came back, used up their attempts at the backoff's pace,
+/// 1 s and 2 s, and were dead-lettered unpublished).
+#[actix_rt::test]
+async fn a_revoke_put_right_within_the_budget_dead_letters_nothing() {
+    // One retry: the smallest budget a refusal can be survived with.
+    let (db, broker, user, late, engine) = revoked_on_late("revokebrief", 2).await;
     let store = db.store().await;
     let rows = |tag: &str| -> Vec<OutboxMessage> {
         (0..50)
@@ -401,17 +412,8 @@ async fn a_revoke_put_right_within_the_budget_dead_letters_nothing() {
 #[actix_rt::test]
 async fn no_row_is_dead_lettered_on_a_refusal_older_than_the_engines_memory() {
     common::init_logs();
-    let db = TestDb::new("revokelong").await;
-    let mut broker = TestBroker::new("revokelong").await;
-    let late = broker.extra_exchange("late", ExchangeKind::Topic).await;
-    broker.bind(&broker.queue, &late, "routed.#").await;
-    let user = TestUser::without_write_on_denied();
-    user.revoke_late();
-    let mut config = db.engine_config();
-    config.broker.url = SecretUrl::new(user.amqp_url()).into();
     // Two attempts, 30 s apart: the revoke below outlasts the budget of the first rows.
-    config.retry.max_attempts = 2;
-    let engine = Engine::start(config).await.expect("engine");
+    let (db, broker, user, late, engine) = revoked_on_late("revokelong", 2).await;
     let store = db.store().await;
     let mut ids = Vec::new();
     let mut after = Vec::new();
