@@ -326,10 +326,11 @@ async fn fit_to_write(store: &Store) -> Result<(), EngineError> {
     if server.statement_timeout_ms > 0 && server.statement_timeout_ms < store::millis(shortest) {
         tracing::warn!(
             statement_timeout_ms = server.statement_timeout_ms,
-            "PostgreSQL's statement_timeout for Courier's role is under {}: claims and outcome \
-             writes over a large backlog are cancelled and retried, and the backlog drains \
-             slowly; raise it for this role (ALTER ROLE … SET statement_timeout) or set it in \
-             database.url (options=-c%20statement_timeout%3D10s)",
+            "PostgreSQL's statement_timeout on Courier's connections is under {}: claims and \
+             outcome writes over a large backlog are cancelled and retried, and the backlog \
+             drains slowly; raise it where it is set: database.url's options \
+             (-c statement_timeout=10s), or Courier's role or database (ALTER ROLE … SET \
+             statement_timeout)",
             humantime::format_duration(shortest)
         );
     }

@@ -237,14 +237,14 @@ fn role_checks(role: &crate::store::ServerRole) -> Vec<Check> {
                 "statement_timeout",
                 Verdict::Warn,
                 format!(
-                    "statement_timeout is {} ms for this role: claims and outcome writes over \
-                     a large backlog are cancelled and retried, and it drains slowly",
+                    "statement_timeout is {} ms on Courier's connections: claims and outcome \
+                     writes over a large backlog are cancelled and retried, and it drains slowly",
                     role.statement_timeout_ms
                 ),
             )
             .fix(
-                "raise it for Courier's role (ALTER ROLE … SET statement_timeout = '10s', or 0) \
-                 or set it in database.url (options=-c%20statement_timeout%3D10s)",
+                "raise it where it is set: database.url's options (-c statement_timeout=10s), \
+                 or Courier's role or database (ALTER ROLE … SET statement_timeout = '10s')",
             ),
         );
     }

@@ -419,7 +419,10 @@ async fn open_one(
                 })?;
         let lost = |e: &dyn StdError| StoreError::Connect {
             target: url.redacted(),
-            reason: url.scrub(&cause_chain(e)),
+            reason: format!(
+                "connected, but its set-up failed: {}",
+                url.scrub(&cause_chain(e))
+            ),
         };
         // diesel-async's set-up (`SET TIME ZONE`, `SET CLIENT_ENCODING`) uses prepared
         // statements: inside one transaction, a transaction-mode pooler keeps their

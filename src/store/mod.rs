@@ -126,6 +126,7 @@ pub enum StoreError {
 fn pooler_hint(text: &str) -> &'static str {
     if text.contains("prepared statement \"")
         && (text.contains("does not exist") || text.contains("already exists"))
+        && !text.contains("database.pooler: transaction")
     {
         " (is a transaction-mode pooler such as PgBouncer between Courier and PostgreSQL? \
          then set database.pooler: transaction)"
@@ -582,5 +583,11 @@ mod tests {
             );
         }
         assert_eq!(pooler_hint("relation \"outbox\" does not exist"), "");
+        // An error quoting another that already says so is not told twice.
+        let told = format!(
+            "prepared statement \"s9\" already exists{}",
+            pooler_hint("prepared statement \"s9\" already exists")
+        );
+        assert_eq!(pooler_hint(&told), "");
     }
 }

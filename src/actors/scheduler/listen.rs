@@ -74,7 +74,10 @@ async fn listen(
     })
     .await
     .unwrap_or(false);
-    if receiving {
+    if receiving && !first {
+        // Its loss was a warning: its return is said too, or the log ends on the loss.
+        tracing::info!(%channel, "LISTEN connection back; notifications arrive again");
+    } else if receiving {
         tracing::debug!(%channel, "LISTEN self-check received");
     } else if first {
         tracing::warn!(
