@@ -322,16 +322,15 @@ async fn fit_to_write(store: &Store) -> Result<(), EngineError> {
     if server.standby {
         return Err(store::StoreError::Standby.into());
     }
-    let shortest = store::SHORTEST_STATEMENT_TIMEOUT;
-    if server.statement_timeout_ms > 0 && server.statement_timeout_ms < store::millis(shortest) {
+    if let Some(ms) = server.short_statement_timeout() {
         tracing::warn!(
-            statement_timeout_ms = server.statement_timeout_ms,
+            statement_timeout_ms = ms,
             "PostgreSQL's statement_timeout on Courier's connections is under {}: claims and \
              outcome writes over a large backlog are cancelled and retried, and the backlog \
              drains slowly; raise it where it is set: database.url's options \
              (-c statement_timeout=10s), or Courier's role or database (ALTER ROLE … SET \
              statement_timeout)",
-            humantime::format_duration(shortest)
+            humantime::format_duration(store::SHORTEST_STATEMENT_TIMEOUT)
         );
     }
     Ok(())

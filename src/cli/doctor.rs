@@ -230,16 +230,15 @@ fn role_checks(role: &crate::store::ServerRole) -> Vec<Check> {
             ),
         );
     }
-    let shortest = crate::store::millis(crate::store::SHORTEST_STATEMENT_TIMEOUT);
-    if role.statement_timeout_ms > 0 && role.statement_timeout_ms < shortest {
+    if let Some(ms) = role.short_statement_timeout() {
         out.push(
             Check::new(
                 "statement_timeout",
                 Verdict::Warn,
                 format!(
-                    "statement_timeout is {} ms on Courier's connections: claims and outcome \
-                     writes over a large backlog are cancelled and retried, and it drains slowly",
-                    role.statement_timeout_ms
+                    "statement_timeout is {ms} ms on Courier's connections: claims and \
+                     outcome writes over a large backlog are cancelled and retried, and it \
+                     drains slowly"
                 ),
             )
             .fix(

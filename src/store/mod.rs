@@ -320,6 +320,15 @@ pub(crate) struct ServerRole {
     pub(crate) statement_timeout_ms: i64,
 }
 
+impl ServerRole {
+    /// The `statement_timeout` in milliseconds when it is set and under
+    /// [`SHORTEST_STATEMENT_TIMEOUT`] (the engine warns at start, `courier doctor` too).
+    pub(crate) fn short_statement_timeout(&self) -> Option<i64> {
+        let ms = self.statement_timeout_ms;
+        (ms > 0 && ms < millis(SHORTEST_STATEMENT_TIMEOUT)).then_some(ms)
+    }
+}
+
 /// -- name: server_role
 pub(crate) const SERVER_ROLE: &str = "SELECT pg_is_in_recovery() AS standby, \
      (SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout') \
