@@ -33,7 +33,8 @@ pub enum EngineEvent {
     /// The broker unblocked publishers.
     BrokerUnblocked,
     /// The LISTEN self-check finished: `receiving` is false behind a pooler that drops
-    /// notifications (the engine then relies on the sweep).
+    /// notifications (the engine then relies on the sweep). Sent again, `true`, when a
+    /// reconnected listener whose first check was late receives a later one.
     ListenerReady {
         /// Whether the engine's own NOTIFY came back.
         receiving: bool,

@@ -9,7 +9,8 @@
 //!
 //! A connection to a frozen server (a primary that stopped answering, after a failover to
 //! its standby) is not lost as far as TCP can tell: notifications simply stop. So while
-//! notifications are known to arrive, the listener repeats its self-check every
+//! notifications are known to arrive (on this connection or, after a reconnection, on an
+//! earlier one), the listener repeats its self-check every
 //! [`RECHECK_EVERY`] through the pool (which reaches whichever host answers now), and a
 //! check that does not come back within [`RECHECK_WAIT`] ends the connection, which is then
 //! made again from the URL's first host that answers.
@@ -37,12 +38,11 @@ const RECHECK_WAIT: Duration = Duration::from_secs(10);
 pub fn start(ctx: &mut Context<Scheduler>, store: Store, engine_id: String, signals: Signals) {
     let addr = ctx.address();
     actix::spawn(async move {
-        let mut first = true;
+        let mut past = Past::First;
         while addr.connected() {
-            if let Err(e) = listen(&addr, &store, &engine_id, &signals, first).await {
+            if let Err(e) = listen(&addr, &store, &engine_id, &signals, &mut past).await {
                 tracing::warn!(error = %e, "LISTEN connection lost; relying on the sweep until it is back");
             }
-            first = false;
             tokio::time::sleep(RECONNECT_DELAY).await;
         }
     });
@@ -53,7 +53,7 @@ async fn listen(
     store: &Store,
     engine_id: &str,
     signals: &Signals,
-    first: bool,
+    past: &mut Past,
 ) -> Result<(), StoreError> {
     let channel = store.notify_channel();
     let mut conn = establish(store.url(), Duration::from_secs(10)).await?;
@@ -74,29 +74,51 @@ async fn listen(
     })
     .await
     .unwrap_or(false);
-    if receiving && !first {
+    let before = *past;
+    if receiving {
+        *past = Past::Received;
+    } else if before == Past::First {
+        *past = Past::NeverReceived;
+    }
+    match (receiving, before) {
         // Its loss was a warning: its return is said too, or the log ends on the loss.
-        tracing::info!(%channel, "LISTEN connection back; notifications arrive again");
-    } else if receiving {
-        tracing::debug!(%channel, "LISTEN self-check received");
-    } else if first {
-        tracing::warn!(
+        (true, Past::Received) => {
+            tracing::info!(%channel, "LISTEN connection back; notifications arrive again")
+        }
+        (true, _) => tracing::debug!(%channel, "LISTEN self-check received"),
+        (false, Past::First) => tracing::warn!(
             %channel,
             "LISTEN self-check: this engine's own NOTIFY never arrived. A transaction-mode \
              connection pooler between Courier and PostgreSQL drops notifications. Falling \
              back to the sweep (scheduler.sweep_interval); set database.listen: false to \
              silence this"
-        );
+        ),
+        (false, Past::Received) => tracing::warn!(
+            %channel,
+            "LISTEN connection made again, but its self-check did not come back within {}; \
+             relying on the sweep and checking again",
+            humantime::format_duration(SELF_CHECK_WAIT)
+        ),
+        (false, Past::NeverReceived) => {}
     }
     signals.listener_ready(receiving);
     addr.do_send(Wake::ALL);
 
     let mut alive = tokio::time::interval(Duration::from_secs(1));
-    let mut check = Recheck::new(receiving, engine_id);
+    // Where notifications arrived before, one check that missed its 2 s (a loaded machine)
+    // must not leave the new connection unchecked for good: it is checked again.
+    let mut check = Recheck::new(*past == Past::Received, engine_id);
+    let mut receiving = receiving;
     loop {
         tokio::select! {
             note = stream.next() => match note {
-                Some(Ok(n)) if check.answers(&n.payload) => {}
+                Some(Ok(n)) if check.answers(&n.payload) => {
+                    if !receiving {
+                        receiving = true;
+                        tracing::info!(%channel, "LISTEN self-check received late; notifications arrive again");
+                        signals.listener_ready(true);
+                    }
+                }
                 Some(Ok(n)) => addr.do_send(wake_for(&n.payload)),
                 Some(Err(e)) => return Err(StoreError::Query(e)),
                 None => return Err(StoreError::Pool("LISTEN connection closed".into())),
@@ -113,6 +135,17 @@ async fn listen(
             }
         }
     }
+}
+
+/// What the listener's earlier connections showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Past {
+    /// No connection yet.
+    First,
+    /// Some connection's self-check came back: notifications reach this engine.
+    Received,
+    /// None came back: a pooler drops them (the first connection's warning said so).
+    NeverReceived,
 }
 
 /// The repeated self-check of a receiving listener (see the module documentation).
