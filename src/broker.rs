@@ -358,12 +358,7 @@ impl ChannelClose {
 
     /// The exchange the close text names, if any.
     pub fn exchange(&self) -> Option<&str> {
-        const MARK: &str = "exchange '";
-        let start = self.text.find(MARK)? + MARK.len();
-        let rest = &self.text[start..];
-        // Names may contain `'`: the name ends at the quote before " in vhost".
-        let end = rest.find("' in vhost").or_else(|| rest.find('\''))?;
-        Some(&rest[..end])
+        exchange_named(&self.text)
     }
 
     /// The body size the close text names (`PRECONDITION_FAILED - message size 9 is larger
@@ -391,8 +386,24 @@ impl ChannelClose {
     /// Whether the broker refused the exchange itself (access refused: internal, or no
     /// write permission), so every publish to it would close the channel again.
     pub fn refuses_exchange(&self) -> bool {
-        self.code == 403 && self.exchange().is_some()
+        refuses_exchange(self.code, &self.text)
     }
+}
+
+/// [`ChannelClose::refuses_exchange`] for a close's code and text as a failed row keeps
+/// them.
+pub fn refuses_exchange(code: u16, text: &str) -> bool {
+    code == 403 && exchange_named(text).is_some()
+}
+
+/// The exchange a close text names, if any.
+fn exchange_named(text: &str) -> Option<&str> {
+    const MARK: &str = "exchange '";
+    let start = text.find(MARK)? + MARK.len();
+    let rest = &text[start..];
+    // Names may contain `'`: the name ends at the quote before " in vhost".
+    let end = rest.find("' in vhost").or_else(|| rest.find('\''))?;
+    Some(&rest[..end])
 }
 
 /// How long an engine remembers that the broker refused an exchange

@@ -36,7 +36,7 @@ use std::{fmt, str::FromStr, time::Duration};
 use crate::{
     actors::scheduler::Credit,
     backoff,
-    broker::{ChannelClose, REFUSAL_REMEMBERED},
+    broker::{refuses_exchange, REFUSAL_REMEMBERED},
     config::BackoffConfig,
     message::OutboxMessage,
 };
@@ -241,16 +241,8 @@ impl FailureReason {
     /// dead-lettered, and a refusal that lasts still reaches the row's budget.
     pub fn retry_floor(&self) -> Duration {
         match self {
-            FailureReason::Refused { code, text } => {
-                let close = ChannelClose {
-                    code: *code,
-                    text: text.clone(),
-                };
-                if close.refuses_exchange() {
-                    RETRY_AFTER_REFUSAL
-                } else {
-                    Duration::ZERO
-                }
+            FailureReason::Refused { code, text } if refuses_exchange(*code, text) => {
+                RETRY_AFTER_REFUSAL
             }
             _ => Duration::ZERO,
         }
