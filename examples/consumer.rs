@@ -6,7 +6,7 @@
 //! first), the queue `cargo run --example embedded` publishes its events to; `QUEUE=…`
 //! consumes another (e.g. `QUEUE=courier.demo` after `courier demo`). Each event applied is
 //! printed; a redelivered one is skipped silently and counted in the report printed at
-//! Ctrl-C.
+//! Ctrl-C (or SIGTERM).
 //!
 //! ```sh
 //! cargo run --example consumer            # ./config.yaml
@@ -42,10 +42,11 @@ impl courier::inbox::Handler for ApplyOrder {
             .bind::<Bytea, _>(&msg.payload)
             .execute(tx)
             .await?;
+            // Escaped: a producer's id or key may hold a newline or a terminal escape.
             println!(
                 "applied {} {} ({} bytes)",
-                msg.routing_key,
-                msg.message_id,
+                msg.routing_key.escape_debug(),
+                msg.message_id.escape_debug(),
                 msg.payload.len()
             );
             Ok(())
@@ -97,15 +98,19 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let queue = std::env::var("QUEUE").unwrap_or_else(|_| "courier.example.orders".into());
     declare_queue(&config, &queue).await?;
-    println!("consuming queue `{queue}`; applied events go to table `{schema}.orders_applied` (Ctrl-C stops)");
+    println!("consuming queue `{queue}`; applied events go to table `{schema}.orders_applied` (Ctrl-C or SIGTERM stops)");
     let inbox = Inbox::new(
         store,
         config.broker.clone(),
         InboxConfig::new("orders-example", queue),
     );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let report = inbox
-        .run(Arc::new(ApplyOrder { schema }), async {
-            let _ = tokio::signal::ctrl_c().await;
+        .run(Arc::new(ApplyOrder { schema }), async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         })
         .await?;
     println!(

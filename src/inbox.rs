@@ -8,8 +8,15 @@
 //! crash between commit and ack) is acked without running the handler. A handler error
 //! rolls everything back and the message is requeued, up to `max_redeliveries`; then it is
 //! rejected without requeue, to the queue's own dead-letter exchange. A delivery without a
-//! `message_id` cannot be deduplicated: it is rejected with a log line naming it, never
-//! processed twice silently.
+//! `message_id` (or with an empty one, or one holding a NUL, which PostgreSQL's `text`
+//! cannot store) cannot be deduplicated: it is rejected with a log line naming it, never
+//! processed twice silently. Failures are counted across reconnections, so a message that
+//! fails in every session still reaches `max_redeliveries`.
+//!
+//! A delivery the AMQP client cannot parse (a `message_id` or another short-string property
+//! that is not UTF-8) ends the connection before the inbox sees it, and the broker puts it
+//! back at the head of the queue: the inbox then reconnects with backoff, not at once, and
+//! says at ERROR what blocks the queue and how to set it aside.
 //!
 //! A database that cannot be reached (no connection from the pool, the connection broken
 //! during the insert, the handler or the commit) is not the message's fault: the delivery
@@ -196,12 +203,27 @@ impl From<diesel::result::Error> for TxError {
 }
 
 /// Which node of `broker.url` the inbox connects to next, and whether the session on it got
-/// as far as consuming (then losing it means moving on at once, not backing off).
+/// as far as consuming (then losing it means moving on at once, not backing off), unless a
+/// delivery the client could not parse ended it (it comes back first on any node).
 #[derive(Debug, Default)]
 struct Node {
     next: usize,
     consumed: bool,
+    unparsable: bool,
+    /// The last session ended on an unparsable delivery: this one takes one delivery at a
+    /// time until one arrives whole. Every delivery unacked when a connection ends counts
+    /// as delivered once more, and a quorum queue dead-letters a message past its
+    /// `delivery-limit`: with the usual prefetch, the messages fetched behind the
+    /// unparsable one would be set aside with it.
+    careful: bool,
 }
+
+/// Failures counted per message id, across the run's sessions (see [`Inbox::settle`]).
+type Failures = Mutex<HashMap<String, u32>>;
+
+/// Message ids whose failures are remembered at most; past it the counts start again (a
+/// failing message then reaches `max_redeliveries` later, never earlier).
+const FAILURES_KEPT: usize = 100_000;
 
 /// What a run processed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -313,17 +335,23 @@ impl Inbox {
     ) -> Result<InboxReport, InboxError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let report: Arc<Mutex<InboxReport>> = Default::default();
+        let counted: Arc<Failures> = Default::default();
         let sessions = async {
             let mut failures = 0u32;
             let mut node = Node::default();
             loop {
                 node.consumed = false;
-                match self
-                    .session(handler.clone(), stop_rx.clone(), report.clone(), &mut node)
-                    .await
-                {
+                node.careful = std::mem::take(&mut node.unparsable);
+                let session = self.session(
+                    handler.clone(),
+                    stop_rx.clone(),
+                    report.clone(),
+                    counted.clone(),
+                    &mut node,
+                );
+                match session.await {
                     Ok(()) => return,
-                    Err(e) if node.consumed => {
+                    Err(e) if node.consumed && !node.unparsable => {
                         // A working session lost its node: the next node of the list at
                         // once (its unacked deliveries come back there as redeliveries).
                         failures = 0;
@@ -362,14 +390,20 @@ impl Inbox {
         handler: Arc<dyn Handler>,
         mut stop: tokio::sync::watch::Receiver<bool>,
         report: Arc<Mutex<InboxReport>>,
+        failures: Arc<Failures>,
         node: &mut Node,
     ) -> Result<(), InboxError> {
         let suffix = format!("-inbox-{}", self.config.consumer);
         let (conn, index) = broker::connect_from(&self.broker, &suffix, node.next).await?;
         node.next = index;
         let channel = conn.create_channel().await.map_err(BrokerError::from)?;
+        let prefetch = if node.careful {
+            1
+        } else {
+            self.config.prefetch
+        };
         channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(BrokerError::from)?;
         let tag = format!(
@@ -387,7 +421,6 @@ impl Inbox {
             .await
             .map_err(BrokerError::from)?;
         node.consumed = true;
-        let failures: Arc<Mutex<HashMap<String, u32>>> = Default::default();
         // Tells deliveries held for the database that this session is over.
         let (halt_tx, halt_rx) = tokio::sync::watch::channel(false);
         let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
@@ -410,6 +443,13 @@ impl Inbox {
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
+                        if std::mem::take(&mut node.careful) {
+                            // Whole: whatever could not be parsed is gone.
+                            channel
+                                .basic_qos(self.config.prefetch, BasicQosOptions::default())
+                                .await
+                                .map_err(BrokerError::from)?;
+                        }
                         let permit = permits.clone().acquire_owned().await.ok();
                         let (inbox, handler, channel) = (self.clone(), handler.clone(), channel.clone());
                         let (failures, report) = (failures.clone(), report.clone());
@@ -418,6 +458,17 @@ impl Inbox {
                             inbox.settle(&*handler, &channel, delivery, &failures, &report, halt).await;
                             drop(permit);
                         });
+                    }
+                    Some(Err(e)) if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) => {
+                        node.unparsable = true;
+                        tracing::error!(queue = %self.config.queue, consumer = %self.config.consumer, error = %e,
+                            "a delivery the AMQP client cannot parse (a message_id or another \
+                             short-string property that is not UTF-8?) closed the inbox's \
+                             connection; the broker puts it back at the head of the queue, so it \
+                             blocks the messages behind it: move it aside (a quorum queue with a \
+                             delivery-limit and a dead-letter exchange does so by itself) or purge \
+                             it; reconnecting with backoff");
+                        break Some(e.to_string());
                     }
                     Some(Err(e)) => break Some(e.to_string()),
                     None => break Some("consumer closed".to_string()),
@@ -449,29 +500,32 @@ impl Inbox {
         handler: &dyn Handler,
         channel: &Channel,
         delivery: lapin::message::Delivery,
-        failures: &Mutex<HashMap<String, u32>>,
+        failures: &Failures,
         report: &Mutex<InboxReport>,
         halt: [tokio::sync::watch::Receiver<bool>; 2],
     ) {
         let tag = delivery.delivery_tag;
         let count =
             |f: fn(&mut InboxReport)| f(&mut report.lock().unwrap_or_else(|e| e.into_inner()));
-        let Some(message_id) = delivery
+        let message_id = delivery
             .properties
             .message_id()
             .as_ref()
-            .map(|s| s.to_string())
-        else {
-            tracing::warn!(
-                queue = %self.config.queue,
-                routing_key = %delivery.routing_key,
-                "rejecting a delivery without message_id: it cannot be deduplicated"
-            );
-            let _ = channel
-                .basic_reject(tag, BasicRejectOptions { requeue: false })
-                .await;
-            count(|r| r.rejected += 1);
-            return;
+            .map(|s| s.to_string());
+        let message_id = match unrecordable(message_id.as_deref()) {
+            None => message_id.unwrap_or_default(),
+            Some(why) => {
+                tracing::warn!(
+                    queue = %self.config.queue,
+                    routing_key = %delivery.routing_key,
+                    "rejecting a delivery {why}: it cannot be deduplicated"
+                );
+                let _ = channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false })
+                    .await;
+                count(|r| r.rejected += 1);
+                return;
+            }
         };
         let msg = InboxMessage {
             message_id: message_id.clone(),
@@ -518,6 +572,9 @@ impl Inbox {
             Disposition::Failed(why) => {
                 let seen = {
                     let mut f = failures.lock().unwrap_or_else(|e| e.into_inner());
+                    if f.len() >= FAILURES_KEPT && !f.contains_key(&message_id) {
+                        f.clear();
+                    }
                     let n = f.entry(message_id.clone()).or_insert(0);
                     *n += 1;
                     (*n).max(delivery_count(&msg.properties))
@@ -582,6 +639,19 @@ impl Inbox {
     }
 }
 
+/// Why a delivery's `message_id` cannot be recorded in the inbox, if it cannot: none, an
+/// empty one (every such message would share one inbox row, and all but the first would be
+/// dropped as duplicates), or one holding a NUL (PostgreSQL's `text` refuses it, so every
+/// attempt would fail).
+fn unrecordable(message_id: Option<&str>) -> Option<&'static str> {
+    match message_id {
+        None => Some("without message_id"),
+        Some("") => Some("with an empty message_id"),
+        Some(id) if id.contains('\0') => Some("whose message_id holds a NUL byte"),
+        Some(_) => None,
+    }
+}
+
 /// Whether `e` means the database could not be reached or the connection broke. The
 /// message is not at fault then, unlike a statement PostgreSQL answered with an error.
 fn database_unavailable(e: &StoreError) -> bool {
@@ -596,10 +666,19 @@ fn database_unavailable(e: &StoreError) -> bool {
 /// nothing could be sent) as `UnableToSendCommand`. A statement the server answered
 /// and then dropped the connection for (an administrator shutdown) shows up here too:
 /// the rollback that follows it fails that way, and that is the error returned.
+///
+/// The server's own goodbye (SQLSTATE class 57: "terminating connection due to
+/// administrator command", "… due to unexpected postmaster exit", "… because of crash of
+/// another server process") can be the error returned too; diesel does not pass the
+/// SQLSTATE on, so its text is read (a server whose messages are in another language leaves
+/// it a handler failure, counted).
 fn connection_failed(e: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind as Kind, Error};
     match e {
         Error::DatabaseError(Kind::UnableToSendCommand | Kind::ClosedConnection, _) => true,
+        Error::DatabaseError(_, info) if info.message().starts_with("terminating connection") => {
+            true
+        }
         Error::BrokenTransactionManager => true,
         Error::RollbackErrorOnCommit {
             rollback_error,
@@ -657,6 +736,11 @@ mod tests {
                 rollback_error: Box::new(db(Kind::UnableToSendCommand)),
                 commit_error: Box::new(db(Kind::Unknown)),
             }),
+            // The server's FATAL as a postmaster dies (57P01), as an outside audit saw it.
+            StoreError::Query(Error::DatabaseError(
+                Kind::Unknown,
+                Box::new("terminating connection due to unexpected postmaster exit".to_string()),
+            )),
         ];
         for e in &unreachable {
             assert!(database_unavailable(e), "{e}");
@@ -670,5 +754,13 @@ mod tests {
         for e in &refused {
             assert!(!database_unavailable(e), "{e}");
         }
+    }
+
+    #[test]
+    fn message_ids_the_inbox_cannot_record_are_named() {
+        assert_eq!(unrecordable(Some("a5c1")), None);
+        assert!(unrecordable(None).is_some());
+        assert!(unrecordable(Some("")).is_some());
+        assert!(unrecordable(Some("a\0b")).unwrap().contains("NUL"));
     }
 }

@@ -130,6 +130,20 @@ impl TestBroker {
         name
     }
 
+    /// Puts a message whose `message_id` is not UTF-8 (`bad-\xff`) straight into `queue`,
+    /// through the broker's own Erlang shell: AMQP allows any bytes in a short string, and
+    /// RabbitMQ passes them on, but no client library here can send them.
+    pub fn publish_unparsable(&self, queue: &str) {
+        let props = "{'P_basic', undefined, undefined, undefined, 2, undefined, undefined, \
+                     undefined, undefined, <<\"bad-\", 255>>, undefined, undefined, undefined, \
+                     undefined, undefined}";
+        let expr = format!(
+            "rabbit_basic:publish(rabbit_misc:r(<<\"/\">>, exchange, <<\"\">>), \
+             <<\"{queue}\">>, {props}, <<\"body\">>)."
+        );
+        super::user::rabbitmqctl(&["eval", &expr]);
+    }
+
     /// A queue that nacks every publish: max length 0 with reject-publish overflow.
     pub async fn nacking_queue(&mut self, exchange: &str) {
         let mut args = FieldTable::default();

@@ -11,7 +11,7 @@ pub struct TestUser {
 }
 
 /// Runs `rabbitmqctl` with `args`, which must succeed; returns what it printed.
-fn rabbitmqctl(args: &[&str]) -> String {
+pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()
