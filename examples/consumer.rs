@@ -54,7 +54,9 @@ impl courier::inbox::Handler for ApplyOrder {
     }
 }
 
-/// The queue, durable, so the consumer can start before anything published to it.
+/// The queue, durable, so the consumer can start before anything published to it. One that
+/// exists already is left as it is (declared again with other arguments, a quorum queue
+/// say, the broker would refuse: `inequivalent arg 'x-queue-type'`).
 async fn declare_queue(config: &courier::Config, queue: &str) -> anyhow::Result<()> {
     use lapin::{options::QueueDeclareOptions, types::FieldTable};
     let url = config
@@ -63,13 +65,27 @@ async fn declare_queue(config: &courier::Config, queue: &str) -> anyhow::Result<
         .get(0)
         .ok_or_else(|| anyhow::anyhow!("broker.url is empty"))?;
     let conn = lapin::Connection::connect(url.expose(), Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    let options = QueueDeclareOptions {
-        durable: true,
+    let passive = QueueDeclareOptions {
+        passive: true,
         ..Default::default()
     };
-    ch.queue_declare(queue.into(), options, FieldTable::default())
-        .await?;
+    let exists = conn
+        .create_channel()
+        .await?
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok();
+    if !exists {
+        // The passive declare's 404 closed its channel: a new one.
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        conn.create_channel()
+            .await?
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await?;
+    }
     let _ = conn.close(200, "declared".into()).await;
     Ok(())
 }

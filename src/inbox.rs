@@ -15,8 +15,9 @@
 //!
 //! A delivery the AMQP client cannot parse (a `message_id` or another short-string property
 //! that is not UTF-8) ends the connection before the inbox sees it, and the broker puts it
-//! back at the head of the queue: the inbox then reconnects with backoff, not at once, and
-//! says at ERROR what blocks the queue and how to set it aside.
+//! back at the head of the queue: the inbox then reconnects with backoff, not at once, says
+//! at ERROR what blocks the queue and how to set it aside, and takes one delivery at a time
+//! for a while (see `Node::careful`).
 //!
 //! A database that cannot be reached (no connection from the pool, the connection broken
 //! during the insert, the handler or the commit) is not the message's fault: the delivery
@@ -210,13 +211,23 @@ struct Node {
     next: usize,
     consumed: bool,
     unparsable: bool,
-    /// The last session ended on an unparsable delivery: this one takes one delivery at a
-    /// time until one arrives whole. Every delivery unacked when a connection ends counts
-    /// as delivered once more, and a quorum queue dead-letters a message past its
-    /// `delivery-limit`: with the usual prefetch, the messages fetched behind the
-    /// unparsable one would be set aside with it.
+    /// A session ended on an unparsable delivery, and no session has run [`CAREFUL_FOR`]
+    /// since without one: take one delivery at a time (kept across connection attempts
+    /// that fail before consuming). Every delivery unacked when a connection ends counts as delivered once
+    /// more, and a quorum queue dead-letters a message past its `delivery-limit`: with the
+    /// usual prefetch, the messages fetched behind the unparsable one would be set aside
+    /// with it.
     careful: bool,
+    /// The session ended to leave careful mode, not for a fault.
+    restart: bool,
 }
+
+/// How long a careful session (see [`Node::careful`]) consumes one delivery at a time before
+/// it takes the usual prefetch again, unless an unparsable delivery ends it first. Not "until
+/// the first whole delivery": a quorum queue hands back the deliveries a closed connection
+/// left unacked in no set order, so the unparsable one may come after whole ones; on a
+/// classic queue it comes first and ends the session within milliseconds.
+const CAREFUL_FOR: Duration = Duration::from_secs(5);
 
 /// Failures counted per message id, across the run's sessions (see [`Inbox::settle`]).
 type Failures = Mutex<HashMap<String, u32>>;
@@ -341,7 +352,7 @@ impl Inbox {
             let mut node = Node::default();
             loop {
                 node.consumed = false;
-                node.careful = std::mem::take(&mut node.unparsable);
+                node.careful |= std::mem::take(&mut node.unparsable);
                 let session = self.session(
                     handler.clone(),
                     stop_rx.clone(),
@@ -351,6 +362,9 @@ impl Inbox {
                 );
                 match session.await {
                     Ok(()) => return,
+                    Err(_) if std::mem::take(&mut node.restart) => {
+                        tracing::info!(consumer = %self.config.consumer, "no unparsable delivery for {}; consuming at the usual prefetch again", humantime::format_duration(CAREFUL_FOR));
+                    }
                     Err(e) if node.consumed && !node.unparsable => {
                         // A working session lost its node: the next node of the list at
                         // once (its unacked deliveries come back there as redeliveries).
@@ -397,6 +411,8 @@ impl Inbox {
         let (conn, index) = broker::connect_from(&self.broker, &suffix, node.next).await?;
         node.next = index;
         let channel = conn.create_channel().await.map_err(BrokerError::from)?;
+        // A consumer's prefetch is fixed when it starts consuming (and quorum queues refuse
+        // a channel-wide one): a careful session ends after `CAREFUL_FOR`, to start again.
         let prefetch = if node.careful {
             1
         } else {
@@ -426,9 +442,18 @@ impl Inbox {
         let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         let mut retention = tokio::time::interval(Duration::from_secs(60));
+        let careful_until = tokio::time::Instant::now() + CAREFUL_FOR;
         let ended = loop {
             tokio::select! {
                 _ = stopped(&mut stop) => break None,
+                _ = tokio::time::sleep_until(careful_until), if node.careful => {
+                    // Nothing unparsable came for that long: it is gone (set aside by the
+                    // queue, or moved). A new session, at the usual prefetch, once the
+                    // deliveries in hand are settled.
+                    node.careful = false;
+                    node.restart = true;
+                    break Some("careful consuming over".to_string());
+                }
                 _ = retention.tick() => {
                     if let Some(age) = self.config.retention {
                         if let Err(e) = self.purge(age).await {
@@ -443,13 +468,6 @@ impl Inbox {
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        if std::mem::take(&mut node.careful) {
-                            // Whole: whatever could not be parsed is gone.
-                            channel
-                                .basic_qos(self.config.prefetch, BasicQosOptions::default())
-                                .await
-                                .map_err(BrokerError::from)?;
-                        }
                         let permit = permits.clone().acquire_owned().await.ok();
                         let (inbox, handler, channel) = (self.clone(), handler.clone(), channel.clone());
                         let (failures, report) = (failures.clone(), report.clone());
@@ -475,7 +493,7 @@ impl Inbox {
                 },
             }
         };
-        if ended.is_none() {
+        if ended.is_none() || node.restart {
             let _ = channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;

@@ -524,6 +524,20 @@ async fn an_unparsable_delivery_is_waited_out_and_set_aside_by_the_queue() {
     )
     .await;
     let waited = started.elapsed();
+    // One delivery at a time only until one arrived whole: the queue's consumer takes the
+    // usual prefetch again.
+    let prefetch = || {
+        common::user::rabbitmqctl(&["list_consumers", "-q", "queue_name", "prefetch_count"])
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(q, _)| *q == work)
+            .map(|(_, n)| n.trim().to_string())
+    };
+    let usual = InboxConfig::new("parser", &work).prefetch.to_string();
+    eventually(10, "the consumer back at the usual prefetch", || async {
+        (prefetch().as_deref() == Some(usual.as_str())).then_some(())
+    })
+    .await;
     let _ = stop.send(());
     within(30, "inbox stop", run).await.unwrap().unwrap();
     assert_eq!(
