@@ -213,10 +213,10 @@ struct Node {
     unparsable: bool,
     /// A session ended on an unparsable delivery, and no session has run [`CAREFUL_FOR`]
     /// since without one: take one delivery at a time (kept across connection attempts
-    /// that fail before consuming). Every delivery unacked when a connection ends counts as delivered once
-    /// more, and a quorum queue dead-letters a message past its `delivery-limit`: with the
-    /// usual prefetch, the messages fetched behind the unparsable one would be set aside
-    /// with it.
+    /// that fail before consuming). Every delivery unacked when a connection ends counts
+    /// as delivered once more, and a quorum queue dead-letters a message past its
+    /// `delivery-limit`: with the usual prefetch, the messages fetched behind the
+    /// unparsable one would be set aside with it.
     careful: bool,
     /// The session ended to leave careful mode, not for a fault.
     restart: bool,
