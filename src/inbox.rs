@@ -220,6 +220,8 @@ struct Node {
     careful: bool,
     /// The session ended to leave careful mode, not for a fault.
     restart: bool,
+    /// The session received a delivery whole.
+    whole: bool,
 }
 
 /// How long a careful session (see [`Node::careful`]) consumes one delivery at a time before
@@ -352,7 +354,9 @@ impl Inbox {
             let mut node = Node::default();
             loop {
                 node.consumed = false;
+                node.whole = false;
                 node.careful |= std::mem::take(&mut node.unparsable);
+                let began = tokio::time::Instant::now();
                 let session = self.session(
                     handler.clone(),
                     stop_rx.clone(),
@@ -363,6 +367,7 @@ impl Inbox {
                 match session.await {
                     Ok(()) => return,
                     Err(_) if std::mem::take(&mut node.restart) => {
+                        failures = 0;
                         tracing::info!(consumer = %self.config.consumer, "no unparsable delivery for {}; consuming at the usual prefetch again", humantime::format_duration(CAREFUL_FOR));
                     }
                     Err(e) if node.consumed && !node.unparsable => {
@@ -373,6 +378,11 @@ impl Inbox {
                         tracing::warn!(error = %e, consumer = %self.config.consumer, "inbox lost its broker connection; reconnecting");
                     }
                     Err(e) => {
+                        if node.unparsable && (node.whole || began.elapsed() >= CAREFUL_FOR) {
+                            // The session went well before the unparsable delivery came (a
+                            // new one, not the last one back): its backoff starts again.
+                            failures = 0;
+                        }
                         failures += 1;
                         let delay = backoff::INBOX_RECONNECT.delay(failures);
                         tracing::warn!(error = %e, retry_in = ?delay, consumer = %self.config.consumer, "inbox lost its broker connection; reconnecting");
@@ -468,6 +478,7 @@ impl Inbox {
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
+                        node.whole = true;
                         let permit = permits.clone().acquire_owned().await.ok();
                         let (inbox, handler, channel) = (self.clone(), handler.clone(), channel.clone());
                         let (failures, report) = (failures.clone(), report.clone());

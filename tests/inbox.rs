@@ -524,8 +524,8 @@ async fn an_unparsable_delivery_is_waited_out_and_set_aside_by_the_queue() {
     )
     .await;
     let waited = started.elapsed();
-    // One delivery at a time only until one arrived whole: the queue's consumer takes the
-    // usual prefetch again.
+    // One delivery at a time only until a session went 5 s without an unparsable one: the
+    // queue's consumer takes the usual prefetch again.
     let prefetch = || {
         common::user::rabbitmqctl(&["list_consumers", "-q", "queue_name", "prefetch_count"])
             .lines()
@@ -538,12 +538,34 @@ async fn an_unparsable_delivery_is_waited_out_and_set_aside_by_the_queue() {
         (prefetch().as_deref() == Some(usual.as_str())).then_some(())
     })
     .await;
-    let _ = stop.send(());
-    within(30, "inbox stop", run).await.unwrap().unwrap();
     assert_eq!(
         broker.depth(&dlq).await,
         1,
         "the queue set the unparsable one aside"
+    );
+    // A second one, after sessions that went well: the backoff starts again at 200 ms, so
+    // the queue sets it aside after waits of 200 and 400 ms (carried on from the first,
+    // they were 1.6 s and 3.2 s).
+    broker.publish_unparsable(&work);
+    let more: Vec<String> = (0..5).map(|i| format!("m-more-{i}")).collect();
+    for id in &more {
+        publish(&broker, id, "parse.good").await;
+    }
+    eventually(3, "the second unparsable message set aside", || async {
+        (broker.depth(&dlq).await == 2).then_some(())
+    })
+    .await;
+    eventually(60, "the messages behind the second one applied", || async {
+        let a = applied(&db).await;
+        more.iter().all(|id| a.contains_key(id)).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    within(30, "inbox stop", run).await.unwrap().unwrap();
+    assert_eq!(
+        broker.depth(&dlq).await,
+        2,
+        "only the unparsable ones set aside"
     );
     // Three deliveries of it end three sessions; the reconnections between them wait 200 ms
     // and 400 ms at least. Reconnecting at once, the queue dropped it within milliseconds.
