@@ -327,10 +327,9 @@ async fn fit_to_write(store: &Store) -> Result<(), EngineError> {
             statement_timeout_ms = ms,
             "PostgreSQL's statement_timeout on Courier's connections is under {}: claims and \
              outcome writes over a large backlog are cancelled and retried, and the backlog \
-             drains slowly; raise it where it is set: database.url's options \
-             (-c statement_timeout=10s), or Courier's role or database (ALTER ROLE … SET \
-             statement_timeout)",
-            humantime::format_duration(store::SHORTEST_STATEMENT_TIMEOUT)
+             drains slowly; {}",
+            humantime::format_duration(store::SHORTEST_STATEMENT_TIMEOUT),
+            store::STATEMENT_TIMEOUT_FIX
         );
     }
     Ok(())

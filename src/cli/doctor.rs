@@ -224,10 +224,10 @@ fn role_checks(role: &crate::store::ServerRole) -> Vec<Check> {
                 Verdict::Fail,
                 "the server is a standby (in recovery) and takes no writes",
             )
-            .fix(
-                "give database.url the primary, or every host with \
-                 target_session_attrs=read-write (README: PostgreSQL: TLS, failover, poolers)",
-            ),
+            .fix(format!(
+                "{} (README: PostgreSQL: TLS, failover, poolers)",
+                crate::store::STANDBY_FIX
+            )),
         );
     }
     if let Some(ms) = role.short_statement_timeout() {
@@ -241,10 +241,7 @@ fn role_checks(role: &crate::store::ServerRole) -> Vec<Check> {
                      drains slowly"
                 ),
             )
-            .fix(
-                "raise it where it is set: database.url's options (-c statement_timeout=10s), \
-                 or Courier's role or database (ALTER ROLE … SET statement_timeout = '10s')",
-            ),
+            .fix(crate::store::STATEMENT_TIMEOUT_FIX),
         );
     }
     out

@@ -111,10 +111,7 @@ pub enum StoreError {
     )]
     RowLocked(#[source] diesel::result::Error),
     /// The server is a hot standby: it takes no writes, and every claim would fail on it.
-    #[error(
-        "the database server is a standby (in recovery) and takes no writes: give \
-         database.url the primary, or every host with target_session_attrs=read-write"
-    )]
+    #[error("the database server is a standby (in recovery) and takes no writes: {STANDBY_FIX}")]
     Standby,
 }
 
@@ -333,6 +330,16 @@ impl ServerRole {
 pub(crate) const SERVER_ROLE: &str = "SELECT pg_is_in_recovery() AS standby, \
      (SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout') \
      AS statement_timeout_ms";
+
+/// What to do about a standby given as the database (the error and `courier doctor`).
+pub(crate) const STANDBY_FIX: &str =
+    "give database.url the primary, or every host with target_session_attrs=read-write";
+
+/// What to do about a short `statement_timeout` (the engine's warning and `courier doctor`):
+/// a URL's `options` may set it as well as the role or the database.
+pub(crate) const STATEMENT_TIMEOUT_FIX: &str = "raise it where it is set: database.url's \
+     options (-c statement_timeout=10s), or Courier's role or database (ALTER ROLE … SET \
+     statement_timeout = '10s')";
 
 /// A `statement_timeout` below this can cancel the engine's claims and outcome writes over
 /// a large backlog (measured: 15 ms cancelled most claims over 50,000 rows; 100 ms none).
