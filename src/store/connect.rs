@@ -36,6 +36,9 @@ pub(crate) struct PgTarget {
     url: SecretUrl,
     config: tokio_postgres::Config,
     tls: Option<Arc<ClientConfig>>,
+    /// The TLS settings libpq's variables gave (the URL did not): a TLS failure names
+    /// them, since the URL it shows does not.
+    tls_from_env: Option<String>,
 }
 
 /// The TLS keys as read from the URL (or the environment).
@@ -75,6 +78,7 @@ impl PgTarget {
             )));
         }
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let tls_from_env = from_env(&keys, env);
         let mode = match keys.mode.or_else(|| env("PGSSLMODE")) {
             Some(m) => TlsMode::parse(&m).map_err(rejected)?,
             None => TlsMode::Prefer,
@@ -98,8 +102,33 @@ impl PgTarget {
             url: url.clone(),
             config,
             tls,
+            tls_from_env,
         })
     }
+}
+
+/// Which of libpq's TLS variables `env` supplies that the URL's `keys` leave out, named
+/// for an error: `PGSSLMODE` with its value, the file variables by name only.
+fn from_env(keys: &TlsKeys, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let from_url = [
+        keys.mode.is_some(),
+        keys.rootcert.is_some(),
+        keys.cert.is_some(),
+        keys.key.is_some(),
+    ];
+    let used: Vec<String> = TLS_VARIABLES
+        .into_iter()
+        .zip(from_url)
+        .filter(|(_, in_url)| !in_url)
+        .filter_map(|(name, _)| {
+            let value = env(name)?;
+            Some(match name {
+                "PGSSLMODE" => format!("{name}={value}"),
+                _ => name.to_string(),
+            })
+        })
+        .collect();
+    (!used.is_empty()).then(|| used.join(", "))
 }
 
 /// libpq's TLS variables, which [`PgTarget::parse`] reads for what the URL leaves out.
@@ -405,8 +434,18 @@ async fn open_one(
                 .connect(Rustls(target.tls.clone()))
                 .await
                 .map_err(|e| {
-                    let reason = url.scrub(&cause_chain(&e));
-                    match is_permanent(&e) {
+                    let mut reason = url.scrub(&cause_chain(&e));
+                    let permanent = is_permanent(&e);
+                    // A permanent failure that is not the server's refusal (authentication,
+                    // database) is TLS's.
+                    if let (true, None, Some(vars)) =
+                        (permanent, e.as_db_error(), &target.tls_from_env)
+                    {
+                        reason.push_str(&format!(
+                            " (TLS set by the environment, not the URL: {vars})"
+                        ));
+                    }
+                    match permanent {
                         true => StoreError::Rejected {
                             target: url.redacted(),
                             reason,
@@ -464,6 +503,25 @@ async fn open_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_failure_names_the_variables_the_url_left_to_the_environment() {
+        let env = |name: &str| match name {
+            "PGSSLMODE" => Some("verify-full".to_string()),
+            "PGSSLROOTCERT" => Some("/etc/ca.pem".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            from_env(&TlsKeys::default(), env).as_deref(),
+            Some("PGSSLMODE=verify-full, PGSSLROOTCERT")
+        );
+        let url_mode = TlsKeys {
+            mode: Some("require".into()),
+            ..TlsKeys::default()
+        };
+        assert_eq!(from_env(&url_mode, env).as_deref(), Some("PGSSLROOTCERT"));
+        assert_eq!(from_env(&TlsKeys::default(), |_| None), None);
+    }
 
     #[test]
     fn tls_keys_are_taken_out_and_the_rest_kept() {
