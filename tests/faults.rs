@@ -763,6 +763,75 @@ async fn a_batch_slower_than_connect_timeout_on_a_slow_link_is_not_a_dead_connec
     engine.shutdown().await;
 }
 
+/// A database outage silences every engine at once (a restart, a failover, a cut in front
+/// of the database): none of them died. Once the database is back, none may declare another
+/// dead and free its rows — the first engine back used to, milliseconds before the other's
+/// own beat came back (an outside audit: two engines, an 8 s restart).
+#[actix_rt::test]
+async fn engines_silenced_together_by_a_database_outage_declare_none_dead() {
+    let db = TestDb::new("pgtogether").await;
+    let broker = TestBroker::new("pgtogether").await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap());
+    let config = || {
+        let mut c = db.engine_config();
+        c.database.url = SecretUrl::new(format!("postgres://postgres@{}/postgres", proxy.addr));
+        c
+    };
+    let a = Engine::start(config()).await.expect("engine a");
+    let b = Engine::start(config()).await.expect("engine b");
+    let warm = db.insert_sql(&broker.exchange, 50, "routed.{i}").await;
+    eventually(60, "the first rows confirmed", || async {
+        (db.count(Status::Confirmed).await == 50).then_some(())
+    })
+    .await;
+    let store = db.store().await;
+    let registry = || async { store.engines(Duration::from_secs(5)).await.ok() };
+
+    // Gone for longer than the engine timeout (5 s), for both engines alike.
+    proxy.refuse(true);
+    proxy.cut();
+    eventually(
+        60,
+        "both engines silent past the engine timeout",
+        || async {
+            let r = registry().await?;
+            (r.len() == 2 && r.iter().all(|e| e.since_beat_ms > 7_000)).then_some(())
+        },
+    )
+    .await;
+    proxy.refuse(false);
+    let back = std::time::Instant::now();
+    // Watched for longer than an engine timeout after the return, by which time an engine
+    // back first would have judged the other: both beat again and stay running.
+    eventually(
+        60,
+        "both engines running 8 s after the database's return",
+        || async {
+            let r = registry().await?;
+            if let Some(dead) = r.iter().find(|e| e.state == "dead") {
+                panic!("engine {} declared dead after an outage both saw", dead.id);
+            }
+            let beating = r.iter().all(|e| e.since_beat_ms < 2_000);
+            (beating && back.elapsed() > Duration::from_secs(8)).then_some(())
+        },
+    )
+    .await;
+    let (ca, cb) = (a.counters(), b.counters());
+    assert_eq!((ca.engines_rescued, cb.engines_rescued), (0, 0));
+    assert_eq!((ca.rejoins, cb.rejoins), (0, 0));
+
+    let more = db.insert_sql(&broker.exchange, 100, "routed.{i}").await;
+    eventually(60, "every row confirmed after the outage", || async {
+        (db.count(Status::Confirmed).await == 150).then_some(())
+    })
+    .await;
+    let all: Vec<Uuid> = warm.iter().chain(&more).copied().collect();
+    let checked = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!((checked.confirmed, checked.duplicates), (all.len(), 0));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn a_failing_claim_loop_backs_off_while_the_database_is_gone() {
     let db = TestDb::new("claimoff").await;

@@ -18,6 +18,16 @@
 //! rows. A beat that finds the engine declared dead says so (WARN, `rejoins`): what it held
 //! was freed, its late writes about those rows match nothing, and it goes on as a live
 //! engine again.
+//!
+//! An engine judges others only while it is beating itself. A beat that finds this engine
+//! silent for more than half the engine timeout (the database restarted or was out of
+//! reach, or this process was paused) declares nobody dead for the next `engine_timeout`:
+//! whatever silenced this engine likely silenced the others too, and each needs a beat or
+//! two to reconnect. A shorter silence leaves the others at least half the timeout to beat
+//! again, a couple of beats. Before, after a database restart the first engine back declared the others
+//! dead within milliseconds of their own return (an outside audit, two engines, an 8 s
+//! restart), and freed rows they had published and not yet seen confirmed, to be published
+//! again.
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +39,7 @@ use crate::{
     config::SchedulerConfig,
     events::Signals,
     lifecycle::Liveness,
-    store::{self, Beat, Identity, Rescued, Store, StoreError, Strays},
+    store::{self, Beat, Beaten, Identity, Rescued, Store, StoreError, Strays},
 };
 
 /// Stop beating (a clean shutdown, before the engine deregisters).
@@ -56,7 +66,15 @@ pub struct Heartbeat {
     failures: u32,
     /// Beats sent: strays are looked for on every [`STRAYS_EVERY`]th.
     beats: u64,
+    /// No engine is declared dead before this (see the module documentation).
+    judge_from: Option<Instant>,
+    /// When the last tick ran: a long gap means this process did not run.
+    ticked: Instant,
 }
+
+/// A gap between two ticks longer than this (and than three beats) is reported as this
+/// process having been paused.
+const PAUSED: Duration = Duration::from_secs(5);
 
 /// Beats between two looks for stray in-flight rows. The look reads every in-flight row
 /// (about 1 ms for 4,096 of them), and no engine's rows need it: it is for rows written by
@@ -91,7 +109,30 @@ impl Heartbeat {
             stopped: false,
             failures: 0,
             beats: 0,
+            judge_from: None,
+            ticked: Instant::now(),
         }
+    }
+
+    /// Says so when this process did not run for a while (SIGSTOP, a paused VM or
+    /// container, CPU starvation): every timeout reported right after it — the broker's
+    /// heartbeat, a statement's bound — measured that pause, not a server's silence.
+    fn note_pause(&mut self, now: Instant) {
+        let gap = now.saturating_duration_since(self.ticked);
+        self.ticked = now;
+        if gap > PAUSED.max(self.every * 3) {
+            tracing::warn!(
+                paused_for = %humantime::format_duration(Duration::from_secs(gap.as_secs())),
+                "this engine did not run for a while (stopped, a paused VM or container, or \
+                 starved of CPU): connection and statement timeouts reported around now \
+                 measured that pause"
+            );
+        }
+    }
+
+    /// A silence longer than this says this engine was cut off (see the module docs).
+    fn cut_off(&self) -> Duration {
+        self.engine_timeout / 2
     }
 
     /// How long a beat's statements may take: half the engine timeout.
@@ -117,6 +158,7 @@ impl Heartbeat {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.note_pause(Instant::now());
         if self.beating || self.stopped {
             return;
         }
@@ -130,6 +172,8 @@ impl Heartbeat {
             Self::beat_bound(self.engine_timeout),
         );
         let sent = Instant::now();
+        let holding = self.judge_from.is_some_and(|from| sent < from);
+        let cut_off = self.cut_off();
         let look_for_strays = self.beats.is_multiple_of(STRAYS_EVERY);
         self.beats += 1;
         let round = async move {
@@ -146,14 +190,19 @@ impl Heartbeat {
             .await?;
             // The beat alone keeps this engine alive; the look for other engines' rows may
             // fail (and drop the connection) without pausing it.
+            let judging = !holding && beat.silence.is_none_or(|s| s <= cut_off);
             let look = async {
-                let rescued = bounded(
-                    bound,
-                    "the look for rows of dead engines (the outbox or a row locked by \
-                     another transaction?)",
-                    store::rescue(&mut conn, schema, &me.id, engine_timeout, bound),
-                )
-                .await?;
+                let rescued = if judging {
+                    bounded(
+                        bound,
+                        "the look for rows of dead engines (the outbox or a row locked by \
+                         another transaction?)",
+                        store::rescue(&mut conn, schema, &me.id, engine_timeout, bound),
+                    )
+                    .await?
+                } else {
+                    Vec::new()
+                };
                 let strays = if look_for_strays {
                     bounded(
                         bound,
@@ -195,12 +244,23 @@ impl Heartbeat {
         }));
     }
 
-    fn beaten(&mut self, sent: Instant, beat: Beat, rescued: Vec<Rescued>, strays: Strays) {
+    fn beaten(&mut self, sent: Instant, beaten: Beaten, rescued: Vec<Rescued>, strays: Strays) {
         let was_fresh = self.liveness.fresh();
         if self.stopped {
             return;
         }
         self.liveness.beat(sent, self.publish_window);
+        let beat = beaten.beat;
+        if let Some(silence) = beaten.silence.filter(|s| *s > self.cut_off()) {
+            self.judge_from = Some(Instant::now() + self.engine_timeout);
+            tracing::info!(
+                silent_for = %humantime::format_duration(Duration::from_millis(silence.as_millis() as u64)),
+                "this engine's heartbeat was silent (the database restarted or was out of reach, \
+                 or this process was paused); it declares no other engine dead for the next {}, \
+                 so that engines silenced with it can beat again first",
+                humantime::format_duration(self.engine_timeout)
+            );
+        }
         if self.failures > 0 {
             tracing::info!(failures = self.failures, "engine heartbeat back");
             self.failures = 0;

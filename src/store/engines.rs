@@ -30,6 +30,17 @@ pub enum Beat {
     Rejoined,
 }
 
+/// A beat's answer: the registry's state for this engine, and how long it had been silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beaten {
+    /// What the registry said.
+    pub beat: Beat,
+    /// Time since this engine's previous beat, by the database's clock (`None`: its first,
+    /// or its row was gone). A long one says this engine was cut off from the database (or
+    /// paused), and whatever cut it off may have cut the others off too.
+    pub silence: Option<Duration>,
+}
+
 /// One engine of the registry, with the rows it holds now.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, diesel::QueryableByName)]
 pub struct EngineRecord {
@@ -107,21 +118,26 @@ impl Identity {
 struct Previous {
     #[diesel(sql_type = Nullable<Text>)]
     previous: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    silent_ms: Option<i64>,
 }
 
-/// Registers `me` (or refreshes it) and returns the state it had before. The subquery in
-/// RETURNING reads the table as it was before this statement.
+/// Registers `me` (or refreshes it) and returns the state it had before, and how long ago
+/// its previous beat was. The subqueries in RETURNING read the table as it was before this
+/// statement.
 pub async fn beat(
     conn: &mut AsyncPgConnection,
     schema: &str,
     me: &Identity,
     bound: Duration,
-) -> Result<Beat, StoreError> {
+) -> Result<Beaten, StoreError> {
     let sql = format!(
         "INSERT INTO \"{schema}\".engines AS e (id, host, pid, version)
          VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'running'
-         RETURNING (SELECT p.state FROM \"{schema}\".engines p WHERE p.id = $1) AS previous"
+         RETURNING (SELECT p.state FROM \"{schema}\".engines p WHERE p.id = $1) AS previous,
+                   (SELECT (extract(epoch FROM now() - p.heartbeat_at) * 1000)::bigint
+                    FROM \"{schema}\".engines p WHERE p.id = $1) AS silent_ms"
     );
     begin(conn, Some(bound)).await?;
     let rows = diesel::sql_query(sql)
@@ -132,12 +148,16 @@ pub async fn beat(
         .load::<Previous>(conn)
         .await;
     let rows = end(conn, rows).await?;
-    Ok(
-        match rows.as_slice().first().and_then(|r| r.previous.as_deref()) {
+    let previous = rows.as_slice().first();
+    Ok(Beaten {
+        beat: match previous.and_then(|r| r.previous.as_deref()) {
             Some("running") => Beat::Alive,
             _ => Beat::Rejoined,
         },
-    )
+        silence: previous
+            .and_then(|r| r.silent_ms)
+            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+    })
 }
 
 /// Marks dead every other engine whose last beat is older than `timeout` and frees the rows

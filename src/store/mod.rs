@@ -55,7 +55,9 @@ use connect::PgTarget;
 pub(crate) use connect::{check_url, take_query_keys};
 pub(crate) use dead_letters::headers_from_text;
 pub use dead_letters::{BlockedKey, DeadLetter, DeadLetterUpdate};
-pub use engines::{beat, free_strays, rescue, Beat, EngineRecord, Identity, Rescued, Strays};
+pub use engines::{
+    beat, free_strays, rescue, Beat, Beaten, EngineRecord, Identity, Rescued, Strays,
+};
 pub(crate) use enqueue::insert_messages;
 pub use migrate::{applied_versions, migrate, migrate_config, SchemaFit, MIGRATION_NAMES};
 pub(crate) use notify::{NOTIFY_KEYED, NOTIFY_RELEASED};
