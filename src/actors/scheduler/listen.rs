@@ -12,8 +12,11 @@
 //! notifications are known to arrive (on this connection or, after a reconnection, on an
 //! earlier one), the listener repeats its self-check every
 //! [`RECHECK_EVERY`] through the pool (which reaches whichever host answers now), and a
-//! check that does not come back within [`RECHECK_WAIT`] ends the connection, which is then
-//! made again from the URL's first host that answers.
+//! check that does not come back within [`RECHECK_WAIT`] of being sent ends the connection,
+//! which is then made again from the URL's first host that answers. A check whose NOTIFY
+//! could not be sent (the database down or frozen for everyone) is not held against the
+//! connection: an outside audit saw a working LISTEN connection dropped 5 s after a 20 s
+//! freeze of the whole server had ended, for a check sent into the freeze.
 
 use std::time::Duration;
 
@@ -128,9 +131,14 @@ async fn listen(
                     return Ok(());
                 }
                 if let Some(token) = check.due()? {
-                    // Through the pool; a failure here is the database's, not this
-                    // connection's, and the next check tries again.
-                    let _ = tokio::time::timeout(RECHECK_WAIT, store.notify(&token)).await;
+                    // Through the pool. A NOTIFY that failed or took too long is the
+                    // database's fault (down, frozen), not this connection's: that check did
+                    // not happen, and the next one tries again. Its wait for the answer
+                    // starts once it was sent.
+                    match tokio::time::timeout(RECHECK_WAIT, store.notify(&token)).await {
+                        Ok(Ok(())) => check.sent(),
+                        _ => check.not_sent(),
+                    }
                 }
             }
         }
@@ -176,6 +184,18 @@ impl Recheck {
         back
     }
 
+    /// The pending check's NOTIFY was sent: its answer is awaited from now.
+    fn sent(&mut self) {
+        if let Some((_, at)) = &mut self.pending {
+            *at = std::time::Instant::now();
+        }
+    }
+
+    /// The pending check's NOTIFY could not be sent: no answer is awaited.
+    fn not_sent(&mut self) {
+        self.pending = None;
+    }
+
     /// A token to send now, if a check is due; an error once one did not come back in time.
     fn due(&mut self) -> Result<Option<String>, StoreError> {
         if !self.enabled {
@@ -215,5 +235,51 @@ fn wake_for(payload: &str) -> Wake {
             keyed: true,
         },
         _ => Wake::ALL,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn long_ago(d: Duration) -> Instant {
+        Instant::now()
+            .checked_sub(d)
+            .expect("the clock goes back that far")
+    }
+
+    #[test]
+    fn a_check_that_could_not_be_sent_is_not_held_against_the_connection() {
+        let mut check = Recheck::new(true, "e");
+        check.last = long_ago(RECHECK_EVERY + Duration::from_secs(1));
+        assert!(check.due().expect("no error").is_some(), "a check is due");
+        // The NOTIFY failed (the database was down): long after, no error.
+        check.not_sent();
+        check.last = long_ago(RECHECK_EVERY + Duration::from_secs(1));
+        assert!(
+            check.due().expect("no error").is_some(),
+            "the next check goes"
+        );
+    }
+
+    #[test]
+    fn the_wait_for_an_answer_starts_when_the_check_was_sent() {
+        let mut check = Recheck::new(true, "e");
+        check.last = long_ago(RECHECK_EVERY + Duration::from_secs(1));
+        let token = check.due().expect("no error").expect("due");
+        // Sending took longer than the wait itself (a slow pool): the answer still may come.
+        if let Some((_, at)) = &mut check.pending {
+            *at = long_ago(RECHECK_WAIT + Duration::from_secs(1));
+        }
+        check.sent();
+        assert!(check.due().expect("still waiting").is_none());
+        // An answer that never comes, once the wait is over, is the connection's.
+        if let Some((_, at)) = &mut check.pending {
+            *at = long_ago(RECHECK_WAIT + Duration::from_secs(1));
+        }
+        assert!(check.due().is_err());
+        assert!(!check.answers("other"));
+        assert!(check.answers(&token));
     }
 }
