@@ -15,8 +15,9 @@
 //! check that does not come back within [`RECHECK_WAIT`] of being sent ends the connection,
 //! which is then made again from the URL's first host that answers. A check whose NOTIFY
 //! could not be sent (the database down or frozen for everyone) is not held against the
-//! connection: an outside audit saw a working LISTEN connection dropped 5 s after a 20 s
-//! freeze of the whole server had ended, for a check sent into the freeze.
+//! connection (an outside audit saw a working LISTEN connection dropped 5 s after a 20 s
+//! freeze of the whole server had ended, for a check sent into the freeze); the next check
+//! goes at the next tick instead.
 
 use std::time::Duration;
 
@@ -163,6 +164,10 @@ struct Recheck {
     /// The token sent and when, until it comes back.
     pending: Option<(String, std::time::Instant)>,
     last: std::time::Instant,
+    /// The last check could not be sent: the next one goes at the next tick, so a
+    /// connection left on a frozen host is still found out soon after the pool has moved to
+    /// one that answers.
+    again: bool,
 }
 
 impl Recheck {
@@ -172,6 +177,7 @@ impl Recheck {
             engine_id: engine_id.to_owned(),
             pending: None,
             last: std::time::Instant::now(),
+            again: false,
         }
     }
 
@@ -191,9 +197,11 @@ impl Recheck {
         }
     }
 
-    /// The pending check's NOTIFY could not be sent: no answer is awaited.
+    /// The pending check's NOTIFY could not be sent: no answer is awaited, and the next
+    /// check goes at once.
     fn not_sent(&mut self) {
         self.pending = None;
+        self.again = true;
     }
 
     /// A token to send now, if a check is due; an error once one did not come back in time.
@@ -211,9 +219,10 @@ impl Recheck {
             }
             return Ok(None);
         }
-        if self.last.elapsed() < RECHECK_EVERY {
+        if !self.again && self.last.elapsed() < RECHECK_EVERY {
             return Ok(None);
         }
+        self.again = false;
         self.last = std::time::Instant::now();
         let token = format!("self-check:{}:{}", self.engine_id, uuid::Uuid::new_v4());
         self.pending = Some((token.clone(), self.last));
@@ -254,13 +263,14 @@ mod tests {
         let mut check = Recheck::new(true, "e");
         check.last = long_ago(RECHECK_EVERY + Duration::from_secs(1));
         assert!(check.due().expect("no error").is_some(), "a check is due");
-        // The NOTIFY failed (the database was down): long after, no error.
+        // The NOTIFY failed (the database was down): no error, and the next check goes at
+        // the next tick, not a whole period later.
         check.not_sent();
-        check.last = long_ago(RECHECK_EVERY + Duration::from_secs(1));
         assert!(
             check.due().expect("no error").is_some(),
-            "the next check goes"
+            "the next check goes at once"
         );
+        assert!(check.due().expect("waiting").is_none(), "one at a time");
     }
 
     #[test]
