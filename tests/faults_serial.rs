@@ -381,7 +381,7 @@ async fn outbox_to_inbox_end_to_end_with_a_broker_restart_applies_each_message_o
 async fn per_key_order_holds_through_three_engines_a_broker_restart_and_a_crash() {
     let db = TestDb::new("ordfault").await;
     let broker = TestBroker::new("ordfault").await;
-    let keyed = insert_keyed(&db, &broker.exchange, 20, 400).await;
+    let keyed = insert_keyed(&db, &broker.exchange, 20, 1_000).await;
     let total = keyed.all.len() as i64;
     let mut env = db.process_env();
     env.push(("COURIER_RETRY_MAX_ATTEMPTS", "50".into()));
@@ -403,8 +403,12 @@ async fn per_key_order_holds_through_three_engines_a_broker_restart_and_a_crash(
         );
     } // start_app
     let before_crash = db.count(Status::Confirmed).await;
+    // Half of what is left, at most 500, so the crash below still lands mid-stream: a warm
+    // machine drained all but a few hundred rows before the broker came back, and waiting
+    // for 500 more timed out with every row confirmed.
+    let step = ((total - before_crash) / 2).clamp(1, 500);
     eventually(120, "progress after the restart", || async {
-        (db.count(Status::Confirmed).await >= before_crash + 500).then_some(())
+        (db.count(Status::Confirmed).await >= before_crash + step).then_some(())
     })
     .await;
     // One engine dies with keys' heads in flight: the others take them over when the

@@ -492,29 +492,33 @@ impl Handler<MoveToDeadLetters> for Ledger {
     }
 }
 
-/// Attempts at giving rows back before they are left to their leases.
-const RELEASE_TRIES: u64 = 3;
-
 impl Handler<Release> for Ledger {
     type Result = ();
 
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let engine = self.engine_id.clone();
+        let lease = self.lease;
         let credits = msg.0;
         let ids = credits.ids().to_vec();
         let n = ids.len();
-        // Tried again at once on a failure: it is fenced and idempotent, and the usual one is
-        // a deadlock with this engine's own writes about the same rows (after a pause, when
-        // everything happens at once), which PostgreSQL resolves by failing one of them.
+        // Tried again on a failure (`backoff::STORE_WRITE`) for as long as the rows' lease
+        // would keep them: it is fenced and idempotent. One failure is a deadlock with this
+        // engine's own writes about the same rows (after a pause, when everything happens at
+        // once), which PostgreSQL resolves by failing one of them. The other is the
+        // database being gone: an engine whose beat is overdue gives its queue back, and
+        // a release given up while the database was still down left those rows to wait a
+        // whole lease once it was back (an outside audit: 152 rows, 60 s after an 8 s
+        // crash, charged an attempt more).
         let release = async move {
-            let mut tries = 0;
+            let began = Instant::now();
+            let mut failures = 0;
             loop {
-                tries += 1;
                 match store.release(&engine, &ids).await {
-                    Err(e) if tries < RELEASE_TRIES => {
-                        tracing::debug!(error = %e, tries, "giving back unpublished rows failed; trying again");
-                        tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+                    Err(e) if began.elapsed() < lease => {
+                        failures += 1;
+                        tracing::debug!(error = %e, failures, "giving back unpublished rows failed; trying again");
+                        tokio::time::sleep(crate::backoff::STORE_WRITE.delay(failures)).await;
                     }
                     done => break done,
                 }
