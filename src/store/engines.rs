@@ -123,8 +123,8 @@ struct Previous {
 }
 
 /// Registers `me` (or refreshes it) and returns the state it had before, and how long ago
-/// its previous beat was. The subqueries in RETURNING read the table as it was before this
-/// statement.
+/// its previous beat was. The CTE reads the row as it was before this statement (one read
+/// for both).
 pub async fn beat(
     conn: &mut AsyncPgConnection,
     schema: &str,
@@ -132,12 +132,13 @@ pub async fn beat(
     bound: Duration,
 ) -> Result<Beaten, StoreError> {
     let sql = format!(
-        "INSERT INTO \"{schema}\".engines AS e (id, host, pid, version)
+        "WITH p AS (SELECT state, heartbeat_at FROM \"{schema}\".engines WHERE id = $1)
+         INSERT INTO \"{schema}\".engines AS e (id, host, pid, version)
          VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'running'
-         RETURNING (SELECT p.state FROM \"{schema}\".engines p WHERE p.id = $1) AS previous,
-                   (SELECT (extract(epoch FROM now() - p.heartbeat_at) * 1000)::bigint
-                    FROM \"{schema}\".engines p WHERE p.id = $1) AS silent_ms"
+         RETURNING (SELECT state FROM p) AS previous,
+                   (SELECT (extract(epoch FROM now() - heartbeat_at) * 1000)::bigint
+                    FROM p) AS silent_ms"
     );
     begin(conn, Some(bound)).await?;
     let rows = diesel::sql_query(sql)
