@@ -251,16 +251,25 @@ async fn tls_only_cluster_verify_full_client_certificates_and_refusals() {
 
 /// `courier run` against `url`: it must exit 1 within `secs`, its stderr naming `needle`.
 async fn run_exits_1_naming(url: &SecretUrl, secs: u64, needle: &str) {
-    let mut engine = common::EngineProcess::spawn(
-        "topology-refusal",
-        &[
-            ("COURIER_DATABASE_URL", url.expose().to_string()),
-            ("COURIER_DATABASE_SCHEMA", common::unique_name("topo")),
-            ("COURIER_DATABASE_CONNECT_TIMEOUT", "5s".into()),
-            ("COURIER_DATABASE_WAIT_AT_START", "true".into()),
-            ("COURIER_BROKER_URL", common::broker_url()),
-        ],
-    );
+    run_with_env_exits_1_naming(url, &[], secs, needle).await
+}
+
+/// [`run_exits_1_naming`] with more variables in the engine's environment.
+async fn run_with_env_exits_1_naming(
+    url: &SecretUrl,
+    more: &[(&str, String)],
+    secs: u64,
+    needle: &str,
+) {
+    let mut env = vec![
+        ("COURIER_DATABASE_URL", url.expose().to_string()),
+        ("COURIER_DATABASE_SCHEMA", common::unique_name("topo")),
+        ("COURIER_DATABASE_CONNECT_TIMEOUT", "5s".into()),
+        ("COURIER_DATABASE_WAIT_AT_START", "true".into()),
+        ("COURIER_BROKER_URL", common::broker_url()),
+    ];
+    env.extend(more.iter().cloned());
+    let mut engine = common::EngineProcess::spawn("topology-refusal", &env);
     let status = engine.wait(secs).await;
     let log = engine.log();
     assert_eq!(status.code(), Some(1), "exit status; log:\n{log}");
@@ -304,6 +313,15 @@ async fn permanent_refusals_end_the_binary_at_once_with_the_cause() {
         ),
         15,
         "password authentication failed",
+    )
+    .await;
+    // libpq's PGSSLMODE, not the URL, turned TLS off: the server's refusal says so, since
+    // the URL the message shows has no `sslmode`.
+    run_with_env_exits_1_naming(
+        &c.url("postgres@localhost", ""),
+        &[("PGSSLMODE", "disable".into())],
+        15,
+        "no encryption (TLS set by the environment, not the URL: PGSSLMODE=disable)",
     )
     .await;
     // The right password gets in (the refusal above was about the password).

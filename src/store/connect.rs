@@ -409,6 +409,23 @@ pub(crate) async fn open(
     }
 }
 
+/// Whether TLS settings may be why a connection was refused for good: a permanent
+/// failure that is not the server's answer is TLS's own, and of the server's answers
+/// `pg_hba.conf`'s may be too (no entry, or a `reject` line, for the connection's TLS or
+/// lack of it: a `hostssl`-only server and `sslmode=disable`), while a wrong password or a
+/// missing database is not.
+fn tls_may_explain(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => is_permanent(e),
+        Some(db) => {
+            *db.code() == tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                && ["no pg_hba.conf entry", "pg_hba.conf rejects connection"]
+                    .iter()
+                    .any(|p| db.message().starts_with(p))
+        }
+    }
+}
+
 /// `host:port` of a one-host config, for naming it in an error.
 fn host_label(config: &tokio_postgres::Config) -> String {
     let host = match (config.get_hosts().first(), config.get_hostaddrs().first()) {
@@ -436,11 +453,7 @@ async fn open_one(
                 .map_err(|e| {
                     let mut reason = url.scrub(&cause_chain(&e));
                     let permanent = is_permanent(&e);
-                    // A permanent failure that is not the server's refusal (authentication,
-                    // database) is TLS's.
-                    if let (true, None, Some(vars)) =
-                        (permanent, e.as_db_error(), &target.tls_from_env)
-                    {
+                    if let (true, Some(vars)) = (tls_may_explain(&e), &target.tls_from_env) {
                         reason.push_str(&format!(
                             " (TLS set by the environment, not the URL: {vars})"
                         ));

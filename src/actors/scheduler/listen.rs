@@ -18,6 +18,10 @@
 //! connection (an outside audit saw a working LISTEN connection dropped 5 s after a 20 s
 //! freeze of the whole server had ended, for a check sent into the freeze); the next check
 //! goes at the next tick instead.
+//!
+//! The reconnection is tried every second; through a database outage each try fails, so
+//! the loss is said once at WARN, again once a minute while it lasts, and the return with
+//! how long it took (an outside audit saw one WARN a second for a whole outage).
 
 use std::time::Duration;
 
@@ -37,15 +41,33 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 const RECHECK_EVERY: Duration = Duration::from_secs(15);
 /// How long a repeated self-check may take before the connection is presumed dead.
 const RECHECK_WAIT: Duration = Duration::from_secs(10);
+/// How often a lasting loss of the LISTEN connection is said again at WARN.
+const STILL_LOST_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the listener task; it ends when the Scheduler stops.
 pub fn start(ctx: &mut Context<Scheduler>, store: Store, engine_id: String, signals: Signals) {
     let addr = ctx.address();
     actix::spawn(async move {
         let mut past = Past::First;
+        let mut outage = Outage::default();
         while addr.connected() {
-            if let Err(e) = listen(&addr, &store, &engine_id, &signals, &mut past).await {
-                tracing::warn!(error = %e, "LISTEN connection lost; relying on the sweep until it is back");
+            if let Err(e) =
+                listen(&addr, &store, &engine_id, &signals, &mut past, &mut outage).await
+            {
+                match outage.failed(std::time::Instant::now()) {
+                    Say::Lost => {
+                        tracing::warn!(error = %e, "LISTEN connection lost; relying on the sweep until it is back")
+                    }
+                    Say::StillLost(since) => tracing::warn!(
+                        error = %e,
+                        "LISTEN connection still lost after {}; relying on the sweep, trying again every {}",
+                        humantime::format_duration(whole_seconds(since)),
+                        humantime::format_duration(RECONNECT_DELAY)
+                    ),
+                    Say::Quiet => {
+                        tracing::debug!(error = %e, "LISTEN connection not made again yet")
+                    }
+                }
             }
             tokio::time::sleep(RECONNECT_DELAY).await;
         }
@@ -58,10 +80,14 @@ async fn listen(
     engine_id: &str,
     signals: &Signals,
     past: &mut Past,
+    outage: &mut Outage,
 ) -> Result<(), StoreError> {
     let channel = store.notify_channel();
     let mut conn = establish(store.url(), Duration::from_secs(10)).await?;
     conn.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
+    let lost_for = outage
+        .over()
+        .map(|d| humantime::format_duration(whole_seconds(d)).to_string());
     let token = format!("self-check:{engine_id}:{}", uuid::Uuid::new_v4());
     store.notify(&token).await?;
     let mut stream = Box::pin(conn.notifications_stream());
@@ -86,9 +112,11 @@ async fn listen(
     }
     match (receiving, before) {
         // Its loss was a warning: its return is said too, or the log ends on the loss.
-        (true, Past::Received) => {
-            tracing::info!(%channel, "LISTEN connection back; notifications arrive again")
-        }
+        (true, Past::Received) => tracing::info!(
+            %channel,
+            lost_for = lost_for.as_deref().unwrap_or("0s"),
+            "LISTEN connection back; notifications arrive again"
+        ),
         (true, _) => tracing::debug!(%channel, "LISTEN self-check received"),
         (false, Past::First) => tracing::warn!(
             %channel,
@@ -155,6 +183,51 @@ enum Past {
     Received,
     /// None came back: a pooler drops them (the first connection's warning said so).
     NeverReceived,
+}
+
+/// Since when the LISTEN connection is lost, and when that was last said at WARN.
+#[derive(Debug, Default)]
+struct Outage {
+    since: Option<std::time::Instant>,
+    said: Option<std::time::Instant>,
+}
+
+/// What a failed (re)connection says.
+#[derive(Debug, PartialEq, Eq)]
+enum Say {
+    /// The connection was there until now: WARN.
+    Lost,
+    /// Still lost this long, and not said for [`STILL_LOST_EVERY`]: WARN again.
+    StillLost(Duration),
+    /// Still lost, said recently: DEBUG.
+    Quiet,
+}
+
+impl Outage {
+    fn failed(&mut self, now: std::time::Instant) -> Say {
+        let Some(since) = self.since else {
+            self.since = Some(now);
+            self.said = Some(now);
+            return Say::Lost;
+        };
+        match self.said {
+            Some(said) if now.saturating_duration_since(said) < STILL_LOST_EVERY => Say::Quiet,
+            _ => {
+                self.said = Some(now);
+                Say::StillLost(now.saturating_duration_since(since))
+            }
+        }
+    }
+
+    /// The connection is made again: how long it was lost, if it was.
+    fn over(&mut self) -> Option<Duration> {
+        self.said = None;
+        self.since.take().map(|since| since.elapsed())
+    }
+}
+
+fn whole_seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 /// The repeated self-check of a receiving listener (see the module documentation).
@@ -256,6 +329,28 @@ mod tests {
         Instant::now()
             .checked_sub(d)
             .expect("the clock goes back that far")
+    }
+
+    #[test]
+    fn a_lasting_loss_is_said_once_then_once_a_minute_and_its_end_resets_it() {
+        let mut outage = Outage::default();
+        let start = Instant::now();
+        assert_eq!(outage.failed(start), Say::Lost);
+        // One try a second through an outage: quiet until a minute has passed.
+        for s in 1..60 {
+            assert_eq!(
+                outage.failed(start + Duration::from_secs(s)),
+                Say::Quiet,
+                "at {s}s"
+            );
+        }
+        let minute = start + STILL_LOST_EVERY;
+        assert_eq!(outage.failed(minute), Say::StillLost(STILL_LOST_EVERY));
+        assert_eq!(outage.failed(minute + Duration::from_secs(1)), Say::Quiet);
+        assert!(outage.over().is_some(), "it was lost");
+        assert!(outage.over().is_none(), "and is not any more");
+        // A new loss is said at once.
+        assert_eq!(outage.failed(minute + Duration::from_secs(2)), Say::Lost);
     }
 
     #[test]
