@@ -17,6 +17,12 @@
 //! batch. While the exchange is unreachable, at most [`EXCHANGE_BACKLOG`] moved rows wait
 //! for it; older ones are dropped from the exchange side with a warning (they are in the
 //! table).
+//!
+//! **One line per dead letter, within bounds.** Each moved row gets a WARN naming its id and
+//! reason, at most [`LINES_PER_WINDOW`] per [`LINE_WINDOW`]; beyond that the rows are
+//! counted and said in one WARN at the window's end. A producer that writes a million rows
+//! to a missing exchange must not write a million log lines; every reason is in
+//! `dead_letters` (`courier dead-letters list`).
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -43,6 +49,12 @@ pub const EXCHANGE_BACKLOG: usize = 10_000;
 /// Most rows in one dead-letter exchange publish.
 const EXCHANGE_BATCH: usize = 512;
 
+/// Most per-row "dead-lettered" lines in one [`LINE_WINDOW`].
+const LINES_PER_WINDOW: u32 = 20;
+
+/// The window of [`LINES_PER_WINDOW`], and how often the rows beyond it are said.
+const LINE_WINDOW: Duration = Duration::from_secs(10);
+
 /// Dead-letter these messages (each in state `Failed`) with the final reason.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -64,6 +76,40 @@ pub struct DeadLetterActor {
     /// A dead-letter exchange publish is under way (it owns `link` meanwhile).
     forwarding: bool,
     link: Option<(Arc<Connection>, Channel)>,
+    lines: Lines,
+}
+
+/// The per-row lines written in the current window, and the rows moved without one.
+#[derive(Debug, Default)]
+struct Lines {
+    since: Option<std::time::Instant>,
+    said: u32,
+    unsaid: u64,
+}
+
+impl Lines {
+    /// Whether one more moved row gets its own line at `now`.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        let fresh = self
+            .since
+            .is_none_or(|since| now.saturating_duration_since(since) >= LINE_WINDOW);
+        if fresh {
+            self.since = Some(now);
+            self.said = 0;
+        }
+        if self.said < LINES_PER_WINDOW {
+            self.said += 1;
+            true
+        } else {
+            self.unsaid += 1;
+            false
+        }
+    }
+
+    /// The rows moved without a line of their own since the last call.
+    fn unsaid(&mut self) -> u64 {
+        std::mem::take(&mut self.unsaid)
+    }
 }
 
 impl DeadLetterActor {
@@ -80,6 +126,7 @@ impl DeadLetterActor {
             to_exchange: VecDeque::new(),
             forwarding: false,
             link: None,
+            lines: Lines::default(),
         }
     }
 
@@ -152,10 +199,15 @@ impl DeadLetterActor {
         let mut credits = Credits::default();
         let mut announced = Vec::with_capacity(moved.len());
         let mut to_exchange = Vec::new();
+        let now = std::time::Instant::now();
         for (mut delivery, why) in batch {
             credits.settled(delivery.take_credit());
             if moved.contains(&delivery.message.id) {
-                tracing::warn!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
+                if self.lines.take(now) {
+                    tracing::warn!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
+                } else {
+                    tracing::debug!(message_id = %delivery.message.id, reason = %why, "dead-lettered");
+                }
                 if let Some(trace) = delivery.trace.take() {
                     trace.dead_lettered(since, &why);
                 }
@@ -357,6 +409,18 @@ async fn open(
 
 impl Actor for DeadLetterActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(LINE_WINDOW, |act, _| match act.lines.unsaid() {
+            0 => {}
+            rows => tracing::warn!(
+                rows,
+                "more rows dead-lettered in the last {} than get a line each ({LINES_PER_WINDOW}); \
+                 `courier dead-letters list` shows them with their reasons",
+                humantime::format_duration(LINE_WINDOW)
+            ),
+        });
+    }
 }
 
 impl Handler<Bury> for DeadLetterActor {
@@ -365,5 +429,24 @@ impl Handler<Bury> for DeadLetterActor {
     fn handle(&mut self, msg: Bury, ctx: &mut Context<Self>) {
         self.pending.extend(msg.0);
         self.drain(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn dead_letter_lines_are_bounded_per_window_and_the_rest_counted() {
+        let mut lines = Lines::default();
+        let start = Instant::now();
+        let said = (0..1_000).filter(|_| lines.take(start)).count();
+        assert_eq!(said, LINES_PER_WINDOW as usize);
+        assert_eq!(lines.unsaid(), 1_000 - u64::from(LINES_PER_WINDOW));
+        assert_eq!(lines.unsaid(), 0, "counted once");
+        // Within the window, still nothing; a new window says rows again.
+        assert!(!lines.take(start + LINE_WINDOW / 2));
+        assert!(lines.take(start + LINE_WINDOW));
     }
 }
