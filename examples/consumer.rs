@@ -15,6 +15,8 @@
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
+
 use courier::inbox::{HandlerError, Inbox, InboxConfig, InboxMessage};
 use diesel::sql_types::{Bytea, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -54,6 +56,30 @@ impl courier::inbox::Handler for ApplyOrder {
     }
 }
 
+/// [`declare_queue`], waiting while RabbitMQ cannot be reached (the inbox itself reconnects
+/// by itself once it runs); a refusal (a wrong password, a missing vhost) ends the example.
+async fn declare_queue_when_ready(config: &courier::Config, queue: &str) -> anyhow::Result<()> {
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        match declare_queue(config, queue).await {
+            Err(e) if unreachable(&e) => {
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "RabbitMQ not available yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `e` is RabbitMQ out of reach (nothing listening, a network fault), not a refusal.
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<lapin::Error>()
+            .is_some_and(|e| matches!(e.kind(), lapin::ErrorKind::IOError(_)))
+    })
+}
+
 /// The queue, durable, so the consumer can start before anything published to it. One that
 /// exists already is left as it is (declared again with other arguments, a quorum queue
 /// say, the broker would refuse: `inequivalent arg 'x-queue-type'`).
@@ -64,7 +90,9 @@ async fn declare_queue(config: &courier::Config, queue: &str) -> anyhow::Result<
         .url
         .get(0)
         .ok_or_else(|| anyhow::anyhow!("broker.url is empty"))?;
-    let conn = lapin::Connection::connect(url.expose(), Default::default()).await?;
+    let conn = lapin::Connection::connect(url.expose(), Default::default())
+        .await
+        .with_context(|| format!("RabbitMQ at {}", url.redacted()))?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -95,13 +123,9 @@ async fn main() -> anyhow::Result<()> {
     let path = std::env::var("COURIER_CONFIG").unwrap_or_else(|_| "config.yaml".into());
     let config = courier::Config::load(path.as_ref())?;
     courier::cli::init_logging(&config);
-    courier::migrate(
-        &config.database.url,
-        &config.database.schema,
-        config.database.connect_timeout,
-    )
-    .await?;
-    let store = courier::Store::connect(&config.database).await?;
+    // Waits for PostgreSQL while it cannot be reached (`database.wait_at_start`), as the
+    // engine does: a consumer may start before its database.
+    let store = courier::Store::open(&config.database).await?;
     let schema = store.schema().to_string();
     store
         .conn()
@@ -113,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         ))
         .await?;
     let queue = std::env::var("QUEUE").unwrap_or_else(|_| "courier.example.orders".into());
-    declare_queue(&config, &queue).await?;
+    declare_queue_when_ready(&config, &queue).await?;
     println!("consuming queue `{queue}`; applied events go to table `{schema}.orders_applied` (Ctrl-C or SIGTERM stops)");
     let inbox = Inbox::new(
         store,

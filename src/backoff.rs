@@ -79,6 +79,17 @@ pub const INBOX_HOLD: Policy = Policy {
     jitter: 0.2,
 };
 
+/// The default wait before a delivery whose handler failed goes back to the queue
+/// (`InboxConfig::failure_backoff`): 2 s doubling to 1 min, ±20 %, so the default five
+/// requeues span about a minute, not the milliseconds a short fault (a lock timeout, a
+/// table being migrated) lasts.
+pub const INBOX_FAILURE: Policy = Policy {
+    first: Duration::from_secs(2),
+    factor: 2.0,
+    max: Duration::from_secs(60),
+    jitter: 0.2,
+};
+
 impl Policy {
     /// The delay after failure number `failures` (1-based; 0 counts as 1), before jitter:
     /// `first * factor^(failures-1)`, capped at `max`.
@@ -287,7 +298,7 @@ mod tests {
         #[test]
         fn named_policies_stay_within_jitter_and_cap(failures in 1u32..100, seed in any::<u64>()) {
             let mut rng = StdRng::seed_from_u64(seed);
-            for p in [ENGINE_START, RECONNECT, CLAIM, STORE_WRITE, INBOX_RECONNECT, INBOX_HOLD] {
+            for p in [ENGINE_START, RECONNECT, CLAIM, STORE_WRITE, INBOX_RECONNECT, INBOX_HOLD, INBOX_FAILURE] {
                 let base = p.base(failures).as_secs_f64();
                 let d = p.delay_with(failures, &mut rng);
                 prop_assert!(d <= p.max);

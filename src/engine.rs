@@ -284,35 +284,14 @@ async fn check_broker(config: &Config) -> Result<(), EngineError> {
     }
 }
 
-/// Migrates (if configured) and connects. While PostgreSQL is unreachable, retries with
-/// capped backoff when `database.wait_at_start` is on, saying so at each attempt; otherwise
-/// fails at once (the binary exits 1).
+/// Migrates (if configured) and connects, waiting for PostgreSQL per
+/// `database.wait_at_start` ([`Store::open`]); then checks that the server and schema fit.
 async fn connect_database(config: &Config) -> Result<Store, EngineError> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = async {
-            if config.database.auto_migrate {
-                store::migrate_config(&config.database).await?;
-            }
-            Store::connect(&config.database)
-                .await
-                .map(|store| store.bounded(config.scheduler.lease_duration))
-        }
-        .await;
-        match result {
-            Ok(store) => {
-                fit_to_write(&store).await?;
-                return fits(config, store).await;
-            }
-            Err(e) if e.is_transient() && config.database.wait_at_start => {
-                let delay = crate::backoff::ENGINE_START.delay(attempt);
-                tracing::warn!(error = %e, attempt, retry_in = ?delay, "PostgreSQL not available yet; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let store = Store::open(&config.database)
+        .await?
+        .bounded(config.scheduler.lease_duration);
+    fit_to_write(&store).await?;
+    fits(config, store).await
 }
 
 /// Refuses a standby (every claim would fail on it: a permanent fault, not one to wait out),

@@ -6,8 +6,9 @@
 //! that row is new, runs the handler with the same transaction; it commits, and only then
 //! acks. A duplicate (re-published, redelivered after a channel loss, or redelivered after a
 //! crash between commit and ack) is acked without running the handler. A handler error
-//! rolls everything back and the message is requeued, up to `max_redeliveries`; then it is
-//! rejected without requeue, to the queue's own dead-letter exchange. A delivery without a
+//! rolls everything back and the message is requeued after a wait (`failure_backoff`), up
+//! to `max_redeliveries`; then it is rejected without requeue, to the queue's own
+//! dead-letter exchange (a queue without one deletes it). A delivery without a
 //! `message_id` (or with an empty one, or one holding a NUL, which PostgreSQL's `text`
 //! cannot store) cannot be deduplicated: it is rejected with a log line naming it, never
 //! processed twice silently. Failures are counted across reconnections, so a message that
@@ -84,6 +85,15 @@ pub struct InboxConfig {
     /// Requeues after handler errors before the message is rejected to the DLX. An
     /// unreachable database is not a handler error and does not count.
     pub max_redeliveries: u32,
+    /// How long a delivery whose handler failed is held (unacked) before it goes back to
+    /// the queue, by failure: without a wait, a fault of a second (a lock timeout, a table
+    /// being migrated) used up every redelivery in milliseconds and the message was
+    /// rejected — on a queue without a dead-letter exchange, deleted.
+    pub failure_backoff: BackoffConfig,
+    /// How long a stop waits for the handlers in flight (a frozen database holds them):
+    /// past it they are abandoned, their transactions rolled back and their deliveries
+    /// left to the broker, which requeues them when the connection closes.
+    pub stop_timeout: Duration,
     /// How often a delivery held during a database outage is tried again: the cap
     /// (`max`) bounds how long after the database returns a held message waits.
     pub database_retry: BackoffConfig,
@@ -97,8 +107,9 @@ pub struct InboxConfig {
 }
 
 impl InboxConfig {
-    /// Defaults: prefetch 32, concurrency 8, 5 redeliveries, 7 days of inbox rows, database
-    /// retries from [`DATABASE_RETRY_INITIAL`] doubling to [`DATABASE_RETRY_MAX`].
+    /// Defaults: prefetch 32, concurrency 8, 5 redeliveries each after a wait of 2 s
+    /// doubling to 1 min (±20 %), 7 days of inbox rows, database retries from 100 ms
+    /// doubling to 5 s, a stop that waits 15 s for the handlers in flight.
     pub fn new(consumer: impl Into<String>, queue: impl Into<String>) -> Self {
         InboxConfig {
             consumer: consumer.into(),
@@ -106,6 +117,8 @@ impl InboxConfig {
             prefetch: 32,
             concurrency: 8,
             max_redeliveries: 5,
+            failure_backoff: backoff::INBOX_FAILURE.into(),
+            stop_timeout: Duration::from_secs(15),
             database_retry: backoff::INBOX_HOLD.into(),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             traces: false,
@@ -231,8 +244,9 @@ struct Node {
 /// classic queue it comes first and ends the session within milliseconds.
 const CAREFUL_FOR: Duration = Duration::from_secs(5);
 
-/// Failures counted per message id, across the run's sessions (see [`Inbox::settle`]).
-type Failures = Mutex<HashMap<String, u32>>;
+/// Failures counted per message id, across the run's sessions (see [`Inbox::settle`]),
+/// with the broker's delivery count when the first of them was seen (see [`failures_seen`]).
+type Failures = Mutex<HashMap<String, (u32, u32)>>;
 
 /// Message ids whose failures are remembered at most; past it the counts start again (a
 /// failing message then reaches `max_redeliveries` later, never earlier).
@@ -330,9 +344,10 @@ impl Inbox {
         }
     }
 
-    /// Deletes inbox rows older than `age` (in batches). Returns how many.
+    /// Deletes this consumer's inbox rows older than `age` (in batches; other consumers'
+    /// rows are theirs to keep). Returns how many.
     pub async fn purge(&self, age: Duration) -> Result<usize, StoreError> {
-        self.store.purge_inbox(age).await
+        self.store.purge_inbox(&self.config.consumer, age).await
     }
 
     /// Consumes until `shutdown` resolves, then cancels the consumer and waits for the
@@ -491,8 +506,8 @@ impl Inbox {
                     Some(Err(e)) if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) => {
                         node.unparsable = true;
                         tracing::error!(queue = %self.config.queue, consumer = %self.config.consumer, error = %e,
-                            "a delivery the AMQP client cannot parse (a message_id or another \
-                             short-string property that is not UTF-8?) closed the inbox's \
+                            "a delivery the AMQP client cannot parse (a message_id, another \
+                             short-string property or a header name that is not UTF-8?) closed the inbox's \
                              connection; the broker puts it back at the head of the queue, so it \
                              blocks the messages behind it: move it aside (a quorum queue with a \
                              delivery-limit and a dead-letter exchange does so by itself) or purge \
@@ -510,15 +525,38 @@ impl Inbox {
                 .await;
         }
         let _ = halt_tx.send(true);
-        while let Some(done) = tasks.join_next().await {
-            if let Err(e) = done {
-                tracing::error!(error = %e, "inbox handler task failed");
-            }
-        }
+        self.finish(&mut tasks).await;
         let _ = conn.close(200, "inbox stopped".into()).await;
         match ended {
             None => Ok(()),
             Some(why) => Err(InboxError::Broker(BrokerError::Lost(why))),
+        }
+    }
+
+    /// Waits for the handlers in flight, at most `stop_timeout`: a handler blocked on a
+    /// frozen database would otherwise hold a stop (or a reconnection) for as long as the
+    /// freeze lasts. One abandoned rolls back (its connection is dropped) and its delivery,
+    /// never acked, is requeued by the broker once the connection closes; had it committed
+    /// just before, the redelivery is a duplicate.
+    async fn finish(&self, tasks: &mut tokio::task::JoinSet<()>) {
+        let waited = tokio::time::timeout(self.config.stop_timeout, async {
+            while let Some(done) = tasks.join_next().await {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "inbox handler task failed");
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(
+                consumer = %self.config.consumer,
+                handlers = tasks.len(),
+                "handlers still running after {} (a frozen database?): abandoned; their \
+                 transactions roll back and the broker requeues their deliveries",
+                humantime::format_duration(self.config.stop_timeout)
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
     }
 
@@ -565,6 +603,7 @@ impl Inbox {
             redelivered: delivery.redelivered,
         };
         let span = tracing::debug_span!("inbox", consumer = %self.config.consumer, message_id = %message_id);
+        let [mut stop, mut ended] = halt.clone();
         let held = self
             .process_holding(handler, &msg, halt, report)
             .instrument(span)
@@ -604,12 +643,15 @@ impl Inbox {
                     if f.len() >= FAILURES_KEPT && !f.contains_key(&message_id) {
                         f.clear();
                     }
-                    let n = f.entry(message_id.clone()).or_insert(0);
+                    let header = delivery_count(&msg);
+                    let (n, base) = f.entry(message_id.clone()).or_insert((0, header));
                     *n += 1;
-                    (*n).max(delivery_count(&msg.properties))
+                    failures_seen(*n, *base, header)
                 };
                 if seen > self.config.max_redeliveries {
-                    tracing::warn!(message_id = %message_id, error = %why, attempts = seen, "handler keeps failing: rejecting to the dead-letter exchange");
+                    tracing::warn!(message_id = %message_id, error = %why, attempts = seen,
+                        "handler keeps failing: rejected; the broker moves it to the queue's \
+                         dead-letter exchange if it has one, and deletes it if not");
                     failures
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -619,7 +661,14 @@ impl Inbox {
                         .await;
                     count(|r| r.rejected += 1);
                 } else {
-                    tracing::warn!(message_id = %message_id, error = %why, attempt = seen, "handler failed: rolled back, requeueing");
+                    let delay = backoff::delay(&self.config.failure_backoff, seen);
+                    tracing::warn!(message_id = %message_id, error = %why, attempt = seen, retry_in = ?delay, "handler failed: rolled back; requeueing after a wait");
+                    // Held meanwhile; a stop or the session's end requeues it at once.
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stopped(&mut stop) => {}
+                        _ = stopped(&mut ended) => {}
+                    }
                     let _ = channel
                         .basic_nack(
                             tag,
@@ -729,9 +778,25 @@ async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// How many times a message has failed, as far as this run can tell: its own count `n`,
+/// and never below a quorum queue's `x-delivery-count` (`header`; failures in other
+/// consumers' runs count too), but never more than the count the header had at this run's
+/// first failure (`base`) plus `n`. A classic queue keeps a producer's own header on every
+/// redelivery: `x-delivery-count: 100`, written by the producer, would otherwise have the
+/// message rejected at its first failure here.
+fn failures_seen(n: u32, base: u32, header: u32) -> u32 {
+    n.max(header.min(base.saturating_add(n)))
+}
+
 /// The broker's own redelivery count (quorum queues set `x-delivery-count`).
-fn delivery_count(props: &BasicProperties) -> u32 {
-    match props
+fn delivery_count(msg: &InboxMessage) -> u32 {
+    // A first delivery's header can only be the publisher's: a producer could otherwise
+    // have a message rejected at its first failure by writing `x-delivery-count: 100`.
+    if !msg.redelivered {
+        return 0;
+    }
+    match msg
+        .properties
         .headers()
         .as_ref()
         .and_then(|h| h.inner().get("x-delivery-count"))
@@ -746,6 +811,17 @@ fn delivery_count(props: &BasicProperties) -> u32 {
 mod tests {
     use super::*;
     use diesel::result::{DatabaseErrorKind as Kind, Error};
+
+    #[test]
+    fn a_producers_delivery_count_does_not_count_as_failures() {
+        // A classic queue keeps the producer's header; the first delivery's is ignored.
+        assert_eq!(failures_seen(1, 0, 100), 1);
+        assert_eq!(failures_seen(2, 0, 100), 2);
+        // A quorum queue's own count, including failures in another consumer's run.
+        assert_eq!(failures_seen(1, 3, 3), 3);
+        assert_eq!(failures_seen(2, 3, 4), 4);
+        assert_eq!(failures_seen(1, 0, 0), 1);
+    }
 
     fn db(kind: Kind) -> Error {
         Error::DatabaseError(kind, Box::new("connection closed".to_string()))

@@ -2,7 +2,9 @@
 //! redelivery after the connection drops mid-handler, a crash between commit and ack) is
 //! applied once; two consumer instances on one queue apply each message once; a database
 //! outage (PostgreSQL behind an in-test proxy that cuts and refuses connections) holds the
-//! deliveries instead of counting them as failures or rejecting them.
+//! deliveries instead of counting them as failures or rejecting them; a handler fault of a
+//! second and a producer's `x-delivery-count` cost no message; a stop during a database
+//! freeze ends within its timeout; retention keeps other consumers' rows.
 
 mod common;
 
@@ -286,6 +288,7 @@ async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejecte
         .unwrap();
     let mut config = InboxConfig::new("audit", &work);
     config.max_redeliveries = 2;
+    config.failure_backoff = quick_backoff();
     let inbox = Inbox::new(
         db.store().await,
         broker_config(common::broker_url()),
@@ -325,6 +328,164 @@ async fn failing_handlers_roll_back_and_end_rejected_and_missing_ids_are_rejecte
         .await
         .unwrap();
     assert_eq!(n.n, 0);
+}
+
+/// A failure backoff of 100 ms, for tests that want a failing message rejected soon.
+fn quick_backoff() -> courier::config::BackoffConfig {
+    courier::config::BackoffConfig {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(100),
+        multiplier: 1.0,
+        jitter: 0.0,
+    }
+}
+
+/// Fails every message until `fault` after its first call (a lock timeout, a table being
+/// migrated), then applies as [`Apply`] does.
+struct FailAtFirst {
+    schema: String,
+    fault: Duration,
+    until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Handler for FailAtFirst {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AsyncPgConnection,
+        msg: &'a InboxMessage,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let until = *self
+                .until
+                .lock()
+                .expect("until")
+                .get_or_insert_with(|| std::time::Instant::now() + self.fault);
+            if std::time::Instant::now() < until {
+                return Err(HandlerError::Failed("relation is being migrated".into()));
+            }
+            diesel::sql_query(format!(
+                "INSERT INTO \"{}\".applied (message_id) VALUES ($1)",
+                self.schema
+            ))
+            .bind::<Text, _>(&msg.message_id)
+            .execute(tx)
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_short_handler_fault_is_waited_out_not_rejected_and_a_forged_delivery_count_is_ignored() {
+    let (db, broker) = setup("inboxshort").await;
+    let mut broker = broker;
+    let (work, dlq) = work_queue_with_dlq(&mut broker, "short.#").await;
+    publish(&broker, "m-short", "short.a").await;
+    // A producer's own `x-delivery-count` on a first delivery: before, the first failure
+    // rejected it ("attempts=100").
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(100));
+    broker
+        .channel
+        .basic_publish(
+            broker.exchange.as_str().into(),
+            "short.b".into(),
+            BasicPublishOptions::default(),
+            b"event",
+            BasicProperties::default()
+                .with_message_id("m-forged".into())
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Two redeliveries, waited 1 s then 2 s: the 1.5 s fault is over by the third try.
+    // Without the waits, all three tries fell within milliseconds of each other.
+    let mut config = InboxConfig::new("short", &work);
+    config.max_redeliveries = 2;
+    config.failure_backoff = courier::config::BackoffConfig {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(2),
+        multiplier: 2.0,
+        jitter: 0.0,
+    };
+    let inbox = Inbox::new(
+        db.store().await,
+        broker_config(common::broker_url()),
+        config,
+    );
+    let handler = Arc::new(FailAtFirst {
+        schema: db.schema.clone(),
+        fault: Duration::from_millis(1500),
+        until: Default::default(),
+    });
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = {
+        let inbox = inbox.clone();
+        tokio::spawn(async move { inbox.run(handler, rx).await })
+    };
+    eventually(30, "both messages applied", || async {
+        (applied(&db).await.len() == 2).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    let report = within(30, "inbox stop", run).await.unwrap().unwrap();
+    assert_eq!(report.rejected, 0, "{report:?}");
+    assert_eq!(report.applied, 2, "{report:?}");
+    assert!(
+        report.requeued >= 2,
+        "each failed at least once: {report:?}"
+    );
+    assert_eq!(broker.depth(&dlq).await, 0, "nothing dead-lettered");
+    assert!(applied(&db).await.values().all(|n| *n == 1));
+}
+
+#[tokio::test]
+async fn retention_deletes_only_its_own_consumers_rows() {
+    let (db, broker) = setup("inboxkeep").await;
+    db.exec(
+        "INSERT INTO {s}.inbox (consumer, message_id, received_at) VALUES
+           ('mine', 'old', now() - interval '8 days'),
+           ('mine', 'new', now() - interval '6 days'),
+           ('theirs', 'old', now() - interval '8 days')",
+    )
+    .await;
+    let inbox = Inbox::new(
+        db.store().await,
+        broker_config(common::broker_url()),
+        InboxConfig::new("mine", &broker.queue),
+    );
+    let gone = inbox
+        .purge(Duration::from_secs(7 * 24 * 3600))
+        .await
+        .expect("purge");
+    assert_eq!(gone, 1, "only this consumer's old row");
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        consumer: String,
+        #[diesel(sql_type = Text)]
+        message_id: String,
+    }
+    let mut conn = db.raw().await;
+    let mut rows: Vec<(String, String)> = diesel::sql_query(format!(
+        "SELECT consumer, message_id FROM \"{}\".inbox",
+        db.schema
+    ))
+    .load::<Row>(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.consumer, r.message_id))
+    .collect();
+    rows.sort();
+    let want = [("mine", "new"), ("theirs", "old")].map(|(c, m)| (c.to_string(), m.to_string()));
+    assert_eq!(
+        rows, want,
+        "another consumer keeps its rows as long as it likes"
+    );
 }
 
 /// A proxy to the test database, and this schema's database config pointing through it.
@@ -468,6 +629,53 @@ async fn stopping_during_a_database_outage_puts_held_deliveries_back_in_the_queu
     })
     .await;
     assert!(applied(&db).await.is_empty());
+}
+
+/// A frozen database (it accepts bytes and never answers; TCP sees nothing wrong) holds a
+/// handler's statement for as long as the freeze lasts. A stop waits `stop_timeout` for it,
+/// then abandons it: its transaction is rolled back and the broker requeues its delivery.
+/// An outside audit saw a SIGTERM ignored for the whole of a 20 s freeze.
+#[tokio::test]
+async fn a_stop_during_a_database_freeze_abandons_the_handlers_after_its_timeout() {
+    let (db, broker) = setup("inboxfreeze").await;
+    let (pg, database) = database_through_proxy(&db);
+    let store = courier::Store::connect(&database)
+        .await
+        .expect("store through the proxy");
+    let mut config = InboxConfig::new("freezer", &broker.queue);
+    config.stop_timeout = Duration::from_secs(2);
+    let inbox = Inbox::new(store, broker_config(common::broker_url()), config);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let apply = handler(&db);
+    let run = tokio::spawn(async move { inbox.run(apply, rx).await });
+    publish(&broker, "warm", "routed.w").await;
+    eventually(30, "the first message applied", || async {
+        (applied(&db).await.len() == 1).then_some(())
+    })
+    .await;
+    // Frozen: its connections stay open and nothing comes back.
+    pg.stall(true);
+    let n = 3u32;
+    for i in 0..n {
+        publish(&broker, &format!("f{i}"), "routed.f").await;
+    }
+    eventually(30, "every delivery taken by the consumer", || async {
+        (broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    let report = within(10, "inbox stop during the freeze", run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    assert_eq!(report.rejected, 0, "{report:?}");
+    eventually(10, "the abandoned deliveries back in the queue", || async {
+        (broker.depth(&broker.queue).await == n).then_some(())
+    })
+    .await;
+    pg.stall(false);
+    assert_eq!(applied(&db).await.len(), 1, "only the first was applied");
 }
 
 /// A delivery the AMQP client cannot parse (a `message_id` that is not UTF-8, which a

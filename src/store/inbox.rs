@@ -33,11 +33,14 @@ const PURGE_BATCH: usize = 5000;
 
 /// -- name: purge_inbox
 ///
-/// `$1` age (ms): rows received longer ago go, at most [`PURGE_BATCH`].
+/// `$1` age (ms), `$2` consumer: that consumer's rows received longer ago go, at most
+/// [`PURGE_BATCH`]. Only its own: consumers sharing a schema may keep their rows for
+/// different times (or for ever).
 fn purge(s: &Schema) -> String {
     format!(
         "DELETE FROM {s}.inbox WHERE ctid IN (SELECT ctid FROM {s}.inbox
-                 WHERE received_at < now() - $1 * interval '1 millisecond' LIMIT {PURGE_BATCH})"
+                 WHERE received_at < now() - $1 * interval '1 millisecond' AND consumer = $2
+                 LIMIT {PURGE_BATCH})"
     )
 }
 
@@ -58,15 +61,23 @@ impl Store {
         Ok(fresh > 0)
     }
 
-    /// Deletes inbox rows older than `age`, batch after batch until a short one. Returns
-    /// how many.
-    pub(crate) async fn purge_inbox(&self, age: Duration) -> Result<usize, StoreError> {
+    /// Deletes `consumer`'s inbox rows older than `age`, batch after batch until a short
+    /// one. Returns how many.
+    pub(crate) async fn purge_inbox(
+        &self,
+        consumer: &str,
+        age: Duration,
+    ) -> Result<usize, StoreError> {
         let sql = purge(&self.schema);
         let mut total = 0;
         loop {
             let mut conn = self.op().await?;
             let n = conn
-                .run(diesel::sql_query(&sql).bind::<BigInt, _>(millis(age)))
+                .run(
+                    diesel::sql_query(&sql)
+                        .bind::<BigInt, _>(millis(age))
+                        .bind::<Text, _>(consumer),
+                )
                 .await?;
             total += n;
             if n < PURGE_BATCH {

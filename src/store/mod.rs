@@ -407,6 +407,35 @@ fn scrub(message: &str, url: &SecretUrl) -> String {
 }
 
 impl Store {
+    /// What a process starts with: migrates when `database.auto_migrate` is on (through
+    /// `migrate_url` or the pooler's lock scope, as configured), then connects. While
+    /// PostgreSQL cannot be reached, and `database.wait_at_start` is on, tries again with
+    /// capped backoff (500 ms doubling to 10 s), saying so at each attempt: a consumer
+    /// started before its database (a container's start order, a failover) waits for it,
+    /// as the engine does. A permanent fault (TLS, authentication, a missing database)
+    /// returns at once.
+    pub async fn open(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                if cfg.auto_migrate {
+                    migrate::migrate_config(cfg).await?;
+                }
+                Store::connect(cfg).await
+            }
+            .await;
+            match result {
+                Err(e) if e.is_transient() && cfg.wait_at_start => {
+                    let delay = crate::backoff::ENGINE_START.delay(attempt);
+                    tracing::warn!(error = %e, attempt, retry_in = ?delay, "PostgreSQL not available yet; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// Builds the pool and checks that one connection can be made.
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
         let schema = Schema::new(&cfg.schema)?;
