@@ -65,7 +65,7 @@ impl PgTarget {
             reason: url.scrub(&reason),
         };
         let (rest, keys) = split_tls_keys(url.expose());
-        let rest = split_host_lists(&rest);
+        let rest = split_host_lists(&query_hosts_win(&rest));
         let mut config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e: tokio_postgres::Error| rejected(cause_chain(&e)))?;
@@ -151,6 +151,58 @@ pub(crate) fn check_url(url: &SecretUrl) -> Result<(), String> {
         [] => reason,
         set => format!("{reason}; with {} set in the environment", set.join(", ")),
     })
+}
+
+/// libpq lets a URL's query name `host` and `port`, and a value there replaces the
+/// authority's (`postgres://h1,h2/db?port=5433`: both hosts on 5433). The driver adds them
+/// to the authority's instead, with a 5432 for every host written without a port, and
+/// counted three ports for two hosts there. So when the query names either, the
+/// authority's hosts and ports move into the query, where the query's own win; the result
+/// has an empty authority host, which the driver reads as "hosts from the query".
+fn query_hosts_win(raw: &str) -> String {
+    let Some((scheme, after)) = raw.split_once("://") else {
+        return raw.to_string();
+    };
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    let (authority, tail) = after.split_at(end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((user, hosts)) => (Some(user), hosts),
+        None => (None, authority),
+    };
+    let (_, _, query) = take_query_keys(raw, &["host", "port"]);
+    let last = |key: &str| {
+        query
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let (query_host, query_port) = (last("host"), last("port"));
+    if hosts.is_empty() || (query_host.is_none() && query_port.is_none()) {
+        return raw.to_string();
+    }
+    let (names, ports): (Vec<&str>, Vec<&str>) = hosts.split(',').map(host_and_port).unzip();
+    let host = query_host.unwrap_or_else(|| names.join(","));
+    let port = query_port.unwrap_or_else(|| ports.join(","));
+    let (path, _) = tail.split_once('?').unwrap_or((tail, ""));
+    let (_, kept, _) = take_query_keys(raw, &["host", "port"]);
+    let encode = |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+    let mut pairs: Vec<String> = kept.iter().map(|p| p.to_string()).collect();
+    pairs.push(format!("host={}", encode(&host)));
+    pairs.push(format!("port={}", encode(&port)));
+    let user = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    format!("{scheme}://{user}{path}?{}", pairs.join("&"))
+}
+
+/// One host of a URL's authority and its port (empty when not written): `h`, `h:5433`,
+/// `[::1]:5433`.
+fn host_and_port(chunk: &str) -> (&str, &str) {
+    if let Some(rest) = chunk.strip_prefix('[') {
+        if let Some((host, after)) = rest.split_once(']') {
+            return (host, after.strip_prefix(':').unwrap_or(""));
+        }
+    }
+    chunk.split_once(':').unwrap_or((chunk, ""))
 }
 
 /// libpq's `?host=a,b` (and `hostaddr=`) lists, as the repeated keys the driver reads
@@ -562,6 +614,39 @@ mod tests {
         .unwrap_or_default();
         assert!(e.contains("3 ports for 2 host(s)"), "{e}");
         assert!(parse("postgresql:///postgres?host=a,b&port=5443&sslmode=disable").is_ok());
+        // As libpq: the query's port replaces the authority's, for every host (an outside
+        // audit: "3 ports for 2 host(s)" for one port given).
+        let hosts_and_ports = |u: &str| {
+            let t = PgTarget::parse(&SecretUrl::new(u)).expect(u);
+            per_host(&t.config)
+                .iter()
+                .map(|c| (c.get_hosts().to_vec(), c.get_ports().to_vec()))
+                .collect::<Vec<_>>()
+        };
+        let on = |h: &str, p: u16| (vec![Host::Tcp(h.into())], vec![p]);
+        assert_eq!(
+            hosts_and_ports("postgres://u:p@127.0.0.1,127.0.0.2/db?port=5943&sslmode=disable"),
+            [on("127.0.0.1", 5943), on("127.0.0.2", 5943)]
+        );
+        assert_eq!(
+            hosts_and_ports("postgres://u@h1:5441,[::1]/db?port=5441,5442&sslmode=disable"),
+            [on("h1", 5441), on("::1", 5442)]
+        );
+        // The query's host replaces the authority's; the authority's ports stay.
+        assert_eq!(
+            hosts_and_ports("postgres://old1:5441,old2:5442/db?host=a,b&sslmode=disable"),
+            [on("a", 5441), on("b", 5442)]
+        );
+        // Hosts without ports and no query key: each its default, as before.
+        assert_eq!(
+            hosts_and_ports("postgres://h1,h2/db?sslmode=disable"),
+            [on("h1", 5432), on("h2", 5432)]
+        );
+        let e = parse("postgres://h1,h2/db?port=1,2,3&sslmode=disable")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("3 ports for 2 host(s)"), "{e}");
         // libpq's comma list in the query, as the driver's repeated keys.
         let t = PgTarget::parse(&SecretUrl::new(
             "postgresql:///postgres?host=h1,h2&port=5443,5444&sslmode=disable",
