@@ -124,6 +124,23 @@ async fn missing_exchanges_refused_publishes_and_a_taken_admin_port_each_fail_wi
     let missing = format!("{}.missing", broker.exchange);
     db.insert_sql(&missing, 2, "k").await;
     db.insert_sql(&denied, 1, "k").await;
+    // An internal exchange: no permission lets a client publish to it.
+    let internal = format!("{}.internal", broker.exchange);
+    broker
+        .channel
+        .exchange_declare(
+            internal.as_str().into(),
+            ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                internal: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("internal exchange");
+    broker.adopt_exchange(&internal);
+    db.insert_sql(&internal, 1, "k").await;
     let user = TestUser::without_write_on_denied();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let mut env = db.process_env();
@@ -149,6 +166,10 @@ async fn missing_exchanges_refused_publishes_and_a_taken_admin_port_each_fail_wi
     assert!(permissions.contains(&denied), "{report}");
     assert!(
         permissions.contains(&format!("grant {}", user.name)),
+        "{report}"
+    );
+    assert!(
+        permissions.contains("an internal exchange takes no publishes from clients"),
         "{report}"
     );
     let admin = line(&report, "admin");
@@ -187,6 +208,12 @@ async fn producers_exchange_names_neither_crash_nor_forge_the_report() {
     assert!(exchanges.starts_with("FAIL"), "{report}");
     assert!(
         exchanges.contains("not AMQP exchange names") && exchanges.contains("256 bytes"),
+        "{report}"
+    );
+    // The name that does fit AMQP is missing, and is named too: a row with a name no
+    // exchange can have hid every missing exchange beside it.
+    assert!(
+        exchanges.contains("missing: `forger") && exchanges.contains("fix: correct the producer"),
         "{report}"
     );
     assert!(

@@ -151,13 +151,14 @@ fn report(verb: &str, asked: &[Uuid], done: &[Uuid]) -> anyhow::Result<()> {
             missing.push(id);
         }
     }
-    if !missing.is_empty() {
-        bail!(
+    match (missing.is_empty(), done.is_empty()) {
+        (true, _) => Ok(()),
+        (false, true) => bail!("no dead letter with id {}", missing.join(", ")),
+        (false, false) => bail!(
             "no dead letter with id {} (the others were {verb})",
             missing.join(", ")
-        );
+        ),
     }
-    Ok(())
 }
 
 async fn list(store: &Store, limit: u32, since: Option<Duration>) -> anyhow::Result<()> {

@@ -55,6 +55,24 @@ async fn declare(config: &Config, name: &str) -> anyhow::Result<u32> {
     Ok(queue.message_count())
 }
 
+/// The demo's schema, `<database.schema>_demo`, must be a schema name Courier takes: with a
+/// `database.schema` of 46 bytes or more it is longer than 50. A configuration error, said
+/// before anything is declared.
+pub fn check_schema(config: &Config) -> anyhow::Result<()> {
+    let schema = demo_schema(config);
+    crate::store::check_schema_name(&schema).map_err(|why| {
+        anyhow::anyhow!(
+            "database.schema `{}`: the demo's schema {why} (the demo adds `_demo`); run the \
+             demo with a shorter COURIER_DATABASE_SCHEMA",
+            config.database.schema
+        )
+    })
+}
+
+fn demo_schema(config: &Config) -> String {
+    format!("{}_demo", config.database.schema)
+}
+
 /// How long the demo waits without one more of its rows settled before it gives up.
 const STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -69,7 +87,7 @@ const STALL: std::time::Duration = std::time::Duration::from_secs(60);
 /// same broker stay apart.
 pub async fn run(mut config: Config, n: usize) -> anyhow::Result<()> {
     let name = format!("{}.demo", config.database.schema);
-    config.database.schema = format!("{}_demo", config.database.schema);
+    config.database.schema = demo_schema(&config);
     config.database.auto_migrate = true;
     // The demo's engine serves no admin API: `courier run` beside it may hold that address.
     config.admin.bind = None;

@@ -146,6 +146,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         // The demo shows a progress bar; engine chatter would tear it.
         config.logging.level = "warn".into();
     }
+    if matches!(cli.command, Command::Demo { .. }) {
+        // Checked before the demo declares anything on the broker.
+        demo::check_schema(&config).map_err(Failure::Config)?;
+    }
     init_logging(&config);
     // Built outside the async runtime: the exporter's blocking HTTP client owns a runtime
     // of its own, which must not be created or dropped inside another. Kept until exit.
