@@ -5,7 +5,9 @@
 //! `(consumer, message_id)` in `<schema>.inbox` (`ON CONFLICT DO NOTHING`) and, only when
 //! that row is new, runs the handler with the same transaction; it commits, and only then
 //! acks. A duplicate (re-published, redelivered after a channel loss, or redelivered after a
-//! crash between commit and ack) is acked without running the handler. A handler error
+//! crash between commit and ack) is acked without running the handler; one under a known id
+//! with another body (the SHA-256 recorded with the id differs) is another message whose
+//! producer reused the id, and is rejected with a WARN instead. A handler error
 //! rolls everything back and the message is requeued after a wait (`failure_backoff`), up
 //! to `max_redeliveries`; then it is rejected without requeue, to the queue's own
 //! dead-letter exchange (a queue without one deletes it). A delivery without a
@@ -190,6 +192,11 @@ pub enum Disposition {
     Applied,
     /// Seen before by this consumer: the handler did not run.
     Duplicate,
+    /// Seen before by this consumer under this `message_id`, with another body: not a
+    /// duplicate but another message under a reused id. The handler did not run; the
+    /// delivery is rejected (to the queue's dead-letter exchange) with a WARN, not acked
+    /// away as a duplicate.
+    Reused,
     /// The handler failed; rolled back.
     Failed(String),
 }
@@ -324,9 +331,14 @@ impl Inbox {
         let store = &self.store;
         let result = conn
             .transaction::<Disposition, TxError, _>(async |tx| {
-                let fresh = store.record_received(tx, consumer, &msg.message_id).await?;
-                if !fresh {
-                    return Ok(Disposition::Duplicate);
+                let digest = body_digest(&msg.payload);
+                let recorded = store
+                    .record_received(tx, consumer, &msg.message_id, &digest)
+                    .await?;
+                match (recorded.fresh, recorded.digest) {
+                    (true, _) => {}
+                    (false, Some(known)) if known != digest => return Ok(Disposition::Reused),
+                    (false, _) => return Ok(Disposition::Duplicate),
                 }
                 handler.handle(tx, msg).await.map_err(TxError::Handler)?;
                 Ok(Disposition::Applied)
@@ -623,6 +635,16 @@ impl Inbox {
             }
         };
         match outcome {
+            Disposition::Reused => {
+                tracing::warn!(queue = %self.config.queue, message_id = %message_id,
+                    "a delivery under the message_id of one already applied, with another body: \
+                     not applied (a producer reused the id?); rejected, to the queue's \
+                     dead-letter exchange if it has one");
+                let _ = channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false })
+                    .await;
+                count(|r| r.rejected += 1);
+            }
             Disposition::Applied | Disposition::Duplicate => {
                 if outcome == Disposition::Duplicate {
                     tracing::debug!(message_id = %message_id, "duplicate: acked without running the handler");
@@ -715,6 +737,12 @@ impl Inbox {
             }
         }
     }
+}
+
+/// The body's SHA-256, recorded with its id: a later body under the same id is compared.
+fn body_digest(payload: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(payload).to_vec()
 }
 
 /// Why a delivery's `message_id` cannot be recorded in the inbox, if it cannot: none, an

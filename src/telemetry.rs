@@ -184,6 +184,7 @@ pub(crate) fn end_consumer_span(
     let outcome = match result {
         Ok(Disposition::Applied) => "applied",
         Ok(Disposition::Duplicate) => "duplicate",
+        Ok(Disposition::Reused) => "reused id",
         Ok(Disposition::Failed(why)) => {
             span.set_status(Status::error(why.clone()));
             "failed"

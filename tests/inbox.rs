@@ -93,13 +93,17 @@ async fn setup(prefix: &str) -> (TestDb, TestBroker) {
 }
 
 async fn publish(broker: &TestBroker, id: &str, key: &str) {
+    publish_body(broker, id, key, b"event").await
+}
+
+async fn publish_body(broker: &TestBroker, id: &str, key: &str, body: &[u8]) {
     broker
         .channel
         .basic_publish(
             broker.exchange.as_str().into(),
             key.into(),
             BasicPublishOptions::default(),
-            b"event",
+            body,
             BasicProperties::default()
                 .with_message_id(id.into())
                 .with_delivery_mode(2),
@@ -440,6 +444,45 @@ async fn a_short_handler_fault_is_waited_out_not_rejected_and_a_forged_delivery_
     );
     assert_eq!(broker.depth(&dlq).await, 0, "nothing dead-lettered");
     assert!(applied(&db).await.values().all(|n| *n == 1));
+}
+
+/// A producer that reuses an id for another message: the second body is not a duplicate.
+/// Before, it was acked as one (a DEBUG line) and lost; now it is rejected to the queue's
+/// dead-letter exchange with a WARN, while a true duplicate is still acked.
+#[tokio::test]
+async fn a_reused_id_with_another_body_is_rejected_not_acked_as_a_duplicate() {
+    let (db, broker) = setup("inboxreuse").await;
+    let mut broker = broker;
+    let (work, dlq) = work_queue_with_dlq(&mut broker, "reuse.#").await;
+    let inbox = Inbox::new(
+        db.store().await,
+        broker_config(common::broker_url()),
+        InboxConfig::new("reuse", &work),
+    );
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = {
+        let (inbox, apply) = (inbox.clone(), handler(&db));
+        tokio::spawn(async move { inbox.run(apply, rx).await })
+    };
+    publish_body(&broker, "order-7", "reuse.a", b"{\"total\": 10}").await;
+    eventually(30, "the first body applied", || async {
+        (applied(&db).await.len() == 1).then_some(())
+    })
+    .await;
+    publish_body(&broker, "order-7", "reuse.a", b"{\"total\": 10}").await;
+    publish_body(&broker, "order-7", "reuse.a", b"{\"total\": 99}").await;
+    eventually(30, "the other body in the dead-letter queue", || async {
+        (broker.depth(&dlq).await == 1).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    let report = within(30, "inbox stop", run).await.unwrap().unwrap();
+    assert_eq!(
+        (report.applied, report.duplicates, report.rejected),
+        (1, 1, 1),
+        "{report:?}"
+    );
+    assert_eq!(applied(&db).await.get("order-7"), Some(&1));
 }
 
 #[tokio::test]

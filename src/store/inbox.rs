@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{BigInt, Bytea, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::{millis, Schema, Store, StoreError};
@@ -22,10 +22,29 @@ impl Statements {
 
 /// -- name: record_received
 ///
-/// `$1` consumer, `$2` message id. Inserts nothing when the pair is known: the delivery
-/// is a duplicate.
+/// `$1` consumer, `$2` message id, `$3` the body's SHA-256. Inserts nothing when the pair
+/// is known (the delivery is a duplicate) and then returns the digest recorded with it:
+/// the subquery reads the table as it was before the statement, so a fresh row's own
+/// digest is not seen there.
 fn record(s: &Schema) -> String {
-    format!("INSERT INTO {s}.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+    format!(
+        "WITH fresh AS (INSERT INTO {s}.inbox (consumer, message_id, digest) VALUES ($1, $2, $3)
+                        ON CONFLICT DO NOTHING RETURNING 1)
+         SELECT EXISTS (SELECT 1 FROM fresh) AS fresh,
+                (SELECT digest FROM {s}.inbox WHERE consumer = $1 AND message_id = $2) AS digest"
+    )
+}
+
+/// What recording a delivery found.
+#[derive(diesel::QueryableByName)]
+pub(crate) struct Recorded {
+    /// The pair was new: the handler runs.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub fresh: bool,
+    /// For a known pair, the body digest recorded with it (null when recorded before
+    /// digests were, or by a delivery recorded concurrently).
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bytea>)]
+    pub digest: Option<Vec<u8>>,
 }
 
 /// Rows one purge statement deletes at most, so a purge never holds many row locks long.
@@ -45,20 +64,21 @@ fn purge(s: &Schema) -> String {
 }
 
 impl Store {
-    /// Records that `consumer` received `message_id`, on `tx` (the transaction the
-    /// handler then runs in). Returns whether it is new: `false` means a duplicate.
+    /// Records that `consumer` received `message_id` with a body of this `digest`, on `tx`
+    /// (the transaction the handler then runs in).
     pub(crate) async fn record_received(
         &self,
         tx: &mut AsyncPgConnection,
         consumer: &str,
         message_id: &str,
-    ) -> Result<bool, diesel::result::Error> {
-        let fresh = diesel::sql_query(&self.statements.inbox.record)
+        digest: &[u8],
+    ) -> Result<Recorded, diesel::result::Error> {
+        diesel::sql_query(&self.statements.inbox.record)
             .bind::<Text, _>(consumer)
             .bind::<Text, _>(message_id)
-            .execute(tx)
-            .await?;
-        Ok(fresh > 0)
+            .bind::<Bytea, _>(digest)
+            .get_result(tx)
+            .await
     }
 
     /// Deletes `consumer`'s inbox rows older than `age`, batch after batch until a short
