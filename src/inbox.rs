@@ -274,6 +274,14 @@ pub struct InboxReport {
     pub held: u64,
 }
 
+/// What a delivery's task holds beside the delivery: the run's stop and the session's end
+/// (which release a delivery held for the database or waiting to be requeued), and its
+/// handler slot (given up while it waits to be requeued).
+struct Turn {
+    halt: [tokio::sync::watch::Receiver<bool>; 2],
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// How processing a delivery ended when the database may be away.
 enum Held {
     /// Processed (or failed for a reason other than an unreachable database).
@@ -506,13 +514,21 @@ impl Inbox {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         node.whole = true;
-                        let permit = permits.clone().acquire_owned().await.ok();
+                        // Every handler slot may be held by a statement a frozen database
+                        // never answers: a stop must not wait for one to free up.
+                        let permit = tokio::select! {
+                            permit = permits.clone().acquire_owned() => permit.ok(),
+                            _ = stopped(&mut stop) => {
+                                let requeue = BasicNackOptions { multiple: false, requeue: true };
+                                let _ = channel.basic_nack(delivery.delivery_tag, requeue).await;
+                                break None;
+                            }
+                        };
                         let (inbox, handler, channel) = (self.clone(), handler.clone(), channel.clone());
                         let (failures, report) = (failures.clone(), report.clone());
-                        let halt = [stop.clone(), halt_rx.clone()];
+                        let turn = Turn { halt: [stop.clone(), halt_rx.clone()], permit };
                         tasks.spawn(async move {
-                            inbox.settle(&*handler, &channel, delivery, &failures, &report, halt).await;
-                            drop(permit);
+                            inbox.settle(&*handler, &channel, delivery, &failures, &report, turn).await;
                         });
                     }
                     Some(Err(e)) if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) => {
@@ -581,8 +597,9 @@ impl Inbox {
         delivery: lapin::message::Delivery,
         failures: &Failures,
         report: &Mutex<InboxReport>,
-        halt: [tokio::sync::watch::Receiver<bool>; 2],
+        turn: Turn,
     ) {
+        let Turn { halt, permit } = turn;
         let tag = delivery.delivery_tag;
         let count =
             |f: fn(&mut InboxReport)| f(&mut report.lock().unwrap_or_else(|e| e.into_inner()));
@@ -685,7 +702,10 @@ impl Inbox {
                 } else {
                     let delay = backoff::delay(&self.config.failure_backoff, seen);
                     tracing::warn!(message_id = %message_id, error = %why, attempt = seen, retry_in = ?delay, "handler failed: rolled back; requeueing after a wait");
-                    // Held meanwhile; a stop or the session's end requeues it at once.
+                    // Held meanwhile, in one of the prefetch's places but not in a handler's:
+                    // the messages behind it go on. A stop or the session's end requeues it
+                    // at once.
+                    drop(permit);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stopped(&mut stop) => {}

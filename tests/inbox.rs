@@ -446,6 +446,84 @@ async fn a_short_handler_fault_is_waited_out_not_rejected_and_a_forged_delivery_
     assert!(applied(&db).await.values().all(|n| *n == 1));
 }
 
+/// Fails the messages whose id starts with `bad`, applies the others as [`Apply`] does.
+struct FailBad {
+    schema: String,
+}
+
+impl Handler for FailBad {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AsyncPgConnection,
+        msg: &'a InboxMessage,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if msg.message_id.starts_with("bad") {
+                return Err(HandlerError::Failed("unknown customer".into()));
+            }
+            diesel::sql_query(format!(
+                "INSERT INTO \"{}\".applied (message_id) VALUES ($1)",
+                self.schema
+            ))
+            .bind::<Text, _>(&msg.message_id)
+            .execute(tx)
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+/// A failed delivery waiting to be requeued gives up its handler slot: with one slot, the
+/// messages behind it are applied during its wait, not after (an outside re-check saw 8
+/// failing messages stop a consumer for a minute).
+#[tokio::test]
+async fn messages_behind_a_failed_one_are_applied_while_it_waits() {
+    let (db, broker) = setup("inboxbehind").await;
+    let mut broker = broker;
+    let (work, dlq) = work_queue_with_dlq(&mut broker, "behind.#").await;
+    publish(&broker, "bad-0", "behind.a").await;
+    let good: Vec<String> = (0..5).map(|i| format!("good-{i}")).collect();
+    for id in &good {
+        publish(&broker, id, "behind.a").await;
+    }
+    let mut config = InboxConfig::new("behind", &work);
+    config.concurrency = 1;
+    config.max_redeliveries = 1;
+    config.failure_backoff = courier::config::BackoffConfig {
+        initial: Duration::from_secs(20),
+        max: Duration::from_secs(20),
+        multiplier: 1.0,
+        jitter: 0.0,
+    };
+    let inbox = Inbox::new(
+        db.store().await,
+        broker_config(common::broker_url()),
+        config,
+    );
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = {
+        let handler = Arc::new(FailBad {
+            schema: db.schema.clone(),
+        });
+        let inbox = inbox.clone();
+        tokio::spawn(async move { inbox.run(handler, rx).await })
+    };
+    // Well within the failed one's 20 s wait.
+    eventually(10, "the messages behind the failed one applied", || async {
+        (applied(&db).await.len() == good.len()).then_some(())
+    })
+    .await;
+    assert_eq!(broker.depth(&dlq).await, 0, "the failed one still waits");
+    let _ = stop.send(());
+    let report = within(30, "inbox stop", run).await.unwrap().unwrap();
+    assert_eq!((report.applied, report.rejected), (5, 0), "{report:?}");
+    // The stop put the waiting one back at once.
+    eventually(10, "the failed one back in its queue", || async {
+        (broker.depth(&work).await == 1).then_some(())
+    })
+    .await;
+}
+
 /// A producer that reuses an id for another message: the second body is not a duplicate.
 /// Before, it was acked as one (a DEBUG line) and lost; now it is rejected to the queue's
 /// dead-letter exchange with a WARN, while a true duplicate is still acked.
@@ -681,12 +759,20 @@ async fn stopping_during_a_database_outage_puts_held_deliveries_back_in_the_queu
 #[tokio::test]
 async fn a_stop_during_a_database_freeze_abandons_the_handlers_after_its_timeout() {
     let (db, broker) = setup("inboxfreeze").await;
-    let (pg, database) = database_through_proxy(&db);
+    let (pg, mut database) = database_through_proxy(&db);
+    database.pool_size = 2;
     let store = courier::Store::connect(&database)
         .await
         .expect("store through the proxy");
+    // Both of the pool's connections made now: under the freeze, each handler's statement
+    // then waits on an open connection (a new one would give up at its connect timeout).
+    let (one, two) = tokio::join!(store.conn(), store.conn());
+    drop((one.expect("connection"), two.expect("connection")));
     let mut config = InboxConfig::new("freezer", &broker.queue);
     config.stop_timeout = Duration::from_secs(2);
+    // Fewer handler slots than deliveries: the rest wait for a slot the freeze never frees,
+    // and the stop must not wait with them (an outside re-check saw it wait 10 min).
+    config.concurrency = 2;
     let inbox = Inbox::new(store, broker_config(common::broker_url()), config);
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let apply = handler(&db);
@@ -698,7 +784,7 @@ async fn a_stop_during_a_database_freeze_abandons_the_handlers_after_its_timeout
     .await;
     // Frozen: its connections stay open and nothing comes back.
     pg.stall(true);
-    let n = 3u32;
+    let n = 5u32;
     for i in 0..n {
         publish(&broker, &format!("f{i}"), "routed.f").await;
     }
