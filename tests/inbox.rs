@@ -48,13 +48,7 @@ impl Handler for Apply {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            diesel::sql_query(format!(
-                "INSERT INTO \"{}\".applied (message_id) VALUES ($1)",
-                self.schema
-            ))
-            .bind::<Text, _>(&msg.message_id)
-            .execute(tx)
-            .await?;
+            record_applied(tx, &self.schema, &msg.message_id).await?;
             let hook = self.on_first.lock().expect("hook").take();
             if let Some(hook) = hook {
                 hook();
@@ -64,6 +58,21 @@ impl Handler for Apply {
             Ok(())
         })
     }
+}
+
+/// Inserts `message_id` into `<schema>.applied`, as every test handler applies a message.
+async fn record_applied(
+    tx: &mut AsyncPgConnection,
+    schema: &str,
+    message_id: &str,
+) -> Result<(), HandlerError> {
+    diesel::sql_query(format!(
+        "INSERT INTO \"{schema}\".applied (message_id) VALUES ($1)"
+    ))
+    .bind::<Text, _>(message_id)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 async fn applied(db: &TestDb) -> HashMap<String, i64> {
@@ -367,13 +376,7 @@ impl Handler for FailAtFirst {
             if std::time::Instant::now() < until {
                 return Err(HandlerError::Failed("relation is being migrated".into()));
             }
-            diesel::sql_query(format!(
-                "INSERT INTO \"{}\".applied (message_id) VALUES ($1)",
-                self.schema
-            ))
-            .bind::<Text, _>(&msg.message_id)
-            .execute(tx)
-            .await?;
+            record_applied(tx, &self.schema, &msg.message_id).await?;
             Ok(())
         })
     }
@@ -461,13 +464,7 @@ impl Handler for FailBad {
             if msg.message_id.starts_with("bad") {
                 return Err(HandlerError::Failed("unknown customer".into()));
             }
-            diesel::sql_query(format!(
-                "INSERT INTO \"{}\".applied (message_id) VALUES ($1)",
-                self.schema
-            ))
-            .bind::<Text, _>(&msg.message_id)
-            .execute(tx)
-            .await?;
+            record_applied(tx, &self.schema, &msg.message_id).await?;
             Ok(())
         })
     }
