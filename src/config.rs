@@ -386,6 +386,11 @@ pub struct RetryConfig {
     pub max_attempts: u32,
     /// Delay between attempts.
     pub backoff: BackoffConfig,
+    /// How long, from its first nack, a lane whose every publish is nacked (a quorum queue
+    /// without its majority) has those nacks refunded instead of charged; `0s`: every
+    /// nack is charged.
+    #[serde(with = "humantime_serde")]
+    pub nacks_refunded_for: Duration,
 }
 
 impl Default for RetryConfig {
@@ -394,6 +399,7 @@ impl Default for RetryConfig {
             confirm_timeout: Duration::from_secs(30),
             max_attempts: 3,
             backoff: BackoffConfig::default(),
+            nacks_refunded_for: Duration::from_secs(300),
         }
     }
 }
@@ -906,10 +912,11 @@ fn positive_duration(key: &str, value: Duration) -> Result<(), ConfigError> {
 
 impl Config {
     /// Every duration key with its value.
-    fn durations(&self) -> [(&'static str, Duration); 13] {
+    fn durations(&self) -> [(&'static str, Duration); 14] {
         [
             ("database.connect_timeout", self.database.connect_timeout),
             ("retry.confirm_timeout", self.retry.confirm_timeout),
+            ("retry.nacks_refunded_for", self.retry.nacks_refunded_for),
             ("retry.backoff.initial", self.retry.backoff.initial),
             ("retry.backoff.max", self.retry.backoff.max),
             ("scheduler.sweep_interval", self.scheduler.sweep_interval),

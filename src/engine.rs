@@ -33,7 +33,7 @@ use crate::{
         dead_letter::DeadLetterActor,
         heartbeat::{Heartbeat, StopBeating},
         ledger::{Flushed, Ledger, ReleaseAll},
-        publisher::{ExchangeBook, Isolation, Lane, Publisher, Suspects},
+        publisher::{ExchangeBook, Isolation, Lane, NackRun, Publisher, Suspects},
         retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
     },
@@ -164,6 +164,8 @@ impl Engine {
             lifecycle.clone(),
         )
         .start();
+        // One run of nacks for the engine: a retry may go out on another connection.
+        let nacks = NackRun::default();
         let publishers = (0..config.publisher.connections as usize)
             .map(|lane| {
                 let tracker = ConfirmTracker::new(
@@ -173,6 +175,7 @@ impl Engine {
                     scheduler.clone(),
                     signals.clone(),
                     suspects.clone(),
+                    nacks.clone(),
                 )
                 .start();
                 let publisher = Publisher::new(
@@ -181,6 +184,7 @@ impl Engine {
                         exchanges: exchanges.clone(),
                         suspects: suspects.clone(),
                         isolation: isolation.clone(),
+                        nacks: nacks.clone(),
                     },
                     config.clone(),
                     tracker,

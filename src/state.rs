@@ -176,6 +176,11 @@ impl FromStr for Status {
 pub enum FailureReason {
     /// The broker answered `basic.nack`.
     Nacked,
+    /// The broker answered `basic.nack` while it had nacked every publish of the lane for a
+    /// while: the queue is unavailable (a quorum queue without its majority), not the row at
+    /// fault. Refunded like [`FailureReason::ChannelLost`], for a bounded time (see
+    /// `actors::publisher::stuck`).
+    NackedUnavailable,
     /// The broker returned it (`basic.return`, e.g. 312 NO_ROUTE): no queue got it.
     Returned {
         /// AMQP reply code.
@@ -224,7 +229,10 @@ impl FailureReason {
     /// Failures caused by another message or by the connection, not by this message: the
     /// attempt is refunded so a neighbour's fault never dead-letters a good message.
     pub fn is_collateral(&self) -> bool {
-        matches!(self, FailureReason::ChannelLost(_))
+        matches!(
+            self,
+            FailureReason::ChannelLost(_) | FailureReason::NackedUnavailable
+        )
     }
 
     /// Failures no retry can mend: the row goes to `dead_letters` at once, whatever attempts
@@ -260,6 +268,9 @@ impl fmt::Display for FailureReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FailureReason::Nacked => f.write_str("nacked by broker"),
+            FailureReason::NackedUnavailable => {
+                f.write_str("nacked by broker, as every publish for a while (queue unavailable?)")
+            }
             FailureReason::Returned { code, text } => {
                 write!(f, "returned by broker (unroutable): {code} {text}")
             }

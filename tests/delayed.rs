@@ -102,6 +102,8 @@ async fn retries_come_back_after_their_backoff_not_at_the_next_sweep() {
     config.scheduler.sweep_interval = Duration::from_secs(3600);
     config.retry.backoff.initial = Duration::from_millis(200);
     config.retry.backoff.jitter = 0.0;
+    // Every nack charged: a queue nacking alone for a while would be refunded.
+    config.retry.nacks_refunded_for = Duration::ZERO;
     let engine = Engine::start(config).await.unwrap();
     let m = courier::OutboxMessage::new(&nacks, "k", b"x".to_vec()).with_max_attempts(3);
     engine.store().enqueue(&m).await.unwrap();

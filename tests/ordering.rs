@@ -368,6 +368,8 @@ async fn failing_row_run(mode: OnDeadLetter, at: usize, fault: Fault) {
     .await;
     let mut config = db.engine_config();
     config.retry.max_attempts = 2;
+    // Every nack charged: a queue nacking alone for a while would be refunded.
+    config.retry.nacks_refunded_for = Duration::ZERO;
     config.ordering.on_dead_letter = mode;
     let engine = Engine::start(config).await.expect("engine starts");
     // Other keys and unkeyed rows flow while k000 is stuck.

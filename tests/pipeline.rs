@@ -9,6 +9,7 @@ use std::{collections::HashSet, time::Duration};
 use common::{
     broker::{assert_once, TestBroker},
     events::next_event,
+    eventually,
     proxy::Proxy,
     within, TestDb,
 };
@@ -252,7 +253,10 @@ async fn nacks_retry_then_dead_letter_with_attempts_and_reason() {
     let m = OutboxMessage::new(&nack_exchange, "any", b"x".to_vec());
     let ok = OutboxMessage::new(&broker.exchange, "routed.ok", b"y".to_vec());
     store.enqueue_many(&[m.clone(), ok.clone()]).await.unwrap();
-    let engine = start(db.engine_config()).await;
+    let mut config = db.engine_config();
+    // Every nack charged: this test is about a nacked row's budget, not a queue's outage.
+    config.retry.nacks_refunded_for = Duration::ZERO;
+    let engine = start(config).await;
     let mut events = engine.subscribe();
     let retry_reason = next_event(&mut events, 30, "a retry", |e| match e {
         EngineEvent::Retrying(v) => v
@@ -291,6 +295,8 @@ async fn a_channel_answering_only_nacks_is_replaced_and_rows_keep_their_budget()
     config.retry.max_attempts = 8;
     config.retry.backoff.initial = Duration::from_millis(300);
     config.retry.backoff.max = Duration::from_millis(600);
+    // Nacks alone are refunded for 3 s from the first, then charged again.
+    config.retry.nacks_refunded_for = Duration::from_secs(3);
     let engine = start(config).await;
 
     // Nacks among acks: the channel is healthy.
@@ -348,6 +354,58 @@ async fn a_channel_answering_only_nacks_is_replaced_and_rows_keep_their_budget()
         "stuck channel: {} nacks, {} channels replaced",
         counters.nacked, counters.channels_replaced
     );
+    engine.shutdown().await;
+}
+
+/// A queue that nacks every publish (RabbitMQ 3.10.8's quorum queue without its majority,
+/// here a full `reject-publish` queue) is the queue's state, not the rows': its nacks cost
+/// no attempt for `retry.nacks_refunded_for`, and the rows are delivered once it takes
+/// messages again. An outside audit saw 1,848 rows dead-lettered within seconds of a 20 s
+/// majority loss with the default three attempts.
+#[actix_rt::test]
+async fn a_queue_nacking_every_publish_for_a_while_costs_no_attempts() {
+    let db = TestDb::new("nackrun").await;
+    let mut broker = TestBroker::new("nackrun").await;
+    let exchange = broker
+        .extra_exchange("unavailable", ExchangeKind::Topic)
+        .await;
+    let nacking = broker.nacking_queue(&exchange).await;
+    let mut config = db.engine_config();
+    // The first nacks are charged (a nack alone may be the row's); the second attempt comes
+    // a second after the first nack, when the run of nacks is a queue's outage, and would
+    // have dead-lettered every row before.
+    config.retry.max_attempts = 2;
+    config.retry.backoff.initial = Duration::from_secs(1);
+    config.retry.backoff.max = Duration::from_secs(1);
+    config.retry.backoff.jitter = 0.0;
+    let engine = start(config).await;
+    let rows: Vec<OutboxMessage> = (0..20)
+        .map(|i| OutboxMessage::new(&exchange, format!("k.{i}"), b"x".to_vec()))
+        .collect();
+    let ids: Vec<Uuid> = rows.iter().map(|m| m.id).collect();
+    db.store().await.enqueue_many(&rows).await.expect("enqueue");
+    // Four nacks a row on average: twice its two attempts, had they been charged.
+    eventually(60, "every row nacked four times over", || {
+        let nacked = engine.counters().nacked;
+        async move { (nacked >= 4 * 20).then_some(()) }
+    })
+    .await;
+    assert_eq!(engine.counters().dead_lettered, 0, "nothing dead-lettered");
+    // The queue takes messages again (the majority is back).
+    broker
+        .channel
+        .queue_delete(nacking.as_str().into(), Default::default())
+        .await
+        .expect("delete the nacking queue");
+    let healed = broker
+        .extra_queue("healed", lapin::types::FieldTable::default())
+        .await;
+    broker.bind(&healed, &exchange, "#").await;
+    engine
+        .wait_for_all(&ids, WAIT)
+        .await
+        .expect("every row confirmed once the queue takes them");
+    assert_eq!(db.count(Status::Confirmed).await, ids.len() as i64);
     engine.shutdown().await;
 }
 

@@ -50,7 +50,7 @@ use uuid::Uuid;
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     ledger::{Ledger, Record},
-    publisher::Suspects,
+    publisher::{NackRun, Suspects},
     scheduler::{KeyTurn, Scheduler},
 };
 use crate::{
@@ -159,6 +159,8 @@ pub struct ConfirmTracker {
     signals: Signals,
     /// Shared with the engine's publishers (see `publisher::isolation`).
     suspects: Suspects,
+    /// The engine's run of nacks: a nack during a run is refunded (see `publisher::stuck`).
+    nacks: NackRun,
     in_flight: InFlightTable,
     pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
     /// Futures sent to the pump so far.
@@ -185,6 +187,7 @@ impl ConfirmTracker {
         scheduler: Addr<Scheduler>,
         signals: Signals,
         suspects: Suspects,
+        nacks: NackRun,
     ) -> Self {
         ConfirmTracker {
             config,
@@ -193,6 +196,7 @@ impl ConfirmTracker {
             scheduler,
             signals,
             suspects,
+            nacks,
             in_flight: InFlightTable::new(),
             pump: None,
             sent: 0,
@@ -314,6 +318,13 @@ impl ConfirmTracker {
                     tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")
                 }
             },
+            Some(Settled::Failed(delivery, FailureReason::Nacked))
+                if self
+                    .nacks
+                    .outage(Instant::now(), self.config.retry.nacks_refunded_for) =>
+            {
+                self.fail(delivery, FailureReason::NackedUnavailable, out)
+            }
             Some(Settled::Failed(delivery, reason)) => self.fail(delivery, reason, out),
         }
     }

@@ -66,6 +66,7 @@ use exchanges::{exchange_exists, probe_new_exchanges, CheckFailed};
 use isolation::{Isolate, Suspect};
 pub use isolation::{Isolation, Suspects};
 use stuck::ChannelAnswers;
+pub use stuck::NackRun;
 
 use super::{
     confirms::{
@@ -127,6 +128,8 @@ pub struct Lane {
     pub suspects: Suspects,
     /// Where suspects are published.
     pub isolation: Addr<Isolation>,
+    /// The engine's run of nacks, shared by every lane and tracker (see `stuck`).
+    pub nacks: NackRun,
 }
 
 /// See the module documentation.
@@ -137,6 +140,7 @@ pub struct Publisher {
     exchanges: ExchangeBook,
     suspects: Suspects,
     isolation: Addr<Isolation>,
+    nacks: NackRun,
     config: Arc<Config>,
     tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
@@ -163,6 +167,7 @@ impl Publisher {
             exchanges,
             suspects,
             isolation,
+            nacks,
         }: Lane,
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
@@ -176,6 +181,7 @@ impl Publisher {
             exchanges,
             suspects,
             isolation,
+            nacks,
             config,
             tracker,
             scheduler,
@@ -235,7 +241,10 @@ impl Publisher {
                             act.scheduler.clone(),
                             act.signals.clone(),
                         );
-                        act.link = Some(link);
+                        act.link = Some(Link {
+                            answers: ChannelAnswers::on(&act.nacks),
+                            ..link
+                        });
                         act.signals.broker_connected();
                         act.scheduler.do_send(act.ready(true));
                     }
@@ -319,7 +328,7 @@ impl Publisher {
                     act.channels_opened += 1;
                     link.channel = channel;
                     link.channel_no = act.channels_opened;
-                    link.answers = ChannelAnswers::default();
+                    link.answers = ChannelAnswers::on(&act.nacks);
                 }
                 (Err(e), _) => act.lost(ctx, format!("cannot reopen channel: {e}"), false),
                 (Ok(_), None) => {}

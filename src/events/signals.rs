@@ -249,7 +249,9 @@ impl Signals {
     pub fn failed(&self, exchange: &str, reason: &FailureReason) {
         let (c, m) = (&self.counters, &self.metrics);
         let (counter, metric) = match reason {
-            FailureReason::Nacked => (&c.nacked, Some(&m.nacked)),
+            FailureReason::Nacked | FailureReason::NackedUnavailable => {
+                (&c.nacked, Some(&m.nacked))
+            }
             FailureReason::Returned { .. } => (&c.returned, Some(&m.returned)),
             FailureReason::ConfirmTimeout(_) => (&c.timed_out, Some(&m.timed_out)),
             FailureReason::ChannelLost(_) => (&c.channel_lost, None),

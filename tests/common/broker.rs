@@ -145,7 +145,7 @@ impl TestBroker {
     }
 
     /// A queue that nacks every publish: max length 0 with reject-publish overflow.
-    pub async fn nacking_queue(&mut self, exchange: &str) {
+    pub async fn nacking_queue(&mut self, exchange: &str) -> String {
         let mut args = FieldTable::default();
         args.insert("x-max-length".into(), AMQPValue::LongInt(0));
         args.insert(
@@ -154,6 +154,7 @@ impl TestBroker {
         );
         let q = self.extra_queue("nack", args).await;
         self.bind(&q, exchange, "#").await;
+        q
     }
 
     /// A fresh connection (the setup one may have died with a broker restart).

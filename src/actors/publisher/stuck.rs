@@ -8,7 +8,20 @@
 //! again. So a channel whose confirms are all nacks for `STUCK_AFTER` is closed and a new
 //! one opened on the same connection. A queue that nacks for a real reason (no quorum, a
 //! full `reject-publish` queue) gets a new channel every `STUCK_AFTER` too, which costs one
-//! `channel.open` and changes nothing else: its rows keep their retry budget and backoff.
+//! `channel.open` and changes nothing else.
+//!
+//! **Nacks that say the queue is unavailable are not charged** ([`NackRun`]). Seen on
+//! RabbitMQ 3.10.8 by an outside audit: a quorum queue that lost its majority nacked every
+//! publish at once (not, as on an earlier machine, answering none), so with the default three
+//! attempts 1 s and 2 s apart, 1,848 rows were dead-lettered within seconds of a 20 s majority
+//! loss — and with `ordering.on_dead_letter: block` every key behind them stopped. A nack that
+//! comes while every publish of the engine has been nacked for at least [`STUCK_AFTER`] (on
+//! every publishing connection, across channel replacements, no ack in between; a retry may
+//! go out on another connection than the attempt before) is the queue's state, not the row's: the attempt
+//! is refunded, as a lost connection's is, for at most `retry.nacks_refunded_for` (5 min) from
+//! the first nack, after which nacks are charged again, so a queue that stays unavailable (a
+//! `reject-publish` queue nobody drains) still brings its rows to `max_attempts`. Nacks among
+//! acks (one full queue beside working ones) are charged as before.
 
 use std::{
     future::Future,
@@ -21,6 +34,34 @@ use lapin::Confirmation;
 
 /// How long a channel may answer nothing but nacks before it is replaced.
 pub(super) const STUCK_AFTER: Duration = Duration::from_secs(1);
+
+/// Since when every publish of the engine (all its publishing connections and channels)
+/// has been nacked, with no ack in between.
+#[derive(Clone, Debug, Default)]
+pub struct NackRun(Arc<Mutex<Option<Instant>>>);
+
+impl NackRun {
+    fn answer(&self, acked: bool, now: Instant) {
+        if let Ok(mut since) = self.0.lock() {
+            match acked {
+                true => *since = None,
+                false => {
+                    since.get_or_insert(now);
+                }
+            }
+        }
+    }
+
+    /// Whether a nack now is the queue's state rather than the row's (see the module
+    /// documentation): nacks alone for at least [`STUCK_AFTER`], and for less than `refunded_for`.
+    pub fn outage(&self, now: Instant, refunded_for: Duration) -> bool {
+        let since = self.0.lock().ok().and_then(|s| *s);
+        since.is_some_and(|since| {
+            let run = now.saturating_duration_since(since);
+            run >= STUCK_AFTER && run < refunded_for
+        })
+    }
+}
 
 /// Nacks since the last ack on one channel.
 #[derive(Debug, Default)]
@@ -46,9 +87,10 @@ impl NackStreak {
     }
 }
 
-/// The streak of one channel, shared with the confirm futures of its publishes.
+/// The streak of one channel, shared with the confirm futures of its publishes, and the
+/// engine's run of nacks, which outlives the channel.
 #[derive(Clone, Debug, Default)]
-pub(super) struct ChannelAnswers(Arc<Mutex<NackStreak>>);
+pub(super) struct ChannelAnswers(Arc<Mutex<NackStreak>>, NackRun);
 
 impl ChannelAnswers {
     /// `confirm`, noting on the way whether the broker acked or nacked it. Errors (a lost
@@ -57,17 +99,24 @@ impl ChannelAnswers {
     where
         F: Future<Output = lapin::Result<Confirmation>> + Send,
     {
-        let streak = self.0.clone();
+        let (streak, run) = (self.0.clone(), self.1.clone());
         confirm.inspect(move |result| {
             let acked = match result {
                 Ok(Confirmation::Ack(_)) => true,
                 Ok(Confirmation::Nack(_)) => false,
                 _ => return,
             };
+            let now = Instant::now();
             if let Ok(mut s) = streak.lock() {
-                s.answer(acked, Instant::now());
+                s.answer(acked, now);
             }
+            run.answer(acked, now);
         })
+    }
+
+    /// The answers of a new channel of an engine whose run is `run`.
+    pub(super) fn on(run: &NackRun) -> ChannelAnswers {
+        ChannelAnswers(Default::default(), run.clone())
     }
 
     /// See [`NackStreak::stuck`].
@@ -81,6 +130,7 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    const FIVE_MIN: Duration = Duration::from_secs(300);
 
     #[test]
     fn a_channel_is_stuck_only_after_nacks_alone_for_the_whole_span() {
@@ -103,6 +153,35 @@ mod tests {
         s.answer(false, t0 + 1600 * MS);
         assert_eq!(s.stuck(t0 + 2500 * MS, STUCK_AFTER), None, "0.9 s of nacks");
         assert_eq!(s.stuck(t0 + 2600 * MS, STUCK_AFTER), Some(1));
+    }
+
+    #[test]
+    fn unbroken_nacks_are_refunded_from_the_first_second_for_a_while() {
+        let t0 = Instant::now();
+        let run = NackRun::default();
+        assert!(!run.outage(t0, FIVE_MIN), "no answer yet");
+        run.answer(false, t0);
+        assert!(
+            !run.outage(t0 + 999 * MS, FIVE_MIN),
+            "a nack alone is the row's"
+        );
+        assert!(run.outage(t0 + STUCK_AFTER, FIVE_MIN));
+        assert!(!run.outage(t0 + FIVE_MIN, FIVE_MIN), "then charged again");
+        // An ack ends the run: nacks among acks are charged.
+        run.answer(true, t0 + 2000 * MS);
+        run.answer(false, t0 + 2100 * MS);
+        assert!(!run.outage(t0 + 2500 * MS, FIVE_MIN));
+        assert!(run.outage(t0 + 3100 * MS, FIVE_MIN));
+    }
+
+    #[test]
+    fn a_new_channel_keeps_the_engines_run() {
+        let run = NackRun::default();
+        let first = ChannelAnswers::on(&run);
+        let nacked = first.watch(futures::future::ready(Ok(Confirmation::Nack(None))));
+        let _ = futures::executor::block_on(nacked);
+        let second = ChannelAnswers::on(&run);
+        assert!(second.1.outage(Instant::now() + STUCK_AFTER, FIVE_MIN));
     }
 
     #[test]
