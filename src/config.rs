@@ -386,8 +386,8 @@ pub struct RetryConfig {
     pub max_attempts: u32,
     /// Delay between attempts.
     pub backoff: BackoffConfig,
-    /// How long, from its first nack, a lane whose every publish is nacked (a quorum queue
-    /// without its majority) has those nacks refunded instead of charged; `0s`: every
+    /// How long, from its first nack, an engine whose every publish is nacked (a quorum
+    /// queue without its majority) has those nacks refunded instead of charged; `0s`: every
     /// nack is charged.
     #[serde(with = "humantime_serde")]
     pub nacks_refunded_for: Duration,

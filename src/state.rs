@@ -176,8 +176,8 @@ impl FromStr for Status {
 pub enum FailureReason {
     /// The broker answered `basic.nack`.
     Nacked,
-    /// The broker answered `basic.nack` while it had nacked every publish of the lane for a
-    /// while: the queue is unavailable (a quorum queue without its majority), not the row at
+    /// The broker answered `basic.nack` while it had nacked every publish of the engine for
+    /// a while: the queue is unavailable (a quorum queue without its majority), not the row at
     /// fault. Refunded like [`FailureReason::ChannelLost`], for a bounded time (see
     /// `actors::publisher::stuck`).
     NackedUnavailable,

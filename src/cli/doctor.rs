@@ -630,11 +630,11 @@ fn exchanges_found(probed: &Probed, bad: Verdict) -> Check {
         faults.push(format!("could not probe: {}", probed.failed.join("; ")));
     }
     if !faults.is_empty() {
-        let verdict = if fixes.is_empty() { Verdict::Fail } else { bad };
-        let check = Check::new("exchanges", verdict, faults.join("; "));
+        let detail = faults.join("; ");
+        // Only probes that failed: FAIL, before a start too, with no fix to name.
         return match fixes.is_empty() {
-            true => check,
-            false => check.fix(fixes.join("; ")),
+            true => Check::new("exchanges", Verdict::Fail, detail),
+            false => Check::new("exchanges", bad, detail).fix(fixes.join("; ")),
         };
     }
     if probed.accepted.is_empty() {
@@ -657,17 +657,15 @@ fn permissions_check(probed: &Probed, bad: Verdict, user: &str) -> Check {
             .refused
             .iter()
             .all(|r| r.contains("internal exchange"));
-        let fixes = match all_internal {
-            true => vec![internal.to_string()],
-            false => vec![
-                format!(
-                    "grant {user} write permission on those exchanges in the vhost \
-                     (rabbitmqctl set_permissions -p VHOST {user} CONF WRITE READ)"
-                ),
-                format!("if one is internal: {internal}"),
-            ],
+        let fix = match all_internal {
+            true => internal.to_string(),
+            false => format!(
+                "grant {user} write permission on those exchanges in the vhost \
+                 (rabbitmqctl set_permissions -p VHOST {user} CONF WRITE READ); if one is \
+                 internal: {internal}"
+            ),
         };
-        return Check::new("permissions", bad, detail).fix(fixes.join("; "));
+        return Check::new("permissions", bad, detail).fix(fix);
     }
     if probed.accepted.is_empty() {
         let detail = "no existing exchange to probe (none named, or none found)";

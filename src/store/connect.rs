@@ -169,7 +169,7 @@ fn query_hosts_win(raw: &str) -> String {
         Some((user, hosts)) => (Some(user), hosts),
         None => (None, authority),
     };
-    let (_, _, query) = take_query_keys(raw, &["host", "port"]);
+    let (_, kept, query) = take_query_keys(raw, &["host", "port"]);
     let last = |key: &str| {
         query
             .iter()
@@ -185,7 +185,6 @@ fn query_hosts_win(raw: &str) -> String {
     let host = query_host.unwrap_or_else(|| names.join(","));
     let port = query_port.unwrap_or_else(|| ports.join(","));
     let (path, _) = tail.split_once('?').unwrap_or((tail, ""));
-    let (_, kept, _) = take_query_keys(raw, &["host", "port"]);
     let encode = |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
     let mut pairs: Vec<String> = kept.iter().map(|p| p.to_string()).collect();
     pairs.push(format!("host={}", encode(&host)));
@@ -461,14 +460,14 @@ pub(crate) async fn open(
     }
 }
 
-/// Whether TLS settings may be why a connection was refused for good: a permanent
-/// failure that is not the server's answer is TLS's own, and of the server's answers
+/// Whether TLS settings may be why a connection was refused for good (`permanent`, from
+/// [`is_permanent`]): a permanent failure that is not the server's answer is TLS's own, and of the server's answers
 /// `pg_hba.conf`'s may be too (no entry, or a `reject` line, for the connection's TLS or
 /// lack of it: a `hostssl`-only server and `sslmode=disable`), while a wrong password or a
 /// missing database is not.
-fn tls_may_explain(e: &tokio_postgres::Error) -> bool {
+fn tls_may_explain(e: &tokio_postgres::Error, permanent: bool) -> bool {
     match e.as_db_error() {
-        None => is_permanent(e),
+        None => permanent,
         Some(db) => {
             *db.code() == tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
                 && ["no pg_hba.conf entry", "pg_hba.conf rejects connection"]
@@ -505,7 +504,9 @@ async fn open_one(
                 .map_err(|e| {
                     let mut reason = url.scrub(&cause_chain(&e));
                     let permanent = is_permanent(&e);
-                    if let (true, Some(vars)) = (tls_may_explain(&e), &target.tls_from_env) {
+                    if let (true, Some(vars)) =
+                        (tls_may_explain(&e, permanent), &target.tls_from_env)
+                    {
                         reason.push_str(&format!(
                             " (TLS set by the environment, not the URL: {vars})"
                         ));

@@ -35,27 +35,28 @@ use lapin::Confirmation;
 /// How long a channel may answer nothing but nacks before it is replaced.
 pub(super) const STUCK_AFTER: Duration = Duration::from_secs(1);
 
-/// Since when every publish of the engine (all its publishing connections and channels)
-/// has been nacked, with no ack in between.
+/// A streak of nacks shared with the confirm futures that answer it: one channel's (to
+/// replace a stuck channel), or the engine's across all its connections and channels, with
+/// no ack in between (to refund the nacks of an unavailable queue).
 #[derive(Clone, Debug, Default)]
-pub struct NackRun(Arc<Mutex<Option<Instant>>>);
+pub struct NackRun(Arc<Mutex<NackStreak>>);
 
 impl NackRun {
     fn answer(&self, acked: bool, now: Instant) {
-        if let Ok(mut since) = self.0.lock() {
-            match acked {
-                true => *since = None,
-                false => {
-                    since.get_or_insert(now);
-                }
-            }
+        if let Ok(mut s) = self.0.lock() {
+            s.answer(acked, now);
         }
+    }
+
+    /// See [`NackStreak::stuck`], after [`STUCK_AFTER`].
+    fn stuck(&self, now: Instant) -> Option<u64> {
+        self.0.lock().ok().and_then(|s| s.stuck(now, STUCK_AFTER))
     }
 
     /// Whether a nack now is the queue's state rather than the row's (see the module
     /// documentation): nacks alone for at least [`STUCK_AFTER`], and for less than `refunded_for`.
     pub fn outage(&self, now: Instant, refunded_for: Duration) -> bool {
-        let since = self.0.lock().ok().and_then(|s| *s);
+        let since = self.0.lock().ok().and_then(|s| s.since);
         since.is_some_and(|since| {
             let run = now.saturating_duration_since(since);
             run >= STUCK_AFTER && run < refunded_for
@@ -63,7 +64,7 @@ impl NackRun {
     }
 }
 
-/// Nacks since the last ack on one channel.
+/// Nacks since the last ack on one channel (or, shared, on every channel of the engine).
 #[derive(Debug, Default)]
 pub(super) struct NackStreak {
     since: Option<Instant>,
@@ -88,9 +89,12 @@ impl NackStreak {
 }
 
 /// The streak of one channel, shared with the confirm futures of its publishes, and the
-/// engine's run of nacks, which outlives the channel.
+/// engine's, which outlives the channel.
 #[derive(Clone, Debug, Default)]
-pub(super) struct ChannelAnswers(Arc<Mutex<NackStreak>>, NackRun);
+pub(super) struct ChannelAnswers {
+    channel: NackRun,
+    engine: NackRun,
+}
 
 impl ChannelAnswers {
     /// `confirm`, noting on the way whether the broker acked or nacked it. Errors (a lost
@@ -99,7 +103,7 @@ impl ChannelAnswers {
     where
         F: Future<Output = lapin::Result<Confirmation>> + Send,
     {
-        let (streak, run) = (self.0.clone(), self.1.clone());
+        let (channel, engine) = (self.channel.clone(), self.engine.clone());
         confirm.inspect(move |result| {
             let acked = match result {
                 Ok(Confirmation::Ack(_)) => true,
@@ -107,21 +111,22 @@ impl ChannelAnswers {
                 _ => return,
             };
             let now = Instant::now();
-            if let Ok(mut s) = streak.lock() {
-                s.answer(acked, now);
-            }
-            run.answer(acked, now);
+            channel.answer(acked, now);
+            engine.answer(acked, now);
         })
     }
 
-    /// The answers of a new channel of an engine whose run is `run`.
-    pub(super) fn on(run: &NackRun) -> ChannelAnswers {
-        ChannelAnswers(Default::default(), run.clone())
+    /// The answers of a new channel of an engine whose streak is `engine`.
+    pub(super) fn on(engine: &NackRun) -> ChannelAnswers {
+        ChannelAnswers {
+            channel: NackRun::default(),
+            engine: engine.clone(),
+        }
     }
 
-    /// See [`NackStreak::stuck`].
+    /// The channel's [`NackStreak::stuck`].
     pub(super) fn stuck(&self, now: Instant) -> Option<u64> {
-        self.0.lock().ok().and_then(|s| s.stuck(now, STUCK_AFTER))
+        self.channel.stuck(now)
     }
 }
 
@@ -181,7 +186,7 @@ mod tests {
         let nacked = first.watch(futures::future::ready(Ok(Confirmation::Nack(None))));
         let _ = futures::executor::block_on(nacked);
         let second = ChannelAnswers::on(&run);
-        assert!(second.1.outage(Instant::now() + STUCK_AFTER, FIVE_MIN));
+        assert!(second.engine.outage(Instant::now() + STUCK_AFTER, FIVE_MIN));
     }
 
     #[test]
@@ -193,7 +198,12 @@ mod tests {
         let _ = futures::executor::block_on(lost);
         let nacked = answers.watch(futures::future::ready(Ok(Confirmation::Nack(None))));
         let _ = futures::executor::block_on(nacked);
-        let s = answers.0.lock().map(|s| s.nacks).unwrap_or_default();
+        let s = answers
+            .channel
+            .0
+            .lock()
+            .map(|s| s.nacks)
+            .unwrap_or_default();
         assert_eq!(s, 1);
     }
 }
