@@ -125,21 +125,7 @@ async fn missing_exchanges_refused_publishes_and_a_taken_admin_port_each_fail_wi
     db.insert_sql(&missing, 2, "k").await;
     db.insert_sql(&denied, 1, "k").await;
     // An internal exchange: no permission lets a client publish to it.
-    let internal = format!("{}.internal", broker.exchange);
-    broker
-        .channel
-        .exchange_declare(
-            internal.as_str().into(),
-            ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                internal: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .expect("internal exchange");
-    broker.adopt_exchange(&internal);
+    let internal = broker.internal_exchange().await;
     db.insert_sql(&internal, 1, "k").await;
     let user = TestUser::without_write_on_denied();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -998,22 +998,7 @@ async fn random_hostile_rows_never_break_liveness() {
     let db = TestDb::new("random").await;
     let mut broker = TestBroker::new("random").await;
     // Publishing to an internal exchange is refused with a channel close (403).
-    let internal = format!("{}.internal", broker.exchange);
-    broker
-        .channel
-        .exchange_declare(
-            internal.as_str().into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                internal: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("declare internal exchange");
-    broker.adopt_exchange(&internal);
+    let internal = broker.internal_exchange().await;
     let mut good = db.insert_sql(&broker.exchange, 500, "routed.g{i}").await;
     let mut accepted = Vec::new();
     let mut refused = 0;

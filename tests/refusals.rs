@@ -16,7 +16,7 @@ use courier::{
     Engine, EngineEvent, EngineHandle, OutboxMessage, Outcome, Status,
 };
 use diesel_async::RunQueryDsl;
-use lapin::{options::ExchangeDeclareOptions, types::FieldTable, ExchangeKind};
+use lapin::{types::FieldTable, ExchangeKind};
 use uuid::Uuid;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -91,22 +91,7 @@ async fn dead_letters(db: &TestDb) -> Vec<(Uuid, i64, String)> {
 async fn refused_rows_are_charged_alone_and_dead_lettered() {
     let db = TestDb::new("refused").await;
     let mut broker = TestBroker::new("refused").await;
-    let internal = format!("{}.internal", broker.exchange);
-    broker
-        .channel
-        .exchange_declare(
-            internal.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                internal: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare internal exchange");
-    broker.adopt_exchange(&internal);
+    let internal = broker.internal_exchange().await;
     // Routed like the good exchange: only the permission stands between it and the queue.
     let denied = broker.extra_exchange("denied", ExchangeKind::Topic).await;
     broker.bind(&broker.queue, &denied, "routed.#").await;

@@ -112,6 +112,28 @@ impl TestBroker {
         name
     }
 
+    /// `<exchange>.internal`, an internal topic exchange: the broker refuses every publish
+    /// to it with a channel close (403), whatever the permissions. Deleted with the guard.
+    pub async fn internal_exchange(&mut self) -> String {
+        let name = format!("{}.internal", self.exchange);
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            internal: true,
+            ..Default::default()
+        };
+        self.channel
+            .exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare internal exchange");
+        self.extra_exchanges.push(name.clone());
+        name
+    }
+
     /// An exchange declared elsewhere, deleted with the broker guard.
     pub fn adopt_exchange(&mut self, name: &str) {
         self.extra_exchanges.push(name.to_string());
