@@ -571,6 +571,23 @@ async fn behind_pgbouncer_in_transaction_mode() {
         assert!(text.contains(expect), "migrate run {run}: {text}");
     }
 
+    // `courier doctor` through the pooler with LISTEN left on: the NOTIFY never arrives, and
+    // the fix names only what is left to set (it once suggested the pooler setting, already set).
+    let out = common::courier_command()
+        .arg("doctor")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("COURIER_BROKER_URL", common::broker_url())
+        .output()
+        .expect("run courier doctor");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "doctor: {report}");
+    assert!(
+        report.contains("set database.listen: false too")
+            && !report.contains("and database.pooler: transaction"),
+        "doctor's notify fix behind the pooler: {report}"
+    );
+
     // database.migrate_url takes migrations around the pooler: straight to PostgreSQL they
     // find nothing to do, and a URL nobody answers on is the one that fails.
     let direct_env = |url: String| {

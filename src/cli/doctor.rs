@@ -17,7 +17,7 @@ use lapin::{options::BasicPublishOptions, types::ShortString, BasicProperties, C
 use super::escape::{cell, one_line};
 use crate::{
     broker::{self, ChannelClose},
-    config::{Config, SecretUrl},
+    config::{Config, Pooler, SecretUrl},
     store::{
         applied_versions, begin, end, establish, SchemaFit, Store, StoreError, MIGRATION_NAMES,
     },
@@ -399,10 +399,16 @@ async fn notify(config: &Config, migrated: bool, out: &mut Vec<Check>) {
                 humantime::format_duration(NOTIFY_WAIT)
             ),
         )
-        .fix(
-            "behind a transaction-mode pooler (PgBouncer pool_mode = transaction) set \
-             database.listen: false and database.pooler: transaction",
-        ),
+        .fix(match config.database.pooler {
+            Pooler::Transaction => {
+                "database.pooler is transaction: set database.listen: false too (a \
+                 transaction-mode pooler drops LISTEN)"
+            }
+            Pooler::None => {
+                "behind a transaction-mode pooler (PgBouncer pool_mode = transaction) set \
+                 database.listen: false and database.pooler: transaction"
+            }
+        }),
         Err(e) => Check::new("notify", Verdict::Fail, e.to_string())
             .fix("check database.url; LISTEN needs its own connection"),
     };
