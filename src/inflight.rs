@@ -203,8 +203,8 @@ impl InFlightTable {
         })
     }
 
-    /// Removes every message whose deadline has passed.
-    pub fn expire(&mut self, now: Instant) -> Vec<Delivery> {
+    /// Removes every message whose deadline has passed; each with its deadline.
+    pub fn expire(&mut self, now: Instant) -> Vec<(Delivery, Instant)> {
         let overdue: Vec<Uuid> = self
             .entries
             .iter()
@@ -215,7 +215,7 @@ impl InFlightTable {
             .into_iter()
             .filter_map(|id| {
                 self.returned.remove(&id);
-                self.entries.remove(&id).map(|e| e.delivery)
+                self.entries.remove(&id).map(|e| (e.delivery, e.deadline))
             })
             .collect()
     }
@@ -379,7 +379,10 @@ mod tests {
         assert!(t.expire(now + Duration::from_secs(5)).is_empty());
         let expired = t.expire(now + Duration::from_secs(12));
         assert_eq!(
-            expired.iter().map(|d| d.message.id).collect::<Vec<_>>(),
+            expired
+                .iter()
+                .map(|(d, _)| d.message.id)
+                .collect::<Vec<_>>(),
             [id]
         );
     }

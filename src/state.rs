@@ -190,6 +190,10 @@ pub enum FailureReason {
     },
     /// No confirm arrived within `retry.confirm_timeout`.
     ConfirmTimeout(Duration),
+    /// No confirm arrived within `retry.confirm_timeout`, nor an ack for anything else the
+    /// engine published since: the broker or queue is silent (a quorum queue without its
+    /// majority), not the row at fault. Refunded like [`FailureReason::NackedUnavailable`].
+    ConfirmTimeoutUnavailable(Duration),
     /// The channel or connection failed before the confirm arrived.
     ChannelLost(String),
     /// The message was not sent because its exchange does not exist (yet: it may be
@@ -231,7 +235,9 @@ impl FailureReason {
     pub fn is_collateral(&self) -> bool {
         matches!(
             self,
-            FailureReason::ChannelLost(_) | FailureReason::NackedUnavailable
+            FailureReason::ChannelLost(_)
+                | FailureReason::NackedUnavailable
+                | FailureReason::ConfirmTimeoutUnavailable(_)
         )
     }
 
@@ -277,6 +283,11 @@ impl fmt::Display for FailureReason {
             FailureReason::ConfirmTimeout(d) => {
                 write!(f, "no confirm within {}", humantime::format_duration(*d))
             }
+            FailureReason::ConfirmTimeoutUnavailable(d) => write!(
+                f,
+                "no confirm within {}, nor for any other publish meanwhile (queue unavailable?)",
+                humantime::format_duration(*d)
+            ),
             FailureReason::ChannelLost(why) => write!(f, "channel lost before confirm: {why}"),
             FailureReason::Rejected(why) => write!(f, "not published: {why}"),
             FailureReason::Unpublishable(why) => {

@@ -27,7 +27,7 @@ use courier::{
     config::{BrokerConfig, BrokerUrls, SecretUrl, TlsVerify},
     inbox::{Handler, HandlerError, Inbox, InboxConfig, InboxMessage},
     testing::{broker, BrokerError},
-    Engine, EngineEvent, EngineHandle, OutboxMessage,
+    Engine, EngineEvent, EngineHandle, OutboxMessage, Outcome,
 };
 use lapin::{
     options::BasicPublishOptions,
@@ -594,6 +594,89 @@ async fn rows_over_the_brokers_max_message_size_are_dead_lettered_at_their_first
         big.len(),
         a.duplicates
     );
+    engine.shutdown().await;
+    drop(broker);
+}
+
+/// A quorum queue that loses its majority while its leader lives answers nothing at all
+/// (RabbitMQ 3.10.8; with the leader among the lost nodes it nacks for a few seconds first):
+/// every attempt ends at `retry.confirm_timeout` with nothing the engine published acked
+/// meanwhile, which is the queue's state, not the rows'. Those timeouts cost no attempt, so a
+/// loss longer than `max_attempts` timeouts dead-letters nothing (before, each timeout was
+/// charged: an outside re-check saw rows dead-lettered "no confirm within 30s" after a 25 s
+/// loss, and a key blocked behind one).
+#[actix_rt::test]
+#[ignore = "topology: starts a 3-node RabbitMQ cluster (serial CI step)"]
+async fn a_majority_loss_that_answers_nothing_charges_no_row() {
+    let cluster = Topology::cluster("s", 5701, 3).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let db = TestDb::new("silent").await;
+    let broker = TestBroker::at(&urls[0], "silent", quorum()).await;
+    let leader = eventually(30, "the quorum queue's leader", || {
+        cluster.quorum_leader(&broker.queue)
+    })
+    .await;
+    let mut config = db.engine_config();
+    config.broker.url = BrokerUrls::from(SecretUrl::new(&urls[leader]));
+    config.retry.confirm_timeout = Duration::from_secs(2);
+    config.retry.max_attempts = 2;
+    let engine = Engine::start(config).await.expect("engine");
+    let store = db.store().await;
+    let batch = |tag: &str| -> Vec<OutboxMessage> {
+        (0..20)
+            .map(|i| {
+                let key = format!("routed.{tag}.{i}");
+                OutboxMessage::new(&broker.exchange, key, vec![b'm'; 64])
+            })
+            .collect()
+    };
+    let warm = batch("warm");
+    store.enqueue_many(&warm).await.expect("enqueue");
+    let warm_ids: Vec<Uuid> = warm.iter().map(|m| m.id).collect();
+    let warmed = engine
+        .wait_for_all(&warm_ids, Duration::from_secs(30))
+        .await
+        .expect("the warm-up rows settle");
+    assert!(
+        warmed.values().all(|o| *o == Outcome::Confirmed),
+        "warm-up: {warmed:?}"
+    );
+
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for i in &others {
+        cluster.stop(*i).await;
+    }
+    let lost = batch("lost");
+    store.enqueue_many(&lost).await.expect("enqueue");
+    let ids: Vec<Uuid> = lost.iter().map(|m| m.id).collect();
+    // Each row's attempts time out at least `max_attempts` times: before, that was its budget.
+    let budget = 2 * ids.len() as u64;
+    let timed_out = eventually(60, "every row to time out twice", || {
+        let n = engine.counters().timed_out;
+        async move { (n >= budget).then_some(n) }
+    })
+    .await;
+    let nacked = engine.counters().nacked;
+    for i in &others {
+        cluster.start(*i, None).await;
+    }
+    let outcomes = engine
+        .wait_for_all(&ids, Duration::from_secs(120))
+        .await
+        .expect("every row settles once the majority is back");
+    let confirmed = outcomes
+        .values()
+        .filter(|o| **o == Outcome::Confirmed)
+        .count();
+    eprintln!(
+        "majority lost, leader alive: {timed_out} timeouts and {nacked} nacks during the loss, {confirmed} of {} rows confirmed",
+        ids.len()
+    );
+    assert_eq!(confirmed, ids.len(), "rows dead-lettered: {outcomes:?}");
+    let mut all = warm_ids;
+    all.extend(&ids);
+    let a = audit(&db, &broker, &broker.queue, &all).await;
+    assert_eq!(a.confirmed, all.len());
     engine.shutdown().await;
     drop(broker);
 }

@@ -50,7 +50,7 @@ use uuid::Uuid;
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     ledger::{Ledger, Record},
-    publisher::{NackRun, Suspects},
+    publisher::{NackRun, NackVerdict, Suspects},
     scheduler::{KeyTurn, Scheduler},
 };
 use crate::{
@@ -159,7 +159,8 @@ pub struct ConfirmTracker {
     signals: Signals,
     /// Shared with the engine's publishers (see `publisher::isolation`).
     suspects: Suspects,
-    /// The engine's run of nacks: a nack during a run is refunded (see `publisher::stuck`).
+    /// The engine's run of nacks and silence: a nack or a missed confirm during a run is
+    /// refunded (see `publisher::stuck`).
     nacks: NackRun,
     in_flight: InFlightTable,
     pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
@@ -176,7 +177,15 @@ pub struct ConfirmTracker {
     reported: usize,
     /// Since when the broker blocks the connection's publishers (see [`Blocked`]).
     blocked_since: Option<Instant>,
+    /// Nacks (with when they came) that came in the first second of the engine's run of
+    /// nacks: a nack alone may be the row's, a run a second long is the queue's. Charging
+    /// them at once cost every row nacked at the start of a majority loss an attempt (see
+    /// `publisher::stuck`); they are judged again every [`REJUDGE_EVERY`].
+    undecided: Vec<(Delivery, Instant)>,
 }
+
+/// How often undecided nacks are judged again.
+const REJUDGE_EVERY: Duration = Duration::from_millis(100);
 
 impl ConfirmTracker {
     /// A tracker sending outcomes to `ledger` and `dead_letter`.
@@ -205,6 +214,7 @@ impl ConfirmTracker {
             fence_at: 0,
             reported: 0,
             blocked_since: None,
+            undecided: Vec::new(),
         }
     }
 
@@ -238,8 +248,13 @@ impl ConfirmTracker {
         }
     }
 
+    /// Rows this tracker holds: in flight, or nacked and undecided.
+    fn held_rows(&self) -> usize {
+        self.in_flight.len() + self.undecided.len()
+    }
+
     fn update_gauge(&mut self) {
-        let now = self.in_flight.len();
+        let now = self.held_rows();
         self.signals.in_flight(self.reported, now);
         self.reported = now;
     }
@@ -318,14 +333,28 @@ impl ConfirmTracker {
                     tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")
                 }
             },
-            Some(Settled::Failed(delivery, FailureReason::Nacked))
-                if self
-                    .nacks
-                    .outage(Instant::now(), self.config.retry.nacks_refunded_for) =>
-            {
-                self.fail(delivery, FailureReason::NackedUnavailable, out)
+            Some(Settled::Failed(delivery, FailureReason::Nacked)) => {
+                self.judge_nack(delivery, Instant::now(), out)
             }
             Some(Settled::Failed(delivery, reason)) => self.fail(delivery, reason, out),
+        }
+    }
+
+    /// Charges or refunds a nack that came at `nacked`, or keeps it undecided while the
+    /// engine's run of nacks is younger than a second (see `publisher::stuck`).
+    fn judge_nack(&mut self, delivery: Delivery, nacked: Instant, out: &mut Outcomes) {
+        let refunded_for = self.config.retry.nacks_refunded_for;
+        match self.nacks.judge(nacked, Instant::now(), refunded_for) {
+            NackVerdict::Charged => self.fail(delivery, FailureReason::Nacked, out),
+            NackVerdict::Refunded => self.fail(delivery, FailureReason::NackedUnavailable, out),
+            NackVerdict::Undecided => self.undecided.push((delivery, nacked)),
+        }
+    }
+
+    /// Judges the undecided nacks again.
+    fn rejudge(&mut self, out: &mut Outcomes) {
+        for (delivery, nacked) in std::mem::take(&mut self.undecided) {
+            self.judge_nack(delivery, nacked, out);
         }
     }
 
@@ -381,9 +410,18 @@ impl ConfirmTracker {
             return;
         }
         let mut out = Outcomes::default();
-        let timeout = self.config.retry.confirm_timeout;
-        for delivery in overdue {
-            self.fail(delivery, FailureReason::ConfirmTimeout(timeout), &mut out);
+        let retry = &self.config.retry;
+        let (timeout, refunded_for) = (retry.confirm_timeout, retry.nacks_refunded_for);
+        let now = Instant::now();
+        for (delivery, deadline) in overdue {
+            // The publish, or later by the time the broker blocked the connection (see `Blocked`).
+            let published = deadline.checked_sub(timeout).unwrap_or(deadline);
+            let reason = if self.nacks.silent(published, now, refunded_for) {
+                FailureReason::ConfirmTimeoutUnavailable(timeout)
+            } else {
+                FailureReason::ConfirmTimeout(timeout)
+            };
+            self.fail(delivery, reason, &mut out);
         }
         self.send(out);
     }
@@ -440,6 +478,13 @@ impl Actor for ConfirmTracker {
         let tick = (self.config.retry.confirm_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         ctx.run_interval(tick, |act, _| act.expire());
+        ctx.run_interval(REJUDGE_EVERY, |act, _| {
+            if !act.undecided.is_empty() {
+                let mut out = Outcomes::default();
+                act.rejudge(&mut out);
+                act.send(out);
+            }
+        });
     }
 }
 
@@ -489,6 +534,9 @@ impl Handler<ResolvedBatch> for ConfirmTracker {
         }
         for r in confirms {
             self.settle_or_hold(r, msg.received, &mut out);
+        }
+        if !self.undecided.is_empty() {
+            self.rejudge(&mut out); // an ack among these charges them at once
         }
         self.send(out);
     }
@@ -581,6 +629,6 @@ impl Handler<TrackedCount> for ConfirmTracker {
     type Result = usize;
 
     fn handle(&mut self, _: TrackedCount, _: &mut Context<Self>) -> usize {
-        self.in_flight.len()
+        self.held_rows()
     }
 }

@@ -66,7 +66,7 @@ use exchanges::{exchange_exists, probe_new_exchanges, CheckFailed};
 use isolation::{Isolate, Suspect};
 pub use isolation::{Isolation, Suspects};
 use stuck::ChannelAnswers;
-pub use stuck::NackRun;
+pub use stuck::{NackRun, NackVerdict};
 
 use super::{
     confirms::{
@@ -594,7 +594,8 @@ async fn publish_round(
             _ => to_send.push((d, p, token)),
         }
     }
-    let probed = probe_new_exchanges(&conn, &exchanges, &mut to_send, check_timeout).await;
+    let probed =
+        probe_new_exchanges(&conn, &exchanges, &mut to_send, check_timeout, &answers).await;
     unsent.extend(probed.unsent);
 
     let options = BasicPublishOptions {

@@ -253,7 +253,9 @@ impl Signals {
                 (&c.nacked, Some(&m.nacked))
             }
             FailureReason::Returned { .. } => (&c.returned, Some(&m.returned)),
-            FailureReason::ConfirmTimeout(_) => (&c.timed_out, Some(&m.timed_out)),
+            FailureReason::ConfirmTimeout(_) | FailureReason::ConfirmTimeoutUnavailable(_) => {
+                (&c.timed_out, Some(&m.timed_out))
+            }
             FailureReason::ChannelLost(_) => (&c.channel_lost, None),
             FailureReason::Rejected(_)
             | FailureReason::Unpublishable(_)

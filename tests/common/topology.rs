@@ -167,6 +167,34 @@ impl Topology {
         0
     }
 
+    /// Which node leads quorum queue `queue` (asked of the first node that answers).
+    pub async fn quorum_leader(&self, queue: &str) -> Option<usize> {
+        for node in &self.nodes {
+            let Ok(out) = tokio::process::Command::new(script("rabbit-node"))
+                .args(["ctl", &node.name, &self.dir_arg(), "list_queues", "-q"])
+                .args(["name", "leader"])
+                .output()
+                .await
+            else {
+                continue;
+            };
+            if !out.status.success() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let leader = text
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(queue))
+                .and_then(|l| l.split_whitespace().nth(1))?
+                .to_string();
+            return self
+                .nodes
+                .iter()
+                .position(|n| leader == format!("{}@localhost", n.name));
+        }
+        None
+    }
+
     /// Which node holds the client connection named `connection_name` (asked of the
     /// first node that answers); `None` when no node lists it.
     pub async fn node_of(&self, connection_name: &str) -> Option<usize> {

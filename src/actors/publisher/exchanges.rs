@@ -13,7 +13,7 @@ use lapin::{
     Channel, Connection, ExchangeKind,
 };
 
-use super::{probe, Prepared};
+use super::{probe, stuck::ChannelAnswers, Prepared};
 use crate::{
     actors::confirms::Published,
     broker::{ChannelClose, REFUSAL_REMEMBERED},
@@ -234,6 +234,7 @@ pub(super) async fn probe_new_exchanges(
     exchanges: &HashMap<String, bool>,
     to_send: &mut Vec<(Delivery, Prepared, u64)>,
     bound: Duration,
+    answers: &ChannelAnswers,
 ) -> Probed {
     let mut out = Probed::default();
     for name in exchanges
@@ -263,7 +264,9 @@ pub(super) async fn probe_new_exchanges(
                 delivery: d,
                 token,
                 channel: 0, // not the publishing channel: never blamed for its closes
-                confirm,
+                // A nacked probe counts in the engine's run of nacks (a majority loss nacks
+                // it first), not in the publishing channel's.
+                confirm: Box::pin(answers.watch_probe(confirm)),
             }),
             probe::Probe::Refused(close) => {
                 tracing::warn!(exchange = %name, code = close.code, reason = %close.text,
