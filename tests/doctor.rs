@@ -80,6 +80,10 @@ async fn a_good_setup_passes_every_check() {
         assert!(line(&report, check).starts_with("ok "), "{report}");
     }
     assert!(
+        line(&report, "database").contains(", the server at "),
+        "which host answered: {report}"
+    );
+    assert!(
         line(&report, "exchanges").contains("(3 open rows)"),
         "{report}"
     );

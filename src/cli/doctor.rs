@@ -193,10 +193,13 @@ async fn database(config: &Config, out: &mut Vec<Check>) -> Option<AsyncPgConnec
             "database",
             Verdict::Ok,
             format!(
-                "{} reachable: PostgreSQL {}, TLS {}",
+                "{} reachable: PostgreSQL {}, TLS {}{}",
                 url.redacted(),
                 s.version,
-                s.tls
+                s.tls,
+                s.answered
+                    .map(|at| format!(", the server at {at}"))
+                    .unwrap_or_default()
             ),
         ),
         Err(e) => Check::new("database", Verdict::Warn, format!("connected, but {e}")),
@@ -253,16 +256,22 @@ struct Server {
     version: String,
     #[diesel(sql_type = Text)]
     tls: String,
+    /// The address and port the server took this connection on (`None` over a Unix
+    /// socket): which host of a multi-host URL answered.
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    answered: Option<String>,
 }
 
-/// The server's version and this connection's TLS, in a transaction of its own (see
-/// `store::begin`: behind PgBouncer no statement is left on a server connection).
+/// The server's version, this connection's TLS and where the server took it, in a
+/// transaction of its own (see `store::begin`: behind PgBouncer no statement is left on a
+/// server connection).
 async fn server(conn: &mut AsyncPgConnection) -> Result<Server, StoreError> {
     begin(conn, None).await?;
     let read = sql_query(
         "SELECT current_setting('server_version') AS version,
                 coalesce((SELECT CASE WHEN ssl THEN version ELSE 'off' END
-                          FROM pg_stat_ssl WHERE pid = pg_backend_pid()), 'off') AS tls",
+                          FROM pg_stat_ssl WHERE pid = pg_backend_pid()), 'off') AS tls,
+                host(inet_server_addr()) || ':' || inet_server_port() AS answered",
     )
     .get_result::<Server>(conn)
     .await;
