@@ -65,10 +65,17 @@ impl PgTarget {
             reason: url.scrub(&reason),
         };
         let (rest, keys) = split_tls_keys(url.expose());
+        let (rest, tcp) = split_tcp_keys(&rest).map_err(rejected)?;
         let rest = split_host_lists(&query_hosts_win(&rest));
         let mut config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e: tokio_postgres::Error| rejected(cause_chain(&e)))?;
+        if let Some(t) = tcp.user_timeout {
+            config.tcp_user_timeout(t);
+        }
+        if let Some(n) = tcp.keepalives_count {
+            config.keepalives_retries(n);
+        }
         // What the driver checks only when it connects, named now: one port for every host
         // or one each (libpq's `?host=a,b&port=5432,5433` form counts them apart).
         let (hosts, ports) = (config.get_hosts().len(), config.get_ports().len());
@@ -239,9 +246,43 @@ fn split_tls_keys(raw: &str) -> (String, TlsKeys) {
         };
         *slot = Some(value);
     }
+    (with_query(head, &kept), keys)
+}
+
+/// libpq's TCP keys that the driver reads otherwise (see [`split_tcp_keys`]).
+#[derive(Debug, Default, PartialEq)]
+struct TcpKeys {
+    user_timeout: Option<Duration>,
+    keepalives_count: Option<u32>,
+}
+
+/// Takes out the TCP keys whose meaning the driver does not share with libpq:
+/// `tcp_user_timeout` is milliseconds in libpq and seconds in the driver (a libpq URL's
+/// `30000`, 30 s, would have been over 8 hours; `0` is the system's default), and libpq's
+/// `keepalives_count` is the driver's `keepalives_retries` (which refused the URL).
+fn split_tcp_keys(raw: &str) -> Result<(String, TcpKeys), String> {
+    let (head, kept, taken) = take_query_keys(raw, &["tcp_user_timeout", "keepalives_count"]);
+    let mut keys = TcpKeys::default();
+    for (name, value) in taken {
+        let n: u32 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{name}` must be a whole number, not `{value}`"))?;
+        match name.as_str() {
+            "tcp_user_timeout" => {
+                keys.user_timeout = (n > 0).then(|| Duration::from_millis(n.into()))
+            }
+            _ => keys.keepalives_count = Some(n),
+        }
+    }
+    Ok((with_query(head, &kept), keys))
+}
+
+/// `head` with the query pairs `kept`, if any.
+fn with_query(head: &str, kept: &[&str]) -> String {
     match kept.is_empty() {
-        true => (head.to_string(), keys),
-        false => (format!("{head}?{}", kept.join("&")), keys),
+        true => head.to_string(),
+        false => format!("{head}?{}", kept.join("&")),
     }
 }
 
@@ -587,6 +628,40 @@ mod tests {
         };
         assert_eq!(from_env(&url_mode, env).as_deref(), Some("PGSSLROOTCERT"));
         assert_eq!(from_env(&TlsKeys::default(), |_| None), None);
+    }
+
+    #[test]
+    fn libpqs_tcp_keys_keep_libpqs_units_and_names() {
+        let url = SecretUrl::new(
+            "postgres://u@h1,h2/db?tcp_user_timeout=30000&keepalives_idle=30&keepalives_count=3",
+        );
+        let target = PgTarget::parse(&url).expect("parses");
+        assert_eq!(
+            target.config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30)),
+            "milliseconds, as in libpq"
+        );
+        assert_eq!(target.config.get_keepalives_retries(), Some(3));
+        assert_eq!(target.config.get_keepalives_idle(), Duration::from_secs(30));
+        for config in per_host(&target.config) {
+            assert_eq!(
+                config.get_tcp_user_timeout(),
+                Some(&Duration::from_secs(30))
+            );
+            assert_eq!(config.get_keepalives_retries(), Some(3));
+        }
+        let zero = PgTarget::parse(&SecretUrl::new("postgres://u@h/db?tcp_user_timeout=0"));
+        assert_eq!(zero.expect("parses").config.get_tcp_user_timeout(), None);
+        let bad = PgTarget::parse(&SecretUrl::new("postgres://u@h/db?keepalives_count=lots"));
+        let reason = match bad {
+            Err(StoreError::Rejected { reason, .. }) => reason,
+            Err(other) => panic!("rejected otherwise: {other}"),
+            Ok(_) => panic!("a count that is no number was taken"),
+        };
+        assert!(
+            reason.contains("`keepalives_count` must be a whole number, not `lots`"),
+            "{reason}"
+        );
     }
 
     #[test]
