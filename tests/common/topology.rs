@@ -143,13 +143,13 @@ impl Topology {
         run_script("rabbit-node", &all).await;
     }
 
-    /// How many members of quorum queue `queue` are online (asked of the first node that
-    /// answers). A node that was restarted counts only once its member has recovered.
-    pub async fn quorum_online(&self, queue: &str) -> usize {
+    /// `rabbitmqctl list_queues -q name COLUMN`'s line for `queue`, asked of the first node
+    /// that answers, split into its fields after the name.
+    async fn queue_fields(&self, queue: &str, column: &str) -> Option<Vec<String>> {
         for node in &self.nodes {
             let Ok(out) = tokio::process::Command::new(script("rabbit-node"))
                 .args(["ctl", &node.name, &self.dir_arg(), "list_queues", "-q"])
-                .args(["name", "online"])
+                .args(["name", column])
                 .output()
                 .await
             else {
@@ -159,40 +159,32 @@ impl Topology {
                 continue;
             }
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            return text
+            let line = text
                 .lines()
-                .find(|l| l.split_whitespace().next() == Some(queue))
-                .map_or(0, |l| l.matches("@localhost").count());
+                .find(|l| l.split_whitespace().next() == Some(queue))?;
+            return Some(line.split_whitespace().skip(1).map(String::from).collect());
         }
-        0
+        None
+    }
+
+    /// How many members of quorum queue `queue` are online (asked of the first node that
+    /// answers). A node that was restarted counts only once its member has recovered.
+    pub async fn quorum_online(&self, queue: &str) -> usize {
+        self.queue_fields(queue, "online")
+            .await
+            .map_or(0, |f| f.concat().matches("@localhost").count())
     }
 
     /// Which node leads quorum queue `queue` (asked of the first node that answers).
     pub async fn quorum_leader(&self, queue: &str) -> Option<usize> {
-        for node in &self.nodes {
-            let Ok(out) = tokio::process::Command::new(script("rabbit-node"))
-                .args(["ctl", &node.name, &self.dir_arg(), "list_queues", "-q"])
-                .args(["name", "leader"])
-                .output()
-                .await
-            else {
-                continue;
-            };
-            if !out.status.success() {
-                continue;
-            }
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let leader = text
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(queue))
-                .and_then(|l| l.split_whitespace().nth(1))?
-                .to_string();
-            return self
-                .nodes
-                .iter()
-                .position(|n| leader == format!("{}@localhost", n.name));
-        }
-        None
+        let leader = self
+            .queue_fields(queue, "leader")
+            .await?
+            .into_iter()
+            .next()?;
+        self.nodes
+            .iter()
+            .position(|n| leader == format!("{}@localhost", n.name))
     }
 
     /// Which node holds the client connection named `connection_name` (asked of the
