@@ -196,6 +196,13 @@ pub enum FailureReason {
     ConfirmTimeoutUnavailable(Duration),
     /// The channel or connection failed before the confirm arrived.
     ChannelLost(String),
+    /// The broker left a request the publish depends on unanswered (the exchange's passive
+    /// declare), and answered other publishes meanwhile; charged. While it answers nothing
+    /// at all (a quorum queue without its majority stops a connection's reads), the same
+    /// failure is refunded as [`FailureReason::ChannelLost`], within
+    /// `retry.nacks_refunded_for` (see `actors::publisher::stuck`): unbounded refunds kept
+    /// every row of such an outage `in_flight`, unpublished, for as long as it lasted.
+    Unanswered(String),
     /// The message was not sent because its exchange does not exist (yet: it may be
     /// declared later, so the row keeps its backoff).
     Rejected(String),
@@ -289,6 +296,7 @@ impl fmt::Display for FailureReason {
                 humantime::format_duration(*d)
             ),
             FailureReason::ChannelLost(why) => write!(f, "channel lost before confirm: {why}"),
+            FailureReason::Unanswered(why) => write!(f, "not published: {why}"),
             FailureReason::Rejected(why) => write!(f, "not published: {why}"),
             FailureReason::Unpublishable(why) => {
                 write!(f, "can never be published, so not retried: {why}")

@@ -681,6 +681,69 @@ async fn a_majority_loss_that_answers_nothing_charges_no_row() {
     drop(broker);
 }
 
+/// The refund of a silent majority loss is bounded: rows written during a loss that
+/// outlasts `retry.nacks_refunded_for` are charged once it is over, and reach their dead
+/// letter while the majority is still lost. The node stops reading a connection whose
+/// publishes it cannot commit, so after 30 s (when the engine checks the exchange again)
+/// its passive declares go unanswered too: an outside audit saw every row of a 10-minute
+/// loss held `in_flight` that way, unpublished and refunded, for the whole loss.
+#[actix_rt::test]
+#[ignore = "topology: starts a 3-node RabbitMQ cluster (serial CI step)"]
+async fn a_majority_loss_longer_than_the_refund_dead_letters_its_rows_in_time() {
+    let cluster = Topology::cluster("b", 5711, 3).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let db = TestDb::new("bounded").await;
+    let broker = TestBroker::at(&urls[0], "bounded", quorum()).await;
+    let leader = eventually(30, "the quorum queue's leader", || {
+        cluster.quorum_leader(&broker.queue)
+    })
+    .await;
+    let mut config = db.engine_config();
+    config.broker.url = BrokerUrls::from(SecretUrl::new(&urls[leader]));
+    config.broker.connect_timeout = Duration::from_secs(2);
+    config.retry.confirm_timeout = Duration::from_secs(2);
+    config.retry.max_attempts = 1;
+    let bound = Duration::from_secs(40);
+    config.retry.nacks_refunded_for = bound;
+    let engine = Engine::start(config).await.expect("engine");
+    let store = db.store().await;
+    for i in (0..3).filter(|i| *i != leader) {
+        cluster.stop(i).await;
+    }
+    let lost = Instant::now();
+    let rows: Vec<OutboxMessage> = (0..3_000)
+        .map(|i| OutboxMessage::new(&broker.exchange, format!("routed.{i}"), vec![b'm'; 64]))
+        .collect();
+    store.enqueue_many(&rows).await.expect("enqueue");
+    let ids: Vec<Uuid> = rows.iter().map(|m| m.id).collect();
+    let outcomes = engine
+        .wait_for_all(&ids, bound + Duration::from_secs(60))
+        .await
+        .expect("every row settles while the majority is lost");
+    let settled = lost.elapsed();
+    let dead = outcomes
+        .values()
+        .filter(|o| matches!(o, Outcome::DeadLettered(_)))
+        .count();
+    eprintln!(
+        "majority lost for good: {dead} of {} rows dead-lettered, all settled {settled:?} after the loss (bound {bound:?})",
+        ids.len()
+    );
+    assert_eq!(dead, ids.len(), "{outcomes:?}");
+    assert!(settled >= bound, "charged before the bound: {settled:?}");
+    // Once the bound is over, each round of held rows is charged within its check's
+    // `connect_timeout` (here 48 s in all; 81 s when unanswered checks were refunded for good).
+    assert!(
+        settled < bound + Duration::from_secs(30),
+        "held past the bound: {settled:?}"
+    );
+    engine.shutdown().await;
+    for i in (0..3).filter(|i| *i != leader) {
+        cluster.start(i, None).await;
+    }
+    drop(broker);
+}
+
 /// A memory alarm longer than `retry.confirm_timeout` while rows are mid-stream: the broker
 /// blocks the engine's connections and reads nothing more from them, so no confirm can come.
 /// The confirm deadlines stand still meanwhile: no row is charged an attempt (before, every

@@ -351,6 +351,22 @@ impl ConfirmTracker {
         }
     }
 
+    /// A request the broker left unanswered for `broker.connect_timeout` (see
+    /// `FailureReason::Unanswered`): refunded like a lost channel while nothing the engine
+    /// published since it was asked has been acked, within the bound of the engine's run.
+    fn judge_unanswered(&self, why: String) -> FailureReason {
+        let now = Instant::now();
+        let (waited, refunded_for) = (
+            self.config.broker.connect_timeout,
+            self.config.retry.nacks_refunded_for,
+        );
+        let asked = now.checked_sub(waited).unwrap_or(now);
+        match self.nacks.silent(asked, now, refunded_for) {
+            true => FailureReason::ChannelLost(why),
+            false => FailureReason::Unanswered(why),
+        }
+    }
+
     /// Judges the undecided nacks again.
     fn rejudge(&mut self, out: &mut Outcomes) {
         for (delivery, nacked) in std::mem::take(&mut self.undecided) {
@@ -573,6 +589,10 @@ impl Handler<Unsent> for ConfirmTracker {
     fn handle(&mut self, msg: Unsent, _: &mut Context<Self>) {
         let mut out = Outcomes::default();
         for (delivery, reason) in msg.0 {
+            let reason = match reason {
+                FailureReason::Unanswered(why) => self.judge_unanswered(why),
+                other => other,
+            };
             self.fail(delivery, reason, &mut out);
         }
         self.send(out);

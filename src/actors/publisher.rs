@@ -554,7 +554,7 @@ async fn publish_round(
     } = on;
     let mut exchanges = HashMap::new();
     let mut unsent = Vec::new();
-    let mut check_failed: Option<String> = None;
+    let mut check_failed: Option<FailureReason> = None;
     let mut channels_exhausted = false;
     for name in unknown {
         // Bounded: a stalled broker must not hold the publisher (and its mailbox) forever.
@@ -564,14 +564,18 @@ async fn publish_round(
             }
             Ok(Err(CheckFailed { why, exhausted })) => {
                 channels_exhausted |= exhausted;
-                check_failed = Some(why);
+                check_failed = Some(FailureReason::ChannelLost(format!(
+                    "exchange check failed: {why}"
+                )));
             }
             Err(_) => {
                 side = None;
-                check_failed = Some(format!(
-                    "no answer to a passive declare within {}",
+                // Judged by the ConfirmTracker: refunded only while the broker answers
+                // nothing else either (see `FailureReason::Unanswered`).
+                check_failed = Some(FailureReason::Unanswered(format!(
+                    "exchange check failed: no answer to a passive declare within {}",
                     humantime::format_duration(check_timeout)
-                ));
+                )));
             }
         }
     }
@@ -584,12 +588,10 @@ async fn publish_round(
                 let why = format!("exchange `{ex}` does not exist (404 NOT_FOUND)");
                 unsent.push((d, FailureReason::Rejected(why)));
             }
-            None if !ex.is_empty() && check_failed.is_some() && !exchanges.contains_key(ex) => {
-                let why = check_failed.clone().unwrap_or_default();
-                unsent.push((
-                    d,
-                    FailureReason::ChannelLost(format!("exchange check failed: {why}")),
-                ));
+            None if !ex.is_empty() && !exchanges.contains_key(ex) && check_failed.is_some() => {
+                if let Some(why) = check_failed.clone() {
+                    unsent.push((d, why));
+                }
             }
             _ => to_send.push((d, p, token)),
         }

@@ -256,7 +256,7 @@ impl Signals {
             FailureReason::ConfirmTimeout(_) | FailureReason::ConfirmTimeoutUnavailable(_) => {
                 (&c.timed_out, Some(&m.timed_out))
             }
-            FailureReason::ChannelLost(_) => (&c.channel_lost, None),
+            FailureReason::ChannelLost(_) | FailureReason::Unanswered(_) => (&c.channel_lost, None),
             FailureReason::Rejected(_)
             | FailureReason::Unpublishable(_)
             | FailureReason::Refused { .. }
