@@ -22,9 +22,24 @@ static MALLOC_CONF: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 fn main() {
     let cli = courier::cli::Cli::parse();
+    if cli.prints_a_report() {
+        end_quietly_when_the_reader_goes();
+    }
     if let Err(failure) = courier::cli::run(cli) {
         eprintln!("error: {}", one_line(failure.error()));
         std::process::exit(failure.exit_code());
+    }
+}
+
+/// Rust ignores SIGPIPE, so a `println!` into a pipe whose reader has gone panics ("failed
+/// printing to stdout: Broken pipe", with a backtrace: an outside audit's `courier status |
+/// head`). A report command takes the signal's default back and ends as `ls | head` does.
+/// Not the engine: its sockets must see EPIPE as an error, not end the process.
+fn end_quietly_when_the_reader_goes() {
+    // SAFETY: sets one signal's disposition to its default before any other thread
+    // exists; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

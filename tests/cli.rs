@@ -106,6 +106,59 @@ fn migrate_twice_then_status() {
     drop(common::TestDbGuard(schema));
 }
 
+/// A report read by a pipe that closes early (`courier status --watch | head -1`) ends as
+/// Unix tools do, by SIGPIPE, without a panic (it printed "failed printing to stdout: Broken
+/// pipe" with a backtrace).
+#[test]
+fn a_report_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let schema = common::unique_name("clipipe");
+    let _guard = common::TestDbGuard(schema.clone());
+    let mut cmd = common::courier_command();
+    cmd.args(["status", "--watch"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("COURIER_DATABASE_URL", common::database_url())
+        .env("COURIER_DATABASE_SCHEMA", &schema)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let migrated = courier(
+        &["migrate"],
+        &[
+            ("COURIER_DATABASE_URL", common::database_url().as_str()),
+            ("COURIER_DATABASE_SCHEMA", schema.as_str()),
+        ],
+    );
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let mut child = cmd.spawn().expect("run courier status --watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut first = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first)
+        .expect("the first report line");
+    // The reader is gone (dropped above): the next refresh, a second later, writes into a
+    // closed pipe. Bounded: a process that goes on is killed and fails the test.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let status = child.wait().expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        let _ = tx.send((status, stderr));
+    });
+    let Ok((status, stderr)) = rx.recv_timeout(std::time::Duration::from_secs(15)) else {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        panic!("courier status --watch went on writing into a closed pipe");
+    };
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    const SIGPIPE: i32 = 13;
+    assert_eq!(status.signal(), Some(SIGPIPE), "{status:?} {stderr}");
+}
+
 /// [`courier`] off the test's runtime thread, so an engine running on that thread keeps
 /// beating meanwhile.
 async fn courier_beside(args: &[&str], env: &[(&str, String)]) -> Output {

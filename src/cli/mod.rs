@@ -35,6 +35,15 @@ pub struct Cli {
     pub(crate) command: Command,
 }
 
+impl Cli {
+    /// Whether the command prints a report and ends (every command but `run` and `demo`):
+    /// one whose reader goes away early (`courier status --watch | head`) should end quietly
+    /// then, as Unix tools do.
+    pub fn prints_a_report(&self) -> bool {
+        !matches!(self.command, Command::Run | Command::Demo { .. })
+    }
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
