@@ -598,6 +598,26 @@ async fn rows_over_the_brokers_max_message_size_are_dead_lettered_at_their_first
     drop(broker);
 }
 
+/// A 3-node cluster with a quorum queue, and an engine configuration that publishes to the
+/// queue's leader only: its node, its index and the rest.
+async fn led_quorum_queue(
+    tag: &str,
+    base: u16,
+    name: &str,
+) -> (Topology, TestDb, TestBroker, usize, courier::Config) {
+    let cluster = Topology::cluster(tag, base, 3).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let db = TestDb::new(name).await;
+    let broker = TestBroker::at(&urls[0], name, quorum()).await;
+    let leader = eventually(30, "the quorum queue's leader", || {
+        cluster.quorum_leader(&broker.queue)
+    })
+    .await;
+    let mut config = db.engine_config();
+    config.broker.url = BrokerUrls::from(SecretUrl::new(&urls[leader]));
+    (cluster, db, broker, leader, config)
+}
+
 /// A quorum queue that loses its majority while its leader lives answers nothing at all
 /// (RabbitMQ 3.10.8; with the leader among the lost nodes it nacks for a few seconds first):
 /// every attempt ends at `retry.confirm_timeout` with nothing the engine published acked
@@ -608,16 +628,7 @@ async fn rows_over_the_brokers_max_message_size_are_dead_lettered_at_their_first
 #[actix_rt::test]
 #[ignore = "topology: starts a 3-node RabbitMQ cluster (serial CI step)"]
 async fn a_majority_loss_that_answers_nothing_charges_no_row() {
-    let cluster = Topology::cluster("s", 5701, 3).await;
-    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
-    let db = TestDb::new("silent").await;
-    let broker = TestBroker::at(&urls[0], "silent", quorum()).await;
-    let leader = eventually(30, "the quorum queue's leader", || {
-        cluster.quorum_leader(&broker.queue)
-    })
-    .await;
-    let mut config = db.engine_config();
-    config.broker.url = BrokerUrls::from(SecretUrl::new(&urls[leader]));
+    let (cluster, db, broker, leader, mut config) = led_quorum_queue("s", 5701, "silent").await;
     config.retry.confirm_timeout = Duration::from_secs(2);
     config.retry.max_attempts = 2;
     let engine = Engine::start(config).await.expect("engine");
@@ -690,16 +701,7 @@ async fn a_majority_loss_that_answers_nothing_charges_no_row() {
 #[actix_rt::test]
 #[ignore = "topology: starts a 3-node RabbitMQ cluster (serial CI step)"]
 async fn a_majority_loss_longer_than_the_refund_dead_letters_its_rows_in_time() {
-    let cluster = Topology::cluster("b", 5711, 3).await;
-    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
-    let db = TestDb::new("bounded").await;
-    let broker = TestBroker::at(&urls[0], "bounded", quorum()).await;
-    let leader = eventually(30, "the quorum queue's leader", || {
-        cluster.quorum_leader(&broker.queue)
-    })
-    .await;
-    let mut config = db.engine_config();
-    config.broker.url = BrokerUrls::from(SecretUrl::new(&urls[leader]));
+    let (cluster, db, broker, leader, mut config) = led_quorum_queue("b", 5711, "bounded").await;
     config.broker.connect_timeout = Duration::from_secs(2);
     config.retry.confirm_timeout = Duration::from_secs(2);
     config.retry.max_attempts = 1;
