@@ -76,7 +76,9 @@ fn confirm_tracking(c: &mut Criterion) {
                     }
                     for (i, id) in chunk.iter().enumerate() {
                         let token = (chunk_no * 1000 + i) as u64;
-                        if let Some(Settled::Ack(mut d)) = table.settle(*id, token, Answer::Ack) {
+                        if let Some((Settled::Ack(mut d), _)) =
+                            table.settle(*id, token, Answer::Ack)
+                        {
                             d.ack().expect("ack");
                             confirmed += 1;
                         }

@@ -386,9 +386,10 @@ pub struct RetryConfig {
     pub max_attempts: u32,
     /// Delay between attempts.
     pub backoff: BackoffConfig,
-    /// How long, from its first nack or unanswered publish, an engine whose every publish is
-    /// nacked or unanswered (a quorum queue without its majority) has those nacks and
-    /// confirm timeouts refunded instead of charged; `0s`: every one is charged.
+    /// How long, from the first of its failed publishes, an engine whose publishes are
+    /// nacked or unanswered with no later one acked (a quorum queue without its majority)
+    /// has those nacks and confirm timeouts refunded instead of charged; `0s`: every one is
+    /// charged.
     #[serde(with = "humantime_serde")]
     pub nacks_refunded_for: Duration,
 }

@@ -29,11 +29,11 @@ use uuid::Uuid;
 
 use crate::{
     actors::{
-        confirms::ConfirmTracker,
+        confirms::{ConfirmTracker, Outage},
         dead_letter::DeadLetterActor,
         heartbeat::{Heartbeat, StopBeating},
         ledger::{Flushed, Ledger, ReleaseAll},
-        publisher::{ExchangeBook, Isolation, Lane, NackRun, Publisher, Suspects},
+        publisher::{ExchangeBook, Isolation, Lane, Publisher, Suspects},
         retention::{Retention, RunRetention},
         scheduler::{Outstanding, Peers, Scheduler, StopClaiming, Wake},
     },
@@ -164,8 +164,9 @@ impl Engine {
             lifecycle.clone(),
         )
         .start();
-        // One run of nacks for the engine: a retry may go out on another connection.
-        let nacks = NackRun::default();
+        // One run of failed publishes for the engine: a retry may go out on another
+        // connection.
+        let outage = Outage::default();
         let publishers = (0..config.publisher.connections as usize)
             .map(|lane| {
                 let tracker = ConfirmTracker::new(
@@ -175,7 +176,7 @@ impl Engine {
                     scheduler.clone(),
                     signals.clone(),
                     suspects.clone(),
-                    nacks.clone(),
+                    outage.clone(),
                 )
                 .start();
                 let publisher = Publisher::new(
@@ -184,7 +185,6 @@ impl Engine {
                         exchanges: exchanges.clone(),
                         suspects: suspects.clone(),
                         isolation: isolation.clone(),
-                        nacks: nacks.clone(),
                     },
                     config.clone(),
                     tracker,

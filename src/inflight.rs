@@ -177,9 +177,9 @@ impl InFlightTable {
         }
     }
 
-    /// Settles publish `token` of message `id`. `None` when that publish is no longer the
-    /// current one (the message timed out, or was re-published since).
-    pub fn settle(&mut self, id: Uuid, token: u64, answer: Answer) -> Option<Settled> {
+    /// Settles publish `token` of message `id`, with its deadline. `None` when that publish
+    /// is no longer the current one (the message timed out, or was re-published since).
+    pub fn settle(&mut self, id: Uuid, token: u64, answer: Answer) -> Option<(Settled, Instant)> {
         if self.entries.get(&id)?.token != token {
             return None;
         }
@@ -189,7 +189,7 @@ impl InFlightTable {
         };
         let entry = self.entries.remove(&id)?;
         let returned = self.returned.remove(&id);
-        Some(match (answer, returned) {
+        let settled = match (answer, returned) {
             (Answer::Ack, None) => Settled::Ack(entry.delivery),
             (Answer::Ack | Answer::Nack, Some(reason)) => Settled::Failed(entry.delivery, reason),
             (Answer::Nack, None) => Settled::Failed(entry.delivery, FailureReason::Nacked),
@@ -200,7 +200,8 @@ impl InFlightTable {
                 entry.delivery,
                 blamed.unwrap_or(FailureReason::ChannelLost(close.text)),
             ),
-        })
+        };
+        Some((settled, entry.deadline))
     }
 
     /// Removes every message whose deadline has passed; each with its deadline.
@@ -263,7 +264,7 @@ mod tests {
         t.insert(d, 1, Instant::now() + Duration::from_secs(5));
         assert!(matches!(
             t.settle(id, 1, Answer::Ack),
-            Some(Settled::Ack(_))
+            Some((Settled::Ack(_), _))
         ));
         assert!(t.settle(id, 1, Answer::Ack).is_none());
         assert!(t.is_empty());
@@ -277,7 +278,7 @@ mod tests {
         t.insert(d, 1, Instant::now() + Duration::from_secs(5));
         assert_eq!(t.note_return(id, returned()), ReturnNote::Recorded);
         match t.settle(id, 1, Answer::Ack) {
-            Some(Settled::Failed(_, FailureReason::Returned { code: 312, .. })) => {}
+            Some((Settled::Failed(_, FailureReason::Returned { code: 312, .. }), _)) => {}
             other => panic!("{other:?}"),
         }
     }
@@ -313,9 +314,9 @@ mod tests {
         Delivery::claimed(m, 3)
     }
 
-    fn charged(s: Option<Settled>) -> bool {
+    fn charged(s: Option<(Settled, Instant)>) -> bool {
         match s {
-            Some(Settled::Failed(_, reason)) => !reason.is_collateral(),
+            Some((Settled::Failed(_, reason), _)) => !reason.is_collateral(),
             other => panic!("{other:?}"),
         }
     }
@@ -335,7 +336,7 @@ mod tests {
         t.insert_on(good2, 3, 7, later);
         assert!(!charged(t.settle(ids[0], 1, Answer::Closed(close.clone()))));
         match t.settle(ids[1], 2, Answer::Closed(close.clone())) {
-            Some(Settled::Failed(_, FailureReason::Refused { code: 403, text })) => {
+            Some((Settled::Failed(_, FailureReason::Refused { code: 403, text }), _)) => {
                 assert!(text.contains("'bad'"))
             }
             other => panic!("{other:?}"),
@@ -361,7 +362,7 @@ mod tests {
         assert!(!charged(t.settle(s_id, 1, Answer::Closed(close.clone()))));
         // Over the broker's own limit, no attempt can succeed: dead-lettered at once.
         match t.settle(b_id, 2, Answer::Closed(close)) {
-            Some(Settled::Failed(_, FailureReason::Unpublishable(why))) => {
+            Some((Settled::Failed(_, FailureReason::Unpublishable(why)), _)) => {
                 assert!(why.contains("max_message_size"), "{why}")
             }
             other => panic!("{other:?}"),
@@ -403,7 +404,7 @@ mod tests {
         }
         assert!(matches!(
             t.settle(ids[0], 10, Answer::Ack),
-            Some(Settled::Ack(_))
+            Some((Settled::Ack(_), _))
         ));
         // Settled out of order: the lowest unconfirmed token of the channel is charged,
         // whichever confirm is read first.
@@ -427,7 +428,7 @@ mod tests {
         assert_eq!(t.expire(now).len(), 1);
         assert!(matches!(
             t.settle(b_id, 2, Answer::Lost("reset".into())),
-            Some(Settled::Failed(_, FailureReason::ChannelLost(_)))
+            Some((Settled::Failed(_, FailureReason::ChannelLost(_)), _))
         ));
     }
 }

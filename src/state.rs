@@ -176,10 +176,10 @@ impl FromStr for Status {
 pub enum FailureReason {
     /// The broker answered `basic.nack`.
     Nacked,
-    /// The broker answered `basic.nack` while it had nacked every publish of the engine for
-    /// a while: the queue is unavailable (a quorum queue without its majority), not the row at
-    /// fault. Refunded like [`FailureReason::ChannelLost`], for a bounded time (see
-    /// `actors::publisher::stuck`).
+    /// The broker answered `basic.nack` while it had acked nothing the engine published
+    /// after this row for a while: the queue is unavailable (a quorum queue without its
+    /// majority), not the row at fault. Refunded like [`FailureReason::ChannelLost`], for a
+    /// bounded time (see `actors::confirms::outage`).
     NackedUnavailable,
     /// The broker returned it (`basic.return`, e.g. 312 NO_ROUTE): no queue got it.
     Returned {
@@ -191,7 +191,7 @@ pub enum FailureReason {
     /// No confirm arrived within `retry.confirm_timeout`.
     ConfirmTimeout(Duration),
     /// No confirm arrived within `retry.confirm_timeout`, nor an ack for anything else the
-    /// engine published since: the broker or queue is silent (a quorum queue without its
+    /// engine published after it: the broker or queue is silent (a quorum queue without its
     /// majority), not the row at fault. Refunded like [`FailureReason::NackedUnavailable`].
     ConfirmTimeoutUnavailable(Duration),
     /// The channel or connection failed before the confirm arrived.
@@ -200,7 +200,7 @@ pub enum FailureReason {
     /// declare), and answered other publishes meanwhile; charged. While it answers nothing
     /// at all (a quorum queue without its majority stops a connection's reads), the same
     /// failure is refunded as [`FailureReason::ChannelLost`], within
-    /// `retry.nacks_refunded_for` (see `actors::publisher::stuck`): unbounded refunds kept
+    /// `retry.nacks_refunded_for` (see `actors::confirms::outage`): unbounded refunds kept
     /// every row of such an outage `in_flight`, unpublished, for as long as it lasted.
     Unanswered(String),
     /// The message was not sent because its exchange does not exist (yet: it may be

@@ -47,10 +47,15 @@ use lapin::Confirmation;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+mod outage;
+
+use outage::NackVerdict;
+pub use outage::Outage;
+
 use super::{
     dead_letter::{Bury, DeadLetterActor},
     ledger::{Ledger, Record},
-    publisher::{NackRun, NackVerdict, Suspects},
+    publisher::Suspects,
     scheduler::{KeyTurn, Scheduler},
 };
 use crate::{
@@ -120,11 +125,6 @@ pub struct Writing;
 #[rtype(result = "()")]
 pub struct Written;
 
-/// How many messages are tracked.
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct TrackedCount;
-
 /// One resolved confirm.
 struct Resolved {
     id: Uuid,
@@ -159,9 +159,9 @@ pub struct ConfirmTracker {
     signals: Signals,
     /// Shared with the engine's publishers (see `publisher::isolation`).
     suspects: Suspects,
-    /// The engine's run of nacks and silence: a nack or a missed confirm during a run is
-    /// refunded (see `publisher::stuck`).
-    nacks: NackRun,
+    /// The engine's run of failed publishes: a nack or a missed confirm during one is
+    /// refunded (see [`outage`]).
+    outage: Outage,
     in_flight: InFlightTable,
     pump: Option<mpsc::UnboundedSender<ConfirmFuture>>,
     /// Futures sent to the pump so far.
@@ -177,11 +177,13 @@ pub struct ConfirmTracker {
     reported: usize,
     /// Since when the broker blocks the connection's publishers (see [`Blocked`]).
     blocked_since: Option<Instant>,
-    /// Nacks (with when they came) that came in the first second of the engine's run of
-    /// nacks: a nack alone may be the row's, a run a second long is the queue's. Charging
-    /// them at once cost every row nacked at the start of a majority loss an attempt (see
-    /// `publisher::stuck`); they are judged again every [`REJUDGE_EVERY`].
+    /// Nacked rows (with when they were published) not judged yet: a nack alone may be the
+    /// row's, a run a second long is the queue's. Charging them at once cost every row
+    /// nacked at the start of a majority loss an attempt (see [`outage`]); they are judged
+    /// at the end of every batch of answers and, while any waits, every [`REJUDGE_EVERY`].
     undecided: Vec<(Delivery, Instant)>,
+    /// A re-judgement is scheduled.
+    rejudge_armed: bool,
 }
 
 /// How often undecided nacks are judged again.
@@ -196,7 +198,7 @@ impl ConfirmTracker {
         scheduler: Addr<Scheduler>,
         signals: Signals,
         suspects: Suspects,
-        nacks: NackRun,
+        outage: Outage,
     ) -> Self {
         ConfirmTracker {
             config,
@@ -205,7 +207,7 @@ impl ConfirmTracker {
             scheduler,
             signals,
             suspects,
-            nacks,
+            outage,
             in_flight: InFlightTable::new(),
             pump: None,
             sent: 0,
@@ -215,6 +217,7 @@ impl ConfirmTracker {
             reported: 0,
             blocked_since: None,
             undecided: Vec::new(),
+            rejudge_armed: false,
         }
     }
 
@@ -314,10 +317,14 @@ impl ConfirmTracker {
                 }
             },
         };
-        match self.in_flight.settle(r.id, r.token, answer) {
-            None => {} // an earlier publish of a message already settled (e.g. timed out)
-            Some(Settled::Ack(mut delivery)) => match delivery.ack() {
+        let Some((settled, deadline)) = self.in_flight.settle(r.id, r.token, answer) else {
+            return; // an earlier publish of a message already settled (e.g. timed out)
+        };
+        let published = self.published(deadline);
+        match settled {
+            Settled::Ack(mut delivery) => match delivery.ack() {
                 Ok(()) => {
+                    out.acked = out.acked.max(Some(published));
                     self.signals.acked(&delivery.message);
                     tracing::debug!(message_id = %r.id, exchange = %delivery.message.exchange, attempt = delivery.attempts(), "confirmed");
                     out.record.confirmed.push(r.id);
@@ -333,22 +340,38 @@ impl ConfirmTracker {
                     tracing::error!(message_id = %r.id, error = %e, "state machine refused an ack")
                 }
             },
-            Some(Settled::Failed(delivery, FailureReason::Nacked)) => {
-                self.judge_nack(delivery, Instant::now(), out)
+            // Judged once the batch's acks are counted (see `ResolvedBatch`).
+            Settled::Failed(delivery, FailureReason::Nacked) => {
+                self.undecided.push((delivery, published))
             }
-            Some(Settled::Failed(delivery, reason)) => self.fail(delivery, reason, out),
+            Settled::Failed(delivery, reason) => self.fail(delivery, reason, out),
         }
     }
 
-    /// Charges or refunds a nack that came at `nacked`, or keeps it undecided while the
-    /// engine's run of nacks is younger than a second (see `publisher::stuck`).
-    fn judge_nack(&mut self, delivery: Delivery, nacked: Instant, out: &mut Outcomes) {
+    /// When a publish due by `deadline` went out (or later, by the time the broker blocked
+    /// the connection: see [`Blocked`]).
+    fn published(&self, deadline: Instant) -> Instant {
+        deadline
+            .checked_sub(self.config.retry.confirm_timeout)
+            .unwrap_or(deadline)
+    }
+
+    /// Charges or refunds the nack of a publish made at `published`, or keeps it undecided
+    /// while the engine's run of failures is younger than a second (see [`outage`]).
+    fn judge_nack(&mut self, delivery: Delivery, published: Instant, out: &mut Outcomes) {
         let refunded_for = self.config.retry.nacks_refunded_for;
-        match self.nacks.judge(nacked, Instant::now(), refunded_for) {
+        match self.outage.judge(published, Instant::now(), refunded_for) {
             NackVerdict::Charged => self.fail(delivery, FailureReason::Nacked, out),
             NackVerdict::Refunded => self.fail(delivery, FailureReason::NackedUnavailable, out),
-            NackVerdict::Undecided => self.undecided.push((delivery, nacked)),
+            NackVerdict::Undecided => self.undecided.push((delivery, published)),
         }
+    }
+
+    /// Whether the broker leaving a publish (or a request) made at `asked` unanswered until
+    /// now is its silence rather than the row's fault (see [`Outage::silent`]).
+    fn broker_silent(&self, asked: Instant) -> bool {
+        let refunded_for = self.config.retry.nacks_refunded_for;
+        self.outage.silent(asked, Instant::now(), refunded_for)
     }
 
     /// A request the broker left unanswered for `broker.connect_timeout` (see
@@ -356,22 +379,39 @@ impl ConfirmTracker {
     /// published since it was asked has been acked, within the bound of the engine's run.
     fn judge_unanswered(&self, why: String) -> FailureReason {
         let now = Instant::now();
-        let (waited, refunded_for) = (
-            self.config.broker.connect_timeout,
-            self.config.retry.nacks_refunded_for,
-        );
-        let asked = now.checked_sub(waited).unwrap_or(now);
-        match self.nacks.silent(asked, now, refunded_for) {
+        let asked = now
+            .checked_sub(self.config.broker.connect_timeout)
+            .unwrap_or(now);
+        match self.broker_silent(asked) {
             true => FailureReason::ChannelLost(why),
             false => FailureReason::Unanswered(why),
         }
     }
 
-    /// Judges the undecided nacks again.
+    /// Counts the batch's acks in the engine's run, then judges the undecided nacks again.
     fn rejudge(&mut self, out: &mut Outcomes) {
-        for (delivery, nacked) in std::mem::take(&mut self.undecided) {
-            self.judge_nack(delivery, nacked, out);
+        if let Some(latest) = out.acked.take() {
+            self.outage.acked(latest);
         }
+        for (delivery, published) in std::mem::take(&mut self.undecided) {
+            self.judge_nack(delivery, published, out);
+        }
+    }
+
+    /// Judges the undecided nacks again in [`REJUDGE_EVERY`], unless already scheduled or
+    /// none waits.
+    fn arm_rejudge(&mut self, ctx: &mut Context<Self>) {
+        if self.undecided.is_empty() || self.rejudge_armed {
+            return;
+        }
+        self.rejudge_armed = true;
+        ctx.run_later(REJUDGE_EVERY, |act, ctx| {
+            act.rejudge_armed = false;
+            let mut out = Outcomes::default();
+            act.rejudge(&mut out);
+            act.send(out);
+            act.arm_rejudge(ctx);
+        });
     }
 
     /// Notes the return carried by a confirm, under the returned message's own id.
@@ -426,13 +466,9 @@ impl ConfirmTracker {
             return;
         }
         let mut out = Outcomes::default();
-        let retry = &self.config.retry;
-        let (timeout, refunded_for) = (retry.confirm_timeout, retry.nacks_refunded_for);
-        let now = Instant::now();
+        let timeout = self.config.retry.confirm_timeout;
         for (delivery, deadline) in overdue {
-            // The publish, or later by the time the broker blocked the connection (see `Blocked`).
-            let published = deadline.checked_sub(timeout).unwrap_or(deadline);
-            let reason = if self.nacks.silent(published, now, refunded_for) {
+            let reason = if self.broker_silent(self.published(deadline)) {
                 FailureReason::ConfirmTimeoutUnavailable(timeout)
             } else {
                 FailureReason::ConfirmTimeout(timeout)
@@ -449,6 +485,8 @@ struct Outcomes {
     dead: Vec<(Delivery, String)>,
     /// Keyed rows' answers, for the runs waiting on them.
     turns: Vec<(Uuid, bool)>,
+    /// The latest publish acked, for the engine's run (see [`outage`]).
+    acked: Option<Instant>,
 }
 
 /// Runs every confirm future; batches what resolved together.
@@ -494,13 +532,6 @@ impl Actor for ConfirmTracker {
         let tick = (self.config.retry.confirm_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         ctx.run_interval(tick, |act, _| act.expire());
-        ctx.run_interval(REJUDGE_EVERY, |act, _| {
-            if !act.undecided.is_empty() {
-                let mut out = Outcomes::default();
-                act.rejudge(&mut out);
-                act.send(out);
-            }
-        });
     }
 }
 
@@ -527,7 +558,7 @@ impl Handler<Track> for ConfirmTracker {
 impl Handler<ResolvedBatch> for ConfirmTracker {
     type Result = ();
 
-    fn handle(&mut self, msg: ResolvedBatch, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ResolvedBatch, ctx: &mut Context<Self>) {
         let confirms: Vec<Resolved> = msg
             .items
             .into_iter()
@@ -551,10 +582,9 @@ impl Handler<ResolvedBatch> for ConfirmTracker {
         for r in confirms {
             self.settle_or_hold(r, msg.received, &mut out);
         }
-        if !self.undecided.is_empty() {
-            self.rejudge(&mut out); // an ack among these charges them at once
-        }
+        self.rejudge(&mut out); // an ack of a later publish among these charges them at once
         self.send(out);
+        self.arm_rejudge(ctx);
     }
 }
 
@@ -642,13 +672,5 @@ impl Handler<ConnectionLost> for ConfirmTracker {
             );
         }
         self.send(out);
-    }
-}
-
-impl Handler<TrackedCount> for ConfirmTracker {
-    type Result = usize;
-
-    fn handle(&mut self, _: TrackedCount, _: &mut Context<Self>) -> usize {
-        self.held_rows()
     }
 }

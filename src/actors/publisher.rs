@@ -66,7 +66,6 @@ use exchanges::{exchange_exists, probe_new_exchanges, CheckFailed};
 use isolation::{Isolate, Suspect};
 pub use isolation::{Isolation, Suspects};
 use stuck::ChannelAnswers;
-pub use stuck::{NackRun, NackVerdict};
 
 use super::{
     confirms::{
@@ -128,8 +127,6 @@ pub struct Lane {
     pub suspects: Suspects,
     /// Where suspects are published.
     pub isolation: Addr<Isolation>,
-    /// The engine's run of nacks, shared by every lane and tracker (see `stuck`).
-    pub nacks: NackRun,
 }
 
 /// See the module documentation.
@@ -140,7 +137,6 @@ pub struct Publisher {
     exchanges: ExchangeBook,
     suspects: Suspects,
     isolation: Addr<Isolation>,
-    nacks: NackRun,
     config: Arc<Config>,
     tracker: Addr<ConfirmTracker>,
     scheduler: Addr<Scheduler>,
@@ -167,7 +163,6 @@ impl Publisher {
             exchanges,
             suspects,
             isolation,
-            nacks,
         }: Lane,
         config: Arc<Config>,
         tracker: Addr<ConfirmTracker>,
@@ -181,7 +176,6 @@ impl Publisher {
             exchanges,
             suspects,
             isolation,
-            nacks,
             config,
             tracker,
             scheduler,
@@ -241,10 +235,7 @@ impl Publisher {
                             act.scheduler.clone(),
                             act.signals.clone(),
                         );
-                        act.link = Some(Link {
-                            answers: ChannelAnswers::on(&act.nacks),
-                            ..link
-                        });
+                        act.link = Some(link);
                         act.signals.broker_connected();
                         act.scheduler.do_send(act.ready(true));
                     }
@@ -328,7 +319,7 @@ impl Publisher {
                     act.channels_opened += 1;
                     link.channel = channel;
                     link.channel_no = act.channels_opened;
-                    link.answers = ChannelAnswers::on(&act.nacks);
+                    link.answers = ChannelAnswers::default();
                 }
                 (Err(e), _) => act.lost(ctx, format!("cannot reopen channel: {e}"), false),
                 (Ok(_), None) => {}
@@ -596,8 +587,7 @@ async fn publish_round(
             _ => to_send.push((d, p, token)),
         }
     }
-    let probed =
-        probe_new_exchanges(&conn, &exchanges, &mut to_send, check_timeout, &answers).await;
+    let probed = probe_new_exchanges(&conn, &exchanges, &mut to_send, check_timeout).await;
     unsent.extend(probed.unsent);
 
     let options = BasicPublishOptions {

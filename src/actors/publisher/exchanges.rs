@@ -13,7 +13,7 @@ use lapin::{
     Channel, Connection, ExchangeKind,
 };
 
-use super::{probe, stuck::ChannelAnswers, Prepared};
+use super::{probe, Prepared};
 use crate::{
     actors::confirms::Published,
     broker::{ChannelClose, REFUSAL_REMEMBERED},
@@ -234,7 +234,6 @@ pub(super) async fn probe_new_exchanges(
     exchanges: &HashMap<String, bool>,
     to_send: &mut Vec<(Delivery, Prepared, u64)>,
     bound: Duration,
-    answers: &ChannelAnswers,
 ) -> Probed {
     let mut out = Probed::default();
     for name in exchanges
@@ -263,10 +262,11 @@ pub(super) async fn probe_new_exchanges(
             probe::Probe::Published(confirm) => out.published.push(Published {
                 delivery: d,
                 token,
-                channel: 0, // not the publishing channel: never blamed for its closes
-                // A nacked probe counts in the engine's run of nacks (a majority loss nacks
-                // it first), not in the publishing channel's.
-                confirm: Box::pin(answers.watch_probe(confirm)),
+                // Not the publishing channel: never blamed for its closes, nor counted in its
+                // streak of nacks (the tracker counts it in the engine's run, see
+                // `confirms::outage`).
+                channel: 0,
+                confirm: Box::pin(confirm),
             }),
             probe::Probe::Refused(close) => {
                 tracing::warn!(exchange = %name, code = close.code, reason = %close.text,
