@@ -197,10 +197,9 @@ pub enum FailureReason {
     /// The channel or connection failed before the confirm arrived.
     ChannelLost(String),
     /// The broker left a request the publish depends on unanswered (the exchange's passive
-    /// declare), and answered other publishes meanwhile; charged. While it answers nothing
-    /// at all (a quorum queue without its majority stops a connection's reads), the same
-    /// failure is refunded as [`FailureReason::ChannelLost`], within
-    /// `retry.nacks_refunded_for` (see `actors::confirms::outage`): unbounded refunds kept
+    /// declare: a quorum queue without its majority stops a connection's reads), past
+    /// `retry.nacks_refunded_for`; charged. Within it the same failure is refunded as
+    /// [`FailureReason::ChannelLost`] (see `actors::confirms::outage`): unbounded refunds kept
     /// every row of such an outage `in_flight`, unpublished, for as long as it lasted.
     Unanswered(String),
     /// The message was not sent because its exchange does not exist (yet: it may be

@@ -357,6 +357,55 @@ async fn a_channel_answering_only_nacks_is_replaced_and_rows_keep_their_budget()
     engine.shutdown().await;
 }
 
+/// Nacks among rare acks: a full `reject-publish` queue beside one that takes a message every
+/// 8 s. Each ack of a later publish ends the engine's run of failures, so the run never
+/// outlasts `retry.nacks_refunded_for` and the full queue's row, refunded whenever no such
+/// ack came within its second, reached its budget only through the nacks an ack happened to
+/// follow (about 90 s here, hours with acks minutes apart). No row is refunded for longer
+/// than the bound from its own first refund: then each nack is charged.
+#[actix_rt::test]
+async fn a_full_queue_beside_rare_acks_uses_its_budget_soon_after_the_refund_bound() {
+    let db = TestDb::new("rareacks").await;
+    let mut broker = TestBroker::new("rareacks").await;
+    let nack_exchange = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
+    broker.nacking_queue(&nack_exchange).await;
+    let mut config = db.engine_config();
+    config.retry.max_attempts = 8;
+    config.retry.backoff.initial = Duration::from_millis(300);
+    config.retry.backoff.max = Duration::from_millis(300);
+    config.retry.nacks_refunded_for = Duration::from_secs(10);
+    let engine = start(config).await;
+    let full = OutboxMessage::new(&nack_exchange, "any", b"x".to_vec());
+    let store = db.store().await;
+    store
+        .enqueue_many(std::slice::from_ref(&full))
+        .await
+        .expect("enqueue");
+    // About 10 s refunded, then eight charged nacks about 1.3 s apart.
+    let settled = engine.wait_for(full.id, Duration::from_secs(45));
+    tokio::pin!(settled);
+    let mut trickle = tokio::time::interval(Duration::from_secs(8));
+    let mut good = Vec::new();
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut settled => break outcome.expect("dead-lettered soon after the bound"),
+            _ = trickle.tick() => good.extend(db.insert_sql(&broker.exchange, 1, "routed.{i}").await),
+        }
+    };
+    let why = dead_reason(&outcome);
+    assert!(
+        why.contains("nack") && why.contains("attempt 8 of 8"),
+        "{why}"
+    );
+    let nacked = engine.counters().nacked;
+    assert!(nacked > 8, "refunded before it was charged: {nacked} nacks");
+    engine
+        .wait_for_all(&good, WAIT)
+        .await
+        .expect("the other queue's rows confirmed");
+    engine.shutdown().await;
+}
+
 /// A queue that nacks every publish (RabbitMQ 3.10.8's quorum queue without its majority,
 /// here a full `reject-publish` queue) is the queue's state, not the rows': its nacks cost
 /// no attempt for `retry.nacks_refunded_for`, and the rows are delivered once it takes

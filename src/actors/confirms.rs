@@ -359,30 +359,30 @@ impl ConfirmTracker {
     /// Charges or refunds the nack of a publish made at `published`, or keeps it undecided
     /// while the engine's run of failures is younger than a second (see [`outage`]).
     fn judge_nack(&mut self, delivery: Delivery, published: Instant, out: &mut Outcomes) {
-        let refunded_for = self.config.retry.nacks_refunded_for;
-        match self.outage.judge(published, Instant::now(), refunded_for) {
+        let id = delivery.message.id;
+        match self.outage.judge(id, published, Instant::now()) {
             NackVerdict::Charged => self.fail(delivery, FailureReason::Nacked, out),
             NackVerdict::Refunded => self.fail(delivery, FailureReason::NackedUnavailable, out),
             NackVerdict::Undecided => self.undecided.push((delivery, published)),
         }
     }
 
-    /// Whether the broker leaving a publish (or a request) made at `asked` unanswered until
-    /// now is its silence rather than the row's fault (see [`Outage::silent`]).
-    fn broker_silent(&self, asked: Instant) -> bool {
-        let refunded_for = self.config.retry.nacks_refunded_for;
-        self.outage.silent(asked, Instant::now(), refunded_for)
+    /// Whether the broker leaving row `id`'s publish (or a request for it) made at `asked`
+    /// unanswered until now is its silence rather than the row's fault (see
+    /// [`Outage::silent`]).
+    fn broker_silent(&self, id: Uuid, asked: Instant) -> bool {
+        self.outage.silent(id, asked, Instant::now())
     }
 
     /// A request the broker left unanswered for `broker.connect_timeout` (see
-    /// `FailureReason::Unanswered`): refunded like a lost channel while nothing the engine
-    /// published since it was asked has been acked, within the bound of the engine's run.
-    fn judge_unanswered(&self, why: String) -> FailureReason {
+    /// `FailureReason::Unanswered`): refunded like a lost channel within the bounds of the
+    /// engine's run and of the row's refunds (see [`Outage::unanswered`]).
+    fn judge_unanswered(&self, id: Uuid, why: String) -> FailureReason {
         let now = Instant::now();
         let asked = now
             .checked_sub(self.config.broker.connect_timeout)
             .unwrap_or(now);
-        match self.broker_silent(asked) {
+        match self.outage.unanswered(id, asked, now) {
             true => FailureReason::ChannelLost(why),
             false => FailureReason::Unanswered(why),
         }
@@ -391,7 +391,7 @@ impl ConfirmTracker {
     /// Counts the batch's acks in the engine's run, then judges the undecided nacks again.
     fn rejudge(&mut self, out: &mut Outcomes) {
         if let Some(latest) = out.acked.take() {
-            self.outage.acked(latest);
+            self.outage.acked(latest, &out.record.confirmed);
         }
         for (delivery, published) in std::mem::take(&mut self.undecided) {
             self.judge_nack(delivery, published, out);
@@ -468,7 +468,8 @@ impl ConfirmTracker {
         let mut out = Outcomes::default();
         let timeout = self.config.retry.confirm_timeout;
         for (delivery, deadline) in overdue {
-            let reason = if self.broker_silent(self.published(deadline)) {
+            let id = delivery.message.id;
+            let reason = if self.broker_silent(id, self.published(deadline)) {
                 FailureReason::ConfirmTimeoutUnavailable(timeout)
             } else {
                 FailureReason::ConfirmTimeout(timeout)
@@ -620,7 +621,7 @@ impl Handler<Unsent> for ConfirmTracker {
         let mut out = Outcomes::default();
         for (delivery, reason) in msg.0 {
             let reason = match reason {
-                FailureReason::Unanswered(why) => self.judge_unanswered(why),
+                FailureReason::Unanswered(why) => self.judge_unanswered(delivery.message.id, why),
                 other => other,
             };
             self.fail(delivery, reason, &mut out);

@@ -20,7 +20,19 @@
 //! **Nor is a silence that says so** ([`Outage::silent`]). The same majority loss, with the
 //! queue's leader among the lost nodes, nacks for a few seconds and then answers nothing; with
 //! the leader alive it answers nothing from the start. A publish whose deadline passes with
-//! no later publish acked is refunded the same way, within the same bound.
+//! no later publish acked is refunded the same way, within the same bound; so is a row failed
+//! unpublished because the exchange's passive declare went unanswered, whatever was acked
+//! meanwhile ([`Outage::unanswered`]).
+//!
+//! **No row is refunded for longer than `retry.nacks_refunded_for`** either, counted from its
+//! own first refund, whatever the run: an ack of a later publish ends the run, so beside a
+//! queue that took a message only every few seconds (nacks among rare acks), a full queue's
+//! rows were refunded whenever no such ack came within their second, the run never grew old
+//! enough to be charged, and they reached `max_attempts` only through the nacks an ack
+//! happened to follow — hours, with acks a few minutes apart. Each engine remembers when it
+//! first refunded each row (up to [`ROWS_REMEMBERED`]; forgotten on its ack, or once it has
+//! not come back for `retry.backoff.max` and a minute) and charges every failure of it after
+//! that bound.
 //!
 //! **The run is kept by publish instants, not by when answers arrive.** An ack says the
 //! broker took *that* publish; acks of publishes made just before a loss keep arriving for a
@@ -33,43 +45,77 @@
 //! charge its last.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use uuid::Uuid;
 
 /// How long the engine's publishes must have failed, with no later one acked, before their
 /// failures are the queue's rather than the rows'.
 pub const RUN_BEFORE_REFUND: Duration = Duration::from_secs(1);
 
+/// Rows whose first refund an engine remembers at most (a long loss refunds every row it
+/// tries; past this many, only the run's bound applies to the others).
+pub const ROWS_REMEMBERED: usize = 100_000;
+
 /// The engine's run of failed publishes, shared by its ConfirmTrackers (see the module
 /// documentation).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Outage(Arc<Mutex<Run>>);
 
 impl Outage {
-    /// The broker acked publishes made up to `latest`.
-    pub fn acked(&self, latest: Instant) {
+    /// Refunds for at most `refunded_for` (`retry.nacks_refunded_for`); a row refunded and
+    /// not seen again for `forget_after` is forgotten.
+    pub fn new(refunded_for: Duration, forget_after: Duration) -> Outage {
+        Outage(Arc::new(Mutex::new(Run {
+            refunded_for,
+            forget_after,
+            since: None,
+            acked: None,
+            rows: HashMap::new(),
+            prune_at: 1024,
+        })))
+    }
+
+    /// The broker acked publishes made up to `latest`, among them rows `ids`.
+    pub fn acked(&self, latest: Instant, ids: &[Uuid]) {
         if let Ok(mut run) = self.0.lock() {
-            run.ack(latest);
+            run.ack(latest, ids);
         }
     }
 
-    /// Whether the nack of a publish made at `published` is the queue's state rather than
-    /// the row's: refunded once the run it joins is [`RUN_BEFORE_REFUND`] old, charged when a
-    /// later publish was acked or the run outlasted `refunded_for`, undecided before either.
-    pub fn judge(&self, published: Instant, now: Instant, refunded_for: Duration) -> NackVerdict {
+    /// Whether the nack of row `id`'s publish made at `published` is the queue's state rather
+    /// than the row's: refunded once the run it joins is [`RUN_BEFORE_REFUND`] old, charged
+    /// when a later publish was acked or the run (or the row's refunds) outlasted the bound,
+    /// undecided before either.
+    pub fn judge(&self, id: Uuid, published: Instant, now: Instant) -> NackVerdict {
         self.0.lock().map_or(NackVerdict::Charged, |mut run| {
-            run.judge(published, now, refunded_for)
+            run.judge(id, published, now)
         })
     }
 
-    /// Whether a publish made at `published`, unanswered at its deadline `now`, is the
-    /// broker's silence rather than the row's fault: no later publish was acked, and the run
-    /// it joins is younger than `refunded_for`.
-    pub fn silent(&self, published: Instant, now: Instant, refunded_for: Duration) -> bool {
+    /// Whether row `id`'s publish made at `published`, unanswered at `now`, is the broker's
+    /// silence rather than the row's fault: no later publish was acked, and neither the run
+    /// it joins nor the row's refunds outlasted the bound.
+    pub fn silent(&self, id: Uuid, published: Instant, now: Instant) -> bool {
         self.0
             .lock()
-            .is_ok_and(|mut run| run.silent(published, now, refunded_for))
+            .is_ok_and(|mut run| run.silent(id, published, now))
+    }
+
+    /// Whether row `id`, failed unpublished because a request asked for it at `asked` went
+    /// unanswered, is refunded: within the bounds of the run it joins and of the row's
+    /// refunds, whatever was acked meanwhile. Only a stalled connection leaves a passive
+    /// declare unanswered, never the row; and acks of later publishes do come when a loss
+    /// ends, in the moment before such a request's wait ends (an outside audit: six rows
+    /// dead-lettered "no answer to a passive declare within 5s" 0.8 s after a majority came
+    /// back, with `max_attempts: 1`, when acks charged them).
+    pub fn unanswered(&self, id: Uuid, asked: Instant, now: Instant) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|mut run| run.within_bounds(id, asked, now))
     }
 }
 
@@ -84,19 +130,30 @@ pub enum NackVerdict {
     Undecided,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Run {
+    refunded_for: Duration,
+    forget_after: Duration,
     /// The earliest publish that failed with no later publish acked: the run's start.
     since: Option<Instant>,
     /// The latest publish acked.
     acked: Option<Instant>,
+    /// Rows refunded: when first, and when last seen.
+    rows: HashMap<Uuid, (Instant, Instant)>,
+    /// `rows`' length at which forgotten rows are pruned next.
+    prune_at: usize,
 }
 
 impl Run {
-    fn ack(&mut self, published: Instant) {
+    fn ack(&mut self, published: Instant, ids: &[Uuid]) {
         self.acked = self.acked.max(Some(published));
         if self.since.is_some_and(|since| published > since) {
             self.since = None;
+        }
+        if !self.rows.is_empty() {
+            for id in ids {
+                self.rows.remove(id);
+            }
         }
     }
 
@@ -111,23 +168,56 @@ impl Run {
         since
     }
 
-    fn judge(&mut self, published: Instant, now: Instant, refunded_for: Duration) -> NackVerdict {
+    fn judge(&mut self, id: Uuid, published: Instant, now: Instant) -> NackVerdict {
         if self.acked_after(published) {
             return NackVerdict::Charged; // nacks among acks
         }
         let run = now.saturating_duration_since(self.join(published));
-        if run >= refunded_for {
+        if run >= self.refunded_for {
             NackVerdict::Charged
-        } else if run >= RUN_BEFORE_REFUND {
+        } else if run < RUN_BEFORE_REFUND {
+            NackVerdict::Undecided
+        } else if self.refund(id, now) {
             NackVerdict::Refunded
         } else {
-            NackVerdict::Undecided
+            NackVerdict::Charged
         }
     }
 
-    fn silent(&mut self, published: Instant, now: Instant, refunded_for: Duration) -> bool {
-        !self.acked_after(published)
-            && now.saturating_duration_since(self.join(published)) < refunded_for
+    fn silent(&mut self, id: Uuid, published: Instant, now: Instant) -> bool {
+        !self.acked_after(published) && self.within_bounds(id, published, now)
+    }
+
+    /// The run a failure at `published` joins, and the row's refunds, are younger than the
+    /// bound.
+    fn within_bounds(&mut self, id: Uuid, published: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(self.join(published)) < self.refunded_for
+            && self.refund(id, now)
+    }
+
+    /// Whether row `id` may be refunded once more: its first refund was less than the bound
+    /// ago (or is this one).
+    fn refund(&mut self, id: Uuid, now: Instant) -> bool {
+        if self.rows.len() >= self.prune_at {
+            let forget_after = self.forget_after;
+            self.rows
+                .retain(|_, (_, last)| now.saturating_duration_since(*last) < forget_after);
+            self.prune_at = (2 * self.rows.len()).max(1024);
+        }
+        let room = self.rows.len() < ROWS_REMEMBERED;
+        let first = match self.rows.get_mut(&id) {
+            Some((first, last)) => {
+                *last = now;
+                *first
+            }
+            None => {
+                if room {
+                    self.rows.insert(id, (now, now));
+                }
+                now
+            }
+        };
+        now.saturating_duration_since(first) < self.refunded_for
     }
 }
 
@@ -141,32 +231,40 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
     const FIVE_MIN: Duration = Duration::from_secs(300);
 
+    fn outage() -> Outage {
+        Outage::new(FIVE_MIN, Duration::from_secs(60))
+    }
+
+    fn row() -> Uuid {
+        Uuid::new_v4()
+    }
+
     #[test]
     fn unbroken_nacks_are_refunded_from_the_first_second_for_a_while() {
         let t0 = Instant::now();
-        let run = Outage::default();
+        let run = outage();
         assert_eq!(
-            run.judge(t0, t0 + 999 * MS, FIVE_MIN),
+            run.judge(row(), t0, t0 + 999 * MS),
             Undecided,
             "a nack alone may be the row's"
         );
         assert_eq!(
-            run.judge(t0, t0 + RUN_BEFORE_REFUND, FIVE_MIN),
+            run.judge(row(), t0, t0 + RUN_BEFORE_REFUND),
             Refunded,
             "once the run is a second long"
         );
         assert_eq!(
-            run.judge(t0 + 200 * S, t0 + 200 * S, FIVE_MIN),
+            run.judge(row(), t0 + 200 * S, t0 + 200 * S),
             Refunded,
             "a later nack joins the run"
         );
         assert_eq!(
-            run.judge(t0, t0 + FIVE_MIN, FIVE_MIN),
+            run.judge(row(), t0, t0 + FIVE_MIN),
             Charged,
             "then charged again"
         );
         assert_eq!(
-            Outage::default().judge(t0, t0 + S, Duration::ZERO),
+            Outage::new(Duration::ZERO, S).judge(row(), t0, t0 + S),
             Charged,
             "0s: charged"
         );
@@ -175,14 +273,14 @@ mod tests {
     #[test]
     fn an_ack_of_a_later_publish_charges_and_ends_the_run() {
         let t0 = Instant::now();
-        let run = Outage::default();
-        assert_eq!(run.judge(t0, t0 + 10 * MS, FIVE_MIN), Undecided);
-        run.acked(t0 + 5 * MS);
-        assert_eq!(run.judge(t0, t0 + S, FIVE_MIN), Charged, "nacks among acks");
+        let run = outage();
+        assert_eq!(run.judge(row(), t0, t0 + 10 * MS), Undecided);
+        run.acked(t0 + 5 * MS, &[]);
+        assert_eq!(run.judge(row(), t0, t0 + S), Charged, "nacks among acks");
         // The run ended: a new one starts at its first failure.
         let later = t0 + 2 * S;
-        assert_eq!(run.judge(later, later + 500 * MS, FIVE_MIN), Undecided);
-        assert_eq!(run.judge(later, later + S, FIVE_MIN), Refunded);
+        assert_eq!(run.judge(row(), later, later + 500 * MS), Undecided);
+        assert_eq!(run.judge(row(), later, later + S), Refunded);
     }
 
     #[test]
@@ -190,18 +288,18 @@ mod tests {
         // The outage-start case: publishes made before the loss are acked after rows
         // published in its first moment were nacked or timed out.
         let t0 = Instant::now();
-        let run = Outage::default();
+        let run = outage();
         let first_failed = t0 + 10 * MS;
-        assert_eq!(run.judge(first_failed, t0 + 20 * MS, FIVE_MIN), Undecided);
-        run.acked(t0); // a publish before it, acked after its nack
-        run.acked(first_failed); // one of the same round
+        assert_eq!(run.judge(row(), first_failed, t0 + 20 * MS), Undecided);
+        run.acked(t0, &[]); // a publish before it, acked after its nack
+        run.acked(first_failed, &[]); // one of the same round
         assert_eq!(
-            run.judge(first_failed, first_failed + S, FIVE_MIN),
+            run.judge(row(), first_failed, first_failed + S),
             Refunded,
             "the run goes on"
         );
         assert!(
-            run.silent(first_failed, first_failed + 30 * S, FIVE_MIN),
+            run.silent(row(), first_failed, first_failed + 30 * S),
             "nor is its missed confirm charged"
         );
     }
@@ -209,39 +307,97 @@ mod tests {
     #[test]
     fn a_missed_confirm_with_no_later_publish_acked_is_refunded_for_a_while() {
         let t0 = Instant::now();
-        let run = Outage::default();
+        let run = outage();
         assert!(
-            run.silent(t0, t0 + 30 * S, FIVE_MIN),
+            run.silent(row(), t0, t0 + 30 * S),
             "nothing ever acked: the broker is silent"
         );
-        run.acked(t0 + 40 * S);
+        run.acked(t0 + 40 * S, &[]);
         assert!(
-            !run.silent(t0 + 39 * S, t0 + 69 * S, FIVE_MIN),
+            !run.silent(row(), t0 + 39 * S, t0 + 69 * S),
             "a later publish acked: the row's own timeout"
         );
         let published = t0 + 41 * S;
-        assert!(run.silent(published, published + 30 * S, FIVE_MIN));
+        assert!(run.silent(row(), published, published + 30 * S));
         // The run counts from that publish: later silences are refunded up to the bound.
-        assert!(run.silent(published + 60 * S, published + 90 * S, FIVE_MIN));
+        assert!(run.silent(row(), published + 60 * S, published + 90 * S));
         assert_eq!(
-            run.judge(published + 95 * S, published + 96 * S, FIVE_MIN),
+            run.judge(row(), published + 95 * S, published + 96 * S),
             Refunded,
             "a nack after a silence is the same outage"
         );
         assert!(
-            !run.silent(published + 280 * S, published + FIVE_MIN, FIVE_MIN),
+            !run.silent(row(), published + 280 * S, published + FIVE_MIN),
             "then charged again"
         );
-        assert!(!run.silent(published, published + 30 * S, Duration::ZERO));
+        assert!(!Outage::new(Duration::ZERO, S).silent(row(), published, published + 30 * S));
     }
 
     #[test]
     fn a_silence_after_nacks_is_bounded_from_the_first_failed_publish() {
         let t0 = Instant::now();
-        let run = Outage::default();
-        run.acked(t0);
-        assert_eq!(run.judge(t0 + S, t0 + S, FIVE_MIN), Undecided);
-        assert!(run.silent(t0 + 2 * S, t0 + 32 * S, FIVE_MIN));
-        assert!(!run.silent(t0 + 280 * S, t0 + 301 * S, FIVE_MIN));
+        let run = outage();
+        run.acked(t0, &[]);
+        assert_eq!(run.judge(row(), t0 + S, t0 + S), Undecided);
+        assert!(run.silent(row(), t0 + 2 * S, t0 + 32 * S));
+        assert!(!run.silent(row(), t0 + 280 * S, t0 + 301 * S));
+    }
+
+    #[test]
+    fn a_row_is_refunded_for_at_most_the_bound_from_its_first_refund_whatever_the_run() {
+        // A full queue beside one that takes a message every few seconds: each ack of a
+        // later publish ends the run, so the run never outlasts the bound.
+        let t0 = Instant::now();
+        let run = outage();
+        let id = row();
+        let mut published = t0;
+        let mut verdicts = Vec::new();
+        while published < t0 + FIVE_MIN + 30 * S {
+            verdicts.push(run.judge(id, published, published + S));
+            run.acked(published + 2 * S, &[]); // another row, published later, acked
+            published += 4 * S;
+        }
+        let charged = verdicts.iter().filter(|v| **v == Charged).count();
+        assert_eq!(verdicts[0], Refunded);
+        assert_eq!(charged, 8, "charged from the bound on: {verdicts:?}");
+        assert_eq!(verdicts.last(), Some(&Charged));
+        // Its ack forgets it: refunded again in a later outage.
+        run.acked(published, &[id]);
+        assert!(run.silent(id, published + S, published + 31 * S));
+    }
+
+    #[test]
+    fn rows_not_seen_again_are_forgotten() {
+        let t0 = Instant::now();
+        let run = Outage::new(FIVE_MIN, 60 * S);
+        let ids: Vec<Uuid> = (0..1024).map(|_| row()).collect();
+        for id in &ids {
+            assert!(run.silent(*id, t0, t0 + 30 * S));
+        }
+        let later = t0 + 120 * S;
+        assert!(run.silent(row(), later, later + S), "prunes");
+        let remembered = run.0.lock().map(|r| r.rows.len()).unwrap_or_default();
+        assert_eq!(remembered, 1);
+    }
+
+    #[test]
+    fn an_unanswered_request_is_refunded_whatever_was_acked_within_the_bounds() {
+        let t0 = Instant::now();
+        let run = outage();
+        let id = row();
+        run.acked(t0 + 4 * S, &[]); // at a loss's end, a later publish acked
+        assert!(
+            !run.silent(row(), t0, t0 + 5 * S),
+            "a missed confirm is charged"
+        );
+        assert!(
+            run.unanswered(id, t0, t0 + 5 * S),
+            "an unanswered check is not"
+        );
+        assert!(run.unanswered(id, t0 + 200 * S, t0 + 205 * S));
+        assert!(
+            !run.unanswered(id, t0 + 300 * S, t0 + 305 * S),
+            "past the bound from the row's first refund"
+        );
     }
 }
