@@ -280,6 +280,26 @@ async fn nacks_retry_then_dead_letter_with_attempts_and_reason() {
     engine.shutdown().await;
 }
 
+/// A test's database and broker, with an exchange (returned) whose queue nacks every
+/// publish, and an engine config giving rows 8 attempts from 300 ms apart up to
+/// `backoff_max`, nacks refunded for `refunded_for`.
+async fn beside_a_nacking_queue(
+    name: &str,
+    backoff_max: Duration,
+    refunded_for: Duration,
+) -> (TestDb, TestBroker, String, courier::config::Config) {
+    let db = TestDb::new(name).await;
+    let mut broker = TestBroker::new(name).await;
+    let nack_exchange = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
+    broker.nacking_queue(&nack_exchange).await;
+    let mut config = db.engine_config();
+    config.retry.max_attempts = 8;
+    config.retry.backoff.initial = Duration::from_millis(300);
+    config.retry.backoff.max = backoff_max;
+    config.retry.nacks_refunded_for = refunded_for;
+    (db, broker, nack_exchange, config)
+}
+
 /// A channel that gets nothing but nacks for a second is replaced (a quorum queue's channel
 /// can stay stuck on a dead leader, see `topology_rabbit`); here the nacks are real (a full
 /// `reject-publish` queue), so replacing changes nothing for the rows: each still uses its
@@ -287,16 +307,9 @@ async fn nacks_retry_then_dead_letter_with_attempts_and_reason() {
 /// Nacks among acks never trigger a replacement.
 #[actix_rt::test]
 async fn a_channel_answering_only_nacks_is_replaced_and_rows_keep_their_budget() {
-    let db = TestDb::new("stuck").await;
-    let mut broker = TestBroker::new("stuck").await;
-    let nack_exchange = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
-    broker.nacking_queue(&nack_exchange).await;
-    let mut config = db.engine_config();
-    config.retry.max_attempts = 8;
-    config.retry.backoff.initial = Duration::from_millis(300);
-    config.retry.backoff.max = Duration::from_millis(600);
     // Nacks alone are refunded for 3 s from the first, then charged again.
-    config.retry.nacks_refunded_for = Duration::from_secs(3);
+    let (db, broker, nack_exchange, config) =
+        beside_a_nacking_queue("stuck", Duration::from_millis(600), Duration::from_secs(3)).await;
     let engine = start(config).await;
 
     // Nacks among acks: the channel is healthy.
@@ -365,15 +378,12 @@ async fn a_channel_answering_only_nacks_is_replaced_and_rows_keep_their_budget()
 /// than the bound from its own first refund: then each nack is charged.
 #[actix_rt::test]
 async fn a_full_queue_beside_rare_acks_uses_its_budget_soon_after_the_refund_bound() {
-    let db = TestDb::new("rareacks").await;
-    let mut broker = TestBroker::new("rareacks").await;
-    let nack_exchange = broker.extra_exchange("nacks", ExchangeKind::Topic).await;
-    broker.nacking_queue(&nack_exchange).await;
-    let mut config = db.engine_config();
-    config.retry.max_attempts = 8;
-    config.retry.backoff.initial = Duration::from_millis(300);
-    config.retry.backoff.max = Duration::from_millis(300);
-    config.retry.nacks_refunded_for = Duration::from_secs(10);
+    let (db, broker, nack_exchange, config) = beside_a_nacking_queue(
+        "rareacks",
+        Duration::from_millis(300),
+        Duration::from_secs(10),
+    )
+    .await;
     let engine = start(config).await;
     let full = OutboxMessage::new(&nack_exchange, "any", b"x".to_vec());
     let store = db.store().await;
