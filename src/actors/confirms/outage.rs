@@ -60,6 +60,9 @@ pub const RUN_BEFORE_REFUND: Duration = Duration::from_secs(1);
 /// tries; past this many, only the run's bound applies to the others).
 pub const ROWS_REMEMBERED: usize = 100_000;
 
+/// How often rows not seen again are forgotten (a pass over them all).
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
 /// The engine's run of failed publishes, shared by its ConfirmTrackers (see the module
 /// documentation).
 #[derive(Clone, Debug)]
@@ -75,7 +78,7 @@ impl Outage {
             since: None,
             acked: None,
             rows: HashMap::new(),
-            prune_at: 1024,
+            pruned: Instant::now(),
         })))
     }
 
@@ -140,8 +143,8 @@ struct Run {
     acked: Option<Instant>,
     /// Rows refunded: when first, and when last seen.
     rows: HashMap<Uuid, (Instant, Instant)>,
-    /// `rows`' length at which forgotten rows are pruned next.
-    prune_at: usize,
+    /// When rows not seen for `forget_after` were last pruned.
+    pruned: Instant,
 }
 
 impl Run {
@@ -198,11 +201,11 @@ impl Run {
     /// Whether row `id` may be refunded once more: its first refund was less than the bound
     /// ago (or is this one).
     fn refund(&mut self, id: Uuid, now: Instant) -> bool {
-        if self.rows.len() >= self.prune_at {
+        if now.saturating_duration_since(self.pruned) >= PRUNE_EVERY {
             let forget_after = self.forget_after;
             self.rows
                 .retain(|_, (_, last)| now.saturating_duration_since(*last) < forget_after);
-            self.prune_at = (2 * self.rows.len()).max(1024);
+            self.pruned = now;
         }
         let room = self.rows.len() < ROWS_REMEMBERED;
         let first = match self.rows.get_mut(&id) {
@@ -370,14 +373,17 @@ mod tests {
     fn rows_not_seen_again_are_forgotten() {
         let t0 = Instant::now();
         let run = Outage::new(FIVE_MIN, 60 * S);
-        let ids: Vec<Uuid> = (0..1024).map(|_| row()).collect();
-        for id in &ids {
-            assert!(run.silent(*id, t0, t0 + 30 * S));
+        for _ in 0..100 {
+            assert!(run.silent(row(), t0, t0 + 30 * S));
         }
-        let later = t0 + 120 * S;
-        assert!(run.silent(row(), later, later + S), "prunes");
-        let remembered = run.0.lock().map(|r| r.rows.len()).unwrap_or_default();
-        assert_eq!(remembered, 1);
+        let kept = row();
+        assert!(run.silent(kept, t0 + 39 * S, t0 + 39 * S));
+        let remembered = || run.0.lock().map(|r| r.rows.len()).unwrap_or_default();
+        assert_eq!(remembered(), 101);
+        assert!(run.silent(kept, t0 + 95 * S, t0 + 95 * S), "prunes");
+        assert_eq!(remembered(), 1, "only the row seen within the last minute");
+        assert!(run.silent(row(), t0 + 120 * S, t0 + 120 * S));
+        assert_eq!(remembered(), 2);
     }
 
     #[test]
