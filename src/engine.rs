@@ -166,10 +166,7 @@ impl Engine {
         .start();
         // One run of failed publishes for the engine: a retry may go out on another
         // connection.
-        let outage = Outage::new(
-            config.retry.nacks_refunded_for,
-            config.retry.backoff.max + Duration::from_secs(60),
-        );
+        let outage = Outage::new(&config);
         let publishers = (0..config.publisher.connections as usize)
             .map(|lane| {
                 let tracker = ConfirmTracker::new(

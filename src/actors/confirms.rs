@@ -391,7 +391,8 @@ impl ConfirmTracker {
     /// Counts the batch's acks in the engine's run, then judges the undecided nacks again.
     fn rejudge(&mut self, out: &mut Outcomes) {
         if let Some(latest) = out.acked.take() {
-            self.outage.acked(latest, &out.record.confirmed);
+            self.outage
+                .acked(latest, &out.record.confirmed, Instant::now());
         }
         for (delivery, published) in std::mem::take(&mut self.undecided) {
             self.judge_nack(delivery, published, out);

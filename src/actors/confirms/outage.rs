@@ -42,15 +42,22 @@
 //! behind it). So a failure is charged only when a publish made *after* it was acked, and
 //! only such an ack ends the run. A publish's instant is when its round was handed to the
 //! tracker; publishes of one round share it, so an ack of a round's first message does not
-//! charge its last.
+//! charge its last. The same holds at a loss's end, the other way round: the broker reads
+//! what waited and acks later publishes in a burst, so a missed confirm is charged only when
+//! a later publish's ack came at least [`ANSWERING_FOR`] before its deadline (an outside
+//! audit saw the same race charge six unanswered exchange checks 0.8 s after a majority came
+//! back; those are refunded within the bounds whatever was acked, see
+//! [`Outage::unanswered`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use uuid::Uuid;
+
+use crate::config::Config;
 
 /// How long the engine's publishes must have failed, with no later one acked, before their
 /// failures are the queue's rather than the rows'.
@@ -63,29 +70,49 @@ pub const ROWS_REMEMBERED: usize = 100_000;
 /// How often rows not seen again are forgotten (a pass over them all).
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
+/// How long before a missed confirm's deadline a later publish must have been acked for the
+/// miss to be the row's (half the wait, if that is shorter): acks that come only in the last
+/// moment are a loss's end.
+pub const ANSWERING_FOR: Duration = Duration::from_secs(2);
+
 /// The engine's run of failed publishes, shared by its ConfirmTrackers (see the module
 /// documentation).
 #[derive(Clone, Debug)]
 pub struct Outage(Arc<Mutex<Run>>);
 
 impl Outage {
-    /// Refunds for at most `refunded_for` (`retry.nacks_refunded_for`); a row refunded and
-    /// not seen again for `forget_after` is forgotten.
-    pub fn new(refunded_for: Duration, forget_after: Duration) -> Outage {
+    /// The run of an engine with `config`'s bounds: refunds for at most
+    /// `retry.nacks_refunded_for`; a row refunded and not seen again for `retry.backoff.max`
+    /// and a minute is forgotten; acks are remembered as long as the longest wait judged.
+    pub fn new(config: &Config) -> Outage {
+        let longest_wait = config
+            .retry
+            .confirm_timeout
+            .max(config.broker.connect_timeout);
+        Outage::with(
+            config.retry.nacks_refunded_for,
+            config.retry.backoff.max + Duration::from_secs(60),
+            longest_wait + Duration::from_secs(60),
+        )
+    }
+
+    fn with(refunded_for: Duration, forget_after: Duration, acks_kept_for: Duration) -> Outage {
         Outage(Arc::new(Mutex::new(Run {
             refunded_for,
             forget_after,
+            acks_kept_for,
             since: None,
-            acked: None,
+            acks: VecDeque::new(),
             rows: HashMap::new(),
             pruned: Instant::now(),
         })))
     }
 
-    /// The broker acked publishes made up to `latest`, among them rows `ids`.
-    pub fn acked(&self, latest: Instant, ids: &[Uuid]) {
+    /// The broker acked publishes made up to `latest`, among them rows `ids`; the acks came
+    /// at `at`.
+    pub fn acked(&self, latest: Instant, ids: &[Uuid], at: Instant) {
         if let Ok(mut run) = self.0.lock() {
-            run.ack(latest, ids);
+            run.ack(latest, ids, at);
         }
     }
 
@@ -100,8 +127,10 @@ impl Outage {
     }
 
     /// Whether row `id`'s publish made at `published`, unanswered at `now`, is the broker's
-    /// silence rather than the row's fault: no later publish was acked, and neither the run
-    /// it joins nor the row's refunds outlasted the bound.
+    /// silence rather than the row's fault: no later publish was acked until
+    /// [`ANSWERING_FOR`] before now (acks only in the last moment are a loss ending: the
+    /// broker reads what waited, and the row's own ack may be among the next), and neither
+    /// the run it joins nor the row's refunds outlasted the bound.
     pub fn silent(&self, id: Uuid, published: Instant, now: Instant) -> bool {
         self.0
             .lock()
@@ -139,8 +168,10 @@ struct Run {
     forget_after: Duration,
     /// The earliest publish that failed with no later publish acked: the run's start.
     since: Option<Instant>,
-    /// The latest publish acked.
-    acked: Option<Instant>,
+    /// How long `acks` are kept.
+    acks_kept_for: Duration,
+    /// Acks of ever later publishes: the publish, and when its ack came (both increasing).
+    acks: VecDeque<(Instant, Instant)>,
     /// Rows refunded: when first, and when last seen.
     rows: HashMap<Uuid, (Instant, Instant)>,
     /// When rows not seen for `forget_after` were last pruned.
@@ -148,8 +179,22 @@ struct Run {
 }
 
 impl Run {
-    fn ack(&mut self, published: Instant, ids: &[Uuid]) {
-        self.acked = self.acked.max(Some(published));
+    fn ack(&mut self, published: Instant, ids: &[Uuid], at: Instant) {
+        if self
+            .acks
+            .back()
+            .is_none_or(|(latest, _)| published > *latest)
+        {
+            self.acks.push_back((published, at));
+        }
+        while self
+            .acks
+            .front()
+            .is_some_and(|(_, came)| at.saturating_duration_since(*came) > self.acks_kept_for)
+            && self.acks.len() > 1
+        {
+            self.acks.pop_front();
+        }
         if self.since.is_some_and(|since| published > since) {
             self.since = None;
         }
@@ -161,7 +206,15 @@ impl Run {
     }
 
     fn acked_after(&self, published: Instant) -> bool {
-        self.acked.is_some_and(|acked| acked > published)
+        self.acks
+            .back()
+            .is_some_and(|(latest, _)| *latest > published)
+    }
+
+    /// When the first ack of a publish made after `published` came.
+    fn first_ack_after(&self, published: Instant) -> Option<Instant> {
+        let first = self.acks.partition_point(|(p, _)| *p <= published);
+        self.acks.get(first).map(|(_, came)| *came)
     }
 
     /// The run's start, once the failure of a publish made at `published` joined it.
@@ -188,7 +241,12 @@ impl Run {
     }
 
     fn silent(&mut self, id: Uuid, published: Instant, now: Instant) -> bool {
-        !self.acked_after(published) && self.within_bounds(id, published, now)
+        // Half the wait, for a `retry.confirm_timeout` under twice ANSWERING_FOR.
+        let needed = ANSWERING_FOR.min(now.saturating_duration_since(published) / 2);
+        let answering = self
+            .first_ack_after(published)
+            .is_some_and(|came| now.saturating_duration_since(came) >= needed);
+        !answering && self.within_bounds(id, published, now)
     }
 
     /// The run a failure at `published` joins, and the row's refunds, are younger than the
@@ -233,9 +291,10 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
     const S: Duration = Duration::from_secs(1);
     const FIVE_MIN: Duration = Duration::from_secs(300);
+    const HOUR: Duration = Duration::from_secs(3600);
 
     fn outage() -> Outage {
-        Outage::new(FIVE_MIN, Duration::from_secs(60))
+        Outage::with(FIVE_MIN, Duration::from_secs(60), HOUR)
     }
 
     fn row() -> Uuid {
@@ -267,7 +326,7 @@ mod tests {
             "then charged again"
         );
         assert_eq!(
-            Outage::new(Duration::ZERO, S).judge(row(), t0, t0 + S),
+            Outage::with(Duration::ZERO, S, S).judge(row(), t0, t0 + S),
             Charged,
             "0s: charged"
         );
@@ -278,7 +337,7 @@ mod tests {
         let t0 = Instant::now();
         let run = outage();
         assert_eq!(run.judge(row(), t0, t0 + 10 * MS), Undecided);
-        run.acked(t0 + 5 * MS, &[]);
+        run.acked(t0 + 5 * MS, &[], t0 + 10 * MS);
         assert_eq!(run.judge(row(), t0, t0 + S), Charged, "nacks among acks");
         // The run ended: a new one starts at its first failure.
         let later = t0 + 2 * S;
@@ -294,8 +353,8 @@ mod tests {
         let run = outage();
         let first_failed = t0 + 10 * MS;
         assert_eq!(run.judge(row(), first_failed, t0 + 20 * MS), Undecided);
-        run.acked(t0, &[]); // a publish before it, acked after its nack
-        run.acked(first_failed, &[]); // one of the same round
+        run.acked(t0, &[], t0 + 30 * MS); // a publish before it, acked after its nack
+        run.acked(first_failed, &[], t0 + 30 * MS); // one of the same round
         assert_eq!(
             run.judge(row(), first_failed, first_failed + S),
             Refunded,
@@ -315,7 +374,7 @@ mod tests {
             run.silent(row(), t0, t0 + 30 * S),
             "nothing ever acked: the broker is silent"
         );
-        run.acked(t0 + 40 * S, &[]);
+        run.acked(t0 + 40 * S, &[], t0 + 41 * S);
         assert!(
             !run.silent(row(), t0 + 39 * S, t0 + 69 * S),
             "a later publish acked: the row's own timeout"
@@ -333,14 +392,14 @@ mod tests {
             !run.silent(row(), published + 280 * S, published + FIVE_MIN),
             "then charged again"
         );
-        assert!(!Outage::new(Duration::ZERO, S).silent(row(), published, published + 30 * S));
+        assert!(!Outage::with(Duration::ZERO, S, S).silent(row(), published, published + 30 * S));
     }
 
     #[test]
     fn a_silence_after_nacks_is_bounded_from_the_first_failed_publish() {
         let t0 = Instant::now();
         let run = outage();
-        run.acked(t0, &[]);
+        run.acked(t0, &[], t0);
         assert_eq!(run.judge(row(), t0 + S, t0 + S), Undecided);
         assert!(run.silent(row(), t0 + 2 * S, t0 + 32 * S));
         assert!(!run.silent(row(), t0 + 280 * S, t0 + 301 * S));
@@ -357,7 +416,7 @@ mod tests {
         let mut verdicts = Vec::new();
         while published < t0 + FIVE_MIN + 30 * S {
             verdicts.push(run.judge(id, published, published + S));
-            run.acked(published + 2 * S, &[]); // another row, published later, acked
+            run.acked(published + 2 * S, &[], published + 2 * S); // another row, published later, acked
             published += 4 * S;
         }
         let charged = verdicts.iter().filter(|v| **v == Charged).count();
@@ -365,14 +424,14 @@ mod tests {
         assert_eq!(charged, 8, "charged from the bound on: {verdicts:?}");
         assert_eq!(verdicts.last(), Some(&Charged));
         // Its ack forgets it: refunded again in a later outage.
-        run.acked(published, &[id]);
+        run.acked(published, &[id], published);
         assert!(run.silent(id, published + S, published + 31 * S));
     }
 
     #[test]
     fn rows_not_seen_again_are_forgotten() {
         let t0 = Instant::now();
-        let run = Outage::new(FIVE_MIN, 60 * S);
+        let run = Outage::with(FIVE_MIN, 60 * S, HOUR);
         for _ in 0..100 {
             assert!(run.silent(row(), t0, t0 + 30 * S));
         }
@@ -387,23 +446,45 @@ mod tests {
     }
 
     #[test]
-    fn an_unanswered_request_is_refunded_whatever_was_acked_within_the_bounds() {
+    fn acks_only_in_the_moment_before_a_deadline_are_a_loss_ending() {
         let t0 = Instant::now();
         let run = outage();
         let id = row();
-        run.acked(t0 + 4 * S, &[]); // at a loss's end, a later publish acked
+        // The majority comes back 4 s into a 5 s wait: later publishes are acked at once.
+        run.acked(t0 + 4 * S, &[], t0 + 4 * S);
         assert!(
-            !run.silent(row(), t0, t0 + 5 * S),
-            "a missed confirm is charged"
+            run.silent(row(), t0, t0 + 5 * S),
+            "acked for a second before the deadline: refunded"
         );
         assert!(
-            run.unanswered(id, t0, t0 + 5 * S),
-            "an unanswered check is not"
+            !run.silent(row(), t0, t0 + 4 * S + ANSWERING_FOR),
+            "acked for two seconds: the row's own"
+        );
+        assert!(
+            run.unanswered(id, t0, t0 + 6 * S),
+            "an unanswered request is refunded whatever was acked"
         );
         assert!(run.unanswered(id, t0 + 200 * S, t0 + 205 * S));
         assert!(
             !run.unanswered(id, t0 + 300 * S, t0 + 305 * S),
-            "past the bound from the row's first refund"
+            "within the bounds"
+        );
+    }
+
+    #[test]
+    fn old_acks_are_dropped_but_the_latest_is_kept() {
+        let t0 = Instant::now();
+        let run = Outage::with(FIVE_MIN, S, 10 * S);
+        run.acked(t0, &[], t0);
+        run.acked(t0 + S, &[], t0 + S);
+        run.acked(t0 + 30 * S, &[], t0 + 30 * S);
+        let kept = || run.0.lock().map(|r| r.acks.len()).unwrap_or_default();
+        assert_eq!(kept(), 1);
+        run.acked(t0 + 60 * S, &[], t0 + 60 * S);
+        assert_eq!(kept(), 1, "the latest stays");
+        assert_eq!(
+            run.judge(row(), t0 + 59 * S, t0 + 60 * S),
+            NackVerdict::Charged
         );
     }
 }
